@@ -1,1 +1,9 @@
-"""scheduler package."""
+"""Resource manager (islands, hosts, virtual slices) and per-island gang schedulers."""
+
+# The scheduler raises the runtime's exceptions. Importing the runtime package first keeps the
+# import order acyclic when a program imports `scheduler` before `runtime`.
+import runtime  # noqa: F401  (import order, see above)
+from scheduler._gang import GangScheduler
+from scheduler._resources import HostRecord, ResourceManager, SliceRecord, validate_mesh
+
+__all__ = ["GangScheduler", "HostRecord", "ResourceManager", "SliceRecord", "validate_mesh"]

@@ -1,0 +1,190 @@
+"""Remote arrays: client-side handles to logical arrays living on an island, and their data plane.
+
+Array data never passes through the controller: a put streams each distinct shard straight to the
+hosts whose devices hold it, and a fetch streams shards back from those hosts, in parallel.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent import futures
+from typing import TYPE_CHECKING
+
+import grpc
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from proto import pathways_pb2 as pb
+from runtime import _wire
+from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, HostLostError,
+                             from_rpc_error)
+
+if TYPE_CHECKING:
+    from runtime._client import Client, VirtualSlice
+
+#: Transfer deadlines: a floor plus time for the bytes at a pessimistic rate.
+TRANSFER_FLOOR_S = 30.0
+TRANSFER_BYTES_PER_S = 50e6
+
+
+def transfer_deadline(nbytes: int) -> float:
+    return TRANSFER_FLOOR_S + nbytes / TRANSFER_BYTES_PER_S
+
+
+class RemoteArray:
+    """A handle to a logical array on a virtual slice; its shape, dtype and sharding are static.
+
+    Handles exist before the array's producer has run. Reading (`fetch`, `np.asarray`) waits for
+    it. An array is freed on its hosts when `delete()` is called or the last handle is dropped (after
+    every call already submitted that reads it has run).
+    """
+
+    __slots__ = ("_client", "id", "shape", "dtype", "spec", "slice", "sequence", "_deleted",
+                 "__weakref__")
+
+    def __init__(self, client: Client, array_id: int, shape: Sequence[int], dtype,
+                 spec: PartitionSpec, vslice: VirtualSlice, sequence: int = 0) -> None:
+        self._client = client
+        self.id = array_id
+        self.shape = tuple(int(d) for d in shape)
+        self.dtype = np.dtype(dtype)
+        self.spec = spec
+        self.slice = vslice
+        self.sequence = sequence  # the island instruction that creates it (0: not yet ordered)
+        self._deleted = False
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def size(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    @property
+    def sharding(self) -> NamedSharding:
+        """The array's NamedSharding on its slice's abstract mesh."""
+        return NamedSharding(self.slice.mesh, self.spec)
+
+    @property
+    def aval(self) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(self.shape, self.dtype)
+
+    def is_deleted(self) -> bool:
+        return self._deleted
+
+    def check_alive(self) -> None:
+        if self._deleted:
+            raise ArrayNotFoundError(f"array {self.id} was deleted or donated")
+
+    def fetch(self, timeout: float | None = None) -> np.ndarray:
+        """Copies the array to a NumPy array, waiting for its producer (up to `timeout` s).
+
+        Raises ArrayNotFoundError if deleted, ExecutionError if its producer failed,
+        DeadlineExceededError if it is not ready in time, HostLostError if a host is gone.
+        """
+        self.check_alive()
+        return fetch_arrays(self._client, [self], timeout)[0]
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        value = self.fetch()
+        return value if dtype is None else value.astype(dtype)
+
+    def delete(self) -> None:
+        """Frees the array on its hosts once every call already submitted that reads it has run."""
+        self.check_alive()
+        self._deleted = True
+        self._client._delete_ids([self.id], now=True)
+
+    def _mark_consumed(self) -> None:
+        """The array was donated to a call: the handle is dead, the controller already knows."""
+        self._deleted = True
+
+    def __del__(self) -> None:
+        if not self._deleted:
+            client = self._client
+            if client is not None:
+                client._delete_ids([self.id], now=False)
+
+    def __repr__(self) -> str:
+        state = "deleted" if self._deleted else f"slice {self.slice.slice_id}"
+        return f"RemoteArray(id={self.id}, {self.dtype}{list(self.shape)}, {self.spec}, {state})"
+
+
+def _host_groups(shape, vslice: VirtualSlice, sharding: pb.Sharding
+                 ) -> dict[int, list[tuple[_wire.Index, list[int]]]]:
+    """Distinct shards per host: host -> [(index, mesh positions on that host)]."""
+    per_host: dict[int, list[tuple[_wire.Index, list[int]]]] = {}
+    for index, positions in _wire.shard_groups(shape, vslice.mesh_shape, sharding):
+        on_host: dict[int, list[int]] = {}
+        for p in positions:
+            on_host.setdefault(vslice.info.devices[p].host, []).append(p)
+        for host, ps in on_host.items():
+            per_host.setdefault(host, []).append((index, ps))
+    return per_host
+
+
+def _worker_call(client: Client, vslice: VirtualSlice, host: int, fn):
+    try:
+        return fn(client._worker_stub(vslice.info.host_addresses[host]))
+    except grpc.RpcError as err:
+        exc = from_rpc_error(err)
+        if exc is not None:
+            raise exc from None
+        where = f"host {vslice.island}.{host} ({vslice.info.host_addresses[host]})"
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise DeadlineExceededError(f"{where} did not answer in time") from None
+        raise HostLostError(f"{where} is unreachable: {err.details()}") from None
+
+
+def put_arrays(client: Client, values: Sequence[np.ndarray], specs: Sequence[pb.ArraySpec],
+               vslices: Sequence[VirtualSlice]) -> None:
+    """Streams each array's distinct shards to the hosts holding them; returns when all arrived."""
+    jobs = []
+    for value, spec, vslice in zip(values, specs, vslices):
+        for host, groups in _host_groups(value.shape, vslice, spec.sharding).items():
+            shards = [(index, ps, value[_wire.as_slices(index)]) for index, ps in groups]
+            nbytes = sum(s[2].nbytes for s in shards)
+
+            def send(stub, spec=spec, shards=shards, nbytes=nbytes):
+                return stub.PutArray(_wire.iter_chunks(spec, shards),
+                                     timeout=transfer_deadline(nbytes))
+
+            jobs.append(client._pool.submit(_worker_call, client, vslice, host, send))
+    for job in futures.as_completed(jobs):
+        job.result()
+
+
+def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float | None = None
+                 ) -> list[np.ndarray]:
+    """Copies several remote arrays to NumPy, fetching all their shards in parallel."""
+    wait = client.timeout_s if timeout is None else timeout
+    outputs, jobs = [], []
+    for array in arrays:
+        array.check_alive()
+        out = np.empty(array.shape, array.dtype)
+        outputs.append(out)
+        sharding = _wire.spec_to_proto(array.slice.slice_id, array.spec)
+        for host, groups in _host_groups(array.shape, array.slice, sharding).items():
+            indices = [index for index, _ in groups]
+            nbytes = sum(math.prod(_wire.shard_shape(i)) for i in indices) * array.dtype.itemsize
+            request = pb.GetArrayRequest(array_id=array.id, timeout_s=wait,
+                                         after_sequence=array.sequence, shards=[_wire.index_to_proto(i) for i in indices])
+
+            def receive(stub, request=request, out=out, nbytes=nbytes):
+                chunks = stub.GetArray(request, timeout=wait + transfer_deadline(nbytes))
+                _, shards = _wire.assemble_chunks(chunks, out.dtype)
+                for shard in shards:
+                    out[_wire.as_slices(shard.index)] = shard.data
+
+            jobs.append(client._pool.submit(_worker_call, client, array.slice, host, receive))
+    for job in futures.as_completed(jobs):
+        job.result()
+    return outputs
+

@@ -1,0 +1,220 @@
+"""The client API: a session with the controller, virtual slices, puts, compiled functions, fetches."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+import jax
+import numpy as np
+from jax.sharding import AbstractMesh, PartitionSpec
+
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+from runtime import _wire
+from runtime._array import RemoteArray, fetch_arrays, put_arrays
+from runtime._errors import ControllerUnavailableError, DeadlineExceededError, from_rpc_error
+from runtime._function import RemoteFunction, SpecTree, broadcast_specs
+
+#: Deadline of controller RPCs; loading an executable may take longer than the rest.
+RPC_TIMEOUT_S = 30.0
+#: Dropped handles are freed in batches of this many (or at the next explicit call).
+DELETE_BATCH = 256
+
+
+class VirtualSlice:
+    """A mesh-shaped set of devices on one island, granted by the controller.
+
+    `mesh` is a `jax.sharding.AbstractMesh` with the slice's shape and axis names: use it in
+    shardings and `shard_map` inside functions compiled for the slice.
+    """
+
+    def __init__(self, client: Client, info: pb.SliceInfo) -> None:
+        self.client, self.info = client, info
+        self.slice_id, self.island = info.slice_id, info.island
+        self.platform = info.platform
+        self.mesh_shape = _wire.MeshShape(tuple(info.mesh_shape), tuple(info.axis_names))
+        self.mesh = AbstractMesh(self.mesh_shape.shape, self.mesh_shape.axis_names)
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return dict(zip(self.mesh_shape.axis_names, self.mesh_shape.shape))
+
+    @property
+    def size(self) -> int:
+        return self.mesh_shape.size
+
+    def release(self) -> None:
+        """Gives the slice back; its arrays are freed and its handles become unusable."""
+        self.client._rpc("ReleaseSlice", pb.ReleaseSliceRequest(
+            session_id=self.client.session_id, slice_id=self.slice_id))
+
+    def __repr__(self) -> str:
+        return f"VirtualSlice(id={self.slice_id}, island={self.island}, mesh={self.shape})"
+
+
+class Client:
+    """A session with a controller. Use as a context manager, or call `close()`.
+
+    Raises ControllerUnavailableError if no controller answers at `address` within `timeout_s`.
+    """
+
+    def __init__(self, address: str, *, name: str = "client", timeout_s: float = RPC_TIMEOUT_S
+                 ) -> None:
+        self.address, self.timeout_s = address, timeout_s
+        self._channel = grpc.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+        self._stub = pb_grpc.ControllerStub(self._channel)
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=min(timeout_s, 10.0))
+        except grpc.FutureTimeoutError:
+            self._channel.close()
+            raise ControllerUnavailableError(f"no controller answers at {address}") from None
+        reply = self._rpc("Connect", pb.ConnectRequest(client_name=name))
+        self.session_id = reply.session_id
+        self._ids = itertools.count(reply.id_base + 1)
+        self._id_lock = threading.Lock()
+        self._workers: dict[str, pb_grpc.WorkerStub] = {}
+        self._worker_channels: list[grpc.Channel] = []
+        self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="transfer")
+        self._dropped: list[int] = []
+        self._closed = False
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _rpc(self, method: str, request, timeout: float | None = None):
+        try:
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout_s)
+        except grpc.RpcError as err:
+            exc = from_rpc_error(err)
+            if exc is not None:
+                raise exc from None
+            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise DeadlineExceededError(f"controller {self.address}: {method} timed out") from None
+            raise ControllerUnavailableError(
+                f"controller {self.address} is unavailable ({method}): {err.details()}") from None
+
+    def _worker_stub(self, address: str) -> pb_grpc.WorkerStub:
+        with self._id_lock:
+            stub = self._workers.get(address)
+            if stub is None:
+                channel = grpc.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+                self._worker_channels.append(channel)
+                stub = self._workers[address] = pb_grpc.WorkerStub(channel)
+            return stub
+
+    def _new_id(self) -> int:
+        with self._id_lock:
+            return next(self._ids)
+
+    def _execute(self, calls: Sequence[pb.Call]) -> list[int]:
+        """Orders calls; returns each one's sequence number on its island."""
+        self._flush_deletes()
+        reply = self._rpc("Execute", pb.ExecuteRequest(session_id=self.session_id, calls=calls))
+        return list(reply.sequence)
+
+    def _delete_ids(self, ids: Sequence[int], *, now: bool) -> None:
+        if self._closed:
+            return
+        with self._id_lock:
+            self._dropped.extend(ids)
+            due = now or len(self._dropped) >= DELETE_BATCH
+        if due:
+            self._flush_deletes()
+
+    def _flush_deletes(self) -> None:
+        with self._id_lock:
+            ids, self._dropped = self._dropped, []
+        if ids:
+            self._rpc("DeleteArrays", pb.DeleteArraysRequest(session_id=self.session_id,
+                                                             array_ids=ids))
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def slice(self, mesh_shape: Sequence[int] | dict[str, int], axis_names: Sequence[str] = (),
+              *, island: int | None = None) -> VirtualSlice:
+        """Asks for a virtual slice: `slice((2, 2), ("data", "model"))` or `slice({"x": 4})`.
+
+        Returns once the slice's hosts know it. Raises SliceUnavailableError when no island (or
+        not `island`) has enough devices, InvalidArgumentError for a malformed mesh.
+        """
+        if isinstance(mesh_shape, dict):
+            mesh_shape, axis_names = tuple(mesh_shape.values()), tuple(mesh_shape)
+        reply = self._rpc("CreateSlice", pb.CreateSliceRequest(
+            session_id=self.session_id, mesh_shape=mesh_shape, axis_names=axis_names,
+            island=-1 if island is None else island))
+        return VirtualSlice(self, reply.slice)
+
+    def put(self, tree: Any, vslice: VirtualSlice, specs: SpecTree = None) -> Any:
+        """Copies arrays (NumPy, JAX, scalars; any pytree) onto a slice; returns RemoteArrays.
+
+        `specs` is a PartitionSpec or pytree prefix of them (None: replicated). Returns after the
+        data has reached the hosts. Values are converted to JAX's canonical dtypes (float64 becomes
+        float32 unless jax_enable_x64 is set).
+        """
+        leaves, tree_def = jax.tree.flatten(tree)
+        flat_specs = broadcast_specs(specs, tree, "specs")
+        arrays = self._put_flat(leaves, [s or PartitionSpec() for s in flat_specs], vslice)
+        return jax.tree.unflatten(tree_def, arrays)
+
+    def _put_flat(self, leaves: Sequence, specs: Sequence[PartitionSpec],
+                  vslice: VirtualSlice) -> list[RemoteArray]:
+        values = [np.asarray(leaf) for leaf in leaves]
+        values = [v.astype(jax.dtypes.canonicalize_dtype(v.dtype), copy=False) for v in values]
+        array_specs = []
+        for value, spec in zip(values, specs):
+            sharding = _wire.spec_to_proto(vslice.slice_id, spec)
+            _wire.shard_groups(value.shape, vslice.mesh_shape, sharding)  # validate before sending
+            array_specs.append(pb.ArraySpec(array_id=self._new_id(), dtype=_wire.dtype_name(
+                value.dtype), shape=value.shape, sharding=sharding))
+        reply = self._rpc("RegisterArrays", pb.RegisterArraysRequest(session_id=self.session_id,
+                                                                     arrays=array_specs))
+        handles = [RemoteArray(self, s.array_id, v.shape, v.dtype, spec, vslice, seq)
+                   for s, v, spec, seq in zip(array_specs, values, specs, reply.sequence)]
+        put_arrays(self, values, array_specs, [vslice] * len(values))
+        return handles
+
+    def jit(self, fn: Callable, vslice: VirtualSlice, *, in_specs: SpecTree = None,
+            out_specs: SpecTree = None, donate_argnums: int | Sequence[int] = (),
+            name: str | None = None) -> RemoteFunction:
+        """Binds `fn` to a slice. Each new input signature is lowered once with `jax.export`
+        (never pickled) and loaded on the slice's hosts; calls return output handles before the
+        computation runs. See RemoteFunction for the spec conventions."""
+        return RemoteFunction(self, fn, vslice, in_specs=in_specs, out_specs=out_specs,
+                              donate_argnums=donate_argnums, name=name)
+
+    def fetch(self, tree: Any, timeout: float | None = None) -> Any:
+        """Copies every RemoteArray in a pytree to NumPy (in parallel); other leaves pass through."""
+        leaves, tree_def = jax.tree.flatten(tree)
+        remote = [i for i, leaf in enumerate(leaves) if isinstance(leaf, RemoteArray)]
+        values = fetch_arrays(self, [leaves[i] for i in remote], timeout)
+        for i, value in zip(remote, values):
+            leaves[i] = value
+        return jax.tree.unflatten(tree_def, leaves)
+
+    def status(self) -> pb.GetStatusReply:
+        """The controller's view of islands, hosts and slices."""
+        return self._rpc("GetStatus", pb.GetStatusRequest())
+
+    def close(self) -> None:
+        """Ends the session: the controller frees its arrays and slices. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._rpc("Disconnect", pb.DisconnectRequest(session_id=self.session_id), timeout=5.0)
+        except Exception:  # closing must not fail because the controller already went away
+            pass
+        self._pool.shutdown(wait=False)
+        for channel in self._worker_channels:
+            channel.close()
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

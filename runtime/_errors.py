@@ -1,0 +1,117 @@
+"""Exceptions of the runtime and their gRPC status codes.
+
+Every error a server raises travels as a canonical gRPC status code plus a message; the client turns
+it back into one of the exceptions below, so callers catch Python types, not status codes.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class PathwaysError(Exception):
+    """Base class of every error the runtime raises."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+
+class InvalidArgumentError(PathwaysError, ValueError):
+    """A request was malformed: wrong shape or dtype for a compiled function, bad mesh, bad bytes."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ArrayNotFoundError(PathwaysError, KeyError):
+    """An array handle is unknown to the runtime or was deleted."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class NotFoundError(PathwaysError, LookupError):
+    """A slice, executable or session id is unknown."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class SliceUnavailableError(PathwaysError):
+    """No island (or not the island asked for) has enough devices for the requested slice."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FailedPreconditionError(PathwaysError):
+    """The call is valid but the runtime is not in a state to run it (e.g. a slice was released)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class HostLostError(PathwaysError):
+    """A worker host stopped answering; work on its island fails with this error."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ControllerUnavailableError(PathwaysError, ConnectionError):
+    """The controller could not be reached within the deadline."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ExecutionError(PathwaysError):
+    """A computation failed on its hosts (compilation or runtime error); the message says why."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class DeadlineExceededError(PathwaysError, TimeoutError):
+    """A wait ran past its deadline (e.g. an array that was never computed)."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+# One exception per status code, for turning a status back into a Python error. UNAVAILABLE maps to
+# HostLostError here; the client raises ControllerUnavailableError itself when it is the controller
+# that cannot be reached.
+_BY_CODE: dict[grpc.StatusCode, type[PathwaysError]] = {
+    cls.code: cls
+    for cls in (InvalidArgumentError, SliceUnavailableError, FailedPreconditionError,
+                HostLostError, ExecutionError, DeadlineExceededError)
+}
+
+
+#: Trailing-metadata key naming the exception class a server raised.
+ERROR_KEY = "pathways-error"
+_BY_NAME: dict[str, type[PathwaysError]] = {
+    cls.__name__: cls
+    for cls in (InvalidArgumentError, ArrayNotFoundError, NotFoundError, SliceUnavailableError,
+                FailedPreconditionError, HostLostError, ExecutionError, DeadlineExceededError)
+}
+
+
+def from_rpc_error(err: grpc.RpcError) -> PathwaysError | None:
+    """The runtime exception a server sent, or None when the RPC failed without reaching one.
+
+    None means the failure came from the transport (peer unreachable, deadline passed before an
+    answer); the caller knows which peer that was and raises the fitting error itself.
+    """
+    details = err.details() or ""
+    for key, value in err.trailing_metadata() or ():
+        if key == ERROR_KEY and value in _BY_NAME:
+            return _BY_NAME[value](details)
+    code = err.code()
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                grpc.StatusCode.CANCELLED):
+        return None
+    cls = _BY_CODE.get(code, NotFoundError if code == grpc.StatusCode.NOT_FOUND else PathwaysError)
+    exc = cls(f"{code.name}: {details}")
+    exc.code = code
+    return exc
+
+
+def abort(context: grpc.ServicerContext, exc: PathwaysError) -> None:
+    """Ends the current RPC with the exception's status code, message and class (raises)."""
+    context.set_trailing_metadata(((ERROR_KEY, type(exc).__name__),))
+    context.abort(exc.code, str(exc))

@@ -1,0 +1,199 @@
+"""Compiled functions: a JAX function lowered once to StableHLO for a virtual slice, then called.
+
+The client traces and exports the function with `jax.export` against the slice's AbstractMesh (no
+devices needed), sends the serialized module to the controller once, and from then on a call is
+just ids: input handles in, fresh output handles out, known before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from proto import pathways_pb2 as pb
+from runtime import _wire
+from runtime._array import RemoteArray
+from runtime._errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from runtime._client import Client, VirtualSlice
+
+SpecTree = Any  # a PartitionSpec, None, or a pytree prefix of them
+
+
+def _is_spec(x) -> bool:
+    return x is None or isinstance(x, PartitionSpec)
+
+
+def broadcast_specs(specs: SpecTree, tree: Any, what: str) -> list[PartitionSpec | None]:
+    """Flat specs, one per leaf of `tree`, from a spec pytree prefix of it."""
+    try:
+        full = jax.tree.broadcast(specs, tree, is_leaf=_is_spec)
+    except (ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"{what} do not match the structure of the values: {exc}") from None
+    return jax.tree.leaves(full, is_leaf=_is_spec)
+
+
+def _leaf_aval(leaf) -> jax.ShapeDtypeStruct:
+    if isinstance(leaf, RemoteArray):
+        return leaf.aval
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
+    value = np.asarray(leaf) if not hasattr(leaf, "dtype") else leaf
+    return jax.ShapeDtypeStruct(np.shape(value), jax.dtypes.canonicalize_dtype(value.dtype))
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledFunction:
+    """A function lowered for fixed input shapes, dtypes and shardings on one slice.
+
+    Calling it validates the arguments against that signature (InvalidArgumentError on a mismatch,
+    ArrayNotFoundError for a deleted handle), enqueues the computation and returns output handles
+    at once: the call returns before the computation has run.
+    """
+
+    client: Client
+    vslice: VirtualSlice
+    name: str
+    executable_id: int
+    in_tree: Any
+    in_avals: tuple[jax.ShapeDtypeStruct, ...]
+    in_specs: tuple[PartitionSpec, ...]
+    out_tree: Any
+    out_avals: tuple[jax.ShapeDtypeStruct, ...]
+    out_specs: tuple[PartitionSpec, ...]
+    donated: tuple[int, ...]
+    serialized_size: int
+
+    def __call__(self, *args):
+        leaves, tree = jax.tree.flatten(args)
+        if tree != self.in_tree:
+            raise InvalidArgumentError(f"{self.name}: arguments have structure {tree}, the "
+                                       f"function was compiled for {self.in_tree}")
+        for i, (leaf, aval) in enumerate(zip(leaves, self.in_avals)):
+            got = _leaf_aval(leaf)
+            if (got.shape, got.dtype) != (aval.shape, aval.dtype):
+                raise InvalidArgumentError(
+                    f"{self.name}: argument leaf {i} is {got.dtype}{list(got.shape)}, the function "
+                    f"was compiled for {aval.dtype}{list(aval.shape)}")
+        to_put = [i for i, leaf in enumerate(leaves) if not isinstance(leaf, RemoteArray)]
+        if to_put:
+            placed = self.client._put_flat([leaves[i] for i in to_put],
+                                           [self.in_specs[i] for i in to_put], self.vslice)
+            for i, array in zip(to_put, placed):
+                leaves[i] = array
+        for leaf in leaves:
+            leaf.check_alive()
+        outputs = [RemoteArray(self.client, self.client._new_id(), aval.shape, aval.dtype, spec,
+                               self.vslice)
+                   for aval, spec in zip(self.out_avals, self.out_specs)]
+        call = pb.Call(executable_id=self.executable_id, inputs=[a.id for a in leaves],
+                       outputs=[a.id for a in outputs])
+        try:
+            (sequence,) = self.client._execute([call])
+        except Exception:
+            for out in outputs:
+                out._mark_consumed()  # never created remotely: nothing to free
+            raise
+        for out in outputs:
+            out.sequence = sequence
+        for i in self.donated:
+            leaves[i]._mark_consumed()
+        return jax.tree.unflatten(self.out_tree, outputs)
+
+
+class RemoteFunction:
+    """A JAX function bound to a virtual slice, compiled per input signature (like `jax.jit`).
+
+    `in_specs`/`out_specs` are PartitionSpecs on the slice's mesh, given as a single spec or a
+    pytree prefix of the arguments/outputs. `in_specs=None` takes each RemoteArray argument's own
+    sharding (other arguments are replicated); `out_specs=None` replicates the outputs.
+    """
+
+    def __init__(self, client: Client, fn: Callable, vslice: VirtualSlice, *,
+                 in_specs: SpecTree = None, out_specs: SpecTree = None,
+                 donate_argnums: int | Sequence[int] = (), name: str | None = None) -> None:
+        self.client, self.fn, self.vslice = client, fn, vslice
+        self.in_specs, self.out_specs = in_specs, out_specs
+        self.donate_argnums = ((donate_argnums,) if isinstance(donate_argnums, int)
+                               else tuple(donate_argnums))
+        self.name = name or getattr(fn, "__name__", "function")
+        self._cache: dict[Any, CompiledFunction] = {}
+
+    def _flat_in_specs(self, args: tuple) -> list[PartitionSpec]:
+        if self.in_specs is None:
+            return [leaf.spec if isinstance(leaf, RemoteArray) else PartitionSpec()
+                    for leaf in jax.tree.leaves(args)]
+        return [s or PartitionSpec() for s in broadcast_specs(self.in_specs, args, "in_specs")]
+
+    def lower(self, *args) -> CompiledFunction:
+        """Exports and loads the function for these arguments (handles, arrays or
+        jax.ShapeDtypeStructs); returns the CompiledFunction, without running it."""
+        leaves, in_tree = jax.tree.flatten(args)
+        avals = tuple(_leaf_aval(leaf) for leaf in leaves)
+        in_specs = tuple(self._flat_in_specs(args))
+        key = (in_tree, avals, in_specs)
+        compiled = self._cache.get(key)
+        if compiled is None:
+            compiled = self._export(args, in_tree, avals, in_specs)
+            self._cache[key] = compiled
+        return compiled
+
+    def __call__(self, *args):
+        """Calls the function; returns output handles before the computation has run."""
+        return self.lower(*args)(*args)
+
+    def _export(self, args, in_tree, avals, in_specs) -> CompiledFunction:
+        out_trees = []
+
+        def flat_fn(*leaves):
+            out = self.fn(*jax.tree.unflatten(in_tree, leaves))
+            out_leaves, out_tree = jax.tree.flatten(out)
+            out_trees.append(out_tree)
+            return tuple(out_leaves)
+
+        out_shapes = jax.eval_shape(flat_fn, *avals)
+        out_tree = out_trees[-1]
+        if self.out_specs is None:
+            out_specs = tuple(PartitionSpec() for _ in out_shapes)
+        else:
+            out_specs = tuple(s or PartitionSpec() for s in broadcast_specs(
+                self.out_specs, jax.tree.unflatten(out_tree, list(out_shapes)), "out_specs"))
+        donated = tuple(i for i, path in enumerate(_leaf_arg_positions(args))
+                        if path in self.donate_argnums)
+        mesh = self.vslice.mesh
+        jitted = jax.jit(flat_fn,
+                         in_shardings=tuple(NamedSharding(mesh, s) for s in in_specs),
+                         out_shardings=tuple(NamedSharding(mesh, s) for s in out_specs),
+                         donate_argnums=donated)
+        try:
+            exported = jax.export.export(jitted, platforms=(self.vslice.platform,))(*avals)
+            serialized = bytes(exported.serialize())
+        except (ValueError, NotImplementedError) as exc:
+            # e.g. a spec naming an unknown axis, or a host callback (Python cannot travel).
+            raise InvalidArgumentError(f"{self.name}: cannot export for slice "
+                                       f"{self.vslice.slice_id}: {exc}") from exc
+
+        def value_specs(vals, specs):
+            return [pb.ValueSpec(dtype=_wire.dtype_name(v.dtype), shape=v.shape,
+                                 sharding=_wire.spec_to_proto(self.vslice.slice_id, s))
+                    for v, s in zip(vals, specs)]
+
+        reply = self.client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+            session_id=self.client.session_id, slice_id=self.vslice.slice_id,
+            serialized=serialized, name=self.name, donated=donated,
+            inputs=value_specs(avals, in_specs), outputs=value_specs(exported.out_avals, out_specs)))
+        return CompiledFunction(
+            self.client, self.vslice, self.name, reply.executable_id, in_tree, avals, in_specs,
+            out_tree, tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.out_avals),
+            out_specs, donated, len(serialized))
+
+
+def _leaf_arg_positions(args: tuple) -> list[int]:
+    """For each flat leaf of `args`, the positional argument it belongs to."""
+    return [i for i, arg in enumerate(args) for _ in jax.tree.leaves(arg)]

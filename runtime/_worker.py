@@ -1,0 +1,372 @@
+"""A worker host: owns local devices, compiles StableHLO, stores arrays, runs its island's order.
+
+The controller streams numbered instructions to every host of an island. A host does the cheap,
+order-free part of each instruction when it arrives (defining meshes, creating pending entries for
+outputs, so reads and puts can start), and runs the rest strictly in sequence order on one executor
+thread, with at most one execution in flight: several sharded executions with collectives in flight
+at once can deadlock XLA's CPU rendezvous (DESIGN.md), and one order per island is what gang
+scheduling guarantees anyway.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+from runtime import _wire
+from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
+                             InvalidArgumentError, NotFoundError, PathwaysError, abort)
+from runtime._store import ArrayStore, wait_all
+
+log = logging.getLogger(__name__)
+
+#: How long an execution waits for its inputs (e.g. a client's put still streaming) before failing.
+INPUT_TIMEOUT_S = 120.0
+#: How long a put waits for the controller's definition of the array's slice to arrive.
+SLICE_TIMEOUT_S = 30.0
+#: Longest wait a GetArray may ask for.
+MAX_GET_TIMEOUT_S = 3600.0
+
+
+@dataclasses.dataclass
+class _Loaded:
+    """An executable compiled for this host's devices."""
+
+    name: str
+    compiled: object  # jax.stages.Compiled, or None when loading failed
+    error: PathwaysError | None
+    num_inputs: int
+    num_outputs: int
+    donated: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionRecord:
+    """Timestamps of one execution on this host (time.time() seconds), for utilisation accounting."""
+
+    sequence: int
+    name: str
+    start: float
+    end: float
+
+
+class Worker:
+    """State and executor of one host. Instantiable: tests run several in one process."""
+
+    def __init__(self, island: int, host: int, devices: Sequence[jax.Device], *,
+                 platform: str = "cpu", backend: str = "local",
+                 input_timeout_s: float = INPUT_TIMEOUT_S) -> None:
+        self.island, self.host = island, host
+        self.input_timeout_s = input_timeout_s
+        self.devices = list(devices)
+        self.platform, self.backend = platform, backend
+        self.address = ""
+        self.store = ArrayStore()
+        self.executions = 0
+        self.timeline: collections.deque[ExecutionRecord] = collections.deque(maxlen=100_000)
+        self._slices: dict[int, tuple[Mesh, pb.SliceInfo]] = {}
+        self._loaded: dict[int, _Loaded] = {}
+        self._compile_cache: dict[tuple, object] = {}
+        self._pending: dict[int, pb.Instruction] = {}
+        self._received = 0
+        self._next = 1
+        self._controller_id = ""
+        self._activity = "idle"
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name=f"executor-{island}.{host}",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- receipt: order-free work done as instructions arrive -------------------------------------
+
+    def receive(self, controller_id: str, instructions: Sequence[pb.Instruction]) -> int:
+        """Queues instructions of the island's order; returns the highest sequence received."""
+        with self._cond:
+            if controller_id != self._controller_id:
+                self._reset(controller_id)
+            for ins in instructions:
+                if ins.sequence <= 0:
+                    raise InvalidArgumentError(f"instruction sequence {ins.sequence} is not positive")
+                if ins.sequence < self._next or ins.sequence in self._pending:
+                    continue  # a resend of something already received
+                kind = ins.WhichOneof("op")
+                if kind is None:
+                    raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
+                if kind == "define_slice":
+                    self._define_slice(ins.define_slice.slice)
+                elif kind == "expect":
+                    self.store.expect(ins.expect.spec.array_id)
+                elif kind == "execute":
+                    for out in ins.execute.outputs:
+                        self.store.expect(out)
+                self._pending[ins.sequence] = ins
+                self._received = max(self._received, ins.sequence)
+            self._cond.notify_all()
+            return self._received
+
+    def _reset(self, controller_id: str) -> None:
+        """A new controller incarnation: its order starts afresh, and the old one's state is gone."""
+        if self._controller_id:
+            log.warning("host %d.%d: new controller %s, dropping state", self.island, self.host,
+                        controller_id)
+        self._controller_id = controller_id
+        self._pending.clear()
+        self._received, self._next = 0, 1
+        self._slices.clear()
+        self._loaded.clear()
+        self.store.clear()
+
+    def _define_slice(self, info: pb.SliceInfo) -> None:
+        positions = [d.device for d in info.devices if d.host == self.host]
+        if any(not 0 <= p < len(self.devices) for p in positions):
+            raise InvalidArgumentError(f"slice {info.slice_id} names a device this host lacks")
+        if len(positions) != len(info.devices):
+            raise InvalidArgumentError("multi-host slices need a distributed island")
+        devices = np.array([self.devices[p] for p in positions]).reshape(tuple(info.mesh_shape))
+        self._slices[info.slice_id] = (Mesh(devices, tuple(info.axis_names)), info)
+
+    def wait_received(self, sequence: int, timeout: float) -> None:
+        """Waits until instructions up to `sequence` of the island's order have arrived."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._received < sequence:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise DeadlineExceededError(
+                        f"host {self.island}.{self.host} has not received instruction #{sequence} "
+                        f"within {timeout:.1f} s (received up to #{self._received})")
+                self._cond.wait(left)
+
+    def mesh(self, slice_id: int, timeout: float = 0.0) -> tuple[Mesh, pb.SliceInfo]:
+        """The concrete mesh of a slice, waiting up to `timeout` s for its definition to arrive."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while slice_id not in self._slices:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NotFoundError(f"slice {slice_id} is not defined on host "
+                                        f"{self.island}.{self.host}")
+                self._cond.wait(left)
+            return self._slices[slice_id]
+
+    # -- the ordered executor ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._next not in self._pending and not self._stopped:
+                    self._cond.wait(1.0)
+                if self._stopped:
+                    return
+                ins = self._pending.pop(self._next)
+                self._next += 1
+            try:
+                self._apply(ins)
+            except Exception:  # an executor must survive any one instruction
+                log.exception("host %d.%d: instruction %d failed", self.island, self.host,
+                              ins.sequence)
+            finally:
+                self._activity = "idle"
+
+    def _apply(self, ins: pb.Instruction) -> None:
+        kind = ins.WhichOneof("op")
+        if kind == "load":
+            self._load(ins.load)
+        elif kind == "execute":
+            self._execute(ins.sequence, ins.execute)
+        elif kind == "delete":
+            for array_id in ins.delete.array_ids:
+                self.store.delete(array_id)
+        elif kind == "release_slice":
+            with self._cond:
+                self._slices.pop(ins.release_slice.slice_id, None)
+
+    def _load(self, load: pb.LoadInstruction) -> None:
+        self._activity = f"compiling {load.name}"
+        donated = tuple(load.donated)
+        try:
+            mesh, _ = self.mesh(load.slice_id)
+            key = (load.fingerprint, load.slice_id, donated)
+            compiled = self._compile_cache.get(key)
+            if compiled is None:
+                compiled = _compile(load, mesh)
+                self._compile_cache[key] = compiled
+            self._loaded[load.executable_id] = _Loaded(load.name, compiled, None, len(load.inputs),
+                                                       len(load.outputs), donated)
+        except Exception as exc:  # reported to whoever reads the outputs of a call
+            error = exc if isinstance(exc, PathwaysError) else ExecutionError(
+                f"loading {load.name!r} failed: {exc}")
+            self._loaded[load.executable_id] = _Loaded(load.name, None, error, len(load.inputs),
+                                                       len(load.outputs), donated)
+
+    def _execute(self, sequence: int, ex: pb.ExecuteInstruction) -> None:
+        loaded = self._loaded.get(ex.executable_id)
+        try:
+            if loaded is None:
+                raise NotFoundError(f"executable {ex.executable_id} is not loaded on this host")
+            if loaded.error is not None:
+                raise loaded.error
+            self._activity = f"waiting for inputs of {loaded.name} (#{sequence})"
+            inputs = wait_all(self.store, ex.inputs, time.monotonic() + self.input_timeout_s)
+            self._activity = f"running {loaded.name} (#{sequence})"
+            start = time.time()
+            outputs = loaded.compiled(*inputs)
+            jax.block_until_ready(outputs)
+            self.timeline.append(ExecutionRecord(sequence, loaded.name, start, time.time()))
+            self.executions += 1
+        except Exception as exc:
+            name = loaded.name if loaded else f"executable {ex.executable_id}"
+            where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
+            error = (type(exc)(f"{where}: {exc}") if isinstance(exc, PathwaysError)
+                     else ExecutionError(f"{where} failed: {exc}"))
+            for out in ex.outputs:
+                self.store.fail(out, error)
+            return
+        for array_id, value in zip(ex.outputs, outputs):
+            self.store.set(array_id, value)
+        for position in loaded.donated:
+            self.store.delete(ex.inputs[position])
+
+    # -- data plane -------------------------------------------------------------------------------
+
+    def put(self, chunks: Iterator[pb.ArrayChunk]) -> int:
+        """Stores an array streamed in as chunks; returns the bytes received."""
+        spec, shards = _wire.assemble_chunks(chunks)
+        if spec is None:
+            raise InvalidArgumentError("array stream does not start with its spec")
+        mesh, info = self.mesh(spec.sharding.slice_id, SLICE_TIMEOUT_S)
+        shape = tuple(spec.shape)
+        expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
+                                                                  tuple(info.axis_names)),
+                                           spec.sharding))
+        flat_devices = mesh.devices.reshape(-1)
+        placed: dict[int, jax.Array] = {}
+        for shard in shards:
+            if expected.get(shard.index) is None:
+                raise InvalidArgumentError(f"shard {shard.index} does not belong to the sharding")
+            for position in shard.positions:
+                if position not in expected[shard.index]:
+                    raise InvalidArgumentError(f"mesh position {position} does not hold {shard.index}")
+                placed[position] = jax.device_put(shard.data, flat_devices[position])
+        if len(placed) != len(flat_devices):
+            raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
+                                       f"{len(flat_devices)} devices")
+        sharding = NamedSharding(mesh, _wire.spec_from_proto(spec.sharding))
+        value = jax.make_array_from_single_device_arrays(
+            shape, sharding, [placed[p] for p in range(len(flat_devices))])
+        self.store.set(spec.array_id, value)
+        return sum(s.data.nbytes for s in shards)
+
+    def get(self, request: pb.GetArrayRequest) -> Iterator[pb.ArrayChunk]:
+        """Chunks of the requested (or all distinct) shards of an array, waiting for it if pending."""
+        timeout = min(max(request.timeout_s, 0.0), MAX_GET_TIMEOUT_S)
+        deadline = time.monotonic() + timeout
+        self.wait_received(request.after_sequence, timeout)
+        value = self.store.get(request.array_id, max(0.0, deadline - time.monotonic()))
+        distinct: dict[_wire.Index, jax.Array] = {}
+        for shard in value.addressable_shards:
+            index = tuple((s.start or 0, value.shape[d] if s.stop is None else s.stop)
+                          for d, s in enumerate(shard.index))
+            distinct.setdefault(index, shard.data)
+        wanted = [_wire.index_from_proto(i) for i in request.shards] or list(distinct)
+        missing = [w for w in wanted if w not in distinct]
+        if missing:
+            raise NotFoundError(f"array {request.array_id}: shard {missing[0]} is not on this host")
+        return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted))
+
+    def info(self) -> pb.HostInfo:
+        kind = self.devices[0].device_kind if self.devices else ""
+        with self._cond:
+            depth = len(self._pending)
+        return pb.HostInfo(island=self.island, host=self.host, address=self.address,
+                           platform=self.platform, num_devices=len(self.devices), device_kind=kind,
+                           state="alive", backend=self.backend, queue_depth=depth,
+                           activity=self._activity)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        self._thread.join(timeout=5)
+
+
+def _compile(load: pb.LoadInstruction, mesh: Mesh):
+    """Deserializes StableHLO and compiles it for the mesh's devices."""
+    if hashlib.sha256(load.serialized).hexdigest() != load.fingerprint:
+        raise InvalidArgumentError(f"{load.name}: serialized bytes do not match their fingerprint")
+    try:
+        exported = jax.export.deserialize(bytearray(load.serialized))
+    except Exception as exc:
+        raise InvalidArgumentError(f"{load.name}: not a serialized jax.export module: {exc}") from exc
+    in_shardings = tuple(NamedSharding(mesh, _wire.spec_from_proto(v.sharding)) for v in load.inputs)
+    out_shardings = tuple(NamedSharding(mesh, _wire.spec_from_proto(v.sharding))
+                          for v in load.outputs)
+    avals = [jax.ShapeDtypeStruct(tuple(v.shape), _wire.dtype_from_name(v.dtype), sharding=s)
+             for v, s in zip(load.inputs, in_shardings)]
+    fn = jax.jit(exported.call, in_shardings=in_shardings, out_shardings=out_shardings,
+                 donate_argnums=tuple(load.donated))
+    return fn.lower(*avals).compile()
+
+
+class WorkerServicer(pb_grpc.WorkerServicer):
+    """gRPC face of a Worker: maps its exceptions to status codes."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+
+    def Dispatch(self, request, context):
+        try:
+            received = self.worker.receive(request.controller_id, request.instructions)
+        except PathwaysError as exc:
+            abort(context, exc)
+        return pb.DispatchReply(received=received)
+
+    def PutArray(self, request_iterator, context):
+        try:
+            nbytes = self.worker.put(request_iterator)
+        except PathwaysError as exc:
+            abort(context, exc)
+        except (ValueError, TypeError) as exc:
+            abort(context, InvalidArgumentError(f"bad array: {exc}"))
+        return pb.PutArrayReply(nbytes=nbytes)
+
+    def GetArray(self, request, context):
+        try:
+            chunks = self.worker.get(request)
+        except PathwaysError as exc:
+            abort(context, exc)
+        yield from chunks
+
+    def Ping(self, request, context):
+        count, nbytes = self.worker.store.stats()
+        return pb.PingReply(host=self.worker.info(), stored_arrays=count, stored_bytes=nbytes,
+                            executions=self.worker.executions)
+
+
+def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
+                         max_workers: int = 16) -> tuple[grpc.Server, int]:
+    """A started gRPC server for `worker` on `address` (port 0 picks a free port): (server, port)."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=_wire.GRPC_OPTIONS)
+    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise FailedPreconditionError(f"cannot bind worker server to {address}")
+    server.start()
+    worker.address = f"{address.rsplit(':', 1)[0]}:{port}"
+    return server, port

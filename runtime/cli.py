@@ -1,0 +1,174 @@
+"""The `pathways` command line: run controllers and workers, start local clusters, inspect them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+
+def _wait_for_signal() -> None:
+    """Blocks until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    import jax
+
+    if args.platform == "cpu":
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    from runtime._cluster import register_host
+    from runtime._worker import Worker, create_worker_server
+
+    devices = jax.devices(args.platform)
+    if len(devices) < args.devices:
+        print(f"error: asked for {args.devices} {args.platform} devices, found {len(devices)}",
+              file=sys.stderr)
+        return 2
+    worker = Worker(args.island, args.host, devices[:args.devices], platform=args.platform)
+    server, _ = create_worker_server(worker, f"{args.bind}:{args.port}")
+    try:
+        register_host(args.controller, worker.info(), timeout=args.register_timeout)
+    except Exception as exc:
+        print(f"error: cannot register with controller {args.controller}: {exc}", file=sys.stderr)
+        server.stop(grace=None)
+        return 1
+    print(f"worker {args.island}.{args.host} listening on {worker.address} "
+          f"({args.devices} {args.platform} devices)", flush=True)
+    _wait_for_signal()
+    server.stop(grace=1.0)
+    worker.stop()
+    return 0
+
+
+def _cmd_controller(args: argparse.Namespace) -> int:
+    from runtime._controller import Controller, create_controller_server
+
+    controller = Controller()
+    server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
+    print(f"controller listening on {args.bind}:{port}", flush=True)
+    _wait_for_signal()
+    controller.close()
+    server.stop(grace=1.0)
+    return 0
+
+
+def _cmd_up(args: argparse.Namespace) -> int:
+    from runtime._cluster import ProcessCluster
+
+    devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
+    cluster = ProcessCluster(args.islands, args.hosts_per_island, devices_per_host, port=args.port,
+                             host=args.bind, platform=args.platform)
+    try:
+        print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
+              f"{args.platform} devices up", flush=True)
+        print(f"controller listening on {cluster.address}", flush=True)
+        _wait_for_signal()
+    finally:
+        cluster.close()
+    print("stopped", flush=True)
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from google.protobuf import json_format
+
+    from runtime._client import Client
+    from runtime._errors import PathwaysError
+
+    try:
+        with Client(args.address, name="status", timeout_s=args.timeout) as client:
+            status = client.status()
+    except PathwaysError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(json_format.MessageToDict(status, preserving_proto_field_name=True),
+                         indent=2))
+        return 0
+    print(f"controller {args.address}: {status.sessions} sessions, {status.arrays} arrays, "
+          f"{len(status.slices)} slices")
+    print(f"{'island':>6} {'host':>4}  {'address':<22} {'backend':<7} {'platform':<8} "
+          f"{'devices':>7}  {'queue':>5}  state")
+    for h in status.hosts:
+        print(f"{h.island:>6} {h.host:>4}  {h.address:<22} {h.backend:<7} {h.platform:<8} "
+              f"{h.num_devices:>7}  {h.queue_depth:>5}  {h.state}")
+    for s in status.slices:
+        mesh = "x".join(f"{n}{a}" for n, a in zip(s.mesh_shape, s.axis_names))
+        print(f"slice {s.slice_id}: island {s.island}, mesh {mesh}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pathways", description="A Pathways-style single-controller runtime for JAX.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("worker", help="run one worker host of an island",
+                       description="Run a worker host: owns local devices, registers with the "
+                                   "controller, runs its island's instructions in order.")
+    p.add_argument("--controller", required=True, help="controller address HOST:PORT")
+    p.add_argument("--island", type=int, required=True, help="island (pod) index")
+    p.add_argument("--host", type=int, default=0, help="host index inside the island")
+    p.add_argument("--devices", type=int, default=4, help="number of local devices to own")
+    p.add_argument("--platform", choices=("cpu", "cuda"), default="cpu",
+                   help="device platform (cpu: simulated CPU devices)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
+    p.add_argument("--register-timeout", type=float, default=60.0,
+                   help="seconds to keep trying to reach the controller")
+    p.set_defaults(func=_cmd_worker)
+
+    p = sub.add_parser("controller", help="run a controller",
+                       description="Run a controller; workers register with it.")
+    p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
+    p.set_defaults(func=_cmd_controller)
+
+    p = sub.add_parser("up", help="start a controller and local island workers",
+                       description="Start a controller in this process and every island host as a "
+                                   "local worker subprocess; Ctrl-C or SIGTERM stops them all.")
+    p.add_argument("--islands", type=int, default=2, help="number of islands")
+    p.add_argument("--devices-per-island", type=int, default=4,
+                   help="devices per island (split over its hosts)")
+    p.add_argument("--hosts-per-island", type=int, default=1, help="worker hosts per island")
+    p.add_argument("--devices-per-host", type=int, default=0,
+                   help="devices per host (overrides --devices-per-island)")
+    p.add_argument("--platform", choices=("cpu", "cuda"), default="cpu", help="device platform")
+    p.add_argument("--port", type=int, default=0, help="controller port (0: any free port)")
+    p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
+    p.set_defaults(func=_cmd_up)
+
+    p = sub.add_parser("status", help="list islands, hosts and slices of a controller",
+                       description="Show a controller's islands, hosts, devices and slices.")
+    p.add_argument("address", help="controller address HOST:PORT")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller")
+    p.set_defaults(func=_cmd_status)
+
+    for module in _EXTENSIONS:
+        __import__(module, fromlist=["register"]).register(sub)
+    return parser
+
+
+#: Packages that add their own subcommands through `register(subparsers)`.
+_EXTENSIONS: list[str] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

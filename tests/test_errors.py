@@ -1,0 +1,197 @@
+"""Every documented error raises its exception, on the wire with its status code, and the cluster
+keeps serving afterwards."""
+
+import time
+
+import grpc
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import runtime
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+
+
+def still_works(client, island=0):
+    s = client.slice({"d": 2}, island=island)
+    out = client.jit(lambda v: v * 3, s)(client.put(np.arange(4, dtype=np.int32), s))
+    np.testing.assert_array_equal(out.fetch(timeout=30), np.arange(4) * 3)
+
+
+@pytest.fixture
+def add(client):
+    s = client.slice({"d": 4}, island=0)
+    return s, client.jit(lambda a, b: a + b, s).lower(
+        jax.ShapeDtypeStruct((8,), np.float32), jax.ShapeDtypeStruct((8,), np.float32))
+
+
+def test_wrong_shape_or_dtype_for_compiled_function(client, add):
+    s, f = add
+    ok = client.put(np.ones(8, np.float32), s)
+    with pytest.raises(runtime.InvalidArgumentError, match=r"float32\[4\].*compiled for float32\[8\]"):
+        f(ok, client.put(np.ones(4, np.float32), s))
+    with pytest.raises(runtime.InvalidArgumentError, match=r"int32\[8\]"):
+        f(ok, client.put(np.ones(8, np.int32), s))
+    with pytest.raises(runtime.InvalidArgumentError, match="structure"):
+        f(ok)
+    np.testing.assert_array_equal(f(ok, ok).fetch(), np.full(8, 2, np.float32))
+    still_works(client)
+
+
+def test_server_rejects_wrong_input_with_invalid_argument(client, add):
+    """A client that skips the local checks still gets INVALID_ARGUMENT from the controller."""
+    s, f = add
+    wrong = client.put(np.ones(8, np.int32), s)
+    call = pb.Call(executable_id=f.executable_id, inputs=[wrong.id, wrong.id],
+                   outputs=[client._new_id()])
+    with grpc.insecure_channel(client.address) as channel:
+        stub = pb_grpc.ControllerStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Execute(pb.ExecuteRequest(session_id=client.session_id, calls=[call]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected float32[8]" in info.value.details()
+    with pytest.raises(runtime.InvalidArgumentError, match="expected float32"):
+        client._execute([call])
+    still_works(client)
+
+
+def test_deleted_and_unknown_array_handles(client, add):
+    s, f = add
+    x = client.put(np.ones(8, np.float32), s)
+    x.delete()
+    with pytest.raises(runtime.ArrayNotFoundError, match="deleted"):
+        f(x, x)
+    with pytest.raises(runtime.ArrayNotFoundError):
+        x.fetch()
+    with pytest.raises(runtime.ArrayNotFoundError):
+        x.delete()
+    forged = runtime.RemoteArray(client, client._new_id(), (8,), np.float32, P(), s)
+    with pytest.raises(runtime.ArrayNotFoundError, match="unknown"):
+        f(forged, forged)
+    with pytest.raises(grpc.RpcError) as info:
+        client._stub.DeleteArrays(pb.DeleteArraysRequest(session_id=client.session_id,
+                                                         array_ids=[forged.id]), timeout=10)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    forged._mark_consumed()
+    still_works(client)
+
+
+def test_another_sessions_arrays_are_not_usable(cluster, client, add):
+    s, f = add
+    other = cluster.client("other")
+    try:
+        theirs = other.put(np.ones(8, np.float32), other.slice({"d": 4}, island=0))
+        stolen = runtime.RemoteArray(client, theirs.id, (8,), np.float32, P(), s)
+        with pytest.raises(runtime.ArrayNotFoundError):
+            f(stolen, stolen)
+        stolen._mark_consumed()
+    finally:
+        other.close()
+
+
+def test_slice_larger_than_its_island(client):
+    with pytest.raises(runtime.SliceUnavailableError, match="needs 8 devices"):
+        client.slice((4, 2), ("x", "y"), island=0)
+    with pytest.raises(runtime.SliceUnavailableError, match="needs 16 devices"):
+        client.slice({"d": 16})
+    with pytest.raises(runtime.SliceUnavailableError, match="island 7 does not exist"):
+        client.slice({"d": 1}, island=7)
+    with pytest.raises(runtime.InvalidArgumentError):
+        client.slice((2, 0), ("x", "y"))
+    with pytest.raises(runtime.InvalidArgumentError):
+        client.slice((2, 2), ("x", "x"))
+    still_works(client)
+
+
+def test_bad_sharding_is_rejected(client):
+    s = client.slice({"d": 4}, island=0)
+    with pytest.raises(runtime.InvalidArgumentError, match="does not split"):
+        client.put(np.ones(6, np.float32), s, P("d"))
+    with pytest.raises(runtime.InvalidArgumentError, match="axis 'z'"):
+        client.put(np.ones(8, np.float32), s, P("z"))
+    still_works(client)
+
+
+def test_function_that_cannot_be_exported(client):
+    s = client.slice({"d": 2}, island=1)
+    f = client.jit(lambda v: jax.debug.callback(print, v) or v, s)
+    with pytest.raises(runtime.InvalidArgumentError, match="cannot export"):
+        f(client.put(np.ones(2, np.float32), s))
+    still_works(client, island=1)
+
+
+def test_garbage_executable_gets_invalid_argument(client):
+    s = client.slice({"d": 2}, island=0)
+    spec = pb.ValueSpec(dtype="float32", shape=[2])
+    with pytest.raises(runtime.InvalidArgumentError, match="not a serialized jax.export"):
+        client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+            session_id=client.session_id, slice_id=s.slice_id, serialized=b"\x00garbage",
+            inputs=[spec], outputs=[spec], name="garbage"))
+    still_works(client)
+
+
+def test_worker_reports_a_load_failure_on_the_outputs():
+    """A host that cannot compile a module fails the calls' outputs with a clear error."""
+    worker = runtime.Worker(0, 0, jax.devices()[:2])
+    try:
+        info = pb.SliceInfo(slice_id=1, mesh_shape=[2], axis_names=["d"],
+                            devices=[pb.SliceDevice(host=0, device=i) for i in range(2)])
+        spec = pb.ValueSpec(dtype="float32", shape=[2])
+        worker.receive("c", [
+            pb.Instruction(sequence=1, define_slice=pb.DefineSliceInstruction(slice=info)),
+            pb.Instruction(sequence=2, load=pb.LoadInstruction(
+                executable_id=1, slice_id=1, serialized=b"junk", name="junk", inputs=[spec],
+                outputs=[spec], fingerprint=__import__("hashlib").sha256(b"junk").hexdigest())),
+            pb.Instruction(sequence=3, execute=pb.ExecuteInstruction(
+                executable_id=1, inputs=[], outputs=[7]))])
+        with pytest.raises(runtime.InvalidArgumentError, match="junk.*not a serialized"):
+            worker.store.get(7, timeout=30)
+    finally:
+        worker.stop()
+
+
+def test_input_that_never_arrives_fails_within_its_deadline():
+    with runtime.LocalCluster(islands=1, devices_per_island=2, input_timeout_s=0.5) as cluster:
+        client = cluster.client()
+        s = client.slice({"d": 2})
+        never = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[2],
+                             sharding=pb.Sharding(slice_id=s.slice_id))
+        client._rpc("RegisterArrays", pb.RegisterArraysRequest(session_id=client.session_id,
+                                                               arrays=[never]))
+        handle = runtime.RemoteArray(client, never.array_id, (2,), np.float32, P(), s)
+        out = client.jit(lambda v: v + 1, s)(handle)
+        with pytest.raises(runtime.DeadlineExceededError, match="not produced"):
+            out.fetch(timeout=30)
+        still_works(client)
+
+
+def test_controller_that_is_not_there():
+    start = time.monotonic()
+    with pytest.raises(runtime.ControllerUnavailableError, match="no controller"):
+        runtime.Client("127.0.0.1:1", timeout_s=2.0)
+    assert time.monotonic() - start < 10
+
+
+def test_host_that_went_away():
+    """A lost host fails work on its island with HostLostError; the other island keeps working."""
+    with runtime.LocalCluster(islands=2, devices_per_island=2) as cluster:
+        client = cluster.client()
+        s0, s1 = client.slice({"d": 2}, island=0), client.slice({"d": 2}, island=1)
+        f1 = client.jit(lambda v: v + 1, s1)
+        x1 = f1(client.put(np.zeros(2, np.float32), s1))
+        np.testing.assert_array_equal(x1.fetch(), [1, 1])
+        cluster.kill_worker(1)
+        with pytest.raises(runtime.HostLostError, match="1.0"):
+            x1.fetch(timeout=5)
+        deadline = time.monotonic() + 5
+        with pytest.raises(runtime.HostLostError, match="host 1.0"):
+            while time.monotonic() < deadline:  # the heartbeat notices within ~1 s
+                f1(x1)
+                time.sleep(0.1)
+        with pytest.raises(runtime.HostLostError):
+            client.slice({"d": 2}, island=1)
+        f0 = client.jit(lambda v: v * 2, s0)
+        np.testing.assert_array_equal(f0(client.put(np.ones(2, np.float32), s0)).fetch(), [2, 2])
+        assert "lost" in {h.island: h.state for h in client.status().hosts}[1]
