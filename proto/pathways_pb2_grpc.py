@@ -81,6 +81,11 @@ class ControllerStub:
                 request_serializer=proto_dot_pathways__pb2.ExecuteRequest.SerializeToString,
                 response_deserializer=proto_dot_pathways__pb2.ExecuteReply.FromString,
                 _registered_method=True)
+        self.RegisterProgram = channel.unary_unary(
+                '/pathways.Controller/RegisterProgram',
+                request_serializer=proto_dot_pathways__pb2.RegisterProgramRequest.SerializeToString,
+                response_deserializer=proto_dot_pathways__pb2.RegisterProgramReply.FromString,
+                _registered_method=True)
         self.DeleteArrays = channel.unary_unary(
                 '/pathways.Controller/DeleteArrays',
                 request_serializer=proto_dot_pathways__pb2.DeleteArraysRequest.SerializeToString,
@@ -149,7 +154,14 @@ class ControllerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Execute(self, request, context):
-        """Enqueues calls (asynchronous: returns before they run).
+        """Enqueues commands (asynchronous: returns before they run).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterProgram(self, request, context):
+        """Registers a traced program.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,6 +221,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.Execute,
                     request_deserializer=proto_dot_pathways__pb2.ExecuteRequest.FromString,
                     response_serializer=proto_dot_pathways__pb2.ExecuteReply.SerializeToString,
+            ),
+            'RegisterProgram': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterProgram,
+                    request_deserializer=proto_dot_pathways__pb2.RegisterProgramRequest.FromString,
+                    response_serializer=proto_dot_pathways__pb2.RegisterProgramReply.SerializeToString,
             ),
             'DeleteArrays': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteArrays,
@@ -460,6 +477,33 @@ class Controller:
             '/pathways.Controller/Execute',
             proto_dot_pathways__pb2.ExecuteRequest.SerializeToString,
             proto_dot_pathways__pb2.ExecuteReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterProgram(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pathways.Controller/RegisterProgram',
+            proto_dot_pathways__pb2.RegisterProgramRequest.SerializeToString,
+            proto_dot_pathways__pb2.RegisterProgramReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -21,18 +21,29 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from runtime._errors import (ArrayNotFoundError, ControllerUnavailableError, DeadlineExceededError,
                              ExecutionError, FailedPreconditionError, HostLostError,
                              InvalidArgumentError, NotFoundError, PathwaysError,
-                             SliceUnavailableError)
+                             ResourceExhaustedError, SliceUnavailableError)
 from runtime._array import RemoteArray
 from runtime._client import Client, VirtualSlice
 from runtime._cluster import LocalCluster, ProcessCluster
 from runtime._controller import Controller, create_controller_server
 from runtime._function import CompiledFunction, RemoteFunction
+from runtime._program import Program
 from runtime._worker import Worker, create_worker_server
 
 __all__ = [
     "ArrayNotFoundError", "Client", "CompiledFunction", "Controller", "ControllerUnavailableError",
     "DeadlineExceededError", "ExecutionError", "FailedPreconditionError", "HostLostError",
     "InvalidArgumentError", "LocalCluster", "NotFoundError", "PathwaysError", "ProcessCluster",
-    "RemoteArray", "RemoteFunction", "SliceUnavailableError", "VirtualSlice", "Worker",
-    "create_controller_server", "create_worker_server",
+    "Program", "RayCluster", "RemoteArray", "RemoteFunction", "ResourceExhaustedError",
+    "SliceUnavailableError", "VirtualSlice", "Worker", "create_controller_server",
+    "create_worker_server",
 ]
+
+
+def __getattr__(name: str):
+    # RayCluster lives apart so that `import runtime` never imports Ray (an optional extra).
+    if name == "RayCluster":
+        from runtime._ray import RayCluster
+
+        return RayCluster
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ hosts whose devices hold it, and a fetch streams shards back from those hosts, i
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
 from concurrent import futures
 from typing import TYPE_CHECKING
@@ -19,7 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from proto import pathways_pb2 as pb
 from runtime import _wire
 from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, HostLostError,
-                             from_rpc_error)
+                             InvalidArgumentError, from_rpc_error)
 
 if TYPE_CHECKING:
     from runtime._client import Client, VirtualSlice
@@ -36,13 +37,14 @@ def transfer_deadline(nbytes: int) -> float:
 class RemoteArray:
     """A handle to a logical array on a virtual slice; its shape, dtype and sharding are static.
 
-    Handles exist before the array's producer has run. Reading (`fetch`, `np.asarray`) waits for
-    it. An array is freed on its hosts when `delete()` is called or the last handle is dropped (after
-    every call already submitted that reads it has run).
+    Handles exist before the array's producer has run, even before the controller has ordered it.
+    Reading (`fetch`, `np.asarray`) waits for it. An array is freed on its hosts when `delete()` is
+    called or the last handle is dropped, after every command already submitted that reads it.
+    Handles with a negative id are placeholders inside a program trace.
     """
 
-    __slots__ = ("_client", "id", "shape", "dtype", "spec", "slice", "sequence", "_deleted",
-                 "__weakref__")
+    __slots__ = ("_client", "id", "shape", "dtype", "spec", "slice", "sequence", "_ticket",
+                 "_deleted", "__weakref__")
 
     def __init__(self, client: Client, array_id: int, shape: Sequence[int], dtype,
                  spec: PartitionSpec, vslice: VirtualSlice, sequence: int = 0) -> None:
@@ -53,6 +55,7 @@ class RemoteArray:
         self.spec = spec
         self.slice = vslice
         self.sequence = sequence  # the island instruction that creates it (0: not yet ordered)
+        self._ticket = None  # the command that creates it, while the controller has not answered
         self._deleted = False
 
     @property
@@ -83,6 +86,13 @@ class RemoteArray:
         if self._deleted:
             raise ArrayNotFoundError(f"array {self.id} was deleted or donated")
 
+    def to(self, vslice: VirtualSlice, spec: PartitionSpec | None = None) -> RemoteArray:
+        """A copy on another slice (any island) with sharding `spec` (default: this one's).
+
+        Returns at once; the hosts move the data between themselves, after this array's producer.
+        """
+        return self._client.transfer(self, vslice, self.spec if spec is None else spec)
+
     def fetch(self, timeout: float | None = None) -> np.ndarray:
         """Copies the array to a NumPy array, waiting for its producer (up to `timeout` s).
 
@@ -97,20 +107,19 @@ class RemoteArray:
         return value if dtype is None else value.astype(dtype)
 
     def delete(self) -> None:
-        """Frees the array on its hosts once every call already submitted that reads it has run."""
+        """Frees the array on its hosts once every command already submitted that reads it has
+        run. Returns at once."""
         self.check_alive()
         self._deleted = True
-        self._client._delete_ids([self.id], now=True)
+        self._client._stream.drop(self.id)
 
     def _mark_consumed(self) -> None:
         """The array was donated to a call: the handle is dead, the controller already knows."""
         self._deleted = True
 
     def __del__(self) -> None:
-        if not self._deleted:
-            client = self._client
-            if client is not None:
-                client._delete_ids([self.id], now=False)
+        if not self._deleted and self.id > 0:
+            self._client._stream.drop(self.id)
 
     def __repr__(self) -> str:
         state = "deleted" if self._deleted else f"slice {self.slice.slice_id}"
@@ -166,8 +175,14 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
     """Copies several remote arrays to NumPy, fetching all their shards in parallel."""
     wait = client.timeout_s if timeout is None else timeout
     outputs, jobs = [], []
+    deadline = time.monotonic() + wait
     for array in arrays:
         array.check_alive()
+        if array.id <= 0:
+            raise InvalidArgumentError("a program's values cannot be fetched while it is traced")
+        if array._ticket is not None:
+            array._ticket.wait(max(0.0, deadline - time.monotonic()))
+            array._ticket = None
         out = np.empty(array.shape, array.dtype)
         outputs.append(out)
         sharding = _wire.spec_to_proto(array.slice.slice_id, array.spec)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -17,13 +18,14 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _wire
 from runtime._array import RemoteArray, fetch_arrays, put_arrays
-from runtime._errors import ControllerUnavailableError, DeadlineExceededError, from_rpc_error
+from runtime._dispatch import CommandStream
+from runtime._errors import (ControllerUnavailableError, DeadlineExceededError,
+                             InvalidArgumentError, from_rpc_error)
 from runtime._function import RemoteFunction, SpecTree, broadcast_specs
+from runtime._program import Program, Trace, transfer_handle
 
 #: Deadline of controller RPCs; loading an executable may take longer than the rest.
 RPC_TIMEOUT_S = 30.0
-#: Dropped handles are freed in batches of this many (or at the next explicit call).
-DELETE_BATCH = 256
 
 
 class VirtualSlice:
@@ -80,7 +82,8 @@ class Client:
         self._workers: dict[str, pb_grpc.WorkerStub] = {}
         self._worker_channels: list[grpc.Channel] = []
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="transfer")
-        self._dropped: list[int] = []
+        self._tracing_state = threading.local()
+        self._stream = CommandStream(self)
         self._closed = False
 
     # -- plumbing ---------------------------------------------------------------------------------
@@ -110,27 +113,24 @@ class Client:
         with self._id_lock:
             return next(self._ids)
 
-    def _execute(self, calls: Sequence[pb.Call]) -> list[int]:
-        """Orders calls; returns each one's sequence number on its island."""
-        self._flush_deletes()
-        reply = self._rpc("Execute", pb.ExecuteRequest(session_id=self.session_id, calls=calls))
-        return list(reply.sequence)
+    def _new_handle(self, shape, dtype, spec: PartitionSpec, vslice: VirtualSlice) -> RemoteArray:
+        """A handle for an array about to be created (a placeholder while tracing a program)."""
+        trace = self._trace()
+        array_id = trace.new_id() if trace is not None else self._new_id()
+        return RemoteArray(self, array_id, shape, dtype, spec, vslice)
 
-    def _delete_ids(self, ids: Sequence[int], *, now: bool) -> None:
-        if self._closed:
-            return
-        with self._id_lock:
-            self._dropped.extend(ids)
-            due = now or len(self._dropped) >= DELETE_BATCH
-        if due:
-            self._flush_deletes()
+    def _trace(self) -> Trace | None:
+        return getattr(self._tracing_state, "trace", None)
 
-    def _flush_deletes(self) -> None:
-        with self._id_lock:
-            ids, self._dropped = self._dropped, []
-        if ids:
-            self._rpc("DeleteArrays", pb.DeleteArraysRequest(session_id=self.session_id,
-                                                             array_ids=ids))
+    @contextlib.contextmanager
+    def _tracing(self, trace: Trace) -> Iterator[None]:
+        if self._trace() is not None:
+            raise InvalidArgumentError("programs cannot be traced inside programs")
+        self._tracing_state.trace = trace
+        try:
+            yield
+        finally:
+            self._tracing_state.trace = None
 
     # -- public API -------------------------------------------------------------------------------
 
@@ -162,6 +162,9 @@ class Client:
 
     def _put_flat(self, leaves: Sequence, specs: Sequence[PartitionSpec],
                   vslice: VirtualSlice) -> list[RemoteArray]:
+        if self._trace() is not None:
+            raise InvalidArgumentError("a program cannot put data while it is traced; pass the "
+                                       "arrays as arguments")
         values = [np.asarray(leaf) for leaf in leaves]
         values = [v.astype(jax.dtypes.canonicalize_dtype(v.dtype), copy=False) for v in values]
         array_specs = []
@@ -186,6 +189,27 @@ class Client:
         return RemoteFunction(self, fn, vslice, in_specs=in_specs, out_specs=out_specs,
                               donate_argnums=donate_argnums, name=name)
 
+    def program(self, fn: Callable, *, name: str | None = None) -> Program:
+        """Turns a function of RemoteArrays that calls compiled functions (on any slices) into a
+        Program: traced once per input signature, then each run is one command. Usable as a
+        decorator: `@client.program`."""
+        return Program(self, fn, name)
+
+    def transfer(self, tree: Any, vslice: VirtualSlice, specs: SpecTree = None) -> Any:
+        """Copies RemoteArrays (any pytree) onto another slice, on any island, resharding to
+        `specs` (None: keep each array's spec). Returns new handles at once; the hosts move the
+        data directly, after the arrays' producers have run."""
+        leaves, tree_def = jax.tree.flatten(tree)
+        flat_specs = broadcast_specs(specs, tree, "specs")
+        copies = [transfer_handle(self, leaf, vslice, leaf.spec if spec is None else spec)
+                  for leaf, spec in zip(leaves, flat_specs)]
+        return jax.tree.unflatten(tree_def, copies)
+
+    def sync(self, timeout: float | None = None) -> None:
+        """Waits until the controller has ordered every command submitted so far (not until they
+        have run); raises the first command rejection since the last sync."""
+        self._stream.sync(self.timeout_s if timeout is None else timeout)
+
     def fetch(self, tree: Any, timeout: float | None = None) -> Any:
         """Copies every RemoteArray in a pytree to NumPy (in parallel); other leaves pass through."""
         leaves, tree_def = jax.tree.flatten(tree)
@@ -204,6 +228,7 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        self._stream.close()
         try:
             self._rpc("Disconnect", pb.DisconnectRequest(session_id=self.session_id), timeout=5.0)
         except Exception:  # closing must not fail because the controller already went away

@@ -22,8 +22,9 @@ import jax
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _wire
-from runtime._errors import (ArrayNotFoundError, FailedPreconditionError, HostLostError,
-                             InvalidArgumentError, NotFoundError, PathwaysError, abort)
+from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
+                             NotFoundError, PathwaysError, abort)
+from runtime._planner import Planner
 from scheduler import GangScheduler, HostRecord, ResourceManager, SliceRecord
 
 log = logging.getLogger(__name__)
@@ -35,6 +36,10 @@ HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_MISSES = 2
 #: Deadline for hosts to receive a slice definition before CreateSlice returns.
 SLICE_FLUSH_TIMEOUT_S = 10.0
+#: Back-pressure: most instructions an island's order may run ahead of its slowest host, and how
+#: long a client's commands wait for it to catch up.
+MAX_BACKLOG = 4096
+BACKLOG_TIMEOUT_S = 120.0
 #: Largest serialized executable accepted.
 MAX_EXECUTABLE_BYTES = 256 << 20
 
@@ -51,13 +56,6 @@ class _Session:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Array:
-    spec: pb.ArraySpec
-    island: int
-    session_id: int
-
-
-@dataclasses.dataclass(frozen=True)
 class _Executable:
     executable_id: int
     session_id: int
@@ -68,18 +66,6 @@ class _Executable:
     donated: frozenset[int]
 
 
-def _dims(sharding: pb.Sharding) -> tuple[tuple[str, ...], ...]:
-    """Sharding dims without trailing unsplit entries, for comparing specs."""
-    dims = [tuple(d.axes) for d in sharding.dims]
-    while dims and not dims[-1]:
-        dims.pop()
-    return tuple(dims)
-
-
-def _describe(dtype: str, shape: Sequence[int], sharding: pb.Sharding) -> str:
-    return f"{dtype}[{','.join(map(str, shape))}] sharded {_wire.spec_from_proto(sharding)}"
-
-
 class Controller:
     """Controller state and logic, independent of gRPC. Instantiable: tests run several."""
 
@@ -88,7 +74,7 @@ class Controller:
         self.resources = ResourceManager()
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, _Session] = {}
-        self._arrays: dict[int, _Array] = {}
+        self.planner = Planner(self)
         self._executables: dict[int, _Executable] = {}
         self._executable_keys: dict[tuple, int] = {}
         self._session_ids = itertools.count(1)
@@ -113,9 +99,11 @@ class Controller:
         """Closes a session: deletes its arrays and releases its slices."""
         with self._lock:
             session = self._session(session_id)
-            self._delete(session, sorted(session.arrays))
+            self.planner.drop_session(session)
             for slice_id in sorted(session.slices):
                 self.release_slice(session_id, slice_id)
+            for key in [k for k, e in self._executable_keys.items() if k[0] == session_id]:
+                del self._executables[self._executable_keys.pop(key)]
             del self._sessions[session_id]
 
     def register_host(self, info: pb.HostInfo) -> None:
@@ -150,19 +138,25 @@ class Controller:
                 probes = dict(self._probes)
             for key, (_, stub) in probes.items():
                 try:
-                    stub.Ping(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
+                    reply = stub.Ping(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
                     misses[key] = 0
-                except grpc.RpcError as err:
+                    scheduler = self._schedulers.get(key[0])
+                    if scheduler is not None:
+                        scheduler.note_progress(key[1], reply.executed)
+                except (grpc.RpcError, ValueError) as err:  # ValueError: channel replaced or closed
+                    if self._stop.is_set():
+                        return
                     misses[key] = misses.get(key, 0) + 1
                     if misses[key] >= HEARTBEAT_MISSES:
-                        record = self.resources.mark_lost(*key, f"no heartbeat ({err.code().name})")
+                        reason = err.code().name if isinstance(err, grpc.RpcError) else "closed"
+                        record = self.resources.mark_lost(*key, f"no heartbeat ({reason})")
                         if record:
                             log.warning("lost %s", record.describe())
 
     def status(self) -> pb.GetStatusReply:
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
-            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self._arrays))
+            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays))
             for h in self.resources.hosts():
                 reply.hosts.append(pb.HostInfo(
                     island=h.island, host=h.host, address=h.address, platform=h.platform,
@@ -204,8 +198,8 @@ class Controller:
                 raise NotFoundError(f"slice {slice_id} is not a slice of this session")
             record = self.resources.release(slice_id)
             session.slices.discard(slice_id)
-            self._delete(session, [a for a in session.arrays
-                                   if self._arrays[a].spec.sharding.slice_id == slice_id])
+            self.planner.delete(session, [a for a in session.arrays if self.planner.arrays[
+                a].spec.sharding.slice_id == slice_id], strict=False)
             scheduler = self._schedulers.get(record.island)
             if scheduler and not self.resources.lost_host(record.island):
                 scheduler.submit([pb.Instruction(
@@ -245,127 +239,33 @@ class Controller:
                 outputs=request.outputs, donated=sorted(donated), name=request.name))])
             return exe
 
-    # -- arrays and calls -------------------------------------------------------------------------
+    # -- arrays, commands and programs (runtime._planner) -----------------------------------------
 
     def register_arrays(self, session_id: int, specs: Sequence[pb.ArraySpec]) -> list[int]:
         """Declares arrays a client is about to stream to their hosts; returns, per array, the
         island sequence number from which its hosts expect it."""
         with self._lock:
-            session = self._session(session_id)
-            by_island: dict[int, list[pb.Instruction]] = {}
-            seen: set[int] = set()
-            for spec in specs:
-                self._check_new_id(session, spec.array_id, seen)
-                record = self._owned_slice(session_id, spec.sharding.slice_id)
-                _wire.dtype_from_name(spec.dtype)
-                _wire.shard_groups(spec.shape, _wire.MeshShape(record.mesh_shape,
-                                                               record.axis_names), spec.sharding)
-                seen.add(spec.array_id)
-                by_island.setdefault(record.island, []).append(
-                    pb.Instruction(expect=pb.ExpectArrayInstruction(spec=spec)))
-            for island in by_island:
-                self._check_island(island)
-            for spec in specs:
-                record = self.resources.get_slice(spec.sharding.slice_id)
-                self._arrays[spec.array_id] = _Array(spec, record.island, session_id)
-                session.arrays.add(spec.array_id)
-            sequence: dict[int, int] = {}
-            for island, ops in by_island.items():
-                for op, seq in zip(ops, self._scheduler(island).submit(ops)):
-                    sequence[op.expect.spec.array_id] = seq
-            return [sequence[spec.array_id] for spec in specs]
+            return self.planner.register_arrays(self._session(session_id), specs)
 
-    def execute(self, session_id: int, calls: Sequence[pb.Call]) -> list[int]:
-        """Validates calls and orders them on their islands; returns each call's sequence number
-        in its island's order, before any of them runs.
+    def execute(self, session_id: int, commands: Sequence[pb.Command]) -> list[pb.CommandResult]:
+        """Checks each command and orders the accepted ones; returns before any of them runs.
 
-        All calls of one request are checked before any is ordered (a later call may read an
-        earlier call's outputs), so a request either enters the order whole or not at all.
+        Waits first (outside the lock, so other clients go on) while an island is more than
+        MAX_BACKLOG instructions ahead of its slowest host.
         """
+        for scheduler in list(self._schedulers.values()):
+            scheduler.wait_backlog(MAX_BACKLOG, BACKLOG_TIMEOUT_S)
         with self._lock:
-            session = self._session(session_id)
-            new: dict[int, _Array] = {}
-            gone: set[int] = set()
-            by_island: dict[int, list[tuple[int, pb.Instruction]]] = {}
-            for n, call in enumerate(calls):
-                exe = self._executables.get(call.executable_id)
-                if exe is None or exe.session_id != session_id:
-                    raise NotFoundError(f"call {n}: executable {call.executable_id} is unknown")
-                record = self.resources.get_slice(exe.slice_id)
-                self._check_call(session, n, exe, call, new, gone)
-                for spec, array_id in zip(exe.outputs, call.outputs):
-                    new[array_id] = _Array(pb.ArraySpec(array_id=array_id, dtype=spec.dtype,
-                                                        shape=spec.shape, sharding=spec.sharding),
-                                           record.island, session_id)
-                gone.update(call.inputs[i] for i in exe.donated)
-                by_island.setdefault(record.island, []).append((n, pb.Instruction(
-                    execute=pb.ExecuteInstruction(executable_id=exe.executable_id,
-                                                  inputs=call.inputs, outputs=call.outputs))))
-            for island in by_island:
-                self._check_island(island)
-            for array_id, array in new.items():
-                self._arrays[array_id] = array
-                session.arrays.add(array_id)
-            for array_id in gone:
-                self._arrays.pop(array_id, None)
-                session.arrays.discard(array_id)
-            sequence = [0] * len(calls)
-            for island, ops in by_island.items():
-                seqs = self._scheduler(island).submit([op for _, op in ops])
-                for (n, _), seq in zip(ops, seqs):
-                    sequence[n] = seq
-            return sequence
+            return self.planner.execute(self._session(session_id), commands)
 
-    def _check_call(self, session: _Session, n: int, exe: _Executable, call: pb.Call,
-                    new: dict[int, _Array], gone: set[int]) -> None:
-        if len(call.inputs) != len(exe.inputs) or len(call.outputs) != len(exe.outputs):
-            raise InvalidArgumentError(
-                f"call {n}: {exe.name} takes {len(exe.inputs)} inputs and gives "
-                f"{len(exe.outputs)} outputs; got {len(call.inputs)} and {len(call.outputs)}")
-        for i, (array_id, want) in enumerate(zip(call.inputs, exe.inputs)):
-            array = new.get(array_id) or (None if array_id in gone else self._arrays.get(array_id))
-            if array is None or array.session_id != session.session_id:
-                raise ArrayNotFoundError(f"array {array_id} (input {i} of {exe.name}) is unknown "
-                                         f"or was deleted")
-            got = array.spec
-            if (got.dtype, tuple(got.shape)) != (want.dtype, tuple(want.shape)):
-                raise InvalidArgumentError(
-                    f"input {i} of {exe.name}: expected {_describe(want.dtype, want.shape, want.sharding)}"
-                    f", got {_describe(got.dtype, got.shape, got.sharding)}")
-            if got.sharding.slice_id != exe.slice_id or _dims(got.sharding) != _dims(want.sharding):
-                raise InvalidArgumentError(
-                    f"input {i} of {exe.name}: expected {_wire.spec_from_proto(want.sharding)} on "
-                    f"slice {exe.slice_id}, got {_wire.spec_from_proto(got.sharding)} on slice "
-                    f"{got.sharding.slice_id}")
-        donated = [call.inputs[i] for i in exe.donated]
-        if len(set(donated)) != len(donated) or set(donated) & set(
-                a for i, a in enumerate(call.inputs) if i not in exe.donated):
-            raise InvalidArgumentError(f"call {n}: a donated input of {exe.name} is also passed "
-                                       f"as another input")
-        seen: set[int] = set()
-        for array_id in call.outputs:
-            self._check_new_id(session, array_id, seen | set(new))
-            seen.add(array_id)
+    def register_program(self, request: pb.RegisterProgramRequest) -> int:
+        with self._lock:
+            return self.planner.register_program(self._session(request.session_id), request)
 
     def delete_arrays(self, session_id: int, array_ids: Sequence[int]) -> None:
+        """Deletes arrays (NOT_FOUND for an unknown id) after the work already ordered."""
         with self._lock:
-            session = self._session(session_id)
-            for array_id in array_ids:
-                if array_id not in session.arrays:
-                    raise ArrayNotFoundError(f"array {array_id} is unknown or was already deleted")
-            self._delete(session, array_ids)
-
-    def _delete(self, session: _Session, array_ids: Sequence[int]) -> None:
-        by_island: dict[int, list[int]] = {}
-        for array_id in array_ids:
-            array = self._arrays.pop(array_id, None)
-            session.arrays.discard(array_id)
-            if array is not None:
-                by_island.setdefault(array.island, []).append(array_id)
-        for island, ids in by_island.items():
-            if not self.resources.lost_host(island):
-                self._scheduler(island).submit(
-                    [pb.Instruction(delete=pb.DeleteInstruction(array_ids=ids))])
+            self.planner.delete(self._session(session_id), array_ids, strict=True)
 
     # -- helpers ----------------------------------------------------------------------------------
 
@@ -381,11 +281,11 @@ class Controller:
             raise NotFoundError(f"slice {slice_id} is unknown or was released")
         return record
 
-    def _check_new_id(self, session: _Session, array_id: int, pending: set[int]) -> None:
-        if not session.owns_id(array_id) or array_id == session.session_id << ID_BITS:
-            raise InvalidArgumentError(f"array id {array_id} is outside this session's id range")
-        if array_id in self._arrays or array_id in pending:
-            raise InvalidArgumentError(f"array id {array_id} is already in use")
+    def _executable(self, session: _Session, executable_id: int) -> _Executable:
+        exe = self._executables.get(executable_id)
+        if exe is None or exe.session_id != session.session_id:
+            raise NotFoundError(f"executable {executable_id} is unknown")
+        return exe
 
     def _check_island(self, island: int) -> None:
         lost = self.resources.lost_host(island)
@@ -471,14 +371,19 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return pb.LoadExecutableReply(executable_id=exe.executable_id,
                                       fingerprint=hashlib.sha256(request.serialized).hexdigest())
 
+    def RegisterProgram(self, request, context):
+        program_id = self._call(context, self.controller.register_program, request)
+        return pb.RegisterProgramReply(program_id=program_id)
+
     def RegisterArrays(self, request, context):
         sequence = self._call(context, self.controller.register_arrays, request.session_id,
                               request.arrays)
         return pb.RegisterArraysReply(sequence=sequence)
 
     def Execute(self, request, context):
-        sequence = self._call(context, self.controller.execute, request.session_id, request.calls)
-        return pb.ExecuteReply(sequence=sequence)
+        results = self._call(context, self.controller.execute, request.session_id,
+                             request.commands)
+        return pb.ExecuteReply(results=results)
 
     def DeleteArrays(self, request, context):
         self._call(context, self.controller.delete_arrays, request.session_id, request.array_ids)

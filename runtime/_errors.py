@@ -42,6 +42,12 @@ class SliceUnavailableError(PathwaysError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class ResourceExhaustedError(PathwaysError):
+    """A bound was hit: an island's backlog of work, or a quota."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class FailedPreconditionError(PathwaysError):
     """The call is valid but the runtime is not in a state to run it (e.g. a slice was released)."""
 
@@ -87,8 +93,13 @@ ERROR_KEY = "pathways-error"
 _BY_NAME: dict[str, type[PathwaysError]] = {
     cls.__name__: cls
     for cls in (InvalidArgumentError, ArrayNotFoundError, NotFoundError, SliceUnavailableError,
-                FailedPreconditionError, HostLostError, ExecutionError, DeadlineExceededError)
+                ResourceExhaustedError, FailedPreconditionError, HostLostError, ExecutionError, DeadlineExceededError)
 }
+
+
+def error_from_name(name: str, message: str) -> PathwaysError:
+    """The runtime exception a server named (PathwaysError for an unknown name)."""
+    return _BY_NAME.get(name, PathwaysError)(message)
 
 
 def from_rpc_error(err: grpc.RpcError) -> PathwaysError | None:

@@ -26,6 +26,12 @@ if TYPE_CHECKING:
 SpecTree = Any  # a PartitionSpec, None, or a pytree prefix of them
 
 
+def same_spec(a: PartitionSpec, b: PartitionSpec) -> bool:
+    """Whether two specs shard alike (trailing unsplit entries do not matter)."""
+    return _wire.sharding_dims(_wire.spec_to_proto(0, a)) == _wire.sharding_dims(
+        _wire.spec_to_proto(0, b))
+
+
 def _is_spec(x) -> bool:
     return x is None or isinstance(x, PartitionSpec)
 
@@ -87,21 +93,20 @@ class CompiledFunction:
                                            [self.in_specs[i] for i in to_put], self.vslice)
             for i, array in zip(to_put, placed):
                 leaves[i] = array
-        for leaf in leaves:
+        for i, leaf in enumerate(leaves):
             leaf.check_alive()
-        outputs = [RemoteArray(self.client, self.client._new_id(), aval.shape, aval.dtype, spec,
-                               self.vslice)
+            if leaf.slice.slice_id != self.vslice.slice_id or not same_spec(leaf.spec,
+                                                                            self.in_specs[i]):
+                leaves[i] = self.client.transfer(leaf, self.vslice, self.in_specs[i])
+        outputs = [self.client._new_handle(aval.shape, aval.dtype, spec, self.vslice)
                    for aval, spec in zip(self.out_avals, self.out_specs)]
-        call = pb.Call(executable_id=self.executable_id, inputs=[a.id for a in leaves],
-                       outputs=[a.id for a in outputs])
-        try:
-            (sequence,) = self.client._execute([call])
-        except Exception:
-            for out in outputs:
-                out._mark_consumed()  # never created remotely: nothing to free
-            raise
-        for out in outputs:
-            out.sequence = sequence
+        trace = self.client._trace()
+        if trace is not None:
+            trace.record_call(self, leaves, outputs)
+        else:
+            self.client._stream.submit(pb.Command(call=pb.Call(
+                executable_id=self.executable_id, inputs=[a.id for a in leaves],
+                outputs=[a.id for a in outputs])), outputs)
         for i in self.donated:
             leaves[i]._mark_consumed()
         return jax.tree.unflatten(self.out_tree, outputs)

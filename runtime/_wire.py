@@ -76,6 +76,14 @@ def spec_from_proto(sharding: pb.Sharding) -> PartitionSpec:
     return PartitionSpec(*entries)
 
 
+def sharding_dims(sharding: pb.Sharding) -> tuple[tuple[str, ...], ...]:
+    """A sharding's dims without trailing unsplit entries: equal for specs that shard alike."""
+    dims = [tuple(d.axes) for d in sharding.dims]
+    while dims and not dims[-1]:
+        dims.pop()
+    return tuple(dims)
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshShape:
     """Shape and axis names of a slice's mesh (what shard geometry needs; no devices)."""

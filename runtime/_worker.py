@@ -13,10 +13,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from concurrent import futures
 
 import grpc
 import jax
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 INPUT_TIMEOUT_S = 120.0
 #: How long a put waits for the controller's definition of the array's slice to arrive.
 SLICE_TIMEOUT_S = 30.0
+#: Deadline for streaming one array to another host.
+TRANSFER_TIMEOUT_S = 300.0
 #: Longest wait a GetArray may ask for.
 MAX_GET_TIMEOUT_S = 3600.0
 
@@ -82,10 +86,14 @@ class Worker:
         self._pending: dict[int, pb.Instruction] = {}
         self._received = 0
         self._next = 1
+        self.executed = 0  # last sequence number applied
         self._controller_id = ""
         self._activity = "idle"
         self._cond = threading.Condition()
         self._stopped = False
+        self._peers: dict[str, pb_grpc.WorkerStub] = {}
+        self._transfers = futures.ThreadPoolExecutor(max_workers=4,
+                                                     thread_name_prefix=f"send-{island}.{host}")
         self._thread = threading.Thread(target=self._run, name=f"executor-{island}.{host}",
                                         daemon=True)
         self._thread.start()
@@ -124,7 +132,7 @@ class Worker:
                         controller_id)
         self._controller_id = controller_id
         self._pending.clear()
-        self._received, self._next = 0, 1
+        self._received, self._next, self.executed = 0, 1, 0
         self._slices.clear()
         self._loaded.clear()
         self.store.clear()
@@ -180,6 +188,7 @@ class Worker:
                               ins.sequence)
             finally:
                 self._activity = "idle"
+                self.executed = ins.sequence
 
     def _apply(self, ins: pb.Instruction) -> None:
         kind = ins.WhichOneof("op")
@@ -190,6 +199,8 @@ class Worker:
         elif kind == "delete":
             for array_id in ins.delete.array_ids:
                 self.store.delete(array_id)
+        elif kind == "send":
+            self._send(ins.send)
         elif kind == "release_slice":
             with self._cond:
                 self._slices.pop(ins.release_slice.slice_id, None)
@@ -240,11 +251,67 @@ class Worker:
         for position in loaded.donated:
             self.store.delete(ex.inputs[position])
 
+    # -- transfers between hosts ------------------------------------------------------------------
+
+    def _send(self, send: pb.SendInstruction) -> None:
+        """Pins the source now (in island order), streams it on a transfer thread."""
+        try:
+            value, error = self.store.get(send.array_id, self.input_timeout_s), None
+        except PathwaysError as exc:
+            value, error = None, exc
+        self._transfers.submit(self._stream, value, error, send)
+
+    def _stream(self, value: jax.Array | None, error: PathwaysError | None,
+                send: pb.SendInstruction) -> None:
+        dest, info = send.destination, send.destination_slice
+        what = f"transfer of array {send.array_id} from host {self.island}.{self.host}"
+        try:
+            if error is None and not value.is_fully_addressable:
+                error = FailedPreconditionError(f"{what}: the array spans several hosts")
+            full = None
+            for host, address in enumerate(info.host_addresses):
+                positions = [p for p, d in enumerate(info.devices) if d.host == host]
+                if not positions:
+                    continue
+                if error is not None:
+                    chunks = iter([pb.ArrayChunk(spec=dest, error=f"{what} failed: {error}")])
+                elif address == self.address:
+                    mesh, _ = self.mesh(dest.sharding.slice_id, SLICE_TIMEOUT_S)
+                    self.store.set(dest.array_id, jax.device_put(value, NamedSharding(
+                        mesh, _wire.spec_from_proto(dest.sharding))))
+                    continue
+                else:
+                    full = np.asarray(value) if full is None else full
+                    groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
+                        tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
+                    shards = [(index, [p for p in ps if p in positions],
+                               full[_wire.as_slices(index)])
+                              for index, ps in groups if set(ps) & set(positions)]
+                    chunks = _wire.iter_chunks(dest, shards)
+                self._peer(address).PutArray(chunks, timeout=TRANSFER_TIMEOUT_S)
+        except Exception:  # the receiver's execution times out and reports it
+            log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
+
+    def _peer(self, address: str) -> pb_grpc.WorkerStub:
+        with self._cond:
+            stub = self._peers.get(address)
+            if stub is None:
+                channel = grpc.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+                stub = self._peers[address] = pb_grpc.WorkerStub(channel)
+            return stub
+
     # -- data plane -------------------------------------------------------------------------------
 
     def put(self, chunks: Iterator[pb.ArrayChunk]) -> int:
         """Stores an array streamed in as chunks; returns the bytes received."""
-        spec, shards = _wire.assemble_chunks(chunks)
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            raise InvalidArgumentError("empty array stream")
+        if first.error:
+            self.store.fail(first.spec.array_id, ExecutionError(first.error))
+            return 0
+        spec, shards = _wire.assemble_chunks(itertools.chain([first], chunks))
         if spec is None:
             raise InvalidArgumentError("array stream does not start with its spec")
         mesh, info = self.mesh(spec.sharding.slice_id, SLICE_TIMEOUT_S)
@@ -301,6 +368,7 @@ class Worker:
             self._stopped = True
             self._cond.notify_all()
         self._thread.join(timeout=5)
+        self._transfers.shutdown(wait=False, cancel_futures=True)
 
 
 def _compile(load: pb.LoadInstruction, mesh: Mesh):
@@ -332,7 +400,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             received = self.worker.receive(request.controller_id, request.instructions)
         except PathwaysError as exc:
             abort(context, exc)
-        return pb.DispatchReply(received=received)
+        return pb.DispatchReply(received=received, executed=self.worker.executed)
 
     def PutArray(self, request_iterator, context):
         try:
@@ -353,14 +421,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
     def Ping(self, request, context):
         count, nbytes = self.worker.store.stats()
         return pb.PingReply(host=self.worker.info(), stored_arrays=count, stored_bytes=nbytes,
-                            executions=self.worker.executions)
+                            executions=self.worker.executions, executed=self.worker.executed)
 
 
 def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
                          max_workers: int = 16) -> tuple[grpc.Server, int]:
     """A started gRPC server for `worker` on `address` (port 0 picks a free port): (server, port)."""
-    from concurrent import futures
-
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
                          options=_wire.GRPC_OPTIONS)
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)

@@ -19,7 +19,7 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime._errors import DeadlineExceededError, HostLostError
+from runtime._errors import DeadlineExceededError, HostLostError, ResourceExhaustedError
 from runtime._wire import GRPC_OPTIONS
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class _HostLink:
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.queue: collections.deque[pb.Instruction] = collections.deque()
         self.acked = 0
+        self.executed = 0
         self.failed: str = ""
         self.thread = threading.Thread(target=self._send_loop, daemon=True,
                                        name=f"dispatch-{scheduler.island}.{host}")
@@ -70,9 +71,7 @@ class _HostLink:
                     cond.notify_all()
                 self.scheduler.on_host_failure(self.scheduler.island, self.host, reason)
                 return
-            with cond:
-                self.acked = max(self.acked, reply.received)
-                cond.notify_all()
+            self.scheduler.note_progress(self.host, reply.executed, reply.received)
 
     def close(self) -> None:
         self.channel.close()
@@ -120,6 +119,12 @@ class GangScheduler:
             self.cond.notify_all()
             return [op.sequence for op in ops]
 
+    @property
+    def sequence(self) -> int:
+        """The last sequence number given out."""
+        with self.cond:
+            return self._sequence
+
     def flush(self, timeout: float) -> None:
         """Waits until every host has received everything submitted so far."""
         deadline = time.monotonic() + timeout
@@ -136,6 +141,30 @@ class GangScheduler:
                         f"island {self.island}: hosts {slow} did not receive instructions "
                         f"up to #{target} within {timeout:.1f} s")
                 self.cond.wait(left)
+
+    def note_progress(self, host: int, executed: int, received: int = 0) -> None:
+        """Records how far a host has received and executed the order (from acks and pings)."""
+        with self.cond:
+            link = self._links.get(host)
+            if link is not None:
+                link.acked = max(link.acked, received)
+                link.executed = max(link.executed, executed)
+                self.cond.notify_all()
+
+    def wait_backlog(self, limit: int, timeout: float) -> None:
+        """Waits while the slowest host is more than `limit` instructions behind the order, so a
+        client that outruns its island waits instead of filling the hosts' memory."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self._links and self._sequence - min(
+                    link.executed for link in self._links.values()) > limit:
+                self._raise_if_failed()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceExhaustedError(
+                        f"island {self.island} is more than {limit} instructions behind after "
+                        f"{timeout:.0f} s")
+                self.cond.wait(min(left, 0.1))
 
     def queue_depth(self) -> dict[int, int]:
         """Instructions not yet sent, per host."""

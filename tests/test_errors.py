@@ -41,19 +41,24 @@ def test_wrong_shape_or_dtype_for_compiled_function(client, add):
 
 
 def test_server_rejects_wrong_input_with_invalid_argument(client, add):
-    """A client that skips the local checks still gets INVALID_ARGUMENT from the controller."""
+    """A client that skips the local checks still gets INVALID_ARGUMENT from the controller, for
+    that command only: the commands around it are ordered."""
     s, f = add
-    wrong = client.put(np.ones(8, np.int32), s)
-    call = pb.Call(executable_id=f.executable_id, inputs=[wrong.id, wrong.id],
+    wrong, right = client.put(np.ones(8, np.int32), s), client.put(np.ones(8, np.float32), s)
+    bad = pb.Call(executable_id=f.executable_id, inputs=[wrong.id, wrong.id],
+                  outputs=[client._new_id()])
+    good = pb.Call(executable_id=f.executable_id, inputs=[right.id, right.id],
                    outputs=[client._new_id()])
     with grpc.insecure_channel(client.address) as channel:
-        stub = pb_grpc.ControllerStub(channel)
-        with pytest.raises(grpc.RpcError) as info:
-            stub.Execute(pb.ExecuteRequest(session_id=client.session_id, calls=[call]), timeout=10)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "expected float32[8]" in info.value.details()
-    with pytest.raises(runtime.InvalidArgumentError, match="expected float32"):
-        client._execute([call])
+        reply = pb_grpc.ControllerStub(channel).Execute(pb.ExecuteRequest(
+            session_id=client.session_id, commands=[pb.Command(call=bad), pb.Command(call=good)]),
+            timeout=10)
+    rejected, accepted = reply.results
+    assert rejected.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert rejected.error == "InvalidArgumentError" and "expected float32[8]" in rejected.message
+    assert not accepted.error and accepted.sequence[0] > 0
+    got = runtime.RemoteArray(client, good.outputs[0], (8,), np.float32, P(), s, accepted.sequence[0])
+    np.testing.assert_array_equal(got.fetch(), np.full(8, 2, np.float32))
     still_works(client)
 
 
@@ -68,8 +73,12 @@ def test_deleted_and_unknown_array_handles(client, add):
     with pytest.raises(runtime.ArrayNotFoundError):
         x.delete()
     forged = runtime.RemoteArray(client, client._new_id(), (8,), np.float32, P(), s)
+    out = f(forged, forged)  # returns at once: the controller's rejection arrives asynchronously
     with pytest.raises(runtime.ArrayNotFoundError, match="unknown"):
-        f(forged, forged)
+        out.fetch()
+    with pytest.raises(runtime.ArrayNotFoundError, match="unknown"):
+        client.sync()
+    client.sync()  # each rejection is reported by sync once
     with pytest.raises(grpc.RpcError) as info:
         client._stub.DeleteArrays(pb.DeleteArraysRequest(session_id=client.session_id,
                                                          array_ids=[forged.id]), timeout=10)
@@ -85,7 +94,7 @@ def test_another_sessions_arrays_are_not_usable(cluster, client, add):
         theirs = other.put(np.ones(8, np.float32), other.slice({"d": 4}, island=0))
         stolen = runtime.RemoteArray(client, theirs.id, (8,), np.float32, P(), s)
         with pytest.raises(runtime.ArrayNotFoundError):
-            f(stolen, stolen)
+            f(stolen, stolen).fetch()
         stolen._mark_consumed()
     finally:
         other.close()
@@ -189,6 +198,7 @@ def test_host_that_went_away():
         with pytest.raises(runtime.HostLostError, match="host 1.0"):
             while time.monotonic() < deadline:  # the heartbeat notices within ~1 s
                 f1(x1)
+                client.sync()
                 time.sleep(0.1)
         with pytest.raises(runtime.HostLostError):
             client.slice({"d": 2}, island=1)

@@ -1,0 +1,365 @@
+"""The program planner: per-array bookkeeping, and clients' commands turned into island instructions.
+
+A client's commands (calls, transfers, program runs, deletes) arrive in order. Each is checked on
+its own against the bookkeeping of logical arrays (one record per array, not per shard); an
+accepted command updates the bookkeeping at once, so the next command may read its outputs, and
+becomes instructions on the islands it touches. A rejected command is reported and the rest go on.
+A transfer becomes a Send on the source island and an Expect on the destination: the hosts move
+the data between themselves, never through the controller.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from proto import pathways_pb2 as pb
+from runtime import _wire
+from runtime._errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundError,
+                             PathwaysError)
+
+if TYPE_CHECKING:
+    from runtime._controller import Controller, _Executable, _Session
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayRecord:
+    """A live logical array: its spec (sharding.slice_id says where), island and owner."""
+
+    spec: pb.ArraySpec
+    island: int
+    session_id: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Value:
+    """A value of a program: static spec and where it lives."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    sharding: pb.Sharding
+    island: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Program:
+    program_id: int
+    session_id: int
+    name: str
+    values: tuple[_Value, ...]  # inputs first, then node outputs in order
+    num_inputs: int
+    nodes: tuple[pb.ProgramNode, ...]
+    outputs: tuple[int, ...]
+    donated_inputs: frozenset[int]
+
+
+def describe(dtype: str, shape: Sequence[int], sharding: pb.Sharding) -> str:
+    return (f"{dtype}[{','.join(map(str, shape))}] {_wire.spec_from_proto(sharding)} on slice "
+            f"{sharding.slice_id}")
+
+
+def check_matches(what: str, got: _Value | pb.ArraySpec, want: pb.ValueSpec) -> None:
+    """InvalidArgumentError unless a value has the dtype, shape and sharding a consumer needs."""
+    if (got.dtype, tuple(got.shape), got.sharding.slice_id, _wire.sharding_dims(got.sharding)) != (
+            want.dtype, tuple(want.shape), want.sharding.slice_id,
+            _wire.sharding_dims(want.sharding)):
+        raise InvalidArgumentError(f"{what}: expected {describe(want.dtype, want.shape, want.sharding)}"
+                                   f", got {describe(got.dtype, got.shape, got.sharding)}")
+
+
+class _Emitter:
+    """Instructions of one request, per island in order; submitted together at the end."""
+
+    def __init__(self) -> None:
+        self.ops: dict[int, list[pb.Instruction]] = {}
+
+    def add(self, island: int, instruction: pb.Instruction) -> tuple[int, int]:
+        ops = self.ops.setdefault(island, [])
+        ops.append(instruction)
+        return island, len(ops) - 1
+
+    def submit(self, scheduler: Callable) -> dict[tuple[int, int], int]:
+        sequence = {}
+        for island, ops in self.ops.items():
+            for i, seq in enumerate(scheduler(island).submit(ops)):
+                sequence[(island, i)] = seq
+        return sequence
+
+
+class Planner:
+    """Arrays and programs of all sessions; called with the controller's lock held."""
+
+    def __init__(self, controller: Controller) -> None:
+        self.controller = controller
+        self.arrays: dict[int, ArrayRecord] = {}
+        self.programs: dict[int, _Program] = {}
+        self._program_ids = itertools.count(1)
+        self._temp_ids = itertools.count(1)  # program temporaries: ids below every session's range
+
+    # -- arrays -----------------------------------------------------------------------------------
+
+    def array(self, session: _Session, array_id: int, what: str) -> ArrayRecord:
+        record = self.arrays.get(array_id)
+        if record is None or record.session_id != session.session_id:
+            raise ArrayNotFoundError(f"array {array_id} ({what}) is unknown or was deleted")
+        return record
+
+    def check_new_id(self, session: _Session, array_id: int) -> None:
+        if not session.owns_id(array_id):
+            raise InvalidArgumentError(f"array id {array_id} is outside this session's id range")
+        if array_id in self.arrays:
+            raise InvalidArgumentError(f"array id {array_id} is already in use")
+
+    def add(self, session: _Session, spec: pb.ArraySpec, island: int) -> None:
+        self.arrays[spec.array_id] = ArrayRecord(spec, island, session.session_id)
+        session.arrays.add(spec.array_id)
+
+    def forget(self, session: _Session, array_id: int) -> ArrayRecord | None:
+        session.arrays.discard(array_id)
+        return self.arrays.pop(array_id, None)
+
+    def register_arrays(self, session: _Session, specs: Sequence[pb.ArraySpec]) -> list[int]:
+        """Declares arrays a client will stream to their hosts; returns each one's sequence."""
+        islands = []
+        for n, spec in enumerate(specs):
+            self.check_new_id(session, spec.array_id)
+            if any(s.array_id == spec.array_id for s in specs[:n]):
+                raise InvalidArgumentError(f"array id {spec.array_id} is declared twice")
+            islands.append(self._check_placement(session, spec.dtype, spec.shape, spec.sharding))
+        emit = _Emitter()
+        handles = []
+        for spec, island in zip(specs, islands):
+            self.add(session, spec, island)
+            handles.append(emit.add(island, pb.Instruction(
+                expect=pb.ExpectArrayInstruction(spec=spec))))
+        sequence = emit.submit(self.controller._scheduler)
+        return [sequence[h] for h in handles]
+
+    def delete(self, session: _Session, array_ids: Sequence[int], *, strict: bool) -> None:
+        """Drops arrays after the work already ordered; unknown ids fail only when `strict`."""
+        if strict:
+            for array_id in array_ids:
+                self.array(session, array_id, "to delete")
+        emit = _Emitter()
+        self._delete(session, array_ids, emit)
+        emit.submit(self.controller._scheduler)
+
+    def _delete(self, session: _Session, array_ids: Sequence[int], emit: _Emitter) -> None:
+        by_island: dict[int, list[int]] = {}
+        for array_id in array_ids:
+            if array_id in session.arrays:
+                record = self.forget(session, array_id)
+                by_island.setdefault(record.island, []).append(array_id)
+        for island, ids in by_island.items():
+            if not self.controller.resources.lost_host(island):
+                emit.add(island, pb.Instruction(delete=pb.DeleteInstruction(array_ids=ids)))
+
+    def _check_placement(self, session: _Session, dtype: str, shape: Sequence[int],
+                         sharding: pb.Sharding) -> int:
+        """Validates a value's dtype, shape and sharding on an owned slice; returns its island."""
+        record = self.controller._owned_slice(session.session_id, sharding.slice_id)
+        _wire.dtype_from_name(dtype)
+        _wire.shard_groups(shape, _wire.MeshShape(record.mesh_shape, record.axis_names), sharding)
+        self.controller._check_island(record.island)
+        return record.island
+
+    # -- commands ---------------------------------------------------------------------------------
+
+    def execute(self, session: _Session, commands: Sequence[pb.Command]) -> list[pb.CommandResult]:
+        """Checks and orders each command; returns one result per command, before anything runs."""
+        emit = _Emitter()
+        outcomes: list[list[tuple[int, int]] | PathwaysError] = []
+        for n, command in enumerate(commands):
+            kind = command.WhichOneof("op")
+            try:
+                if kind == "call":
+                    outcomes.append(self._call(session, command.call, emit))
+                elif kind == "transfer":
+                    outcomes.append(self._transfer(session, command.transfer, emit))
+                elif kind == "run":
+                    outcomes.append(self._run(session, command.run, emit))
+                elif kind == "delete":
+                    self._delete(session, command.delete.array_ids, emit)
+                    outcomes.append([])
+                else:
+                    raise InvalidArgumentError(f"command {n} has no operation")
+            except PathwaysError as exc:
+                outcomes.append(exc)
+        sequence = emit.submit(self.controller._scheduler)
+        return [pb.CommandResult(error=type(o).__name__, message=str(o), code=o.code.value[0])
+                if isinstance(o, PathwaysError) else
+                pb.CommandResult(sequence=[sequence[h] for h in o]) for o in outcomes]
+
+    def _call(self, session: _Session, call: pb.Call, emit: _Emitter) -> list[tuple[int, int]]:
+        exe = self.controller._executable(session, call.executable_id)
+        if len(call.inputs) != len(exe.inputs) or len(call.outputs) != len(exe.outputs):
+            raise InvalidArgumentError(
+                f"{exe.name} takes {len(exe.inputs)} inputs and gives {len(exe.outputs)} outputs; "
+                f"got {len(call.inputs)} and {len(call.outputs)}")
+        for i, (array_id, want) in enumerate(zip(call.inputs, exe.inputs)):
+            got = self.array(session, array_id, f"input {i} of {exe.name}").spec
+            check_matches(f"input {i} of {exe.name}", got, want)
+        donated = [call.inputs[i] for i in exe.donated]
+        kept = [a for i, a in enumerate(call.inputs) if i not in exe.donated]
+        if len(set(donated)) != len(donated) or set(donated) & set(kept):
+            raise InvalidArgumentError(f"a donated input of {exe.name} is also passed as another "
+                                       f"input")
+        self._check_new_ids(session, call.outputs)
+        island = self.controller.resources.get_slice(exe.slice_id).island
+        self.controller._check_island(island)
+        for spec, array_id in zip(exe.outputs, call.outputs):
+            self.add(session, pb.ArraySpec(array_id=array_id, dtype=spec.dtype, shape=spec.shape,
+                                           sharding=spec.sharding), island)
+        for array_id in donated:
+            self.forget(session, array_id)
+        handle = emit.add(island, pb.Instruction(execute=pb.ExecuteInstruction(
+            executable_id=exe.executable_id, inputs=call.inputs, outputs=call.outputs)))
+        return [handle] * len(call.outputs)
+
+    def _check_new_ids(self, session: _Session, ids: Sequence[int]) -> None:
+        for array_id in ids:
+            self.check_new_id(session, array_id)
+        if len(set(ids)) != len(ids):
+            raise InvalidArgumentError("an output id is used twice")
+
+    def _emit_transfer(self, emit: _Emitter, source_id: int, source_island: int,
+                       destination: pb.ArraySpec, island: int) -> tuple[int, int]:
+        """Expect on the destination island, Send on the source's; returns the Expect's handle."""
+        info = self.controller._slice_info(
+            self.controller.resources.get_slice(destination.sharding.slice_id))
+        handle = emit.add(island, pb.Instruction(expect=pb.ExpectArrayInstruction(spec=destination)))
+        emit.add(source_island, pb.Instruction(send=pb.SendInstruction(
+            array_id=source_id, destination=destination, destination_slice=info)))
+        return handle
+
+    def _transfer(self, session: _Session, t: pb.TransferCommand, emit: _Emitter
+                  ) -> list[tuple[int, int]]:
+        source = self.array(session, t.source, "transfer source")
+        self.check_new_id(session, t.destination)
+        island = self._check_placement(session, source.spec.dtype, source.spec.shape, t.sharding)
+        self.controller._check_island(source.island)
+        destination = pb.ArraySpec(array_id=t.destination, dtype=source.spec.dtype,
+                                   shape=source.spec.shape, sharding=t.sharding)
+        self.add(session, destination, island)
+        return [self._emit_transfer(emit, t.source, source.island, destination, island)]
+
+    # -- programs ---------------------------------------------------------------------------------
+
+    def register_program(self, session: _Session, request: pb.RegisterProgramRequest) -> int:
+        """Checks a traced dataflow graph once, so that each run is only ids."""
+        values: list[_Value] = []
+        for i, spec in enumerate(request.inputs):
+            island = self._check_placement(session, spec.dtype, spec.shape, spec.sharding)
+            values.append(_Value(spec.dtype, tuple(spec.shape), spec.sharding, island))
+        num_inputs = len(values)
+        consumed: dict[int, int] = {}  # donated value -> node that consumed it
+
+        def use(v: int, node: int) -> _Value:
+            if not 0 <= v < len(values):
+                raise InvalidArgumentError(f"program node {node} reads undefined value {v}")
+            if v in consumed:
+                raise InvalidArgumentError(f"program node {node} reads value {v}, donated to "
+                                           f"node {consumed[v]}")
+            return values[v]
+
+        for n, node in enumerate(request.nodes):
+            kind = node.WhichOneof("op")
+            if kind == "call":
+                exe = self.controller._executable(session, node.call.executable_id)
+                if len(node.call.inputs) != len(exe.inputs):
+                    raise InvalidArgumentError(f"program node {n}: {exe.name} takes "
+                                               f"{len(exe.inputs)} inputs")
+                for i, (v, want) in enumerate(zip(node.call.inputs, exe.inputs)):
+                    check_matches(f"program node {n} input {i}", use(v, n), want)
+                for i in exe.donated:
+                    consumed[node.call.inputs[i]] = n
+                island = self.controller.resources.get_slice(exe.slice_id).island
+                values.extend(_Value(o.dtype, tuple(o.shape), o.sharding, island)
+                              for o in exe.outputs)
+            elif kind == "transfer":
+                source = use(node.transfer.input, n)
+                island = self._check_placement(session, source.dtype, source.shape,
+                                               node.transfer.sharding)
+                values.append(_Value(source.dtype, source.shape, node.transfer.sharding, island))
+            else:
+                raise InvalidArgumentError(f"program node {n} has no operation")
+        outputs = tuple(request.outputs)
+        for v in outputs:
+            if not num_inputs <= v < len(values) or v in consumed:
+                raise InvalidArgumentError(f"program output value {v} is not a live computed value")
+        if len(set(outputs)) != len(outputs):
+            raise InvalidArgumentError("a program value is returned twice")
+        program = _Program(next(self._program_ids), session.session_id, request.name,
+                           tuple(values), num_inputs, tuple(request.nodes), outputs,
+                           frozenset(v for v in consumed if v < num_inputs))
+        self.programs[program.program_id] = program
+        return program.program_id
+
+    def _run(self, session: _Session, run: pb.RunProgramCommand, emit: _Emitter
+             ) -> list[tuple[int, int]]:
+        program = self.programs.get(run.program_id)
+        if program is None or program.session_id != session.session_id:
+            raise NotFoundError(f"program {run.program_id} is unknown")
+        if len(run.inputs) != program.num_inputs or len(run.outputs) != len(program.outputs):
+            raise InvalidArgumentError(
+                f"program {program.name} takes {program.num_inputs} inputs and gives "
+                f"{len(program.outputs)} outputs; got {len(run.inputs)} and {len(run.outputs)}")
+        for i, array_id in enumerate(run.inputs):
+            got = self.array(session, array_id, f"input {i} of program {program.name}").spec
+            want = program.values[i]
+            check_matches(f"input {i} of program {program.name}", got, pb.ValueSpec(
+                dtype=want.dtype, shape=want.shape, sharding=want.sharding))
+        if len(set(run.inputs)) != len(run.inputs) and program.donated_inputs:
+            raise InvalidArgumentError(f"program {program.name} donates an input passed twice")
+        self._check_new_ids(session, run.outputs)
+        for island in {v.island for v in program.values}:
+            self.controller._check_island(island)
+
+        ids = list(run.inputs)
+        out_ids = dict(zip(program.outputs, run.outputs))
+        made: dict[int, tuple[int, int]] = {}
+        temps: dict[int, list[int]] = {}
+
+        def fresh(v: int) -> int:
+            if v in out_ids:
+                return out_ids[v]
+            temp = next(self._temp_ids)
+            temps.setdefault(program.values[v].island, []).append(temp)
+            return temp
+
+        for node in program.nodes:
+            first = len(ids)
+            if node.WhichOneof("op") == "call":
+                exe = self.controller._executable(session, node.call.executable_id)
+                outs = [fresh(first + i) for i in range(len(exe.outputs))]
+                handle = emit.add(program.values[first].island, pb.Instruction(
+                    execute=pb.ExecuteInstruction(executable_id=exe.executable_id,
+                                                  inputs=[ids[v] for v in node.call.inputs],
+                                                  outputs=outs)))
+                ids.extend(outs)
+                made.update({first + i: handle for i in range(len(outs))})
+            else:
+                source, value = node.transfer.input, program.values[first]
+                dest = pb.ArraySpec(array_id=fresh(first), dtype=value.dtype, shape=value.shape,
+                                    sharding=value.sharding)
+                made[first] = self._emit_transfer(emit, ids[source],
+                                                  program.values[source].island, dest, value.island)
+                ids.append(dest.array_id)
+        for island, temp_ids in temps.items():
+            emit.add(island, pb.Instruction(delete=pb.DeleteInstruction(array_ids=temp_ids)))
+        for v in program.donated_inputs:
+            self.forget(session, ids[v])
+        for v, array_id in out_ids.items():
+            value = program.values[v]
+            self.add(session, pb.ArraySpec(array_id=array_id, dtype=value.dtype, shape=value.shape,
+                                           sharding=value.sharding), value.island)
+        return [made[v] for v in program.outputs]
+
+    def drop_session(self, session: _Session) -> None:
+        """Forgets a closing session's programs and deletes its arrays."""
+        self.delete(session, sorted(session.arrays), strict=False)
+        for program_id in [p for p, prog in self.programs.items()
+                           if prog.session_id == session.session_id]:
+            del self.programs[program_id]
