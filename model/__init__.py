@@ -8,7 +8,7 @@ decoding), tokenizer/corpus/dataset (the shipped lossless tokenizer and its data
 """
 
 from model.config import PRESETS, REMAT_POLICIES, PalmConfig, get_config, list_configs
-from model.flops import PEAK_FLOPS, FlopsModel, Utilization, flops_per_token, measure_peak_flops, peak_flops, utilization
+from model.flops import FlopsModel, Utilization, flops_per_token, peak_flops, utilization
 from model.generate import decode_step, generate, init_cache, prefill
 from model.optimizer import AdafactorConfig, learning_rate
 from model.palm import (
@@ -43,7 +43,6 @@ from model.training import (
 __all__ = [
     "DATA_PARALLEL_RULES",
     "DEFAULT_RULES",
-    "PEAK_FLOPS",
     "PRESETS",
     "REMAT_POLICIES",
     "AdafactorConfig",
@@ -72,7 +71,6 @@ __all__ = [
     "loss_fn",
     "loss_terms",
     "make_mesh",
-    "measure_peak_flops",
     "param_count",
     "param_logical_axes",
     "param_partition_specs",

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from model.config import PalmConfig, get_config, list_configs
-from model.flops import PEAK_FLOPS, FlopsModel, peak_flops, utilization
+from benchmarks.peak import PEAK_FLOPS
+from model.flops import FlopsModel, peak_flops, utilization
 from model.palm import embedding_param_count, param_count
 
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
@@ -113,7 +114,7 @@ def _run_mfu(args: argparse.Namespace) -> int:
                 return 2
             flops = FlopsModel(args.params, args.layers, args.heads, args.head_dim, args.seq, args.embedding_params)
             remat = args.remat if args.remat is not None else "none"
-        peak = peak_flops(args.peak)
+        peak = peak_flops(args.peak, args.dtype)
         result = utilization(flops, args.tokens_per_s, args.chips, peak, remat)
     except (KeyError, ValueError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
@@ -170,6 +171,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mfu.add_argument("--chips", type=int, default=1, help="number of accelerator chips (default 1)")
     mfu.add_argument("--peak", required=True,
                      help=f"peak FLOP/s per chip: a number, or a device kind ({', '.join(PEAK_FLOPS)})")
+    mfu.add_argument("--dtype", default="bfloat16",
+                     help="training dtype, for a --peak given as a device kind (default bfloat16)")
     mfu.add_argument("--remat", type=_remat, default=None,
                      help="none, palm, full, or a fraction of a forward pass recomputed (default: the "
                      "config's policy, else none)")

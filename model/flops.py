@@ -1,8 +1,9 @@
 """FLOPs accounting and model/hardware FLOPs utilisation (MFU/HFU), after PaLM Appendix B.
 
 Three pieces, kept apart so each can be checked alone: FLOPs per token from the model shape
-(`FlopsModel`), peak FLOP/s per device kind (`PEAK_FLOPS`, `peak_flops`, `measure_peak_flops`), and
-the reporter that divides them (`utilization`).
+(`FlopsModel`, here), peak FLOP/s per device kind (the datasheet table and CPU calibration of
+`benchmarks.peak`; `peak_flops` below only adapts it to "a number or a kind"), and the reporter
+that divides them (`utilization`, here).
 
 PaLM Appendix B ("Compute Usage and Environmental Impact", Chowdhery et al. 2022):
     model FLOPs per token = 6N + 12 L H Q T
@@ -28,28 +29,11 @@ rematerialisation 56.2% (it never recomputes output projections), a whole extra 
 from __future__ import annotations
 
 import dataclasses
-import re
-import time
-import types
-from collections.abc import Mapping
+from typing import Any
 
+from benchmarks.peak import peak_flops_for
 from model.config import PalmConfig
 from model.palm import embedding_param_count, param_count
-
-# Dense peak FLOP/s per chip for the training dtype (bf16 where the chip has it; no sparsity).
-PEAK_FLOPS: Mapping[str, float] = types.MappingProxyType(
-    {
-        "tpu-v3": 123e12,
-        "tpu-v4": 275e12,  # the number PaLM divides by
-        "tpu-v5e": 197e12,
-        "tpu-v5p": 459e12,
-        "v100": 125e12,
-        "a100": 312e12,
-        "h100": 989e12,  # SXM
-        "h200": 989e12,
-        "b200": 2250e12,
-    }
-)
 
 Remat = str | float
 
@@ -129,21 +113,12 @@ def flops_per_token(config: PalmConfig) -> int:
     return FlopsModel.from_config(config).model_flops_per_token()
 
 
-def _device_key(kind: str) -> str:
-    # Map names such as jax's device_kind ("TPU v4", "NVIDIA H100 80GB HBM3") onto table keys.
-    text = kind.lower()
-    tpu = re.search(r"tpu[\s_-]*(v\d+[a-z]?)", text)
-    if tpu:
-        return f"tpu-{tpu.group(1)}"
-    gpu = re.search(r"\b([abhv]\d{2,3})\b", text)
-    return gpu.group(1) if gpu else text.strip()
+def peak_flops(device: str | float, dtype: Any = "bfloat16") -> float:
+    """Peak FLOP/s per chip: a number (or numeric string) as given, else the datasheet figure of a
+    device kind ("TPU v4", "tpu-v4", "NVIDIA H100 80GB HBM3", "h100") computing in `dtype`.
 
-
-def peak_flops(device: str | float) -> float:
-    """Peak FLOP/s per chip: a number (or numeric string) as given, else looked up by device kind.
-
-    Raises KeyError for an unknown kind; the CPU has no table entry on purpose, since its peak
-    depends on the machine: use `measure_peak_flops` in the same run as the measurement.
+    Raises KeyError for kinds `benchmarks.peak` does not know, CPUs included: a CPU's peak must be
+    calibrated in the same run as the measurement it divides (`benchmarks.peak.calibrate_cpu_peak`).
     """
     if isinstance(device, (int, float)):
         return float(device)
@@ -151,29 +126,8 @@ def peak_flops(device: str | float) -> float:
         return float(device)
     except ValueError:
         pass
-    key = _device_key(device)
-    if key not in PEAK_FLOPS:
-        raise KeyError(f"no peak FLOP/s known for {device!r}; known: {', '.join(PEAK_FLOPS)} (or give a number)")
-    return PEAK_FLOPS[key]
-
-
-def measure_peak_flops(size: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
-    """Best observed FLOP/s of a jitted [size x size] matmul on the default device.
-
-    A calibration, not a specification: call it in the same process as the run it normalises.
-    """
-    import jax
-    import jax.numpy as jnp
-
-    a = jnp.ones((size, size), dtype)
-    matmul = jax.jit(lambda x: x @ x)
-    matmul(a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
+    # The table matches JAX's device_kind strings ("TPU v4"); accept the dashed spelling too.
+    return peak_flops_for(device.replace("-", " ").replace("_", " "), dtype)[0]
 
 
 @dataclasses.dataclass(frozen=True)

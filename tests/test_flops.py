@@ -67,11 +67,11 @@ def test_peak_flops_lookup():
     assert peak_flops("tpu-v4") == 275e12
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("H100", "float32") == 67e12
     assert peak_flops("1.5e14") == 1.5e14
     assert peak_flops(2e12) == 2e12
     with pytest.raises(KeyError):
         peak_flops("cpu")  # no table entry: a CPU's peak must be measured in the same run
-    assert model.measure_peak_flops(size=128, repeats=2) > 1e6
 
 
 def test_cli_mfu(capsys):

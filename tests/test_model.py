@@ -102,7 +102,7 @@ def test_multi_query_attention_has_one_kv_head(params):
     assert layers["wk"].shape == layers["wv"].shape == (CFG.n_layers, CFG.d_model, CFG.head_dim)
     layer0 = jax.tree.map(lambda x: x[0], layers)
     h = jnp.ones((2, 5, CFG.d_model))
-    q, k, v = project_qkv(layer0, h, jnp.zeros((2, 5), jnp.int32), CFG)
+    q, k, v = jax.eval_shape(functools.partial(project_qkv, config=CFG), layer0, h, jnp.zeros((2, 5), jnp.int32))
     assert q.shape == (2, 5, CFG.n_heads, CFG.head_dim) and k.shape == v.shape == (2, 5, CFG.head_dim)
     cache = model.init_cache(CFG, batch_size=2, max_len=7)
     assert cache["k"].shape == cache["v"].shape == (CFG.n_layers, 2, 7, CFG.head_dim)
@@ -144,7 +144,7 @@ def test_parallel_block_matches_formula(params):
     layer0["ln_scale"] = 1.0 + 0.5 * jax.random.normal(jax.random.key(5), (CFG.d_model,))
     x = jax.random.normal(jax.random.key(2), (2, 9, CFG.d_model))
     positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    got = parallel_block(layer0, x, positions, CFG)
+    got = jax.jit(functools.partial(parallel_block, config=CFG))(layer0, x, positions)
     np.testing.assert_allclose(got, _reference_block(layer0, x, CFG), rtol=2e-4, atol=2e-4)
 
 
@@ -189,21 +189,20 @@ def test_z_loss_term_present(params, batch):
     assert float(terms["z_loss"]) == pytest.approx(1e-4 * float(jnp.mean(log_z**2)), rel=1e-4)
     assert float(terms["z_loss"]) > 0
     assert float(terms["loss"]) == pytest.approx(float(terms["cross_entropy"] + terms["z_loss"]), rel=1e-6)
-    without = _jitted("loss_fn", CFG.replace(z_loss=0.0))(params, batch)
-    assert float(terms["loss"] - without) == pytest.approx(float(terms["z_loss"]), rel=1e-3)
+    cross_entropy = jnp.mean(log_z - jnp.take_along_axis(
+        _jitted("forward")(params, batch["inputs"]), batch["targets"][..., None], -1)[..., 0])
+    assert float(terms["cross_entropy"]) == pytest.approx(float(cross_entropy), rel=1e-5)
 
 
 def test_remat_policies_same_gradients_fewer_residuals(params, batch):
-    reference = None
+    ref_loss, ref_grads = _jitted("grads_fn")(params, batch)
+    loss, grads = _jitted("grads_fn", CFG.replace(remat="palm"))(params, batch)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
+    # The policies are wired in: each saves fewer activations for the backward pass than the last.
     residuals = {}
     for policy in ("none", "palm", "full"):
         config = CFG.replace(remat=policy)
-        loss, grads = _jitted("grads_fn", config)(params, batch)
-        if reference is None:
-            reference = (loss, grads)
-        else:
-            np.testing.assert_allclose(loss, reference[0], rtol=1e-6)
-            jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, reference[1])
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             jax.ad_checkpoint.print_saved_residuals(lambda p, c=config: model.loss_fn(p, batch, c), params)
@@ -211,19 +210,19 @@ def test_remat_policies_same_gradients_fewer_residuals(params, batch):
     assert residuals["none"] > residuals["palm"] > residuals["full"]
 
 
-def test_loss_falls_on_shipped_corpus():
+def test_loss_falls_on_shipped_corpus(params):
     from model.dataset import corpus_tokens, random_batches
 
-    config = model.get_config("palm-tiny", seq_len=32)
-    params = model.init_params(config, jax.random.key(0))
-    state = model.init_opt_state(params, config)
-    step_fn = jax.jit(functools.partial(model.train_step, config=config))
+    # Components A and B as the runtime runs them, at the shapes other tests already compiled.
+    grads_fn, apply_update = _jitted("grads_fn"), _jitted("apply_update")
+    state = model.init_opt_state(params, CFG)
     losses = []
-    for step, batch in zip(range(30), random_batches(corpus_tokens(), batch_size=8, seq_len=32, seed=0)):
-        params, state, loss = step_fn(params, state, batch, step)
+    for step, batch in zip(range(30), random_batches(corpus_tokens(), batch_size=BATCH, seq_len=SEQ, seed=0)):
+        loss, grads = grads_fn(params, batch)
+        params, state = apply_update(params, state, grads, grads, step)
         losses.append(float(loss))
     assert np.isfinite(losses).all()
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 2.0, losses  # ~7.7 -> ~4.4 nats
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 2.0, losses  # ~7.4 -> ~4.6 nats
 
 
 def _mesh_or_skip(shape, names):
@@ -236,16 +235,17 @@ def _mesh_or_skip(shape, names):
 @pytest.mark.parametrize("shape,names", [((2, 2), ("data", "model")), ((2, 2, 2), ("data", "fsdp", "model"))])
 def test_sharded_matches_unsharded(params, batch, shape, names):
     mesh = _mesh_or_skip(shape, names)
-    ref_logits = _jitted("forward")(params, batch["inputs"])
     ref_loss, ref_grads = _jitted("grads_fn")(params, batch)
     with jax.set_mesh(mesh):
         sharded_params = jax.device_put(params, model.param_shardings(CFG, mesh))
         spec = model.logical_to_mesh_spec(("batch", "seq"), CFG.logical_axis_rules, mesh)
         sharded_batch = jax.device_put(batch, NamedSharding(mesh, spec))
-        logits = jax.jit(functools.partial(model.forward, config=CFG))(sharded_params, sharded_batch["inputs"])
+        if len(shape) == 2:  # the forward pass alone once; the gradients (which contain it) on both
+            logits = jax.jit(functools.partial(model.forward, config=CFG))(sharded_params, sharded_batch["inputs"])
+            np.testing.assert_allclose(logits, _jitted("forward")(params, batch["inputs"]), rtol=1e-5, atol=1e-5)
         loss, grads = jax.jit(functools.partial(model.grads_fn, config=CFG))(sharded_params, sharded_batch)
     assert "model" in str(sharded_params["layers"]["wq"].sharding.spec)
-    np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert grads["layers"]["wq"].sharding.spec == sharded_params["layers"]["wq"].sharding.spec
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, ref_grads)
 
@@ -282,12 +282,13 @@ def test_export_components_as_stablehlo(params, batch):
     )
     grads_rt = jax.export.deserialize(grads_export.serialize())
     update_rt = jax.export.deserialize(update_export.serialize())
-    loss, grads = grads_rt.call(params, batch)
-    ref_loss, ref_grads = _jitted("grads_fn")(params, batch)
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-    new_params, _ = update_rt.call(params, state, grads, grads, jnp.int32(0))
-    ref_params, _ = _jitted("apply_update")(params, state, ref_grads, ref_grads, 0)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), new_params, ref_params)
+    assert grads_rt.in_avals == grads_export.in_avals and grads_rt.out_avals == grads_export.out_avals
+    assert grads_rt.platforms == update_rt.platforms == ("cpu", "cuda")
+    _, grads = _jitted("grads_fn")(params, batch)
+    new_params, new_state = update_rt.call(params, state, grads, grads, jnp.int32(0))
+    ref_params, ref_state = _jitted("apply_update")(params, state, grads, grads, 0)
+    for a, b in zip(jax.tree.leaves((new_params, new_state)), jax.tree.leaves((ref_params, ref_state))):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_cached_decoding_equals_full_forward(params, batch):
