@@ -31,6 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
+# Shared with the runtime's Ray backend; re-exported here. Imports no Ray until called.
+from runtime._ray import start_local_ray
+
 __all__ = [
     "BREAK_EVEN_FRACTION", "MATMUL_DIM", "PROGRAM_LENGTH", "SHAPES", "SWEEP_KS",
     "DispatchSystem", "JaxSystem", "RaySystem", "break_even_ms", "check_system", "expected_state",
@@ -240,28 +243,6 @@ class _RayDispatchActor:
         return self._run(x, self._jax.function("fused", length=length), 1)
 
 
-def start_local_ray(num_cpus: int = 2) -> bool:
-    """Starts a single-node Ray bound to 127.0.0.1 only, unless Ray is already up; True if started.
-
-    Ray resolves "127.0.0.1" to the machine's routable address (probing with a UDP socket) and then
-    listens on all interfaces, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes a node
-    loopback-only; it is read when `ray` is imported, so it is set here before the import and checked.
-    """
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
-    import ray
-    from ray._private import ray_constants
-
-    if ray.is_initialized():
-        return False
-    if ray_constants.ENABLE_RAY_CLUSTER:
-        raise RuntimeError("ray was imported before RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 was set; it would "
-                           "bind non-loopback addresses. Set it in the environment first.")
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, _node_ip_address="127.0.0.1",
-             object_store_memory=128 * 2**20)
-    return True
-
-
 class RaySystem:
     """The Ray baseline: one actor hosts the jitted computations on its own D CPU devices.
 
@@ -379,7 +360,8 @@ def time_per_computation_ms(k: int, system: JaxSystem | None = None, *, target_s
 
 
 def size_sweep(systems: Mapping[str, DispatchSystem], ks: Sequence[int] = SWEEP_KS, *,
-               reference: str = "jax", target_s: float = 0.5) -> list[dict[str, Any]]:
+               reference: str = "jax", target_s: float = 0.5,
+               progress: Callable[[str], None] = lambda _: None) -> list[dict[str, Any]]:
     """OpByOp throughput of every system at every size k.
 
     Returns one record per (system, k): {"system", "k", "ms", "computations_per_s"}, where "ms" is the
@@ -387,6 +369,7 @@ def size_sweep(systems: Mapping[str, DispatchSystem], ks: Sequence[int] = SWEEP_
     """
     records = []
     for k in ks:
+        progress(f"size sweep: k={k} matmuls per computation")
         reference_rate = measure(systems[reference], "opbyop", k=k, target_s=target_s)
         for name, system in systems.items():
             rate = (reference_rate if name == reference
@@ -427,17 +410,22 @@ def find_break_even(runtime_system: DispatchSystem, jax_system: DispatchSystem,
 
 
 def run_dispatch_benchmark(systems: Mapping[str, DispatchSystem], *, shapes: Sequence[str] = SHAPES,
-                           ks: Sequence[int] = SWEEP_KS, target_s: float = 1.0) -> dict[str, Any]:
+                           ks: Sequence[int] = SWEEP_KS, target_s: float = 1.0,
+                           progress: Callable[[str], None] = lambda _: None) -> dict[str, Any]:
     """Figures 5 and 6 for `systems` (keyed "runtime", "jax", "ray"; "jax" is needed for the sweep).
 
     Returns the dict `benchmarks.dispatch_plot` reads: "results" (one record per system and shape),
     "sweep" (see `size_sweep`; empty without "jax"), "break_even_ms" (None without "runtime") and
     "n_devices".
     """
-    results = [{"system": name, "shape": shape, "n_devices": system.n_devices,
-                "computations_per_s": measure(system, shape, target_s=target_s)}
-               for name, system in systems.items() for shape in shapes]
-    sweep = size_sweep(systems, ks, target_s=target_s / 2) if "jax" in systems and ks else []
+    results = []
+    for name, system in systems.items():
+        for shape in shapes:
+            progress(f"{name} {shape}")
+            results.append({"system": name, "shape": shape, "n_devices": system.n_devices,
+                            "computations_per_s": measure(system, shape, target_s=target_s)})
+    sweep = (size_sweep(systems, ks, target_s=target_s / 2, progress=progress)
+             if "jax" in systems and ks else [])
     break_even = break_even_ms(sweep) if "runtime" in systems and sweep else None
     n_devices = {system.n_devices for system in systems.values()}
     return {"results": results, "sweep": sweep, "break_even_ms": break_even,

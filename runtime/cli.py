@@ -61,14 +61,25 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    from runtime._cluster import ProcessCluster
-
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
-    cluster = ProcessCluster(args.islands, args.hosts_per_island, devices_per_host, port=args.port,
+    if args.ray is None:
+        from runtime._cluster import ProcessCluster
+
+        cluster = ProcessCluster(args.islands, args.hosts_per_island, devices_per_host,
+                                 port=args.port, host=args.bind, platform=args.platform)
+        backend = "local processes"
+    else:
+        from runtime._ray import RayCluster
+
+        cluster = RayCluster(args.islands, args.hosts_per_island, devices_per_host,
+                             ray_address=args.ray or None,
+                             placement_strategy=args.placement_strategy, port=args.port,
                              host=args.bind, platform=args.platform)
+        backend = (f"Ray actors ({cluster.placement_strategy}, "
+                   f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
     try:
         print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
-              f"{args.platform} devices up", flush=True)
+              f"{args.platform} devices up as {backend}", flush=True)
         print(f"controller listening on {cluster.address}", flush=True)
         _wait_for_signal()
     finally:
@@ -145,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--platform", choices=("cpu", "cuda"), default="cpu", help="device platform")
     p.add_argument("--port", type=int, default=0, help="controller port (0: any free port)")
     p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run each host as a Ray actor, each island gang-reserved by a placement "
+                        "group; ADDRESS (auto, HEAD:6379, ray://HEAD:10001) joins a Ray cluster, "
+                        "none starts a local Ray instance on loopback and stops it afterwards")
+    p.add_argument("--placement-strategy", default="auto",
+                   choices=("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
+                   help="Ray placement strategy of an island's bundles (auto: PACK on one node, "
+                        "STRICT_SPREAD on several)")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="list islands, hosts and slices of a controller",
@@ -160,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Packages that add their own subcommands through `register(subparsers)`.
-_EXTENSIONS: list[str] = []
+_EXTENSIONS: list[str] = ["model.cli", "benchmarks.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:
