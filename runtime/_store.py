@@ -19,76 +19,107 @@ class _Entry:
     __slots__ = ("ready", "value", "error", "nbytes")
 
     def __init__(self) -> None:
-        self.ready = threading.Event()
+        self.ready = False
         self.value: jax.Array | None = None
         self.error: PathwaysError | None = None
         self.nbytes = 0
 
 
 class ArrayStore:
-    """Arrays of one host by id; thread-safe."""
+    """Arrays of one host by id; thread-safe.
+
+    One condition variable serves every entry (a per-entry Event costs more to create than most
+    entries are ever waited on): writers notify only when some reader is waiting.
+    """
 
     def __init__(self) -> None:
         self._entries: dict[int, _Entry] = {}
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._waiters = 0
         self._nbytes = 0
 
     def expect(self, array_id: int) -> None:
         """Creates a pending entry (no-op if the id already has one)."""
-        with self._lock:
-            self._entries.setdefault(array_id, _Entry())
+        with self._cond:
+            if array_id not in self._entries:
+                self._entries[array_id] = _Entry()
 
-    def set(self, array_id: int, value: jax.Array) -> None:
-        """Fulfils an entry (creating it if needed); readers waiting on it wake up."""
-        nbytes = sum(s.data.nbytes for s in value.addressable_shards)
-        with self._lock:
-            entry = self._entries.setdefault(array_id, _Entry())
-            if entry.ready.is_set():
+    def _settle(self, entry: _Entry) -> None:
+        entry.ready = True
+        if self._waiters:
+            self._cond.notify_all()
+
+    def set(self, array_id: int, value: jax.Array, nbytes: int | None = None) -> None:
+        """Fulfils an entry (creating it if needed); readers waiting on it wake up.
+
+        `nbytes` is what the array occupies on this host's devices; computed from its shards when
+        not given (slower: the executor passes figures it knows from the output specs).
+        """
+        if nbytes is None:
+            nbytes = local_nbytes(value)
+        with self._cond:
+            entry = self._entries.get(array_id)
+            if entry is None:
+                entry = self._entries[array_id] = _Entry()
+            elif entry.ready:
                 self._nbytes -= entry.nbytes
             entry.value, entry.error, entry.nbytes = value, None, nbytes
             self._nbytes += nbytes
-        entry.ready.set()
+            self._settle(entry)
 
     def fail(self, array_id: int, error: PathwaysError) -> None:
         """Marks an entry failed: readers get `error`."""
-        with self._lock:
+        with self._cond:
             entry = self._entries.setdefault(array_id, _Entry())
-        entry.error = error
-        entry.ready.set()
+            if entry.ready:
+                self._nbytes -= entry.nbytes
+            entry.value, entry.error, entry.nbytes = None, error, 0
+            self._settle(entry)
 
     def get(self, array_id: int, timeout: float) -> jax.Array:
         """The array, waiting up to `timeout` s for it to be produced.
 
-        Raises ArrayNotFoundError (no entry), DeadlineExceededError (still pending at the deadline),
-        or the error the array's producer failed with.
+        Raises ArrayNotFoundError (no entry, or deleted while waited on), DeadlineExceededError
+        (still pending at the deadline), or the error the array's producer failed with.
         """
-        with self._lock:
+        with self._cond:
             entry = self._entries.get(array_id)
-        if entry is None:
-            raise ArrayNotFoundError(f"array {array_id} is not on this host (never created or deleted)")
-        if not entry.ready.wait(timeout):
-            raise DeadlineExceededError(f"array {array_id} was not produced within {timeout:.1f} s")
+            if entry is None:
+                raise ArrayNotFoundError(f"array {array_id} is not on this host (never created "
+                                         f"or deleted)")
+            if not entry.ready:
+                deadline = time.monotonic() + timeout
+                self._waiters += 1
+                try:
+                    while not entry.ready:
+                        left = deadline - time.monotonic()
+                        if left <= 0:
+                            raise DeadlineExceededError(f"array {array_id} was not produced "
+                                                        f"within {timeout:.1f} s")
+                        self._cond.wait(left)
+                finally:
+                    self._waiters -= 1
         if entry.error is not None:
             raise entry.error
-        assert entry.value is not None
         return entry.value
 
     def contains(self, array_id: int) -> bool:
-        with self._lock:
+        with self._cond:
             return array_id in self._entries
 
     def delete(self, array_id: int) -> bool:
         """Drops an entry; a reader still waiting on it gets ArrayNotFoundError. True if it existed."""
-        with self._lock:
+        with self._cond:
             entry = self._entries.pop(array_id, None)
             if entry is None:
                 return False
-            if entry.ready.is_set():
+            if entry.ready:
                 self._nbytes -= entry.nbytes
-        if not entry.ready.is_set():
-            entry.error = ArrayNotFoundError(f"array {array_id} was deleted before it was produced")
-            entry.ready.set()
-        return True
+            else:
+                entry.error = ArrayNotFoundError(f"array {array_id} was deleted before it was "
+                                                 f"produced")
+                self._settle(entry)
+            return True
 
     def clear(self) -> None:
         for array_id in list(self._entries):
@@ -96,8 +127,13 @@ class ArrayStore:
 
     def stats(self) -> tuple[int, int]:
         """(number of entries, bytes of ready arrays)."""
-        with self._lock:
+        with self._cond:
             return len(self._entries), self._nbytes
+
+
+def local_nbytes(value: jax.Array) -> int:
+    """Bytes an array occupies on this process's devices (replicas counted)."""
+    return sum(s.data.nbytes for s in value.addressable_shards)
 
 
 def wait_all(store: ArrayStore, ids, deadline: float) -> list[jax.Array]:

@@ -51,8 +51,7 @@ class _Loaded:
     name: str
     compiled: object  # jax.stages.Compiled, or None when loading failed
     error: PathwaysError | None
-    num_inputs: int
-    num_outputs: int
+    out_nbytes: tuple[int, ...]  # bytes of each output on this host's devices
     donated: tuple[int, ...]
 
 
@@ -79,7 +78,8 @@ class Worker:
         self.address = ""
         self.store = ArrayStore()
         self.executions = 0
-        self.timeline: collections.deque[ExecutionRecord] = collections.deque(maxlen=100_000)
+        # (sequence, executable name, start, end): tuples on the hot path, ExecutionRecords on read.
+        self._timeline: collections.deque[tuple] = collections.deque(maxlen=100_000)
         self._slices: dict[int, tuple[Mesh, pb.SliceInfo]] = {}
         self._loaded: dict[int, _Loaded] = {}
         self._compile_cache: dict[tuple, object] = {}
@@ -88,7 +88,7 @@ class Worker:
         self._next = 1
         self.executed = 0  # last sequence number applied
         self._controller_id = ""
-        self._activity = "idle"
+        self._activity: tuple = ("idle",)  # rendered by `activity` only when someone asks
         self._cond = threading.Condition()
         self._stopped = False
         self._peers: dict[str, pb_grpc.WorkerStub] = {}
@@ -187,7 +187,7 @@ class Worker:
                 log.exception("host %d.%d: instruction %d failed", self.island, self.host,
                               ins.sequence)
             finally:
-                self._activity = "idle"
+                self._activity = ("idle",)
                 self.executed = ins.sequence
 
     def _apply(self, ins: pb.Instruction) -> None:
@@ -206,22 +206,22 @@ class Worker:
                 self._slices.pop(ins.release_slice.slice_id, None)
 
     def _load(self, load: pb.LoadInstruction) -> None:
-        self._activity = f"compiling {load.name}"
+        self._activity = ("compiling", load.name)
         donated = tuple(load.donated)
         try:
-            mesh, _ = self.mesh(load.slice_id)
+            mesh, info = self.mesh(load.slice_id)
             key = (load.fingerprint, load.slice_id, donated)
             compiled = self._compile_cache.get(key)
             if compiled is None:
                 compiled = _compile(load, mesh)
                 self._compile_cache[key] = compiled
-            self._loaded[load.executable_id] = _Loaded(load.name, compiled, None, len(load.inputs),
-                                                       len(load.outputs), donated)
+            self._loaded[load.executable_id] = _Loaded(
+                load.name, compiled, None, tuple(_host_nbytes(v, info, self.host)
+                                                 for v in load.outputs), donated)
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")
-            self._loaded[load.executable_id] = _Loaded(load.name, None, error, len(load.inputs),
-                                                       len(load.outputs), donated)
+            self._loaded[load.executable_id] = _Loaded(load.name, None, error, (), donated)
 
     def _execute(self, sequence: int, ex: pb.ExecuteInstruction) -> None:
         loaded = self._loaded.get(ex.executable_id)
@@ -230,13 +230,14 @@ class Worker:
                 raise NotFoundError(f"executable {ex.executable_id} is not loaded on this host")
             if loaded.error is not None:
                 raise loaded.error
-            self._activity = f"waiting for inputs of {loaded.name} (#{sequence})"
+            self._activity = ("waiting for inputs of", loaded.name, sequence)
             inputs = wait_all(self.store, ex.inputs, time.monotonic() + self.input_timeout_s)
-            self._activity = f"running {loaded.name} (#{sequence})"
+            self._activity = ("running", loaded.name, sequence)
             start = time.time()
             outputs = loaded.compiled(*inputs)
-            jax.block_until_ready(outputs)
-            self.timeline.append(ExecutionRecord(sequence, loaded.name, start, time.time()))
+            for out in outputs:
+                out.block_until_ready()  # one execution in flight per island (see module doc)
+            self._timeline.append((sequence, loaded.name, start, time.time()))
             self.executions += 1
         except Exception as exc:
             name = loaded.name if loaded else f"executable {ex.executable_id}"
@@ -246,8 +247,8 @@ class Worker:
             for out in ex.outputs:
                 self.store.fail(out, error)
             return
-        for array_id, value in zip(ex.outputs, outputs):
-            self.store.set(array_id, value)
+        for array_id, value, nbytes in zip(ex.outputs, outputs, loaded.out_nbytes):
+            self.store.set(array_id, value, nbytes)
         for position in loaded.donated:
             self.store.delete(ex.inputs[position])
 
@@ -334,7 +335,7 @@ class Worker:
         sharding = NamedSharding(mesh, _wire.spec_from_proto(spec.sharding))
         value = jax.make_array_from_single_device_arrays(
             shape, sharding, [placed[p] for p in range(len(flat_devices))])
-        self.store.set(spec.array_id, value)
+        self.store.set(spec.array_id, value, sum(placed[p].nbytes for p in placed))
         return sum(s.data.nbytes for s in shards)
 
     def get(self, request: pb.GetArrayRequest) -> Iterator[pb.ArrayChunk]:
@@ -361,7 +362,18 @@ class Worker:
         return pb.HostInfo(island=self.island, host=self.host, address=self.address,
                            platform=self.platform, num_devices=len(self.devices), device_kind=kind,
                            state="alive", backend=self.backend, queue_depth=depth,
-                           activity=self._activity)
+                           activity=self.activity)
+
+    @property
+    def activity(self) -> str:
+        """What the executor is doing, e.g. "running step (#12)"."""
+        state = self._activity
+        return " ".join(map(str, state[:2])) + (f" (#{state[2]})" if len(state) > 2 else "")
+
+    @property
+    def timeline(self) -> list[ExecutionRecord]:
+        """Timestamps of the most recent executions, oldest first."""
+        return [ExecutionRecord(*entry) for entry in list(self._timeline)]
 
     def stop(self) -> None:
         with self._cond:
@@ -369,6 +381,17 @@ class Worker:
             self._cond.notify_all()
         self._thread.join(timeout=5)
         self._transfers.shutdown(wait=False, cancel_futures=True)
+
+
+def _host_nbytes(value: pb.ValueSpec, info: pb.SliceInfo, host: int) -> int:
+    """Bytes a value of this spec occupies on one host's devices of the slice."""
+    shape = tuple(value.shape)
+    groups = _wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
+                                                       tuple(info.axis_names)), value.sharding)
+    itemsize = _wire.dtype_from_name(value.dtype).itemsize
+    on_host = {p for p, d in enumerate(info.devices) if d.host == host}
+    return sum(int(np.prod(_wire.shard_shape(index), dtype=np.int64)) * itemsize
+               * len(on_host.intersection(positions)) for index, positions in groups)
 
 
 def _compile(load: pb.LoadInstruction, mesh: Mesh):

@@ -1,0 +1,93 @@
+"""The runtime as a system of the dispatch micro-benchmark (benchmarks.dispatch_baselines).
+
+The island is a real worker subprocess (as `pathways up` starts it); the controller runs in this
+process beside the client, so every computation crosses two gRPC hops, as in the paper's set-up.
+It runs exactly the baselines' functions: `make_step`/`make_fused` exported for the slice's mesh.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from jax.sharding import PartitionSpec
+
+import runtime
+from benchmarks.dispatch_baselines import (MATMUL_DIM, PROGRAM_LENGTH, initial_values, make_fused,
+                                           make_step)
+
+AXIS = "slice"
+
+
+class RuntimeSystem:
+    """Dispatches the benchmark's chain through the controller to a one-island worker process.
+
+    OpByOp: one compiled-function call per computation (queued asynchronously, shipped in batches).
+    Chained: a traced program of `length` calls, one command per program. Fused: one call of the
+    fused function per program.
+    """
+
+    name = "runtime"
+
+    def __init__(self, n_devices: int, *, n: int = MATMUL_DIM, address: str | None = None) -> None:
+        self.n_devices = n_devices
+        self._cluster = None if address else runtime.ProcessCluster(
+            islands=1, hosts_per_island=1, devices_per_host=n_devices)
+        self.client = runtime.Client(address or self._cluster.address, name="dispatch-bench")
+        self.slice = self.client.slice({AXIS: n_devices})
+        self._n = n
+        spec = PartitionSpec(AXIS)
+        x0, w = initial_values(n_devices, n)
+        self._x, self._w = self.client.put((x0, w), self.slice, spec)
+        self._functions: dict[tuple, object] = {}
+
+    def _function(self, kind: str, k: int = 0, length: int = 1):
+        key = (kind, k, length)
+        fn = self._functions.get(key)
+        if fn is None:
+            spec = PartitionSpec(AXIS)
+            if kind == "chained":
+                step = self._function("step")
+
+                def chain(x, w):
+                    for _ in range(length):
+                        x = step(x, w)
+                    return x
+
+                fn = self.client.program(chain, name=f"chain{length}")
+            else:
+                jitted = (make_step(self.slice.mesh, k, n=self._n) if kind == "step"
+                          else make_fused(self.slice.mesh, length, k, n=self._n))
+                fn = self.client.jit(jitted, self.slice, in_specs=spec, out_specs=spec,
+                                     name=f"{kind}{length}_k{k}")
+            self._functions[key] = fn
+        return fn
+
+    def _timed(self, fn, calls: int) -> float:
+        start = time.perf_counter()
+        x = self._x
+        for _ in range(calls):
+            x = fn(x, self._w)
+        x.fetch()  # waits for the last computation (a few bytes: the chain value)
+        self._x = x
+        return time.perf_counter() - start
+
+    def opbyop(self, n_computations: int) -> float:
+        return self._timed(self._function("step"), n_computations)
+
+    def chained(self, n_programs: int, length: int = PROGRAM_LENGTH) -> float:
+        return self._timed(self._function("chained", length=length), n_programs)
+
+    def fused(self, n_programs: int, length: int = PROGRAM_LENGTH) -> float:
+        return self._timed(self._function("fused", length=length), n_programs)
+
+    def opbyop_sized(self, k: int, n_computations: int) -> float:
+        return self._timed(self._function("step", k), n_computations)
+
+    def state(self) -> np.ndarray:
+        return self._x.fetch()
+
+    def close(self) -> None:
+        self.client.close()
+        if self._cluster is not None:
+            self._cluster.close()
