@@ -21,10 +21,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
 from model.config import PalmConfig
 from model.optimizer import init_optimizer_state, optimizer_update
 from model.palm import Params, constrain_params, forward, param_logical_axes
+from model.sharding import logical_to_mesh_spec
 
 Batch = dict[str, jax.Array]
 OptState = dict[str, Any]
@@ -34,6 +36,14 @@ def batch_from_tokens(tokens: jax.Array | np.ndarray) -> Batch:
     """A training batch from [B, T + 1] token rows: predict each token from those before it."""
     tokens = jnp.asarray(tokens, jnp.int32)
     return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+
+
+def batch_partition_specs(
+    config: PalmConfig, mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None
+) -> dict[str, PartitionSpec]:
+    """PartitionSpecs for a batch dict ('batch', 'seq' logical axes) under the config's rules."""
+    spec = logical_to_mesh_spec(("batch", "seq"), config.logical_axis_rules, mesh)
+    return {"inputs": spec, "targets": spec, "weights": spec}
 
 
 def loss_terms(params: Params, batch: Batch, config: PalmConfig) -> dict[str, jax.Array]:

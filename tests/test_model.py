@@ -30,7 +30,7 @@ BATCH, SEQ = 8, CFG.seq_len
 
 @pytest.fixture(scope="module")
 def params():
-    return model.init_params(CFG, jax.random.key(0))
+    return jax.jit(model.init_params, static_argnums=0)(CFG, jax.random.key(0))  # one compile, not seven
 
 
 @pytest.fixture(scope="module")
@@ -238,8 +238,8 @@ def test_sharded_matches_unsharded(params, batch, shape, names):
     ref_loss, ref_grads = _jitted("grads_fn")(params, batch)
     with jax.set_mesh(mesh):
         sharded_params = jax.device_put(params, model.param_shardings(CFG, mesh))
-        spec = model.logical_to_mesh_spec(("batch", "seq"), CFG.logical_axis_rules, mesh)
-        sharded_batch = jax.device_put(batch, NamedSharding(mesh, spec))
+        specs = model.batch_partition_specs(CFG, mesh)
+        sharded_batch = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in batch.items()}
         if len(shape) == 2:  # the forward pass alone once; the gradients (which contain it) on both
             logits = jax.jit(functools.partial(model.forward, config=CFG))(sharded_params, sharded_batch["inputs"])
             np.testing.assert_allclose(logits, _jitted("forward")(params, batch["inputs"]), rtol=1e-5, atol=1e-5)
@@ -289,6 +289,22 @@ def test_export_components_as_stablehlo(params, batch):
     ref_params, ref_state = _jitted("apply_update")(params, state, grads, grads, 0)
     for a, b in zip(jax.tree.leaves((new_params, new_state)), jax.tree.leaves((ref_params, ref_state))):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_export_for_an_abstract_mesh():
+    # The controller exports for an island's mesh without owning its devices (DESIGN.md).
+    mesh = jax.sharding.AbstractMesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    with jax.sharding.use_abstract_mesh(mesh):
+        param_specs = model.param_partition_specs(CFG, mesh)
+        shard = lambda spec: NamedSharding(mesh, spec)  # noqa: E731
+        params_in = jax.tree.map(shard, param_specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+        batch_in = {k: shard(model.logical_to_mesh_spec(("batch", "seq"), CFG.logical_axis_rules, mesh))
+                    for k in ("inputs", "targets")}
+        fn = jax.jit(functools.partial(model.grads_fn, config=CFG), in_shardings=(params_in, batch_in),
+                     out_shardings=(shard(jax.sharding.PartitionSpec()), params_in))
+        batch = {k: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32) for k in ("inputs", "targets")}
+        exported = jax.export.export(fn, platforms=("cpu", "cuda"))(model.abstract_params(CFG), batch)
+    assert exported.nr_devices == 4
 
 
 def test_cached_decoding_equals_full_forward(params, batch):
