@@ -107,7 +107,8 @@ class PodTrainer:
         losses, grads = [o[0] for o in outs], [o[1] for o in outs]
         # Move every island's gradients to every other island right after component A, so the
         # transfers overlap and no island's update waits on another's.
-        moved = [[g if j == i else g.to(s, self.param_specs) for j, g in enumerate(grads)]
+        moved = [[g if j == i else self.client.transfer(g, s, self.param_specs)
+                  for j, g in enumerate(grads)]
                  for i, s in enumerate(self.slices)]
         new_states = []
         for i, (b, state) in enumerate(zip(self._b, states)):

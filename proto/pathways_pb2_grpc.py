@@ -572,6 +572,11 @@ class WorkerStub:
                 request_serializer=proto_dot_pathways__pb2.PingRequest.SerializeToString,
                 response_deserializer=proto_dot_pathways__pb2.PingReply.FromString,
                 _registered_method=True)
+        self.GetTimeline = channel.unary_unary(
+                '/pathways.Worker/GetTimeline',
+                request_serializer=proto_dot_pathways__pb2.GetTimelineRequest.SerializeToString,
+                response_deserializer=proto_dot_pathways__pb2.GetTimelineReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -606,6 +611,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTimeline(self, request, context):
+        """Recent executions with timestamps, for utilisation accounting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -628,6 +640,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Ping,
                     request_deserializer=proto_dot_pathways__pb2.PingRequest.FromString,
                     response_serializer=proto_dot_pathways__pb2.PingReply.SerializeToString,
+            ),
+            'GetTimeline': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTimeline,
+                    request_deserializer=proto_dot_pathways__pb2.GetTimelineRequest.FromString,
+                    response_serializer=proto_dot_pathways__pb2.GetTimelineReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -739,6 +756,33 @@ class Worker:
             '/pathways.Worker/Ping',
             proto_dot_pathways__pb2.PingRequest.SerializeToString,
             proto_dot_pathways__pb2.PingReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTimeline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pathways.Worker/GetTimeline',
+            proto_dot_pathways__pb2.GetTimelineRequest.SerializeToString,
+            proto_dot_pathways__pb2.GetTimelineReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -162,7 +162,9 @@ class RemoteFunction:
             out_trees.append(out_tree)
             return tuple(out_leaves)
 
-        out_shapes = jax.eval_shape(flat_fn, *avals)
+        mesh = self.vslice.mesh
+        with jax.sharding.use_abstract_mesh(mesh):  # the slice's mesh is current while tracing
+            out_shapes = jax.eval_shape(flat_fn, *avals)
         out_tree = out_trees[-1]
         if self.out_specs is None:
             out_specs = tuple(PartitionSpec() for _ in out_shapes)
@@ -171,13 +173,13 @@ class RemoteFunction:
                 self.out_specs, jax.tree.unflatten(out_tree, list(out_shapes)), "out_specs"))
         donated = tuple(i for i, path in enumerate(_leaf_arg_positions(args))
                         if path in self.donate_argnums)
-        mesh = self.vslice.mesh
         jitted = jax.jit(flat_fn,
                          in_shardings=tuple(NamedSharding(mesh, s) for s in in_specs),
                          out_shardings=tuple(NamedSharding(mesh, s) for s in out_specs),
                          donate_argnums=donated)
         try:
-            exported = jax.export.export(jitted, platforms=(self.vslice.platform,))(*avals)
+            with jax.sharding.use_abstract_mesh(mesh):
+                exported = jax.export.export(jitted, platforms=(self.vslice.platform,))(*avals)
             serialized = bytes(exported.serialize())
         except (ValueError, NotImplementedError) as exc:
             # e.g. a spec naming an unknown axis, or a host callback (Python cannot travel).

@@ -53,16 +53,22 @@ class _Loaded:
     error: PathwaysError | None
     out_nbytes: tuple[int, ...]  # bytes of each output on this host's devices
     donated: tuple[int, ...]
+    devices: int = 0  # devices of this host it runs on
 
 
 @dataclasses.dataclass(frozen=True)
 class ExecutionRecord:
-    """Timestamps of one execution on this host (time.time() seconds), for utilisation accounting."""
+    """Timestamps of one execution on this host (time.time() seconds), for utilisation accounting:
+    received (instruction arrived), picked (executor took it up), start (inputs present, computation
+    launched), end (computation done)."""
 
     sequence: int
     name: str
+    received: float
+    picked: float
     start: float
     end: float
+    devices: int
 
 
 class Worker:
@@ -78,8 +84,9 @@ class Worker:
         self.address = ""
         self.store = ArrayStore()
         self.executions = 0
-        # (sequence, executable name, start, end): tuples on the hot path, ExecutionRecords on read.
+        # ExecutionRecord fields as tuples on the hot path, ExecutionRecords on read.
         self._timeline: collections.deque[tuple] = collections.deque(maxlen=100_000)
+        self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
         self._slices: dict[int, tuple[Mesh, pb.SliceInfo]] = {}
         self._loaded: dict[int, _Loaded] = {}
         self._compile_cache: dict[tuple, object] = {}
@@ -102,6 +109,7 @@ class Worker:
 
     def receive(self, controller_id: str, instructions: Sequence[pb.Instruction]) -> int:
         """Queues instructions of the island's order; returns the highest sequence received."""
+        now = time.time()
         with self._cond:
             if controller_id != self._controller_id:
                 self._reset(controller_id)
@@ -110,6 +118,8 @@ class Worker:
                     raise InvalidArgumentError(f"instruction sequence {ins.sequence} is not positive")
                 if ins.sequence < self._next or ins.sequence in self._pending:
                     continue  # a resend of something already received
+                if ins.HasField("execute"):
+                    self._arrival[ins.sequence] = now
                 kind = ins.WhichOneof("op")
                 if kind is None:
                     raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
@@ -133,6 +143,7 @@ class Worker:
         self._controller_id = controller_id
         self._pending.clear()
         self._received, self._next, self.executed = 0, 1, 0
+        self._arrival.clear()
         self._slices.clear()
         self._loaded.clear()
         self.store.clear()
@@ -195,7 +206,7 @@ class Worker:
         if kind == "load":
             self._load(ins.load)
         elif kind == "execute":
-            self._execute(ins.sequence, ins.execute)
+            self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
         elif kind == "delete":
             for array_id in ins.delete.array_ids:
                 self.store.delete(array_id)
@@ -217,13 +228,15 @@ class Worker:
                 self._compile_cache[key] = compiled
             self._loaded[load.executable_id] = _Loaded(
                 load.name, compiled, None, tuple(_host_nbytes(v, info, self.host)
-                                                 for v in load.outputs), donated)
+                                                 for v in load.outputs), donated,
+                sum(d.host == self.host for d in info.devices))
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")
             self._loaded[load.executable_id] = _Loaded(load.name, None, error, (), donated)
 
-    def _execute(self, sequence: int, ex: pb.ExecuteInstruction) -> None:
+    def _execute(self, sequence: int, ex: pb.ExecuteInstruction, received: float) -> None:
+        picked = time.time()
         loaded = self._loaded.get(ex.executable_id)
         try:
             if loaded is None:
@@ -237,7 +250,8 @@ class Worker:
             outputs = loaded.compiled(*inputs)
             for out in outputs:
                 out.block_until_ready()  # one execution in flight per island (see module doc)
-            self._timeline.append((sequence, loaded.name, start, time.time()))
+            self._timeline.append((sequence, loaded.name, received or picked, picked, start,
+                                   time.time(), loaded.devices))
             self.executions += 1
         except Exception as exc:
             name = loaded.name if loaded else f"executable {ex.executable_id}"
@@ -440,6 +454,12 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except PathwaysError as exc:
             abort(context, exc)
         yield from chunks
+
+    def GetTimeline(self, request, context):
+        events = [pb.ExecutionEvent(sequence=r.sequence, name=r.name, received=r.received,
+                                    picked=r.picked, start=r.start, end=r.end, devices=r.devices)
+                  for r in self.worker.timeline if r.end > request.since]
+        return pb.GetTimelineReply(island=self.worker.island, host=self.worker.host, events=events)
 
     def Ping(self, request, context):
         count, nbytes = self.worker.store.stats()
