@@ -32,6 +32,8 @@ from model.palm import init_params, param_partition_specs
 from model.training import apply_update, grads_fn, init_opt_state
 
 AXES = ("data", "model")
+#: Deadline for reading a step's results: the first step includes compiling A and B on the hosts.
+STEP_TIMEOUT_S = 900.0
 BATCH_SPEC = P("data")
 
 
@@ -159,12 +161,13 @@ class PodTrainer:
         return results
 
     def _report(self, step: int, losses: list, started: float, tokens: int) -> StepResult:
-        values = self.client.fetch(losses)
+        values = self.client.fetch(losses, timeout=STEP_TIMEOUT_S)
         return StepResult(step, float(np.mean(values)), tokens, time.perf_counter() - started)
 
     def fetch_state(self, island_index: int = 0) -> tuple[Any, Any, int]:
         """(params, opt_state, step) of one island, as NumPy."""
-        params, opt_state, step = self.client.fetch(self.states[island_index])
+        params, opt_state, step = self.client.fetch(self.states[island_index],
+                                                    timeout=STEP_TIMEOUT_S)
         return params, opt_state, int(step)
 
     def save(self, directory: str) -> str:

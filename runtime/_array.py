@@ -172,10 +172,14 @@ def put_arrays(client: Client, values: Sequence[np.ndarray], specs: Sequence[pb.
 
 def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float | None = None
                  ) -> list[np.ndarray]:
-    """Copies several remote arrays to NumPy, fetching all their shards in parallel."""
+    """Copies several remote arrays to NumPy: hosts in parallel, each host's arrays one after
+    another. A read waits on its host for the array to be computed, holding one of the host's
+    server threads meanwhile; one read at a time per host keeps a fetch of many arrays from taking
+    every thread, which would starve the very transfers those arrays wait for."""
     wait = client.timeout_s if timeout is None else timeout
-    outputs, jobs = [], []
     deadline = time.monotonic() + wait
+    outputs = []
+    per_host: dict[tuple[int, int], list] = {}
     for array in arrays:
         array.check_alive()
         if array.id <= 0:
@@ -190,16 +194,22 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
             indices = [index for index, _ in groups]
             nbytes = sum(math.prod(_wire.shard_shape(i)) for i in indices) * array.dtype.itemsize
             request = pb.GetArrayRequest(array_id=array.id, timeout_s=wait,
-                                         after_sequence=array.sequence, shards=[_wire.index_to_proto(i) for i in indices])
+                                         after_sequence=array.sequence,
+                                         shards=[_wire.index_to_proto(i) for i in indices])
+            per_host.setdefault((array.slice.island, host), []).append(
+                (array.slice, host, request, out, nbytes))
 
+    def receive_all(reads) -> None:
+        for vslice, host, request, out, nbytes in reads:
             def receive(stub, request=request, out=out, nbytes=nbytes):
                 chunks = stub.GetArray(request, timeout=wait + transfer_deadline(nbytes))
                 _, shards = _wire.assemble_chunks(chunks, out.dtype)
                 for shard in shards:
                     out[_wire.as_slices(shard.index)] = shard.data
 
-            jobs.append(client._pool.submit(_worker_call, client, array.slice, host, receive))
+            _worker_call(client, vslice, host, receive)
+
+    jobs = [client._pool.submit(receive_all, reads) for reads in per_host.values()]
     for job in futures.as_completed(jobs):
         job.result()
     return outputs
-

@@ -85,8 +85,8 @@ class ArrayStore:
         with self._cond:
             entry = self._entries.get(array_id)
             if entry is None:
-                raise ArrayNotFoundError(f"array {array_id} is not on this host (never created "
-                                         f"or deleted)")
+                raise _own(ArrayNotFoundError(f"array {array_id} is not on this host (never "
+                                              f"created or deleted)"))
             if not entry.ready:
                 deadline = time.monotonic() + timeout
                 self._waiters += 1
@@ -94,8 +94,8 @@ class ArrayStore:
                     while not entry.ready:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise DeadlineExceededError(f"array {array_id} was not produced "
-                                                        f"within {timeout:.1f} s")
+                            raise _own(DeadlineExceededError(f"array {array_id} was not produced "
+                                                             f"within {timeout:.1f} s"))
                         self._cond.wait(left)
                 finally:
                     self._waiters -= 1
@@ -122,6 +122,7 @@ class ArrayStore:
             return True
 
     def clear(self) -> None:
+        """Drops every entry; readers still waiting get ArrayNotFoundError at once."""
         for array_id in list(self._entries):
             self.delete(array_id)
 
@@ -129,6 +130,13 @@ class ArrayStore:
         """(number of entries, bytes of ready arrays)."""
         with self._cond:
             return len(self._entries), self._nbytes
+
+
+def _own(error: PathwaysError) -> PathwaysError:
+    """Marks an error the store raised itself (about the wait), as opposed to an error a failed
+    producer stored: an execution waiting on the array names itself in the first kind only."""
+    error.raised_by_store = True
+    return error
 
 
 def local_nbytes(value: jax.Array) -> int:
