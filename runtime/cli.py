@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Packages that add their own subcommands through `register(subparsers)`.
-_EXTENSIONS: list[str] = ["model.cli", "benchmarks.cli"]
+_EXTENSIONS: list[str] = ["model.cli", "model.train_cli", "benchmarks.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:
