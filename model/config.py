@@ -56,6 +56,9 @@ class PalmConfig:
     param_dtype: str = "float32"
     rope_base: float = 10_000.0
     layer_norm_epsilon: float = 1e-6
+    # Unroll the scan over layers: the same computation, but XLA's cost analysis, which counts a
+    # loop body once whatever its trip count, then sees every layer (compiles take longer).
+    unroll_layers: bool = False
     logical_axis_rules: LogicalAxisRules = DEFAULT_RULES
     optimizer: AdafactorConfig = AdafactorConfig()
 
@@ -99,6 +102,12 @@ PRESETS: Mapping[str, PalmConfig] = types.MappingProxyType(
         ),
         "palm-small": PalmConfig(
             name="palm-small", n_layers=4, d_model=256, n_heads=8, head_dim=32, d_ff=1024,
+            vocab_size=512, seq_len=256, optimizer=_SMALL_OPTIMIZER,
+        ),
+        # The utilization benchmark's CPU preset: matmuls large enough to run near the CPU's peak,
+        # a step of well under a second at global batch 8 on two cores.
+        "palm-bench": PalmConfig(
+            name="palm-bench", n_layers=4, d_model=512, n_heads=8, head_dim=64, d_ff=2048,
             vocab_size=512, seq_len=256, optimizer=_SMALL_OPTIMIZER,
         ),
         # ~0.95B parameters with the paper's head size; for a single-GPU run, in bfloat16 compute.

@@ -177,7 +177,8 @@ def hidden_states(
     def body(carry: jax.Array, layer_params: Params) -> tuple[jax.Array, None]:
         return parallel_block(layer_params, carry, positions, config), None
 
-    x, _ = jax.lax.scan(_remat(body, config.remat), x, params["layers"])
+    x, _ = jax.lax.scan(_remat(body, config.remat), x, params["layers"],
+                        unroll=config.n_layers if config.unroll_layers else 1)
     return layer_norm(x, params["final_ln_scale"], config.layer_norm_epsilon)
 
 
