@@ -130,9 +130,6 @@ def measure_runtime(settings, islands: int, devices_per_island: int, steps: int,
 
             trainer.run(warmup + steps, on_step=record)
             client.fetch([state[2] for state in trainer.states], timeout=600)
-            # From step `warmup`'s loss (its component A done) to the last update done on every
-            # island: `steps` full steps of work (and one more component B, so it errs low).
-            t0, t1 = seen[warmup][0], time.time()
             tokens = settings.global_batch * settings.config.seq_len
             timelines = []
             for h in client.status().hosts:
@@ -140,9 +137,14 @@ def measure_runtime(settings, islands: int, devices_per_island: int, steps: int,
                 reply = stub.GetTimeline(pb.GetTimelineRequest(), timeout=30)
                 timelines.append(tl.HostTimeline(reply.island, reply.host, tuple(reply.events)))
             losses = [r.loss for _, r in seen]
-    return {"tokens_per_s": tokens * steps / (t1 - t0), "window": (t0, t1),
+    # Steps end when component B ends on the first host (device clock, not the client's, which
+    # reads losses a step behind); the steady state runs from the end of step `warmup - 1`.
+    ends = sorted(e.end for e in timelines[0].events if e.name == "component_b")
+    steady = ends[max(0, warmup - 1):]
+    t0, t1 = steady[0], steady[-1]
+    return {"tokens_per_s": tokens * (len(steady) - 1) / (t1 - t0), "window": (t0, t1),
             "timelines": timelines, "losses": losses, "dispatches": dispatches,
-            "step_times": [t for t, _ in seen[:-1]] + [t1]}
+            "step_times": ends}
 
 
 def run(args: argparse.Namespace) -> int:
