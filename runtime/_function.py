@@ -28,8 +28,16 @@ SpecTree = Any  # a PartitionSpec, None, or a pytree prefix of them
 
 def same_spec(a: PartitionSpec, b: PartitionSpec) -> bool:
     """Whether two specs shard alike (trailing unsplit entries do not matter)."""
-    return _wire.sharding_dims(_wire.spec_to_proto(0, a)) == _wire.sharding_dims(
+    return a == b or _wire.sharding_dims(_wire.spec_to_proto(0, a)) == _wire.sharding_dims(
         _wire.spec_to_proto(0, b))
+
+
+def _shape_dtype(leaf) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, canonical dtype) of an argument leaf, without building an aval for handles."""
+    if isinstance(leaf, RemoteArray):
+        return leaf.shape, leaf.dtype
+    aval = _leaf_aval(leaf)
+    return tuple(aval.shape), np.dtype(aval.dtype)
 
 
 def _is_spec(x) -> bool:
@@ -76,17 +84,26 @@ class CompiledFunction:
     donated: tuple[int, ...]
     serialized_size: int
 
+    @property
+    def signature(self) -> tuple[tuple[tuple[int, ...], np.dtype], ...]:
+        """(shape, dtype) per flat input, for cheap checks on every call."""
+        sig = self.__dict__.get("_signature")
+        if sig is None:
+            sig = tuple((tuple(a.shape), np.dtype(a.dtype)) for a in self.in_avals)
+            object.__setattr__(self, "_signature", sig)
+        return sig
+
     def __call__(self, *args):
         leaves, tree = jax.tree.flatten(args)
         if tree != self.in_tree:
             raise InvalidArgumentError(f"{self.name}: arguments have structure {tree}, the "
                                        f"function was compiled for {self.in_tree}")
-        for i, (leaf, aval) in enumerate(zip(leaves, self.in_avals)):
-            got = _leaf_aval(leaf)
-            if (got.shape, got.dtype) != (aval.shape, aval.dtype):
+        for i, (leaf, want) in enumerate(zip(leaves, self.signature)):
+            got = _shape_dtype(leaf)
+            if got != want:
                 raise InvalidArgumentError(
-                    f"{self.name}: argument leaf {i} is {got.dtype}{list(got.shape)}, the function "
-                    f"was compiled for {aval.dtype}{list(aval.shape)}")
+                    f"{self.name}: argument leaf {i} is {got[1]}{list(got[0])}, the function "
+                    f"was compiled for {want[1]}{list(want[0])}")
         to_put = [i for i, leaf in enumerate(leaves) if not isinstance(leaf, RemoteArray)]
         if to_put:
             placed = self.client._put_flat([leaves[i] for i in to_put],
@@ -129,6 +146,9 @@ class RemoteFunction:
                                else tuple(donate_argnums))
         self.name = name or getattr(fn, "__name__", "function")
         self._cache: dict[Any, CompiledFunction] = {}
+        # Calls whose arguments are all handles skip building avals: keyed on the handles' own
+        # (shape, dtype, spec), which fix the signature whatever `in_specs` says.
+        self._by_handles: dict[Any, CompiledFunction] = {}
 
     def _flat_in_specs(self, args: tuple) -> list[PartitionSpec]:
         if self.in_specs is None:
@@ -151,6 +171,13 @@ class RemoteFunction:
 
     def __call__(self, *args):
         """Calls the function; returns output handles before the computation has run."""
+        leaves, in_tree = jax.tree.flatten(args)
+        if all(isinstance(leaf, RemoteArray) for leaf in leaves):
+            key = (in_tree, tuple((a.shape, a.dtype, a.spec) for a in leaves))
+            compiled = self._by_handles.get(key)
+            if compiled is None:
+                compiled = self._by_handles[key] = self.lower(*args)
+            return compiled(*args)
         return self.lower(*args)(*args)
 
     def _export(self, args, in_tree, avals, in_specs) -> CompiledFunction:
