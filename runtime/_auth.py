@@ -1,0 +1,366 @@
+"""Who may talk to the runtime's servers: the cluster token, session keys, TLS, and request guards.
+
+Three layers, all optional for in-process tests and all on by default for `pathways up`:
+
+- **The cluster token.** `pathways up` generates a random token and writes it to a file only its
+  owner can read. Every client and worker call carries it in the `pathways-token` metadata entry;
+  a server configured with a token answers anything else with UNAUTHENTICATED before a handler
+  runs. Compared in constant time.
+- **Session keys.** The token admits a caller to the cluster; it does not say which session the
+  caller is. A session key does: `HMAC(controller secret, session id)`, handed out by Connect and
+  sent as `pathways-session` metadata. The controller secret reaches the hosts only over the
+  controller's own dispatch stream, so a host can check a key without asking the controller, and
+  no client can make one for another session.
+- **TLS.** With certificate files, servers listen with gRPC SSL credentials and channels use them;
+  needed whenever a server listens beyond loopback (a token sent in clear text is no secret).
+
+`ServerGuard` is the server interceptor that enforces the token and turns request bytes that do not
+parse into INVALID_ARGUMENT (gRPC itself answers INTERNAL for them), so hostile input never reaches
+a handler as anything but a well-formed message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterator, Sequence
+
+import grpc
+
+from runtime import _wire
+from runtime._errors import ERROR_KEY, FailedPreconditionError, InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+#: Metadata entry carrying the cluster token.
+TOKEN_KEY = "pathways-token"
+#: Metadata entry carrying a session's key: "<session id>:<hex HMAC>".
+SESSION_KEY = "pathways-session"
+#: Environment variables a token may come from (the value itself, or a file holding it).
+TOKEN_ENV = "PATHWAYS_TOKEN"
+TOKEN_FILE_ENV = "PATHWAYS_TOKEN_FILE"
+#: Bytes of randomness in a generated token.
+TOKEN_BYTES = 32
+
+
+def generate_token() -> str:
+    """A fresh random token (URL-safe text, 256 bits)."""
+    return secrets.token_urlsafe(TOKEN_BYTES)
+
+
+def write_token_file(path: str, token: str) -> None:
+    """Writes `token` to `path`, readable and writable by its owner only (mode 0600), replacing
+    any earlier file; the file never exists with wider permissions, not even for a moment."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, (token + "\n").encode())
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_token_file(path: str) -> str:
+    """The token in `path`. FailedPreconditionError if the file is readable by its group or by
+    others (a shared secret is no secret), or empty."""
+    try:
+        mode = os.stat(path).st_mode
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise FailedPreconditionError(f"cannot read token file {path}: {exc}") from None
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise FailedPreconditionError(f"token file {path} is accessible by others (mode "
+                                      f"{stat.S_IMODE(mode):o}); chmod 600 it")
+    if not token:
+        raise FailedPreconditionError(f"token file {path} is empty")
+    return token
+
+
+def resolve_token(token: str | None = None, token_file: str | None = None) -> str | None:
+    """The token to use: `token`, else `token_file`'s, else $PATHWAYS_TOKEN, else the file named by
+    $PATHWAYS_TOKEN_FILE, else None (no authentication)."""
+    if token:
+        return token
+    if token_file:
+        return read_token_file(token_file)
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV].strip()
+    if os.environ.get(TOKEN_FILE_ENV):
+        return read_token_file(os.environ[TOKEN_FILE_ENV])
+    return None
+
+
+def session_key(secret: str, session_id: int) -> str:
+    """The key proving a caller is session `session_id` of the controller holding `secret`."""
+    mac = hmac.new(secret.encode(), f"session:{session_id}".encode(), hashlib.sha256)
+    return f"{session_id}:{mac.hexdigest()}"
+
+
+def check_session_key(secret: str, key: str) -> int | None:
+    """The session id a key proves, or None when it proves nothing (malformed, forged, another
+    controller's)."""
+    head, _, _ = key.partition(":")
+    if not secret or not head.isdigit() or len(head) > 20:
+        return None
+    session_id = int(head)
+    return session_id if hmac.compare_digest(session_key(secret, session_id), key) else None
+
+
+def metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
+    """One entry of a call's invocation metadata (None when absent)."""
+    for k, v in context.invocation_metadata() or ():
+        if k == key:
+            return v if isinstance(v, str) else None
+    return None
+
+
+# -- TLS ------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSConfig:
+    """PEM files for gRPC SSL: `ca` verifies the peer; `cert` and `key` are this side's identity
+    (required for a server; for a client only with mutual TLS). `server_name` overrides the name
+    the client checks the server's certificate against."""
+
+    ca: str = ""
+    cert: str = ""
+    key: str = ""
+    server_name: str = ""
+
+    def _read(self, path: str) -> bytes | None:
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        if not (self.cert and self.key):
+            raise FailedPreconditionError("a TLS server needs a certificate and a key")
+        ca = self._read(self.ca)
+        return grpc.ssl_server_credentials([(self._read(self.key), self._read(self.cert))],
+                                           root_certificates=ca,
+                                           require_client_auth=ca is not None)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(self._read(self.ca), self._read(self.key),
+                                            self._read(self.cert))
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """What a process presents and demands: the cluster token (None: no authentication) and TLS
+    (None: plain text, for loopback)."""
+
+    token: str | None = None
+    tls: TLSConfig | None = None
+
+    @classmethod
+    def resolve(cls, token: str | None = None, token_file: str | None = None,
+                tls: TLSConfig | None = None) -> Credentials:
+        """Credentials from explicit values, else the environment (see resolve_token)."""
+        return cls(resolve_token(token, token_file), tls)
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a "host:port" address is a loopback one (localhost, 127.0.0.0/8, ::1)."""
+    host = address.rsplit(":", 1)[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def add_port(server: grpc.Server, address: str, credentials: Credentials | None) -> int:
+    """Binds `server` to `address`, with TLS when configured; returns the port (0: failed).
+
+    Binding beyond loopback without TLS is allowed (a private network may be trusted) but logged:
+    the token would travel in clear text."""
+    credentials = credentials or Credentials()
+    if credentials.tls is not None:
+        return server.add_secure_port(address, credentials.tls.server_credentials())
+    if not is_loopback(address):
+        log.warning("serving on %s without TLS: calls, and the token, travel in clear text",
+                    address)
+    return server.add_insecure_port(address)
+
+
+def open_channel(address: str, credentials: Credentials | None = None,
+                 metadata: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]]
+                 = ()) -> grpc.Channel:
+    """A channel to a runtime server presenting `credentials` (TLS, token) and `metadata` (a
+    sequence, or a function returning one per call: e.g. a session key learnt later)."""
+    credentials = credentials or Credentials()
+    options = list(_wire.GRPC_OPTIONS)
+    if credentials.tls is not None:
+        if credentials.tls.server_name:
+            options.append(("grpc.ssl_target_name_override", credentials.tls.server_name))
+        channel = grpc.secure_channel(address, credentials.tls.channel_credentials(), options)
+    else:
+        channel = grpc.insecure_channel(address, options=options)
+    fixed = [(TOKEN_KEY, credentials.token)] if credentials.token else []
+    if not fixed and not callable(metadata) and not metadata:
+        return channel
+    extra = metadata if callable(metadata) else (lambda: metadata)
+    return grpc.intercept_channel(channel, _MetadataInterceptor(lambda: [*fixed, *extra()]))
+
+
+class _CallDetails(grpc.ClientCallDetails):
+    def __init__(self, details: grpc.ClientCallDetails, metadata: list) -> None:
+        self.method, self.timeout = details.method, details.timeout
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+        self.metadata = metadata
+
+
+class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                           grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the token and session metadata to every call of a channel."""
+
+    def __init__(self, metadata: Callable[[], Sequence[tuple[str, str]]]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details, [*(details.metadata or ()), *self._metadata()])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+# -- the server side ------------------------------------------------------------------------------
+
+
+class ServerGuard(grpc.ServerInterceptor):
+    """Checks every call's token (when the server has one) and parses requests itself, so that bytes
+    that are not a valid message get INVALID_ARGUMENT instead of gRPC's INTERNAL.
+
+    Handlers that raise a stray ValueError, TypeError, KeyError, IndexError or OverflowError (a
+    field combination validation missed) answer INVALID_ARGUMENT too rather than UNKNOWN; the
+    server keeps serving either way.
+    """
+
+    def __init__(self, token: str | None = None, *, exempt: Sequence[str] = ()) -> None:
+        self._token = token.encode() if token else None
+        self._exempt = frozenset(exempt)  # method names callable without a token (none by default)
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+        if self._token is not None and method not in self._exempt:
+            presented = next((v for k, v in handler_call_details.invocation_metadata or ()
+                              if k == TOKEN_KEY), None)
+            if not (isinstance(presented, str)
+                    and hmac.compare_digest(presented.encode(), self._token)):
+                return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong cluster token (pass --token-file or set "
+                                f"{TOKEN_ENV})")
+        return _guarded(handler, method)
+
+
+def _abort(context, code: grpc.StatusCode, message: str, name: str) -> None:
+    context.set_trailing_metadata(((ERROR_KEY, name),))
+    context.abort(code, message)
+
+
+def _refusal(handler, code: grpc.StatusCode, message: str):
+    """A handler of the same shape as `handler` that fails every call with `code`."""
+    def unary(request, context):
+        context.abort(code, message)
+
+    def streaming(request, context):
+        context.abort(code, message)
+        yield  # pragma: no cover - a generator, as the handler shape demands
+
+    behaviour = streaming if handler.response_streaming else unary
+    return _handler(handler, behaviour, None)
+
+
+def _parse(deserializer, raw: bytes, context, method: str):
+    try:
+        return deserializer(raw) if deserializer is not None else raw
+    except Exception as exc:  # protobuf's DecodeError, or anything a corrupt message provokes
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
+               f"{method}: request is not a valid message ({type(exc).__name__})",
+               InvalidArgumentError.__name__)
+
+
+_STRAY = (ValueError, TypeError, KeyError, IndexError, OverflowError)
+
+
+def _guarded(handler, method: str):
+    """`handler` with its requests parsed by the guard and stray exceptions mapped."""
+    deserialize = handler.request_deserializer
+    behaviour = (handler.unary_unary or handler.unary_stream or handler.stream_unary
+                 or handler.stream_stream)
+
+    def stray(context, exc: Exception) -> None:
+        log.debug("%s: unexpected %r from a handler", method, exc, exc_info=True)
+        _abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"{method}: bad request: {exc}",
+               InvalidArgumentError.__name__)
+
+    if handler.request_streaming:
+        def requests(raw_iterator: Iterator[bytes], context) -> Iterator:
+            for raw in raw_iterator:
+                yield _parse(deserialize, raw, context, method)
+
+        if handler.response_streaming:
+            def call(raw_iterator, context):
+                try:
+                    yield from behaviour(requests(raw_iterator, context), context)
+                except _STRAY as exc:
+                    stray(context, exc)
+        else:
+            def call(raw_iterator, context):
+                try:
+                    return behaviour(requests(raw_iterator, context), context)
+                except _STRAY as exc:
+                    stray(context, exc)
+    elif handler.response_streaming:
+        def call(raw, context):
+            request = _parse(deserialize, raw, context, method)
+            try:
+                yield from behaviour(request, context)
+            except _STRAY as exc:
+                stray(context, exc)
+    else:
+        def call(raw, context):
+            request = _parse(deserialize, raw, context, method)
+            try:
+                return behaviour(request, context)
+            except _STRAY as exc:
+                stray(context, exc)
+    return _handler(handler, call, None)
+
+
+def _handler(handler, behaviour, request_deserializer):
+    make = {(False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler}[
+        (handler.request_streaming, handler.response_streaming)]
+    return make(behaviour, request_deserializer=request_deserializer,
+                response_serializer=handler.response_serializer)

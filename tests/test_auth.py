@@ -1,0 +1,133 @@
+"""Authentication: the cluster token on every call, token files, session keys, TLS, and request
+bytes that do not parse."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+from concurrent import futures
+
+import grpc
+import pytest
+
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+from runtime import _auth, _wire
+from runtime._controller import Controller, ControllerServicer
+from runtime._errors import FailedPreconditionError
+
+
+@pytest.fixture
+def guarded():
+    """A controller behind a ServerGuard with a token, on loopback: (address, token)."""
+    token = _auth.generate_token()
+    controller = Controller(heartbeat=False)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=_wire.GRPC_OPTIONS,
+                         interceptors=[_auth.ServerGuard(token)])
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    yield f"127.0.0.1:{port}", token
+    server.stop(None)
+    controller.close()
+
+
+def _status(address: str, credentials: _auth.Credentials | None) -> pb.GetStatusReply:
+    with _auth.open_channel(address, credentials) as channel:
+        return pb_grpc.ControllerStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
+
+
+def test_calls_without_the_token_are_unauthenticated(guarded):
+    address, token = guarded
+    for wrong in (None, "", token[:-1], token + "x", "x" * 5000):
+        with pytest.raises(grpc.RpcError) as info:
+            _status(address, _auth.Credentials(wrong))
+        assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert _status(address, _auth.Credentials(token)).sessions == 0
+    with _auth.open_channel(address, _auth.Credentials(token)) as channel:  # streams too
+        stub = pb_grpc.ControllerStub(channel)
+        reply = stub.Connect(pb.ConnectRequest(client_name="c"), timeout=5)
+        assert reply.session_id > 0
+
+
+def test_unparseable_requests_are_invalid_argument(guarded):
+    address, token = guarded
+    with _auth.open_channel(address, _auth.Credentials(token)) as channel:
+        for raw in (b"\xff", b"\x0a\x05ab", b"\x08" + b"\xff" * 11, os.urandom(64)):
+            call = channel.unary_unary("/pathways.Controller/Connect")
+            try:
+                call(raw, timeout=5)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (raw, err)
+        # and the server still serves
+        stub = pb_grpc.ControllerStub(channel)
+        assert stub.Connect(pb.ConnectRequest(client_name="c"), timeout=5).session_id > 0
+
+
+def test_token_file_is_private_and_checked(tmp_path, monkeypatch):
+    path = str(tmp_path / "sub" / "token")
+    token = _auth.generate_token()
+    assert len(token) >= 40 and token != _auth.generate_token()
+    _auth.write_token_file(path, token)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert _auth.read_token_file(path) == token
+    os.chmod(path, 0o644)
+    with pytest.raises(FailedPreconditionError, match="chmod 600"):
+        _auth.read_token_file(path)
+    os.chmod(path, 0o600)
+    monkeypatch.delenv(_auth.TOKEN_ENV, raising=False)
+    monkeypatch.delenv(_auth.TOKEN_FILE_ENV, raising=False)
+    assert _auth.resolve_token() is None
+    monkeypatch.setenv(_auth.TOKEN_FILE_ENV, path)
+    assert _auth.resolve_token() == token
+    monkeypatch.setenv(_auth.TOKEN_ENV, "from-env")
+    assert _auth.resolve_token() == "from-env"
+    assert _auth.resolve_token(token_file=path) == token
+    assert _auth.resolve_token("explicit", path) == "explicit"
+
+
+def test_session_keys():
+    key = _auth.session_key("secret", 7)
+    assert _auth.check_session_key("secret", key) == 7
+    assert _auth.check_session_key("other", key) is None
+    assert _auth.check_session_key("secret", "8" + key[1:]) is None
+    flipped = key[:-1] + ("0" if key[-1] != "0" else "1")
+    assert _auth.check_session_key("secret", flipped) is None
+    for junk in ("", ":", "x:y", "7", "9" * 40 + ":00"):
+        assert _auth.check_session_key("secret", junk) is None
+    assert _auth.check_session_key("", key) is None
+
+
+def test_loopback_addresses():
+    assert _auth.is_loopback("127.0.0.1:5") and _auth.is_loopback("localhost:1")
+    assert _auth.is_loopback("[::1]:80") and _auth.is_loopback("127.3.4.5:0")
+    assert not _auth.is_loopback("0.0.0.0:5") and not _auth.is_loopback("10.0.0.1:5")
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_with_token(tmp_path):
+    key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    token = _auth.generate_token()
+    controller = Controller(heartbeat=False)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),
+                         interceptors=[_auth.ServerGuard(token)])
+    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
+    server_side = _auth.Credentials(token, _auth.TLSConfig(cert=cert, key=key))
+    port = _auth.add_port(server, "127.0.0.1:0", server_side)
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        client_side = _auth.Credentials(token, _auth.TLSConfig(ca=cert))
+        assert _status(address, client_side).sessions == 0
+        with pytest.raises(grpc.RpcError) as info:  # plain text to a TLS port
+            _status(address, _auth.Credentials(token))
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None)
+        controller.close()
