@@ -131,7 +131,8 @@ class PodTrainer:
 
     def run(self, steps: int, *, on_step: Callable[[StepResult], None] = lambda r: None,
             checkpoint_dir: str | None = None, checkpoint_every: int = 0) -> list[StepResult]:
-        """Trains `steps` more steps; returns one result per step (loss averaged over islands).
+        """Trains `steps` more steps; returns one result per step (loss averaged over islands),
+        once every island has applied the last update.
 
         Dispatch runs ahead: step n+1 is submitted (and its batch sent) before step n's loss is
         read back, so the hosts never wait for the client.
@@ -158,6 +159,8 @@ class PodTrainer:
         if pending is not None:
             results.append(self._report(*pending, tokens))
             on_step(results[-1])
+        # Returns once the last update has run on every island: nothing is left in flight.
+        self.client.fetch([state[2] for state in self.states], timeout=STEP_TIMEOUT_S)
         return results
 
     def _report(self, step: int, losses: list, started: float, tokens: int) -> StepResult:
