@@ -21,7 +21,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 from runtime._errors import (ArrayNotFoundError, ControllerUnavailableError, DeadlineExceededError,
                              ExecutionError, FailedPreconditionError, HostLostError,
                              InvalidArgumentError, NotFoundError, PathwaysError,
-                             ResourceExhaustedError, SliceUnavailableError)
+                             PermissionDeniedError, ResourceExhaustedError, SliceUnavailableError,
+                             UnauthenticatedError)
 from runtime._array import RemoteArray
 from runtime._client import Client, VirtualSlice
 from runtime._cluster import LocalCluster, ProcessCluster
@@ -33,10 +34,10 @@ from runtime._worker import Worker, create_worker_server
 __all__ = [
     "ArrayNotFoundError", "Client", "CompiledFunction", "Controller", "ControllerUnavailableError",
     "DeadlineExceededError", "ExecutionError", "FailedPreconditionError", "HostLostError",
-    "InvalidArgumentError", "LocalCluster", "NotFoundError", "PathwaysError", "ProcessCluster",
-    "Program", "RayCluster", "RemoteArray", "RemoteFunction", "ResourceExhaustedError",
-    "SliceUnavailableError", "VirtualSlice", "Worker", "create_controller_server",
-    "create_worker_server",
+    "InvalidArgumentError", "LocalCluster", "NotFoundError", "PathwaysError",
+    "PermissionDeniedError", "ProcessCluster", "Program", "RayCluster", "RemoteArray",
+    "RemoteFunction", "ResourceExhaustedError", "SliceUnavailableError", "UnauthenticatedError",
+    "VirtualSlice", "Worker", "create_controller_server", "create_worker_server",
 ]
 
 

@@ -6,11 +6,15 @@ Three layers, all optional for in-process tests and all on by default for `pathw
   owner can read. Every client and worker call carries it in the `pathways-token` metadata entry;
   a server configured with a token answers anything else with UNAUTHENTICATED before a handler
   runs. Compared in constant time.
+- **The host token.** Every client holds the cluster token, so it cannot tell a host from a
+  client. Calls only the cluster itself may make (a host registering or leaving, the controller's
+  dispatch stream that can reset a host) also need the host token, which `pathways up` hands its
+  workers and never writes where clients read.
 - **Session keys.** The token admits a caller to the cluster; it does not say which session the
   caller is. A session key does: `HMAC(controller secret, session id)`, handed out by Connect and
   sent as `pathways-session` metadata. The controller secret reaches the hosts only over the
-  controller's own dispatch stream, so a host can check a key without asking the controller, and
-  no client can make one for another session.
+  controller's own dispatch stream (host token), so a host can check a key without asking the
+  controller, and no client can make one for another session.
 - **TLS.** With certificate files, servers listen with gRPC SSL credentials and channels use them;
   needed whenever a server listens beyond loopback (a token sent in clear text is no secret).
 
@@ -34,17 +38,23 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from runtime import _wire
-from runtime._errors import ERROR_KEY, FailedPreconditionError, InvalidArgumentError
+from runtime._errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
+                             PathwaysError, PermissionDeniedError, UnauthenticatedError)
 
 log = logging.getLogger(__name__)
 
 #: Metadata entry carrying the cluster token.
 TOKEN_KEY = "pathways-token"
+#: Metadata entry carrying the host token (calls only the cluster's own processes may make).
+HOST_TOKEN_KEY = "pathways-host-token"
 #: Metadata entry carrying a session's key: "<session id>:<hex HMAC>".
 SESSION_KEY = "pathways-session"
 #: Environment variables a token may come from (the value itself, or a file holding it).
 TOKEN_ENV = "PATHWAYS_TOKEN"
 TOKEN_FILE_ENV = "PATHWAYS_TOKEN_FILE"
+HOST_TOKEN_ENV = "PATHWAYS_HOST_TOKEN"
+#: Each session owns array ids [session_id << ID_BITS, (session_id + 1) << ID_BITS).
+ID_BITS = 40
 #: Bytes of randomness in a generated token.
 TOKEN_BYTES = 32
 
@@ -159,17 +169,39 @@ class TLSConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Credentials:
-    """What a process presents and demands: the cluster token (None: no authentication) and TLS
-    (None: plain text, for loopback)."""
+    """What a process presents and demands: the cluster token (None: no authentication), the host
+    token (the cluster's own processes only; None for clients) and TLS (None: plain text, for
+    loopback)."""
 
     token: str | None = None
     tls: TLSConfig | None = None
+    host_token: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def resolve(cls, token: str | None = None, token_file: str | None = None,
-                tls: TLSConfig | None = None) -> Credentials:
-        """Credentials from explicit values, else the environment (see resolve_token)."""
-        return cls(resolve_token(token, token_file), tls)
+                tls: TLSConfig | None = None, host_token: str | None = None) -> Credentials:
+        """Credentials from explicit values, else the environment (see resolve_token;
+        $PATHWAYS_HOST_TOKEN for the host token)."""
+        return cls(resolve_token(token, token_file), tls,
+                   host_token or os.environ.get(HOST_TOKEN_ENV) or None)
+
+    @classmethod
+    def generate(cls, tls: TLSConfig | None = None) -> Credentials:
+        """Fresh random cluster and host tokens (what `pathways up` and local clusters use)."""
+        return cls(generate_token(), tls, generate_token())
+
+    def for_clients(self) -> Credentials:
+        """These credentials without the host token: what a client of the cluster gets."""
+        return dataclasses.replace(self, host_token=None)
+
+    def worker_environment(self) -> dict[str, str]:
+        """Environment variables that hand these credentials to a worker subprocess."""
+        env = {}
+        if self.token:
+            env[TOKEN_ENV] = self.token
+        if self.host_token:
+            env[HOST_TOKEN_ENV] = self.host_token
+        return env
 
 
 def is_loopback(address: str) -> bool:
@@ -211,6 +243,8 @@ def open_channel(address: str, credentials: Credentials | None = None,
     else:
         channel = grpc.insecure_channel(address, options=options)
     fixed = [(TOKEN_KEY, credentials.token)] if credentials.token else []
+    if credentials.host_token:
+        fixed.append((HOST_TOKEN_KEY, credentials.host_token))
     if not fixed and not callable(metadata) and not metadata:
         return channel
     extra = metadata if callable(metadata) else (lambda: metadata)
@@ -252,33 +286,65 @@ class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCli
 # -- the server side ------------------------------------------------------------------------------
 
 
-class ServerGuard(grpc.ServerInterceptor):
-    """Checks every call's token (when the server has one) and parses requests itself, so that bytes
-    that are not a valid message get INVALID_ARGUMENT instead of gRPC's INTERNAL.
+#: authorize(method, request, session key or None, caller holds the host token): raises a
+#: PathwaysError (e.g. PermissionDeniedError) when the caller may not make this call.
+Authorize = Callable[[str, object, "str | None", bool], None]
 
-    Handlers that raise a stray ValueError, TypeError, KeyError, IndexError or OverflowError (a
-    field combination validation missed) answer INVALID_ARGUMENT too rather than UNKNOWN; the
-    server keeps serving either way.
+
+class ServerGuard(grpc.ServerInterceptor):
+    """Checks every call's token, parses requests itself and asks the server's `authorize` policy,
+    before any handler runs.
+
+    - No or a wrong cluster token (when the server has one): UNAUTHENTICATED.
+    - A method in `host_methods` without the host token (when the server has one):
+      PERMISSION_DENIED.
+    - Bytes that are not a valid message: INVALID_ARGUMENT (gRPC itself would answer INTERNAL).
+    - `authorize` raising a PathwaysError: its status (streamed requests: checked on the first
+      message).
+    - A handler raising a stray ValueError, TypeError, KeyError, IndexError or OverflowError (a field
+      combination validation missed): INVALID_ARGUMENT rather than UNKNOWN.
+
+    The server keeps serving in every case.
     """
 
-    def __init__(self, token: str | None = None, *, exempt: Sequence[str] = ()) -> None:
+    def __init__(self, token: str | None = None, *, host_token: str | None = None,
+                 host_methods: Sequence[str] = (), authorize: Authorize | None = None) -> None:
         self._token = token.encode() if token else None
-        self._exempt = frozenset(exempt)  # method names callable without a token (none by default)
+        self._host_token = host_token.encode() if host_token else None
+        self._host_methods = frozenset(host_methods)
+        self._authorize = authorize
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
         method = handler_call_details.method.rsplit("/", 1)[-1]
-        if self._token is not None and method not in self._exempt:
-            presented = next((v for k, v in handler_call_details.invocation_metadata or ()
-                              if k == TOKEN_KEY), None)
-            if not (isinstance(presented, str)
-                    and hmac.compare_digest(presented.encode(), self._token)):
-                return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong cluster token (pass --token-file or set "
-                                f"{TOKEN_ENV})")
-        return _guarded(handler, method)
+        metadata = {k: v for k, v in handler_call_details.invocation_metadata or ()
+                    if isinstance(v, str)}
+        if self._token is not None and not _equal(metadata.get(TOKEN_KEY), self._token):
+            return _refusal(handler, grpc.StatusCode.UNAUTHENTICATED,
+                            "missing or wrong cluster token (pass --token-file or set "
+                            f"{TOKEN_ENV})", UnauthenticatedError.__name__)
+        is_host = self._host_token is None or _equal(metadata.get(HOST_TOKEN_KEY),
+                                                     self._host_token)
+        if method in self._host_methods and not is_host:
+            return _refusal(handler, grpc.StatusCode.PERMISSION_DENIED,
+                            f"{method} is reserved to the cluster's own hosts and controller",
+                            PermissionDeniedError.__name__)
+        check = None
+        if self._authorize is not None:
+            authorize, key = self._authorize, metadata.get(SESSION_KEY)
+
+            def check(request, context):
+                try:
+                    authorize(method, request, key, is_host)
+                except PathwaysError as exc:
+                    _abort(context, exc.code, str(exc), type(exc).__name__)
+        return _guarded(handler, method, check)
+
+
+def _equal(presented: str | None, expected: bytes) -> bool:
+    return presented is not None and hmac.compare_digest(presented.encode(), expected)
 
 
 def _abort(context, code: grpc.StatusCode, message: str, name: str) -> None:
@@ -286,13 +352,13 @@ def _abort(context, code: grpc.StatusCode, message: str, name: str) -> None:
     context.abort(code, message)
 
 
-def _refusal(handler, code: grpc.StatusCode, message: str):
+def _refusal(handler, code: grpc.StatusCode, message: str, name: str):
     """A handler of the same shape as `handler` that fails every call with `code`."""
     def unary(request, context):
-        context.abort(code, message)
+        _abort(context, code, message, name)
 
     def streaming(request, context):
-        context.abort(code, message)
+        _abort(context, code, message, name)
         yield  # pragma: no cover - a generator, as the handler shape demands
 
     behaviour = streaming if handler.response_streaming else unary
@@ -311,8 +377,9 @@ def _parse(deserializer, raw: bytes, context, method: str):
 _STRAY = (ValueError, TypeError, KeyError, IndexError, OverflowError)
 
 
-def _guarded(handler, method: str):
-    """`handler` with its requests parsed by the guard and stray exceptions mapped."""
+def _guarded(handler, method: str, check):
+    """`handler` with its requests parsed (and the first one checked) by the guard, and stray
+    exceptions mapped."""
     deserialize = handler.request_deserializer
     behaviour = (handler.unary_unary or handler.unary_stream or handler.stream_unary
                  or handler.stream_stream)
@@ -324,8 +391,13 @@ def _guarded(handler, method: str):
 
     if handler.request_streaming:
         def requests(raw_iterator: Iterator[bytes], context) -> Iterator:
+            first = True
             for raw in raw_iterator:
-                yield _parse(deserialize, raw, context, method)
+                request = _parse(deserialize, raw, context, method)
+                if first and check is not None:
+                    check(request, context)
+                first = False
+                yield request
 
         if handler.response_streaming:
             def call(raw_iterator, context):
@@ -342,6 +414,8 @@ def _guarded(handler, method: str):
     elif handler.response_streaming:
         def call(raw, context):
             request = _parse(deserialize, raw, context, method)
+            if check is not None:
+                check(request, context)
             try:
                 yield from behaviour(request, context)
             except _STRAY as exc:
@@ -349,6 +423,8 @@ def _guarded(handler, method: str):
     else:
         def call(raw, context):
             request = _parse(deserialize, raw, context, method)
+            if check is not None:
+                check(request, context)
             try:
                 return behaviour(request, context)
             except _STRAY as exc:
@@ -364,3 +440,37 @@ def _handler(handler, behaviour, request_deserializer):
         (handler.request_streaming, handler.response_streaming)]
     return make(behaviour, request_deserializer=request_deserializer,
                 response_serializer=handler.response_serializer)
+
+
+# -- policies -------------------------------------------------------------------------------------
+
+
+def session_policy(secret: Callable[[], str]) -> Authorize:
+    """The controller's policy: a request naming a session (a `session_id` field) must carry that
+    session's key, made with `secret()`."""
+    def authorize(method: str, request, key: str | None, is_host: bool) -> None:
+        session_id = getattr(request, "session_id", None)
+        if session_id is None:
+            return
+        if check_session_key(secret(), key or "") != session_id:
+            raise PermissionDeniedError(f"{method}: the caller is not session {session_id} "
+                                        f"(no or a wrong {SESSION_KEY} key)")
+    return authorize
+
+
+def array_owner_policy(secret: Callable[[], str]) -> Authorize:
+    """A host's policy: reading or writing an array needs the key of the session that owns its id
+    (or the host token: a peer host moving it)."""
+    def authorize(method: str, request, key: str | None, is_host: bool) -> None:
+        if is_host:
+            return
+        if method == "GetArray":
+            array_id = request.array_id
+        elif method == "PutArray":
+            array_id = request.spec.array_id
+        else:
+            return
+        owner = array_id >> ID_BITS
+        if check_session_key(secret(), key or "") != owner:
+            raise PermissionDeniedError(f"{method}: array {array_id} belongs to another session")
+    return authorize

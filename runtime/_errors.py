@@ -48,6 +48,19 @@ class ResourceExhaustedError(PathwaysError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class PermissionDeniedError(PathwaysError):
+    """The caller may not do this: act as another session, touch another session's arrays, or make
+    a call reserved to the cluster's own hosts."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class UnauthenticatedError(PathwaysError):
+    """The call did not carry the cluster's token (or carried a wrong one)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
 class FailedPreconditionError(PathwaysError):
     """The call is valid but the runtime is not in a state to run it (e.g. a slice was released)."""
 
@@ -84,7 +97,8 @@ class DeadlineExceededError(PathwaysError, TimeoutError):
 _BY_CODE: dict[grpc.StatusCode, type[PathwaysError]] = {
     cls.code: cls
     for cls in (InvalidArgumentError, SliceUnavailableError, FailedPreconditionError,
-                HostLostError, ExecutionError, DeadlineExceededError)
+                HostLostError, ExecutionError, DeadlineExceededError, PermissionDeniedError,
+                UnauthenticatedError)
 }
 
 
@@ -93,7 +107,8 @@ ERROR_KEY = "pathways-error"
 _BY_NAME: dict[str, type[PathwaysError]] = {
     cls.__name__: cls
     for cls in (InvalidArgumentError, ArrayNotFoundError, NotFoundError, SliceUnavailableError,
-                ResourceExhaustedError, FailedPreconditionError, HostLostError, ExecutionError, DeadlineExceededError)
+                ResourceExhaustedError, FailedPreconditionError, HostLostError, ExecutionError,
+                DeadlineExceededError, PermissionDeniedError, UnauthenticatedError)
 }
 
 

@@ -131,3 +131,42 @@ def test_tls_with_token(tmp_path):
     finally:
         server.stop(None)
         controller.close()
+
+
+def test_host_token_and_array_owner_policy():
+    """A host serves Dispatch only to holders of the host token, and an array only to its
+    session (or a peer host)."""
+    import jax
+
+    from runtime._worker import Worker, WorkerServicer
+
+    credentials = _auth.Credentials.generate()
+    worker = Worker(0, 0, jax.devices()[:1])
+    guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
+                              host_methods=("Dispatch",),
+                              authorize=_auth.array_owner_policy(lambda: worker._controller_id))
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=[guard])
+    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    secret = "controller-secret"
+    owned = (3 << _auth.ID_BITS) + 1
+    try:
+        dispatch = pb.DispatchRequest(controller_id=secret)
+        with _auth.open_channel(address, credentials.for_clients()) as channel:
+            with pytest.raises(grpc.RpcError) as info:
+                pb_grpc.WorkerStub(channel).Dispatch(dispatch, timeout=5)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with _auth.open_channel(address, credentials) as channel:
+            pb_grpc.WorkerStub(channel).Dispatch(dispatch, timeout=5)
+        for session, code in ((2, grpc.StatusCode.PERMISSION_DENIED),
+                              (3, grpc.StatusCode.NOT_FOUND)):
+            key = [(_auth.SESSION_KEY, _auth.session_key(secret, session))]
+            with _auth.open_channel(address, credentials.for_clients(), key) as channel:
+                with pytest.raises(grpc.RpcError) as info:
+                    list(pb_grpc.WorkerStub(channel).GetArray(
+                        pb.GetArrayRequest(array_id=owned, timeout_s=0.1), timeout=5))
+                assert info.value.code() == code, session
+    finally:
+        server.stop(None)
+        worker.stop()
