@@ -215,6 +215,11 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = No
             if dtype is None:
                 raise InvalidArgumentError("array stream does not start with its spec")
             index = index_from_proto(chunk.shard.index)
+            if spec is not None and (len(index) != len(spec.shape) or not all(
+                    0 <= a <= b <= d for (a, b), d in zip(index, spec.shape))):
+                # Checked before anything is allocated: a hostile header cannot ask for memory.
+                raise InvalidArgumentError(f"shard {index} lies outside the array's shape "
+                                           f"{tuple(spec.shape)}")
             sshape = check_shape(shard_shape(index))
             nbytes = math.prod(sshape) * dtype.itemsize
             if chunk.shard.nbytes != nbytes:
