@@ -173,7 +173,7 @@ class Credentials:
     token (the cluster's own processes only; None for clients) and TLS (None: plain text, for
     loopback)."""
 
-    token: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)
     tls: TLSConfig | None = None
     host_token: str | None = dataclasses.field(default=None, repr=False)
 

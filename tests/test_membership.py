@@ -1,0 +1,55 @@
+"""A host registers again when its controller restarts (runtime._membership)."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from runtime import _auth
+from runtime._controller import Controller, create_controller_server
+from runtime._membership import Membership
+from runtime._worker import Worker, create_worker_server
+
+
+def test_host_registers_again_after_a_controller_restart():
+    worker = Worker(0, 0, jax.devices()[:1])
+    worker_server, _ = create_worker_server(worker)
+    first = Controller(heartbeat=False)
+    server, port = create_controller_server(first)
+    address = f"127.0.0.1:{port}"
+    contact = [time.monotonic()]
+    membership = Membership(address, worker.info, lambda: contact[0], silence_s=0.6)
+    second = None
+    try:
+        membership.start(timeout=10)
+        assert [h.address for h in first.resources.hosts()] == [worker.address]
+        server.stop(None)
+        first.close()
+        second = Controller(heartbeat=False)
+        server, _ = create_controller_server(second, address)
+        deadline = time.monotonic() + 10
+        while not second.resources.hosts():
+            assert time.monotonic() < deadline, "the host did not register again"
+            time.sleep(0.05)
+        assert [h.address for h in second.resources.hosts()] == [worker.address]
+        assert membership.registrations == 2
+        contact[0] = time.monotonic() + 3600  # heard from: no further registrations
+        time.sleep(1.0)
+        assert membership.registrations == 2
+    finally:
+        membership.stop(unregister_host=False)
+        server.stop(None)
+        (second or first).close()
+        worker_server.stop(None)
+        worker.stop()
+
+
+def test_registration_carries_credentials():
+    credentials = _auth.Credentials.generate()
+    assert credentials.for_clients().host_token is None
+    env = credentials.worker_environment()
+    assert env[_auth.TOKEN_ENV] == credentials.token
+    assert env[_auth.HOST_TOKEN_ENV] == credentials.host_token
+    assert credentials.token not in repr(credentials)
+    assert credentials.host_token not in repr(credentials)
