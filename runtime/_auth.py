@@ -110,10 +110,16 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
     return None
 
 
+def _incarnation(secret: str) -> str:
+    """A public tag of a controller secret: tells a key of an earlier controller from a forgery."""
+    return hmac.new(secret.encode(), b"incarnation", hashlib.sha256).hexdigest()[:8]
+
+
 def session_key(secret: str, session_id: int) -> str:
-    """The key proving a caller is session `session_id` of the controller holding `secret`."""
+    """The key proving a caller is session `session_id` of the controller holding `secret`:
+    "<session id>:<controller tag>:<hex HMAC>"."""
     mac = hmac.new(secret.encode(), f"session:{session_id}".encode(), hashlib.sha256)
-    return f"{session_id}:{mac.hexdigest()}"
+    return f"{session_id}:{_incarnation(secret)}:{mac.hexdigest()}"
 
 
 def check_session_key(secret: str, key: str) -> int | None:
@@ -124,6 +130,13 @@ def check_session_key(secret: str, key: str) -> int | None:
         return None
     session_id = int(head)
     return session_id if hmac.compare_digest(session_key(secret, session_id), key) else None
+
+
+def is_earlier_controller_key(secret: str, key: str) -> bool:
+    """Whether a key that does not check out was made by another controller (one that restarted),
+    rather than forged for this one."""
+    parts = key.split(":")
+    return len(parts) == 3 and parts[1] != _incarnation(secret)
 
 
 def metadata_value(context: grpc.ServicerContext, key: str) -> str | None:
@@ -452,7 +465,12 @@ def session_policy(secret: Callable[[], str]) -> Authorize:
         session_id = getattr(request, "session_id", None)
         if session_id is None:
             return
-        if check_session_key(secret(), key or "") != session_id:
+        current = secret()
+        if check_session_key(current, key or "") != session_id:
+            if key and is_earlier_controller_key(current, key):
+                raise FailedPreconditionError(
+                    f"{method}: session {session_id} belongs to an earlier controller: the "
+                    f"controller restarted and its sessions are gone; connect again (a new Client)")
             raise PermissionDeniedError(f"{method}: the caller is not session {session_id} "
                                         f"(no or a wrong {SESSION_KEY} key)")
     return authorize

@@ -98,6 +98,11 @@ def test_session_keys():
     for junk in ("", ":", "x:y", "7", "9" * 40 + ":00"):
         assert _auth.check_session_key("secret", junk) is None
     assert _auth.check_session_key("", key) is None
+    assert _auth.is_earlier_controller_key("restarted", key)
+    assert not _auth.is_earlier_controller_key("secret", flipped)
+    policy = _auth.session_policy(lambda: "restarted")
+    with pytest.raises(FailedPreconditionError, match="restarted"):
+        policy("Execute", pb.ExecuteRequest(session_id=7), key, False)
 
 
 def test_loopback_addresses():
