@@ -34,6 +34,22 @@ def transfer_deadline(nbytes: int) -> float:
     return TRANSFER_FLOOR_S + nbytes / TRANSFER_BYTES_PER_S
 
 
+def _wait_jobs(jobs, timeout: float, what: str) -> None:
+    """Waits for transfer jobs with a deadline of its own (the RPCs carry theirs too; this one
+    holds even if a stream stalls), re-raising the first failure."""
+    try:
+        for job in futures.as_completed(jobs, timeout=timeout):
+            if job.exception() is not None:
+                break  # fail fast; its error is raised below
+    except futures.TimeoutError:  # only as_completed's own deadline lands here
+        for job in jobs:
+            job.cancel()
+        raise DeadlineExceededError(f"{what} did not finish within {timeout:.0f} s") from None
+    for job in jobs:
+        if job.done() and job.exception() is not None:
+            raise job.exception()
+
+
 class RemoteArray:
     """A handle to a logical array on a virtual slice; its shape, dtype and sharding are static.
 
@@ -166,8 +182,8 @@ def put_arrays(client: Client, values: Sequence[np.ndarray], specs: Sequence[pb.
                                      timeout=transfer_deadline(nbytes))
 
             jobs.append(client._pool.submit(_worker_call, client, vslice, host, send))
-    for job in futures.as_completed(jobs):
-        job.result()
+    total = sum(v.nbytes for v in values)
+    _wait_jobs(jobs, transfer_deadline(total) + TRANSFER_FLOOR_S, "put")
 
 
 def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float | None = None
@@ -210,6 +226,6 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
             _worker_call(client, vslice, host, receive)
 
     jobs = [client._pool.submit(receive_all, reads) for reads in per_host.values()]
-    for job in futures.as_completed(jobs):
-        job.result()
+    total = sum(r[4] for reads in per_host.values() for r in reads)
+    _wait_jobs(jobs, wait + transfer_deadline(total) + TRANSFER_FLOOR_S, "fetch")
     return outputs
