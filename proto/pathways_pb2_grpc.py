@@ -51,6 +51,11 @@ class ControllerStub:
                 request_serializer=proto_dot_pathways__pb2.RegisterHostRequest.SerializeToString,
                 response_deserializer=proto_dot_pathways__pb2.RegisterHostReply.FromString,
                 _registered_method=True)
+        self.UnregisterHost = channel.unary_unary(
+                '/pathways.Controller/UnregisterHost',
+                request_serializer=proto_dot_pathways__pb2.UnregisterHostRequest.SerializeToString,
+                response_deserializer=proto_dot_pathways__pb2.UnregisterHostReply.FromString,
+                _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/pathways.Controller/GetStatus',
                 request_serializer=proto_dot_pathways__pb2.GetStatusRequest.SerializeToString,
@@ -113,6 +118,13 @@ class ControllerServicer:
 
     def RegisterHost(self, request, context):
         """Registers a worker host.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnregisterHost(self, request, context):
+        """Removes a worker host that leaves.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -191,6 +203,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.RegisterHost,
                     request_deserializer=proto_dot_pathways__pb2.RegisterHostRequest.FromString,
                     response_serializer=proto_dot_pathways__pb2.RegisterHostReply.SerializeToString,
+            ),
+            'UnregisterHost': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnregisterHost,
+                    request_deserializer=proto_dot_pathways__pb2.UnregisterHostRequest.FromString,
+                    response_serializer=proto_dot_pathways__pb2.UnregisterHostReply.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
@@ -315,6 +332,33 @@ class Controller:
             '/pathways.Controller/RegisterHost',
             proto_dot_pathways__pb2.RegisterHostRequest.SerializeToString,
             proto_dot_pathways__pb2.RegisterHostReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnregisterHost(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pathways.Controller/UnregisterHost',
+            proto_dot_pathways__pb2.UnregisterHostRequest.SerializeToString,
+            proto_dot_pathways__pb2.UnregisterHostReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -577,6 +621,11 @@ class WorkerStub:
                 request_serializer=proto_dot_pathways__pb2.GetTimelineRequest.SerializeToString,
                 response_deserializer=proto_dot_pathways__pb2.GetTimelineReply.FromString,
                 _registered_method=True)
+        self.WatchProgress = channel.unary_stream(
+                '/pathways.Worker/WatchProgress',
+                request_serializer=proto_dot_pathways__pb2.WatchProgressRequest.SerializeToString,
+                response_deserializer=proto_dot_pathways__pb2.WatchProgressReply.FromString,
+                _registered_method=True)
 
 
 class WorkerServicer:
@@ -618,6 +667,13 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchProgress(self, request, context):
+        """Streams the host's progress through the order as it executes (for the gang scheduler).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -645,6 +701,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.GetTimeline,
                     request_deserializer=proto_dot_pathways__pb2.GetTimelineRequest.FromString,
                     response_serializer=proto_dot_pathways__pb2.GetTimelineReply.SerializeToString,
+            ),
+            'WatchProgress': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchProgress,
+                    request_deserializer=proto_dot_pathways__pb2.WatchProgressRequest.FromString,
+                    response_serializer=proto_dot_pathways__pb2.WatchProgressReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -783,6 +844,33 @@ class Worker:
             '/pathways.Worker/GetTimeline',
             proto_dot_pathways__pb2.GetTimelineRequest.SerializeToString,
             proto_dot_pathways__pb2.GetTimelineReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchProgress(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pathways.Worker/WatchProgress',
+            proto_dot_pathways__pb2.WatchProgressRequest.SerializeToString,
+            proto_dot_pathways__pb2.WatchProgressReply.FromString,
             options,
             channel_credentials,
             insecure,
