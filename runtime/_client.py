@@ -62,11 +62,13 @@ class VirtualSlice:
 class Client:
     """A session with a controller. Use as a context manager, or call `close()`.
 
+    `weight` is the session's proportional share of device time on a controller whose policy is
+    "share" (twice the weight, twice the device time of a backlogged peer); FIFO ignores it.
     Raises ControllerUnavailableError if no controller answers at `address` within `timeout_s`.
     """
 
-    def __init__(self, address: str, *, name: str = "client", timeout_s: float = RPC_TIMEOUT_S
-                 ) -> None:
+    def __init__(self, address: str, *, name: str = "client", timeout_s: float = RPC_TIMEOUT_S,
+                 weight: float = 1.0) -> None:
         self.address, self.timeout_s = address, timeout_s
         self._channel = grpc.insecure_channel(address, options=_wire.GRPC_OPTIONS)
         self._stub = pb_grpc.ControllerStub(self._channel)
@@ -75,7 +77,7 @@ class Client:
         except grpc.FutureTimeoutError:
             self._channel.close()
             raise ControllerUnavailableError(f"no controller answers at {address}") from None
-        reply = self._rpc("Connect", pb.ConnectRequest(client_name=name))
+        reply = self._rpc("Connect", pb.ConnectRequest(client_name=name, weight=weight))
         self.session_id = reply.session_id
         self._ids = itertools.count(reply.id_base + 1)
         self._id_lock = threading.Lock()

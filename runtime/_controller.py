@@ -2,8 +2,9 @@
 
 The controller keeps the bookkeeping per logical array (not per shard) and validates every call
 against it, so a bad call fails at once with a precise status, before any host sees it. Valid calls
-become instructions in their island's total order (scheduler.GangScheduler); the reply goes back as
-soon as they are ordered, before they run.
+become instructions in the session's queue on their island; the island's gang scheduler
+(scheduler.GangScheduler) orders them by its policy (FIFO, or proportional share by the sessions'
+weights), and the reply goes back as soon as they are ordered, before they run.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from runtime import _wire
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                              NotFoundError, PathwaysError, abort)
 from runtime._planner import Planner
-from scheduler import GangScheduler, HostRecord, ResourceManager, SliceRecord
+# Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
+from scheduler._gang import GangScheduler, OrderTicket
+from scheduler._policy import check_weight, make_policy
+from scheduler._resources import HostRecord, ResourceManager, SliceRecord
 
 log = logging.getLogger(__name__)
 
@@ -42,12 +46,18 @@ MAX_BACKLOG = 4096
 BACKLOG_TIMEOUT_S = 120.0
 #: Largest serialized executable accepted.
 MAX_EXECUTABLE_BYTES = 256 << 20
+#: A request waiting for its turn in an island's order is ordered at once this long before the
+#: client's deadline (its commands would otherwise be lost to the deadline).
+ORDER_DEADLINE_MARGIN_S = 2.0
+#: Deadline of the pings `status` sends to every host.
+STATUS_PING_TIMEOUT_S = 1.0
 
 
 @dataclasses.dataclass
 class _Session:
     session_id: int
     name: str
+    weight: float = 1.0  # proportional share
     slices: set[int] = dataclasses.field(default_factory=set)
     arrays: set[int] = dataclasses.field(default_factory=set)
 
@@ -67,9 +77,15 @@ class _Executable:
 
 
 class Controller:
-    """Controller state and logic, independent of gRPC. Instantiable: tests run several."""
+    """Controller state and logic, independent of gRPC. Instantiable: tests run several.
 
-    def __init__(self, *, heartbeat: bool = True) -> None:
+    `policy` is how each island's gang scheduler orders the work of several clients: "fifo"
+    (arrival order) or "share" (device time in proportion to the sessions' weights).
+    """
+
+    def __init__(self, *, heartbeat: bool = True, policy: str = "fifo") -> None:
+        make_policy(policy)  # InvalidArgumentError for an unknown name
+        self.policy = policy
         self.controller_id = uuid.uuid4().hex
         self.resources = ResourceManager()
         self._schedulers: dict[int, GangScheduler] = {}
@@ -89,14 +105,16 @@ class Controller:
 
     # -- sessions and hosts ----------------------------------------------------------------------
 
-    def connect(self, name: str) -> _Session:
+    def connect(self, name: str, weight: float = 1.0) -> _Session:
+        """Opens a session; `weight` is its proportional share (0: 1)."""
+        weight = check_weight(weight)
         with self._lock:
-            session = _Session(next(self._session_ids), name)
+            session = _Session(next(self._session_ids), name, weight)
             self._sessions[session.session_id] = session
             return session
 
     def disconnect(self, session_id: int) -> None:
-        """Closes a session: deletes its arrays and releases its slices."""
+        """Closes a session: deletes its arrays and releases its slices (after its queued work)."""
         with self._lock:
             session = self._session(session_id)
             self.planner.drop_session(session)
@@ -105,18 +123,23 @@ class Controller:
             for key in [k for k, e in self._executable_keys.items() if k[0] == session_id]:
                 del self._executables[self._executable_keys.pop(key)]
             del self._sessions[session_id]
+            for scheduler in self._schedulers.values():
+                scheduler.end_session(session_id)
 
     def register_host(self, info: pb.HostInfo) -> None:
+        """Adds a host (or replaces an earlier registration of its island and index)."""
         if info.island < 0 or info.host < 0 or info.num_devices <= 0 or not info.address:
             raise InvalidArgumentError("host registration needs island >= 0, host >= 0, "
                                        "num_devices > 0 and an address")
         record = HostRecord(info.island, info.host, info.address, info.platform or "cpu",
-                            info.num_devices, info.device_kind, info.backend or "local")
+                            info.num_devices, info.device_kind, info.backend or "local",
+                            info.device_memory_bytes, info.distributed_hosts)
         with self._lock:
             self.resources.register_host(record)
             scheduler = self._schedulers.get(info.island)
             if scheduler is None:
-                scheduler = GangScheduler(info.island, self.controller_id, self._on_dispatch_failure)
+                scheduler = GangScheduler(info.island, self.controller_id,
+                                          self._on_dispatch_failure, policy=self.policy)
                 self._schedulers[info.island] = scheduler
             scheduler.set_host(info.host, info.address)
             old = self._probes.pop((info.island, info.host), None)
@@ -130,6 +153,7 @@ class Controller:
         record = self.resources.mark_lost(island, host, reason)
         if record:
             log.warning("lost %s: %s", record.describe(), reason)
+            self._fail_island(island, record, reason)
 
     def _heartbeat_loop(self) -> None:
         misses: dict[tuple[int, int], int] = {}
@@ -152,19 +176,71 @@ class Controller:
                         record = self.resources.mark_lost(*key, f"no heartbeat ({reason})")
                         if record:
                             log.warning("lost %s", record.describe())
+                            self._fail_island(key[0], record, f"no heartbeat ({reason})")
+
+    def _fail_island(self, island: int, record: HostRecord, reason: str) -> None:
+        """Work queued for an island whose host was lost fails now, not at its deadline."""
+        scheduler = self._schedulers.get(island)
+        if scheduler is not None:
+            scheduler.fail(HostLostError(f"{record.describe()} of island {island} was lost: "
+                                         f"{reason}"))
+
+    def unregister_host(self, island: int, host: int, address: str = "") -> None:
+        """A host leaves: the registry drops it (once no slice uses its island), its island takes
+        no new slices, and work still queued for the island fails with HostLostError."""
+        with self._lock:
+            record = self.resources.remove_host(island, host, address)
+            if record is None:
+                return
+            probe = self._probes.pop((island, host), None)
+            scheduler = self._schedulers.get(island)
+        log.info("%s left", record.describe())
+        if probe:
+            probe[0].close()
+        if scheduler is not None:
+            scheduler.remove_host(host)
+            scheduler.fail(HostLostError(f"{record.describe()} of island {island} left the "
+                                         f"cluster"))
 
     def status(self) -> pb.GetStatusReply:
+        """Hosts (each pinged now: what it runs or waits for), slices, and per island the order
+        and the client queues in front of it."""
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
             reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays))
-            for h in self.resources.hosts():
-                reply.hosts.append(pb.HostInfo(
-                    island=h.island, host=h.host, address=h.address, platform=h.platform,
-                    num_devices=h.num_devices, device_kind=h.device_kind, backend=h.backend,
-                    state="alive" if h.alive else f"lost: {h.lost_reason}",
-                    queue_depth=depth.get(h.island, {}).get(h.host, 0)))
+            hosts = self.resources.hosts()
+            probes = dict(self._probes)
             reply.slices.extend(self._slice_info(s) for s in self.resources.slices())
-            return reply
+            schedulers = sorted(self._schedulers.items())
+        pings = {key: stub.Ping.future(pb.PingRequest(), timeout=STATUS_PING_TIMEOUT_S)
+                 for key, (_, stub) in probes.items()
+                 if any((h.island, h.host) == key and h.alive for h in hosts)}
+        for h in hosts:
+            info = pb.HostInfo(
+                island=h.island, host=h.host, address=h.address, platform=h.platform,
+                num_devices=h.num_devices, device_kind=h.device_kind, backend=h.backend,
+                state=h.state, device_memory_bytes=h.device_memory_bytes,
+                distributed_hosts=h.distributed_hosts,
+                undelivered=depth.get(h.island, {}).get(h.host, 0))
+            ping = pings.get((h.island, h.host))
+            if ping is not None:
+                try:
+                    live = ping.result().host
+                    info.activity, info.queue_depth = live.activity, live.queue_depth
+                    info.received, info.executed = live.received, live.executed
+                    info.hang = live.hang
+                    info.current_sequence, info.current_name = (live.current_sequence,
+                                                                live.current_name)
+                    if live.hang:
+                        info.state = "hung"
+                except grpc.RpcError as err:
+                    info.activity = f"not answering ({err.code().name})"
+                except ValueError:  # its channel was replaced or closed meanwhile
+                    info.activity = "not answering"
+            reply.hosts.append(info)
+        for _, scheduler in schedulers:
+            reply.islands.append(scheduler.status())
+        return reply
 
     # -- slices -----------------------------------------------------------------------------------
 
@@ -201,9 +277,10 @@ class Controller:
             self.planner.delete(session, [a for a in session.arrays if self.planner.arrays[
                 a].spec.sharding.slice_id == slice_id], strict=False)
             scheduler = self._schedulers.get(record.island)
-            if scheduler and not self.resources.lost_host(record.island):
-                scheduler.submit([pb.Instruction(
-                    release_slice=pb.ReleaseSliceInstruction(slice_id=slice_id))])
+            if scheduler and not self.resources.lost_host(record.island) and not scheduler.failure:
+                scheduler.enqueue(session_id, [pb.Instruction(  # after the session's queued work
+                    release_slice=pb.ReleaseSliceInstruction(slice_id=slice_id))],
+                    weight=session.weight, name=session.name)
 
     # -- executables ------------------------------------------------------------------------------
 
@@ -241,22 +318,28 @@ class Controller:
 
     # -- arrays, commands and programs (runtime._planner) -----------------------------------------
 
-    def register_arrays(self, session_id: int, specs: Sequence[pb.ArraySpec]) -> list[int]:
+    def register_arrays(self, session_id: int, specs: Sequence[pb.ArraySpec],
+                        timeout: float | None = None) -> list[int]:
         """Declares arrays a client is about to stream to their hosts; returns, per array, the
         island sequence number from which its hosts expect it."""
         with self._lock:
-            return self.planner.register_arrays(self._session(session_id), specs)
+            sequences = self.planner.register_arrays(self._session(session_id), specs)
+        return sequences(timeout)
 
-    def execute(self, session_id: int, commands: Sequence[pb.Command]) -> list[pb.CommandResult]:
-        """Checks each command and orders the accepted ones; returns before any of them runs.
+    def execute(self, session_id: int, commands: Sequence[pb.Command],
+                timeout: float | None = None) -> list[pb.CommandResult]:
+        """Checks each command and queues the accepted ones; returns once they are ordered,
+        before any of them runs.
 
-        Waits first (outside the lock, so other clients go on) while an island is more than
-        MAX_BACKLOG instructions ahead of its slowest host.
+        The wait for their turn (set by the island's policy) happens outside the lock, so other
+        clients go on; after `timeout` s the rest are ordered at once. Waits first while an island
+        is more than MAX_BACKLOG instructions ahead of its slowest host.
         """
         for scheduler in list(self._schedulers.values()):
             scheduler.wait_backlog(MAX_BACKLOG, BACKLOG_TIMEOUT_S)
         with self._lock:
-            return self.planner.execute(self._session(session_id), commands)
+            results = self.planner.execute(self._session(session_id), commands)
+        return results(timeout)
 
     def register_program(self, request: pb.RegisterProgramRequest) -> int:
         with self._lock:
@@ -292,6 +375,10 @@ class Controller:
         if lost is not None:
             raise HostLostError(f"{lost.describe()} of island {island} was lost: "
                                 f"{lost.lost_reason}")
+        scheduler = self._schedulers.get(island)
+        failure = scheduler.failure if scheduler is not None else None
+        if failure is not None:  # e.g. a hung computation (DeadlineExceededError)
+            raise type(failure)(str(failure))
 
     def _scheduler(self, island: int) -> GangScheduler:
         scheduler = self._schedulers.get(island)
@@ -299,8 +386,24 @@ class Controller:
             raise FailedPreconditionError(f"island {island} has no hosts")
         return scheduler
 
+    def scheduler(self, island: int) -> GangScheduler:
+        """The gang scheduler of an island (FailedPreconditionError if it has no hosts)."""
+        with self._lock:
+            return self._scheduler(island)
+
+    def _orderer(self, session: _Session):
+        """Queues a session's instructions on an island: (island, ops) -> OrderTicket."""
+        def order(island: int, ops: list[pb.Instruction]) -> OrderTicket:
+            return self._scheduler(island).enqueue(session.session_id, ops,
+                                                   weight=session.weight, name=session.name)
+        return order
+
     def close(self) -> None:
+        """Stops dispatch and the heartbeat; returns once the heartbeat thread has ended (a daemon
+        thread still inside a gRPC call at interpreter exit can abort the process)."""
         self._stop.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
         with self._lock:
             for scheduler in self._schedulers.values():
                 scheduler.close()
@@ -342,7 +445,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
             abort(context, exc)
 
     def Connect(self, request, context):
-        session = self._call(context, self.controller.connect, request.client_name)
+        session = self._call(context, self.controller.connect, request.client_name,
+                             request.weight)
         return pb.ConnectReply(session_id=session.session_id,
                                id_base=session.session_id << ID_BITS, id_range=1 << ID_BITS)
 
@@ -353,6 +457,11 @@ class ControllerServicer(pb_grpc.ControllerServicer):
     def RegisterHost(self, request, context):
         self._call(context, self.controller.register_host, request.host)
         return pb.RegisterHostReply()
+
+    def UnregisterHost(self, request, context):
+        self._call(context, self.controller.unregister_host, request.island, request.host,
+                   request.address)
+        return pb.UnregisterHostReply()
 
     def GetStatus(self, request, context):
         return self.controller.status()
@@ -377,17 +486,23 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     def RegisterArrays(self, request, context):
         sequence = self._call(context, self.controller.register_arrays, request.session_id,
-                              request.arrays)
+                              request.arrays, _order_budget(context))
         return pb.RegisterArraysReply(sequence=sequence)
 
     def Execute(self, request, context):
         results = self._call(context, self.controller.execute, request.session_id,
-                             request.commands)
+                             request.commands, _order_budget(context))
         return pb.ExecuteReply(results=results)
 
     def DeleteArrays(self, request, context):
         self._call(context, self.controller.delete_arrays, request.session_id, request.array_ids)
         return pb.DeleteArraysReply()
+
+
+def _order_budget(context) -> float | None:
+    """How long a request may wait for its turn in the order: its deadline, less a margin."""
+    left = context.time_remaining()
+    return None if left is None else max(0.0, left - ORDER_DEADLINE_MARGIN_S)
 
 
 def create_controller_server(controller: Controller, address: str = "127.0.0.1:0", *,

@@ -6,6 +6,11 @@ accepted command updates the bookkeeping at once, so the next command may read i
 becomes instructions on the islands it touches. A rejected command is reported and the rest go on.
 A transfer becomes a Send on the source island and an Expect on the destination: the hosts move
 the data between themselves, never through the controller.
+
+The instructions of one request go into the session's queue on each island they touch (in the
+request's order, behind the session's earlier work); the island's gang scheduler gives them their
+places in its total order when its policy says so. Planning happens under the controller's lock,
+waiting for the places outside it (`Ordering.wait`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,10 @@ from runtime._errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundE
 
 if TYPE_CHECKING:
     from runtime._controller import Controller, _Executable, _Session
+    from scheduler import OrderTicket
+
+#: Queues a session's instructions on an island: order(island, ops) -> OrderTicket.
+Order = Callable[[int, list[pb.Instruction]], "OrderTicket"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +79,7 @@ def check_matches(what: str, got: _Value | pb.ArraySpec, want: pb.ValueSpec) -> 
 
 
 class _Emitter:
-    """Instructions of one request, per island in order; submitted together at the end."""
+    """Instructions of one request, per island in order; queued together at the end."""
 
     def __init__(self) -> None:
         self.ops: dict[int, list[pb.Instruction]] = {}
@@ -80,12 +89,35 @@ class _Emitter:
         ops.append(instruction)
         return island, len(ops) - 1
 
-    def submit(self, scheduler: Callable) -> dict[tuple[int, int], int]:
-        sequence = {}
+    def submit(self, order: Order) -> Ordering:
+        tickets: dict[int, OrderTicket | PathwaysError] = {}
         for island, ops in self.ops.items():
-            for i, seq in enumerate(scheduler(island).submit(ops)):
-                sequence[(island, i)] = seq
-        return sequence
+            try:
+                tickets[island] = order(island, ops)
+            except PathwaysError as exc:  # the island failed: the commands on it fail
+                tickets[island] = exc
+        return Ordering(tickets)
+
+
+class Ordering:
+    """The places of one request's instructions in their islands' orders, once given."""
+
+    def __init__(self, tickets: dict[int, OrderTicket | PathwaysError]) -> None:
+        self._tickets = tickets
+
+    def wait(self, timeout: float | None) -> tuple[dict[tuple[int, int], int],
+                                                   dict[int, PathwaysError]]:
+        """(sequence number per emitted handle, error per island whose instructions failed)."""
+        sequence, errors = {}, {}
+        for island, ticket in self._tickets.items():
+            try:
+                if isinstance(ticket, PathwaysError):
+                    raise ticket
+                for i, seq in enumerate(ticket.wait(timeout)):
+                    sequence[(island, i)] = seq
+            except PathwaysError as exc:
+                errors[island] = exc
+        return sequence, errors
 
 
 class Planner:
@@ -120,8 +152,10 @@ class Planner:
         session.arrays.discard(array_id)
         return self.arrays.pop(array_id, None)
 
-    def register_arrays(self, session: _Session, specs: Sequence[pb.ArraySpec]) -> list[int]:
-        """Declares arrays a client will stream to their hosts; returns each one's sequence."""
+    def register_arrays(self, session: _Session, specs: Sequence[pb.ArraySpec]
+                        ) -> Callable[[float | None], list[int]]:
+        """Declares arrays a client will stream to their hosts; returns a function that waits
+        (up to a timeout) for each one's sequence number, raising the island's failure."""
         islands = []
         for n, spec in enumerate(specs):
             self.check_new_id(session, spec.array_id)
@@ -134,8 +168,15 @@ class Planner:
             self.add(session, spec, island)
             handles.append(emit.add(island, pb.Instruction(
                 expect=pb.ExpectArrayInstruction(spec=spec))))
-        sequence = emit.submit(self.controller._scheduler)
-        return [sequence[h] for h in handles]
+        ordering = emit.submit(self.controller._orderer(session))
+
+        def sequences(timeout: float | None) -> list[int]:
+            sequence, errors = ordering.wait(timeout)
+            if errors:
+                raise next(iter(errors.values()))
+            return [sequence[h] for h in handles]
+
+        return sequences
 
     def delete(self, session: _Session, array_ids: Sequence[int], *, strict: bool) -> None:
         """Drops arrays after the work already ordered; unknown ids fail only when `strict`."""
@@ -144,7 +185,7 @@ class Planner:
                 self.array(session, array_id, "to delete")
         emit = _Emitter()
         self._delete(session, array_ids, emit)
-        emit.submit(self.controller._scheduler)
+        emit.submit(self.controller._orderer(session))
 
     def _delete(self, session: _Session, array_ids: Sequence[int], emit: _Emitter) -> None:
         by_island: dict[int, list[int]] = {}
@@ -167,8 +208,10 @@ class Planner:
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def execute(self, session: _Session, commands: Sequence[pb.Command]) -> list[pb.CommandResult]:
-        """Checks and orders each command; returns one result per command, before anything runs."""
+    def execute(self, session: _Session, commands: Sequence[pb.Command]
+                ) -> Callable[[float | None], list[pb.CommandResult]]:
+        """Checks each command and queues the accepted ones for ordering; returns a function that
+        waits (up to a timeout) until they are ordered and gives one result per command."""
         emit = _Emitter()
         outcomes: list[list[tuple[int, int]] | PathwaysError] = []
         for n, command in enumerate(commands):
@@ -187,10 +230,20 @@ class Planner:
                     raise InvalidArgumentError(f"command {n} has no operation")
             except PathwaysError as exc:
                 outcomes.append(exc)
-        sequence = emit.submit(self.controller._scheduler)
-        return [pb.CommandResult(error=type(o).__name__, message=str(o), code=o.code.value[0])
-                if isinstance(o, PathwaysError) else
-                pb.CommandResult(sequence=[sequence[h] for h in o]) for o in outcomes]
+        ordering = emit.submit(self.controller._orderer(session))
+
+        def results(timeout: float | None) -> list[pb.CommandResult]:
+            sequence, errors = ordering.wait(timeout)
+            for n, o in enumerate(outcomes):
+                if not isinstance(o, PathwaysError):
+                    failed = [errors[island] for island, _ in o if island in errors]
+                    if failed:
+                        outcomes[n] = failed[0]
+            return [pb.CommandResult(error=type(o).__name__, message=str(o), code=o.code.value[0])
+                    if isinstance(o, PathwaysError) else
+                    pb.CommandResult(sequence=[sequence[h] for h in o]) for o in outcomes]
+
+        return results
 
     def _call(self, session: _Session, call: pb.Call, emit: _Emitter) -> list[tuple[int, int]]:
         exe = self.controller._executable(session, call.executable_id)
@@ -225,13 +278,15 @@ class Planner:
             raise InvalidArgumentError("an output id is used twice")
 
     def _emit_transfer(self, emit: _Emitter, source_id: int, source_island: int,
-                       destination: pb.ArraySpec, island: int) -> tuple[int, int]:
+                       source_slice: int, destination: pb.ArraySpec, island: int
+                       ) -> tuple[int, int]:
         """Expect on the destination island, Send on the source's; returns the Expect's handle."""
         info = self.controller._slice_info(
             self.controller.resources.get_slice(destination.sharding.slice_id))
         handle = emit.add(island, pb.Instruction(expect=pb.ExpectArrayInstruction(spec=destination)))
         emit.add(source_island, pb.Instruction(send=pb.SendInstruction(
-            array_id=source_id, destination=destination, destination_slice=info)))
+            array_id=source_id, destination=destination, destination_slice=info,
+            source_slice_id=source_slice)))
         return handle
 
     def _transfer(self, session: _Session, t: pb.TransferCommand, emit: _Emitter
@@ -243,7 +298,8 @@ class Planner:
         destination = pb.ArraySpec(array_id=t.destination, dtype=source.spec.dtype,
                                    shape=source.spec.shape, sharding=t.sharding)
         self.add(session, destination, island)
-        return [self._emit_transfer(emit, t.source, source.island, destination, island)]
+        return [self._emit_transfer(emit, t.source, source.island,
+                                    source.spec.sharding.slice_id, destination, island)]
 
     # -- programs ---------------------------------------------------------------------------------
 
@@ -345,7 +401,9 @@ class Planner:
                 dest = pb.ArraySpec(array_id=fresh(first), dtype=value.dtype, shape=value.shape,
                                     sharding=value.sharding)
                 made[first] = self._emit_transfer(emit, ids[source],
-                                                  program.values[source].island, dest, value.island)
+                                                  program.values[source].island,
+                                                  program.values[source].sharding.slice_id, dest,
+                                                  value.island)
                 ids.append(dest.array_id)
         for island, temp_ids in temps.items():
             emit.add(island, pb.Instruction(delete=pb.DeleteInstruction(array_ids=temp_ids)))

@@ -3,14 +3,22 @@
 The controller streams numbered instructions to every host of an island. A host does the cheap,
 order-free part of each instruction when it arrives (defining meshes, creating pending entries for
 outputs, so reads and puts can start), and runs the rest strictly in sequence order on one executor
-thread, with at most one execution in flight: several sharded executions with collectives in flight
-at once can deadlock XLA's CPU rendezvous (DESIGN.md), and one order per island is what gang
-scheduling guarantees anyway.
+thread. An execution with collectives is the only one in flight: several sharded executions with
+collectives in flight at once can deadlock XLA's CPU rendezvous (DESIGN.md); one without may overlap
+the next (runtime._inflight). Either way executions start in the island's order, which is what gang
+scheduling needs.
+
+On a multi-host island (runtime._distributed) a slice may span hosts: each host builds the global
+mesh, holds only its own shards, and launches each computation on its devices in the island's
+order; a host that holds no device of a slice skips that slice's work. If the hosts of a slice do
+not all reach a computation (an order broken from outside, an input that never arrives), the ones
+that did wait in its collectives forever: past `execution_deadline_s` a watchdog asks the slice's
+other hosts where they are and fails the computation with a report naming who reached it and who
+did not (runtime._hang).
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import itertools
@@ -28,11 +36,16 @@ from jax.sharding import Mesh, NamedSharding
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _wire
+from runtime._distributed import device_memory_bytes
 from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError, abort)
+from runtime._hang import HangWatchdog
+from runtime._inflight import InFlight, collective_free
 from runtime._store import ArrayStore, wait_all
 
 log = logging.getLogger(__name__)
+
+_IDLE = ("idle",)
 
 #: How long an execution waits for its inputs (e.g. a client's put still streaming) before failing.
 INPUT_TIMEOUT_S = 120.0
@@ -42,6 +55,9 @@ SLICE_TIMEOUT_S = 30.0
 TRANSFER_TIMEOUT_S = 300.0
 #: Longest wait a GetArray may ask for.
 MAX_GET_TIMEOUT_S = 3600.0
+#: Longest a computation on a multi-host slice may wait for the slice's other hosts to reach it
+#: (0: forever). Past it the computation is reported hung (runtime._hang).
+EXECUTION_DEADLINE_S = 30.0
 
 
 @dataclasses.dataclass
@@ -54,6 +70,10 @@ class _Loaded:
     out_nbytes: tuple[int, ...]  # bytes of each output on this host's devices
     donated: tuple[int, ...]
     devices: int = 0  # devices of this host it runs on
+    slice_id: int = 0
+    skip: bool = False  # this host holds no device of the slice: nothing to do here
+    multi_host: bool = False  # the slice spans hosts (its collectives cross processes)
+    overlap: bool = False  # no collectives: may run while the previous execution finishes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,25 +89,34 @@ class ExecutionRecord:
     start: float
     end: float
     devices: int
+    session_id: int = 0
 
 
 class Worker:
-    """State and executor of one host. Instantiable: tests run several in one process."""
+    """State and executor of one host. Instantiable: tests run several in one process.
+
+    `island_devices` (hosts of a distributed island only): every host's devices indexed by host,
+    as `runtime._distributed.island_devices` gives them; `devices` is this host's entry.
+    """
 
     def __init__(self, island: int, host: int, devices: Sequence[jax.Device], *,
                  platform: str = "cpu", backend: str = "local",
-                 input_timeout_s: float = INPUT_TIMEOUT_S) -> None:
+                 input_timeout_s: float = INPUT_TIMEOUT_S,
+                 island_devices: Sequence[Sequence[jax.Device]] | None = None,
+                 execution_deadline_s: float = EXECUTION_DEADLINE_S) -> None:
         self.island, self.host = island, host
         self.input_timeout_s = input_timeout_s
+        self.execution_deadline_s = execution_deadline_s
         self.devices = list(devices)
+        self.island_devices = [list(d) for d in island_devices] if island_devices else None
+        self.memory_bytes = device_memory_bytes(self.devices)
         self.platform, self.backend = platform, backend
         self.address = ""
         self.store = ArrayStore()
-        self.executions = 0
-        # ExecutionRecord fields as tuples on the hot path, ExecutionRecords on read.
-        self._timeline: collections.deque[tuple] = collections.deque(maxlen=100_000)
         self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
-        self._slices: dict[int, tuple[Mesh, pb.SliceInfo]] = {}
+        self._slices: dict[int, tuple[Mesh | None, pb.SliceInfo]] = {}
+        self._foreign: set[int] = set()  # slices with no device on this host
+        self._executable_slices: dict[int, int] = {}  # executable id -> slice id, on receipt
         self._loaded: dict[int, _Loaded] = {}
         self._compile_cache: dict[tuple, object] = {}
         self._pending: dict[int, pb.Instruction] = {}
@@ -95,41 +124,72 @@ class Worker:
         self._next = 1
         self.executed = 0  # last sequence number applied
         self._controller_id = ""
-        self._activity: tuple = ("idle",)  # rendered by `activity` only when someone asks
+        # (state, name, sequence, session, since, slice id): rendered only when someone asks.
+        self._activity: tuple = _IDLE
+        self._current_instruction: pb.Instruction | None = None
+        self._progress = threading.Event()  # set as the executor moves on (WatchProgress)
+        self.hang = ""  # the report of a computation that ran past its deadline
         self._cond = threading.Condition()
         self._stopped = False
         self._peers: dict[str, pb_grpc.WorkerStub] = {}
         self._transfers = futures.ThreadPoolExecutor(max_workers=4,
                                                      thread_name_prefix=f"send-{island}.{host}")
+        self._inflight = InFlight(self.store, f"{island}.{host}", self._progress.set)
         self._thread = threading.Thread(target=self._run, name=f"executor-{island}.{host}",
                                         daemon=True)
         self._thread.start()
+        self._watchdog = HangWatchdog(self) if execution_deadline_s > 0 else None
+
+    @property
+    def executions(self) -> int:
+        """Executions completed since start."""
+        return self._inflight.executions
+
+    @property
+    def distributed_hosts(self) -> int:
+        """Hosts of this host's distributed island (0: not part of one)."""
+        return len(self.island_devices) if self.island_devices else 0
 
     # -- receipt: order-free work done as instructions arrive -------------------------------------
 
     def receive(self, controller_id: str, instructions: Sequence[pb.Instruction]) -> int:
-        """Queues instructions of the island's order; returns the highest sequence received."""
+        """Queues instructions of the island's order; returns the highest sequence received.
+
+        The order-free work runs outside the executor's lock (a batch holds up to a thousand
+        instructions; the executor must not wait for it), and the instructions become visible to
+        the executor together once it is done.
+        """
         now = time.time()
         with self._cond:
             if controller_id != self._controller_id:
                 self._reset(controller_id)
+            fresh = []
             for ins in instructions:
                 if ins.sequence <= 0:
                     raise InvalidArgumentError(f"instruction sequence {ins.sequence} is not positive")
                 if ins.sequence < self._next or ins.sequence in self._pending:
                     continue  # a resend of something already received
-                if ins.HasField("execute"):
-                    self._arrival[ins.sequence] = now
                 kind = ins.WhichOneof("op")
                 if kind is None:
                     raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
-                if kind == "define_slice":
-                    self._define_slice(ins.define_slice.slice)
-                elif kind == "expect":
-                    self.store.expect(ins.expect.spec.array_id)
-                elif kind == "execute":
+                fresh.append((kind, ins))
+        for kind, ins in fresh:
+            if kind == "execute":
+                if self._executable_slices.get(ins.execute.executable_id) not in self._foreign:
+                    self._arrival[ins.sequence] = now
                     for out in ins.execute.outputs:
                         self.store.expect(out)
+                    if self.hang:  # the executor is stuck: this will never run
+                        self._fail_outputs(ins.execute, DeadlineExceededError(self.hang))
+            elif kind == "define_slice":
+                self._define_slice(ins.define_slice.slice)
+            elif kind == "load":
+                self._executable_slices[ins.load.executable_id] = ins.load.slice_id
+            elif kind == "expect":
+                if ins.expect.spec.sharding.slice_id not in self._foreign:
+                    self.store.expect(ins.expect.spec.array_id)
+        with self._cond:
+            for _, ins in fresh:
                 self._pending[ins.sequence] = ins
                 self._received = max(self._received, ins.sequence)
             self._cond.notify_all()
@@ -145,17 +205,32 @@ class Worker:
         self._received, self._next, self.executed = 0, 1, 0
         self._arrival.clear()
         self._slices.clear()
+        self._foreign.clear()
+        self._executable_slices.clear()
         self._loaded.clear()
         self.store.clear()
 
     def _define_slice(self, info: pb.SliceInfo) -> None:
-        positions = [d.device for d in info.devices if d.host == self.host]
-        if any(not 0 <= p < len(self.devices) for p in positions):
-            raise InvalidArgumentError(f"slice {info.slice_id} names a device this host lacks")
-        if len(positions) != len(info.devices):
-            raise InvalidArgumentError("multi-host slices need a distributed island")
-        devices = np.array([self.devices[p] for p in positions]).reshape(tuple(info.mesh_shape))
-        self._slices[info.slice_id] = (Mesh(devices, tuple(info.axis_names)), info)
+        """Builds a slice's mesh: local devices, or global ones for a slice spanning hosts."""
+        hosts = {d.host for d in info.devices}
+        if self.host not in hosts:
+            self._slices[info.slice_id] = (None, info)
+            self._foreign.add(info.slice_id)
+            return
+        if hosts != {self.host} and self.island_devices is None:
+            raise InvalidArgumentError(f"slice {info.slice_id} spans hosts {sorted(hosts)}, but "
+                                       f"island {self.island} is not a distributed system")
+        table = self.island_devices or {self.host: self.devices}
+        if any(d.device < 0 for d in info.devices):
+            raise InvalidArgumentError(f"slice {info.slice_id} names a negative device index")
+        try:
+            devices = [table[d.host][d.device] for d in info.devices]
+        except (IndexError, KeyError):
+            raise InvalidArgumentError(f"slice {info.slice_id} names a device island "
+                                       f"{self.island} lacks") from None
+        mesh = Mesh(np.array(devices).reshape(tuple(info.mesh_shape)), tuple(info.axis_names))
+        self._slices[info.slice_id] = (mesh, info)
+        self._foreign.discard(info.slice_id)
 
     def wait_received(self, sequence: int, timeout: float) -> None:
         """Waits until instructions up to `sequence` of the island's order have arrived."""
@@ -179,7 +254,11 @@ class Worker:
                     raise NotFoundError(f"slice {slice_id} is not defined on host "
                                         f"{self.island}.{self.host}")
                 self._cond.wait(left)
-            return self._slices[slice_id]
+            mesh, info = self._slices[slice_id]
+        if mesh is None:
+            raise FailedPreconditionError(f"slice {slice_id} has no device on host "
+                                          f"{self.island}.{self.host}")
+        return mesh, info
 
     # -- the ordered executor ---------------------------------------------------------------------
 
@@ -192,14 +271,16 @@ class Worker:
                     return
                 ins = self._pending.pop(self._next)
                 self._next += 1
+                self._current_instruction = ins
             try:
                 self._apply(ins)
             except Exception:  # an executor must survive any one instruction
                 log.exception("host %d.%d: instruction %d failed", self.island, self.host,
                               ins.sequence)
             finally:
-                self._activity = ("idle",)
+                self._activity = _IDLE
                 self.executed = ins.sequence
+                self._progress.set()
 
     def _apply(self, ins: pb.Instruction) -> None:
         kind = ins.WhichOneof("op")
@@ -217,19 +298,28 @@ class Worker:
                 self._slices.pop(ins.release_slice.slice_id, None)
 
     def _load(self, load: pb.LoadInstruction) -> None:
-        self._activity = ("compiling", load.name)
         donated = tuple(load.donated)
+        if load.slice_id in self._foreign:
+            self._loaded[load.executable_id] = _Loaded(load.name, None, None, (), donated,
+                                                       slice_id=load.slice_id, skip=True)
+            return
+        self._activity = ("compiling", load.name, 0, 0, time.monotonic(), load.slice_id)
         try:
             mesh, info = self.mesh(load.slice_id)
-            key = (load.fingerprint, load.slice_id, donated)
-            compiled = self._compile_cache.get(key)
-            if compiled is None:
+            # Slices on the same devices share compilations (clients often ask for alike slices).
+            key = (load.fingerprint, tuple(d.id for d in mesh.devices.flat), mesh.axis_names,
+                   donated)
+            cached = self._compile_cache.get(key)
+            if cached is None:
                 compiled = _compile(load, mesh)
-                self._compile_cache[key] = compiled
+                cached = self._compile_cache[key] = (compiled, collective_free(compiled))
+            compiled, no_collectives = cached
+            multi_host = any(d.host != self.host for d in info.devices)
             self._loaded[load.executable_id] = _Loaded(
                 load.name, compiled, None, tuple(_host_nbytes(v, info, self.host)
                                                  for v in load.outputs), donated,
-                sum(d.host == self.host for d in info.devices))
+                sum(d.host == self.host for d in info.devices), load.slice_id,
+                multi_host=multi_host, overlap=no_collectives and not multi_host)
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")
@@ -238,21 +328,32 @@ class Worker:
     def _execute(self, sequence: int, ex: pb.ExecuteInstruction, received: float) -> None:
         picked = time.time()
         loaded = self._loaded.get(ex.executable_id)
+        if loaded is not None and loaded.skip:
+            return
         try:
             if loaded is None:
                 raise NotFoundError(f"executable {ex.executable_id} is not loaded on this host")
             if loaded.error is not None:
                 raise loaded.error
-            self._activity = ("waiting for inputs of", loaded.name, sequence)
+            if self.hang:
+                raise DeadlineExceededError(self.hang)
+            self._activity = ("waiting for inputs of", loaded.name, sequence, ex.session_id,
+                              time.monotonic(), loaded.slice_id)
             inputs = wait_all(self.store, ex.inputs, time.monotonic() + self.input_timeout_s)
-            self._activity = ("running", loaded.name, sequence)
+            self._activity = ("running", loaded.name, sequence, ex.session_id, time.monotonic(),
+                              loaded.slice_id)
+            if not loaded.overlap:
+                self._inflight.drain()  # collectives: the only execution in flight
             start = time.time()
             outputs = loaded.compiled(*inputs)
-            for out in outputs:
-                out.block_until_ready()  # one execution in flight per island (see module doc)
-            self._timeline.append((sequence, loaded.name, received or picked, picked, start,
-                                   time.time(), loaded.devices))
-            self.executions += 1
+            record = (sequence, loaded.name, received or picked, picked, start, loaded.devices,
+                      ex.session_id)
+            if loaded.overlap:
+                self._inflight.hand_off(record, outputs, ex.outputs)
+            else:
+                for out in outputs:
+                    out.block_until_ready()
+                self._inflight.record(record, time.time())
         except Exception as exc:
             name = loaded.name if loaded else f"executable {ex.executable_id}"
             where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
@@ -261,15 +362,41 @@ class Worker:
             for out in ex.outputs:
                 self.store.fail(out, error)
             return
+        if self.hang:
+            return  # reported hung meanwhile: its outputs already carry the report
         for array_id, value, nbytes in zip(ex.outputs, outputs, loaded.out_nbytes):
             self.store.set(array_id, value, nbytes)
         for position in loaded.donated:
             self.store.delete(ex.inputs[position])
 
+    def _fail_outputs(self, ex: pb.ExecuteInstruction, error: PathwaysError) -> None:
+        for out in ex.outputs:
+            self.store.fail(out, error)
+
+    def declare_hang(self, report: str) -> None:
+        """The executor is stuck (runtime._hang): fails the outputs of the stuck computation and
+        of everything queued behind it with DeadlineExceededError(report), now and on arrival."""
+        with self._cond:
+            if self.hang:
+                return
+            self.hang = report
+            stuck = self._current_instruction
+            pending = [ins.execute for ins in self._pending.values() if ins.HasField("execute")]
+        log.error("host %d.%d: %s", self.island, self.host, report)
+        error = DeadlineExceededError(report)
+        if stuck is not None and stuck.HasField("execute"):
+            pending.append(stuck.execute)
+        for ex in pending:
+            if self._executable_slices.get(ex.executable_id) not in self._foreign:
+                self._fail_outputs(ex, error)
+        self._progress.set()
+
     # -- transfers between hosts ------------------------------------------------------------------
 
     def _send(self, send: pb.SendInstruction) -> None:
         """Pins the source now (in island order), streams it on a transfer thread."""
+        if send.source_slice_id in self._foreign:
+            return  # another host of the island holds the array
         try:
             value, error = self.store.get(send.array_id, self.input_timeout_s), None
         except PathwaysError as exc:
@@ -282,15 +409,22 @@ class Worker:
         what = f"transfer of array {send.array_id} from host {self.island}.{self.host}"
         try:
             if error is None and not value.is_fully_addressable:
-                error = FailedPreconditionError(f"{what}: the array spans several hosts")
+                # Each host holds only its shards; reassembling them for the destination is not
+                # supported. One host of the source slice reports it, so the copy fails once.
+                if self.host != min(d.host for d in self.mesh(send.source_slice_id)[1].devices):
+                    return
+                error = FailedPreconditionError(
+                    f"{what}: the array spans several hosts; copying such an array to another "
+                    f"slice is not supported (fetch it, or compute the copy on its own slice)")
             full = None
+            local = all(d.host == self.host for d in info.devices)
             for host, address in enumerate(info.host_addresses):
                 positions = [p for p, d in enumerate(info.devices) if d.host == host]
                 if not positions:
                     continue
                 if error is not None:
                     chunks = iter([pb.ArrayChunk(spec=dest, error=f"{what} failed: {error}")])
-                elif address == self.address:
+                elif address == self.address and local:
                     mesh, _ = self.mesh(dest.sharding.slice_id, SLICE_TIMEOUT_S)
                     self.store.set(dest.array_id, jax.device_put(value, NamedSharding(
                         mesh, _wire.spec_from_proto(dest.sharding))))
@@ -335,6 +469,7 @@ class Worker:
                                                                   tuple(info.axis_names)),
                                            spec.sharding))
         flat_devices = mesh.devices.reshape(-1)
+        local = [p for p, d in enumerate(info.devices) if d.host == self.host]
         placed: dict[int, jax.Array] = {}
         for shard in shards:
             if expected.get(shard.index) is None:
@@ -342,13 +477,17 @@ class Worker:
             for position in shard.positions:
                 if position not in expected[shard.index]:
                     raise InvalidArgumentError(f"mesh position {position} does not hold {shard.index}")
+                if info.devices[position].host != self.host:
+                    raise InvalidArgumentError(f"mesh position {position} is on host "
+                                               f"{info.devices[position].host}, not this one")
                 placed[position] = jax.device_put(shard.data, flat_devices[position])
-        if len(placed) != len(flat_devices):
+        if len(placed) != len(local):
             raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
-                                       f"{len(flat_devices)} devices")
+                                       f"the {len(local)} devices of this host")
         sharding = NamedSharding(mesh, _wire.spec_from_proto(spec.sharding))
-        value = jax.make_array_from_single_device_arrays(
-            shape, sharding, [placed[p] for p in range(len(flat_devices))])
+        # Only this host's shards: on a slice spanning hosts the array is a global one.
+        value = jax.make_array_from_single_device_arrays(shape, sharding,
+                                                         [placed[p] for p in local])
         self.store.set(spec.array_id, value, sum(placed[p].nbytes for p in placed))
         return sum(s.data.nbytes for s in shards)
 
@@ -372,28 +511,84 @@ class Worker:
     def info(self) -> pb.HostInfo:
         kind = self.devices[0].device_kind if self.devices else ""
         with self._cond:
-            depth = len(self._pending)
+            depth, received = len(self._pending), self._received
+        state = self._activity
         return pb.HostInfo(island=self.island, host=self.host, address=self.address,
                            platform=self.platform, num_devices=len(self.devices), device_kind=kind,
-                           state="alive", backend=self.backend, queue_depth=depth,
-                           activity=self.activity)
+                           state="hung" if self.hang else "alive", backend=self.backend,
+                           queue_depth=depth, activity=self.activity,
+                           device_memory_bytes=self.memory_bytes,
+                           distributed_hosts=self.distributed_hosts, received=received,
+                           executed=self.executed, hang=self.hang,
+                           current_sequence=state[2] if len(state) > 2 else 0,
+                           current_name=state[1] if len(state) > 1 else "")
 
     @property
     def activity(self) -> str:
-        """What the executor is doing, e.g. "running step (#12)"."""
+        """What the executor is doing, e.g. "running step (#12, session 3) for 0.2 s"."""
         state = self._activity
-        return " ".join(map(str, state[:2])) + (f" (#{state[2]})" if len(state) > 2 else "")
+        if len(state) < 6:
+            return state[0]
+        what, name, sequence, session, since, _ = state
+        where = f"#{sequence}, session {session}" if session else f"#{sequence}"
+        text = (f"{what} {name} ({where}) for {time.monotonic() - since:.1f} s" if sequence
+                else f"{what} {name} for {time.monotonic() - since:.1f} s")
+        return f"stuck: {text}" if self.hang else text
+
+    @property
+    def current(self) -> tuple:
+        """The executor's state: (what, name, sequence, session, since, slice id), or ("idle",)."""
+        return self._activity
+
+    def watch_progress(self, min_interval_s: float, active) -> Iterator[pb.WatchProgressReply]:
+        """Progress reports while `active()`: one as the executor moves on, at most one per
+        `min_interval_s`, with the executions completed since the previous one; one a second
+        when idle, so the stream stays alive."""
+        interval = min(max(min_interval_s, 0.0), 1.0)
+        timeline = self._inflight.timeline
+        reported = timeline[-1][0] if timeline else 0  # last sequence reported
+        while active() and not self._stopped:
+            self._progress.wait(1.0)
+            self._progress.clear()
+            # The executor appends meanwhile: walk back from the end by index (each read is
+            # atomic) to the last entry reported, skipping entries seen twice as the end moves.
+            fresh: list[tuple] = []
+            back = 1
+            while back <= len(timeline):
+                try:
+                    entry = timeline[-back]
+                except IndexError:
+                    break
+                if entry[0] <= reported:
+                    break
+                if not fresh or entry[0] < fresh[-1][0]:
+                    fresh.append(entry)
+                back += 1
+            if fresh:
+                reported = fresh[0][0]
+            completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
+                         for e in reversed(fresh)]
+            with self._cond:
+                received = self._received
+            yield pb.WatchProgressReply(received=received, executed=self.executed,
+                                        completed=completed, hang=self.hang)
+            if interval:
+                time.sleep(interval)
 
     @property
     def timeline(self) -> list[ExecutionRecord]:
         """Timestamps of the most recent executions, oldest first."""
-        return [ExecutionRecord(*entry) for entry in list(self._timeline)]
+        return [ExecutionRecord(*entry) for entry in list(self._inflight.timeline)]
 
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
-        self._thread.join(timeout=5)
+        self._progress.set()
+        self._inflight.stop()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        self._thread.join(timeout=0.5 if self.hang else 5)  # a stuck executor never returns
         self._transfers.shutdown(wait=False, cancel_futures=True)
 
 
@@ -457,9 +652,13 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def GetTimeline(self, request, context):
         events = [pb.ExecutionEvent(sequence=r.sequence, name=r.name, received=r.received,
-                                    picked=r.picked, start=r.start, end=r.end, devices=r.devices)
+                                    picked=r.picked, start=r.start, end=r.end, devices=r.devices,
+                                    session_id=r.session_id)
                   for r in self.worker.timeline if r.end > request.since]
         return pb.GetTimelineReply(island=self.worker.island, host=self.worker.host, events=events)
+
+    def WatchProgress(self, request, context):
+        yield from self.worker.watch_progress(request.min_interval_s, context.is_active)
 
     def Ping(self, request, context):
         count, nbytes = self.worker.store.stats()

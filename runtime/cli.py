@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import signal
@@ -10,29 +11,69 @@ import sys
 import threading
 
 
-def _wait_for_signal() -> None:
-    """Blocks until SIGINT or SIGTERM."""
+#: Python thread switch interval in worker processes (see _cmd_worker).
+WORKER_SWITCH_INTERVAL_S = 0.0002
+#: Allocations between young-generation collections in long-running processes (Python: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _quiet_collector() -> None:
+    """For a long-running server process, once started: what exists now (JAX's modules, compiled
+    executables) lives as long as the process, so it leaves the cyclic collector's view, and
+    collections run less often. A full collection otherwise walks it all and stalls dispatch or
+    execution for tens of milliseconds (seen: 40-70 ms in the controller under load)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
+def _stop_on_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (handlers installed now)."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_signal(stop: threading.Event | None = None) -> None:
+    """Blocks until SIGINT or SIGTERM."""
+    stop = stop or _stop_on_signal()
     while not stop.wait(1.0):
         pass
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
+    import os
+
     import jax
 
     if args.platform == "cpu":
         jax.config.update("jax_num_cpu_devices", args.devices)
-    from runtime._cluster import register_host
+    from runtime._cluster import register_host, unregister_host
+    from runtime._distributed import initialize_island, island_devices
     from runtime._worker import Worker, create_worker_server
 
-    devices = jax.devices(args.platform)
+    # The executor thread gives the GIL up while a computation runs; it must get it back within
+    # tens of microseconds, not the default 5 ms, when another thread (a Dispatch batch) holds it.
+    sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
+    distributed = args.num_hosts > 1
+    if distributed:
+        if not args.coordinator:
+            print("error: --num-hosts > 1 needs --coordinator", file=sys.stderr)
+            return 2
+        initialize_island(args.coordinator, args.num_hosts, args.host, args.platform)
+        hosts = island_devices(args.platform, args.num_hosts)
+        devices = hosts[args.host]
+    else:
+        hosts, devices = None, jax.devices(args.platform)
+    stop = _stop_on_signal()  # after the distributed runtime, which takes SIGTERM over
     if len(devices) < args.devices:
         print(f"error: asked for {args.devices} {args.platform} devices, found {len(devices)}",
               file=sys.stderr)
         return 2
-    worker = Worker(args.island, args.host, devices[:args.devices], platform=args.platform)
+    worker = Worker(args.island, args.host, devices[:args.devices], platform=args.platform,
+                    island_devices=[d[:args.devices] for d in hosts] if hosts else None,
+                    execution_deadline_s=args.execution_deadline)
     server, _ = create_worker_server(worker, f"{args.bind}:{args.port}")
     try:
         register_host(args.controller, worker.info(), timeout=args.register_timeout)
@@ -40,20 +81,29 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: cannot register with controller {args.controller}: {exc}", file=sys.stderr)
         server.stop(grace=None)
         return 1
+    _quiet_collector()
     print(f"worker {args.island}.{args.host} listening on {worker.address} "
-          f"({args.devices} {args.platform} devices)", flush=True)
-    _wait_for_signal()
+          f"({args.devices} {args.platform} devices"
+          f"{f', host {args.host} of {args.num_hosts}' if distributed else ''})", flush=True)
+    _wait_for_signal(stop)
+    unregister_host(args.controller, worker.info())
     server.stop(grace=1.0)
     worker.stop()
+    if distributed or worker.hang:
+        # Skip interpreter teardown: the distributed runtime's shutdown waits for hosts that may be
+        # gone, and a computation stuck in a collective never returns.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
     from runtime._controller import Controller, create_controller_server
 
-    controller = Controller()
+    controller = Controller(policy=args.policy)
     server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
-    print(f"controller listening on {args.bind}:{port}", flush=True)
+    _quiet_collector()
+    print(f"controller listening on {args.bind}:{port} (policy {args.policy})", flush=True)
     _wait_for_signal()
     controller.close()
     server.stop(grace=1.0)
@@ -66,7 +116,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
         from runtime._cluster import ProcessCluster
 
         cluster = ProcessCluster(args.islands, args.hosts_per_island, devices_per_host,
-                                 port=args.port, host=args.bind, platform=args.platform)
+                                 port=args.port, host=args.bind, platform=args.platform,
+                                 policy=args.policy, execution_deadline_s=args.execution_deadline)
         backend = "local processes"
     else:
         from runtime._ray import RayCluster
@@ -77,6 +128,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                              host=args.bind, platform=args.platform)
         backend = (f"Ray actors ({cluster.placement_strategy}, "
                    f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
+    _quiet_collector()
     try:
         print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
               f"{args.platform} devices up as {backend}", flush=True)
@@ -104,17 +156,46 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(json_format.MessageToDict(status, preserving_proto_field_name=True),
                          indent=2))
         return 0
-    print(f"controller {args.address}: {status.sessions} sessions, {status.arrays} arrays, "
-          f"{len(status.slices)} slices")
-    print(f"{'island':>6} {'host':>4}  {'address':<22} {'backend':<7} {'platform':<8} "
-          f"{'devices':>7}  {'queue':>5}  state")
-    for h in status.hosts:
-        print(f"{h.island:>6} {h.host:>4}  {h.address:<22} {h.backend:<7} {h.platform:<8} "
-              f"{h.num_devices:>7}  {h.queue_depth:>5}  {h.state}")
+    print(format_status(args.address, status))
+    return 0
+
+
+def format_status(address: str, status) -> str:
+    """`pathways status` as text: per island its order, its hosts (what each runs or waits for)
+    and the client queues in front of it; then the slices."""
+    lines = [f"controller {address}: {status.sessions} sessions, {status.arrays} arrays, "
+             f"{len(status.slices)} slices"]
+    islands = {i.island: i for i in status.islands}
+    for island in sorted({h.island for h in status.hosts} | set(islands)):
+        order = islands.get(island)
+        head = f"island {island}"
+        if order is not None:
+            head += (f": order at #{order.sequence}, policy {order.policy}, "
+                     f"{order.outstanding_s * 1e3:.1f} ms of work ahead of the hosts")
+        lines.append(head)
+        if order is not None and order.failure:
+            lines.append(f"  FAILED: {order.failure}")
+        lines.append(f"  {'island':>6} {'host':>4}  {'address':<21} {'backend':<7} {'platform':<8} "
+                     f"{'devices':>7} {'GiB/dev':>7} {'received':>8} {'executed':>8} "
+                     f"{'queued':>6}  state")
+        for h in (h for h in status.hosts if h.island == island):
+            memory = f"{h.device_memory_bytes / 2**30:.1f}" if h.device_memory_bytes else "-"
+            lines.append(f"  {h.island:>6} {h.host:>4}  {h.address:<21} {h.backend:<7} "
+                         f"{h.platform:<8} {h.num_devices:>7} {memory:>7} {h.received:>8} "
+                         f"{h.executed:>8} {h.queue_depth + h.undelivered:>6}  {h.state}")
+            lines.append(f"{'':>15}{h.activity or '-'}")
+            if h.hang:
+                lines.append(f"{'':>15}hang: {h.hang}")
+        for t in order.tenants if order is not None else ():
+            lines.append(f"  client {t.client_name!r} (session {t.session_id}, weight "
+                         f"{t.weight:g}): {t.queued} queued, {t.ordered} ordered, "
+                         f"{t.device_seconds:.3f} device s")
     for s in status.slices:
         mesh = "x".join(f"{n}{a}" for n, a in zip(s.mesh_shape, s.axis_names))
-        print(f"slice {s.slice_id}: island {s.island}, mesh {mesh}")
-    return 0
+        hosts = sorted({d.host for d in s.devices})
+        lines.append(f"slice {s.slice_id}: island {s.island}, mesh {mesh}, hosts "
+                     f"{','.join(map(str, hosts))}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,12 +217,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
     p.add_argument("--register-timeout", type=float, default=60.0,
                    help="seconds to keep trying to reach the controller")
+    p.add_argument("--num-hosts", type=int, default=1,
+                   help="hosts of the island; above 1 they form one JAX distributed system")
+    p.add_argument("--coordinator", default="",
+                   help="HOST:PORT of the island's distributed-system coordinator (served by "
+                        "host 0; needed with --num-hosts > 1)")
+    p.add_argument("--execution-deadline", type=float, default=30.0,
+                   help="seconds a computation on a multi-host slice may wait for the slice's "
+                        "other hosts before it is reported hung (0: forever)")
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("controller", help="run a controller",
                        description="Run a controller; workers register with it.")
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
     p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
+    p.add_argument("--policy", choices=("fifo", "share"), default="fifo",
+                   help="how clients share an island: fifo (arrival order) or share "
+                        "(device time in proportion to each client's weight)")
     p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("up", help="start a controller and local island workers",
@@ -150,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--islands", type=int, default=2, help="number of islands")
     p.add_argument("--devices-per-island", type=int, default=4,
                    help="devices per island (split over its hosts)")
-    p.add_argument("--hosts-per-island", type=int, default=1, help="worker hosts per island")
+    p.add_argument("--hosts-per-island", type=int, default=1,
+                   help="worker hosts per island; with local processes, the hosts of an island "
+                        "form one JAX distributed system, so a slice may span them")
     p.add_argument("--devices-per-host", type=int, default=0,
                    help="devices per host (overrides --devices-per-island)")
     p.add_argument("--platform", choices=("cpu", "cuda"), default="cpu", help="device platform")
@@ -164,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="Ray placement strategy of an island's bundles (auto: PACK on one node, "
                         "STRICT_SPREAD on several)")
+    p.add_argument("--policy", choices=("fifo", "share"), default="fifo",
+                   help="how clients share an island: fifo (arrival order) or share "
+                        "(device time in proportion to each client's weight)")
+    p.add_argument("--execution-deadline", type=float, default=30.0,
+                   help="seconds a computation on a multi-host slice may wait for the slice's "
+                        "other hosts before it is reported hung (0: forever)")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="list islands, hosts and slices of a controller",

@@ -3,121 +3,379 @@
 Every instruction for an island, from every client, gets the next sequence number under one lock and
 is queued for every host of the island; each host executes strictly in sequence order. So all hosts
 run the island's SPMD computations in the same order, and their collectives meet, whatever the
-interleaving of clients. A sender thread per host batches queued instructions into Dispatch RPCs,
-so a burst of calls costs one round trip per batch rather than per call.
+interleaving of clients.
+
+In front of the order sit per-client queues (`Tenant`s): a client's instructions wait there, in the
+client's own order, until a scheduling policy (FIFO or proportional share, scheduler._policy)
+gives them their place. Only a short window of device work (`window_s` of estimated execution
+time) is ordered ahead of the slowest host, so the policy decides close to when work runs, and a
+client submitting as fast as it can waits for its turn instead of flooding the hosts. Hosts report
+each execution's duration (scheduler._delivery), which refines the estimates and charges each
+client its measured device time. Instructions that cost no device time (array declarations,
+deletes, sends, loads) are ordered as soon as they reach the head of their queue.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-import grpc
-
 from proto import pathways_pb2 as pb
-from proto import pathways_pb2_grpc as pb_grpc
-from runtime._errors import DeadlineExceededError, HostLostError, ResourceExhaustedError
-from runtime._wire import GRPC_OPTIONS
+from runtime._errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
+                             PathwaysError, ResourceExhaustedError)
+from scheduler._delivery import HostLink
+from scheduler._policy import SchedulingPolicy, Tenant, check_weight, make_policy
 
 log = logging.getLogger(__name__)
 
-#: Deadline of one Dispatch RPC.
-DISPATCH_TIMEOUT_S = 10.0
-#: Most instructions, and about the most bytes, per Dispatch RPC.
-MAX_BATCH = 1024
-MAX_BATCH_BYTES = 8 << 20
+#: Estimated device seconds of work kept ordered ahead of the slowest host, and the fraction of it
+#: below which the window is refilled (refilling in batches keeps Dispatch RPCs, which cost the
+#: hosts' executors time, to a few per window rather than one per execution).
+WINDOW_S = 0.05
+REFILL_BELOW = 0.5
+#: Most executions ordered ahead of the slowest host, whatever their estimates.
+MAX_OUTSTANDING = 4096
+#: Estimate for an executable not measured yet, and the least any execution is counted as.
+DEFAULT_COST_S = 1e-3
+MIN_COST_S = 1e-5
+#: Weight of a new measurement in an executable's running cost estimate.
+COST_SMOOTHING = 0.2
+#: When the island has made no progress for this long (or 4x the oldest pending estimate), one
+#: more execution is ordered past the window: work blocked on another island's transfer must not
+#: hold up the transfers it waits for.
+STALL_S = 0.5
+#: Measurements kept for executions whose hosts have not reported yet.
+MAX_UNMEASURED = 16384
 
 
-class _HostLink:
-    """The ordered delivery of an island's instructions to one host."""
+@dataclasses.dataclass(eq=False)
+class _Queued:
+    """An instruction waiting in a tenant's queue."""
 
-    def __init__(self, scheduler: "GangScheduler", host: int, address: str) -> None:
-        self.scheduler, self.host, self.address = scheduler, host, address
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-        self.stub = pb_grpc.WorkerStub(self.channel)
-        self.queue: collections.deque[pb.Instruction] = collections.deque()
-        self.acked = 0
-        self.executed = 0
-        self.failed: str = ""
-        self.thread = threading.Thread(target=self._send_loop, daemon=True,
-                                       name=f"dispatch-{scheduler.island}.{host}")
-        self.thread.start()
+    op: pb.Instruction
+    ticket: OrderTicket
+    index: int  # position in its ticket
+    arrival: int  # global arrival stamp (FIFO)
+    executes: bool  # device work; other instructions only need a place in the order
 
-    def _send_loop(self) -> None:
-        cond = self.scheduler.cond
-        while True:
-            with cond:
-                while not self.queue and not self.scheduler.closed:
-                    cond.wait()
-                if self.scheduler.closed:
-                    return
-                batch, size = [], 0
-                while self.queue and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
-                    ins = self.queue.popleft()
-                    batch.append(ins)
-                    size += ins.ByteSize()
-            request = pb.DispatchRequest(controller_id=self.scheduler.controller_id,
-                                         instructions=batch)
-            try:
-                reply = self.stub.Dispatch(request, timeout=DISPATCH_TIMEOUT_S)
-            except grpc.RpcError as err:
-                reason = f"dispatch failed: {err.code().name}: {err.details()}"
-                with cond:
-                    self.failed = reason
-                    self.queue.clear()
-                    cond.notify_all()
-                self.scheduler.on_host_failure(self.scheduler.island, self.host, reason)
-                return
-            self.scheduler.note_progress(self.host, reply.executed, reply.received)
 
-    def close(self) -> None:
-        self.channel.close()
+class OrderTicket:
+    """The places in the island's order of one batch of a session's instructions."""
+
+    __slots__ = ("scheduler", "tenant", "sequences", "remaining", "error", "done")
+
+    def __init__(self, scheduler: GangScheduler, tenant: Tenant, count: int) -> None:
+        self.scheduler, self.tenant = scheduler, tenant
+        self.sequences = [0] * count
+        self.remaining = count
+        self.error: PathwaysError | None = None
+        self.done = threading.Event()
+        if not count:
+            self.done.set()
+
+    def wait(self, timeout: float | None = None) -> list[int]:
+        """The sequence numbers, once every instruction is ordered. Past `timeout` s the rest of
+        the batch is ordered at once, ahead of its turn: a client's deadline outranks the policy.
+        Raises the island's failure (HostLostError, DeadlineExceededError for a hang)."""
+        if not self.done.wait(timeout):
+            self.scheduler._force(self)
+        if self.error is not None:
+            raise self.error
+        return self.sequences
 
 
 class GangScheduler:
-    """The total order of one island. Thread-safe; `submit` never blocks on the hosts."""
+    """The total order of one island and the client queues in front of it. Thread-safe; neither
+    `submit` nor `enqueue` waits for the hosts."""
 
     def __init__(self, island: int, controller_id: str,
-                 on_host_failure: Callable[[int, int, str], None]) -> None:
+                 on_host_failure: Callable[[int, int, str], None], *,
+                 policy: str | SchedulingPolicy = "fifo", window_s: float = WINDOW_S,
+                 link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink) -> None:
+        """`link_factory(scheduler, host, address)` connects a host (tests pass a fake)."""
         self.island, self.controller_id = island, controller_id
+        self._link_factory = link_factory
         self.on_host_failure = on_host_failure
+        self.policy = make_policy(policy) if isinstance(policy, str) else policy
+        self.window_s = window_s
         self.cond = threading.Condition()
         self.closed = False
-        self._links: dict[int, _HostLink] = {}
+        self._links: dict[int, HostLink] = {}
         self._sequence = 0
         self._history: list[pb.Instruction] = []  # replayed to a host that (re)joins
+        self._tenants: dict[int, Tenant] = {}
+        self._arrivals = itertools.count()
+        # Ordered executions not yet executed by every host: (sequence, estimate).
+        self._inflight: collections.deque[tuple[int, float]] = collections.deque()
+        self._outstanding_s = 0.0
+        self._unmeasured: collections.OrderedDict[int, tuple[Tenant, int, float]] = (
+            collections.OrderedDict())
+        self._costs: dict[int, float] = {}  # executable id -> estimated seconds
+        self._executed = 0  # highest sequence every host has executed
+        self._progress_at = time.monotonic()
+        self._failure: PathwaysError | None = None
+        self._stopped = threading.Event()
+        self._pump = threading.Thread(target=self._pump_loop, daemon=True,
+                                      name=f"gang-{island}")
+        self._pump.start()
+
+    # -- hosts ------------------------------------------------------------------------------------
 
     def set_host(self, host: int, address: str) -> None:
-        """Connects a host; a host that joins late receives the island's order so far."""
+        """Connects a host; a host that joins late receives the island's order so far. A host that
+        re-registers clears the island's failure (its order starts afresh on the host)."""
         with self.cond:
             old = self._links.pop(host, None)
-            link = _HostLink(self, host, address)
+            link = self._link_factory(self, host, address)
             link.queue.extend(self._history)
             self._links[host] = link
+            if old is not None:
+                old.close()
+            self._failure = None
+            self._recompute_progress()
             self.cond.notify_all()
-        if old is not None:
-            old.close()
+
+    def remove_host(self, host: int) -> None:
+        """Disconnects a host that left the island."""
+        with self.cond:
+            link = self._links.pop(host, None)
+            if link is not None:
+                link.close()
+            self._recompute_progress()
+            self.cond.notify_all()
+
+    # -- ordering ---------------------------------------------------------------------------------
 
     def submit(self, ops: Sequence[pb.Instruction]) -> list[int]:
-        """Gives each op the next sequence number and queues it for every host; returns them.
-
-        Returns once the ops are ordered, before any host has received them. Raises HostLostError
-        if a host of the island has failed.
-        """
+        """Orders ops at once, ahead of queued client work, and queues them for every host;
+        returns their sequence numbers. For instructions outside any client's stream (slice
+        definitions). Raises the island's failure, e.g. HostLostError."""
         with self.cond:
             self._raise_if_failed()
             for op in ops:
-                self._sequence += 1
-                op.sequence = self._sequence
-                if op.WhichOneof("op") in ("define_slice", "load"):
-                    self._history.append(op)
-                for link in self._links.values():
-                    link.queue.append(op)
-            self.cond.notify_all()
+                self._place(op)
+            self._deliver(ops)
             return [op.sequence for op in ops]
+
+    def enqueue(self, session_id: int, ops: Sequence[pb.Instruction], *, weight: float = 1.0,
+                name: str = "") -> OrderTicket:
+        """Queues a session's instructions behind its earlier ones; the policy orders them.
+
+        Returns at once (ordering what the window allows in this call); `ticket.wait()` gives the
+        sequence numbers. Raises the island's failure, e.g. HostLostError.
+        """
+        with self.cond:
+            self._raise_if_failed()
+            tenant = self._tenants.get(session_id)
+            if tenant is None:
+                tenant = self._tenants[session_id] = Tenant(session_id, name)
+            tenant.weight, tenant.closing = check_weight(weight), False
+            ticket = OrderTicket(self, tenant, len(ops))
+            if not ops:
+                return ticket
+            idle = not tenant.queue
+            for i, op in enumerate(ops):
+                executes = op.HasField("execute")
+                if executes:
+                    op.execute.session_id = session_id
+                tenant.queue.append(_Queued(op, ticket, i, next(self._arrivals), executes))
+            if idle:
+                self.policy.activate(tenant, [t for t in self._tenants.values()
+                                              if t.queue and t is not tenant], time.monotonic())
+            self._admit()
+            return ticket
+
+    def end_session(self, session_id: int) -> None:
+        """Forgets a session once its queued work has been ordered."""
+        with self.cond:
+            tenant = self._tenants.get(session_id)
+            if tenant is not None:
+                tenant.closing = True
+                if not tenant.queue:
+                    del self._tenants[session_id]
+
+    def _place(self, op: pb.Instruction) -> None:
+        self._sequence += 1
+        op.sequence = self._sequence
+        if op.WhichOneof("op") in ("define_slice", "load"):
+            self._history.append(op)
+
+    def _deliver(self, ops: Sequence[pb.Instruction]) -> None:
+        for link in self._links.values():
+            if not link.failed:
+                link.queue.extend(ops)
+        self.cond.notify_all()
+
+    def _order_head(self, tenant: Tenant, batch: list[pb.Instruction]) -> None:
+        """Gives the head of a tenant's queue the next place in the order."""
+        item = tenant.queue.popleft()
+        self._place(item.op)
+        batch.append(item.op)
+        tenant.ordered += 1
+        if item.executes:  # charged its estimate now, corrected when the hosts measure it
+            sequence, executable = item.op.sequence, item.op.execute.executable_id
+            cost = max(MIN_COST_S, self._costs.get(executable, DEFAULT_COST_S))
+            self._inflight.append((sequence, cost))
+            self._outstanding_s += cost
+            self._unmeasured[sequence] = (tenant, executable, cost)
+            if len(self._unmeasured) > MAX_UNMEASURED:
+                self._unmeasured.popitem(last=False)
+            self.policy.charge(tenant, cost)
+        ticket = item.ticket
+        ticket.sequences[item.index] = item.op.sequence
+        ticket.remaining -= 1
+        if not ticket.remaining:
+            ticket.done.set()
+        if not tenant.queue:
+            tenant.idle_since = time.monotonic()
+            if tenant.closing:
+                self._tenants.pop(tenant.session_id, None)
+
+    def _window_full(self) -> bool:
+        return bool(self._inflight) and (self._outstanding_s >= self.window_s
+                                         or len(self._inflight) >= MAX_OUTSTANDING)
+
+    def _admit(self) -> None:
+        """Orders queued work while the window has room (called with the lock held)."""
+        if self._failure is not None or self.closed or not self._tenants:
+            return
+        batch: list[pb.Instruction] = []
+        refill = not self._inflight or self._outstanding_s < self.window_s * REFILL_BELOW
+        while True:
+            for tenant in list(self._tenants.values()):
+                while tenant.queue and not tenant.queue[0].executes:
+                    self._order_head(tenant, batch)
+            backlogged = [t for t in self._tenants.values() if t.queue]
+            if not refill or not backlogged or self._window_full():
+                break
+            self._order_head(self.policy.pick(backlogged), batch)
+        if batch:
+            self._deliver(batch)
+
+    def _force(self, ticket: OrderTicket) -> None:
+        """Orders the rest of a ticket's batch (and what precedes it in its queue) now."""
+        with self.cond:
+            if ticket.error is not None or not ticket.remaining:
+                return
+            log.warning("island %d: ordering %d instructions of session %d ahead of their turn "
+                        "(the client's deadline is near)", self.island, ticket.remaining,
+                        ticket.tenant.session_id)
+            batch: list[pb.Instruction] = []
+            while ticket.remaining and ticket.tenant.queue:
+                self._order_head(ticket.tenant, batch)
+            self._deliver(batch)
+
+    def _pump_loop(self) -> None:
+        """Orders past the window when the island has stalled (see STALL_S)."""
+        while not self._stopped.wait(0.1):
+            with self.cond:
+                if self._failure is not None or not self._inflight:
+                    continue
+                stall = max(STALL_S, 4 * self._inflight[0][1])
+                backlogged = [t for t in self._tenants.values() if t.queue]
+                if backlogged and time.monotonic() - self._progress_at > stall:
+                    batch: list[pb.Instruction] = []
+                    self._order_head(self.policy.pick(backlogged), batch)
+                    self._deliver(batch)
+                    self._progress_at = time.monotonic()
+
+    # -- progress from the hosts ------------------------------------------------------------------
+
+    def note_progress(self, host: int, executed: int, received: int = 0,
+                      completed: Sequence[pb.CompletedExecution] = (), hang: str = "") -> None:
+        """Records how far a host has received and executed the order (from acks, progress
+        reports and pings), and the measured durations of its executions."""
+        with self.cond:
+            link = self._links.get(host)
+            if link is None:
+                return
+            if received > link.acked:  # flush() waits on this
+                link.acked = received
+                self.cond.notify_all()
+            link.executed = max(link.executed, executed)
+            for done in completed:
+                self._measure(done.sequence, done.seconds)
+            if hang and self._failure is None:
+                self._fail(DeadlineExceededError(hang))
+            self._recompute_progress()
+            self._admit()
+
+    def _measure(self, sequence: int, seconds: float) -> None:
+        entry = self._unmeasured.pop(sequence, None)
+        if entry is None:
+            return  # another host of the island reported it first
+        tenant, executable_id, estimate = entry
+        tenant.device_seconds += seconds
+        self.policy.charge(tenant, seconds - estimate)
+        old = self._costs.get(executable_id)
+        self._costs[executable_id] = (seconds if old is None else
+                                      (1 - COST_SMOOTHING) * old + COST_SMOOTHING * seconds)
+
+    def _recompute_progress(self) -> None:
+        if not self._links:
+            return
+        executed = min(link.executed for link in self._links.values())
+        if executed > self._executed:
+            self._executed = executed
+            self._progress_at = time.monotonic()
+            while self._inflight and self._inflight[0][0] <= executed:
+                self._outstanding_s -= self._inflight.popleft()[1]
+            if not self._inflight:
+                self._outstanding_s = 0.0
+
+    # -- failures ---------------------------------------------------------------------------------
+
+    def fail(self, error: PathwaysError) -> None:
+        """Marks the island failed (a lost host, a hang): work queued for it, and every later
+        submission until a host re-registers, fails with `error` at once. (A command that touches
+        the island fails as a whole, as it does when the failure is known before it is planned.)"""
+        with self.cond:
+            if self._failure is None:
+                self._fail(error)
+
+    def _fail(self, error: PathwaysError) -> None:
+        self._failure = error
+        for tenant in self._tenants.values():
+            for item in tenant.queue:
+                if item.ticket.error is None:
+                    item.ticket.error = error
+                    item.ticket.done.set()
+            tenant.queue.clear()
+        self.cond.notify_all()
+
+    @property
+    def failure(self) -> PathwaysError | None:
+        """Why the island refuses work, or None."""
+        with self.cond:
+            if self._failure is None:
+                failure = self._link_failure()
+                if failure is not None:
+                    self._fail(failure)
+            return self._failure
+
+    def _link_failure(self) -> PathwaysError | None:
+        for host, link in self._links.items():
+            if link.failed:
+                return HostLostError(f"island {self.island}: host {self.island}.{host} "
+                                     f"({link.address}) was lost: {link.failed}")
+        return None
+
+    def _raise_if_failed(self) -> None:
+        if self.closed:
+            raise FailedPreconditionError(f"island {self.island}'s scheduler is closed")
+        if self._failure is None:
+            failure = self._link_failure()
+            if failure is not None:
+                self._fail(failure)
+        if self._failure is not None:
+            raise type(self._failure)(str(self._failure))
+
+    # -- queries ----------------------------------------------------------------------------------
 
     @property
     def sequence(self) -> int:
@@ -126,7 +384,7 @@ class GangScheduler:
             return self._sequence
 
     def flush(self, timeout: float) -> None:
-        """Waits until every host has received everything submitted so far."""
+        """Waits until every host has received everything ordered so far."""
         deadline = time.monotonic() + timeout
         with self.cond:
             target = self._sequence
@@ -141,15 +399,6 @@ class GangScheduler:
                         f"island {self.island}: hosts {slow} did not receive instructions "
                         f"up to #{target} within {timeout:.1f} s")
                 self.cond.wait(left)
-
-    def note_progress(self, host: int, executed: int, received: int = 0) -> None:
-        """Records how far a host has received and executed the order (from acks and pings)."""
-        with self.cond:
-            link = self._links.get(host)
-            if link is not None:
-                link.acked = max(link.acked, received)
-                link.executed = max(link.executed, executed)
-                self.cond.notify_all()
 
     def wait_backlog(self, limit: int, timeout: float) -> None:
         """Waits while the slowest host is more than `limit` instructions behind the order, so a
@@ -167,20 +416,28 @@ class GangScheduler:
                 self.cond.wait(min(left, 0.1))
 
     def queue_depth(self) -> dict[int, int]:
-        """Instructions not yet sent, per host."""
+        """Instructions ordered but not yet sent, per host."""
         with self.cond:
             return {h: len(link.queue) for h, link in self._links.items()}
 
-    def _raise_if_failed(self) -> None:
-        for host, link in self._links.items():
-            if link.failed:
-                raise HostLostError(f"island {self.island}: host {self.island}.{host} "
-                                    f"({link.address}) was lost: {link.failed}")
+    def status(self) -> pb.IslandStatus:
+        """The order's position, the client queues and the failure, if any."""
+        failure = self.failure
+        with self.cond:
+            return pb.IslandStatus(
+                island=self.island, sequence=self._sequence, policy=self.policy.name,
+                failure=str(failure) if failure else "", outstanding_s=self._outstanding_s,
+                tenants=[pb.TenantStatus(session_id=t.session_id, client_name=t.name,
+                                         weight=t.weight, queued=len(t.queue), ordered=t.ordered,
+                                         device_seconds=t.device_seconds)
+                         for t in sorted(self._tenants.values(), key=lambda t: t.session_id)])
 
     def close(self) -> None:
+        self._stopped.set()
         with self.cond:
             self.closed = True
-            self.cond.notify_all()
             links = list(self._links.values())
-        for link in links:
-            link.close()
+            for link in links:
+                link.close()
+            self._fail(FailedPreconditionError(f"island {self.island}'s scheduler is closed"))
+            self.cond.notify_all()

@@ -1,0 +1,73 @@
+"""Multi-host islands: the hosts of one island form one JAX distributed system.
+
+Each host process of such an island calls `initialize_island` before it touches a device: JAX's
+distributed runtime (coordinator on host 0) joins the processes, and on CPU the cross-process
+collectives go over gloo. Afterwards `jax.devices()` lists every host's devices, so one SPMD
+computation on a mesh of them runs across hosts, each process launching it on its own devices
+(in the same order: the island's gang order guarantees that).
+
+Host h of the island is JAX process h, and a slice's device (host h, device d) is the d-th device
+of process h in id order (`island_devices`).
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+
+import jax
+
+#: How long a host waits for the island's other hosts to join the distributed system.
+INITIALIZE_TIMEOUT_S = 120
+
+
+def initialize_island(coordinator: str, num_hosts: int, host: int, platform: str = "cpu",
+                      timeout_s: int = INITIALIZE_TIMEOUT_S) -> None:
+    """Joins this process, as host `host`, to its island's distributed system of `num_hosts`
+    processes coordinated at `coordinator` ("ip:port", served by host 0). Call before JAX
+    initialises its backends; returns once every host has joined (or raises after `timeout_s`).
+
+    JAX's preemption handling takes over SIGTERM here: install your own handlers afterwards.
+    """
+    if platform == "cpu":
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # The coordinator binds the address it is reached at (not every interface), and a host that
+    # exits does not wait minutes for hosts that are gone.
+    jax.distributed.initialize(coordinator, num_processes=num_hosts, process_id=host,
+                               initialization_timeout=timeout_s,
+                               coordinator_bind_address=coordinator, shutdown_timeout_seconds=5)
+
+
+def island_devices(platform: str, num_hosts: int) -> list[list[jax.Device]]:
+    """Every host's devices of the island's distributed system, indexed by host, in id order."""
+    per_host: list[list[jax.Device]] = [[] for _ in range(num_hosts)]
+    for device in jax.devices(platform):
+        per_host[device.process_index].append(device)
+    return [sorted(devices, key=lambda d: d.id) for devices in per_host]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on `host` right now (for a coordinator the caller starts soon after)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def device_memory_bytes(devices: Sequence[jax.Device]) -> int:
+    """Memory per device: the backend's limit where it reports one (GPUs), otherwise the machine's
+    physical memory split evenly over the devices (simulated CPU devices share it)."""
+    if not devices:
+        return 0
+    try:
+        stats = devices[0].memory_stats() or {}
+    except Exception:  # not every backend implements it
+        stats = {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+    return total // len(devices)
