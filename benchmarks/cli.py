@@ -7,10 +7,11 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds `bench` and its benchmarks to the `pathways` command."""
-    from benchmarks import dispatch, utilization
+    from benchmarks import dispatch, multitenant, utilization
 
-    bench = sub.add_parser("bench", help="run a benchmark (dispatch, ...)",
+    bench = sub.add_parser("bench", help="run a benchmark (dispatch, multitenant, ...)",
                            description="Benchmarks; each writes JSON and plots to --out DIR.")
     benches = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     dispatch.add_parser(benches)
+    multitenant.add_parser(benches)
     utilization.add_parser(benches)

@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -135,6 +136,11 @@ class Worker:
         self._transfers = futures.ThreadPoolExecutor(max_workers=4,
                                                      thread_name_prefix=f"send-{island}.{host}")
         self._inflight = InFlight(self.store, f"{island}.{host}", self._progress.set)
+        # Freeing a device buffer can wait for the computations still using it: the executor
+        # hands deleted arrays to this thread, which drops them, instead of waiting itself.
+        self._reaper: queue.SimpleQueue = queue.SimpleQueue()
+        threading.Thread(target=_reap, args=(self._reaper,), daemon=True,
+                         name=f"reaper-{island}.{host}").start()
         self._thread = threading.Thread(target=self._run, name=f"executor-{island}.{host}",
                                         daemon=True)
         self._thread.start()
@@ -289,8 +295,16 @@ class Worker:
         elif kind == "execute":
             self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
         elif kind == "delete":
+            doomed = []
             for array_id in ins.delete.array_ids:
-                self.store.delete(array_id)
+                if self.store.contains(array_id):
+                    try:  # keep a reference: the reaper thread drops the last one
+                        doomed.append(self.store.get(array_id, 0.0))
+                    except PathwaysError:
+                        pass  # pending or failed: nothing to free
+                    self.store.delete(array_id)
+            if doomed:
+                self._reaper.put(doomed)
         elif kind == "send":
             self._send(ins.send)
         elif kind == "release_slice":
@@ -585,11 +599,18 @@ class Worker:
             self._stopped = True
             self._cond.notify_all()
         self._progress.set()
+        self._reaper.put(None)
         self._inflight.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
         self._thread.join(timeout=0.5 if self.hang else 5)  # a stuck executor never returns
         self._transfers.shutdown(wait=False, cancel_futures=True)
+
+
+def _reap(doomed: queue.SimpleQueue) -> None:
+    """Drops the arrays put on `doomed` (None stops it)."""
+    while doomed.get() is not None:
+        pass
 
 
 def _host_nbytes(value: pb.ValueSpec, info: pb.SliceInfo, host: int) -> int:

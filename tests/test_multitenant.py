@@ -1,0 +1,240 @@
+"""Multi-tenancy: the scheduling policies, the client queues and dispatch window in front of an
+island's order, end to end on an in-process island, and the benchmark's accounting."""
+
+import collections
+import threading
+import time
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import runtime
+from benchmarks import multitenant
+from proto import pathways_pb2 as pb
+from runtime import DeadlineExceededError, HostLostError, InvalidArgumentError
+from scheduler import FifoPolicy, GangScheduler, ProportionalSharePolicy, Tenant, make_policy
+from scheduler._policy import IDLE_GRACE_S
+
+
+class FakeLink:
+    """Stands in for a host: records what it is sent; the test reports its progress."""
+
+    def __init__(self, scheduler, host, address):
+        self.host, self.address = host, address
+        self.queue = collections.deque()
+        self.acked = self.executed = 0
+        self.failed = ""
+
+    def close(self):
+        pass
+
+
+def gang(policy="share", window_s=1.0):
+    scheduler = GangScheduler(0, "controller", lambda *a: None, policy=policy, window_s=window_s,
+                              link_factory=FakeLink)
+    scheduler.set_host(0, "fake:0")
+    return scheduler, scheduler._links[0]
+
+
+def calls(executable, n):
+    return [pb.Instruction(execute=pb.ExecuteInstruction(executable_id=executable))
+            for _ in range(n)]
+
+
+def run_host(scheduler, link, seconds_per_call, rounds):
+    """Executes what the host was sent, in order, reporting each execution's duration."""
+    order = []
+    for _ in range(rounds):
+        while link.queue:
+            ins = link.queue.popleft()
+            order.append(ins)
+            scheduler.note_progress(0, ins.sequence, ins.sequence, [pb.CompletedExecution(
+                sequence=ins.sequence, seconds=seconds_per_call)])
+    return order
+
+
+class Queued:
+    def __init__(self, arrival):
+        self.arrival = arrival
+
+
+def backlogged(weights, depth=10_000):
+    tenants = [Tenant(i, weight=w) for i, w in enumerate(weights)]
+    for i, t in enumerate(tenants):
+        t.queue.extend(Queued(i + j * len(weights)) for j in range(depth))
+    return tenants
+
+
+def share_of(policy, tenants, picks, cost=1e-3):
+    counts = collections.Counter()
+    for _ in range(picks):
+        t = policy.pick([t for t in tenants if t.queue])
+        t.queue.popleft()
+        policy.charge(t, cost)
+        counts[t.session_id] += 1
+    return [counts[t.session_id] / picks for t in tenants]
+
+
+def test_proportional_share_splits_device_time_by_weight():
+    shares = share_of(ProportionalSharePolicy(), backlogged([1, 2, 4, 8]), 15_000)
+    np.testing.assert_allclose(shares, np.array([1, 2, 4, 8]) / 15, rtol=1e-3)
+
+
+def test_proportional_share_counts_device_time_not_calls():
+    policy = ProportionalSharePolicy()
+    cheap, costly = backlogged([1, 1])
+    counts = collections.Counter()
+    for _ in range(3000):
+        t = policy.pick([cheap, costly])
+        t.queue.popleft()
+        policy.charge(t, 1e-3 if t is cheap else 3e-3)
+        counts[t.session_id] += 1
+    assert counts[0] == pytest.approx(3 * counts[1], rel=0.01)  # equal time: 3x the calls
+
+
+def test_fifo_orders_by_arrival_whatever_the_weights():
+    policy = FifoPolicy()
+    tenants = backlogged([1, 8], depth=3)
+    order = []
+    for _ in range(6):
+        t = policy.pick([t for t in tenants if t.queue])
+        order.append(t.queue.popleft().arrival)
+    assert order == list(range(6))
+
+
+def test_idle_tenants_earn_no_credit_but_short_gaps_keep_their_place():
+    policy = ProportionalSharePolicy()
+    a, b = Tenant(1), Tenant(2)
+    b.virtual_time = 5.0
+    a.idle_since = time.monotonic() - 10 * IDLE_GRACE_S  # long idle: re-enters at the others' time
+    policy.activate(a, [b], time.monotonic())
+    assert a.virtual_time == 5.0
+    a.virtual_time, a.idle_since = 4.0, time.monotonic()  # a moment between two batches
+    policy.activate(a, [b], time.monotonic())
+    assert a.virtual_time == 4.0
+
+
+def test_policy_names_and_weights_are_checked():
+    assert make_policy("fifo").name == "fifo" and make_policy("share").name == "share"
+    with pytest.raises(InvalidArgumentError, match="unknown scheduling policy"):
+        make_policy("lottery")
+    scheduler, _ = gang()
+    with pytest.raises(InvalidArgumentError, match="weight"):
+        scheduler.enqueue(1, calls(1, 1), weight=-1)
+
+
+def test_window_holds_work_back_and_the_policy_orders_it():
+    scheduler, link = gang(window_s=0.01)
+    light = scheduler.enqueue(1, calls(1, 300), weight=1)
+    heavy = scheduler.enqueue(2, calls(2, 300), weight=3)
+    assert 0 < len(link.queue) <= 20  # ~10 ms of 1 ms (default) estimates, not all 600
+    assert not heavy.done.is_set()
+    order = run_host(scheduler, link, 1e-3, rounds=60)
+    first = [ins.execute.session_id for ins in order[20:220]]  # once both are queued
+    assert first.count(2) == pytest.approx(3 * first.count(1), rel=0.1)
+    assert sorted(ins.sequence for ins in order) == [ins.sequence for ins in order]
+    # Everything is eventually ordered; a ticket knows its sequence numbers.
+    run_host(scheduler, link, 1e-3, rounds=400)
+    assert heavy.wait(1) == sorted(heavy.wait(1)) and len(light.wait(1)) == 300
+    status = scheduler.status()
+    assert [t.weight for t in status.tenants] == [1, 3]
+    assert status.tenants[1].device_seconds == pytest.approx(0.3)
+
+
+def test_free_instructions_pass_without_waiting_for_the_window():
+    scheduler, link = gang(window_s=0.001)
+    scheduler.enqueue(1, calls(1, 5))
+    sent = len(link.queue)
+    ticket = scheduler.enqueue(2, [pb.Instruction(delete=pb.DeleteInstruction(array_ids=[1]))])
+    assert ticket.done.is_set() and len(link.queue) == sent + 1
+
+
+def test_a_deadline_orders_the_rest_of_a_batch_at_once():
+    scheduler, link = gang(window_s=0.001)
+    ticket = scheduler.enqueue(1, calls(1, 50))
+    assert not ticket.done.is_set()
+    sequences = ticket.wait(timeout=0.05)
+    assert len(sequences) == 50 and len(link.queue) == 50
+
+
+def test_island_failure_fails_queued_and_new_work():
+    scheduler, link = gang(window_s=0.001)
+    ticket = scheduler.enqueue(1, calls(1, 10))
+    outcome = []
+
+    def wait():
+        try:
+            ticket.wait()
+        except HostLostError as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    scheduler.fail(HostLostError("host 0.0 was lost"))
+    waiter.join(5)
+    assert outcome and "lost" in str(outcome[0])
+    with pytest.raises(HostLostError):
+        scheduler.enqueue(1, calls(1, 1))
+    scheduler.note_progress(0, 0, hang="step (#3) exceeded its deadline")  # already failed: kept
+    assert isinstance(scheduler.failure, HostLostError)
+    scheduler.set_host(0, "fake:0")  # the host registers again: the island works again
+    assert scheduler.failure is None
+
+
+def test_a_hang_report_fails_the_island():
+    scheduler, _ = gang()
+    scheduler.note_progress(0, 0, hang="step (#3) exceeded its 3 s deadline")
+    with pytest.raises(DeadlineExceededError, match="exceeded"):
+        scheduler.enqueue(1, calls(1, 1))
+
+
+def test_busy_fraction_and_shares():
+    assert multitenant.busy_fraction([(0, 1), (0.5, 2), (3, 4)], 0, 4) == pytest.approx(0.75)
+    assert multitenant.busy_fraction([(-1, 5)], 0, 4) == 1.0
+    shares = multitenant.device_shares([(1, 0, 1), (2, 1, 4), (1, 4, 9)], [1, 2], 0, 5)
+    assert shares == pytest.approx([0.4, 0.6])
+    assert multitenant.weights_for((1, 2, 4, 8), 6) == [1, 2, 4, 8, 1, 2]
+
+
+def test_weighted_clients_share_an_island():
+    """Two clients submit at once to one island; while both have work, the one with weight 3 gets
+    about three times the device time."""
+    with runtime.LocalCluster(islands=1, devices_per_island=2, policy="share") as local:
+        local.controller.scheduler(0).window_s = 0.005  # a few programs ahead, not all of them
+        clients = [local.client("light", weight=1), local.client("heavy", weight=3)]
+        steps = []
+        for c in clients:
+            s = c.slice({"d": 2})
+            x = c.put(np.full((256, 128), 0.01, np.float32), s, P("d"))
+            f = c.jit(lambda v: jnp.tanh(v @ v[:128]), s, in_specs=P("d"),
+                      out_specs=P("d")).lower(x)
+            f(x).fetch()
+            steps.append((c, f, x))
+        start = time.time()
+
+        def submit(c, f, x):
+            for _ in range(400):
+                x = f(x)
+            x.fetch()
+
+        threads = [threading.Thread(target=submit, args=step) for step in steps]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        events = sorted((r for r in local.workers[0].timeline if r.start >= start),
+                        key=lambda r: r.sequence)
+        heavy = clients[1].session_id
+        runs = [i for i, r in enumerate(events) if r.session_id == heavy]
+        # Between the heavy client's 150th and 350th runs both have work queued (the start is a
+        # transient: whoever's first batch arrives first runs alone for a moment).
+        middle = events[runs[149]:runs[349] + 1]
+        time_of = collections.Counter()
+        for r in middle:
+            time_of[r.session_id == heavy] += r.end - r.start
+        assert 2.2 < time_of[True] / time_of[False] < 4.0, time_of  # device time, not calls
+        status = local.controller.status().islands[0]
+        assert status.policy == "share"
+        assert {t.client_name: t.weight for t in status.tenants} == {"light": 1, "heavy": 3}
