@@ -17,12 +17,10 @@ def _mesh(text: str) -> tuple[int, int]:
 
 def _run_train(args: argparse.Namespace) -> int:
     import jax
-    from tqdm import tqdm
 
     import runtime
-    from model import checkpoint
     from model.config import get_config
-    from model.pods import PodTrainer, TrainSettings
+    from model.pods import TrainSettings
 
     config = get_config(args.config)
     settings = TrainSettings(config, global_batch=args.global_batch, islands=args.islands,
@@ -41,41 +39,86 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         cluster = runtime.ProcessCluster(args.islands, 1, devices)
         address = cluster.address
+    credentials = getattr(cluster, "credentials", None)
     try:
-        with runtime.Client(address, name="pathways-train") as client:
-            trainer = PodTrainer(client, settings)
-            start = 0
-            if args.resume and checkpoint.latest(args.checkpoint_dir) is not None:
-                start = trainer.restore(args.checkpoint_dir)
-                print(f"resumed from step {start} ({checkpoint.latest(args.checkpoint_dir)})")
-            else:
-                trainer.initialize()
-            todo = max(0, args.steps - start)
-            bar = tqdm(total=todo, desc=f"{config.name} x{args.islands} islands", unit="step",
-                       disable=args.quiet)
-            history = []
-
-            def on_step(result):
-                history.append({"step": result.step, "loss": result.loss,
-                                "tokens_per_s": result.tokens / max(result.seconds, 1e-9)})
-                bar.set_postfix(step=result.step, loss=f"{result.loss:.4f}",
-                                tok_s=f"{history[-1]['tokens_per_s']:,.0f}")
-                bar.update(1)
-
-            trainer.run(todo, on_step=on_step, checkpoint_dir=args.checkpoint_dir,
-                        checkpoint_every=args.checkpoint_every)
-            bar.close()
-            if args.checkpoint_dir:
-                print(f"checkpoint: {trainer.save(args.checkpoint_dir)}")
-            if args.json:
-                print(json.dumps({"config": config.name, "islands": args.islands,
-                                  "final_step": trainer.step, "history": history}))
-            elif history:
-                print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}")
+        restarts = 0
+        while True:
+            try:
+                return _train(args, settings, address, credentials,
+                              resume=args.resume or restarts > 0, cluster=cluster,
+                              inject_fault=restarts == 0)
+            except runtime.HostLostError as exc:
+                # A lost worker: with a local cluster and checkpoints, restart its island and go
+                # on from the last checkpoint (the same steps again give the same parameters).
+                restartable = cluster is not None and hasattr(cluster, "restart_lost_islands")
+                if not (restartable and args.checkpoint_dir) or restarts >= args.max_restarts:
+                    raise
+                restarts += 1
+                print(f"lost a worker ({exc}); restarting its island and resuming from the last "
+                      f"checkpoint (restart {restarts} of at most {args.max_restarts})",
+                      file=sys.stderr, flush=True)
+                cluster.restart_lost_islands()
     finally:
         if cluster is not None:
             cluster.close()
+
+
+def _train(args: argparse.Namespace, settings, address: str, credentials, *, resume: bool,
+           cluster, inject_fault: bool) -> int:
+    """One training attempt on the cluster at `address` (HostLostError if a worker goes away)."""
+    from tqdm import tqdm
+
+    import runtime
+    from model import checkpoint
+    from model.pods import PodTrainer
+
+    config = settings.config
+    extra = {"credentials": credentials} if credentials is not None else {}
+    with runtime.Client(address, name="pathways-train", **extra) as client:
+        trainer = PodTrainer(client, settings)
+        start = 0
+        if resume and args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
+            start = trainer.restore(args.checkpoint_dir)
+            print(f"resumed from step {start} ({checkpoint.latest(args.checkpoint_dir)})")
+        else:
+            trainer.initialize()
+        todo = max(0, args.steps - start)
+        bar = tqdm(total=todo, desc=f"{config.name} x{settings.islands} islands", unit="step",
+                   disable=args.quiet)
+        history = []
+
+        def on_step(result):
+            history.append({"step": result.step, "loss": result.loss,
+                            "tokens_per_s": result.tokens / max(result.seconds, 1e-9)})
+            bar.set_postfix(step=result.step, loss=f"{result.loss:.4f}",
+                            tok_s=f"{history[-1]['tokens_per_s']:,.0f}")
+            bar.update(1)
+            if inject_fault and args.kill_worker_at_step == result.step and cluster is not None:
+                _kill_last_worker(cluster)
+
+        trainer.run(todo, on_step=on_step, checkpoint_dir=args.checkpoint_dir,
+                    checkpoint_every=args.checkpoint_every)
+        bar.close()
+        if args.checkpoint_dir:
+            print(f"checkpoint: {trainer.save(args.checkpoint_dir)}")
+        if args.json:
+            print(json.dumps({"config": config.name, "islands": settings.islands,
+                              "final_step": trainer.step, "history": history}))
+        elif history:
+            print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}")
     return 0
+
+
+def _kill_last_worker(cluster) -> None:
+    """Fault injection (--kill-worker-at-step): SIGKILLs the last island's worker process."""
+    import os
+    import signal
+
+    procs = getattr(cluster, "procs", None)
+    if not procs:
+        raise RuntimeError("--kill-worker-at-step needs worker processes (not --in-process)")
+    print(f"fault injection: killing worker process {procs[-1].pid}", file=sys.stderr, flush=True)
+    os.kill(procs[-1].pid, signal.SIGKILL)
 
 
 def _run_generate(args: argparse.Namespace) -> int:
@@ -138,6 +181,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--address", help="use the controller at HOST:PORT instead of a local cluster")
     p.add_argument("--in-process", action="store_true",
                    help="run the local cluster's workers in this process (faster start)")
+    p.add_argument("--max-restarts", type=int, default=3,
+                   help="with a local cluster and --checkpoint-dir: how often to restart an island "
+                        "whose worker was lost and resume from the last checkpoint")
+    p.add_argument("--kill-worker-at-step", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the loss history as JSON at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)

@@ -96,9 +96,18 @@ def read_token_file(path: str) -> str:
     return token
 
 
-def resolve_token(token: str | None = None, token_file: str | None = None) -> str | None:
+def default_token_file(address: str) -> str:
+    """Where `pathways up` writes the token of a controller listening on `address`'s port:
+    $PATHWAYS_HOME (default ~/.pathways)/token-PORT."""
+    home = os.environ.get("PATHWAYS_HOME") or os.path.join(os.path.expanduser("~"), ".pathways")
+    return os.path.join(home, f"token-{address.rsplit(':', 1)[-1]}")
+
+
+def resolve_token(token: str | None = None, token_file: str | None = None,
+                  address: str | None = None) -> str | None:
     """The token to use: `token`, else `token_file`'s, else $PATHWAYS_TOKEN, else the file named by
-    $PATHWAYS_TOKEN_FILE, else None (no authentication)."""
+    $PATHWAYS_TOKEN_FILE, else (given the controller's `address`) the file `pathways up` wrote for
+    it on this machine, else None (no authentication)."""
     if token:
         return token
     if token_file:
@@ -107,6 +116,8 @@ def resolve_token(token: str | None = None, token_file: str | None = None) -> st
         return os.environ[TOKEN_ENV].strip()
     if os.environ.get(TOKEN_FILE_ENV):
         return read_token_file(os.environ[TOKEN_FILE_ENV])
+    if address and os.path.exists(default_token_file(address)):
+        return read_token_file(default_token_file(address))
     return None
 
 
@@ -192,10 +203,11 @@ class Credentials:
 
     @classmethod
     def resolve(cls, token: str | None = None, token_file: str | None = None,
-                tls: TLSConfig | None = None, host_token: str | None = None) -> Credentials:
+                tls: TLSConfig | None = None, host_token: str | None = None,
+                address: str | None = None) -> Credentials:
         """Credentials from explicit values, else the environment (see resolve_token;
         $PATHWAYS_HOST_TOKEN for the host token)."""
-        return cls(resolve_token(token, token_file), tls,
+        return cls(resolve_token(token, token_file, address), tls,
                    host_token or os.environ.get(HOST_TOKEN_ENV) or None)
 
     @classmethod
@@ -476,9 +488,19 @@ def session_policy(secret: Callable[[], str]) -> Authorize:
     return authorize
 
 
-def array_owner_policy(secret: Callable[[], str]) -> Authorize:
+#: How long a host waits for a new controller's first dispatch when a session key does not check
+#: out: after a controller restart, a client of the new one can reach a host before it does.
+NEW_CONTROLLER_WAIT_S = 2.0
+
+
+def array_owner_policy(secret: Callable[[], str],
+                       wait_s: float = NEW_CONTROLLER_WAIT_S) -> Authorize:
     """A host's policy: reading or writing an array needs the key of the session that owns its id
-    (or the host token: a peer host moving it)."""
+    (or the host token: a peer host moving it). A key that does not check out with the current
+    secret is checked again once the secret changes (a new controller's first dispatch), for up to
+    `wait_s` seconds."""
+    import time
+
     def authorize(method: str, request, key: str | None, is_host: bool) -> None:
         if is_host:
             return
@@ -489,6 +511,15 @@ def array_owner_policy(secret: Callable[[], str]) -> Authorize:
         else:
             return
         owner = array_id >> ID_BITS
-        if check_session_key(secret(), key or "") != owner:
-            raise PermissionDeniedError(f"{method}: array {array_id} belongs to another session")
+        current = secret()
+        if check_session_key(current, key or "") == owner:
+            return
+        if key and check_session_key(current, key) is None and is_earlier_controller_key(
+                current, key):
+            deadline = time.monotonic() + wait_s
+            while time.monotonic() < deadline and secret() == current:
+                time.sleep(0.01)
+            if check_session_key(secret(), key) == owner:
+                return
+        raise PermissionDeniedError(f"{method}: array {array_id} belongs to another session")
     return authorize

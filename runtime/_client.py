@@ -16,7 +16,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _wire
+from runtime import _auth, _wire
 from runtime._array import RemoteArray, fetch_arrays, put_arrays
 from runtime._dispatch import CommandStream
 from runtime._errors import (ControllerUnavailableError, DeadlineExceededError,
@@ -64,13 +64,19 @@ class Client:
 
     `weight` is the session's proportional share of device time on a controller whose policy is
     "share" (twice the weight, twice the device time of a backlogged peer); FIFO ignores it.
-    Raises ControllerUnavailableError if no controller answers at `address` within `timeout_s`.
+    `credentials` (runtime._auth) hold the cluster's token and TLS settings; by default they come
+    from $PATHWAYS_TOKEN, the file named by $PATHWAYS_TOKEN_FILE, or the file `pathways up` wrote
+    for `address`.
+    Raises ControllerUnavailableError if no controller answers at `address` within `timeout_s`,
+    UnauthenticatedError without the right token.
     """
 
     def __init__(self, address: str, *, name: str = "client", timeout_s: float = RPC_TIMEOUT_S,
-                 weight: float = 1.0) -> None:
+                 weight: float = 1.0, credentials: _auth.Credentials | None = None) -> None:
         self.address, self.timeout_s = address, timeout_s
-        self._channel = grpc.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+        self.credentials = (credentials or _auth.Credentials.resolve(address=address)).for_clients()
+        self._session_key = ""
+        self._channel = _auth.open_channel(address, self.credentials, self._call_metadata)
         self._stub = pb_grpc.ControllerStub(self._channel)
         try:
             grpc.channel_ready_future(self._channel).result(timeout=min(timeout_s, 10.0))
@@ -78,7 +84,7 @@ class Client:
             self._channel.close()
             raise ControllerUnavailableError(f"no controller answers at {address}") from None
         reply = self._rpc("Connect", pb.ConnectRequest(client_name=name, weight=weight))
-        self.session_id = reply.session_id
+        self.session_id, self._session_key = reply.session_id, reply.session_key
         self._ids = itertools.count(reply.id_base + 1)
         self._id_lock = threading.Lock()
         self._workers: dict[str, pb_grpc.WorkerStub] = {}
@@ -89,6 +95,10 @@ class Client:
         self._closed = False
 
     # -- plumbing ---------------------------------------------------------------------------------
+
+    def _call_metadata(self) -> list[tuple[str, str]]:
+        """What every call of this session carries besides the token: its session key."""
+        return [(_auth.SESSION_KEY, self._session_key)] if self._session_key else []
 
     def _rpc(self, method: str, request, timeout: float | None = None):
         try:
@@ -106,7 +116,7 @@ class Client:
         with self._id_lock:
             stub = self._workers.get(address)
             if stub is None:
-                channel = grpc.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+                channel = _auth.open_channel(address, self.credentials, self._call_metadata)
                 self._worker_channels.append(channel)
                 stub = self._workers[address] = pb_grpc.WorkerStub(channel)
             return stub

@@ -9,11 +9,15 @@ weights), and the reply goes back as soon as they are ordered, before they run.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
 import logging
+import re
+import secrets
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 
@@ -22,9 +26,9 @@ import jax
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _wire
+from runtime import _auth, _wire
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
-                             NotFoundError, PathwaysError, abort)
+                             NotFoundError, PathwaysError, ResourceExhaustedError, abort)
 from runtime._planner import Planner
 # Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
 from scheduler._gang import GangScheduler, OrderTicket
@@ -34,10 +38,13 @@ from scheduler._resources import HostRecord, ResourceManager, SliceRecord
 log = logging.getLogger(__name__)
 
 #: Each session owns array ids [session_id << ID_BITS, (session_id + 1) << ID_BITS).
-ID_BITS = 40
+ID_BITS = _auth.ID_BITS
+#: A host's address: HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 one.
+_ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
 #: Liveness probes: interval, and misses before a host is declared lost (detection < 2 s).
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_MISSES = 2
+BUSY_HOST_TIMEOUT_S = 30.0
 #: Deadline for hosts to receive a slice definition before CreateSlice returns.
 SLICE_FLUSH_TIMEOUT_S = 10.0
 #: Back-pressure: most instructions an island's order may run ahead of its slowest host, and how
@@ -49,6 +56,8 @@ MAX_EXECUTABLE_BYTES = 256 << 20
 #: A request waiting for its turn in an island's order is ordered at once this long before the
 #: client's deadline (its commands would otherwise be lost to the deadline).
 ORDER_DEADLINE_MARGIN_S = 2.0
+#: Most cross-island transfers remembered per source island (to fail them if it is lost).
+MAX_INCOMING = 4096
 #: Deadline of the pings `status` sends to every host.
 STATUS_PING_TIMEOUT_S = 1.0
 
@@ -60,6 +69,7 @@ class _Session:
     weight: float = 1.0  # proportional share
     slices: set[int] = dataclasses.field(default_factory=set)
     arrays: set[int] = dataclasses.field(default_factory=set)
+    nbytes: int = 0  # device memory of its live arrays (replicas counted), for the quota
 
     def owns_id(self, array_id: int) -> bool:
         return array_id >> ID_BITS == self.session_id
@@ -81,12 +91,27 @@ class Controller:
 
     `policy` is how each island's gang scheduler orders the work of several clients: "fifo"
     (arrival order) or "share" (device time in proportion to the sessions' weights).
+    `credentials` are what the controller presents to its hosts (runtime._auth; the same ones its
+    server demands). `session_quota_bytes` bounds the device memory of each session's live arrays
+    (None: unbounded); a command that would pass it fails with ResourceExhaustedError, alone.
     """
 
-    def __init__(self, *, heartbeat: bool = True, policy: str = "fifo") -> None:
+    def __init__(self, *, heartbeat: bool = True, policy: str = "fifo",
+                 credentials: _auth.Credentials | None = None,
+                 session_quota_bytes: int | None = None) -> None:
         make_policy(policy)  # InvalidArgumentError for an unknown name
         self.policy = policy
-        self.controller_id = uuid.uuid4().hex
+        self.credentials = credentials or _auth.Credentials()
+        if session_quota_bytes is not None and session_quota_bytes < 0:
+            raise InvalidArgumentError("the session quota cannot be negative")
+        self.session_quota_bytes = session_quota_bytes
+        # Secret (session keys are made with it; hosts learn it over the dispatch stream only).
+        self.controller_id = secrets.token_hex(16)
+        # Public: names things outside the runtime (Ray actors) after this incarnation.
+        self.name_tag = uuid.uuid4().hex[:8]
+        self._epochs: dict[int, int] = {}  # island -> restarts under this controller
+        # source island -> (island, spec) of arrays other islands expect from it (report_host_lost)
+        self._incoming: dict[int, collections.deque] = {}
         self.resources = ResourceManager()
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, _Session] = {}
@@ -126,57 +151,144 @@ class Controller:
             for scheduler in self._schedulers.values():
                 scheduler.end_session(session_id)
 
+    def session_key(self, session_id: int) -> str:
+        """The key a client presents to prove it is session `session_id` (runtime._auth)."""
+        return _auth.session_key(self.controller_id, session_id)
+
+    def knows_session(self, session_id: int) -> bool:
+        return session_id in self._sessions
+
     def register_host(self, info: pb.HostInfo) -> None:
-        """Adds a host (or replaces an earlier registration of its island and index)."""
-        if info.island < 0 or info.host < 0 or info.num_devices <= 0 or not info.address:
+        """Adds a host (or replaces an earlier registration of its island and index).
+
+        A host registering on an island that lost one restarts the island: its slices (and the
+        arrays and executables on them) are dropped and its order starts afresh (a new epoch), so
+        a restarted island starts empty. Sessions that used it get NotFoundError for them."""
+        match = _ADDRESS.match(info.address)
+        if (info.island < 0 or info.host < 0 or info.num_devices <= 0 or match is None
+                or not 0 < int(match.group(2)) < 65536):
             raise InvalidArgumentError("host registration needs island >= 0, host >= 0, "
-                                       "num_devices > 0 and an address")
+                                       "num_devices > 0 and an address HOST:PORT")
+        if info.island > 1 << 20 or info.host > 1 << 20 or info.num_devices > 1 << 20:
+            raise InvalidArgumentError("host registration: island, host or device count too large")
         record = HostRecord(info.island, info.host, info.address, info.platform or "cpu",
                             info.num_devices, info.device_kind, info.backend or "local",
                             info.device_memory_bytes, info.distributed_hosts)
         with self._lock:
+            if self.resources.lost_host(info.island) is not None:
+                self._restart_island(info.island)
             self.resources.register_host(record)
             scheduler = self._schedulers.get(info.island)
             if scheduler is None:
-                scheduler = GangScheduler(info.island, self.controller_id,
-                                          self._on_dispatch_failure, policy=self.policy)
+                scheduler = GangScheduler(
+                    info.island, self.controller_id, self.report_host_lost, policy=self.policy,
+                    epoch=self._epochs.get(info.island, 0),
+                    open_channel=lambda address: _auth.open_channel(address, self.credentials))
                 self._schedulers[info.island] = scheduler
             scheduler.set_host(info.host, info.address)
             old = self._probes.pop((info.island, info.host), None)
-            channel = grpc.insecure_channel(info.address, options=_wire.GRPC_OPTIONS)
+            channel = _auth.open_channel(info.address, self.credentials)
             self._probes[(info.island, info.host)] = (channel, pb_grpc.WorkerStub(channel))
         if old:
             old[0].close()
         log.info("registered %s", record.describe())
 
-    def _on_dispatch_failure(self, island: int, host: int, reason: str) -> None:
-        record = self.resources.mark_lost(island, host, reason)
-        if record:
-            log.warning("lost %s: %s", record.describe(), reason)
-            self._fail_island(island, record, reason)
+    def _restart_island(self, island: int) -> None:
+        """Forgets everything on an island that lost a host (called under the lock, before a
+        host registers on it again): its slices with their arrays and executables, its order."""
+        scheduler = self._schedulers.pop(island, None)
+        if scheduler is not None:
+            scheduler.fail(HostLostError(f"island {island} was restarted"))
+            scheduler.close()
+        self._epochs[island] = self._epochs.get(island, 0) + 1
+        for record in [r for r in self.resources.slices() if r.island == island]:
+            session = self._sessions.get(record.session_id)
+            if session is not None:
+                self.planner.delete(session, [a for a in session.arrays
+                                              if self.planner.arrays[a].island == island],
+                                    strict=False)
+                session.slices.discard(record.slice_id)
+            self.resources.release(record.slice_id)
+            for key in [k for k, e in self._executable_keys.items()
+                        if self._executables[e].slice_id == record.slice_id]:
+                del self._executables[self._executable_keys.pop(key)]
+        for host in self.resources.island_hosts(island):
+            probe = self._probes.pop((island, host.host), None)
+            if probe is not None:
+                probe[0].close()
+            self.resources.remove_host(island, host.host)
+        log.warning("island %d restarted (epoch %d): its slices and arrays are gone", island,
+                    self._epochs[island])
+
 
     def _heartbeat_loop(self) -> None:
-        misses: dict[tuple[int, int], int] = {}
+        """Pings every host. A host whose process is gone refuses the connection: it is declared
+        lost after HEARTBEAT_MISSES refusals in a row (about a second). A host that answers late is
+        busy, not gone (a long compile, a starved process): it is declared lost only after
+        BUSY_HOST_TIMEOUT_S without any answer."""
+        refused: dict[tuple[int, int], int] = {}
+        last_answer: dict[tuple[int, int], float] = {}
         while not self._stop.wait(HEARTBEAT_INTERVAL_S):
             with self._lock:
                 probes = dict(self._probes)
             for key, (_, stub) in probes.items():
+                now = time.monotonic()
+                last_answer.setdefault(key, now)
                 try:
                     reply = stub.Ping(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
-                    misses[key] = 0
-                    scheduler = self._schedulers.get(key[0])
-                    if scheduler is not None:
-                        scheduler.note_progress(key[1], reply.executed)
                 except (grpc.RpcError, ValueError) as err:  # ValueError: channel replaced or closed
                     if self._stop.is_set():
                         return
-                    misses[key] = misses.get(key, 0) + 1
-                    if misses[key] >= HEARTBEAT_MISSES:
-                        reason = err.code().name if isinstance(err, grpc.RpcError) else "closed"
-                        record = self.resources.mark_lost(*key, f"no heartbeat ({reason})")
-                        if record:
-                            log.warning("lost %s", record.describe())
-                            self._fail_island(key[0], record, f"no heartbeat ({reason})")
+                    code = err.code() if isinstance(err, grpc.RpcError) else None
+                    refused[key] = refused.get(key, 0) + (code != grpc.StatusCode.DEADLINE_EXCEEDED)
+                    silent = now - last_answer[key]
+                    if refused[key] >= HEARTBEAT_MISSES or silent > BUSY_HOST_TIMEOUT_S:
+                        reason = (f"unreachable ({code.name if code else 'closed'})"
+                                  if refused[key] >= HEARTBEAT_MISSES
+                                  else f"no answer for {silent:.0f} s")
+                        self.report_host_lost(*key, reason)
+                    continue
+                refused[key], last_answer[key] = 0, now
+                scheduler = self._schedulers.get(key[0])
+                if scheduler is not None:
+                    scheduler.note_progress(key[1], reply.executed)
+
+    def report_host_lost(self, island: int, host: int, reason: str) -> None:
+        """Declares a host lost (heartbeat, dispatch failure, or a supervisor such as Ray's):
+        work on its island fails with HostLostError naming it; other islands go on (work of theirs
+        waiting for an array from the lost island fails instead of waiting out its deadline)."""
+        record = self.resources.mark_lost(island, host, reason)
+        if record:
+            log.warning("lost %s: %s", record.describe(), reason)
+            self._fail_island(island, record, reason)
+            threading.Thread(target=self._fail_incoming, args=(island, record.describe(), reason),
+                             daemon=True, name=f"fail-incoming-{island}").start()
+
+    def note_transfer(self, source_island: int, island: int, destination: pb.ArraySpec) -> None:
+        """Remembers (boundedly) that `island` expects an array from `source_island`."""
+        with self._lock:
+            incoming = self._incoming.get(source_island)
+            if incoming is None:
+                incoming = self._incoming[source_island] = collections.deque(maxlen=MAX_INCOMING)
+            incoming.append((island, destination))
+
+    def _fail_incoming(self, lost_island: int, host: str, reason: str) -> None:
+        """Fails, on the other islands, the arrays still expected from a lost island: their hosts
+        would otherwise wait INPUT_TIMEOUT_S for them, holding their island's order (one execution
+        at a time) hostage, other clients' work included."""
+        with self._lock:
+            incoming = list(self._incoming.pop(lost_island, ()))
+            hosts = {i: [h.address for h in self.resources.island_hosts(i) if h.alive]
+                     for i in {i for i, _ in incoming}}
+        message = f"its source, {host} of island {lost_island}, was lost: {reason}"
+        for island, spec in incoming:
+            for address in hosts.get(island, ()):
+                chunk = pb.ArrayChunk(spec=spec, error=message)
+                try:
+                    with _auth.open_channel(address, self.credentials) as channel:
+                        pb_grpc.WorkerStub(channel).PutArray(iter([chunk]), timeout=5.0)
+                except grpc.RpcError:
+                    pass  # that host is gone too; its own loss is reported separately
 
     def _fail_island(self, island: int, record: HostRecord, reason: str) -> None:
         """Work queued for an island whose host was lost fails now, not at its deadline."""
@@ -432,6 +544,20 @@ def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceR
         raise InvalidArgumentError(f"{request.name!r}: donated input out of range")
 
 
+def _session_policy(controller: Controller) -> _auth.Authorize:
+    """Session keys (runtime._auth.session_policy), and a clear error for a session this
+    controller does not know (it restarted, or the session was closed)."""
+    check = _auth.session_policy(lambda: controller.controller_id)
+
+    def authorize(method: str, request, key: str | None, is_host: bool) -> None:
+        check(method, request, key, is_host)
+        session_id = getattr(request, "session_id", None)
+        if session_id is not None and not controller.knows_session(session_id):
+            raise NotFoundError(f"session {session_id} is unknown to this controller (closed, "
+                                f"or the controller restarted): connect again")
+    return authorize
+
+
 class ControllerServicer(pb_grpc.ControllerServicer):
     """gRPC face of a Controller: every handler maps runtime exceptions to status codes."""
 
@@ -448,7 +574,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         session = self._call(context, self.controller.connect, request.client_name,
                              request.weight)
         return pb.ConnectReply(session_id=session.session_id,
-                               id_base=session.session_id << ID_BITS, id_range=1 << ID_BITS)
+                               id_base=session.session_id << ID_BITS, id_range=1 << ID_BITS,
+                               session_key=self.controller.session_key(session.session_id))
 
     def Disconnect(self, request, context):
         self._call(context, self.controller.disconnect, request.session_id)
@@ -505,15 +632,26 @@ def _order_budget(context) -> float | None:
     return None if left is None else max(0.0, left - ORDER_DEADLINE_MARGIN_S)
 
 
+#: Calls only the cluster's own hosts may make (they need the host token, when there is one).
+HOST_METHODS = ("RegisterHost", "UnregisterHost")
+
+
 def create_controller_server(controller: Controller, address: str = "127.0.0.1:0", *,
                              max_workers: int = 32) -> tuple[grpc.Server, int]:
-    """A started gRPC server for `controller` on `address` (port 0 picks one): (server, port)."""
+    """A started gRPC server for `controller` on `address` (port 0 picks one): (server, port).
+
+    It demands the controller's credentials (runtime._auth): the cluster token on every call, the
+    host token on HOST_METHODS, a session's key on every call naming that session; TLS when the
+    credentials have it."""
     from concurrent import futures
 
+    credentials = controller.credentials
+    guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
+                              host_methods=HOST_METHODS, authorize=_session_policy(controller))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_wire.GRPC_OPTIONS)
+                         options=_wire.GRPC_OPTIONS, interceptors=[guard])
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
-    port = server.add_insecure_port(address)
+    port = _auth.add_port(server, address, credentials)
     if port == 0:
         raise FailedPreconditionError(f"cannot bind controller server to {address}")
     server.start()

@@ -22,7 +22,7 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime._wire import GRPC_OPTIONS
+from runtime import _auth
 
 if TYPE_CHECKING:
     from runtime._worker import Worker
@@ -83,7 +83,7 @@ def diagnose(worker: Worker, state: tuple, info: pb.SliceInfo) -> str:
         where = f"{worker.island}.{host}"
         address = info.host_addresses[host] if host < len(info.host_addresses) else ""
         try:
-            with grpc.insecure_channel(address, options=GRPC_OPTIONS) as channel:
+            with _auth.open_channel(address, worker.credentials) as channel:
                 peer = pb_grpc.WorkerStub(channel).Ping(pb.PingRequest(),
                                                         timeout=PEER_TIMEOUT_S).host
         except grpc.RpcError as err:

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from proto import pathways_pb2 as pb
 from runtime import _wire
 from runtime._errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundError,
-                             PathwaysError)
+                             PathwaysError, ResourceExhaustedError)
 
 if TYPE_CHECKING:
     from runtime._controller import Controller, _Executable, _Session
@@ -40,6 +41,7 @@ class ArrayRecord:
     spec: pb.ArraySpec
     island: int
     session_id: int
+    nbytes: int = 0  # device memory, replicas counted (only tracked under a session quota)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,12 +147,45 @@ class Planner:
             raise InvalidArgumentError(f"array id {array_id} is already in use")
 
     def add(self, session: _Session, spec: pb.ArraySpec, island: int) -> None:
-        self.arrays[spec.array_id] = ArrayRecord(spec, island, session.session_id)
+        nbytes = self.device_bytes(spec.dtype, spec.shape, spec.sharding)
+        self.arrays[spec.array_id] = ArrayRecord(spec, island, session.session_id, nbytes)
         session.arrays.add(spec.array_id)
+        session.nbytes += nbytes
 
     def forget(self, session: _Session, array_id: int) -> ArrayRecord | None:
         session.arrays.discard(array_id)
-        return self.arrays.pop(array_id, None)
+        record = self.arrays.pop(array_id, None)
+        if record is not None:
+            session.nbytes -= record.nbytes
+        return record
+
+    # -- the session quota ------------------------------------------------------------------------
+
+    def device_bytes(self, dtype: str, shape, sharding: pb.Sharding) -> int:
+        """Device memory of an array on its slice, replicas counted (0 when no quota applies)."""
+        if self.controller.session_quota_bytes is None:
+            return 0
+        record = self.controller.resources.get_slice(sharding.slice_id)
+        groups = _wire.shard_groups(shape, _wire.MeshShape(record.mesh_shape, record.axis_names),
+                                    sharding)
+        itemsize = _wire.dtype_from_name(dtype).itemsize
+        return sum(math.prod(_wire.shard_shape(index)) * itemsize * len(positions)
+                   for index, positions in groups)
+
+    def check_quota(self, session: _Session, values, freed: Sequence[int] = ()) -> None:
+        """ResourceExhaustedError if adding `values` ((dtype, shape, sharding) each) and dropping
+        the arrays `freed` would take the session past its quota. Other sessions are unaffected:
+        the quota counts only this session's arrays."""
+        quota = self.controller.session_quota_bytes
+        if quota is None:
+            return
+        adding = sum(self.device_bytes(*v) for v in values)
+        freeing = sum(self.arrays[a].nbytes for a in freed if a in self.arrays)
+        total = session.nbytes + adding - freeing
+        if total > quota:
+            raise ResourceExhaustedError(
+                f"session {session.session_id} would hold {total} bytes of device memory, over "
+                f"its quota of {quota} bytes (it holds {session.nbytes}); delete arrays first")
 
     def register_arrays(self, session: _Session, specs: Sequence[pb.ArraySpec]
                         ) -> Callable[[float | None], list[int]]:
@@ -162,6 +197,7 @@ class Planner:
             if any(s.array_id == spec.array_id for s in specs[:n]):
                 raise InvalidArgumentError(f"array id {spec.array_id} is declared twice")
             islands.append(self._check_placement(session, spec.dtype, spec.shape, spec.sharding))
+        self.check_quota(session, [(s.dtype, s.shape, s.sharding) for s in specs])
         emit = _Emitter()
         handles = []
         for spec, island in zip(specs, islands):
@@ -262,6 +298,7 @@ class Planner:
         self._check_new_ids(session, call.outputs)
         island = self.controller.resources.get_slice(exe.slice_id).island
         self.controller._check_island(island)
+        self.check_quota(session, [(o.dtype, o.shape, o.sharding) for o in exe.outputs], donated)
         for spec, array_id in zip(exe.outputs, call.outputs):
             self.add(session, pb.ArraySpec(array_id=array_id, dtype=spec.dtype, shape=spec.shape,
                                            sharding=spec.sharding), island)
@@ -284,6 +321,8 @@ class Planner:
         info = self.controller._slice_info(
             self.controller.resources.get_slice(destination.sharding.slice_id))
         handle = emit.add(island, pb.Instruction(expect=pb.ExpectArrayInstruction(spec=destination)))
+        if island != source_island:
+            self.controller.note_transfer(source_island, island, destination)
         emit.add(source_island, pb.Instruction(send=pb.SendInstruction(
             array_id=source_id, destination=destination, destination_slice=info,
             source_slice_id=source_slice)))
@@ -295,6 +334,7 @@ class Planner:
         self.check_new_id(session, t.destination)
         island = self._check_placement(session, source.spec.dtype, source.spec.shape, t.sharding)
         self.controller._check_island(source.island)
+        self.check_quota(session, [(source.spec.dtype, source.spec.shape, t.sharding)])
         destination = pb.ArraySpec(array_id=t.destination, dtype=source.spec.dtype,
                                    shape=source.spec.shape, sharding=t.sharding)
         self.add(session, destination, island)
@@ -372,6 +412,9 @@ class Planner:
         self._check_new_ids(session, run.outputs)
         for island in {v.island for v in program.values}:
             self.controller._check_island(island)
+        outputs = [program.values[v] for v in program.outputs]
+        self.check_quota(session, [(v.dtype, v.shape, v.sharding) for v in outputs],
+                         [run.inputs[v] for v in program.donated_inputs])
 
         ids = list(run.inputs)
         out_ids = dict(zip(program.outputs, run.outputs))

@@ -211,7 +211,7 @@ class RayCluster:
             self._placement_groups.append(placement_group(
                 [dict(self.bundle) for _ in range(hosts_per_island)],
                 strategy=self.placement_strategy,
-                name=f"pathways-{self.controller.controller_id[:8]}-island-{island}"))
+                name=f"pathways-{self.controller.name_tag}-island-{island}"))
         deadline = time.monotonic() + timeout
         for island, group in enumerate(self._placement_groups):
             left = max(0.0, deadline - time.monotonic())

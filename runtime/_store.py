@@ -67,10 +67,13 @@ class ArrayStore:
             self._nbytes += nbytes
             self._settle(entry)
 
-    def fail(self, array_id: int, error: PathwaysError) -> None:
-        """Marks an entry failed: readers get `error`."""
+    def fail(self, array_id: int, error: PathwaysError, *, only_pending: bool = False) -> None:
+        """Marks an entry failed: readers get `error`. With `only_pending`, an entry that already
+        holds its array keeps it."""
         with self._cond:
             entry = self._entries.setdefault(array_id, _Entry())
+            if only_pending and entry.ready and entry.error is None:
+                return
             if entry.ready:
                 self._nbytes -= entry.nbytes
             entry.value, entry.error, entry.nbytes = None, error, 0

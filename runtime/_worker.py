@@ -36,7 +36,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _wire
+from runtime import _auth, _wire
 from runtime._distributed import device_memory_bytes
 from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError, abort)
@@ -48,8 +48,10 @@ log = logging.getLogger(__name__)
 
 _IDLE = ("idle",)
 
-#: How long an execution waits for its inputs (e.g. a client's put still streaming) before failing.
-INPUT_TIMEOUT_S = 120.0
+#: How long an execution waits for its inputs before failing. Inputs may come from another island
+#: that is still compiling or computing its part of a program (PaLM's first step compiles both
+#: components on every island), so this is minutes, not seconds.
+INPUT_TIMEOUT_S = 600.0
 #: How long a put waits for the controller's definition of the array's slice to arrive.
 SLICE_TIMEOUT_S = 30.0
 #: Deadline for streaming one array to another host.
@@ -104,8 +106,12 @@ class Worker:
                  platform: str = "cpu", backend: str = "local",
                  input_timeout_s: float = INPUT_TIMEOUT_S,
                  island_devices: Sequence[Sequence[jax.Device]] | None = None,
-                 execution_deadline_s: float = EXECUTION_DEADLINE_S) -> None:
+                 execution_deadline_s: float = EXECUTION_DEADLINE_S,
+                 credentials: _auth.Credentials | None = None) -> None:
         self.island, self.host = island, host
+        # Presented to peer hosts; the worker's server demands the same (create_worker_server).
+        self.credentials = credentials or _auth.Credentials()
+        self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
         self.input_timeout_s = input_timeout_s
         self.execution_deadline_s = execution_deadline_s
         self.devices = list(devices)
@@ -125,6 +131,7 @@ class Worker:
         self._next = 1
         self.executed = 0  # last sequence number applied
         self._controller_id = ""
+        self._epoch = 0  # of the island's order (runtime._controller: island restarts)
         # (state, name, sequence, session, since, slice id): rendered only when someone asks.
         self._activity: tuple = _IDLE
         self._current_instruction: pb.Instruction | None = None
@@ -158,7 +165,8 @@ class Worker:
 
     # -- receipt: order-free work done as instructions arrive -------------------------------------
 
-    def receive(self, controller_id: str, instructions: Sequence[pb.Instruction]) -> int:
+    def receive(self, controller_id: str, instructions: Sequence[pb.Instruction],
+                epoch: int = 0) -> int:
         """Queues instructions of the island's order; returns the highest sequence received.
 
         The order-free work runs outside the executor's lock (a batch holds up to a thousand
@@ -167,8 +175,8 @@ class Worker:
         """
         now = time.time()
         with self._cond:
-            if controller_id != self._controller_id:
-                self._reset(controller_id)
+            if (controller_id, epoch) != (self._controller_id, self._epoch):
+                self._reset(controller_id, epoch)
             fresh = []
             for ins in instructions:
                 if ins.sequence <= 0:
@@ -201,12 +209,13 @@ class Worker:
             self._cond.notify_all()
             return self._received
 
-    def _reset(self, controller_id: str) -> None:
-        """A new controller incarnation: its order starts afresh, and the old one's state is gone."""
+    def _reset(self, controller_id: str, epoch: int = 0) -> None:
+        """A new controller incarnation, or a restart of the island: the order starts afresh, and
+        the old one's state is gone."""
         if self._controller_id:
-            log.warning("host %d.%d: new controller %s, dropping state", self.island, self.host,
-                        controller_id)
-        self._controller_id = controller_id
+            log.warning("host %d.%d: new controller incarnation or island epoch %d, dropping "
+                        "state", self.island, self.host, epoch)
+        self._controller_id, self._epoch = controller_id, epoch
         self._pending.clear()
         self._received, self._next, self.executed = 0, 1, 0
         self._arrival.clear()
@@ -371,8 +380,12 @@ class Worker:
         except Exception as exc:
             name = loaded.name if loaded else f"executable {ex.executable_id}"
             where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
-            error = (type(exc)(f"{where}: {exc}") if isinstance(exc, PathwaysError)
-                     else ExecutionError(f"{where} failed: {exc}"))
+            if isinstance(exc, PathwaysError) and not getattr(exc, "raised_by_store", False):
+                error = exc  # an input's producer failed: its error names it; pass it on as is
+            elif isinstance(exc, PathwaysError):
+                error = type(exc)(f"{where}: {exc}")
+            else:
+                error = ExecutionError(f"{where} failed: {exc}")
             for out in ex.outputs:
                 self.store.fail(out, error)
             return
@@ -452,6 +465,8 @@ class Worker:
                               for index, ps in groups if set(ps) & set(positions)]
                     chunks = _wire.iter_chunks(dest, shards)
                 self._peer(address).PutArray(chunks, timeout=TRANSFER_TIMEOUT_S)
+        except grpc.RpcError as err:  # e.g. the receiver stopped; its reads report the loss
+            log.warning("%s to slice %d failed: %s", what, dest.sharding.slice_id, err.code().name)
         except Exception:  # the receiver's execution times out and reports it
             log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
 
@@ -459,25 +474,26 @@ class Worker:
         with self._cond:
             stub = self._peers.get(address)
             if stub is None:
-                channel = grpc.insecure_channel(address, options=_wire.GRPC_OPTIONS)
+                channel = _auth.open_channel(address, self.credentials)
                 stub = self._peers[address] = pb_grpc.WorkerStub(channel)
             return stub
 
     # -- data plane -------------------------------------------------------------------------------
 
-    def put(self, chunks: Iterator[pb.ArrayChunk]) -> int:
-        """Stores an array streamed in as chunks; returns the bytes received."""
+    def put(self, chunks: Iterator[pb.ArrayChunk], timeout: float = SLICE_TIMEOUT_S) -> int:
+        """Stores an array streamed in as chunks; returns the bytes received. Waits up to
+        `timeout` s for the definition of the array's slice."""
         chunks = iter(chunks)
         first = next(chunks, None)
         if first is None:
             raise InvalidArgumentError("empty array stream")
-        if first.error:
-            self.store.fail(first.spec.array_id, ExecutionError(first.error))
+        if first.error:  # the sender's array failed, or (from the controller) its island was lost
+            self.store.fail(first.spec.array_id, ExecutionError(first.error), only_pending=True)
             return 0
         spec, shards = _wire.assemble_chunks(itertools.chain([first], chunks))
         if spec is None:
             raise InvalidArgumentError("array stream does not start with its spec")
-        mesh, info = self.mesh(spec.sharding.slice_id, SLICE_TIMEOUT_S)
+        mesh, info = self.mesh(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
         shape = tuple(spec.shape)
         expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
                                                                   tuple(info.axis_names)),
@@ -505,9 +521,11 @@ class Worker:
         self.store.set(spec.array_id, value, sum(placed[p].nbytes for p in placed))
         return sum(s.data.nbytes for s in shards)
 
-    def get(self, request: pb.GetArrayRequest) -> Iterator[pb.ArrayChunk]:
-        """Chunks of the requested (or all distinct) shards of an array, waiting for it if pending."""
-        timeout = min(max(request.timeout_s, 0.0), MAX_GET_TIMEOUT_S)
+    def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S
+            ) -> Iterator[pb.ArrayChunk]:
+        """Chunks of the requested (or all distinct) shards of an array, waiting for it if pending
+        (up to the request's timeout, at most `limit` s: the caller's deadline)."""
+        timeout = min(max(request.timeout_s, 0.0), MAX_GET_TIMEOUT_S, max(limit, 0.0))
         deadline = time.monotonic() + timeout
         self.wait_received(request.after_sequence, timeout)
         value = self.store.get(request.array_id, max(0.0, deadline - time.monotonic()))
@@ -595,6 +613,7 @@ class Worker:
         return [ExecutionRecord(*entry) for entry in list(self._inflight.timeline)]
 
     def stop(self) -> None:
+        """Stops the executor and fails every wait on this host's arrays (no thread stays blocked)."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
@@ -603,6 +622,7 @@ class Worker:
         self._inflight.stop()
         if self._watchdog is not None:
             self._watchdog.stop()
+        self.store.clear()
         self._thread.join(timeout=0.5 if self.hang else 5)  # a stuck executor never returns
         self._transfers.shutdown(wait=False, cancel_futures=True)
 
@@ -649,15 +669,17 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         self.worker = worker
 
     def Dispatch(self, request, context):
+        self.worker.last_contact = time.monotonic()
         try:
-            received = self.worker.receive(request.controller_id, request.instructions)
+            received = self.worker.receive(request.controller_id, request.instructions,
+                                           request.epoch)
         except PathwaysError as exc:
             abort(context, exc)
         return pb.DispatchReply(received=received, executed=self.worker.executed)
 
     def PutArray(self, request_iterator, context):
         try:
-            nbytes = self.worker.put(request_iterator)
+            nbytes = self.worker.put(request_iterator, _time_left(context, SLICE_TIMEOUT_S))
         except PathwaysError as exc:
             abort(context, exc)
         except (ValueError, TypeError) as exc:
@@ -666,7 +688,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def GetArray(self, request, context):
         try:
-            chunks = self.worker.get(request)
+            chunks = self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S))
         except PathwaysError as exc:
             abort(context, exc)
         yield from chunks
@@ -682,18 +704,40 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         yield from self.worker.watch_progress(request.min_interval_s, context.is_active)
 
     def Ping(self, request, context):
+        host_token = self.worker.credentials.host_token
+        if host_token is None or _auth.metadata_value(context, _auth.HOST_TOKEN_KEY) == host_token:
+            self.worker.last_contact = time.monotonic()  # the controller's heartbeat
         count, nbytes = self.worker.store.stats()
         return pb.PingReply(host=self.worker.info(), stored_arrays=count, stored_bytes=nbytes,
                             executions=self.worker.executions, executed=self.worker.executed)
 
 
+def _time_left(context: grpc.ServicerContext, most: float) -> float:
+    """Seconds until the caller's deadline, at most `most`: a wait never outlives its caller."""
+    left = context.time_remaining()
+    return most if left is None else min(most, max(0.0, left))
+
+
+#: Calls only the controller (and peer hosts) may make: they need the host token, when there is
+#: one. A dispatch from anyone else could reset the host.
+HOST_METHODS = ("Dispatch",)
+
+
 def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
-                         max_workers: int = 16) -> tuple[grpc.Server, int]:
-    """A started gRPC server for `worker` on `address` (port 0 picks a free port): (server, port)."""
+                         max_workers: int = 64) -> tuple[grpc.Server, int]:
+    """A started gRPC server for `worker` on `address` (port 0 picks a free port): (server, port).
+
+    It demands the worker's credentials (runtime._auth): the cluster token on every call, the host
+    token on HOST_METHODS, and for reading or writing an array the key of the session that owns it
+    (or the host token); TLS when the credentials have it."""
+    credentials = worker.credentials
+    guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
+                              host_methods=HOST_METHODS,
+                              authorize=_auth.array_owner_policy(lambda: worker._controller_id))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_wire.GRPC_OPTIONS)
+                         options=_wire.GRPC_OPTIONS, interceptors=[guard])
     pb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
-    port = server.add_insecure_port(address)
+    port = _auth.add_port(server, address, credentials)
     if port == 0:
         raise FailedPreconditionError(f"cannot bind worker server to {address}")
     server.start()

@@ -42,15 +42,44 @@ def _wait_for_signal(stop: threading.Event | None = None) -> None:
         pass
 
 
+def _add_auth_args(p: argparse.ArgumentParser, *, host: bool = False) -> None:
+    """Flags that say what credentials a command presents (runtime._auth)."""
+    p.add_argument("--token-file", help="file holding the cluster token (default: $PATHWAYS_TOKEN, "
+                                        "$PATHWAYS_TOKEN_FILE, or the file `pathways up` wrote)")
+    if host:
+        p.add_argument("--host-token-file", help="file holding the host token (default: "
+                                                 "$PATHWAYS_HOST_TOKEN; `pathways up` sets it)")
+    p.add_argument("--tls-cert", help="PEM certificate (servers; clients with mutual TLS)")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", help="PEM CA bundle that verifies the peer")
+
+
+def _credentials(args: argparse.Namespace, address: str | None = None):
+    from runtime import _auth
+
+    tls = None
+    if args.tls_cert or args.tls_ca:
+        tls = _auth.TLSConfig(ca=args.tls_ca or "", cert=args.tls_cert or "",
+                              key=args.tls_key or "")
+    host_file = getattr(args, "host_token_file", None)
+    return _auth.Credentials.resolve(token_file=args.token_file, tls=tls, address=address,
+                                     host_token=_auth.read_token_file(host_file)
+                                     if host_file else None)
+
+
 def _cmd_worker(args: argparse.Namespace) -> int:
     import os
 
     import jax
 
+    from runtime._cluster import die_with_parent
+
+    if not die_with_parent():
+        return 1  # the process that started this worker is gone already
     if args.platform == "cpu":
         jax.config.update("jax_num_cpu_devices", args.devices)
-    from runtime._cluster import register_host, unregister_host
     from runtime._distributed import initialize_island, island_devices
+    from runtime._membership import Membership
     from runtime._worker import Worker, create_worker_server
 
     # The executor thread gives the GIL up while a computation runs; it must get it back within
@@ -73,10 +102,14 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         return 2
     worker = Worker(args.island, args.host, devices[:args.devices], platform=args.platform,
                     island_devices=[d[:args.devices] for d in hosts] if hosts else None,
-                    execution_deadline_s=args.execution_deadline)
+                    execution_deadline_s=args.execution_deadline,
+                    credentials=_credentials(args, args.controller))
     server, _ = create_worker_server(worker, f"{args.bind}:{args.port}")
+    # Registers now, and again whenever the controller restarts (runtime._membership).
+    membership = Membership(args.controller, worker.info, lambda: worker.last_contact,
+                            worker.credentials)
     try:
-        register_host(args.controller, worker.info(), timeout=args.register_timeout)
+        membership.start(timeout=args.register_timeout)
     except Exception as exc:
         print(f"error: cannot register with controller {args.controller}: {exc}", file=sys.stderr)
         server.stop(grace=None)
@@ -86,7 +119,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
           f"({args.devices} {args.platform} devices"
           f"{f', host {args.host} of {args.num_hosts}' if distributed else ''})", flush=True)
     _wait_for_signal(stop)
-    unregister_host(args.controller, worker.info())
+    membership.stop()
     server.stop(grace=1.0)
     worker.stop()
     if distributed or worker.hang:
@@ -100,7 +133,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 def _cmd_controller(args: argparse.Namespace) -> int:
     from runtime._controller import Controller, create_controller_server
 
-    controller = Controller(policy=args.policy)
+    credentials = _credentials(args)
+    if credentials.token is None:
+        print("warning: no token (--token-file, $PATHWAYS_TOKEN): calls are not authenticated",
+              file=sys.stderr)
+    controller = Controller(policy=args.policy, credentials=credentials,
+                            session_quota_bytes=args.session_quota or None)
     server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
     _quiet_collector()
     print(f"controller listening on {args.bind}:{port} (policy {args.policy})", flush=True)
@@ -111,13 +149,29 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
+    import os
+
+    from runtime import _auth
+
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
+    token_file = None
     if args.ray is None:
         from runtime._cluster import ProcessCluster
 
+        tls = None
+        if args.tls_cert:
+            tls = _auth.TLSConfig(ca=args.tls_ca or "", cert=args.tls_cert, key=args.tls_key or "")
         cluster = ProcessCluster(args.islands, args.hosts_per_island, devices_per_host,
                                  port=args.port, host=args.bind, platform=args.platform,
-                                 policy=args.policy, execution_deadline_s=args.execution_deadline)
+                                 policy=args.policy, execution_deadline_s=args.execution_deadline,
+                                 credentials=_auth.Credentials.generate(tls),
+                                 session_quota_bytes=args.session_quota or None)
+        # The clients' token, readable by this user only (the cluster published it for this
+        # machine's clients); the host token stays with the workers.
+        token_file = cluster.token_file
+        if args.token_file:
+            _auth.write_token_file(args.token_file, cluster.credentials.token)
+            token_file = args.token_file
         backend = "local processes"
     else:
         from runtime._ray import RayCluster
@@ -133,9 +187,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
               f"{args.platform} devices up as {backend}", flush=True)
         print(f"controller listening on {cluster.address}", flush=True)
+        if token_file:
+            print(f"token in {token_file} (clients on this machine find it; elsewhere set "
+                  f"{_auth.TOKEN_FILE_ENV})", flush=True)
         _wait_for_signal()
     finally:
         cluster.close()
+        if args.ray is None and args.token_file:
+            try:
+                os.remove(args.token_file)
+            except OSError:
+                pass
     print("stopped", flush=True)
     return 0
 
@@ -147,7 +209,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from runtime._errors import PathwaysError
 
     try:
-        with Client(args.address, name="status", timeout_s=args.timeout) as client:
+        with Client(args.address, name="status", timeout_s=args.timeout,
+                    credentials=_credentials(args, args.address)) as client:
             status = client.status()
     except PathwaysError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -222,6 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--coordinator", default="",
                    help="HOST:PORT of the island's distributed-system coordinator (served by "
                         "host 0; needed with --num-hosts > 1)")
+    _add_auth_args(p, host=True)
     p.add_argument("--execution-deadline", type=float, default=30.0,
                    help="seconds a computation on a multi-host slice may wait for the slice's "
                         "other hosts before it is reported hung (0: forever)")
@@ -234,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", choices=("fifo", "share"), default="fifo",
                    help="how clients share an island: fifo (arrival order) or share "
                         "(device time in proportion to each client's weight)")
+    p.add_argument("--session-quota", type=int, default=0,
+                   help="most bytes of device memory one client session may hold (0: no limit)")
+    _add_auth_args(p, host=True)
     p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("up", help="start a controller and local island workers",
@@ -264,6 +331,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--execution-deadline", type=float, default=30.0,
                    help="seconds a computation on a multi-host slice may wait for the slice's "
                         "other hosts before it is reported hung (0: forever)")
+    p.add_argument("--session-quota", type=int, default=0,
+                   help="most bytes of device memory one client session may hold (0: no limit)")
+    p.add_argument("--token-file",
+                   help="where to write the generated client token, mode 0600 (default: "
+                        "~/.pathways/token-PORT, removed on exit)")
+    p.add_argument("--tls-cert", help="serve with TLS: PEM certificate")
+    p.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    p.add_argument("--tls-ca", help="PEM CA bundle for verifying peers")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="list islands, hosts and slices of a controller",
@@ -271,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("address", help="controller address HOST:PORT")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller")
+    _add_auth_args(p)
     p.set_defaults(func=_cmd_status)
 
     for module in _EXTENSIONS:

@@ -42,7 +42,7 @@ class HostLink:
 
     def __init__(self, scheduler: GangScheduler, host: int, address: str) -> None:
         self.scheduler, self.host, self.address = scheduler, host, address
-        self.channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self.channel = scheduler.open_channel(address)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.queue: collections.deque[pb.Instruction] = collections.deque()
         self.acked = 0  # highest sequence the host has received
@@ -71,6 +71,7 @@ class HostLink:
                     batch.append(ins)
                     size += ins.ByteSize()
             request = pb.DispatchRequest(controller_id=self.scheduler.controller_id,
+                                         epoch=self.scheduler.epoch,
                                          instructions=batch)
             try:
                 reply = self.stub.Dispatch(request, timeout=DISPATCH_TIMEOUT_S)

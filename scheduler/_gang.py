@@ -25,9 +25,12 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import grpc
+
 from proto import pathways_pb2 as pb
 from runtime._errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
                              PathwaysError, ResourceExhaustedError)
+from runtime._wire import GRPC_OPTIONS
 from scheduler._delivery import HostLink
 from scheduler._policy import SchedulingPolicy, Tenant, check_weight, make_policy
 
@@ -96,9 +99,17 @@ class GangScheduler:
     def __init__(self, island: int, controller_id: str,
                  on_host_failure: Callable[[int, int, str], None], *,
                  policy: str | SchedulingPolicy = "fifo", window_s: float = WINDOW_S,
-                 link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink) -> None:
-        """`link_factory(scheduler, host, address)` connects a host (tests pass a fake)."""
+                 link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink,
+                 epoch: int = 0, open_channel: Callable[[str], grpc.Channel] | None = None
+                 ) -> None:
+        """`link_factory(scheduler, host, address)` connects a host (tests pass a fake);
+        `open_channel(address)` opens the channel of a real link (with the cluster's credentials);
+        `epoch` numbers the island's incarnations under this controller (hosts reset when it
+        changes: the island was restarted)."""
         self.island, self.controller_id = island, controller_id
+        self.epoch = epoch
+        self.open_channel = open_channel or (
+            lambda address: grpc.insecure_channel(address, options=GRPC_OPTIONS))
         self._link_factory = link_factory
         self.on_host_failure = on_host_failure
         self.policy = make_policy(policy) if isinstance(policy, str) else policy

@@ -49,10 +49,9 @@ def test_server_rejects_wrong_input_with_invalid_argument(client, add):
                   outputs=[client._new_id()])
     good = pb.Call(executable_id=f.executable_id, inputs=[right.id, right.id],
                    outputs=[client._new_id()])
-    with grpc.insecure_channel(client.address) as channel:
-        reply = pb_grpc.ControllerStub(channel).Execute(pb.ExecuteRequest(
-            session_id=client.session_id, commands=[pb.Command(call=bad), pb.Command(call=good)]),
-            timeout=10)
+    reply = client._stub.Execute(pb.ExecuteRequest(  # the client's own channel: token, session key
+        session_id=client.session_id, commands=[pb.Command(call=bad), pb.Command(call=good)]),
+        timeout=10)
     rejected, accepted = reply.results
     assert rejected.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert rejected.error == "InvalidArgumentError" and "expected float32[8]" in rejected.message

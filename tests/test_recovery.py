@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -22,6 +24,7 @@ def test_sigkilled_worker_is_detected_and_its_work_fails():
             step = client.jit(lambda v: v * 1.0001 + 1, s1)
             x = step(client.put(np.zeros(4096, np.float32), s1))
             x.fetch(timeout=60)  # compiled and running
+            base = x
             queued = [x := step(x) for _ in range(200)]
             os.kill(cluster.procs[1].pid, signal.SIGKILL)
             killed = time.monotonic()
@@ -33,7 +36,7 @@ def test_sigkilled_worker_is_detected_and_its_work_fails():
             with pytest.raises(runtime.HostLostError, match=r"host 1\.0"):
                 queued[-1].fetch(timeout=10)
             with pytest.raises(runtime.HostLostError, match=r"1\.0"):
-                step(queued[-1]).fetch(timeout=10)
+                step(base).fetch(timeout=10)
             with pytest.raises(runtime.HostLostError):
                 client.slice({"d": 2}, island=1)
             assert time.monotonic() - start < 10, "a call on the lost island hung"
@@ -58,3 +61,53 @@ def _client_kwargs(cluster) -> dict:
     """Credentials of a cluster that has them (older clusters have none)."""
     credentials = getattr(cluster, "credentials", None)
     return {"credentials": credentials} if credentials is not None else {}
+
+
+def _train(tmp_path, name: str, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "runtime.cli", "train", "--config", "palm-tiny", "--steps", "6",
+           "--checkpoint-every", "2", "--checkpoint-dir", str(tmp_path / name), "--quiet", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_train_survives_a_killed_worker(tmp_path):
+    """`pathways train` with a worker SIGKILLed mid-run restarts the island, resumes from the last
+    checkpoint, and ends with the parameters of an uninterrupted run, bit for bit."""
+    from model import checkpoint
+
+    clean = _train(tmp_path, "clean")
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    faulty = _train(tmp_path, "faulty", "--kill-worker-at-step", "3")
+    assert faulty.returncode == 0, faulty.stderr[-3000:]
+    assert "fault injection: killing worker" in faulty.stderr
+    assert "restarting its island" in faulty.stderr
+    assert "resumed from step" in faulty.stdout
+    a, b = checkpoint.latest(tmp_path / "clean"), checkpoint.latest(tmp_path / "faulty")
+    assert a.name == b.name == "step_6"
+    assert (a / checkpoint.STATE_FILE).read_bytes() == (b / checkpoint.STATE_FILE).read_bytes()
+
+
+def test_workers_outlive_a_controller_restart():
+    """A restarted controller knows no hosts and no sessions: the workers register again by
+    themselves; an old client gets a clear error; a new client works on every island."""
+    from runtime._cluster import wait_for_hosts
+    from runtime._membership import SILENCE_S
+
+    with runtime.ProcessCluster(islands=2, devices_per_host=1) as cluster:
+        old = runtime.Client(cluster.address, credentials=cluster.credentials)
+        s = old.slice({"d": 1}, island=1)
+        x = old.put(np.arange(4, dtype=np.float32), s)
+        np.testing.assert_array_equal(old.jit(lambda v: v + 1, s)(x).fetch(timeout=60),
+                                      np.arange(4) + 1)
+        cluster.restart_controller()
+        restarted = time.monotonic()
+        with pytest.raises(runtime.PathwaysError, match="restarted|connect again"):
+            old.slice({"d": 1}, island=0)
+        wait_for_hosts(cluster.controller, 2, SILENCE_S + 10)
+        print(f"hosts registered again {time.monotonic() - restarted:.1f} s after the restart")
+        with runtime.Client(cluster.address, credentials=cluster.credentials) as new:
+            for island in (0, 1):
+                s = new.slice({"d": 1}, island=island)
+                y = new.jit(lambda v: v * 3, s)(new.put(np.ones(4, np.float32), s))
+                np.testing.assert_array_equal(y.fetch(timeout=60), np.full(4, 3, np.float32))
+        old.close()
