@@ -283,6 +283,10 @@ class Planner:
 
     def _call(self, session: _Session, call: pb.Call, emit: _Emitter) -> list[tuple[int, int]]:
         exe = self.controller._executable(session, call.executable_id)
+        # The island first: a call on a failed island reports the failure, even when its inputs
+        # came from calls the failure already rejected.
+        island = self.controller.resources.get_slice(exe.slice_id).island
+        self.controller._check_island(island)
         if len(call.inputs) != len(exe.inputs) or len(call.outputs) != len(exe.outputs):
             raise InvalidArgumentError(
                 f"{exe.name} takes {len(exe.inputs)} inputs and gives {len(exe.outputs)} outputs; "
@@ -296,8 +300,6 @@ class Planner:
             raise InvalidArgumentError(f"a donated input of {exe.name} is also passed as another "
                                        f"input")
         self._check_new_ids(session, call.outputs)
-        island = self.controller.resources.get_slice(exe.slice_id).island
-        self.controller._check_island(island)
         self.check_quota(session, [(o.dtype, o.shape, o.sharding) for o in exe.outputs], donated)
         for spec, array_id in zip(exe.outputs, call.outputs):
             self.add(session, pb.ArraySpec(array_id=array_id, dtype=spec.dtype, shape=spec.shape,

@@ -8,7 +8,7 @@ import json
 import logging
 import signal
 import sys
-import threading
+import time
 
 
 #: Python thread switch interval in worker processes (see _cmd_worker).
@@ -27,19 +27,32 @@ def _quiet_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def _stop_on_signal() -> threading.Event:
-    """An event set by SIGINT or SIGTERM (handlers installed now)."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class _Signalled:
+    """Notes SIGINT and SIGTERM (handlers installed on creation). The handler only sets a flag: a
+    handler that takes a lock deadlocks when the signal lands while the main thread holds it
+    (threading.Event.set from a handler, while the main thread is inside Event.wait)."""
+
+    def __init__(self) -> None:
+        self.received = False
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._note)
+
+    def _note(self, *_) -> None:
+        self.received = True
+
+    def wait(self) -> None:
+        """Blocks until a signal has come (time.sleep wakes up for the handler)."""
+        while not self.received:
+            time.sleep(0.2)
 
 
-def _wait_for_signal(stop: threading.Event | None = None) -> None:
+def _stop_on_signal() -> _Signalled:
+    return _Signalled()
+
+
+def _wait_for_signal(stop: _Signalled | None = None) -> None:
     """Blocks until SIGINT or SIGTERM."""
-    stop = stop or _stop_on_signal()
-    while not stop.wait(1.0):
-        pass
+    (stop or _Signalled()).wait()
 
 
 def _add_auth_args(p: argparse.ArgumentParser, *, host: bool = False) -> None:
@@ -95,7 +108,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         devices = hosts[args.host]
     else:
         hosts, devices = None, jax.devices(args.platform)
-    stop = _stop_on_signal()  # after the distributed runtime, which takes SIGTERM over
+    # After the distributed runtime, which takes SIGTERM over: until the worker has registered,
+    # a signal ends it at once (registration retries for a minute and would not notice).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: os._exit(0))
     if len(devices) < args.devices:
         print(f"error: asked for {args.devices} {args.platform} devices, found {len(devices)}",
               file=sys.stderr)
@@ -114,6 +130,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: cannot register with controller {args.controller}: {exc}", file=sys.stderr)
         server.stop(grace=None)
         return 1
+    stop = _stop_on_signal()  # from now on a signal stops the worker in order
     _quiet_collector()
     print(f"worker {args.island}.{args.host} listening on {worker.address} "
           f"({args.devices} {args.platform} devices"

@@ -418,7 +418,8 @@ class GangScheduler:
         with self.cond:
             while self._links and self._sequence - min(
                     link.executed for link in self._links.values()) > limit:
-                self._raise_if_failed()
+                if self._failure is not None or self._link_failure() is not None:
+                    return  # nothing more runs there: work for it fails when it is planned
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise ResourceExhaustedError(

@@ -124,13 +124,9 @@ def check_one_order(cluster, sessions):
     return interleaved
 
 
-def test_interleaved_clients_run_in_one_order(island):
-    results = run_clients(island, clients=4, steps=40)
-    assert check_one_order(island, {r[2] for r in results.values()}) > 4  # they did interleave
-
-
-@pytest.mark.slow
-def test_four_clients_500_steps_each_no_hang(island):
+def test_four_clients_500_steps_each_in_one_order(island):
+    """4 clients at once, 500 cross-host collective steps each (~5 s): all complete, results
+    exact, both hosts ran the 2,000 steps in one order, and the clients' steps interleaved."""
     results = run_clients(island, clients=4, steps=500)
     assert check_one_order(island, {r[2] for r in results.values()}) > 50
 
