@@ -254,6 +254,23 @@ def add_port(server: grpc.Server, address: str, credentials: Credentials | None)
     return server.add_insecure_port(address)
 
 
+def start_server(what: str, address: str, credentials: Credentials | None,
+                 guard: grpc.ServerInterceptor, add_servicer: Callable[[grpc.Server], None], *,
+                 max_workers: int) -> tuple[grpc.Server, int]:
+    """A started gRPC server for `what` ("controller", "worker") on `address` (port 0 picks a
+    free one), every call passing through `guard`: (server, port)."""
+    from concurrent import futures
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
+                         options=_wire.GRPC_OPTIONS, interceptors=[guard])
+    add_servicer(server)
+    port = add_port(server, address, credentials)
+    if port == 0:
+        raise FailedPreconditionError(f"cannot bind {what} server to {address}")
+    server.start()
+    return server, port
+
+
 def open_channel(address: str, credentials: Credentials | None = None,
                  metadata: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]]
                  = ()) -> grpc.Channel:

@@ -20,7 +20,6 @@ import grpc
 import jax
 
 from proto import pathways_pb2 as pb
-from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _auth, _membership
 from runtime._client import Client
 from runtime._controller import Controller, create_controller_server

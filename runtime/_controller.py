@@ -28,7 +28,7 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _auth, _wire
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
-                             NotFoundError, PathwaysError, ResourceExhaustedError, abort)
+                             NotFoundError, PathwaysError, abort)
 from runtime._planner import Planner
 # Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
 from scheduler._gang import GangScheduler, OrderTicket
@@ -199,7 +199,7 @@ class Controller:
         scheduler = self._schedulers.pop(island, None)
         if scheduler is not None:
             scheduler.fail(HostLostError(f"island {island} was restarted"))
-            scheduler.close()
+            scheduler.close(timeout=0)  # under the lock: its threads end on their own
         self._epochs[island] = self._epochs.get(island, 0) + 1
         for record in [r for r in self.resources.slices() if r.island == island]:
             session = self._sessions.get(record.session_id)
@@ -517,10 +517,11 @@ class Controller:
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
         with self._lock:
-            for scheduler in self._schedulers.values():
-                scheduler.close()
+            schedulers = list(self._schedulers.values())
             for channel, _ in self._probes.values():
                 channel.close()
+        for scheduler in schedulers:  # outside the lock: their threads may take it to report
+            scheduler.close()
 
 
 def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceRecord) -> None:
@@ -643,16 +644,11 @@ def create_controller_server(controller: Controller, address: str = "127.0.0.1:0
     It demands the controller's credentials (runtime._auth): the cluster token on every call, the
     host token on HOST_METHODS, a session's key on every call naming that session; TLS when the
     credentials have it."""
-    from concurrent import futures
-
     credentials = controller.credentials
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
                               host_methods=HOST_METHODS, authorize=_session_policy(controller))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_wire.GRPC_OPTIONS, interceptors=[guard])
-    pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
-    port = _auth.add_port(server, address, credentials)
-    if port == 0:
-        raise FailedPreconditionError(f"cannot bind controller server to {address}")
-    server.start()
-    return server, port
+    servicer = ControllerServicer(controller)
+    return _auth.start_server(
+        "controller", address, credentials, guard,
+        lambda server: pb_grpc.add_ControllerServicer_to_server(servicer, server),
+        max_workers=max_workers)

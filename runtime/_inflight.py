@@ -99,7 +99,10 @@ class InFlight:
                 self._cond.notify_all()
             self.on_finish()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stops taking executions; returns once the finisher has ended (or after `timeout` s)."""
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)

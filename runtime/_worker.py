@@ -619,12 +619,18 @@ class Worker:
             self._cond.notify_all()
         self._progress.set()
         self._reaper.put(None)
-        self._inflight.stop()
+        wait_s = 0.5 if self.hang else 5  # a stuck execution never returns
+        self._inflight.stop(timeout=wait_s)
         if self._watchdog is not None:
             self._watchdog.stop()
         self.store.clear()
-        self._thread.join(timeout=0.5 if self.hang else 5)  # a stuck executor never returns
+        self._thread.join(timeout=wait_s)
         self._transfers.shutdown(wait=False, cancel_futures=True)
+        # Threads still inside gRPC or XLA when the interpreter exits can abort the process: wait
+        # (boundedly) for the senders, whose calls all have deadlines.
+        deadline = time.monotonic() + wait_s
+        for thread in list(getattr(self._transfers, "_threads", ())):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _reap(doomed: queue.SimpleQueue) -> None:
@@ -734,12 +740,10 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
                               host_methods=HOST_METHODS,
                               authorize=_auth.array_owner_policy(lambda: worker._controller_id))
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_wire.GRPC_OPTIONS, interceptors=[guard])
-    pb_grpc.add_WorkerServicer_to_server(WorkerServicer(worker), server)
-    port = _auth.add_port(server, address, credentials)
-    if port == 0:
-        raise FailedPreconditionError(f"cannot bind worker server to {address}")
-    server.start()
+    servicer = WorkerServicer(worker)
+    server, port = _auth.start_server(
+        "worker", address, credentials, guard,
+        lambda server: pb_grpc.add_WorkerServicer_to_server(servicer, server),
+        max_workers=max_workers)
     worker.address = f"{address.rsplit(':', 1)[0]}:{port}"
     return server, port

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING
 
 import grpc
@@ -19,7 +20,6 @@ import grpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime._errors import HostLostError
-from runtime._wire import GRPC_OPTIONS
 
 if TYPE_CHECKING:
     from scheduler._gang import GangScheduler
@@ -128,3 +128,10 @@ class HostLink:
         if call is not None:
             call.cancel()
         self.channel.close()
+
+    def join(self, timeout: float) -> None:
+        """Waits (up to `timeout` seconds) for both threads to end, after close()."""
+        deadline = time.monotonic() + timeout
+        for thread in (self._sender, self._watcher):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))

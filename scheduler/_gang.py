@@ -444,7 +444,9 @@ class GangScheduler:
                                          device_seconds=t.device_seconds)
                          for t in sorted(self._tenants.values(), key=lambda t: t.session_id)])
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Stops ordering and delivery; returns once the island's threads have ended (or after
+        `timeout` seconds): a daemon thread still inside gRPC at interpreter exit can abort it."""
         self._stopped.set()
         with self.cond:
             self.closed = True
@@ -453,3 +455,8 @@ class GangScheduler:
                 link.close()
             self._fail(FailedPreconditionError(f"island {self.island}'s scheduler is closed"))
             self.cond.notify_all()
+        deadline = time.monotonic() + timeout
+        if self._pump is not threading.current_thread():
+            self._pump.join(timeout)
+        for link in links:
+            link.join(max(0.0, deadline - time.monotonic()))

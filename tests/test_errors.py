@@ -11,7 +11,6 @@ from jax.sharding import PartitionSpec as P
 
 import runtime
 from proto import pathways_pb2 as pb
-from proto import pathways_pb2_grpc as pb_grpc
 
 
 def still_works(client, island=0):

@@ -8,7 +8,6 @@ import signal
 import threading
 import time
 
-import grpc
 import jax
 import numpy as np
 import pytest

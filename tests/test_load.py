@@ -9,7 +9,6 @@ import threading
 import time
 
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 import runtime
 

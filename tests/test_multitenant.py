@@ -30,6 +30,9 @@ class FakeLink:
     def close(self):
         pass
 
+    def join(self, timeout):
+        pass
+
 
 def gang(policy="share", window_s=1.0):
     scheduler = GangScheduler(0, "controller", lambda *a: None, policy=policy, window_s=window_s,
