@@ -1,4 +1,7 @@
-"""End to end on an in-process 2-island cluster: results equal in-process JAX exactly."""
+"""End to end on an in-process 2-island cluster: results equal in-process JAX exactly.
+
+The checks size their slices from the island they run on, so tests/test_ray.py runs the same ones
+on Ray-placed islands of 2 devices (these islands have 4)."""
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +26,14 @@ def reference(f, args, vslice, in_specs, out_specs):
     return jax.tree.map(np.asarray, out)
 
 
+def whole_island(client, island, axes=("d",)):
+    """A slice of every device of `island`: one axis, or two with the second of size 2."""
+    n = sum(h.num_devices for h in client.status().hosts if h.island == island)
+    return client.slice((n // 2, 2) if len(axes) == 2 else (n,), axes, island=island)
+
+
 def test_sharded_matmul_plus_reduction_matches_jax(client):
-    s = client.slice((2, 2), ("x", "y"), island=0)
+    s = whole_island(client, 0, ("x", "y"))
     rng = np.random.default_rng(0)
     a = rng.standard_normal((64, 32), dtype=np.float32)
     b = rng.standard_normal((32, 16), dtype=np.float32)
@@ -40,7 +49,7 @@ def test_sharded_matmul_plus_reduction_matches_jax(client):
 
 
 def test_shard_map_psum(client):
-    s = client.slice({"d": 4}, island=1)
+    s = whole_island(client, 1)
     x = np.arange(16, dtype=np.float32)
 
     def step(v):
@@ -53,7 +62,7 @@ def test_shard_map_psum(client):
 
 
 def test_pytree_in_and_out(client):
-    s = client.slice({"d": 4}, island=0)
+    s = whole_island(client, 0)
     tree = {"w": np.ones((8, 4), np.float32), "b": (np.arange(4, dtype=np.int32), np.float32(2.0))}
 
     def f(t):
@@ -71,7 +80,7 @@ def test_pytree_in_and_out(client):
 
 @pytest.mark.parametrize("dtype", [np.float32, ml_dtypes.bfloat16, np.int32, np.bool_])
 def test_dtypes_round_trip_and_compute(client, dtype):
-    s = client.slice((2, 2), ("x", "y"), island=0)
+    s = whole_island(client, 0, ("x", "y"))
     x = (np.arange(32).reshape(8, 4) % 3).astype(dtype)
     r = client.put(x, s, P("x", "y"))
     assert r.dtype == np.dtype(dtype)
@@ -88,7 +97,7 @@ def test_dtypes_round_trip_and_compute(client, dtype):
 
 
 def test_scalar(client):
-    s = client.slice({"d": 4}, island=1)
+    s = whole_island(client, 1)
     r = client.put(np.float32(3.5), s)
     assert r.shape == ()
     out = client.jit(lambda v: v * 2 + 1, s)(r)
@@ -97,7 +106,7 @@ def test_scalar(client):
 
 
 def test_chained_calls_and_reuse_of_compiled_function(client):
-    s = client.slice({"d": 4}, island=0)
+    s = whole_island(client, 0)
     f = client.jit(lambda v: v + 1, s, in_specs=P("d"), out_specs=P("d"))
     v = client.put(np.zeros(8, np.float32), s, P("d"))
     for _ in range(50):
@@ -107,7 +116,7 @@ def test_chained_calls_and_reuse_of_compiled_function(client):
 
 
 def test_300mb_array_round_trip(client):
-    s = client.slice((2, 2), ("x", "y"), island=1)
+    s = whole_island(client, 1, ("x", "y"))
     x = np.random.default_rng(1).standard_normal((75 * 1024, 1024), dtype=np.float32)
     assert x.nbytes >= 300 * 2**20
     r = client.put(x, s, P("x", "y"))
@@ -116,14 +125,14 @@ def test_300mb_array_round_trip(client):
 
 
 def test_replicated_and_partially_sharded_arrays(client):
-    s = client.slice((2, 2), ("x", "y"), island=0)
+    s = whole_island(client, 0, ("x", "y"))
     x = np.arange(48, dtype=np.int32).reshape(4, 12)
     for spec in (P(), P("x"), P(None, "y"), P(("x", "y")), P(None, ("y", "x"))):
         np.testing.assert_array_equal(client.put(x, s, spec).fetch(), x)
 
 
 def test_outputs_exist_before_the_computation_runs(client):
-    s = client.slice({"d": 4}, island=0)
+    s = whole_island(client, 0)
     slow = client.jit(lambda v: jax.lax.fori_loop(0, 200, lambda i, a: jnp.tanh(a @ a), v), s)
     x = client.put(np.eye(256, dtype=np.float32) * 0.5, s)
     out = slow(x)
