@@ -463,12 +463,27 @@ class Worker:
                     shards = [(index, [p for p in ps if p in positions],
                                full[_wire.as_slices(index)])
                               for index, ps in groups if set(ps) & set(positions)]
+                    if self._put_shared(address, dest, shards):
+                        continue
                     chunks = _wire.iter_chunks(dest, shards)
                 self._peer(address).PutArray(chunks, timeout=TRANSFER_TIMEOUT_S)
         except grpc.RpcError as err:  # e.g. the receiver stopped; its reads report the loss
             log.warning("%s to slice %d failed: %s", what, dest.sharding.slice_id, err.code().name)
         except Exception:  # the receiver's execution times out and reports it
             log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
+
+    def _put_shared(self, address: str, dest: pb.ArraySpec, shards: list) -> bool:
+        """Sends shards to a host on this machine through shared-memory files; False when that
+        path is not open (another machine, or no room: the caller streams them instead)."""
+        if not (_auth.is_loopback(address) and _wire.shared_memory_available()):
+            return False
+        try:
+            with _wire.shared_chunks(dest, shards) as chunks:
+                self._peer(address).PutArray(iter(chunks), timeout=TRANSFER_TIMEOUT_S)
+        except OSError as exc:
+            log.info("shared-memory transfer to %s not possible (%s): streaming it", address, exc)
+            return False
+        return True
 
     def _peer(self, address: str) -> pb_grpc.WorkerStub:
         with self._cond:
