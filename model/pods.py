@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from typing import Any
 
 import jax
@@ -134,38 +135,44 @@ class PodTrainer:
         """Trains `steps` more steps; returns one result per step (loss averaged over islands),
         once every island has applied the last update.
 
-        Dispatch runs ahead: step n+1 is submitted (and its batch sent) before step n's loss is
-        read back, so the hosts never wait for the client.
+        Dispatch runs ahead: step n+1 is submitted before step n's loss is read back, so the
+        hosts never wait for the client. The next step's batch is sent meanwhile on another
+        thread: a put returns once the hosts hold the data, which on busy devices is after the
+        running step, and must hold up neither the next submission nor the loss report. A
+        step's seconds run from the previous step's loss to its own.
         """
         if not self.states:
             raise RuntimeError("call initialize() or restore() first")
         tokens = self.settings.global_batch * self.settings.config.seq_len
         results: list[StepResult] = []
-        pending: tuple[int, list, float] | None = None
-        batches = self._put_batch(self.step)
+        pending: tuple[int, list] | None = None
         last = time.perf_counter()
-        for _ in range(steps):
-            self.states, losses = self._step_program(self.states, batches)
-            step = self.step
-            self.step += 1
-            if checkpoint_dir and checkpoint_every and self.step % checkpoint_every == 0:
-                self.save(checkpoint_dir)
-            batches = self._put_batch(self.step)  # overlaps with the step just submitted
+        with futures.ThreadPoolExecutor(1, thread_name_prefix="batches") as sender:
+            next_batches = sender.submit(self._put_batch, self.step)
+            for _ in range(steps):
+                batches = next_batches.result(timeout=STEP_TIMEOUT_S)
+                self.states, losses = self._step_program(self.states, batches)
+                step = self.step
+                self.step += 1
+                next_batches = sender.submit(self._put_batch, self.step)
+                if checkpoint_dir and checkpoint_every and self.step % checkpoint_every == 0:
+                    self.save(checkpoint_dir)
+                if pending is not None:
+                    results.append(self._report(*pending, last, tokens))
+                    last = time.perf_counter()
+                    on_step(results[-1])
+                pending = (step, losses)
             if pending is not None:
-                results.append(self._report(*pending, tokens))
+                results.append(self._report(*pending, last, tokens))
                 on_step(results[-1])
-            pending = (step, losses, last)
-            last = time.perf_counter()
-        if pending is not None:
-            results.append(self._report(*pending, tokens))
-            on_step(results[-1])
+            next_batches.result(timeout=STEP_TIMEOUT_S)  # surfaces a failed put
         # Returns once the last update has run on every island: nothing is left in flight.
         self.client.fetch([state[2] for state in self.states], timeout=STEP_TIMEOUT_S)
         return results
 
-    def _report(self, step: int, losses: list, started: float, tokens: int) -> StepResult:
+    def _report(self, step: int, losses: list, since: float, tokens: int) -> StepResult:
         values = self.client.fetch(losses, timeout=STEP_TIMEOUT_S)
-        return StepResult(step, float(np.mean(values)), tokens, time.perf_counter() - started)
+        return StepResult(step, float(np.mean(values)), tokens, time.perf_counter() - since)
 
     def fetch_state(self, island_index: int = 0) -> tuple[Any, Any, int]:
         """(params, opt_state, step) of one island, as NumPy."""
