@@ -15,6 +15,7 @@ checkpoint continues the same loss trajectory.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,6 +37,8 @@ AXES = ("data", "model")
 #: Deadline for reading a step's results: the first step includes compiling A and B on the hosts.
 STEP_TIMEOUT_S = 900.0
 BATCH_SPEC = P("data")
+#: Steps whose batches are on their way to the hosts before the step is submitted.
+BATCHES_AHEAD = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +139,7 @@ class PodTrainer:
         once every island has applied the last update.
 
         Dispatch runs ahead: step n+1 is submitted before step n's loss is read back, so the
-        hosts never wait for the client. The next step's batch is sent meanwhile on another
+        hosts never wait for the client. Batches are sent BATCHES_AHEAD steps ahead on another
         thread: a put returns once the hosts hold the data, which on busy devices is after the
         running step, and must hold up neither the next submission nor the loss report. A
         step's seconds run from the previous step's loss to its own.
@@ -148,13 +151,14 @@ class PodTrainer:
         pending: tuple[int, list] | None = None
         last = time.perf_counter()
         with futures.ThreadPoolExecutor(1, thread_name_prefix="batches") as sender:
-            next_batches = sender.submit(self._put_batch, self.step)
+            ahead = collections.deque(sender.submit(self._put_batch, self.step + i)
+                                      for i in range(BATCHES_AHEAD))
             for _ in range(steps):
-                batches = next_batches.result(timeout=STEP_TIMEOUT_S)
+                batches = ahead.popleft().result(timeout=STEP_TIMEOUT_S)
                 self.states, losses = self._step_program(self.states, batches)
                 step = self.step
                 self.step += 1
-                next_batches = sender.submit(self._put_batch, self.step)
+                ahead.append(sender.submit(self._put_batch, self.step + BATCHES_AHEAD - 1))
                 if checkpoint_dir and checkpoint_every and self.step % checkpoint_every == 0:
                     self.save(checkpoint_dir)
                 if pending is not None:
@@ -165,7 +169,8 @@ class PodTrainer:
             if pending is not None:
                 results.append(self._report(*pending, last, tokens))
                 on_step(results[-1])
-            next_batches.result(timeout=STEP_TIMEOUT_S)  # surfaces a failed put
+            for put in ahead:
+                put.result(timeout=STEP_TIMEOUT_S)  # surfaces a failed put
         # Returns once the last update has run on every island: nothing is left in flight.
         self.client.fetch([state[2] for state in self.states], timeout=STEP_TIMEOUT_S)
         return results

@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 #: hosts' executors time, to a few per window rather than one per execution).
 WINDOW_S = 0.05
 REFILL_BELOW = 0.5
-#: Most executions ordered ahead of the slowest host, whatever their estimates.
+#: Most executions ordered ahead of the slowest host, whatever their estimates; and the fewest,
+#: whatever their estimates: the next execution is on the hosts before the running one ends (with
+#: one, a long step's next computation would wait a round trip through the controller).
 MAX_OUTSTANDING = 4096
+MIN_OUTSTANDING = 2
 #: Estimate for an executable not measured yet, and the least any execution is counted as.
 DEFAULT_COST_S = 1e-3
 MIN_COST_S = 1e-5
@@ -248,15 +251,17 @@ class GangScheduler:
                 self._tenants.pop(tenant.session_id, None)
 
     def _window_full(self) -> bool:
-        return bool(self._inflight) and (self._outstanding_s >= self.window_s
-                                         or len(self._inflight) >= MAX_OUTSTANDING)
+        ahead = len(self._inflight)
+        return ahead >= MIN_OUTSTANDING and (self._outstanding_s >= self.window_s
+                                             or ahead >= MAX_OUTSTANDING)
 
     def _admit(self) -> None:
         """Orders queued work while the window has room (called with the lock held)."""
         if self._failure is not None or self.closed or not self._tenants:
             return
         batch: list[pb.Instruction] = []
-        refill = not self._inflight or self._outstanding_s < self.window_s * REFILL_BELOW
+        refill = (len(self._inflight) < MIN_OUTSTANDING
+                  or self._outstanding_s < self.window_s * REFILL_BELOW)
         while True:
             for tenant in list(self._tenants.values()):
                 while tenant.queue and not tenant.queue[0].executes:
