@@ -18,7 +18,9 @@ import threading
 import time
 from typing import Any
 
-from runtime._cluster import STARTUP_TIMEOUT_S, register_host, wait_for_hosts
+from runtime import _auth
+from runtime._cluster import (STARTUP_TIMEOUT_S, publish_token, register_host, wait_for_hosts,
+                              withdraw_token)
 from runtime._controller import Controller, create_controller_server
 from runtime._errors import FailedPreconditionError
 
@@ -111,14 +113,18 @@ class HostActor:
             raise FailedPreconditionError(
                 f"host {island}.{host}: bundle assigned {assigned}, giving {count} {platform} "
                 f"devices; this process has {len(devices)}")
-        self._worker = Worker(island, host, devices[:count], platform=platform, backend="ray")
+        # The cluster's token and host token arrive in the environment (the actor's runtime_env).
+        credentials = _auth.Credentials.resolve()
+        self._worker = Worker(island, host, devices[:count], platform=platform, backend="ray",
+                              credentials=credentials)
         # The node's address as Ray knows it: 127.0.0.1 on a loopback-only instance, the node's
         # routable address on a multi-node cluster (the controller and other hosts must reach it).
         bind = ray.util.get_node_ip_address()
         self._server, _ = create_worker_server(self._worker, f"{bind}:0")
         self._stopped = threading.Event()
         try:
-            register_host(controller_address, self._worker.info(), timeout=register_timeout)
+            register_host(controller_address, self._worker.info(), timeout=register_timeout,
+                          credentials=credentials)
         except Exception:
             self.stop()
             raise
@@ -157,6 +163,12 @@ class RayCluster:
 
     The constructor returns once every host has registered. It does not restart dead actors: a
     dead actor is a lost host (HostLostError on its island), as with any other backend.
+
+    As with the other backends the cluster makes its own token and host token (unless given
+    `credentials`); the actors receive both in their runtime_env's environment (Ray's control
+    plane, which the cluster trusts to start its processes anyway). `credentials` (the attribute)
+    is what clients need; clients on this machine find the token by themselves. `policy` is the
+    controller's scheduling policy ("fifo" or "share").
     """
 
     def __init__(self, islands: int = 2, hosts_per_island: int = 1, devices_per_host: int = 4, *,
@@ -164,7 +176,8 @@ class RayCluster:
                  cpus_per_host: int = 1, port: int = 0, host: str = "127.0.0.1",
                  platform: str = "cpu", runtime_env: dict[str, Any] | None = None,
                  placement_timeout: float = PLACEMENT_TIMEOUT_S,
-                 startup_timeout: float = STARTUP_TIMEOUT_S) -> None:
+                 startup_timeout: float = STARTUP_TIMEOUT_S,
+                 credentials: _auth.Credentials | None = None, policy: str = "fifo") -> None:
         if placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement strategy {placement_strategy!r} is not one of "
                              f"{PLACEMENT_STRATEGIES}")
@@ -186,12 +199,19 @@ class RayCluster:
         self._supervisor: threading.Thread | None = None
         self.controller: Controller | None = None
         self._server = None
+        self.token_file: str | None = None
+        cluster_credentials = credentials or _auth.Credentials.generate()
+        self.credentials = cluster_credentials.for_clients()
         try:
             self.placement_strategy = (_default_strategy(ray) if placement_strategy == "auto"
                                        else placement_strategy)
-            self.controller = Controller()
+            self.controller = Controller(policy=policy, credentials=cluster_credentials)
             self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
             self.address = f"{_advertised(ray, host)}:{self.port}"
+            self.token_file = publish_token(self.address, self.credentials)
+            env = dict((runtime_env or {}).get("env_vars", {}))
+            env.update(cluster_credentials.worker_environment())
+            runtime_env = {**(runtime_env or {}), "env_vars": env}
             _check_reachable(ray, self.address)
             self._reserve(islands, hosts_per_island, placement_timeout)
             self._start_hosts(islands, hosts_per_island, platform, runtime_env, startup_timeout)
@@ -289,6 +309,7 @@ class RayCluster:
         if self._closing.is_set():
             return
         self._closing.set()
+        withdraw_token(self.token_file)
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         ray = self._ray

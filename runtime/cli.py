@@ -171,7 +171,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from runtime import _auth
 
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
-    token_file = None
     if args.ray is None:
         from runtime._cluster import ProcessCluster
 
@@ -183,22 +182,27 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                  policy=args.policy, execution_deadline_s=args.execution_deadline,
                                  credentials=_auth.Credentials.generate(tls),
                                  session_quota_bytes=args.session_quota or None)
-        # The clients' token, readable by this user only (the cluster published it for this
-        # machine's clients); the host token stays with the workers.
-        token_file = cluster.token_file
-        if args.token_file:
-            _auth.write_token_file(args.token_file, cluster.credentials.token)
-            token_file = args.token_file
         backend = "local processes"
     else:
         from runtime._ray import RayCluster
 
+        if args.tls_cert:
+            print("error: --tls-cert is not supported with --ray (the certificate files would "
+                  "have to be on every Ray node)", file=sys.stderr)
+            return 2
         cluster = RayCluster(args.islands, args.hosts_per_island, devices_per_host,
                              ray_address=args.ray or None,
                              placement_strategy=args.placement_strategy, port=args.port,
-                             host=args.bind, platform=args.platform)
+                             host=args.bind, platform=args.platform, policy=args.policy,
+                             credentials=_auth.Credentials.generate())
         backend = (f"Ray actors ({cluster.placement_strategy}, "
                    f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
+    # The clients' token, readable by this user only (the cluster published it for this
+    # machine's clients); the host token stays with the workers.
+    token_file = cluster.token_file
+    if args.token_file:
+        _auth.write_token_file(args.token_file, cluster.credentials.token)
+        token_file = args.token_file
     _quiet_collector()
     try:
         print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
@@ -210,7 +214,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _wait_for_signal()
     finally:
         cluster.close()
-        if args.ray is None and args.token_file:
+        if args.token_file:
             try:
                 os.remove(args.token_file)
             except OSError:

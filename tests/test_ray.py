@@ -64,6 +64,33 @@ def test_status_shows_ray_backend(client):
         (0, 0, "ray", 2, "alive"), (1, 0, "ray", 2, "alive")]
 
 
+def test_ray_cluster_demands_its_token(ray_cluster):
+    """Controller and Ray-placed hosts refuse calls without the cluster's token, as on the local
+    backend; the hosts got their tokens through the actors' environment."""
+    import grpc
+
+    from proto import pathways_pb2 as pb
+    from proto import pathways_pb2_grpc as pb_grpc
+    from runtime import _auth
+
+    token = ray_cluster.credentials.token
+    assert token and ray_cluster.credentials.host_token is None  # clients get no host token
+    calls = [(ray_cluster.address,
+              lambda ch: pb_grpc.ControllerStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10))]
+    calls += [(h.address, lambda ch: pb_grpc.WorkerStub(ch).Ping(pb.PingRequest(), timeout=10))
+              for h in ray_cluster.controller.status().hosts]
+    assert len(calls) == 3
+    for address, call in calls:
+        for wrong in (None, token + "x"):
+            with _auth.open_channel(address, _auth.Credentials(wrong)) as channel:
+                with pytest.raises(grpc.RpcError) as info:
+                    call(channel)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with runtime.Client(ray_cluster.address, credentials=ray_cluster.credentials) as c:
+        s = c.slice({"d": 2}, island=0)
+        assert c.jit(lambda v: v + 1, s)(c.put(np.float32(1), s)).fetch() == 2
+
+
 def test_two_island_palm_training_on_ray(client):
     """PaLM's two-pod scheme with Ray-placed islands: the loss falls and the islands end with
     bitwise identical parameters."""
