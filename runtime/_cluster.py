@@ -261,15 +261,20 @@ class ProcessCluster:
     def close(self, grace: float = 5.0) -> None:
         withdraw_token(getattr(self, "token_file", None))
         self.controller.close()  # first: stopping workers is not a host loss to report
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
+        # Host 0 of a multi-host island coordinates its JAX distributed system: the other hosts
+        # abort (with a stack trace) when it goes first, so they stop first.
+        hosts_per_island = self._shape[1]
         deadline = time.monotonic() + grace
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                kill_process_group(proc)
+        for wave in ([p for i, p in enumerate(self.procs) if i % hosts_per_island],
+                     self.procs[::hosts_per_island]):
+            for proc in wave:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in wave:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    kill_process_group(proc)
         self._server.stop(grace=None).wait(5)
 
     def __enter__(self) -> ProcessCluster:

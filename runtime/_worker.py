@@ -20,19 +20,21 @@ did not (runtime._hang).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 
 import grpc
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
@@ -315,7 +317,7 @@ class Worker:
             if doomed:
                 self._reaper.put(doomed)
         elif kind == "send":
-            self._send(ins.send)
+            self._send(ins.send, ins.sequence)
         elif kind == "release_slice":
             with self._cond:
                 self._slices.pop(ins.release_slice.slice_id, None)
@@ -420,29 +422,51 @@ class Worker:
 
     # -- transfers between hosts ------------------------------------------------------------------
 
-    def _send(self, send: pb.SendInstruction) -> None:
+    def _send(self, send: pb.SendInstruction, sequence: int) -> None:
         """Pins the source now (in island order), streams it on a transfer thread."""
         if send.source_slice_id in self._foreign:
             return  # another host of the island holds the array
         try:
             value, error = self.store.get(send.array_id, self.input_timeout_s), None
+            if not value.is_fully_addressable:
+                value = self._gather(value, send, sequence)
+                if value is None:
+                    return  # the slice's first host sends it
         except PathwaysError as exc:
             value, error = None, exc
         self._transfers.submit(self._stream, value, error, send)
 
-    def _stream(self, value: jax.Array | None, error: PathwaysError | None,
+    def _gather(self, value: jax.Array, send: pb.SendInstruction,
+                sequence: int) -> np.ndarray | None:
+        """The whole of an array whose shards lie on several hosts, on the source slice's first
+        host (None on the others). When the first host's shards already make up the array
+        (replicated over the hosts), from them; else every host of the slice runs, at the same
+        place in the island's order, a computation replicating the array over the slice, whose
+        collectives span the hosts (and whose hang, if a host never comes, the watchdog reports)."""
+        mesh, info = self.mesh(send.source_slice_id)
+        first = min(d.host for d in info.devices)
+        first_holds = _held_by(value, [d for d, where in zip(mesh.devices.flat, info.devices)
+                                       if where.host == first])
+        if first_holds is not None:  # the first host holds all of it (replicated over the hosts)
+            return first_holds() if self.host == first else None
+        self._inflight.drain()  # collectives: the only execution in flight
+        self._activity = ("running", f"gather of array {send.array_id} for a transfer", sequence,
+                          0, time.monotonic(), send.source_slice_id)
+        try:
+            replicated = _replicator(NamedSharding(mesh, PartitionSpec()))(value)
+            replicated.block_until_ready()
+        except Exception as exc:
+            raise ExecutionError(f"gathering array {send.array_id} on host "
+                                 f"{self.island}.{self.host} for a transfer failed: {exc}") from exc
+        if self.host != min(d.host for d in info.devices):
+            return None
+        return np.asarray(replicated.addressable_data(0))
+
+    def _stream(self, value: jax.Array | np.ndarray | None, error: PathwaysError | None,
                 send: pb.SendInstruction) -> None:
         dest, info = send.destination, send.destination_slice
         what = f"transfer of array {send.array_id} from host {self.island}.{self.host}"
         try:
-            if error is None and not value.is_fully_addressable:
-                # Each host holds only its shards; reassembling them for the destination is not
-                # supported. One host of the source slice reports it, so the copy fails once.
-                if self.host != min(d.host for d in self.mesh(send.source_slice_id)[1].devices):
-                    return
-                error = FailedPreconditionError(
-                    f"{what}: the array spans several hosts; copying such an array to another "
-                    f"slice is not supported (fetch it, or compute the copy on its own slice)")
             full = None
             local = all(d.host == self.host for d in info.devices)
             for host, address in enumerate(info.host_addresses):
@@ -663,6 +687,36 @@ def _host_nbytes(value: pb.ValueSpec, info: pb.SliceInfo, host: int) -> int:
     on_host = {p for p, d in enumerate(info.devices) if d.host == host}
     return sum(int(np.prod(_wire.shard_shape(index), dtype=np.int64)) * itemsize
                * len(on_host.intersection(positions)) for index, positions in groups)
+
+
+def _held_by(value: jax.Array, devices: Sequence[jax.Device]
+             ) -> Callable[[], np.ndarray] | None:
+    """When the shards on `devices` make up the whole of `value`: a function assembling it (to
+    call where those devices are local); else None. Decided from the sharding alone, so every
+    host of the slice decides alike."""
+    wanted = set(devices)
+    parts: dict[tuple, jax.Device] = {}
+    for device, index in value.sharding.devices_indices_map(value.shape).items():
+        if device in wanted:
+            bounds = tuple(part.indices(size)[:2] for part, size in zip(index, value.shape))
+            parts.setdefault(bounds, device)
+    covered = sum(math.prod(b - a for a, b in bounds) for bounds in parts)
+    if covered != math.prod(value.shape):  # disjoint shards: covering is adding up
+        return None
+
+    def assemble() -> np.ndarray:
+        local = {shard.device: shard.data for shard in value.addressable_shards}
+        whole = np.empty(value.shape, value.dtype)
+        for bounds, device in parts.items():
+            whole[tuple(slice(a, b) for a, b in bounds)] = np.asarray(local[device])
+        return whole
+    return assemble
+
+
+@functools.lru_cache(maxsize=64)
+def _replicator(sharding: NamedSharding) -> Callable[[jax.Array], jax.Array]:
+    """A compiled identity whose output is laid out as `sharding` (one per sharding)."""
+    return jax.jit(lambda v: v, out_shardings=sharding)
 
 
 def _compile(load: pb.LoadInstruction, mesh: Mesh):
