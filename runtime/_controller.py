@@ -173,7 +173,8 @@ class Controller:
             raise InvalidArgumentError("host registration: island, host or device count too large")
         record = HostRecord(info.island, info.host, info.address, info.platform or "cpu",
                             info.num_devices, info.device_kind, info.backend or "local",
-                            info.device_memory_bytes, info.distributed_hosts)
+                            info.device_memory_bytes, info.distributed_hosts,
+                            ray_node=info.ray_node)
         with self._lock:
             if self.resources.lost_host(info.island) is not None:
                 self._restart_island(info.island)
@@ -332,7 +333,7 @@ class Controller:
                 island=h.island, host=h.host, address=h.address, platform=h.platform,
                 num_devices=h.num_devices, device_kind=h.device_kind, backend=h.backend,
                 state=h.state, device_memory_bytes=h.device_memory_bytes,
-                distributed_hosts=h.distributed_hosts,
+                distributed_hosts=h.distributed_hosts, ray_node=h.ray_node,
                 undelivered=depth.get(h.island, {}).get(h.host, 0))
             ping = pings.get((h.island, h.host))
             if ping is not None:

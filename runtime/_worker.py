@@ -120,6 +120,7 @@ class Worker:
         self.island_devices = [list(d) for d in island_devices] if island_devices else None
         self.memory_bytes = device_memory_bytes(self.devices)
         self.platform, self.backend = platform, backend
+        self.ray_node = ""  # the Ray node of a host placed by Ray (runtime._ray_host)
         self.address = ""
         self.store = ArrayStore()
         self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
@@ -592,7 +593,8 @@ class Worker:
                            distributed_hosts=self.distributed_hosts, received=received,
                            executed=self.executed, hang=self.hang,
                            current_sequence=state[2] if len(state) > 2 else 0,
-                           current_name=state[1] if len(state) > 1 else "")
+                           current_name=state[1] if len(state) > 1 else "",
+                           ray_node=self.ray_node)
 
     @property
     def activity(self) -> str:

@@ -40,6 +40,7 @@ class HostRecord:
     backend: str = "local"
     device_memory_bytes: int = 0  # per device
     distributed_hosts: int = 0  # hosts of the island's JAX distributed system (0/1: none)
+    ray_node: str = ""  # id of the Ray node the host runs on (backend "ray")
     alive: bool = True
     lost_reason: str = ""
     left: bool = False  # unregistered on purpose (as opposed to lost)
