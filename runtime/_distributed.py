@@ -46,6 +46,35 @@ def island_devices(platform: str, num_hosts: int) -> list[list[jax.Device]]:
     return [sorted(devices, key=lambda d: d.id) for devices in per_host]
 
 
+def host_devices(platform: str, count: int, num_hosts: int = 1, host: int = 0,
+                 coordinator: str = "") -> tuple[list[jax.Device], list[list[jax.Device]] | None]:
+    """The devices a worker host owns, in a process whose JAX backends are not up yet: (its first
+    `count` devices, every host's first `count` devices indexed by host, or None on a single-host
+    island). With `num_hosts` > 1 the process first joins its island's distributed system at
+    `coordinator` as host `host` (`initialize_island`). On cpu it makes `count` simulated devices.
+
+    Raises FailedPreconditionError when the process has fewer than `count` devices.
+    """
+    from runtime._errors import FailedPreconditionError
+
+    if platform == "cpu":
+        # Takes precedence over a device count inherited through XLA_FLAGS.
+        jax.config.update("jax_num_cpu_devices", count)
+    if num_hosts > 1:
+        if not coordinator:
+            raise ValueError(f"an island of {num_hosts} hosts needs a coordinator address")
+        initialize_island(coordinator, num_hosts, host, platform)
+        hosts = [devices[:count] for devices in island_devices(platform, num_hosts)]
+        devices = hosts[host]
+    else:
+        hosts, devices = None, jax.devices(platform)[:count]
+    if len(devices) < count or any(len(d) < count for d in hosts or ()):
+        found = [len(d) for d in hosts] if hosts else len(devices)
+        raise FailedPreconditionError(f"host {host} needs {count} {platform} devices per host; "
+                                      f"found {found}")
+    return devices, hosts
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port free on `host` right now (for a coordinator the caller starts soon after)."""
     with socket.socket() as s:

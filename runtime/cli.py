@@ -83,15 +83,12 @@ def _credentials(args: argparse.Namespace, address: str | None = None):
 def _cmd_worker(args: argparse.Namespace) -> int:
     import os
 
-    import jax
-
     from runtime._cluster import die_with_parent
 
     if not die_with_parent():
         return 1  # the process that started this worker is gone already
-    if args.platform == "cpu":
-        jax.config.update("jax_num_cpu_devices", args.devices)
-    from runtime._distributed import initialize_island, island_devices
+    from runtime._distributed import host_devices
+    from runtime._errors import FailedPreconditionError
     from runtime._membership import Membership
     from runtime._worker import Worker, create_worker_server
 
@@ -99,26 +96,21 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # tens of microseconds, not the default 5 ms, when another thread (a Dispatch batch) holds it.
     sys.setswitchinterval(WORKER_SWITCH_INTERVAL_S)
     distributed = args.num_hosts > 1
-    if distributed:
-        if not args.coordinator:
-            print("error: --num-hosts > 1 needs --coordinator", file=sys.stderr)
-            return 2
-        initialize_island(args.coordinator, args.num_hosts, args.host, args.platform)
-        hosts = island_devices(args.platform, args.num_hosts)
-        devices = hosts[args.host]
-    else:
-        hosts, devices = None, jax.devices(args.platform)
+    if distributed and not args.coordinator:
+        print("error: --num-hosts > 1 needs --coordinator", file=sys.stderr)
+        return 2
+    try:
+        devices, hosts = host_devices(args.platform, args.devices, args.num_hosts, args.host,
+                                      args.coordinator)
+    except FailedPreconditionError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     # After the distributed runtime, which takes SIGTERM over: until the worker has registered,
     # a signal ends it at once (registration retries for a minute and would not notice).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: os._exit(0))
-    if len(devices) < args.devices:
-        print(f"error: asked for {args.devices} {args.platform} devices, found {len(devices)}",
-              file=sys.stderr)
-        return 2
-    worker = Worker(args.island, args.host, devices[:args.devices], platform=args.platform,
-                    island_devices=[d[:args.devices] for d in hosts] if hosts else None,
-                    execution_deadline_s=args.execution_deadline,
+    worker = Worker(args.island, args.host, devices, platform=args.platform,
+                    island_devices=hosts, execution_deadline_s=args.execution_deadline,
                     credentials=_credentials(args, args.controller))
     server, _ = create_worker_server(worker, f"{args.bind}:{args.port}")
     # Registers now, and again whenever the controller restarts (runtime._membership).
@@ -194,6 +186,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                              ray_address=args.ray or None,
                              placement_strategy=args.placement_strategy, port=args.port,
                              host=args.bind, platform=args.platform, policy=args.policy,
+                             execution_deadline_s=args.execution_deadline,
+                             session_quota_bytes=args.session_quota or None,
+                             max_host_restarts=args.max_host_restarts,
                              credentials=_auth.Credentials.generate())
         backend = (f"Ray actors ({cluster.placement_strategy}, "
                    f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
@@ -268,6 +263,8 @@ def format_status(address: str, status) -> str:
                          f"{h.platform:<8} {h.num_devices:>7} {memory:>7} {h.received:>8} "
                          f"{h.executed:>8} {h.queue_depth + h.undelivered:>6}  {h.state}")
             lines.append(f"{'':>15}{h.activity or '-'}")
+            if h.ray_node:
+                lines.append(f"{'':>15}ray node {h.ray_node}")
             if h.hang:
                 lines.append(f"{'':>15}hang: {h.hang}")
         for t in order.tenants if order is not None else ():
@@ -331,8 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--devices-per-island", type=int, default=4,
                    help="devices per island (split over its hosts)")
     p.add_argument("--hosts-per-island", type=int, default=1,
-                   help="worker hosts per island; with local processes, the hosts of an island "
-                        "form one JAX distributed system, so a slice may span them")
+                   help="worker hosts per island; the hosts of an island form one JAX "
+                        "distributed system, so a slice may span them")
     p.add_argument("--devices-per-host", type=int, default=0,
                    help="devices per host (overrides --devices-per-island)")
     p.add_argument("--platform", choices=("cpu", "cuda"), default="cpu", help="device platform")
@@ -345,7 +342,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--placement-strategy", default="auto",
                    choices=("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"),
                    help="Ray placement strategy of an island's bundles (auto: PACK on one node, "
-                        "STRICT_SPREAD on several)")
+                        "STRICT_SPREAD where each host of an island can have its own node, "
+                        "else SPREAD)")
+    p.add_argument("--max-host-restarts", type=int, default=3,
+                   help="with --ray: how often each island is restarted, on a fresh placement "
+                        "group, after one of its hosts' actors died (0: never; -1: no limit)")
     p.add_argument("--policy", choices=("fifo", "share"), default="fifo",
                    help="how clients share an island: fifo (arrival order) or share "
                         "(device time in proportion to each client's weight)")
