@@ -26,6 +26,11 @@ def _run_train(args: argparse.Namespace) -> int:
     settings = TrainSettings(config, global_batch=args.global_batch, islands=args.islands,
                              mesh_shape=args.mesh, seed=args.seed)
     devices = args.mesh[0] * args.mesh[1]
+    hosts = args.hosts_per_island
+    if hosts < 1 or devices % hosts or (hosts > 1 and args.in_process):
+        print(f"error: --hosts-per-island {hosts} must divide the mesh's {devices} devices (and "
+              f"needs worker processes, not --in-process)", file=sys.stderr)
+        return 2
     if args.resume and not args.checkpoint_dir:
         print("error: --resume needs --checkpoint-dir", file=sys.stderr)
         return 2
@@ -36,8 +41,14 @@ def _run_train(args: argparse.Namespace) -> int:
         jax.config.update("jax_num_cpu_devices", args.islands * devices)
         cluster = runtime.LocalCluster(args.islands, devices)
         address = cluster.address
+    elif args.ray is not None:
+        from runtime._ray import RayCluster
+
+        cluster = RayCluster(args.islands, hosts, devices // hosts, ray_address=args.ray or None,
+                             max_host_restarts=args.max_restarts)
+        address = cluster.address
     else:
-        cluster = runtime.ProcessCluster(args.islands, 1, devices)
+        cluster = runtime.ProcessCluster(args.islands, hosts, devices // hosts)
         address = cluster.address
     credentials = getattr(cluster, "credentials", None)
     try:
@@ -114,6 +125,12 @@ def _kill_last_worker(cluster) -> None:
     import os
     import signal
 
+    if hasattr(cluster, "kill_worker") and hasattr(cluster, "hosts"):  # RayCluster
+        island, host = max(cluster.hosts())
+        print(f"fault injection: killing worker actor of host {island}.{host}", file=sys.stderr,
+              flush=True)
+        cluster.kill_worker(island, host)
+        return
     procs = getattr(cluster, "procs", None)
     if not procs:
         raise RuntimeError("--kill-worker-at-step needs worker processes (not --in-process)")
@@ -179,11 +196,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
     p.add_argument("--address", help="use the controller at HOST:PORT instead of a local cluster")
+    p.add_argument("--hosts-per-island", type=int, default=1,
+                   help="worker hosts per island of the cluster it starts (they split the mesh's "
+                        "devices and form one JAX distributed system)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="start the hosts as Ray actors (pathways up --ray): on the Ray cluster at "
+                        "ADDRESS, or a local Ray instance")
     p.add_argument("--in-process", action="store_true",
                    help="run the local cluster's workers in this process (faster start)")
     p.add_argument("--max-restarts", type=int, default=3,
-                   help="with a local cluster and --checkpoint-dir: how often to restart an island "
-                        "whose worker was lost and resume from the last checkpoint")
+                   help="with a cluster it starts and --checkpoint-dir: how often to restart an "
+                        "island whose worker was lost and resume from the last checkpoint")
     p.add_argument("--kill-worker-at-step", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--json", action="store_true", help="print the loss history as JSON at the end")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
