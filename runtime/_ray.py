@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import sys
 import threading
 import time
 from typing import Any
@@ -27,6 +25,8 @@ from runtime import _auth
 from runtime._cluster import STARTUP_TIMEOUT_S, publish_token, wait_for_hosts, withdraw_token
 from runtime._controller import Controller, create_controller_server
 from runtime._errors import DeadlineExceededError, FailedPreconditionError
+from runtime._ray_connect import LOOPBACK, connect_ray
+from runtime._ray_connect import start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime._ray_host import HostActor
 from runtime._worker import EXECUTION_DEADLINE_S
 
@@ -40,71 +40,6 @@ PLACEMENT_STRATEGIES = ("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"
 SUPERVISE_INTERVAL_S = 0.2
 #: How often each island may be restarted after it lost a host, unless told otherwise.
 MAX_HOST_RESTARTS = 3
-#: Read by Ray when `ray` is imported: "0" keeps a local instance on loopback (start_local_ray).
-LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
-def loopback_ray_environment() -> None:
-    """Sets, before `ray` is imported, what keeps Ray nodes started by this process on loopback.
-
-    Ray resolves "127.0.0.1" to the machine's routable address (probing with a UDP socket) and then
-    listens on all interfaces, unless RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which makes a node
-    loopback-only; Ray reads it when it is imported. Also turns Ray's usage report off. Raises
-    RuntimeError when Ray was imported before without it, or the environment asks for the opposite.
-    """
-    before = os.environ.get(LOOPBACK_ENV)
-    os.environ.setdefault(LOOPBACK_ENV, "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report leaves the machine
-    if os.environ[LOOPBACK_ENV] != "0" or ("ray" in sys.modules and before != "0"):
-        raise RuntimeError(f"ray was imported before {LOOPBACK_ENV}=0 was set (or it is set "
-                           f"otherwise); it would bind non-loopback addresses. Set it in the "
-                           f"environment first.")
-
-
-def start_local_ray(num_cpus: int = 2, num_gpus: int | None = None) -> bool:
-    """Starts a single-node Ray bound to 127.0.0.1 only, unless Ray is already up; True if started.
-
-    `num_cpus` and `num_gpus` are the node's logical resources (what bundles reserve), not cores.
-    """
-    loopback_ray_environment()
-    ray = _import_ray()
-    if ray.is_initialized():
-        return False
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus, num_gpus=num_gpus,
-             _node_ip_address="127.0.0.1", object_store_memory=128 * 2**20)
-    if ray.util.get_node_ip_address() not in _LOOPBACK:  # the environment came too late
-        address = ray.util.get_node_ip_address()
-        ray.shutdown()
-        raise RuntimeError(f"the local Ray instance took address {address}, not loopback; set "
-                           f"{LOOPBACK_ENV}=0 before ray is imported")
-    return True
-
-
-def connect_ray(address: str | None, *, num_cpus: int, num_gpus: int | None = None) -> bool:
-    """Makes this process a Ray driver; True if it started a local Ray instance (to stop later).
-
-    address None: reuse the Ray this process is already connected to, else start a local instance
-    on loopback with `num_cpus`/`num_gpus` logical resources. Otherwise ("auto", "HOST:PORT" of a
-    head's GCS, "ray://HOST:PORT") connect to that cluster, leaving its resources as they are.
-    """
-    if address is None:
-        return start_local_ray(num_cpus, num_gpus)
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray = _import_ray()
-    if not ray.is_initialized():
-        ray.init(address=address)
-    return False
-
-
-def _import_ray():
-    try:
-        import ray
-    except ModuleNotFoundError as exc:
-        raise ModuleNotFoundError("the Ray backend needs Ray: pip install -e '.[ray]'") from exc
-    return ray
-
-
 @dataclasses.dataclass
 class _Island:
     """An island's Ray side: its placement group and actors (one per host, in host order)."""
@@ -287,7 +222,13 @@ class RayCluster:
             if not watched:
                 self._closing.wait(SUPERVISE_INTERVAL_S)
                 continue
-            done, _ = self._ray.wait(list(watched), num_returns=1, timeout=SUPERVISE_INTERVAL_S)
+            try:
+                done, _ = self._ray.wait(list(watched), num_returns=1,
+                                         timeout=SUPERVISE_INTERVAL_S)
+            except Exception as exc:  # Ray itself is gone: the controller's heartbeat tells
+                log.debug("ray.wait failed: %s", exc)
+                self._closing.wait(SUPERVISE_INTERVAL_S)
+                continue
             for ref in done:
                 island, host = watched[ref]
                 try:
@@ -498,9 +439,9 @@ def _advertised(ray, host: str) -> str:
 
 def _check_reachable(ray, address: str) -> None:
     """A loopback controller is unreachable from other machines: refuse early, not at timeout."""
-    if address.rsplit(":", 1)[0] not in _LOOPBACK:
+    if address.rsplit(":", 1)[0] not in LOOPBACK:
         return
-    here = {*_LOOPBACK, ray.util.get_node_ip_address()}
+    here = {*LOOPBACK, ray.util.get_node_ip_address()}
     remote = [n["NodeManagerAddress"] for n in _alive_nodes(ray)
               if n["NodeManagerAddress"] not in here]
     if remote:

@@ -34,7 +34,7 @@ from test_runtime import (  # noqa: F401
     test_shard_map_psum, test_sharded_matmul_plus_reduction_matches_jax)
 
 import runtime
-from runtime._ray import loopback_ray_environment
+from runtime._ray_connect import loopback_ray_environment
 
 pytestmark = pytest.mark.ray
 
