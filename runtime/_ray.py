@@ -284,7 +284,8 @@ class RayCluster:
             failure = ""
         except Exception as exc:
             failure = f"restarting island {island} failed: {exc}"
-            log.error("%s", failure)
+            if not self._closing.is_set():
+                log.error("%s", failure)
             with self._lock:
                 actors, group = self._islands[island].actors, self._islands[island].group
                 self._islands[island].serving = {}
