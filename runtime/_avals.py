@@ -23,7 +23,8 @@ from runtime._errors import InvalidArgumentError
 
 def is_key_dtype(dtype: Any) -> bool:
     """Whether `dtype` is a typed PRNG key dtype (`jax.random.key(...).dtype`)."""
-    return not isinstance(dtype, np.dtype) and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+    return (dtype is not None and not isinstance(dtype, np.dtype)
+            and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
 
 
 def logical_dtype(dtype: Any):
@@ -101,7 +102,7 @@ def physical_function(fn: Callable[..., Sequence], in_dtypes: Sequence) -> Calla
     def over_data(*leaves):
         wrapped = [jax.random.wrap_key_data(x, dtype=d) if is_key_dtype(d) else x
                    for x, d in zip(leaves, in_dtypes)]
-        return tuple(jax.random.key_data(o) if is_key_dtype(o.dtype) else o
+        return tuple(jax.random.key_data(o) if is_key_dtype(getattr(o, "dtype", None)) else o
                      for o in fn(*wrapped))
 
     return over_data

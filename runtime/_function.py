@@ -17,12 +17,16 @@ from jax.sharding import NamedSharding, PartitionSpec
 from proto import pathways_pb2 as pb
 from runtime import _avals, _wire
 from runtime._array import RemoteArray
-from runtime._errors import InvalidArgumentError
+from runtime._errors import InvalidArgumentError, ResourceExhaustedError
 
 if TYPE_CHECKING:
     from runtime._client import Client, VirtualSlice
 
 SpecTree = Any  # a PartitionSpec, None, or a pytree prefix of them
+
+#: Largest serialized program sent: it travels whole in the controller's Dispatch batches to the
+#: hosts, which are cut at about 8 MiB and must stay under gRPC's message limit (runtime._wire).
+MAX_EXECUTABLE_BYTES = 6 << 20
 
 
 def same_spec(a: PartitionSpec, b: PartitionSpec) -> bool:
@@ -183,7 +187,9 @@ class RemoteFunction:
                  in_specs: SpecTree = None, out_specs: SpecTree = None,
                  donate_argnums: int | Sequence[int] = (), name: str | None = None) -> None:
         self.client, self.fn, self.vslice = client, fn, vslice
-        self.in_specs, self.out_specs = in_specs, out_specs
+        # As jax.jit: a list of per-argument specs is taken as the tuple of them.
+        self.in_specs = tuple(in_specs) if isinstance(in_specs, list) else in_specs
+        self.out_specs = out_specs
         self.donate_argnums = ((donate_argnums,) if isinstance(donate_argnums, int)
                                else tuple(donate_argnums))
         self.name = name or getattr(fn, "__name__", "function")
@@ -266,6 +272,15 @@ class RemoteFunction:
         except (ValueError, NotImplementedError, TypeError) as exc:
             raise InvalidArgumentError(f"{self.name}: cannot export for slice {slice_id}: "
                                        f"{exc}") from exc
+
+        if len(serialized) > MAX_EXECUTABLE_BYTES:
+            constants = sum(getattr(c, "nbytes", 0) for c in jaxpr.consts)
+            raise ResourceExhaustedError(
+                f"{self.name}: the exported program is {len(serialized) / 2**20:.1f} MiB "
+                f"({constants / 2**20:.1f} MiB of it constants the function closes over); "
+                f"programs travel to the hosts in messages of at most "
+                f"{MAX_EXECUTABLE_BYTES / 2**20:.0f} MiB: pass large arrays as arguments "
+                f"(client.put them once) instead of closing over them")
 
         def value_specs(vals, specs):
             return [pb.ValueSpec(dtype=_wire.dtype_name(v.dtype), shape=v.shape,
