@@ -106,6 +106,8 @@ class HostActor:
             jax.config.update("jax_num_cpu_devices", count)
         else:
             count = len(ray.get_gpu_ids())
+        # Arrays are stored in the dtype the wire names: 64-bit ones too, for clients with x64.
+        jax.config.update("jax_enable_x64", True)
         from runtime._worker import Worker, create_worker_server
 
         devices = jax.devices(platform)

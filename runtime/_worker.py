@@ -806,6 +806,9 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             abort(context, exc)
         except (ValueError, TypeError) as exc:
             abort(context, InvalidArgumentError(f"bad array: {exc}"))
+        except Exception as exc:  # storing it failed on the devices: a runtime error, not UNKNOWN
+            abort(context, ExecutionError(f"storing an array on host {self.worker.island}."
+                                          f"{self.worker.host} failed: {exc}"))
         return pb.PutArrayReply(nbytes=nbytes)
 
     def GetArray(self, request, context):

@@ -91,6 +91,8 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         return 1  # the process that started this worker is gone already
     if args.platform == "cpu":
         jax.config.update("jax_num_cpu_devices", args.devices)
+    # Arrays are stored in the dtype the wire names: 64-bit ones too, for clients that enable x64.
+    jax.config.update("jax_enable_x64", True)
     from runtime._distributed import initialize_island, island_devices
     from runtime._membership import Membership
     from runtime._worker import Worker, create_worker_server

@@ -1,9 +1,9 @@
 """The programs of tests/test_conformance.py: each a JAX function, its arguments and its specs.
 
 A case runs once through the cluster and once in-process (`jax.jit` on a mesh of the same shape);
-the two must agree. `fn` takes the mesh (abstract on the cluster, concrete in-process) when
-`uses_mesh` is set, for `shard_map`. `tol` > 0 allows that relative error for floats where the two
-sides need not run the same XLA program; 0 asks for equal bits.
+the two run the same XLA program, so they must agree bit for bit (LAPACK, FFT and convolutions
+included). `fn` takes the mesh (abstract on the cluster, concrete in-process) when `uses_mesh` is
+set, for `shard_map`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ class Case:
     in_specs: Any = None
     out_specs: Any = None
     donate: tuple[int, ...] = ()
-    tol: float = 0.0
     island: int = 0
     uses_mesh: bool = False
 
@@ -246,27 +245,26 @@ case("grad_sharded_matmul", jax.grad(lambda w, x: ((x @ w) ** 2).sum()), r(4, 4)
      mesh="xy", in_specs=(P(None, "y"), P("x")), out_specs=P())
 
 # -- custom calls and numerics ------------------------------------------------------------------
-_TOL = 2e-5  # LAPACK kernels may order their sums differently from one run to the next
 case("cholesky", jnp.linalg.cholesky, spd(4))
-case("eigh", jnp.linalg.eigh, spd(4), tol=_TOL)
-case("svd", lambda a: jnp.linalg.svd(a, compute_uv=False), r(5, 3), tol=_TOL)
-case("qr", lambda a: jnp.abs(jnp.linalg.qr(a).R), r(4, 3), tol=_TOL)
-case("solve", jnp.linalg.solve, spd(4), r(4, 2), tol=_TOL)
-case("det", jnp.linalg.det, spd(4), tol=_TOL)
-case("slogdet", jnp.linalg.slogdet, spd(3), tol=_TOL)
-case("inv", jnp.linalg.inv, spd(3), tol=_TOL)
-case("lu", lambda a: jax.scipy.linalg.lu_factor(a), spd(4), tol=_TOL)
+case("eigh", jnp.linalg.eigh, spd(4))
+case("svd", lambda a: jnp.linalg.svd(a, compute_uv=False), r(5, 3))
+case("qr", lambda a: jnp.abs(jnp.linalg.qr(a).R), r(4, 3))
+case("solve", jnp.linalg.solve, spd(4), r(4, 2))
+case("det", jnp.linalg.det, spd(4))
+case("slogdet", jnp.linalg.slogdet, spd(3))
+case("inv", jnp.linalg.inv, spd(3))
+case("lu", lambda a: jax.scipy.linalg.lu_factor(a), spd(4))
 case("triangular_solve", lambda a, b: jax.scipy.linalg.solve_triangular(a, b, lower=True),
-     np.tril(spd(4)), r(4, 2), tol=_TOL)
+     np.tril(spd(4)), r(4, 2))
 case("sort", lambda a: (jnp.sort(a), jnp.argsort(a), jnp.sort(a, axis=0)), r(4, 6))
 case("top_k", lambda a: jax.lax.top_k(a, 3), r(4, 8))
-case("fft", jnp.fft.fft, r(8, dtype=np.complex64), tol=_TOL)
-case("rfft_irfft", lambda a: jnp.fft.irfft(jnp.fft.rfft(a)), r(16), tol=_TOL)
-case("fft2", jnp.fft.fft2, r(4, 4, dtype=np.complex64), tol=_TOL)
+case("fft", jnp.fft.fft, r(8, dtype=np.complex64))
+case("rfft_irfft", lambda a: jnp.fft.irfft(jnp.fft.rfft(a)), r(16))
+case("fft2", jnp.fft.fft2, r(4, 4, dtype=np.complex64))
 case("conv", lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), "SAME"), r(2, 3, 8, 8),
-     r(4, 3, 3, 3), tol=_TOL)
+     r(4, 3, 3, 3))
 case("conv_grouped_strided", lambda x, k: jax.lax.conv_general_dilated(
-    x, k, (2, 2), "VALID", feature_group_count=2), r(1, 4, 9, 9), r(4, 2, 3, 3), tol=_TOL)
+    x, k, (2, 2), "VALID", feature_group_count=2), r(1, 4, 9, 9), r(4, 2, 3, 3))
 case("einsum", lambda a, b: jnp.einsum("ijk,kl->jil", a, b), r(2, 3, 4), r(4, 5))
 case("softmax_logsumexp", lambda a: (jax.nn.softmax(a), jax.nn.logsumexp(a, axis=0)), r(4, 8))
 case("special_functions", lambda a: (jax.scipy.special.erf(a), jnp.exp(a), jnp.log1p(a + 1),
