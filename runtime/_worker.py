@@ -806,9 +806,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             abort(context, exc)
         except (ValueError, TypeError) as exc:
             abort(context, InvalidArgumentError(f"bad array: {exc}"))
-        except Exception as exc:  # storing it failed on the devices: a runtime error, not UNKNOWN
-            abort(context, ExecutionError(f"storing an array on host {self.worker.island}."
-                                          f"{self.worker.host} failed: {exc}"))
         return pb.PutArrayReply(nbytes=nbytes)
 
     def GetArray(self, request, context):
@@ -817,6 +814,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         except PathwaysError as exc:
             abort(context, exc)
         except Exception as exc:  # reading the buffers failed: a runtime error, never UNKNOWN
+            if type(exc) is Exception:  # gRPC's own abort (an authorization check): let it be
+                raise
             what = f"reading array {request.array_id} on host {self.worker.island}.{self.worker.host}"
             if "deleted" in str(exc):
                 abort(context, ArrayNotFoundError(f"{what}: its buffers were freed ({exc})"))
