@@ -806,6 +806,11 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             abort(context, exc)
         except (ValueError, TypeError) as exc:
             abort(context, InvalidArgumentError(f"bad array: {exc}"))
+        except Exception as exc:  # the devices refused it: a runtime error, not UNKNOWN
+            if type(exc) is Exception:  # gRPC's own abort (an authorization check): let it be
+                raise
+            abort(context, ExecutionError(f"storing an array on host {self.worker.island}."
+                                          f"{self.worker.host} failed: {exc}"))
         return pb.PutArrayReply(nbytes=nbytes)
 
     def GetArray(self, request, context):
