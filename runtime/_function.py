@@ -142,7 +142,7 @@ class CompiledFunction:
             try:
                 got = _shape_dtype(leaf)
             except (TypeError, OverflowError):
-                leaf_avals([leaf], (leaf,), f"argument leaf {i}", self.name)  # names the leaf
+                leaf_avals([leaf], leaf, f"argument leaf {i}", self.name)  # names the leaf
                 raise
             if got != want:
                 raise InvalidArgumentError(
