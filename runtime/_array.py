@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
+from runtime import _avals, _wire
 from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, HostLostError,
                              InvalidArgumentError, from_rpc_error)
 
@@ -59,15 +59,19 @@ class RemoteArray:
     Handles with a negative id are placeholders inside a program trace.
     """
 
-    __slots__ = ("_client", "id", "shape", "dtype", "spec", "slice", "sequence", "_ticket",
-                 "_deleted", "__weakref__")
+    __slots__ = ("_client", "id", "shape", "dtype", "weak_type", "data_shape", "data_dtype",
+                 "spec", "slice", "sequence", "_ticket", "_deleted", "__weakref__")
 
     def __init__(self, client: Client, array_id: int, shape: Sequence[int], dtype,
-                 spec: PartitionSpec, vslice: VirtualSlice, sequence: int = 0) -> None:
+                 spec: PartitionSpec, vslice: VirtualSlice, sequence: int = 0, *,
+                 weak_type: bool = False) -> None:
         self._client = client
         self.id = array_id
         self.shape = tuple(int(d) for d in shape)
-        self.dtype = np.dtype(dtype)
+        self.dtype = _avals.logical_dtype(dtype)  # a NumPy dtype, or a typed key's dtype
+        self.weak_type = bool(weak_type)  # as jax.Array.weak_type (Python scalars and their kin)
+        # What the hosts hold: the array, or a typed key's uint32 key data (runtime._avals).
+        self.data_shape, self.data_dtype = _avals.data_layout(self.shape, self.dtype)
         self.spec = spec
         self.slice = vslice
         self.sequence = sequence  # the island instruction that creates it (0: not yet ordered)
@@ -84,7 +88,7 @@ class RemoteArray:
 
     @property
     def nbytes(self) -> int:
-        return self.size * self.dtype.itemsize
+        return math.prod(self.data_shape) * self.data_dtype.itemsize
 
     @property
     def sharding(self) -> NamedSharding:
@@ -93,7 +97,7 @@ class RemoteArray:
 
     @property
     def aval(self) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(self.shape, self.dtype)
+        return jax.ShapeDtypeStruct(self.shape, self.dtype, weak_type=self.weak_type)
 
     def is_deleted(self) -> bool:
         return self._deleted
@@ -110,7 +114,8 @@ class RemoteArray:
         return self._client.transfer(self, vslice, self.spec if spec is None else spec)
 
     def fetch(self, timeout: float | None = None) -> np.ndarray:
-        """Copies the array to a NumPy array, waiting for its producer (up to `timeout` s).
+        """Copies the array to a NumPy array, waiting for its producer (up to `timeout` s). A typed
+        PRNG key array comes back as a JAX key array (NumPy cannot hold keys).
 
         Raises ArrayNotFoundError if deleted, ExecutionError if its producer failed,
         DeadlineExceededError if it is not ready in time, HostLostError if a host is gone.
@@ -139,7 +144,9 @@ class RemoteArray:
 
     def __repr__(self) -> str:
         state = "deleted" if self._deleted else f"slice {self.slice.slice_id}"
-        return f"RemoteArray(id={self.id}, {self.dtype}{list(self.shape)}, {self.spec}, {state})"
+        weak = "~" if self.weak_type else ""
+        return (f"RemoteArray(id={self.id}, {weak}{self.dtype}{list(self.shape)}, {self.spec}, "
+                f"{state})")
 
 
 def _host_groups(shape, vslice: VirtualSlice, sharding: pb.Sharding
@@ -203,12 +210,12 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
         if array._ticket is not None:
             array._ticket.wait(max(0.0, deadline - time.monotonic()))
             array._ticket = None
-        out = np.empty(array.shape, array.dtype)
+        out = np.empty(array.data_shape, array.data_dtype)
         outputs.append(out)
         sharding = _wire.spec_to_proto(array.slice.slice_id, array.spec)
-        for host, groups in _host_groups(array.shape, array.slice, sharding).items():
+        for host, groups in _host_groups(array.data_shape, array.slice, sharding).items():
             indices = [index for index, _ in groups]
-            nbytes = sum(math.prod(_wire.shard_shape(i)) for i in indices) * array.dtype.itemsize
+            nbytes = sum(math.prod(_wire.shard_shape(i)) for i in indices) * out.dtype.itemsize
             request = pb.GetArrayRequest(array_id=array.id, timeout_s=wait,
                                          after_sequence=array.sequence,
                                          shards=[_wire.index_to_proto(i) for i in indices])
@@ -228,4 +235,4 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
     jobs = [client._pool.submit(receive_all, reads) for reads in per_host.values()]
     total = sum(r[4] for reads in per_host.values() for r in reads)
     _wait_jobs(jobs, wait + transfer_deadline(total) + TRANSFER_FLOOR_S, "fetch")
-    return outputs
+    return [_avals.from_host_value(out, array.dtype) for out, array in zip(outputs, arrays)]

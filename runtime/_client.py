@@ -11,17 +11,16 @@ from typing import Any
 
 import grpc
 import jax
-import numpy as np
 from jax.sharding import AbstractMesh, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from runtime import _auth, _avals, _wire
 from runtime._array import RemoteArray, fetch_arrays, put_arrays
 from runtime._dispatch import CommandStream
 from runtime._errors import (ControllerUnavailableError, DeadlineExceededError,
                              InvalidArgumentError, from_rpc_error)
-from runtime._function import RemoteFunction, SpecTree, broadcast_specs
+from runtime._function import RemoteFunction, SpecTree, broadcast_specs, leaf_avals
 from runtime._program import Program, Trace, transfer_handle
 
 #: Deadline of controller RPCs; loading an executable may take longer than the rest.
@@ -125,11 +124,12 @@ class Client:
         with self._id_lock:
             return next(self._ids)
 
-    def _new_handle(self, shape, dtype, spec: PartitionSpec, vslice: VirtualSlice) -> RemoteArray:
+    def _new_handle(self, shape, dtype, spec: PartitionSpec, vslice: VirtualSlice, *,
+                    weak_type: bool = False) -> RemoteArray:
         """A handle for an array about to be created (a placeholder while tracing a program)."""
         trace = self._trace()
         array_id = trace.new_id() if trace is not None else self._new_id()
-        return RemoteArray(self, array_id, shape, dtype, spec, vslice)
+        return RemoteArray(self, array_id, shape, dtype, spec, vslice, weak_type=weak_type)
 
     def _trace(self) -> Trace | None:
         return getattr(self._tracing_state, "trace", None)
@@ -161,24 +161,27 @@ class Client:
         return VirtualSlice(self, reply.slice)
 
     def put(self, tree: Any, vslice: VirtualSlice, specs: SpecTree = None) -> Any:
-        """Copies arrays (NumPy, JAX, scalars; any pytree) onto a slice; returns RemoteArrays.
+        """Copies arrays (NumPy, JAX, scalars, typed PRNG keys; any pytree) onto a slice; returns
+        RemoteArrays.
 
         `specs` is a PartitionSpec or pytree prefix of them (None: replicated). Returns after the
-        data has reached the hosts. Values are converted to JAX's canonical dtypes (float64 becomes
-        float32 unless jax_enable_x64 is set).
+        data has reached the hosts. Values get the abstract values `jax.device_put` gives them:
+        JAX's canonical dtypes (float64 becomes float32 unless jax_enable_x64 is set), Python
+        scalars weakly typed. A leaf that is not an array is a TypeError naming it.
         """
         leaves, tree_def = jax.tree.flatten(tree)
         flat_specs = broadcast_specs(specs, tree, "specs")
-        arrays = self._put_flat(leaves, [s or PartitionSpec() for s in flat_specs], vslice)
+        leaves = [leaf.fetch() if isinstance(leaf, RemoteArray) else leaf for leaf in leaves]
+        avals = leaf_avals(leaves, tree, "tree", "put")
+        arrays = self._put_flat(leaves, [s or PartitionSpec() for s in flat_specs], vslice, avals)
         return jax.tree.unflatten(tree_def, arrays)
 
-    def _put_flat(self, leaves: Sequence, specs: Sequence[PartitionSpec],
-                  vslice: VirtualSlice) -> list[RemoteArray]:
+    def _put_flat(self, leaves: Sequence, specs: Sequence[PartitionSpec], vslice: VirtualSlice,
+                  avals: Sequence[jax.ShapeDtypeStruct]) -> list[RemoteArray]:
         if self._trace() is not None:
             raise InvalidArgumentError("a program cannot put data while it is traced; pass the "
                                        "arrays as arguments")
-        values = [np.asarray(leaf) for leaf in leaves]
-        values = [v.astype(jax.dtypes.canonicalize_dtype(v.dtype), copy=False) for v in values]
+        values = [_avals.host_value(leaf, aval) for leaf, aval in zip(leaves, avals)]
         array_specs = []
         for value, spec in zip(values, specs):
             sharding = _wire.spec_to_proto(vslice.slice_id, spec)
@@ -187,8 +190,9 @@ class Client:
                 value.dtype), shape=value.shape, sharding=sharding))
         reply = self._rpc("RegisterArrays", pb.RegisterArraysRequest(session_id=self.session_id,
                                                                      arrays=array_specs))
-        handles = [RemoteArray(self, s.array_id, v.shape, v.dtype, spec, vslice, seq)
-                   for s, v, spec, seq in zip(array_specs, values, specs, reply.sequence)]
+        handles = [RemoteArray(self, s.array_id, a.shape, a.dtype, spec, vslice, seq,
+                               weak_type=a.weak_type)
+                   for s, a, spec, seq in zip(array_specs, avals, specs, reply.sequence)]
         put_arrays(self, values, array_specs, [vslice] * len(values))
         return handles
 

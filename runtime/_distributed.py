@@ -60,6 +60,8 @@ def host_devices(platform: str, count: int, num_hosts: int = 1, host: int = 0,
     if platform == "cpu":
         # Takes precedence over a device count inherited through XLA_FLAGS.
         jax.config.update("jax_num_cpu_devices", count)
+    # Arrays are stored in the dtype the wire names: 64-bit ones too, for clients that enable x64.
+    jax.config.update("jax_enable_x64", True)
     if num_hosts > 1:
         if not coordinator:
             raise ValueError(f"an island of {num_hosts} hosts needs a coordinator address")

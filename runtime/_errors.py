@@ -96,7 +96,7 @@ class DeadlineExceededError(PathwaysError, TimeoutError):
 # that cannot be reached.
 _BY_CODE: dict[grpc.StatusCode, type[PathwaysError]] = {
     cls.code: cls
-    for cls in (InvalidArgumentError, SliceUnavailableError, FailedPreconditionError,
+    for cls in (InvalidArgumentError, ResourceExhaustedError, FailedPreconditionError,
                 HostLostError, ExecutionError, DeadlineExceededError, PermissionDeniedError,
                 UnauthenticatedError)
 }

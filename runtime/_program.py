@@ -70,7 +70,7 @@ class _Traced:
                  donated: Sequence[int]) -> None:
         self.program_id = program_id
         self.out_tree = out_tree
-        self.outputs = [(o.shape, o.dtype, o.spec, o.slice) for o in outputs]
+        self.outputs = [(o.shape, o.dtype, o.spec, o.slice, o.weak_type) for o in outputs]
         self.donated = tuple(donated)
 
 
@@ -95,14 +95,15 @@ class Program:
                 raise InvalidArgumentError(f"program {self.name}: argument leaf {i} is "
                                            f"{type(leaf).__name__}; put it on a slice first")
             leaf.check_alive()
-        key = (in_tree, tuple((a.shape, a.dtype, a.slice.slice_id, _wire.sharding_dims(
-            _wire.spec_to_proto(0, a.spec))) for a in leaves))
+        key = (in_tree, tuple((a.shape, a.dtype, a.weak_type, a.slice.slice_id,
+                               _wire.sharding_dims(_wire.spec_to_proto(0, a.spec)))
+                              for a in leaves))
         traced = self._cache.get(key)
         if traced is None:
             traced = self._trace(in_tree, leaves)
             self._cache[key] = traced
-        outputs = [self.client._new_handle(shape, dtype, spec, vslice)
-                   for shape, dtype, spec, vslice in traced.outputs]
+        outputs = [self.client._new_handle(shape, dtype, spec, vslice, weak_type=weak)
+                   for shape, dtype, spec, vslice, weak in traced.outputs]
         self.client._stream.submit(pb.Command(run=pb.RunProgramCommand(
             program_id=traced.program_id, inputs=[a.id for a in leaves],
             outputs=[o.id for o in outputs])), outputs)
@@ -115,7 +116,7 @@ class Program:
         placeholders = []
         for leaf in leaves:
             handle = RemoteArray(self.client, trace.new_id(), leaf.shape, leaf.dtype, leaf.spec,
-                                 leaf.slice)
+                                 leaf.slice, weak_type=leaf.weak_type)
             trace.add_value(handle)
             placeholders.append(handle)
         with self.client._tracing(trace):
@@ -134,7 +135,7 @@ class Program:
         reply = self.client._rpc("RegisterProgram", pb.RegisterProgramRequest(
             session_id=self.client.session_id, name=self.name, nodes=trace.nodes,
             outputs=[trace.value_of[o.id] for o in outputs],
-            inputs=[pb.ValueSpec(dtype=_wire.dtype_name(a.dtype), shape=a.shape,
+            inputs=[pb.ValueSpec(dtype=_wire.dtype_name(a.data_dtype), shape=a.data_shape,
                                  sharding=_wire.spec_to_proto(a.slice.slice_id, a.spec))
                     for a in leaves]))
         return _Traced(reply.program_id, out_tree, outputs, donated)
@@ -145,8 +146,8 @@ def transfer_handle(client: Client, source: RemoteArray, vslice: VirtualSlice,
     """Queues (or, while tracing, records) a copy of `source` onto `vslice` with `spec`."""
     source.check_alive()
     sharding = _wire.spec_to_proto(vslice.slice_id, spec)
-    _wire.shard_groups(source.shape, vslice.mesh_shape, sharding)  # validate before queueing
-    copy = client._new_handle(source.shape, source.dtype, spec, vslice)
+    _wire.shard_groups(source.data_shape, vslice.mesh_shape, sharding)  # validate before queueing
+    copy = client._new_handle(source.shape, source.dtype, spec, vslice, weak_type=source.weak_type)
     trace = client._trace()
     if trace is not None:
         trace.record_transfer(source, copy)

@@ -44,7 +44,14 @@ _DTYPES: dict[str, np.dtype] = {
     for name in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
                  "float16", "float32", "float64", "complex64", "complex128")
 }
-_DTYPES["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
+#: JAX's narrow floating-point types (one byte or two per element, as NumPy holds them).
+_NARROW = ("bfloat16", "float8_e4m3fn", "float8_e5m2", "float8_e4m3b11fnuz", "float8_e4m3fnuz",
+           "float8_e5m2fnuz", "float8_e3m4", "float8_e4m3", "float8_e8m0fnu")
+_DTYPES.update({name: np.dtype(getattr(ml_dtypes, name)) for name in _NARROW
+                if hasattr(ml_dtypes, name)})
+#: Sub-byte types do not cross the boundary: JAX's ahead-of-time compiled executables (what hosts
+#: run) refuse sub-byte arguments laid out as device_put lays them out.
+_SUB_BYTE = ("int4", "uint4", "int2", "uint2", "float4_e2m1fn")
 #: Refuse arrays with more dimensions than this (hostile input).
 MAX_RANK = 32
 
@@ -54,14 +61,22 @@ def dtype_from_name(name: str) -> np.dtype:
     try:
         return _DTYPES[name]
     except KeyError:
+        if name in _SUB_BYTE:
+            raise InvalidArgumentError(
+                f"sub-byte dtype {name} cannot be put, fetched, or be an argument or result of a "
+                f"compiled function; convert it at the boundary (e.g. to int8) and use {name} "
+                f"inside functions") from None
         raise InvalidArgumentError(f"unsupported dtype {name!r}") from None
 
 
 def dtype_name(dtype) -> str:
-    """The wire name of a NumPy/JAX dtype."""
-    name = np.dtype(dtype).name
-    dtype_from_name(name)
-    return name
+    """The wire name of a NumPy/JAX dtype (native byte order: the wire's bytes are
+    little-endian, and JAX refuses other orders too)."""
+    dtype = np.dtype(dtype)
+    if not dtype.isnative and dtype.itemsize > 1:
+        raise InvalidArgumentError(f"dtype {dtype.str} is not in native byte order")
+    dtype_from_name(dtype.name)
+    return dtype.name
 
 
 def spec_to_proto(slice_id: int, spec: PartitionSpec | None) -> pb.Sharding:

@@ -40,10 +40,12 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _auth, _wire
 from runtime._distributed import device_memory_bytes
-from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
-                             InvalidArgumentError, NotFoundError, PathwaysError, abort)
+from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, ExecutionError,
+                             FailedPreconditionError, InvalidArgumentError, NotFoundError,
+                             PathwaysError, abort)
 from runtime._hang import HangWatchdog
 from runtime._inflight import InFlight, collective_free
+from runtime._pins import SendPins
 from runtime._store import ArrayStore, wait_all
 
 log = logging.getLogger(__name__)
@@ -145,6 +147,7 @@ class Worker:
         self._peers: dict[str, pb_grpc.WorkerStub] = {}
         self._transfers = futures.ThreadPoolExecutor(max_workers=4,
                                                      thread_name_prefix=f"send-{island}.{host}")
+        self._pins = SendPins()  # sources captured by sends, not yet streamed
         self._inflight = InFlight(self.store, f"{island}.{host}", self._progress.set)
         # Freeing a device buffer can wait for the computations still using it: the executor
         # hands deleted arrays to this thread, which drops them, instead of waiting itself.
@@ -370,6 +373,7 @@ class Worker:
                               loaded.slice_id)
             if not loaded.overlap:
                 self._inflight.drain()  # collectives: the only execution in flight
+            self._pins.spare_donated(inputs, loaded.donated)  # earlier sends keep their data
             start = time.time()
             outputs = loaded.compiled(*inputs)
             record = (sequence, loaded.name, received or picked, picked, start, loaded.devices,
@@ -424,18 +428,44 @@ class Worker:
     # -- transfers between hosts ------------------------------------------------------------------
 
     def _send(self, send: pb.SendInstruction, sequence: int) -> None:
-        """Pins the source now (in island order), streams it on a transfer thread."""
+        """Captures the source at this place in the island's order; streams it on a transfer thread.
+
+        Nothing later in the order changes what is sent: the send holds the source's buffers (a
+        delete only drops the store's reference) and a later computation donating them donates a
+        copy instead (runtime._pins). A copy onto this host's own devices is made here, in order,
+        into fresh buffers: a copy never shares buffers with its source. A send that fails, here
+        or while streaming, fails its destination at once, naming the source and the cause.
+        """
         if send.source_slice_id in self._foreign:
             return  # another host of the island holds the array
         try:
-            value, error = self.store.get(send.array_id, self.input_timeout_s), None
+            value = self.store.get(send.array_id, self.input_timeout_s)
             if not value.is_fully_addressable:
                 value = self._gather(value, send, sequence)
                 if value is None:
                     return  # the slice's first host sends it
-        except PathwaysError as exc:
-            value, error = None, exc
-        self._transfers.submit(self._stream, value, error, send)
+            if self._is_local_copy(send):
+                mesh, _ = self.mesh(send.destination.sharding.slice_id, SLICE_TIMEOUT_S)
+                sharding = NamedSharding(mesh, _wire.spec_from_proto(send.destination.sharding))
+                self.store.set(send.destination.array_id,
+                               jax.device_put(value, sharding, may_alias=False))
+                return
+            if isinstance(value, jax.Array):
+                self._pins.pin(value)
+            try:
+                self._transfers.submit(self._stream, value, send)
+            except RuntimeError:  # the host is stopping
+                self._pins.unpin(value)
+                raise
+        except Exception as exc:
+            self._fail_destination(send, exc, set())
+
+    def _is_local_copy(self, send: pb.SendInstruction) -> bool:
+        """Whether the destination lies entirely on this host's devices."""
+        info = send.destination_slice
+        return bool(info.devices) and all(d.host == self.host for d in info.devices) and (
+            len(info.host_addresses) > self.host
+            and info.host_addresses[self.host] == self.address)
 
     def _gather(self, value: jax.Array, send: pb.SendInstruction,
                 sequence: int) -> np.ndarray | None:
@@ -463,39 +493,56 @@ class Worker:
             return None
         return np.asarray(replicated.addressable_data(0))
 
-    def _stream(self, value: jax.Array | np.ndarray | None, error: PathwaysError | None,
-                send: pb.SendInstruction) -> None:
+    def _stream(self, value: jax.Array | np.ndarray, send: pb.SendInstruction) -> None:
+        """Streams a captured source to each host of the destination slice, then lets it go."""
         dest, info = send.destination, send.destination_slice
-        what = f"transfer of array {send.array_id} from host {self.island}.{self.host}"
+        delivered: set[int] = set()
         try:
             full = None
-            local = all(d.host == self.host for d in info.devices)
             for host, address in enumerate(info.host_addresses):
                 positions = [p for p, d in enumerate(info.devices) if d.host == host]
                 if not positions:
                     continue
-                if error is not None:
-                    chunks = iter([pb.ArrayChunk(spec=dest, error=f"{what} failed: {error}")])
-                elif address == self.address and local:
-                    mesh, _ = self.mesh(dest.sharding.slice_id, SLICE_TIMEOUT_S)
-                    self.store.set(dest.array_id, jax.device_put(value, NamedSharding(
-                        mesh, _wire.spec_from_proto(dest.sharding))))
-                    continue
-                else:
-                    full = np.asarray(value) if full is None else full
-                    groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
-                        tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
-                    shards = [(index, [p for p in ps if p in positions],
-                               full[_wire.as_slices(index)])
-                              for index, ps in groups if set(ps) & set(positions)]
-                    if self._put_shared(address, dest, shards):
-                        continue
-                    chunks = _wire.iter_chunks(dest, shards)
-                self._peer(address).PutArray(chunks, timeout=TRANSFER_TIMEOUT_S)
-        except grpc.RpcError as err:  # e.g. the receiver stopped; its reads report the loss
-            log.warning("%s to slice %d failed: %s", what, dest.sharding.slice_id, err.code().name)
-        except Exception:  # the receiver's execution times out and reports it
-            log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
+                full = np.asarray(value) if full is None else full
+                groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
+                    tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
+                shards = [(index, [p for p in ps if p in positions], full[_wire.as_slices(index)])
+                          for index, ps in groups if set(ps) & set(positions)]
+                if not self._put_shared(address, dest, shards):
+                    self._peer(address).PutArray(_wire.iter_chunks(dest, shards),
+                                                 timeout=TRANSFER_TIMEOUT_S)
+                delivered.add(host)
+        except Exception as exc:
+            self._fail_destination(send, exc, delivered)
+        finally:
+            if isinstance(value, jax.Array):
+                self._pins.unpin(value)
+
+    def _fail_destination(self, send: pb.SendInstruction, cause: Exception,
+                          delivered: set[int]) -> None:
+        """Fails the copy on every destination host not yet `delivered`: readers get an
+        ExecutionError naming the source and `cause` at once, instead of waiting for data that
+        will not come. A host that cannot be told is lost: the controller reports it."""
+        dest, info = send.destination, send.destination_slice
+        if isinstance(cause, grpc.RpcError):
+            reason = f"{cause.code().name}: {cause.details()}"
+        else:
+            reason = str(cause) or type(cause).__name__
+        message = (f"transfer of array {send.array_id} from host {self.island}.{self.host} to "
+                   f"array {dest.array_id} on slice {dest.sharding.slice_id} failed: {reason}")
+        log.warning("%s", message)
+        for host, address in enumerate(info.host_addresses):
+            if host in delivered or not any(d.host == host for d in info.devices):
+                continue
+            if address == self.address:
+                self.store.fail(dest.array_id, ExecutionError(message), only_pending=True)
+                continue
+            try:
+                self._peer(address).PutArray(iter([pb.ArrayChunk(spec=dest, error=message)]),
+                                             timeout=SLICE_TIMEOUT_S)
+            except grpc.RpcError as err:
+                log.warning("could not tell host %s that %s: %s", address, message,
+                            err.code().name)
 
     def _put_shared(self, address: str, dest: pb.ArraySpec, shards: list) -> bool:
         """Sends shards to a host on this machine through shared-memory files; False when that
@@ -761,14 +808,25 @@ class WorkerServicer(pb_grpc.WorkerServicer):
             abort(context, exc)
         except (ValueError, TypeError) as exc:
             abort(context, InvalidArgumentError(f"bad array: {exc}"))
+        except Exception as exc:  # the devices refused it: a runtime error, not UNKNOWN
+            if type(exc) is Exception:  # gRPC's own abort (an authorization check): let it be
+                raise
+            abort(context, ExecutionError(f"storing an array on host {self.worker.island}."
+                                          f"{self.worker.host} failed: {exc}"))
         return pb.PutArrayReply(nbytes=nbytes)
 
     def GetArray(self, request, context):
         try:
-            chunks = self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S))
+            yield from self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S))
         except PathwaysError as exc:
             abort(context, exc)
-        yield from chunks
+        except Exception as exc:  # reading the buffers failed: a runtime error, never UNKNOWN
+            if type(exc) is Exception:  # gRPC's own abort (an authorization check): let it be
+                raise
+            what = f"reading array {request.array_id} on host {self.worker.island}.{self.worker.host}"
+            if "deleted" in str(exc):
+                abort(context, ArrayNotFoundError(f"{what}: its buffers were freed ({exc})"))
+            abort(context, ExecutionError(f"{what} failed: {exc}"))
 
     def GetTimeline(self, request, context):
         events = [pb.ExecutionEvent(sequence=r.sequence, name=r.name, received=r.received,
