@@ -24,7 +24,7 @@ from proto.ifrt import ifrt_service_pb2_grpc as ifrt_grpc
 from runtime import _auth
 from runtime._client import Client
 from runtime._errors import (InvalidArgumentError, NotFoundError, PathwaysError)
-from runtime.proxy import _platform_requests  # noqa: F401  (registers its handlers)
+from runtime.proxy import _array_requests, _platform_requests  # noqa: F401  (handlers)
 from runtime.proxy._devices import DeviceTable, attribute_value
 from runtime.proxy._session import Session
 from runtime.proxy._status import UnimplementedError

@@ -24,7 +24,8 @@ from google.protobuf.message import Message
 
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from runtime._client import Client
-from runtime._errors import DeadlineExceededError, NotFoundError, PathwaysError
+from runtime._errors import (DeadlineExceededError, ExecutionError, NotFoundError,
+                             PathwaysError)
 from runtime.proxy._devices import DeviceTable
 from runtime.proxy._host_buffers import HostBufferStore
 from runtime.proxy._status import UnimplementedError, status_of
@@ -166,7 +167,8 @@ class Session:
         if kind in RESULT_HANDLES:
             from runtime.proxy._arrays import ProxyArray
 
-            error = exc if isinstance(exc, PathwaysError) else PathwaysError(str(exc))
+            error = exc if isinstance(exc, PathwaysError) else ExecutionError(
+                f"{kind} failed: {exc}")
             for handle in RESULT_HANDLES[kind](getattr(request, kind)):
                 self.arrays[handle] = ProxyArray.failed(error)
         self._responses.put(ifrt.IfrtResponse(response_metadata=ifrt.ResponseMetadata(
