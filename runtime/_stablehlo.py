@@ -165,6 +165,25 @@ def compile_module(module: bytes, options: bytes, devices: Sequence[jax.Device])
                         process_count=jax.process_count()))
 
 
+def check_shardings(executable, name: str, in_shardings: Sequence[jax.sharding.Sharding],
+                    out_shardings: Sequence[jax.sharding.Sharding],
+                    in_ranks: Sequence[int], out_ranks: Sequence[int]) -> None:
+    """InvalidArgumentError unless the compiled executable takes and returns its arrays laid out
+    as the load says (the arrays a host passes it are laid out so; its outputs are labelled so)."""
+    from jax._src.sharding_impls import GSPMDSharding
+
+    for what, expected, compiled, ranks in (
+            ("input", in_shardings, executable.get_parameter_shardings(), in_ranks),
+            ("output", out_shardings, executable.get_output_shardings(), out_ranks)):
+        if compiled is None:
+            continue
+        for i, (want, got, rank) in enumerate(zip(expected, compiled, ranks)):
+            actual = GSPMDSharding(list(want._device_assignment), got)
+            if not want.is_equivalent_to(actual, rank):
+                raise InvalidArgumentError(f"{name}: {what} {i} compiles to sharding {actual}, "
+                                           f"the load says {want}")
+
+
 class StableHLOExecutable:
     """A compiled module as a host runs it: called with the input jax.Arrays (laid out as the
     module's parameter shardings), returns the outputs as jax.Arrays with `out_shardings`."""

@@ -748,8 +748,13 @@ def _compile_stablehlo(load: pb.LoadInstruction, mesh: Mesh) -> _stablehlo.Stabl
         raise InvalidArgumentError(f"{load.name}: module bytes do not match their fingerprint")
     executable = _stablehlo.compile_module(load.serialized, load.compile_options,
                                            list(mesh.devices.flat))
+    in_shardings, out_shardings = ([NamedSharding(mesh, _wire.spec_from_proto(v.sharding))
+                                    for v in values] for values in (load.inputs, load.outputs))
+    _stablehlo.check_shardings(executable, load.name, in_shardings, out_shardings,
+                               [len(v.shape) for v in load.inputs],
+                               [len(v.shape) for v in load.outputs])
     return _stablehlo.StableHLOExecutable(
-        executable, [NamedSharding(mesh, _wire.spec_from_proto(v.sharding)) for v in load.outputs],
+        executable, out_shardings,
         [(tuple(v.shape), _wire.dtype_from_name(v.dtype)) for v in load.outputs])
 
 

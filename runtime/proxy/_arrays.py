@@ -73,13 +73,15 @@ def find(session: Session, handle: int) -> ProxyArray:
 
 def slice_for(session: Session, placement: Placement) -> VirtualSlice:
     """The session's slice of a placement (created on first use, on exactly its devices)."""
-    vslice = session.slices.get(placement.slice_key)
-    if vslice is None:
-        island = session.devices.island_of(placement.devices, "an array or computation")
-        vslice = session.client.slice(placement.mesh_shape, placement.axis_names, island=island,
-                                      devices=session.devices.placement(placement.devices))
-        session.slices[placement.slice_key] = vslice
-    return vslice
+    with session.slices_lock:
+        vslice = session.slices.get(placement.slice_key)
+        if vslice is None:
+            island = session.devices.island_of(placement.devices, "an array or computation")
+            vslice = session.client.slice(placement.mesh_shape, placement.axis_names,
+                                          island=island,
+                                          devices=session.devices.placement(placement.devices))
+            session.slices[placement.slice_key] = vslice
+        return vslice
 
 
 def put(session: Session, value: np.ndarray, layout: Layout) -> RemoteArray:

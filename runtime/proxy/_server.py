@@ -24,10 +24,11 @@ from proto.ifrt import ifrt_service_pb2_grpc as ifrt_grpc
 from runtime import _auth
 from runtime._client import Client
 from runtime._errors import (InvalidArgumentError, NotFoundError, PathwaysError)
-from runtime.proxy import _array_requests, _platform_requests  # noqa: F401  (handlers)
+from runtime.proxy import _array_requests, _platform_requests, _program_requests  # noqa: F401
+from runtime.proxy._programs import Analyzer
 from runtime.proxy._devices import DeviceTable, attribute_value
 from runtime.proxy._session import Session
-from runtime.proxy._status import UnimplementedError
+from runtime.proxy._status import UnimplementedError, status_of
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class ProxyServer:
                  credentials: _auth.Credentials | None = None, analysis_devices=None) -> None:
         self.controller_address = controller_address
         self._tls = (credentials or _auth.Credentials()).tls
-        self.analyzer = None
+        self.analyzer = Analyzer(analysis_devices)
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()
         self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="ifrt-later")
@@ -145,7 +146,15 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
         try:
             session = self.proxy.open_session(initialization)
         except PathwaysError as exc:
-            context.abort(exc.code, f"cannot open a runtime session: {exc}")
+            # Answered as the first request's status: the client raises it with this message
+            # (a stream aborted before any answer only reads as CANCELLED there).
+            refusal = type(exc)(f"cannot open a runtime session: {exc}")
+            refusal.code = exc.code
+            first = next(iter(request_iterator), None)
+            if first is not None:
+                yield ifrt.IfrtResponse(response_metadata=ifrt.ResponseMetadata(
+                    op_id=first.request_metadata.op_id, status=status_of(refusal)))
+            return
 
         def read() -> None:
             reason = "the client closed the session"

@@ -24,8 +24,7 @@ from google.protobuf.message import Message
 
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from runtime._client import Client
-from runtime._errors import (DeadlineExceededError, ExecutionError, NotFoundError,
-                             PathwaysError)
+from runtime._errors import ExecutionError, NotFoundError, PathwaysError
 from runtime.proxy._devices import DeviceTable
 from runtime.proxy._host_buffers import HostBufferStore
 from runtime.proxy._status import UnimplementedError, status_of
@@ -34,8 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Handles the server makes start here; the client makes those below (the IFRT proxy convention).
 SERVER_HANDLES_START = 1 << 48
-#: Longest a deferred answer (a fetch, a ready check, a future) may take.
-LATER_TIMEOUT_S = 3600.0
+#: Most futures remembered per session (a client need not check them all).
+MAX_FUTURES = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +73,9 @@ class Session:
         self.arrays: dict[int, Any] = {}  # handle -> runtime.proxy._arrays.ProxyArray
         self.executables: dict[int, Any] = {}  # handle -> runtime.proxy._programs.Executable
         self.slices: dict[tuple, Any] = {}  # placement key -> VirtualSlice
-        self.futures: dict[int, futures.Future] = {}
+        self.slices_lock = threading.Lock()  # compiles make slices off the session's thread
+        # Futures the client may check: a function that waits (None: already complete).
+        self.futures: dict[int, Callable[[], None] | None] = {}
         self._pool = pool
         self._handles = itertools.count(SERVER_HANDLES_START)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
@@ -118,12 +119,15 @@ class Session:
         """A fresh server-made handle (futures, executables)."""
         return next(self._handles)
 
-    def add_future(self, fn: Callable[[], None] | None = None) -> int:
-        """A future handle that completes when `fn` returns (at once when None), or fails with
-        what it raises; checked with CheckFuture."""
-        handle = self.new_handle()
-        self.futures[handle] = (self._pool.submit(fn) if fn is not None
-                                else _done_future())
+    def add_future(self, wait: Callable[[], None] | None = None, handle: int = 0) -> int:
+        """A future (under `handle`, or a fresh one) that is complete once `wait` returns, failed
+        with what it raises (complete at once when None). It waits only when the client checks
+        it (CheckFuture), so futures never checked cost no thread; the oldest unchecked ones are
+        forgotten past MAX_FUTURES."""
+        handle = handle or self.new_handle()
+        self.futures[handle] = wait
+        while len(self.futures) > MAX_FUTURES:
+            self.futures.pop(next(iter(self.futures)))
         return handle
 
     def _serve(self) -> None:
@@ -175,24 +179,15 @@ class Session:
             op_id=op_id, status=status_of(exc))))
 
 
-def _done_future() -> futures.Future:
-    future: futures.Future = futures.Future()
-    future.set_result(None)
-    return future
-
-
 @handles("check_future_request")
 def check_future(session: Session, request: ifrt.CheckFutureRequest) -> Later:
     """Waits for a future the server handed out (each is checked once, then forgotten)."""
-    future = session.futures.pop(request.future_handle, None)
-    if future is None:
+    if request.future_handle not in session.futures:
         raise NotFoundError(f"future {request.future_handle} is unknown")
+    wait = session.futures.pop(request.future_handle)
 
-    def wait() -> ifrt.CheckFutureResponse:
-        try:
-            future.result(timeout=LATER_TIMEOUT_S)
-        except futures.TimeoutError:
-            raise DeadlineExceededError(f"future {request.future_handle} did not complete "
-                                        f"within {LATER_TIMEOUT_S:.0f} s") from None
+    def check() -> ifrt.CheckFutureResponse:
+        if wait is not None:
+            wait()
         return ifrt.CheckFutureResponse()
-    return Later(wait)
+    return Later(check)
