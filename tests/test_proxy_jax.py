@@ -98,3 +98,33 @@ def test_a_program_without_the_token_is_refused(proxy):
     done = run_jax(code, "")
     assert done.returncode != 0
     assert "UNAUTHENTICATED" in done.stderr
+
+
+MULTI_HOST = """
+import runtime.proxy, sys
+runtime.proxy.connect("{address}")
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "model"))
+v = np.arange(64, dtype=np.float32).reshape(8, 8)
+x = jax.device_put(v, NamedSharding(mesh, P("data", "model")))
+y = jax.jit(lambda a: (a @ a.T).sum(0))(x)
+z = jax.jit(lambda a: a * 2, out_shardings=NamedSharding(mesh, P("model")))(x)
+print(bool(np.allclose(np.asarray(y), (v @ v.T).sum(0))), bool(np.allclose(np.asarray(z), v * 2)),
+      [d.host for d in jax.devices()])
+"""
+
+
+@pytest.mark.slow
+def test_a_program_spans_the_hosts_of_a_multi_host_island():
+    import runtime
+
+    with runtime.ProcessCluster(islands=1, hosts_per_island=2, devices_per_host=2) as cluster:
+        running = start_proxy(cluster.address, credentials=cluster.credentials)
+        try:
+            done = run_jax(MULTI_HOST.format(address=running.address),
+                           cluster.credentials.token)
+        finally:
+            running.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "True True [0, 0, 1, 1]"

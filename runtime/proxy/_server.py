@@ -61,7 +61,6 @@ class ProxyServer:
         self.analyzer = Analyzer(analysis_devices)
         self._sessions: dict[int, Session] = {}
         self._lock = threading.Lock()
-        self._pool = futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="ifrt-later")
 
     def open_session(self, initialization: dict) -> Session:
         """A session for a JAX program (its runtime session opened with the program's token)."""
@@ -80,7 +79,7 @@ class ProxyServer:
             client.close()
             raise
         session_id = secrets.randbits(63) or 1
-        session = Session(session_id, client, devices, self._pool, self.analyzer)
+        session = Session(session_id, client, devices, self.analyzer)
         with self._lock:
             self._sessions[session_id] = session
         log.info("IFRT session %x opened for %r (runtime session %d)", session_id, _text(name),
@@ -106,7 +105,6 @@ class ProxyServer:
             self._sessions.clear()
         for session in sessions:
             session.close("the proxy server is stopping")
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _text(value) -> str:

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 #: Handles the server makes start here; the client makes those below (the IFRT proxy convention).
 SERVER_HANDLES_START = 1 << 48
+#: Threads per session for answers that wait (reads, ready checks, futures, compiles).
+LATER_THREADS = 16
 #: Most futures remembered per session (a client need not check them all).
 MAX_FUTURES = 100_000
 
@@ -65,8 +67,7 @@ def handles(kind: str, result_handles: Callable[[Any], list[int]] | None = None)
 class Session:
     """The state of one JAX client: its runtime session, arrays, executables, futures, buffers."""
 
-    def __init__(self, session_id: int, client: Client, devices: DeviceTable,
-                 pool: futures.ThreadPoolExecutor, analyzer) -> None:
+    def __init__(self, session_id: int, client: Client, devices: DeviceTable, analyzer) -> None:
         self.id, self.client, self.devices = session_id, client, devices
         self.analyzer = analyzer  # runtime.proxy._programs.Analyzer
         self.host_buffers = HostBufferStore()
@@ -76,7 +77,9 @@ class Session:
         self.slices_lock = threading.Lock()  # compiles make slices off the session's thread
         # Futures the client may check: a function that waits (None: already complete).
         self.futures: dict[int, Callable[[], None] | None] = {}
-        self._pool = pool
+        # Its own threads for waits: a session whose arrays never arrive cannot hold up others.
+        self._pool = futures.ThreadPoolExecutor(max_workers=LATER_THREADS,
+                                                thread_name_prefix=f"ifrt-later-{session_id:x}")
         self._handles = itertools.count(SERVER_HANDLES_START)
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._responses: queue.SimpleQueue = queue.SimpleQueue()
@@ -108,6 +111,7 @@ class Session:
         self._requests.put(None)
         self.host_buffers.close(reason)
         self._thread.join(timeout=30)
+        self._pool.shutdown(wait=False, cancel_futures=True)
         self.arrays.clear()
         self.executables.clear()
         self.client.close()
