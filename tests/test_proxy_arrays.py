@@ -3,32 +3,13 @@ strided), sharded puts, disassembly and assembly, copies between islands, deleti
 
 import grpc
 import numpy as np
-import pytest
 
 from proto.ifrt import ifrt_service_pb2 as ifrt
-from proto.ifrt import proxy_types_pb2, status_pb2, types_pb2, xla_pb2
-from runtime.proxy import start_proxy
+from proto.ifrt import status_pb2, types_pb2, xla_pb2
 from runtime.proxy._array_requests import host_array, host_bytes
-from runtime.proxy._shardings import Layout
-from tests.proxy_wire import WireSession
 
 F32 = types_pb2.DTypeProto(kind=types_pb2.DTypeProto.KIND_F32)
 CODE = {c.value[0]: c for c in grpc.StatusCode}
-
-
-@pytest.fixture(scope="module")
-def proxy(cluster):
-    running = start_proxy(cluster.address, credentials=cluster.credentials)
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def wire(proxy, cluster):
-    session = WireSession(proxy.address, cluster.credentials.token)
-    session.init()
-    yield session
-    session.close()
 
 
 def tiled(devices, dims, rank):
@@ -36,7 +17,7 @@ def tiled(devices, dims, rank):
     op = xla_pb2.OpSharding(type=xla_pb2.OpSharding.OTHER, tile_assignment_dimensions=dims,
                             iota_reshape_dims=[len(devices)], iota_transpose_perm=[0],
                             replicate_on_last_tile_dim=len(dims) > rank)
-    return Layout.replicated(devices, rank).sharding_proto().__class__(
+    return types_pb2.ShardingProto(
         serialized_sharding=types_pb2.Serialized(
             type_name="xla::ifrt::HloSharding", data=types_pb2.HloShardingProto(
                 devices=types_pb2.DeviceListProto(device_ids=devices), memory_kind="device",

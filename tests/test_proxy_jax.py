@@ -24,13 +24,6 @@ print(np.asarray(y))
 """
 
 
-@pytest.fixture(scope="module")
-def proxy(cluster):
-    running = start_proxy(cluster.address, credentials=cluster.credentials)
-    yield running
-    running.stop()
-
-
 def run_jax(code: str, token: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATHWAYS_TOKEN=token)
     env.pop("JAX_PLATFORMS", None)

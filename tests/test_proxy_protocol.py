@@ -6,26 +6,10 @@ import pytest
 
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from proto.ifrt import ifrt_service_pb2_grpc as ifrt_grpc
-from runtime.proxy import start_proxy
 from runtime.proxy._server import PROTOCOL_VERSION
 from tests.proxy_wire import WireSession
 
 UNIMPLEMENTED, NOT_FOUND = grpc.StatusCode.UNIMPLEMENTED.value[0], grpc.StatusCode.NOT_FOUND.value[0]
-
-
-@pytest.fixture(scope="module")
-def proxy(cluster):
-    running = start_proxy(cluster.address, credentials=cluster.credentials)
-    yield running
-    running.stop()
-
-
-@pytest.fixture
-def wire(proxy, cluster):
-    session = WireSession(proxy.address, cluster.credentials.token)
-    session.init()
-    yield session
-    session.close()
 
 
 def test_version_is_negotiated_within_the_clients_range(proxy):
