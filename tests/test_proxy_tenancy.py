@@ -152,3 +152,35 @@ def test_a_killed_host_is_an_exception_in_the_jax_program():
     assert outcome.startswith("raised after"), out
     assert "UNAVAILABLE" in outcome and ("lost" in outcome or "unreachable" in outcome), outcome
     assert island0 == "island 0: [3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]"
+
+
+QUOTA = """
+import sys
+import runtime.proxy
+runtime.proxy.connect(sys.argv[1])
+import jax, numpy as np
+small = jax.device_put(np.ones(256, np.float32), jax.devices()[0])
+print(float(np.asarray(small).sum()), flush=True)
+try:
+    big = jax.device_put(np.ones(1 << 20, np.float32), jax.devices()[1])
+    big.block_until_ready()
+    print("no error", flush=True)
+except Exception as exc:
+    print(f"{type(exc).__name__}: {exc}", flush=True)
+"""
+
+
+def test_the_session_quota_bounds_a_jax_program():
+    with runtime.LocalCluster(islands=1, devices_per_island=2,
+                              session_quota_bytes=1 << 16) as cluster:
+        running = start_proxy(cluster.address, credentials=cluster.credentials)
+        try:
+            env = dict(os.environ, PATHWAYS_TOKEN=cluster.credentials.token)
+            done = subprocess.run([sys.executable, "-c", QUOTA, running.address], env=env,
+                                  capture_output=True, text=True, timeout=240)
+        finally:
+            running.stop()
+    assert done.returncode == 0, done.stderr[-3000:]
+    small, big = done.stdout.strip().splitlines()[-2:]
+    assert small == "256.0"
+    assert "RESOURCE_EXHAUSTED" in big and "quota" in big, big
