@@ -15,7 +15,7 @@ HEADER = (
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUTPUTS = ("proto/pathways_pb2.py", "proto/pathways_pb2_grpc.py")
 #: Sources that define a service (the others get no *_pb2_grpc.py).
-SERVICES = ("proto/pathways.proto", "proto/ifrt/ifrt_service.proto")
+SERVICES = ("proto/pathways.proto", "proto/ifrt/grpc_ifrt_service.proto")
 #: The IFRT proxy protocol (runtime/proxy/): its .proto files, generated next to them.
 IFRT_PROTOS = tuple(sorted(str(p.relative_to(ROOT))
                            for p in (ROOT / "proto" / "ifrt").glob("*.proto")))

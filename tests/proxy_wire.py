@@ -9,8 +9,9 @@ import threading
 
 import grpc
 
+from proto.ifrt import grpc_ifrt_service_pb2 as grpc_ifrt
+from proto.ifrt import grpc_ifrt_service_pb2_grpc as ifrt_grpc
 from proto.ifrt import ifrt_service_pb2 as ifrt
-from proto.ifrt import ifrt_service_pb2_grpc as ifrt_grpc
 from proto.ifrt import types_pb2
 from runtime.proxy._server import (NAME_KEY, PROTOCOL_VERSION, SESSION_METADATA_KEY,
                                    STORE_METADATA_KEY, TOKEN_KEY, WEIGHT_KEY)
@@ -30,7 +31,7 @@ class WireSession:
         data.attributes[WEIGHT_KEY].string_value = repr(weight).encode()
         if token:
             data.attributes[TOKEN_KEY].string_value = token.encode()
-        metadata = ifrt.GrpcIfrtSessionMetadata(
+        metadata = grpc_ifrt.GrpcIfrtSessionMetadata(
             version=ifrt.IfrtProxyVersion(protocol_version=PROTOCOL_VERSION,
                                           ifrt_serdes_version_number=3),
             initialization_data=data)
@@ -86,15 +87,15 @@ class WireSession:
         return response
 
     def store(self, handle: int, data: bytes, chunk: int = 1 << 16) -> None:
-        meta = ifrt.GrpcHostBufferStoreMetadata(session_id=self.session_id, handle=handle,
+        meta = grpc_ifrt.GrpcHostBufferStoreMetadata(session_id=self.session_id, handle=handle,
                                                 buffer_size=len(data))
-        chunks = [ifrt.GrpcHostBufferStoreRequest(data=data[i:i + chunk])
+        chunks = [grpc_ifrt.GrpcHostBufferStoreRequest(data=data[i:i + chunk])
                   for i in range(0, max(len(data), 1), chunk)]
         self.stub.HostBufferStore(iter(chunks), timeout=TIMEOUT_S,
                                   metadata=[(STORE_METADATA_KEY, meta.SerializeToString())])
 
     def lookup(self, handle: int) -> bytes:
-        request = ifrt.GrpcHostBufferLookupRequest(session_id=self.session_id, handle=handle)
+        request = grpc_ifrt.GrpcHostBufferLookupRequest(session_id=self.session_id, handle=handle)
         return b"".join(r.data for r in self.stub.HostBufferLookup(request, timeout=TIMEOUT_S))
 
     def close(self) -> None:

@@ -4,7 +4,8 @@ strided), sharded puts, disassembly and assembly, copies between islands, deleti
 import grpc
 import numpy as np
 
-from proto.ifrt import ifrt_service_pb2 as ifrt
+from proto.ifrt import ifrt_arrays_pb2 as ifrt
+from proto.ifrt import ifrt_service_pb2
 from proto.ifrt import status_pb2, types_pb2, xla_pb2
 from runtime.proxy._array_requests import host_array, host_bytes
 
@@ -108,7 +109,7 @@ def test_deleted_and_failed_arrays_raise_on_use(wire):
     response = wire.call("delete_array_request", ifrt.DeleteArrayRequest(array_handle=[30]))
     future = response.delete_array_response.deletion_future_handle
     assert future >= 1 << 48
-    assert wire.call("check_future_request", ifrt.CheckFutureRequest(future_handle=future)
+    assert wire.call("check_future_request", ifrt_service_pb2.CheckFutureRequest(future_handle=future)
                      ).HasField("check_future_response")
     deleted = wire.call("is_array_deleted_request", ifrt.IsArrayDeletedRequest(array_handle=30))
     assert deleted.is_array_deleted_response.deleted

@@ -10,7 +10,7 @@ import pytest
 from google.protobuf import descriptor_pb2
 
 from proto import ifrt
-from proto.ifrt import ifrt_service_pb2_grpc
+from proto.ifrt import grpc_ifrt_service_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SOURCES = sorted((ROOT / "proto" / "ifrt").glob("*.proto"))
@@ -39,10 +39,10 @@ def test_generated_code_is_not_stale(source, tmp_path):
 
 def test_the_service_is_generated():
     file = descriptor_pb2.FileDescriptorProto.FromString(
-        ifrt.ifrt_service_pb2.DESCRIPTOR.serialized_pb)
+        ifrt.grpc_ifrt_service_pb2.DESCRIPTOR.serialized_pb)
     (service,) = file.service
     for method in service.method:
-        assert hasattr(ifrt_service_pb2_grpc.GrpcIfrtServiceServicer, method.name)
+        assert hasattr(grpc_ifrt_service_pb2_grpc.GrpcIfrtServiceServicer, method.name)
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)

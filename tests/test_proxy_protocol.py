@@ -4,8 +4,9 @@ negotiation, init, host buffers, authentication, requests it does not serve."""
 import grpc
 import pytest
 
+from proto.ifrt import grpc_ifrt_service_pb2 as grpc_ifrt
+from proto.ifrt import grpc_ifrt_service_pb2_grpc as ifrt_grpc
 from proto.ifrt import ifrt_service_pb2 as ifrt
-from proto.ifrt import ifrt_service_pb2_grpc as ifrt_grpc
 from runtime.proxy._server import PROTOCOL_VERSION
 from tests.proxy_wire import WireSession
 
@@ -15,13 +16,13 @@ UNIMPLEMENTED, NOT_FOUND = grpc.StatusCode.UNIMPLEMENTED.value[0], grpc.StatusCo
 def test_version_is_negotiated_within_the_clients_range(proxy):
     stub = ifrt_grpc.GrpcIfrtServiceStub(grpc.insecure_channel(proxy.address))
     version = ifrt.IfrtProxyVersion
-    reply = stub.GetVersion(ifrt.GrpcGetVersionRequest(
+    reply = stub.GetVersion(grpc_ifrt.GrpcGetVersionRequest(
         min_version=version(protocol_version=16),
         max_version=version(protocol_version=25, ifrt_serdes_version_number=3)), timeout=10)
     assert reply.version.protocol_version == PROTOCOL_VERSION
     assert reply.version.ifrt_serdes_version_number == 3
     with pytest.raises(grpc.RpcError) as err:
-        stub.GetVersion(ifrt.GrpcGetVersionRequest(min_version=version(protocol_version=3),
+        stub.GetVersion(grpc_ifrt.GrpcGetVersionRequest(min_version=version(protocol_version=3),
                                                    max_version=version(protocol_version=10)),
                         timeout=10)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from proto.ifrt import ifrt_service_pb2 as ifrt
+from proto.ifrt import ifrt_arrays_pb2 as ifrt
 from proto.ifrt import proxy_types_pb2
 from runtime import _wire
 from runtime._errors import ArrayNotFoundError, InvalidArgumentError

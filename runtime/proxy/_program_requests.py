@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import weakref
 
-from proto.ifrt import ifrt_service_pb2 as ifrt
+from proto.ifrt import ifrt_programs_pb2 as ifrt
 from proto.ifrt import status_pb2
 from runtime._errors import NotFoundError
 from runtime.proxy._arrays import ProxyArray, find, remote_of, wait_ready

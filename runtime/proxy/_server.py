@@ -19,8 +19,9 @@ from concurrent import futures
 
 import grpc
 
+from proto.ifrt import grpc_ifrt_service_pb2 as grpc_ifrt
+from proto.ifrt import grpc_ifrt_service_pb2_grpc as ifrt_grpc
 from proto.ifrt import ifrt_service_pb2 as ifrt
-from proto.ifrt import ifrt_service_pb2_grpc as ifrt_grpc
 from runtime import _auth
 from runtime._client import Client
 from runtime._errors import (InvalidArgumentError, NotFoundError, PathwaysError)
@@ -125,13 +126,13 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
                           f"server speaks version {PROTOCOL_VERSION} (jaxlib 0.10)")
         serdes = min(request.max_version.ifrt_serdes_version_number or SERDES_VERSION,
                      SERDES_VERSION)
-        return ifrt.GrpcGetVersionResponse(version=ifrt.IfrtProxyVersion(
+        return grpc_ifrt.GrpcGetVersionResponse(version=ifrt.IfrtProxyVersion(
             protocol_version=PROTOCOL_VERSION, ifrt_serdes_version_number=serdes))
 
     def IfrtSession(self, request_iterator, context):
         raw = dict(context.invocation_metadata() or ()).get(SESSION_METADATA_KEY)
         try:
-            metadata = ifrt.GrpcIfrtSessionMetadata.FromString(raw or b"")
+            metadata = grpc_ifrt.GrpcIfrtSessionMetadata.FromString(raw or b"")
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed session metadata")
         if metadata.version.protocol_version != PROTOCOL_VERSION:
@@ -172,7 +173,7 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
     def HostBufferStore(self, request_iterator, context):
         raw = dict(context.invocation_metadata() or ()).get(STORE_METADATA_KEY)
         try:
-            metadata = ifrt.GrpcHostBufferStoreMetadata.FromString(raw or b"")
+            metadata = grpc_ifrt.GrpcHostBufferStoreMetadata.FromString(raw or b"")
             session = self.proxy.session(metadata.session_id)
             buffers = session.host_buffers
             buffers.check_size(metadata.buffer_size)
@@ -190,7 +191,7 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
             context.abort(exc.code, str(exc))
         except ValueError:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed host buffer metadata")
-        return ifrt.GrpcHostBufferStoreResponse()
+        return grpc_ifrt.GrpcHostBufferStoreResponse()
 
     def HostBufferLookup(self, request, context):
         try:
@@ -200,7 +201,7 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
             context.abort(exc.code, str(exc))
         view = memoryview(data)
         for offset in range(0, max(len(data), 1), LOOKUP_CHUNK_BYTES):
-            yield ifrt.GrpcHostBufferLookupResponse(
+            yield grpc_ifrt.GrpcHostBufferLookupResponse(
                 data=bytes(view[offset:offset + LOOKUP_CHUNK_BYTES]))
 
     def HostBufferDelete(self, request, context):
@@ -208,7 +209,7 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
             self.proxy.session(request.session_id).host_buffers.delete(request.handle)
         except PathwaysError as exc:
             context.abort(exc.code, str(exc))
-        return ifrt.GrpcHostBufferDeleteResponse()
+        return grpc_ifrt.GrpcHostBufferDeleteResponse()
 
     def HostBufferReadFromDisk(self, request, context):
         exc = UnimplementedError("HostBufferReadFromDisk is not supported by the Pathways proxy")
