@@ -80,3 +80,27 @@ def test_a_session_without_the_token_is_refused(proxy):
     assert status.code == grpc.StatusCode.UNAUTHENTICATED.value[0]
     assert "cannot open a runtime session" in status.message
     session.close()
+
+
+def test_a_request_whose_host_buffer_failed_to_arrive_fails_at_once(wire):
+    from proto.ifrt import ifrt_arrays_pb2, types_pb2
+
+    with pytest.raises(grpc.RpcError):  # announces 10 bytes, sends 3
+        wire.stub.HostBufferStore(iter([grpc_ifrt.GrpcHostBufferStoreRequest(data=b"abc")]),
+                                  timeout=10, metadata=[(
+                                      "ifrt-proxy-grpc-host-buffer-store-metadata-bin",
+                                      grpc_ifrt.GrpcHostBufferStoreMetadata(
+                                          session_id=wire.session_id, handle=99,
+                                          buffer_size=10).SerializeToString())])
+    single = types_pb2.SingleDeviceShardingProto(device_id=0)
+    response = wire.call("make_array_from_host_buffer_request",
+                         ifrt_arrays_pb2.MakeArrayFromHostBufferRequest(
+                             dtype=types_pb2.DTypeProto(kind=types_pb2.DTypeProto.KIND_U8),
+                             shape=types_pb2.ShapeProto(dims=[10]), host_buffer_handle=99,
+                             array_handle=5, sharding=types_pb2.ShardingProto(
+                                 serialized_sharding=types_pb2.Serialized(
+                                     type_name="xla::ifrt::SingleDeviceSharding",
+                                     data=single.SerializeToString()))), timeout=30)
+    status = response.response_metadata.status
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "was not stored" in status.message and "3 of 10 bytes" in status.message

@@ -12,7 +12,8 @@ import threading
 import time
 
 from runtime._errors import (DeadlineExceededError, FailedPreconditionError,
-                             InvalidArgumentError, NotFoundError, ResourceExhaustedError)
+                             InvalidArgumentError, NotFoundError, PathwaysError,
+                             ResourceExhaustedError)
 
 #: How long a request waits for a host buffer the client has not finished sending.
 LOOKUP_TIMEOUT_S = 600.0
@@ -20,6 +21,8 @@ LOOKUP_TIMEOUT_S = 600.0
 MAX_BUFFER_BYTES = 1 << 36
 #: Most bytes of host buffers one session may hold at once.
 MAX_SESSION_BYTES = 1 << 37
+#: Failed stores remembered per session.
+MAX_FAILED = 1024
 
 
 class HostBufferStore:
@@ -27,6 +30,7 @@ class HostBufferStore:
 
     def __init__(self) -> None:
         self._buffers: dict[int, bytes] = {}
+        self._failed: dict[int, PathwaysError] = {}  # stores that failed: their requests fail too
         self._nbytes = 0
         self._cond = threading.Condition()
         self._closed = ""
@@ -61,6 +65,9 @@ class HostBufferStore:
         deadline = time.monotonic() + timeout
         with self._cond:
             while handle not in self._buffers:
+                if handle in self._failed:
+                    error = self._failed.pop(handle)
+                    raise type(error)(f"host buffer {handle} was not stored: {error}")
                 if self._closed:
                     raise FailedPreconditionError(f"session closed: {self._closed}")
                 left = deadline - time.monotonic()
@@ -75,6 +82,15 @@ class HostBufferStore:
         data = self.lookup(handle, timeout)
         self.delete(handle)
         return data
+
+    def fail(self, handle: int, error: PathwaysError) -> None:
+        """Notes that storing a buffer failed: whatever waits for it fails at once with `error`
+        (most MAX_FAILED remembered)."""
+        with self._cond:
+            self._failed[handle] = error
+            while len(self._failed) > MAX_FAILED:
+                self._failed.pop(next(iter(self._failed)))
+            self._cond.notify_all()
 
     def delete(self, handle: int) -> None:
         """Drops a buffer; NOT_FOUND if there is none."""

@@ -174,8 +174,13 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
         raw = dict(context.invocation_metadata() or ()).get(STORE_METADATA_KEY)
         try:
             metadata = grpc_ifrt.GrpcHostBufferStoreMetadata.FromString(raw or b"")
-            session = self.proxy.session(metadata.session_id)
-            buffers = session.host_buffers
+        except ValueError:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed host buffer metadata")
+        try:
+            buffers = self.proxy.session(metadata.session_id).host_buffers
+        except PathwaysError as exc:
+            context.abort(exc.code, str(exc))
+        try:
             buffers.check_size(metadata.buffer_size)
             data = bytearray()
             for chunk in request_iterator:
@@ -188,9 +193,8 @@ class _Servicer(ifrt_grpc.GrpcIfrtServiceServicer):
                                            f"{metadata.buffer_size} bytes arrived")
             buffers.store(metadata.handle, bytes(data))
         except PathwaysError as exc:
+            buffers.fail(metadata.handle, exc)  # the request that uses it fails now, not later
             context.abort(exc.code, str(exc))
-        except ValueError:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "malformed host buffer metadata")
         return grpc_ifrt.GrpcHostBufferStoreResponse()
 
     def HostBufferLookup(self, request, context):
