@@ -121,6 +121,10 @@ def serve(argv: Sequence[str]) -> int:
         except Exception as exc:  # reported to the driving process, which raises it
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         print(json.dumps(reply), flush=True)
+    # Executables go while the backend is still connected (at interpreter exit jaxlib drops the
+    # client first, and each executable's release then fails, loudly).
+    system.close()
+    jax.clear_caches()
     return 0
 
 
