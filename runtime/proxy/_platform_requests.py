@@ -23,7 +23,6 @@ def init(session: Session, request: ifrt.InitRequest) -> ifrt.InitResponse:
         platform_version=PLATFORM_VERSION, platform_id=0, process_index=0,
         runtime_type=RUNTIME_TYPE)
     session.devices.fill_init(response)
-    response.client_attributes.attributes["supports_executable_serialization"].bool_value = False
     return response
 
 

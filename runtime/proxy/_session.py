@@ -24,7 +24,9 @@ from google.protobuf.message import Message
 
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from runtime._client import Client
-from runtime._errors import ExecutionError, NotFoundError, PathwaysError
+from runtime._errors import (ExecutionError, FailedPreconditionError, NotFoundError,
+                             PathwaysError)
+from runtime.proxy._arrays import ProxyArray
 from runtime.proxy._devices import DeviceTable
 from runtime.proxy._host_buffers import HostBufferStore
 from runtime.proxy._status import UnimplementedError, status_of
@@ -154,12 +156,18 @@ class Session:
             self._fail(op_id, kind, request, exc)
             return
         if isinstance(result, Later):
-            job = self._pool.submit(result.fn)
+            try:
+                job = self._pool.submit(result.fn)
+            except RuntimeError:  # the session closed meanwhile
+                self._fail(op_id, kind, request, FailedPreconditionError("the session closed"))
+                return
             job.add_done_callback(lambda done: self._answer_later(op_id, kind, request, done))
         else:
             self._respond(op_id, kind, result)
 
     def _answer_later(self, op_id: int, kind: str, request, done: futures.Future) -> None:
+        if done.cancelled():  # the session closed before it ran: nobody waits for the answer
+            return
         exc = done.exception()
         if exc is not None:
             self._fail(op_id, kind, request, exc)
@@ -173,8 +181,6 @@ class Session:
 
     def _fail(self, op_id: int, kind: str | None, request, exc: BaseException) -> None:
         if kind in RESULT_HANDLES:
-            from runtime.proxy._arrays import ProxyArray
-
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"{kind} failed: {exc}")
             for handle in RESULT_HANDLES[kind](getattr(request, kind)):
