@@ -121,3 +121,35 @@ def test_a_program_spans_the_hosts_of_a_multi_host_island():
             running.stop()
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "True True [0, 0, 1, 1]"
+
+
+ACROSS_ISLANDS = """
+import runtime.proxy, sys
+runtime.proxy.connect("{address}")
+import jax, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+d = jax.devices()
+x = jax.device_put(np.arange(16, dtype=np.float32).reshape(4, 4),
+                   NamedSharding(Mesh(np.array(d[:2]), ("x",)), P("x")))
+y = jax.device_put(x, NamedSharding(Mesh(np.array(d[6:]), ("x",)), P("x")))
+y.block_until_ready()
+print(float(np.asarray(y).sum()), sorted({{dev.island for dev in y.devices()}}))
+"""
+
+
+def test_device_put_onto_another_island_moves_data_host_to_host(proxy, cluster, monkeypatch):
+    from runtime.proxy import _session
+
+    kinds = []
+    handle = _session.Session._handle
+
+    def recording(self, request):
+        kinds.append(request.WhichOneof("request"))
+        return handle(self, request)
+    monkeypatch.setattr(_session.Session, "_handle", recording)
+    done = run_jax(ACROSS_ISLANDS.format(address=proxy.address), cluster.credentials.token)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "120.0 [1]"
+    # A copy (the hosts stream the shards to each other); nothing read back before it.
+    copy = kinds.index("copy_arrays_request")
+    assert "copy_to_host_buffer_request" not in kinds[:copy], kinds
