@@ -72,6 +72,11 @@ def run(args: argparse.Namespace) -> int:
         progress(f"starting a one-island runtime cluster with {args.devices} CPU devices")
         systems = {"runtime": RuntimeSystem(args.devices),
                    "jax": db.JaxSystem(jax.devices()[:args.devices]), **systems}
+        if not args.no_proxy:
+            from benchmarks.dispatch_proxy import ProxySystem
+
+            progress("starting plain JAX through the proxy (a second one-island cluster)")
+            systems["proxy"] = ProxySystem(args.devices)
         for system in systems.values():
             db.check_system(system)  # every system computes the same chain values
         ks = db.SWEEP_KS if not args.quick else (0, 4, 16)
@@ -82,6 +87,10 @@ def run(args: argparse.Namespace) -> int:
             system.close()
     report["targets"] = TARGETS
     report["ratios"] = target_ratios(report)
+    if "proxy" in systems and report["sweep"]:
+        from benchmarks.dispatch_proxy import proxy_figures
+
+        report.update(proxy_figures(report))
     if report.get("break_even_ms") is not None and math.isinf(report["break_even_ms"]):
         report["break_even_ms"] = None  # JSON has no infinity: null means never reached
     from benchmarks.dispatch_plot import format_table, plot_dispatch
@@ -94,6 +103,10 @@ def run(args: argparse.Namespace) -> int:
         shown = "n/a" if value is None else f"{value:.3g}"
         print(f"  {name:<24} {shown:>8}   (target {'<=' if name == 'break_even_ms' else '>='} "
               f"{TARGETS[name]})")
+    if "proxy_vs_runtime" in report:
+        shapes = ", ".join(f"{k} {v:.3g}" for k, v in report["proxy_vs_runtime"].items())
+        print(f"  proxy / client API: {shapes}; proxy break-even (ms): "
+              f"{report['proxy_break_even_ms']}")
     print(f"wrote {out / 'dispatch.json'} and {out / 'dispatch.png'}")
     return 0
 
@@ -106,6 +119,8 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--target-s", type=float, default=1.0,
                    help="seconds per measurement (the whole run takes ~40x this)")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray baseline")
+    p.add_argument("--no-proxy", action="store_true",
+                   help="skip plain JAX through the proxy (runtime.proxy)")
     p.add_argument("--quick", action="store_true", help="fewer sizes in the sweep")
     p.set_defaults(func=run)
 

@@ -21,9 +21,11 @@ __all__ = ["format_table", "plot_dispatch", "print_table"]
 
 _SHAPE_ORDER = ("opbyop", "chained", "fused")
 _SHAPE_LABELS = {"opbyop": "OpByOp", "chained": "Chained", "fused": "Fused"}
-_SYSTEM_ORDER = ("runtime", "jax", "ray")
-_SYSTEM_LABELS = {"runtime": "Pathways-style runtime", "jax": "JAX (multi-controller)", "ray": "Ray"}
-_SYSTEM_COLORS = {"runtime": "tab:blue", "jax": "tab:orange", "ray": "tab:green"}
+_SYSTEM_ORDER = ("runtime", "proxy", "jax", "ray")
+_SYSTEM_LABELS = {"runtime": "Pathways-style runtime", "jax": "JAX (multi-controller)", "ray": "Ray",
+                  "proxy": "runtime via JAX's proxy backend"}
+_SYSTEM_COLORS = {"runtime": "tab:blue", "jax": "tab:orange", "ray": "tab:green",
+                  "proxy": "tab:purple"}
 _SHAPE_MARKERS = {"opbyop": "o", "chained": "s", "fused": "^"}
 
 

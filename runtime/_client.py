@@ -147,17 +147,21 @@ class Client:
     # -- public API -------------------------------------------------------------------------------
 
     def slice(self, mesh_shape: Sequence[int] | dict[str, int], axis_names: Sequence[str] = (),
-              *, island: int | None = None) -> VirtualSlice:
+              *, island: int | None = None,
+              devices: Sequence[tuple[int, int]] = ()) -> VirtualSlice:
         """Asks for a virtual slice: `slice((2, 2), ("data", "model"))` or `slice({"x": 4})`.
 
-        Returns once the slice's hosts know it. Raises SliceUnavailableError when no island (or
-        not `island`) has enough devices, InvalidArgumentError for a malformed mesh.
+        `devices` places it explicitly: (host, local device) of `island` per mesh position, in
+        row-major order. Returns once the slice's hosts know it. Raises SliceUnavailableError
+        when no island (or not `island`, or not those devices) can hold it, InvalidArgumentError
+        for a malformed mesh.
         """
         if isinstance(mesh_shape, dict):
             mesh_shape, axis_names = tuple(mesh_shape.values()), tuple(mesh_shape)
         reply = self._rpc("CreateSlice", pb.CreateSliceRequest(
             session_id=self.session_id, mesh_shape=mesh_shape, axis_names=axis_names,
-            island=-1 if island is None else island))
+            island=-1 if island is None else island,
+            devices=[pb.SliceDevice(host=h, device=d) for h, d in devices]))
         return VirtualSlice(self, reply.slice)
 
     def put(self, tree: Any, vslice: VirtualSlice, specs: SpecTree = None) -> Any:

@@ -26,7 +26,7 @@ import jax
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from runtime import _auth, _stablehlo, _wire
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                              NotFoundError, PathwaysError, abort)
 from runtime._planner import Planner
@@ -366,13 +366,15 @@ class Controller:
             host_addresses=[h.address for h in hosts], platform=hosts[0].platform)
 
     def create_slice(self, session_id: int, mesh_shape: Sequence[int], axis_names: Sequence[str],
-                     island: int = -1) -> pb.SliceInfo:
-        """Grants a slice and makes its mesh known to its hosts before returning."""
+                     island: int = -1, devices: Sequence[pb.SliceDevice] = ()) -> pb.SliceInfo:
+        """Grants a slice (on `devices` when given) and makes its mesh known to its hosts before
+        returning."""
         with self._lock:
             session = self._session(session_id)
             if island >= 0 and island in {h.island for h in self.resources.hosts()}:
                 self._check_island(island)
-            record = self.resources.allocate(session_id, mesh_shape, axis_names, island)
+            record = self.resources.allocate(session_id, mesh_shape, axis_names, island,
+                                             [(d.host, d.device) for d in devices])
             info = self._slice_info(record)
             session.slices.add(record.slice_id)
             scheduler = self._scheduler(record.island)
@@ -404,13 +406,19 @@ class Controller:
             record = self._owned_slice(request.session_id, request.slice_id)
         if len(request.serialized) > MAX_EXECUTABLE_BYTES:
             raise InvalidArgumentError(f"executable of {len(request.serialized)} bytes is too large")
-        try:
-            exported = jax.export.deserialize(bytearray(request.serialized))
-        except Exception as exc:
-            raise InvalidArgumentError(f"{request.name!r}: not a serialized jax.export module "
-                                       f"({type(exc).__name__})") from None
-        _check_signature(request, exported, record)
-        fingerprint = hashlib.sha256(request.serialized).hexdigest()
+        if request.format == pb.STABLEHLO:
+            _stablehlo.check_load(request.name, request.serialized, request.compile_options,
+                                  request.inputs, request.outputs, request.donated, record.size)
+            _check_specs(request, record)
+            fingerprint = _stablehlo.fingerprint(request.serialized, request.compile_options)
+        else:
+            try:
+                exported = jax.export.deserialize(bytearray(request.serialized))
+            except Exception as exc:
+                raise InvalidArgumentError(f"{request.name!r}: not a serialized jax.export module "
+                                           f"({type(exc).__name__})") from None
+            _check_signature(request, exported, record)
+            fingerprint = hashlib.sha256(request.serialized).hexdigest()
         donated = frozenset(request.donated)
         key = (request.session_id, request.slice_id, fingerprint, donated)
         with self._lock:
@@ -426,7 +434,8 @@ class Controller:
             self._scheduler(record.island).submit([pb.Instruction(load=pb.LoadInstruction(
                 executable_id=exe.executable_id, slice_id=request.slice_id,
                 serialized=request.serialized, fingerprint=fingerprint, inputs=request.inputs,
-                outputs=request.outputs, donated=sorted(donated), name=request.name))])
+                outputs=request.outputs, donated=sorted(donated), name=request.name,
+                format=request.format, compile_options=request.compile_options))])
             return exe
 
     # -- arrays, commands and programs (runtime._planner) -----------------------------------------
@@ -546,6 +555,13 @@ def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceR
         raise InvalidArgumentError(f"{request.name!r}: donated input out of range")
 
 
+def _check_specs(request: pb.LoadExecutableRequest, record: SliceRecord) -> None:
+    """InvalidArgumentError unless every input and output sharding fits the slice's mesh."""
+    for spec in list(request.inputs) + list(request.outputs):
+        _wire.shard_groups(spec.shape, _wire.MeshShape(record.mesh_shape, record.axis_names),
+                           spec.sharding)
+
+
 def _session_policy(controller: Controller) -> _auth.Authorize:
     """Session keys (runtime._auth.session_policy), and a clear error for a session this
     controller does not know (it restarted, or the session was closed)."""
@@ -597,7 +613,8 @@ class ControllerServicer(pb_grpc.ControllerServicer):
 
     def CreateSlice(self, request, context):
         info = self._call(context, self.controller.create_slice, request.session_id,
-                          list(request.mesh_shape), list(request.axis_names), request.island)
+                          list(request.mesh_shape), list(request.axis_names), request.island,
+                          request.devices)
         return pb.CreateSliceReply(slice=info)
 
     def ReleaseSlice(self, request, context):

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from runtime import _auth, _stablehlo, _wire
 from runtime._distributed import device_memory_bytes
 from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, ExecutionError,
                              FailedPreconditionError, InvalidArgumentError, NotFoundError,
@@ -340,7 +340,8 @@ class Worker:
                    donated)
             cached = self._compile_cache.get(key)
             if cached is None:
-                compiled = _compile(load, mesh)
+                compiled = (_compile_stablehlo(load, mesh) if load.format == pb.STABLEHLO
+                            else _compile(load, mesh))
                 cached = self._compile_cache[key] = (compiled, collective_free(compiled))
             compiled, no_collectives = cached
             multi_host = any(d.host != self.host for d in info.devices)
@@ -616,6 +617,9 @@ class Worker:
         deadline = time.monotonic() + timeout
         self.wait_received(request.after_sequence, timeout)
         value = self.store.get(request.array_id, max(0.0, deadline - time.monotonic()))
+        if request.ready_only:
+            value.block_until_ready()
+            return iter(())
         distinct: dict[_wire.Index, jax.Array] = {}
         for shard in value.addressable_shards:
             index = tuple((s.start or 0, value.shape[d] if s.stop is None else s.stop)
@@ -784,6 +788,23 @@ def _compile(load: pb.LoadInstruction, mesh: Mesh):
     fn = jax.jit(exported.call, in_shardings=in_shardings, out_shardings=out_shardings,
                  donate_argnums=tuple(load.donated))
     return fn.lower(*avals).compile()
+
+
+def _compile_stablehlo(load: pb.LoadInstruction, mesh: Mesh) -> _stablehlo.StableHLOExecutable:
+    """Compiles a StableHLO module with the client's options for the mesh's devices
+    (runtime._stablehlo), its outputs laid out as the load's output specs."""
+    if _stablehlo.fingerprint(load.serialized, load.compile_options) != load.fingerprint:
+        raise InvalidArgumentError(f"{load.name}: module bytes do not match their fingerprint")
+    executable = _stablehlo.compile_module(load.serialized, load.compile_options,
+                                           list(mesh.devices.flat))
+    in_shardings, out_shardings = ([NamedSharding(mesh, _wire.spec_from_proto(v.sharding))
+                                    for v in values] for values in (load.inputs, load.outputs))
+    _stablehlo.check_shardings(executable, load.name, in_shardings, out_shardings,
+                               [len(v.shape) for v in load.inputs],
+                               [len(v.shape) for v in load.outputs])
+    return _stablehlo.StableHLOExecutable(
+        executable, out_shardings,
+        [(tuple(v.shape), _wire.dtype_from_name(v.dtype)) for v in load.outputs])
 
 
 class WorkerServicer(pb_grpc.WorkerServicer):

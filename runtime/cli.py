@@ -199,6 +199,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
         _auth.write_token_file(args.token_file, cluster.credentials.token)
         token_file = args.token_file
     _quiet_collector()
+    proxy = proxy_token = None
     try:
         print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
               f"{args.platform} devices up as {backend}", flush=True)
@@ -206,8 +207,22 @@ def _cmd_up(args: argparse.Namespace) -> int:
         if token_file:
             print(f"token in {token_file} (clients on this machine find it; elsewhere set "
                   f"{_auth.TOKEN_FILE_ENV})", flush=True)
+        if args.proxy_port is not None:
+            from runtime._cluster import publish_token
+            from runtime.proxy.cli import ProxyProcess
+
+            proxy = ProxyProcess(cluster.address, f"{args.bind}:{args.proxy_port}",
+                                 cluster.credentials)
+            proxy_token = publish_token(proxy.address, cluster.credentials)
+            print(f"IFRT proxy (plain JAX: runtime.proxy.connect) listening on {proxy.address}",
+                  flush=True)
         _wait_for_signal()
     finally:
+        if proxy is not None:
+            from runtime._cluster import withdraw_token
+
+            proxy.stop()
+            withdraw_token(proxy_token)
         cluster.close()
         if args.token_file:
             try:
@@ -361,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve with TLS: PEM certificate")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-ca", help="PEM CA bundle for verifying peers")
+    p.add_argument("--proxy-port", type=int, default=None, metavar="P",
+                   help="also serve plain JAX (the IFRT proxy protocol, `pathways proxy`) on "
+                        "port P (0: any free port); programs call runtime.proxy.connect")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="list islands, hosts and slices of a controller",
@@ -377,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Packages that add their own subcommands through `register(subparsers)`.
-_EXTENSIONS: list[str] = ["model.cli", "model.train_cli", "benchmarks.cli"]
+_EXTENSIONS: list[str] = ["model.cli", "model.train_cli", "benchmarks.cli", "runtime.proxy.cli"]
 
 
 def main(argv: list[str] | None = None) -> int:

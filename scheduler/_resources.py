@@ -154,16 +154,19 @@ class ResourceManager:
         return record
 
     def allocate(self, session_id: int, mesh_shape: Sequence[int], axis_names: Sequence[str],
-                 island: int = -1) -> SliceRecord:
+                 island: int = -1, devices: Sequence[tuple[int, int]] = ()) -> SliceRecord:
         """Grants a slice on `island` (or the least-loaded island that fits, for -1).
 
         The devices come from one host, or from several hosts of a complete distributed island;
-        the least-used devices are taken first. Raises InvalidArgumentError for a malformed mesh
-        and SliceUnavailableError, saying what each island can hold, when no live island (or not
-        the one asked for) can hold it.
+        the least-used devices are taken first, unless `devices` names them: (host, device) per
+        mesh position, in row-major order, on `island`. Raises InvalidArgumentError for a
+        malformed mesh or placement and SliceUnavailableError, saying what each island can hold,
+        when no live island (or not the one asked for) can hold it.
         """
         validate_mesh(mesh_shape, axis_names)
         size = math.prod(mesh_shape)
+        if devices:
+            return self._place(session_id, mesh_shape, axis_names, island, devices)
         with self._lock:
             islands: dict[int, list[HostRecord]] = {}
             for h in self._hosts.values():
@@ -193,6 +196,29 @@ class ResourceManager:
             record = SliceRecord(next(self._ids), session_id, chosen,
                                  tuple(int(n) for n in mesh_shape), tuple(axis_names),
                                  tuple(sorted(picked)))
+            self._slices[record.slice_id] = record
+            return record
+
+    def _place(self, session_id: int, mesh_shape: Sequence[int], axis_names: Sequence[str],
+               island: int, devices: Sequence[tuple[int, int]]) -> SliceRecord:
+        """A slice on exactly `devices` (what allocate does when the caller names them)."""
+        devices = tuple((int(h), int(d)) for h, d in devices)
+        if len(devices) != math.prod(mesh_shape) or len(set(devices)) != len(devices):
+            raise InvalidArgumentError(f"a {'x'.join(map(str, mesh_shape))} slice needs "
+                                       f"{math.prod(mesh_shape)} distinct devices, "
+                                       f"{len(devices)} given")
+        with self._lock:
+            hosts = [h for h in self._hosts.values() if h.island == island]
+            if island < 0 or not hosts:
+                raise SliceUnavailableError(f"island {island} does not exist: a placed slice "
+                                            f"names its island")
+            capacity, groups = _device_groups(hosts)
+            if not any(set(devices) <= set(group) for group in groups):
+                raise SliceUnavailableError(
+                    f"devices {list(devices)} (host, device) of island {island} cannot form one "
+                    f"slice (the island can hold: {capacity})")
+            record = SliceRecord(next(self._ids), session_id, island,
+                                 tuple(int(n) for n in mesh_shape), tuple(axis_names), devices)
             self._slices[record.slice_id] = record
             return record
 

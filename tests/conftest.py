@@ -25,3 +25,24 @@ def client(cluster):
     c = cluster.client()
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def proxy(cluster):
+    """An IFRT proxy server (runtime.proxy) for the shared cluster."""
+    from runtime.proxy import start_proxy
+
+    running = start_proxy(cluster.address, credentials=cluster.credentials)
+    yield running
+    running.stop()
+
+
+@pytest.fixture
+def wire(proxy, cluster):
+    """A bare IFRT proxy session (tests/proxy_wire.py) on the shared proxy, initialized."""
+    from proxy_wire import WireSession
+
+    session = WireSession(proxy.address, cluster.credentials.token)
+    session.init()
+    yield session
+    session.close()

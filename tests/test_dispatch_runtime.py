@@ -24,7 +24,7 @@ def test_runtime_system_advances_the_chain_exactly():
 def test_bench_dispatch_writes_json_and_plot(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "bench", "dispatch", "--out", str(tmp_path),
-         "--devices", "2", "--target-s", "0.05", "--no-ray", "--quick"],
+         "--devices", "2", "--target-s", "0.05", "--no-ray", "--no-proxy", "--quick"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "dispatch.json").read_text())
