@@ -65,9 +65,10 @@ HELD_OUT_EVERY = 20
 def corpus_documents(model_path: str = str(DEFAULT_MODEL_PATH)) -> tuple[tuple[np.ndarray, ...],
                                                                       tuple[np.ndarray, ...]]:
     """(training documents, held-out documents) of the shipped corpus, each an int32 token array
-    ending in the end-of-document token."""
+    ending in the end-of-document token. Repeated blocks are kept once, so no held-out document
+    also appears in training."""
     tokenizer = Tokenizer(model_path)
-    blocks = [b for b in load_corpus().split("\n\n") if b.strip()]
+    blocks = list(dict.fromkeys(b for b in load_corpus().split("\n\n") if b.strip()))
     docs = [np.asarray([*tokenizer.encode(b), EOS_ID], np.int32) for b in blocks]
     for doc in docs:
         doc.flags.writeable = False

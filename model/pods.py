@@ -362,14 +362,20 @@ class PodTrainer:
         finally:
             if store is not checkpoints:
                 store.close()
+        skips = self.settings.schedule().with_skips_from_json(meta.get("skips", []))
+        self.set_state(tree["params"], tree["opt_state"], step, skips)
+        return step
+
+    def set_state(self, params: Any, opt_state: Any, step: int,
+                  schedule: DataSchedule | None = None) -> None:
+        """Puts a state (NumPy pytrees, after `step` updates) onto every pod, sharded for this
+        trainer's mesh; `schedule` carries the batches skipped so far (default: none)."""
         self.states = []
         for s in self.slices:
-            params, opt_state = self.client.put((tree["params"], tree["opt_state"]), s,
-                                                (self.param_specs, self.opt_specs))
-            self.states.append((params, opt_state, self.client.put(np.int32(step), s)))
+            on_pod = self.client.put((params, opt_state), s, (self.param_specs, self.opt_specs))
+            self.states.append((*on_pod, self.client.put(np.int32(step), s)))
         self.step = step
-        self.schedule = self.settings.schedule().with_skips_from_json(meta.get("skips", []))
-        return step
+        self.schedule = schedule or self.settings.schedule()
 
     def _abstract_state(self) -> dict:
         params = init_params(self.settings.config, jax.random.key(0))

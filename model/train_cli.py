@@ -142,7 +142,7 @@ def _train(args: argparse.Namespace, settings, address: str, credentials, progre
            cluster, inject_fault: bool, must_resume: bool) -> int:
     """One training attempt on the cluster at `address` (HostLostError if a worker goes away)."""
     import runtime
-    from model.checkpoint import CheckpointStore
+    from model.checkpoint import CheckpointMismatchError, CheckpointStore
     from model.flops import peak_flops
     from model.partitioning import layout
     from model.pods import PodTrainer
@@ -154,8 +154,12 @@ def _train(args: argparse.Namespace, settings, address: str, credentials, progre
     peak = peak_flops(args.peak, config.dtype) if args.peak else None
     store = None
     if args.checkpoint_dir:
-        store = progress.store = CheckpointStore(args.checkpoint_dir, config, settings.seed,
-                                                 keep=args.keep)
+        try:
+            store = progress.store = CheckpointStore(args.checkpoint_dir, config, settings.seed,
+                                                     keep=args.keep)
+        except CheckpointMismatchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     board = TensorBoardScalars(args.tensorboard_dir) if args.tensorboard_dir else None
     try:
         with runtime.Client(address, name="pathways-train", **extra) as client:
