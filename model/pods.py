@@ -222,7 +222,8 @@ class PodTrainer:
     def run(self, steps: int, *, on_step: Callable[[StepInfo], None] | None = None,
             checkpoints: CheckpointStore | None = None, checkpoint_every: int = 0,
             eval_every: int = 0, on_eval: Callable[[int, dict], None] | None = None,
-            spikes: SpikePolicy | None = None) -> list[StepInfo]:
+            spikes: SpikePolicy | None = None,
+            stop: Callable[[], bool] | None = None) -> list[StepInfo]:
         """Trains until `steps` more updates are applied; returns one StepInfo per step reported
         (a loss spike rewinds to an earlier checkpoint, so steps may repeat). Returns once the
         last update has run on every pod.
@@ -234,7 +235,8 @@ class PodTrainer:
         Every `checkpoint_every` steps the state is saved to `checkpoints` (asynchronously);
         every `eval_every` steps `on_eval(step, evaluate())` is called. With a `spikes` policy
         and checkpoints, a spiking loss restarts from the checkpoint `rewind` steps earlier and
-        skips `skip` batches.
+        skips `skip` batches. When `stop()` turns true, no further step is submitted: the run
+        returns once the steps in flight are done and reported (self.step is then the last).
         """
         if not self.states:
             raise RuntimeError("call initialize() or restore() first")
@@ -257,6 +259,8 @@ class PodTrainer:
             pending: tuple[int, list, int] | None = None
             last = time.perf_counter()
             while self.step < target or pending is not None:
+                if stop is not None and stop():
+                    target = self.step
                 submitted = None
                 if self.step < target:
                     send_ahead(self.step)

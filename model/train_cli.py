@@ -44,12 +44,28 @@ def resolve_config(name: str, overrides: list[str]):
     return apply_overrides(config, overrides)
 
 
+class _StopOnInterrupt:
+    """SIGINT handler: the first Ctrl-C asks the loop to stop after the step in flight (so no
+    write or transfer is cut off half way); a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after the step in flight (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass
 class _Progress:
     """What a Ctrl-C report needs from the attempt in flight."""
 
     step: int = 0
     store: Any = None
+    stop: _StopOnInterrupt = dataclasses.field(default_factory=_StopOnInterrupt)
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -77,6 +93,7 @@ def _run_train(args: argparse.Namespace) -> int:
     if not args.checkpoint_dir:
         print("no --checkpoint-dir: nothing will be saved", file=sys.stderr, flush=True)
     progress = _Progress()
+    previous = signal.signal(signal.SIGINT, progress.stop)
     try:
         return _run_cluster(args, settings, progress)
     except KeyboardInterrupt:
@@ -84,6 +101,8 @@ def _run_train(args: argparse.Namespace) -> int:
         print(file=sys.stderr)
         print(_interrupted_message(args, progress), file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _interrupted_message(args: argparse.Namespace, progress: _Progress) -> str:
@@ -199,8 +218,11 @@ def _train(args: argparse.Namespace, settings, address: str, credentials, progre
                                  args.spike_skip)
             trainer.run(max(0, args.steps - start), on_step=hooks, checkpoints=store,
                         checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
-                        on_eval=on_eval, spikes=spikes)
+                        on_eval=on_eval, spikes=spikes, stop=lambda: progress.stop.requested)
             bar.close()
+            if progress.stop.requested:
+                print(_interrupted_message(args, progress), file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED
             if store is not None:
                 store.wait()
                 if (store.latest_step() or 0) < trainer.step:
