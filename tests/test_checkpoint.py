@@ -49,60 +49,52 @@ def test_a_directory_refuses_another_config_or_seed(tmp_path):
     CheckpointStore(tmp_path, CONFIG.replace(remat="full"), seed=0).close()
 
 
-def test_restore_a_2x2_checkpoint_onto_4x1_and_onto_two_pods(cluster, tmp_path):
+def test_restore_a_2x2_checkpoint_onto_4x1_and_onto_two_pods(client, tmp_path):
     """A checkpoint written by one pod on a 2 x 2 (fsdp x model) mesh, restored onto one pod of
     4 x 1, continues bitwise as that pod continues from the in-memory state; restored onto two
     pods, they agree bitwise; both follow the uninterrupted 2 x 2 run closely."""
-    client = cluster.client("checkpoint-meshes")
-    try:
-        square = TrainSettings(CONFIG, global_batch=4, islands=1, mesh_shape=(2, 2))
-        writer = PodTrainer(client, square)
-        writer.initialize()
-        with CheckpointStore(tmp_path, CONFIG, square.seed) as store:
-            writer.run(2, checkpoints=store, checkpoint_every=2)
-        params, opt_state, step = writer.fetch_state()
-        uninterrupted = [r.loss for r in writer.run(2)]
+    square = TrainSettings(CONFIG, global_batch=4, islands=1, mesh_shape=(2, 2))
+    writer = PodTrainer(client, square)
+    writer.initialize()
+    with CheckpointStore(tmp_path, CONFIG, square.seed) as store:
+        writer.run(2, checkpoints=store, checkpoint_every=2)
+    params, opt_state, step = writer.fetch_state()
+    uninterrupted = [r.loss for r in writer.run(2)]
 
-        tall = TrainSettings(CONFIG, global_batch=4, islands=1, mesh_shape=(4, 1))
-        reference = PodTrainer(client, tall)
-        reference.set_state(params, opt_state, step)
-        expected = [r.loss for r in reference.run(2)]
-        restored = PodTrainer(client, tall)
-        assert restored.restore(str(tmp_path)) == 2
-        assert restored.slices[0].shape == {"fsdp": 4, "model": 1}
-        assert [r.loss for r in restored.run(2)] == expected
-        for a, b in zip(jax.tree.leaves(restored.fetch_state()), jax.tree.leaves(reference.fetch_state())):
-            assert np.array_equal(a, b)
-        np.testing.assert_allclose(expected, uninterrupted, rtol=1e-4)
+    tall = TrainSettings(CONFIG, global_batch=4, islands=1, mesh_shape=(4, 1))
+    reference = PodTrainer(client, tall)
+    reference.set_state(params, opt_state, step)
+    expected = [r.loss for r in reference.run(2)]
+    restored = PodTrainer(client, tall)
+    assert restored.restore(str(tmp_path)) == 2
+    assert restored.slices[0].shape == {"fsdp": 4, "model": 1}
+    assert [r.loss for r in restored.run(2)] == expected
+    for a, b in zip(jax.tree.leaves(restored.fetch_state()), jax.tree.leaves(reference.fetch_state())):
+        assert np.array_equal(a, b)
+    np.testing.assert_allclose(expected, uninterrupted, rtol=1e-4)
 
-        two = PodTrainer(client, TrainSettings(CONFIG, global_batch=4, islands=2, mesh_shape=(2, 2)))
-        assert two.restore(str(tmp_path)) == 2
-        np.testing.assert_allclose([r.loss for r in two.run(2)], uninterrupted, rtol=1e-4)
-        assert two.pods_agree()
-    finally:
-        client.close()
+    two = PodTrainer(client, TrainSettings(CONFIG, global_batch=4, islands=2, mesh_shape=(2, 2)))
+    assert two.restore(str(tmp_path)) == 2
+    np.testing.assert_allclose([r.loss for r in two.run(2)], uninterrupted, rtol=1e-4)
+    assert two.pods_agree()
 
 
-def test_a_loss_spike_rewinds_and_skips_batches(cluster, tmp_path):
-    client = cluster.client("spikes")
-    try:
-        settings = TrainSettings(CONFIG, global_batch=4, islands=1, mesh_shape=(2, 1))
-        trainer = PodTrainer(client, settings)
-        trainer.initialize()
-        # factor 0.5: the first loss after a two-step history counts as a spike (a real one is a
-        # loss far above the recent median); rewind 2 steps, skip 3 batches, once.
-        policy = SpikePolicy(factor=0.5, window=2, rewind=2, skip=3, max_restarts=1)
-        with CheckpointStore(tmp_path, CONFIG, settings.seed, keep=None) as store:
-            results = trainer.run(5, checkpoints=store, checkpoint_every=1, spikes=policy)
-            store.wait()
-            _, meta = store.restore(5, jax.eval_shape(trainer._abstract_state),
-                                    {"params": trainer.param_specs, "opt_state": trainer.opt_specs},
-                                    settings.mesh)
-        steps = [r.step for r in results]
-        assert steps == [1, 2, 3, 2, 3, 4, 5]  # spike at 3: back to step_1, go on from there
-        assert meta["skips"] == [{"at_step": 1, "batches": 3}]
-        plain = DataSchedule(4)
-        assert trainer.schedule.first_sequence(1) == plain.first_sequence(4)  # steps 1-3 skipped
-        assert results[3].loss != results[1].loss  # step 2 again, on other data
-    finally:
-        client.close()
+def test_a_loss_spike_rewinds_and_skips_batches(client, tmp_path):
+    settings = TrainSettings(CONFIG, global_batch=4, islands=1, mesh_shape=(2, 1))
+    trainer = PodTrainer(client, settings)
+    trainer.initialize()
+    # factor 0.5: the first loss after a two-step history counts as a spike (a real one is a
+    # loss far above the recent median); rewind 2 steps, skip 3 batches, once.
+    policy = SpikePolicy(factor=0.5, window=2, rewind=2, skip=3, max_restarts=1)
+    with CheckpointStore(tmp_path, CONFIG, settings.seed, keep=None) as store:
+        results = trainer.run(5, checkpoints=store, checkpoint_every=1, spikes=policy)
+        store.wait()
+        _, meta = store.restore(5, jax.eval_shape(trainer._abstract_state),
+                                {"params": trainer.param_specs, "opt_state": trainer.opt_specs},
+                                settings.mesh)
+    steps = [r.step for r in results]
+    assert steps == [1, 2, 3, 2, 3, 4, 5]  # spike at 3: back to step_1, go on from there
+    assert meta["skips"] == [{"at_step": 1, "batches": 3}]
+    plain = DataSchedule(4)
+    assert trainer.schedule.first_sequence(1) == plain.first_sequence(4)  # steps 1-3 skipped
+    assert results[3].loss != results[1].loss  # step 2 again, on other data
