@@ -182,3 +182,27 @@ def read_run(directory: str | os.PathLike) -> tuple[PalmConfig, int]:
     """(config, seed) of the run that owns a checkpoint directory (FileNotFoundError if none)."""
     run = json.loads((pathlib.Path(directory) / RUN_FILE).read_text())
     return config_from_json(run["config"]), int(run["seed"])
+
+
+def read_latest(directory: str | os.PathLike) -> tuple[PalmConfig, int, dict[str, Any]]:
+    """(config, step, {"params", "opt_state"} as NumPy) of the newest checkpoint of a directory,
+    read whole into this process. FileNotFoundError when it holds none."""
+    from model.palm import init_params, param_partition_specs
+    from model.training import init_opt_state
+
+    config, seed = read_run(directory)
+
+    def abstract() -> dict[str, Any]:
+        params = init_params(config, jax.random.key(0))
+        return {"params": params, "opt_state": init_opt_state(params, config)}
+
+    one = PodMesh((("fsdp", 1),))
+    specs = param_partition_specs(config, one.abstract())
+    with CheckpointStore(directory, config, seed, keep=None) as store:
+        step = store.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint under {directory}")
+        state, _ = store.restore(step, jax.eval_shape(abstract),
+                                 {"params": specs, "opt_state": {"momentum": specs, "second_moment": specs}},
+                                 one)
+    return config, step, state

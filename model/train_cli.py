@@ -271,33 +271,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from model.checkpoint import CheckpointStore, read_run
+    from model.checkpoint import read_latest
     from model.generate import generate
-    from model.palm import init_params, param_partition_specs
-    from model.partitioning import PodMesh
     from model.tokenizer import Tokenizer
-    from model.training import init_opt_state
 
     try:
-        config, seed = read_run(args.checkpoint)
+        config, _, tree = read_latest(args.checkpoint)
     except FileNotFoundError:
         print(f"error: no checkpoint under {args.checkpoint}", file=sys.stderr)
         return 1
-
-    def abstract():
-        params = init_params(config, jax.random.key(0))
-        return {"params": params, "opt_state": init_opt_state(params, config)}
-
-    with CheckpointStore(args.checkpoint, config, seed, keep=None) as store:
-        step = store.latest_step()
-        if step is None:
-            print(f"error: no checkpoint under {args.checkpoint}", file=sys.stderr)
-            return 1
-        one = PodMesh((("fsdp", 1),))
-        specs = param_partition_specs(config, one.abstract())
-        tree, _ = store.restore(step, jax.eval_shape(abstract),
-                                {"params": specs, "opt_state": {"momentum": specs, "second_moment": specs}},
-                                one)
     tokenizer = Tokenizer()
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
