@@ -191,11 +191,13 @@ def layout(config: PalmConfig, mesh: PodMesh) -> Layout:
         param_total += count * itemsize
         optimizer_total += count * OPTIMIZER_BYTES_PER_PARAM
         used = {a for entry in entries for a in _axes_of(entry)}
-        for dim, (name, entry) in enumerate(zip(logical, entries)):
+        for dim, name in enumerate(logical):
+            # Axes the rule asks for that split nothing: neither this dimension (it does not
+            # divide) nor another one (which would have taken the axis first).
             wanted = tuple(a for a in _axes_of(rules.get(name)) if mesh.axis_size(a) > 1
                            and a not in used)
-            if entry is not None or not wanted:
-                continue  # split as asked, or asked for no axis this mesh can offer
+            if not wanted:
+                continue
             ways = math.prod(mesh.axis_size(a) for a in wanted)
             saved = count - count // ways  # what a split would have saved (padding aside)
             unsplit.append(Unsplit(jax.tree_util.keystr(path, simple=True, separator="/"), dim,

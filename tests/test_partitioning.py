@@ -93,3 +93,12 @@ def test_cli_train_strict_refuses_before_starting_a_cluster(capsys):
     args = parser.parse_args(["train", "--islands", "3", "--global-batch", "8"])
     assert args.func(args) == 2  # 8 sequences do not split over 3 pods x 2 fsdp shards
     assert "does not split" in capsys.readouterr().err
+
+
+def test_a_partly_split_dimension_reports_the_axis_it_misses():
+    # mlp over (fsdp, model): d_ff 512 divides fsdp=2 but not fsdp x model = 2 x 3.
+    rules = tuple((name, ("fsdp", "model") if name == "mlp" else None) for name, _ in TINY.logical_axis_rules)
+    placed = layout(TINY.replace(logical_axis_rules=rules), PodMesh.parse("fsdp=2,model=3"))
+    assert placed.specs["layers"]["w_up"] == P(None, None, "fsdp")
+    missed = {(u.parameter, u.axes) for u in placed.unsplit}
+    assert ("layers/w_up", ("model",)) in missed and ("layers/w_down", ("model",)) in missed

@@ -116,3 +116,26 @@ def test_four_pods_from_the_command_line():
     assert report["param_bytes_per_device"] > 0
     assert report["optimizer_bytes_per_device"] == 2 * report["param_bytes_per_device"]
     assert "nothing will be saved" in train.stderr
+
+
+@pytest.mark.slow
+def test_three_pods_fold_in_and_hand_back(cluster):
+    """A number of pods that is not a power of two: pod 2 folds its gradients into pod 0, then
+    receives both operands of the update; the three agree bitwise and match one pod."""
+    import runtime
+
+    settings = TrainSettings(CONFIG, global_batch=6, islands=3, mesh_shape=(2, 1))
+    with runtime.LocalCluster(islands=3, devices_per_island=2) as pods:
+        client = pods.client("three-pods")
+        trainer = PodTrainer(client, settings)
+        trainer.initialize()
+        losses = [r.loss for r in trainer.run(STEPS)]
+        assert trainer.pods_agree()
+        client.close()
+    one_client = cluster.client("one-pod-of-six")
+    try:
+        one = PodTrainer(one_client, TrainSettings(CONFIG, global_batch=6, islands=1, mesh_shape=(2, 1)))
+        one.initialize()
+        np.testing.assert_allclose(losses, [r.loss for r in one.run(STEPS)], rtol=1e-5)
+    finally:
+        one_client.close()
