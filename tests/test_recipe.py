@@ -103,3 +103,22 @@ def test_key_value_overrides():
         apply_overrides(config, ["n_layers=0"])  # validated like any config
     with pytest.raises(ValueError, match="batch_ramp"):
         apply_overrides(config, ["batch_ramp=4,8"])
+
+
+def test_paper_presets_compute_in_bfloat16_over_float32_state():
+    for name, remat in (("palm-8b", "palm"), ("palm-62b", "full"), ("palm-540b", "full")):
+        config = get_config(name)
+        assert (config.dtype, config.param_dtype, config.remat) == ("bfloat16", "float32", remat)
+    config = get_config("palm-tiny", n_layers=1, seq_len=16, dtype="bfloat16")
+    params = model.abstract_params(config)
+    tokens = jax.ShapeDtypeStruct((2, 16), np.int32)
+    batch = {"inputs": tokens, "targets": tokens}
+    assert jax.eval_shape(functools.partial(model.hidden_states, config=config), params, tokens).dtype == "bfloat16"
+    assert jax.eval_shape(functools.partial(model.forward, config=config), params, tokens).dtype == "float32"
+    loss, grads = jax.eval_shape(functools.partial(model.grads_fn, config=config), params, batch)
+    assert loss.dtype == "float32" and {g.dtype for g in jax.tree.leaves(grads)} == {np.dtype("float32")}
+    # Every matmul of the blocks runs on bfloat16 operands.
+    jaxpr = jax.make_jaxpr(functools.partial(model.loss_fn, config=config))(params, batch)
+    inner = [e for eq in jaxpr.jaxpr.eqns if eq.primitive.name == "scan"
+             for e in eq.params["jaxpr"].jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert inner and all(v.aval.dtype == np.dtype("bfloat16") for e in inner for v in e.invars)
