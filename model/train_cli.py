@@ -15,6 +15,9 @@ EXIT_INTERRUPTED = 130
 def _mesh(text: str):
     from model.partitioning import PodMesh
 
+    sizes = text.lower().split("x")
+    if len(sizes) == 2 and all(size.isdigit() for size in sizes):  # the older AxB form
+        return PodMesh((("fsdp", int(sizes[0])), ("model", int(sizes[1]))))
     try:
         return PodMesh.parse(text)
     except ValueError as err:
@@ -87,6 +90,11 @@ def _run_train(args: argparse.Namespace) -> int:
         return 2
     for unsplit in layout(config, args.mesh).unsplit:
         print(f"warning: {unsplit.message()}", file=sys.stderr)
+    devices, hosts = settings.mesh.size, args.hosts_per_island
+    if hosts < 1 or devices % hosts or (hosts > 1 and args.in_process):
+        print(f"error: --hosts-per-island {hosts} must divide the mesh's {devices} devices (and "
+              f"needs worker processes, not --in-process)", file=sys.stderr)
+        return 2
     if args.resume and not args.checkpoint_dir:
         print("error: --resume needs --checkpoint-dir", file=sys.stderr)
         return 2
@@ -121,7 +129,7 @@ def _run_cluster(args: argparse.Namespace, settings, progress: _Progress) -> int
 
     import runtime
 
-    devices = settings.mesh.size
+    devices, hosts = settings.mesh.size, args.hosts_per_island
     cluster = None
     if args.address:
         address = args.address
@@ -132,7 +140,13 @@ def _run_cluster(args: argparse.Namespace, settings, progress: _Progress) -> int
     else:
         # The client lays checkpoints out over devices of its own shaped like a pod's mesh.
         jax.config.update("jax_num_cpu_devices", devices)
-        cluster = runtime.ProcessCluster(args.islands, 1, devices)
+        if args.ray is not None:
+            from runtime._ray import RayCluster
+
+            cluster = RayCluster(args.islands, hosts, devices // hosts, ray_address=args.ray or None,
+                                 max_host_restarts=args.max_restarts)
+        else:
+            cluster = runtime.ProcessCluster(args.islands, hosts, devices // hosts)
         address = cluster.address
     credentials = getattr(cluster, "credentials", None)
     try:
@@ -260,6 +274,12 @@ def _kill_last_worker(cluster) -> None:
     """Fault injection (--kill-worker-at-step): SIGKILLs the last island's worker process."""
     import os
 
+    if hasattr(cluster, "kill_worker") and hasattr(cluster, "hosts"):  # RayCluster
+        island, host = max(cluster.hosts())
+        print(f"fault injection: killing worker actor of host {island}.{host}", file=sys.stderr,
+              flush=True)
+        cluster.kill_worker(island, host)
+        return
     procs = getattr(cluster, "procs", None)
     if not procs:
         raise RuntimeError("--kill-worker-at-step needs worker processes (not --in-process)")
@@ -319,7 +339,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--global-batch", type=_positive, default=None,
                    help="sequences per step, all pods (default: the config's batch ramp, else 8)")
     p.add_argument("--mesh", type=_mesh, default=PodMesh.parse("fsdp=2,model=1"),
-                   help="each pod's mesh: sizes of data, fsdp and model, e.g. fsdp=2,model=2")
+                   help="each pod's mesh: sizes of data, fsdp and model, e.g. fsdp=2,model=2 "
+                        "(AxB means fsdp=A,model=B)")
     p.add_argument("--strict", action="store_true",
                    help="refuse a mesh that leaves a parameter dimension unsplit")
     p.add_argument("--seed", type=int, default=0, help="parameter and data seed")
@@ -345,11 +366,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--peak", help="peak FLOP/s per device (a number or a device kind such as "
                                   "tpu-v4) for the MFU of each step")
     p.add_argument("--address", help="use the controller at HOST:PORT instead of a local cluster")
+    p.add_argument("--hosts-per-island", type=int, default=1,
+                   help="worker hosts per island of the cluster it starts (they split the mesh's "
+                        "devices and form one JAX distributed system)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="start the hosts as Ray actors (pathways up --ray): on the Ray cluster at "
+                        "ADDRESS, or a local Ray instance")
     p.add_argument("--in-process", action="store_true",
                    help="run the local cluster's workers in this process (faster start)")
     p.add_argument("--max-restarts", type=int, default=3,
-                   help="with a local cluster and --checkpoint-dir: how often to restart an island "
-                        "whose worker was lost and resume from the last checkpoint")
+                   help="with a cluster it starts and --checkpoint-dir: how often to restart an "
+                        "island whose worker was lost and resume from the last checkpoint")
     p.add_argument("--kill-worker-at-step", type=int, default=-1, help=argparse.SUPPRESS)
     p.add_argument("--verify-pods", action="store_true",
                    help="at the end, fetch every pod's state and check they are bitwise equal")

@@ -93,6 +93,9 @@ def test_cli_train_strict_refuses_before_starting_a_cluster(capsys):
     args = parser.parse_args(["train", "--islands", "3", "--global-batch", "8"])
     assert args.func(args) == 2  # 8 sequences do not split over 3 pods x 2 fsdp shards
     assert "does not split" in capsys.readouterr().err
+    args = parser.parse_args(["train", "--mesh", "2x2", "--hosts-per-island", "3"])
+    assert args.mesh == PodMesh.parse("fsdp=2,model=2")  # the older AxB form
+    assert args.func(args) == 2 and "--hosts-per-island 3" in capsys.readouterr().err
 
 
 def test_a_partly_split_dimension_reports_the_axis_it_misses():
