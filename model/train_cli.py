@@ -155,17 +155,21 @@ def _run_cluster(args: argparse.Namespace, settings, progress: _Progress) -> int
             try:
                 return _train(args, settings, address, credentials, progress, cluster=cluster,
                               inject_fault=restarts == 0, must_resume=args.resume)
-            except runtime.HostLostError as exc:
+            except (runtime.HostLostError, runtime.ExecutionError) as exc:
                 # A lost worker: with a local cluster and checkpoints, restart its island and go
                 # on from the last checkpoint (the same steps again give the same parameters).
+                # The loss may first show as a failed computation on another island (one whose
+                # input came from the lost host): restart only if some island did lose a host.
                 restartable = cluster is not None and hasattr(cluster, "restart_lost_islands")
                 if not (restartable and args.checkpoint_dir) or restarts >= args.max_restarts:
                     raise
+                restarted = cluster.restart_lost_islands()
+                if isinstance(exc, runtime.ExecutionError) and not restarted:
+                    raise  # a computation that failed by itself
                 restarts += 1
                 print(f"lost a worker ({exc}); restarting its island and resuming from the last "
                       f"checkpoint (restart {restarts} of at most {args.max_restarts})",
                       file=sys.stderr, flush=True)
-                cluster.restart_lost_islands()
     finally:
         if cluster is not None:
             cluster.close()
