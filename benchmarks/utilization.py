@@ -40,12 +40,13 @@ def inprocess_step(config, settings, devices, abstract: bool = False):
     from model.sharding import make_mesh
     from model.training import init_opt_state, train_step
 
-    mesh = make_mesh((len(devices), 1), ("data", "model"), devices)
+    # The runtime's pods shard the same way (model.pods.TrainSettings: fsdp x model).
+    mesh = make_mesh((len(devices), 1), ("fsdp", "model"), devices)
     specs = param_partition_specs(config, mesh)
     named = jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                          is_leaf=lambda s: isinstance(s, P))
     state_sh = (named, {"momentum": named, "second_moment": named})
-    batch_sh = NamedSharding(mesh, P("data"))
+    batch_sh = NamedSharding(mesh, P("fsdp"))
     rep = NamedSharding(mesh, P())
 
     def step(params, opt_state, batch, i):

@@ -2,9 +2,12 @@
 
 Parameters are plain dict pytrees; every function is pure and traceable by `jax.jit` and
 `jax.export` with the config as a static argument. Modules: config (presets), palm (init, forward,
-counting), layers (the block), sharding (logical axes -> mesh axes), training (loss, component A
-`grads_fn`, component B `apply_update`), optimizer (Adafactor), flops (MFU/HFU), generate (KV-cache
-decoding), tokenizer/corpus/dataset (the shipped lossless tokenizer and its data), cli.
+counting), layers (the block), sharding (logical axes -> mesh axes), partitioning (a pod's mesh,
+bytes per device, unsplit dimensions), training (loss, component A `grads_fn`, component B
+`apply_update`), optimizer (Adafactor), flops and hardware_flops (MFU/HFU), generate (KV-cache
+decoding), tokenizer/corpus/dataset (the shipped lossless tokenizer, its data, packed documents),
+pods (multi-pod training on the runtime), allreduce (the pods' gradient exchange), recipe (batch
+ramp, skips, loss spikes), checkpoint (Orbax), overrides (key=value), scalars (step hooks), cli.
 """
 
 from model.config import PRESETS, REMAT_POLICIES, PalmConfig, get_config, list_configs

@@ -15,10 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from model.config import PalmConfig, get_config, list_configs
 from benchmarks.peak import PEAK_FLOPS
+from model.config import PalmConfig, list_configs
 from model.flops import FlopsModel, peak_flops, utilization
 from model.palm import embedding_param_count, param_count
+from model.partitioning import PodMesh
 
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
@@ -76,13 +77,34 @@ def describe(config: PalmConfig) -> dict[str, Any]:
     }
 
 
+def _mesh(text: str) -> PodMesh:
+    try:
+        return PodMesh.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _config(name: str, overrides: Sequence[str]) -> PalmConfig:
+    from model.train_cli import resolve_config
+
+    return resolve_config(name, list(overrides))
+
+
 def _run_model(args: argparse.Namespace) -> int:
+    from model.partitioning import layout
+
     try:
         names = list_configs() if args.list else [args.config]
-        summaries = [describe(get_config(name)) for name in names]
-    except KeyError as err:
-        print(f"error: {err.args[0]}", file=sys.stderr)
+        configs = [_config(name, [] if args.list else args.overrides) for name in names]
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
+    summaries = [describe(config) for config in configs]
+    if args.mesh is not None and not args.list:
+        placed = layout(configs[0], args.mesh)
+        summaries[0]["layout"] = placed.as_json()
+        for unsplit in placed.unsplit:
+            print(f"warning: {unsplit.message()}", file=sys.stderr)
     if args.json:
         print(json.dumps(summaries if args.list else summaries[0], indent=None if args.list else 2))
         return 0
@@ -95,17 +117,32 @@ def _run_model(args: argparse.Namespace) -> int:
     summary = summaries[0]
     width = max(len(key) for key in summary)
     for key, value in summary.items():
+        if key == "layout":
+            continue
         shown = f"{value:,} ({_human(value)})" if isinstance(value, int) and value >= 10_000 else value
         print(f"{key:<{width}}  {shown}")
+    if "layout" in summary:
+        placed = summary["layout"]
+        print(f"{'mesh':<{width}}  {args.mesh} ({placed['devices']:,} devices per pod)")
+        for key in ("param_bytes_per_device", "optimizer_bytes_per_device", "state_bytes_per_device"):
+            print(f"{key:<{width}}  {placed[key]:,} ({placed[key] / 2**30:.2f} GiB)")
     return 0
 
 
 def _run_mfu(args: argparse.Namespace) -> int:
+    hardware = None  # hardware FLOPs per token, when XLA counts them
     try:
         if args.config:
-            config = get_config(args.config)
+            config = _config(args.config, args.overrides)
+            if isinstance(args.remat, str):
+                config = config.replace(remat=args.remat)
             flops = FlopsModel.from_config(config)
             remat = args.remat if args.remat is not None else config.remat
+            if not isinstance(remat, float):
+                from model.hardware_flops import xla_flops_per_token
+
+                # The rematerialised step as XLA counts it, not a formula per policy.
+                hardware = xla_flops_per_token(config)
         else:
             missing = [f"--{name}" for name in ("params", "layers", "heads", "head-dim", "seq")
                        if getattr(args, name.replace("-", "_")) is None]
@@ -115,15 +152,19 @@ def _run_mfu(args: argparse.Namespace) -> int:
             flops = FlopsModel(args.params, args.layers, args.heads, args.head_dim, args.seq, args.embedding_params)
             remat = args.remat if args.remat is not None else "none"
         peak = peak_flops(args.peak, args.dtype)
-        result = utilization(flops, args.tokens_per_s, args.chips, peak, remat)
+        result = utilization(flops, args.tokens_per_s, args.chips, peak, remat,
+                             hardware_flops_per_token=hardware)
     except (KeyError, ValueError) as err:
         print(f"error: {err.args[0] if err.args else err}", file=sys.stderr)
         return 2
+    source = (f"XLA cost analysis of the lowered step (remat={remat})" if hardware is not None
+              else f"the formula (remat={remat})")
     report = {
         "mfu": result.mfu,
         "hfu": result.hfu,
         "model_flops_per_token": flops.model_flops_per_token(),
-        "hardware_flops_per_token": flops.hardware_flops_per_token(remat),
+        "hardware_flops_per_token": hardware if hardware is not None else flops.hardware_flops_per_token(remat),
+        "hardware_flops_source": source,
         "tokens_per_s": args.tokens_per_s,
         "chips": args.chips,
         "peak_flops_per_chip": peak,
@@ -134,7 +175,7 @@ def _run_mfu(args: argparse.Namespace) -> int:
     else:
         print(f"MFU {100 * result.mfu:.1f}%  HFU {100 * result.hfu:.1f}%  "
               f"({_human(result.model_flops_per_s)}FLOP/s model, {_human(result.hardware_flops_per_s)}FLOP/s "
-              f"hardware, of {_human(result.peak_flops_per_s)}FLOP/s peak; remat={remat})")
+              f"hardware, of {_human(result.peak_flops_per_s)}FLOP/s peak; hardware FLOPs from {source})")
     return 0
 
 
@@ -146,7 +187,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Describe a PaLM preset by abstract evaluation (no memory is allocated, even for "
         "palm-540b). Parameters are counted as PaLM Table 1 does (weights and the shared embedding).",
     )
+    model.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     model.add_argument("--config", default="palm-tiny", help="preset name (default: palm-tiny; see --list)")
+    model.add_argument("--mesh", type=_mesh, default=None,
+                       help="a pod's mesh (e.g. fsdp=256,model=12): report parameter and optimizer "
+                       "bytes per device and every dimension left unsplit")
     model.add_argument("--list", action="store_true", help="list every preset instead")
     model.add_argument("--json", action="store_true", help="print JSON instead of a table")
     model.set_defaults(func=_run_model)
@@ -160,6 +205,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     source = mfu.add_argument_group("model (either --config or all of --params/--layers/--heads/--head-dim/--seq)")
     source.add_argument("--config", help="preset name")
+    source.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     source.add_argument("--params", type=_count, help="N, parameters including embeddings (e.g. 540.35B)")
     source.add_argument("--layers", type=int, help="L, number of layers")
     source.add_argument("--heads", type=int, help="H, number of query heads")
@@ -174,8 +220,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mfu.add_argument("--dtype", default="bfloat16",
                      help="training dtype, for a --peak given as a device kind (default bfloat16)")
     mfu.add_argument("--remat", type=_remat, default=None,
-                     help="none, palm, full, or a fraction of a forward pass recomputed (default: the "
-                     "config's policy, else none)")
+                     help="none, palm, full (counted by XLA in the lowered step), or a fraction of a "
+                     "forward pass recomputed (by formula); default: the config's policy, else none")
     mfu.add_argument("--json", action="store_true", help="print JSON")
     mfu.set_defaults(func=_run_mfu)
 

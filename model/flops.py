@@ -147,16 +147,21 @@ def utilization(
     n_chips: int,
     peak_flops_per_chip: float,
     remat: Remat = "none",
+    *,
+    hardware_flops_per_token: float | None = None,
 ) -> Utilization:
     """MFU and HFU of a run that processed `tokens_per_s` training tokens per second on `n_chips`.
 
     MFU = tokens/s x (6N + 12LHQT) / (n_chips x peak), PaLM Appendix B; HFU adds the FLOPs recomputed
-    under `remat`.
+    under `remat`, or counts `hardware_flops_per_token` when given (e.g. XLA's count of the step,
+    model.hardware_flops).
     """
     model = FlopsModel.from_config(flops) if isinstance(flops, PalmConfig) else flops
     if tokens_per_s < 0 or n_chips < 1 or peak_flops_per_chip <= 0:
         raise ValueError("tokens_per_s must be >= 0, n_chips >= 1 and peak > 0")
     peak = n_chips * peak_flops_per_chip
     model_rate = tokens_per_s * model.model_flops_per_token()
-    hardware_rate = tokens_per_s * model.hardware_flops_per_token(remat)
+    if hardware_flops_per_token is None:
+        hardware_flops_per_token = model.hardware_flops_per_token(remat)
+    hardware_rate = tokens_per_s * hardware_flops_per_token
     return Utilization(model_rate / peak, hardware_rate / peak, model_rate, hardware_rate, peak)

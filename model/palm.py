@@ -168,22 +168,31 @@ def logits_from_hidden(params: Params, hidden: jax.Array, config: PalmConfig) ->
 
 
 def hidden_states(
-    params: Params, tokens: jax.Array, config: PalmConfig, positions: jax.Array | None = None
+    params: Params, tokens: jax.Array, config: PalmConfig, positions: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
-    """The final layer-normed hidden states [B, T, d] for a [B, T] int token batch."""
+    """The final layer-normed hidden states [B, T, d] for a [B, T] int token batch.
+
+    `dropout_key` turns on the config's residual dropout (one key per layer, split from it)."""
     positions = default_positions(tokens) if positions is None else positions
     x = embed(params, tokens, config)
+    keys = None
+    if dropout_key is not None and config.dropout_rate > 0:
+        keys = jax.random.split(dropout_key, config.n_layers)
 
-    def body(carry: jax.Array, layer_params: Params) -> tuple[jax.Array, None]:
-        return parallel_block(layer_params, carry, positions, config), None
+    def body(carry: jax.Array, xs: tuple[Params, jax.Array | None]) -> tuple[jax.Array, None]:
+        layer_params, key = xs
+        return parallel_block(layer_params, carry, positions, config, key), None
 
-    x, _ = jax.lax.scan(_remat(body, config.remat), x, params["layers"],
+    x, _ = jax.lax.scan(_remat(body, config.remat), x, (params["layers"], keys),
                         unroll=config.n_layers if config.unroll_layers else 1)
     return layer_norm(x, params["final_ln_scale"], config.layer_norm_epsilon)
 
 
 def forward(
-    params: Params, tokens: jax.Array, config: PalmConfig, positions: jax.Array | None = None
+    params: Params, tokens: jax.Array, config: PalmConfig, positions: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
 ) -> jax.Array:
     """Causal language-model logits [B, T, V] (float32) for a [B, T] int token batch."""
-    return logits_from_hidden(params, hidden_states(params, tokens, config, positions), config)
+    hidden = hidden_states(params, tokens, config, positions, dropout_key)
+    return logits_from_hidden(params, hidden, config)

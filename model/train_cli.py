@@ -1,32 +1,96 @@
-"""`pathways train` (PaLM two-pod training through the controller) and `pathways generate`."""
+"""`pathways train` (PaLM's multi-pod training through the controller) and `pathways generate`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import signal
 import sys
+from typing import Any
+
+EXIT_INTERRUPTED = 130
 
 
-def _mesh(text: str) -> tuple[int, int]:
+def _mesh(text: str):
+    from model.partitioning import PodMesh
+
+    sizes = text.lower().split("x")
+    if len(sizes) == 2 and all(size.isdigit() for size in sizes):  # the older AxB form
+        return PodMesh((("fsdp", int(sizes[0])), ("model", int(sizes[1]))))
     try:
-        data, model = (int(n) for n in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"mesh must look like 2x1 (data x model), got {text!r}")
-    return data, model
+        return PodMesh.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def resolve_config(name: str, overrides: list[str]):
+    """The preset `name` with `key=value` overrides; ValueError with a clean message otherwise."""
+    import difflib
+
+    from model.config import get_config, list_configs
+    from model.overrides import apply_overrides
+
+    try:
+        config = get_config(name)
+    except KeyError:
+        close = difflib.get_close_matches(name, list_configs(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"unknown config {name!r}{hint} (pathways model --list)") from None
+    return apply_overrides(config, overrides)
+
+
+class _StopOnInterrupt:
+    """SIGINT handler: the first Ctrl-C asks the loop to stop after the step in flight (so no
+    write or transfer is cut off half way); a second one aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after the step in flight (Ctrl-C again to abort)",
+              file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class _Progress:
+    """What a Ctrl-C report needs from the attempt in flight."""
+
+    step: int = 0
+    store: Any = None
+    stop: _StopOnInterrupt = dataclasses.field(default_factory=_StopOnInterrupt)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    import jax
+    from model.partitioning import LayoutError, check_layout, layout
+    from model.pods import TrainSettings, check_batches
 
-    import runtime
-    from model.config import get_config
-    from model.pods import TrainSettings
-
-    config = get_config(args.config)
-    settings = TrainSettings(config, global_batch=args.global_batch, islands=args.islands,
-                             mesh_shape=args.mesh, seed=args.seed)
-    devices = args.mesh[0] * args.mesh[1]
-    hosts = args.hosts_per_island
+    try:
+        config = resolve_config(args.config, args.overrides)
+        if args.global_batch is not None and config.batch_ramp:
+            config = config.replace(batch_ramp=())  # an explicit batch replaces the ramp
+        settings = TrainSettings(config, global_batch=args.global_batch or 8, islands=args.islands,
+                                 mesh_shape=args.mesh.shape, mesh_axes=args.mesh.names,
+                                 seed=args.seed, eval_sequences=args.eval_sequences)
+        check_batches(settings)
+        if args.strict:
+            check_layout(config, args.mesh, strict=True)
+    except (ValueError, LayoutError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for unsplit in layout(config, args.mesh).unsplit:
+        print(f"warning: {unsplit.message()}", file=sys.stderr)
+    devices, hosts = settings.mesh.size, args.hosts_per_island
     if hosts < 1 or devices % hosts or (hosts > 1 and args.in_process):
         print(f"error: --hosts-per-island {hosts} must divide the mesh's {devices} devices (and "
               f"needs worker processes, not --in-process)", file=sys.stderr)
@@ -34,6 +98,38 @@ def _run_train(args: argparse.Namespace) -> int:
     if args.resume and not args.checkpoint_dir:
         print("error: --resume needs --checkpoint-dir", file=sys.stderr)
         return 2
+    if not args.checkpoint_dir:
+        print("no --checkpoint-dir: nothing will be saved", file=sys.stderr, flush=True)
+    progress = _Progress()
+    previous = signal.signal(signal.SIGINT, progress.stop)
+    try:
+        return _run_cluster(args, settings, progress)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not interrupt the report
+        print(file=sys.stderr)
+        print(_interrupted_message(args, progress), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _interrupted_message(args: argparse.Namespace, progress: _Progress) -> str:
+    if progress.store is None:
+        return f"interrupted at step {progress.step}; nothing was saved (no --checkpoint-dir)"
+    progress.store.wait()  # the checkpoint being written finishes before we name one
+    latest = progress.store.latest_step()
+    if latest is None:
+        return f"interrupted at step {progress.step}; no checkpoint yet in {args.checkpoint_dir}"
+    return (f"interrupted at step {progress.step}; last checkpoint step_{latest} in "
+            f"{args.checkpoint_dir}; continue with --resume")
+
+
+def _run_cluster(args: argparse.Namespace, settings, progress: _Progress) -> int:
+    import jax
+
+    import runtime
+
+    devices, hosts = settings.mesh.size, args.hosts_per_island
     cluster = None
     if args.address:
         address = args.address
@@ -41,89 +137,146 @@ def _run_train(args: argparse.Namespace) -> int:
         jax.config.update("jax_num_cpu_devices", args.islands * devices)
         cluster = runtime.LocalCluster(args.islands, devices)
         address = cluster.address
-    elif args.ray is not None:
-        from runtime._ray import RayCluster
-
-        cluster = RayCluster(args.islands, hosts, devices // hosts, ray_address=args.ray or None,
-                             max_host_restarts=args.max_restarts)
-        address = cluster.address
     else:
-        cluster = runtime.ProcessCluster(args.islands, hosts, devices // hosts)
+        # The client lays checkpoints out over devices of its own shaped like a pod's mesh.
+        jax.config.update("jax_num_cpu_devices", devices)
+        if args.ray is not None:
+            from runtime._ray import RayCluster
+
+            cluster = RayCluster(args.islands, hosts, devices // hosts, ray_address=args.ray or None,
+                                 max_host_restarts=args.max_restarts)
+        else:
+            cluster = runtime.ProcessCluster(args.islands, hosts, devices // hosts)
         address = cluster.address
     credentials = getattr(cluster, "credentials", None)
     try:
         restarts = 0
         while True:
             try:
-                return _train(args, settings, address, credentials,
-                              resume=args.resume or restarts > 0, cluster=cluster,
-                              inject_fault=restarts == 0)
-            except runtime.HostLostError as exc:
+                return _train(args, settings, address, credentials, progress, cluster=cluster,
+                              inject_fault=restarts == 0, must_resume=args.resume)
+            except (runtime.HostLostError, runtime.ExecutionError) as exc:
                 # A lost worker: with a local cluster and checkpoints, restart its island and go
                 # on from the last checkpoint (the same steps again give the same parameters).
+                # The loss may first show as a failed computation on another island (one whose
+                # input came from the lost host): restart only if some island did lose a host.
                 restartable = cluster is not None and hasattr(cluster, "restart_lost_islands")
                 if not (restartable and args.checkpoint_dir) or restarts >= args.max_restarts:
                     raise
+                restarted = cluster.restart_lost_islands()
+                if isinstance(exc, runtime.ExecutionError) and not restarted:
+                    raise  # a computation that failed by itself
                 restarts += 1
                 print(f"lost a worker ({exc}); restarting its island and resuming from the last "
                       f"checkpoint (restart {restarts} of at most {args.max_restarts})",
                       file=sys.stderr, flush=True)
-                cluster.restart_lost_islands()
     finally:
         if cluster is not None:
             cluster.close()
 
 
-def _train(args: argparse.Namespace, settings, address: str, credentials, *, resume: bool,
-           cluster, inject_fault: bool) -> int:
+def _train(args: argparse.Namespace, settings, address: str, credentials, progress: _Progress, *,
+           cluster, inject_fault: bool, must_resume: bool) -> int:
     """One training attempt on the cluster at `address` (HostLostError if a worker goes away)."""
-    from tqdm import tqdm
-
     import runtime
-    from model import checkpoint
+    from model.checkpoint import CheckpointMismatchError, CheckpointStore
+    from model.flops import peak_flops
+    from model.partitioning import layout
     from model.pods import PodTrainer
+    from model.recipe import SpikePolicy
+    from model.scalars import Hooks, ProgressBar, TensorBoardScalars
 
     config = settings.config
     extra = {"credentials": credentials} if credentials is not None else {}
-    with runtime.Client(address, name="pathways-train", **extra) as client:
-        trainer = PodTrainer(client, settings)
-        start = 0
-        if resume and args.checkpoint_dir and checkpoint.latest(args.checkpoint_dir) is not None:
-            start = trainer.restore(args.checkpoint_dir)
-            print(f"resumed from step {start} ({checkpoint.latest(args.checkpoint_dir)})")
-        else:
-            trainer.initialize()
-        todo = max(0, args.steps - start)
-        bar = tqdm(total=todo, desc=f"{config.name} x{settings.islands} islands", unit="step",
-                   disable=args.quiet)
-        history = []
+    peak = peak_flops(args.peak, config.dtype) if args.peak else None
+    store = None
+    if args.checkpoint_dir:
+        try:
+            store = progress.store = CheckpointStore(args.checkpoint_dir, config, settings.seed,
+                                                     keep=args.keep)
+        except CheckpointMismatchError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    board = TensorBoardScalars(args.tensorboard_dir) if args.tensorboard_dir else None
+    try:
+        with runtime.Client(address, name="pathways-train", **extra) as client:
+            trainer = PodTrainer(client, settings, peak_flops_per_device=peak)
+            start = 0
+            if store is not None and store.latest_step() is not None:
+                start = trainer.restore(store)
+                print(f"resumed from step {start} ({store.folder(start)})", flush=True)
+            elif must_resume:
+                print(f"error: --resume: no checkpoint in {args.checkpoint_dir}", file=sys.stderr)
+                return 2
+            else:
+                trainer.initialize()
+            progress.step = start
+            bar = ProgressBar(f"{config.name} x{settings.islands} pods", start, args.steps,
+                              disable=args.quiet)
+            history: list[dict] = []
+            evals: list[dict] = []
 
-        def on_step(result):
-            history.append({"step": result.step, "loss": result.loss,
-                            "tokens_per_s": result.tokens / max(result.seconds, 1e-9)})
-            bar.set_postfix(step=result.step, loss=f"{result.loss:.4f}",
-                            tok_s=f"{history[-1]['tokens_per_s']:,.0f}")
-            bar.update(1)
-            if inject_fault and args.kill_worker_at_step == result.step and cluster is not None:
-                _kill_last_worker(cluster)
+            def record(info) -> None:
+                progress.step = info.step
+                history.append({"step": info.step, "loss": info.loss, "batch_size": info.batch_size,
+                                "tokens_per_s": info.tokens_per_s, "mfu": info.mfu,
+                                "learning_rate": info.learning_rate})
+                if inject_fault and args.kill_worker_at_step == info.step and cluster is not None:
+                    _kill_last_worker(cluster)
 
-        trainer.run(todo, on_step=on_step, checkpoint_dir=args.checkpoint_dir,
-                    checkpoint_every=args.checkpoint_every)
-        bar.close()
-        if args.checkpoint_dir:
-            print(f"checkpoint: {trainer.save(args.checkpoint_dir)}")
-        if args.json:
-            print(json.dumps({"config": config.name, "islands": settings.islands,
-                              "final_step": trainer.step, "history": history}))
-        elif history:
-            print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}")
+            def on_eval(step: int, result: dict) -> None:
+                evals.append({"step": step, **result})
+                bar.write(f"step {step}: held-out loss {result['loss']:.4f}, "
+                          f"perplexity {result['perplexity']:.2f}")
+                if board is not None:
+                    board.evaluation(step, result)
+
+            hooks = Hooks([record, bar] + ([board] if board is not None else []))
+            spikes = SpikePolicy(args.spike_factor, args.spike_window, args.spike_rewind,
+                                 args.spike_skip)
+            trainer.run(max(0, args.steps - start), on_step=hooks, checkpoints=store,
+                        checkpoint_every=args.checkpoint_every, eval_every=args.eval_every,
+                        on_eval=on_eval, spikes=spikes, stop=lambda: progress.stop.requested)
+            bar.close()
+            if progress.stop.requested:
+                print(_interrupted_message(args, progress), file=sys.stderr, flush=True)
+                return EXIT_INTERRUPTED
+            if store is not None:
+                store.wait()
+                if (store.latest_step() or 0) < trainer.step:
+                    trainer.save(store)
+                    store.wait()
+                print(f"checkpoint: {store.folder(store.latest_step())}")
+            agree = trainer.pods_agree() if args.verify_pods else None
+            if agree is False:
+                print(f"error: the {settings.islands} pods hold different parameters",
+                      file=sys.stderr)
+            if args.json:
+                report = {"config": config.name, "islands": settings.islands,
+                          "final_step": trainer.step, **layout(config, settings.mesh).as_json(),
+                          "history": history, "evals": evals}
+                if agree is not None:
+                    report["pods_bitwise_equal"] = agree
+                print(json.dumps(report))
+            else:
+                if history:
+                    print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}")
+                if agree:
+                    print(f"the {settings.islands} pods hold bitwise-identical parameters and "
+                          "optimizer state")
+            if agree is False:
+                return 1
+    finally:
+        if board is not None:
+            board.close()
+        if store is not None:
+            store.close()  # waits for a checkpoint being written; still answers latest_step
     return 0
 
 
 def _kill_last_worker(cluster) -> None:
     """Fault injection (--kill-worker-at-step): SIGKILLs the last island's worker process."""
     import os
-    import signal
 
     if hasattr(cluster, "kill_worker") and hasattr(cluster, "hosts"):  # RayCluster
         island, host = max(cluster.hosts())
@@ -142,25 +295,15 @@ def _run_generate(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from model import checkpoint
-    from model.config import get_config
+    from model.checkpoint import read_latest
     from model.generate import generate
-    from model.palm import init_params
     from model.tokenizer import Tokenizer
-    from model.training import init_opt_state
 
-    folder = checkpoint.latest(args.checkpoint)
-    if folder is None:
+    try:
+        config, _, tree = read_latest(args.checkpoint)
+    except FileNotFoundError:
         print(f"error: no checkpoint under {args.checkpoint}", file=sys.stderr)
         return 1
-    with open(folder / checkpoint.META_FILE) as f:
-        config = get_config(json.load(f)["config"])
-
-    def abstract():
-        params = init_params(config, jax.random.key(0))
-        return {"params": params, "opt_state": init_opt_state(params, config)}
-
-    tree, meta = checkpoint.load(folder, jax.eval_shape(abstract))
     tokenizer = Tokenizer()
     prompt = tokenizer.encode(args.prompt)
     if not prompt:
@@ -180,21 +323,52 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `train` and `generate` to the `pathways` command."""
+    from model.partitioning import PodMesh
+    from model.recipe import SpikePolicy
+
+    spike = SpikePolicy()
     p = subparsers.add_parser(
-        "train", help="train PaLM through the controller (PaLM's two-pod scheme)",
-        description="Train a PaLM preset on island workers: each island runs forward and backward on "
-                    "its half of the global batch, gradients cross between islands host to host, each "
-                    "island applies the update to both halves' gradients. Starts a local cluster "
-                    "unless --address names a running controller.")
+        "train", help="train PaLM through the controller (PaLM's multi-pod scheme)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a PaLM preset on island workers: each pod (island) runs forward and "
+                    "backward on its share of the global batch on a 2-D mesh (fsdp x model), the "
+                    "pods average gradients host to host, and each applies the same update. "
+                    "Starts a local cluster unless --address names a running controller. "
+                    "Config fields can be overridden as key=value (e.g. n_layers=4 "
+                    "optimizer.peak_learning_rate=5e-3 dropout_rate=0.1 batch_ramp=0:4,20:8).")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     p.add_argument("--config", default="palm-tiny", help="PaLM preset (pathways model --list)")
-    p.add_argument("--islands", type=int, default=2, choices=(1, 2), help="islands (pods)")
+    p.add_argument("--islands", type=_positive, default=2, help="islands (pods)")
     p.add_argument("--steps", type=int, default=20, help="train until this global step")
-    p.add_argument("--global-batch", type=int, default=8, help="sequences per step, all islands")
-    p.add_argument("--mesh", type=_mesh, default=(2, 1), help="per-island mesh, data x model")
+    p.add_argument("--global-batch", type=_positive, default=None,
+                   help="sequences per step, all pods (default: the config's batch ramp, else 8)")
+    p.add_argument("--mesh", type=_mesh, default=PodMesh.parse("fsdp=2,model=1"),
+                   help="each pod's mesh: sizes of data, fsdp and model, e.g. fsdp=2,model=2 "
+                        "(AxB means fsdp=A,model=B)")
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a mesh that leaves a parameter dimension unsplit")
     p.add_argument("--seed", type=int, default=0, help="parameter and data seed")
-    p.add_argument("--checkpoint-dir", help="where to write checkpoints")
-    p.add_argument("--checkpoint-every", type=int, default=0, help="checkpoint every K steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+    p.add_argument("--checkpoint-dir", help="where to write checkpoints; a run resumes from the "
+                                            "newest one there")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every K steps")
+    p.add_argument("--keep", type=_positive, default=3, help="checkpoints to keep")
+    p.add_argument("--resume", action="store_true",
+                   help="insist on resuming (fail when --checkpoint-dir holds no checkpoint)")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="held-out loss and perplexity every K steps (0: never)")
+    p.add_argument("--eval-sequences", type=int, default=0,
+                   help="held-out sequences per evaluation (0: one global batch)")
+    p.add_argument("--spike-factor", type=float, default=spike.factor,
+                   help="a loss above this multiple of the recent median is a spike (0: off)")
+    p.add_argument("--spike-window", type=_positive, default=spike.window,
+                   help="losses in the recent median")
+    p.add_argument("--spike-rewind", type=int, default=spike.rewind,
+                   help="restart from a checkpoint about this many steps before a spike")
+    p.add_argument("--spike-skip", type=int, default=spike.skip,
+                   help="data batches to skip after such a restart")
+    p.add_argument("--tensorboard-dir", help="write TensorBoard scalars here")
+    p.add_argument("--peak", help="peak FLOP/s per device (a number or a device kind such as "
+                                  "tpu-v4) for the MFU of each step")
     p.add_argument("--address", help="use the controller at HOST:PORT instead of a local cluster")
     p.add_argument("--hosts-per-island", type=int, default=1,
                    help="worker hosts per island of the cluster it starts (they split the mesh's "
@@ -208,14 +382,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with a cluster it starts and --checkpoint-dir: how often to restart an "
                         "island whose worker was lost and resume from the last checkpoint")
     p.add_argument("--kill-worker-at-step", type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument("--json", action="store_true", help="print the loss history as JSON at the end")
+    p.add_argument("--verify-pods", action="store_true",
+                   help="at the end, fetch every pod's state and check they are bitwise equal")
+    p.add_argument("--json", action="store_true",
+                   help="print the run (bytes per device, loss history, evaluations) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run_train)
 
     g = subparsers.add_parser(
         "generate", help="sample text from a checkpoint (KV-cache, multi-query decoding)",
-        description="Decode text after a prompt from a `pathways train` checkpoint.")
-    g.add_argument("--checkpoint", required=True, help="checkpoint folder (or a folder of them)")
+        description="Decode text after a prompt from a `pathways train` checkpoint directory.")
+    g.add_argument("--checkpoint", required=True, help="a --checkpoint-dir of pathways train")
     g.add_argument("--prompt", required=True, help="text to continue")
     g.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate")
     g.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding")

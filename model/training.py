@@ -46,13 +46,14 @@ def batch_partition_specs(
     return {"inputs": spec, "targets": spec, "weights": spec}
 
 
-def loss_terms(params: Params, batch: Batch, config: PalmConfig) -> dict[str, jax.Array]:
+def loss_terms(params: Params, batch: Batch, config: PalmConfig,
+               dropout_key: jax.Array | None = None) -> dict[str, jax.Array]:
     """The loss and its parts: {'loss', 'cross_entropy', 'z_loss'} (weighted token means).
 
     z_loss is PaLM's auxiliary term 1e-4 * log^2(Z) per token, which keeps the softmax normaliser
     log Z near 0 and stabilises training (Chowdhery et al. 2022, Section 5).
     """
-    logits = forward(params, batch["inputs"], config)
+    logits = forward(params, batch["inputs"], config, dropout_key=dropout_key)
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
     cross_entropy = log_z - target_logit
@@ -67,14 +68,17 @@ def loss_terms(params: Params, batch: Batch, config: PalmConfig) -> dict[str, ja
     return {"loss": mean(cross_entropy + z_loss), "cross_entropy": mean(cross_entropy), "z_loss": mean(z_loss)}
 
 
-def loss_fn(params: Params, batch: Batch, config: PalmConfig) -> jax.Array:
+def loss_fn(params: Params, batch: Batch, config: PalmConfig,
+            dropout_key: jax.Array | None = None) -> jax.Array:
     """Scalar training loss: token-mean cross entropy plus z-loss."""
-    return loss_terms(params, batch, config)["loss"]
+    return loss_terms(params, batch, config, dropout_key)["loss"]
 
 
-def grads_fn(params: Params, batch: Batch, config: PalmConfig) -> tuple[jax.Array, Params]:
-    """Component A: (loss, gradients) for one (half) batch. Gradients are float32-or-param dtype."""
-    loss, grads = jax.value_and_grad(loss_fn)(params, batch, config)
+def grads_fn(params: Params, batch: Batch, config: PalmConfig,
+             dropout_key: jax.Array | None = None) -> tuple[jax.Array, Params]:
+    """Component A: (loss, gradients) for one (half) batch, in the parameters' dtype. Dropout
+    (if the config has any) needs `dropout_key`; without one the pass is deterministic."""
+    loss, grads = jax.value_and_grad(loss_fn)(params, batch, config, dropout_key)
     return loss, constrain_params(grads, config)
 
 
@@ -83,9 +87,11 @@ def init_opt_state(params: Params, config: PalmConfig) -> OptState:  # noqa: ARG
     return init_optimizer_state(params)
 
 
-def average_gradients(grads_a: Params, grads_b: Params) -> Params:
-    """(g_a + g_b) * 0.5, leaf by leaf: symmetric to the bit, exact when g_a == g_b."""
-    return jax.tree.map(lambda a, b: (a + b) * jnp.asarray(0.5, a.dtype), grads_a, grads_b)
+def average_gradients(grads_a: Params, grads_b: Params, parts: int = 2) -> Params:
+    """(g_a + g_b) * (1 / parts), leaf by leaf: symmetric to the bit, exact when g_a == g_b and
+    parts == 2. `g_a + g_b` sums the gradients of `parts` equal shares of the batch."""
+    scale = 1.0 / parts
+    return jax.tree.map(lambda a, b: (a + b) * jnp.asarray(scale, a.dtype), grads_a, grads_b)
 
 
 def apply_update(
@@ -95,14 +101,17 @@ def apply_update(
     grads_b: Params,
     step: jax.Array | int,
     config: PalmConfig,
+    parts: int = 2,
 ) -> tuple[Params, OptState]:
-    """Component B: average the two islands' gradients, then one Adafactor step.
+    """Component B: average the islands' gradients, then one Adafactor step.
 
-    Pass the gradient halves in island order (island 0's first) on both islands. `step` is the
-    0-based global step, which drives the learning-rate and beta2 schedules. Returns
-    (new_params, new_opt_state); inputs are not modified.
+    `grads_a + grads_b` is the sum of the gradients of `parts` equal shares of the global batch:
+    two islands pass their halves (island 0's first, on both islands); N islands pass the two
+    operands of the last addition of model.allreduce's plan, with parts=N; one island passes its
+    gradients twice. `step` is the 0-based global step, which drives the learning-rate and beta2
+    schedules. Returns (new_params, new_opt_state); inputs are not modified.
     """
-    grads = average_gradients(grads_a, grads_b)
+    grads = average_gradients(grads_a, grads_b, parts)
     stacked = jax.tree.map(
         lambda axes: axes[0] == "layers", param_logical_axes(config), is_leaf=lambda n: isinstance(n, tuple)
     )

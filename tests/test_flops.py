@@ -94,3 +94,30 @@ def test_register_sets_func_on_every_subcommand():
     for argv in (["model", "--list"], ["mfu", "--config", "palm-8b", "--tokens-per-s", "1", "--peak", "tpu-v4"]):
         args = parser.parse_args(argv)
         assert callable(args.func)
+
+
+def test_cli_mfu_hfu_from_the_presets_own_remat_counted_by_xla(capsys):
+    # No fitted factor: the preset's remat policy, and XLA's count of the lowered step (abstract
+    # shapes, nothing allocated) of component A and B at the paper's final batch of 2048.
+    argv = ["mfu", "--config", "palm-540b", "--tokens-per-s", "238.3e3", "--chips", "6144", "--peak", "tpu-v4",
+            "--json"]
+    assert cli.main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert round(100 * report["mfu"], 1) == 46.2
+    assert abs(100 * report["hfu"] - 57.8) <= 2.0, report
+    assert report["remat"] == model.get_config("palm-540b").remat == "full"
+    assert report["hardware_flops_source"].startswith("XLA cost analysis")
+
+
+def test_xla_count_follows_the_remat_policy_and_extrapolates_layers_exactly():
+    from model.hardware_flops import _step_flops, xla_flops_per_token
+
+    config = model.get_config("palm-tiny", n_layers=3, seq_len=32)
+    counted = {r: xla_flops_per_token(config.replace(remat=r), 4) for r in ("none", "palm", "full")}
+    assert counted["none"] < counted["palm"] < counted["full"]
+    flops = FlopsModel.from_config(config)
+    for remat, value in counted.items():  # matmuls by formula, plus XLA's element-wise work
+        assert 1.0 <= value / flops.hardware_flops_per_token(remat) < 1.15
+    # Three unrolled layers, lowered whole, cost what the one- and two-layer extrapolation says.
+    whole = _step_flops(config.replace(remat="full", unroll_layers=True), 4) / (4 * 32)
+    assert whole == pytest.approx(counted["full"], rel=1e-9)

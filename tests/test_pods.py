@@ -1,6 +1,8 @@
-"""PaLM's two-pod training scheme on the runtime: islands agree bitwise, two islands equal one
-island with the same global batch, and a resumed run equals an uninterrupted one."""
+"""PaLM's multi-pod training scheme on the runtime: pods agree bitwise (two and four of them), two
+pods equal one with the same global batch, pods of two hosts on a 2-D mesh, and a resumed run
+equals an uninterrupted one."""
 
+import json
 import subprocess
 import sys
 
@@ -8,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from model.checkpoint import CheckpointStore
 from model.config import get_config
 from model.pods import PodTrainer, TrainSettings
 
@@ -31,11 +34,13 @@ def two_island_run(cluster):
 
 def test_islands_hold_bitwise_identical_parameters(two_island_run):
     trainer, results = two_island_run
-    assert [r.step for r in results] == list(range(STEPS))
+    assert [r.step for r in results] == list(range(1, STEPS + 1))  # updates applied, as step_K
     (p0, o0, s0), (p1, o1, s1) = trainer.fetch_state(0), trainer.fetch_state(1)
     assert s0 == s1 == STEPS
     for a, b in zip(leaves((p0, o0)), leaves((p1, o1))):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+    assert trainer.pods_agree()
+    assert trainer.slices[0].shape == {"fsdp": 2, "model": 1}  # the default pod mesh
 
 
 def test_two_islands_match_one_island_with_the_same_global_batch(cluster, two_island_run):
@@ -55,9 +60,10 @@ def test_two_islands_match_one_island_with_the_same_global_batch(cluster, two_is
 
 def test_two_pods_of_two_hosts_each(two_island_run):
     """PaLM's real setting: each pod is several hosts (here 2 worker processes of 2 devices, one
-    JAX distributed system per island, a 2 x 2 data x model mesh across them). Gradients sharded
-    over a pod's hosts are gathered there and sent across; the islands stay bitwise identical and
-    follow the single-host run's losses."""
+    JAX distributed system per island, a 2 x 2 fsdp x model mesh across them: parameters and
+    optimizer state sharded over both axes). Gradients sharded over a pod's hosts are gathered
+    there and sent across; the islands stay bitwise identical and follow the single-host run's
+    losses."""
     import runtime
 
     _, results = two_island_run
@@ -66,6 +72,7 @@ def test_two_pods_of_two_hosts_each(two_island_run):
             runtime.Client(pods.address, credentials=pods.credentials) as client:
         trainer = PodTrainer(client, settings)
         assert all(len({d.host for d in s.info.devices}) == 2 for s in trainer.slices)
+        assert trainer.param_specs["layers"]["w_up"] == jax.sharding.PartitionSpec(None, "fsdp", "model")
         trainer.initialize()
         losses = [r.loss for r in trainer.run(STEPS)]
         (p0, o0, s0), (p1, o1, s1) = trainer.fetch_state(0), trainer.fetch_state(1)
@@ -81,7 +88,8 @@ def test_resume_continues_the_same_trajectory_exactly(cluster, two_island_run, t
         settings = TrainSettings(CONFIG, global_batch=4, islands=2, mesh_shape=(2, 1))
         first = PodTrainer(client, settings)
         first.initialize()
-        first.run(STEPS // 2, checkpoint_dir=str(tmp_path), checkpoint_every=STEPS // 2)
+        with CheckpointStore(tmp_path, CONFIG, settings.seed) as store:
+            first.run(STEPS // 2, checkpoints=store, checkpoint_every=STEPS // 2)
         resumed = PodTrainer(client, settings)
         assert resumed.restore(str(tmp_path)) == STEPS // 2
         rest = resumed.run(STEPS - STEPS // 2)
@@ -92,18 +100,42 @@ def test_resume_continues_the_same_trajectory_exactly(cluster, two_island_run, t
         client.close()
 
 
-def test_train_and_generate_commands(tmp_path):
-    ckpt = tmp_path / "ckpt"
+def test_four_pods_from_the_command_line():
+    """`pathways train --islands 4 --mesh fsdp=2,model=1`: four simulated pods average their
+    gradients host to host and end with bitwise-equal parameters and optimizer state."""
     train = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "train", "--steps", "3", "--in-process", "--quiet",
-         "--global-batch", "4", "--checkpoint-dir", str(ckpt), "--json"],
-        capture_output=True, text=True, timeout=600)
-    assert train.returncode == 0, train.stderr[-2000:]
-    history = __import__("json").loads(train.stdout.strip().splitlines()[-1])["history"]
-    assert [h["step"] for h in history] == [0, 1, 2] and all(h["loss"] > 0 for h in history)
-    assert (ckpt / "step_3" / "state.msgpack").exists()
-    gen = subprocess.run(
-        [sys.executable, "-m", "runtime.cli", "generate", "--checkpoint", str(ckpt), "--prompt",
-         "The island", "--max-new-tokens", "8"], capture_output=True, text=True, timeout=600)
-    assert gen.returncode == 0, gen.stderr[-2000:]
-    assert gen.stdout.startswith("The island")
+        [sys.executable, "-m", "runtime.cli", "train", "--config", "palm-tiny", "n_layers=1",
+         "seq_len=32", "--islands", "4", "--mesh", "fsdp=2,model=1", "--in-process", "--steps", "3",
+         "--quiet", "--verify-pods", "--json"],
+        capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stderr[-3000:]
+    report = json.loads(train.stdout.strip().splitlines()[-1])
+    assert report["islands"] == 4 and report["mesh"] == {"fsdp": 2, "model": 1}
+    assert report["pods_bitwise_equal"] is True
+    assert [h["step"] for h in report["history"]] == [1, 2, 3]
+    assert report["param_bytes_per_device"] > 0
+    assert report["optimizer_bytes_per_device"] == 2 * report["param_bytes_per_device"]
+    assert "nothing will be saved" in train.stderr
+
+
+@pytest.mark.slow
+def test_three_pods_fold_in_and_hand_back(cluster):
+    """A number of pods that is not a power of two: pod 2 folds its gradients into pod 0, then
+    receives both operands of the update; the three agree bitwise and match one pod."""
+    import runtime
+
+    settings = TrainSettings(CONFIG, global_batch=6, islands=3, mesh_shape=(2, 1))
+    with runtime.LocalCluster(islands=3, devices_per_island=2) as pods:
+        client = pods.client("three-pods")
+        trainer = PodTrainer(client, settings)
+        trainer.initialize()
+        losses = [r.loss for r in trainer.run(STEPS)]
+        assert trainer.pods_agree()
+        client.close()
+    one_client = cluster.client("one-pod-of-six")
+    try:
+        one = PodTrainer(one_client, TrainSettings(CONFIG, global_batch=6, islands=1, mesh_shape=(2, 1)))
+        one.initialize()
+        np.testing.assert_allclose(losses, [r.loss for r in one.run(STEPS)], rtol=1e-5)
+    finally:
+        one_client.close()

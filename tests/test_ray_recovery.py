@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 from test_ray import ray_instance  # noqa: F401  (the module's own two-node Ray)
+from test_recovery import assert_same_newest_checkpoint
 
 import runtime
 
@@ -84,8 +85,6 @@ def test_train_on_ray_survives_a_killed_actor(ray_instance, tmp_path):  # noqa: 
     """`pathways train --ray` with an actor of the second pod killed at step 3: its island is
     restarted on a fresh placement group, training resumes from its last checkpoint, and the
     final parameters equal those of an uninterrupted run on local worker processes, bit for bit."""
-    from model import checkpoint
-
     clean = train(tmp_path, "clean")
     assert clean.returncode == 0, clean.stderr[-3000:]
     faulty = train(tmp_path, "faulty", "--ray", ray_instance, "--kill-worker-at-step", "3")
@@ -93,6 +92,4 @@ def test_train_on_ray_survives_a_killed_actor(ray_instance, tmp_path):  # noqa: 
     assert "fault injection: killing worker actor of host 1.1" in faulty.stderr
     assert "restarting island 1 on a fresh placement group" in faulty.stderr
     assert "resumed from step" in faulty.stdout
-    a, b = checkpoint.latest(tmp_path / "clean"), checkpoint.latest(tmp_path / "faulty")
-    assert a.name == b.name == "step_6"
-    assert (a / checkpoint.STATE_FILE).read_bytes() == (b / checkpoint.STATE_FILE).read_bytes()
+    assert_same_newest_checkpoint(tmp_path / "clean", tmp_path / "faulty", step=6)
