@@ -75,12 +75,19 @@ def publish_token(address: str, credentials: _auth.Credentials) -> str | None:
     return path
 
 
-def withdraw_token(path: str | None) -> None:
-    if path:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+def withdraw_token(path: str | None, token: str | None) -> None:
+    """Removes a token file this process wrote: only while it still holds `token`. Another
+    cluster may have written its own token to the same path since (a later `pathways up` on the
+    port); removing that would lock its clients out."""
+    if not path or not token:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read().strip() != token:
+                return
+        os.remove(path)
+    except OSError:
+        pass
 
 
 class LocalCluster:
@@ -140,7 +147,7 @@ class LocalCluster:
         self._worker_servers[island].stop(grace=None)
 
     def close(self) -> None:
-        withdraw_token(self.token_file)
+        withdraw_token(self.token_file, self.credentials.token)
         for client in self._clients:
             client.close()
         self.controller.close()
@@ -197,7 +204,11 @@ class ProcessCluster:
         self._controller_options = dict(policy=policy, credentials=self._cluster_credentials,
                                         session_quota_bytes=session_quota_bytes)
         self.controller = Controller(**self._controller_options)
-        self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
+        try:
+            self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
+        except BaseException:  # e.g. PortInUseError: nothing was started but the controller
+            self.controller.close()
+            raise
         self.address = f"{host}:{self.port}"
         self.token_file = publish_token(self.address, self.credentials)
         self._host, self._startup_timeout = host, startup_timeout
@@ -259,7 +270,7 @@ class ProcessCluster:
         self._server, _ = create_controller_server(self.controller, self.address)
 
     def close(self, grace: float = 5.0) -> None:
-        withdraw_token(getattr(self, "token_file", None))
+        withdraw_token(getattr(self, "token_file", None), self.credentials.token)
         self.controller.close()  # first: stopping workers is not a host loss to report
         # Host 0 of a multi-host island coordinates its JAX distributed system: the other hosts
         # abort (with a stack trace) when it goes first, so they stop first.

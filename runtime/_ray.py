@@ -309,7 +309,7 @@ class RayCluster:
         if self._closing.is_set():
             return
         self._closing.set()
-        withdraw_token(self.token_file)
+        withdraw_token(self.token_file, self.credentials.token)
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         ray = self._ray

@@ -166,8 +166,6 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    import os
-
     from runtime import _auth
 
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
@@ -215,10 +213,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
     finally:
         cluster.close()
         if args.token_file:
-            try:
-                os.remove(args.token_file)
-            except OSError:
-                pass
+            from runtime._cluster import withdraw_token
+
+            withdraw_token(args.token_file, cluster.credentials.token)
     print("stopped", flush=True)
     return 0
 
@@ -383,7 +380,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    from runtime._ports import PortInUseError
+
+    try:
+        return args.func(args)
+    except PortInUseError as exc:  # a user's mistake, not a crash: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
