@@ -280,9 +280,12 @@ def format_status(address: str, status) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pathways", description="A Pathways-style single-controller runtime for JAX.")
+    from runtime._argparse import Parser
+
+    parser = Parser(prog="pathways", description="A Pathways-style single-controller runtime "
+                                                 "for JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run one worker host of an island",
@@ -363,13 +366,31 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Show a controller's islands, hosts, devices and slices.")
     p.add_argument("address", help="controller address HOST:PORT")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the controller's answer (connecting takes at most "
+                        "3 s: no answer by then means no controller is there)")
     _add_auth_args(p)
     p.set_defaults(func=_cmd_status)
 
     for module in _EXTENSIONS:
         __import__(module, fromlist=["register"]).register(sub)
-    return parser
+    from runtime._argparse import finish
+
+    return finish(parser)
+
+
+def _version() -> str:
+    """`pathways --version`: this package's version and the JAX it runs on."""
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"pathways {version('pathways-runtime')} (jax {version('jax')}, "
+            f"jaxlib {version('jaxlib')}, Python {sys.version.split()[0]})")
 
 
 #: Packages that add their own subcommands through `register(subparsers)`.
