@@ -221,8 +221,6 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
     from runtime._client import Client
     from runtime._errors import PathwaysError
 
@@ -234,8 +232,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(json_format.MessageToDict(status, preserving_proto_field_name=True),
-                         indent=2))
+        from runtime._status_json import message_to_json
+
+        print(json.dumps(message_to_json(status), indent=2))
         return 0
     print(format_status(args.address, status))
     return 0
