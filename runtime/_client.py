@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
@@ -22,6 +24,7 @@ from runtime._dispatch import CommandStream
 from runtime._errors import (ControllerUnavailableError, DeadlineExceededError,
                              InvalidArgumentError, PathwaysError, from_rpc_error)
 from runtime._function import RemoteFunction, SpecTree, broadcast_specs
+from runtime._leases import KeepAlive
 from runtime._program import Program, Trace, transfer_handle
 
 #: Deadline of controller RPCs; loading an executable may take longer than the rest.
@@ -83,8 +86,23 @@ class VirtualSlice:
         return f"VirtualSlice(id={self.slice_id}, island={self.island}, mesh={self.shape})"
 
 
+#: Clients not closed yet: closed at interpreter exit, so their sessions end with them.
+_OPEN_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_OPEN_CLIENTS):
+        client.close()
+
+
 class Client:
-    """A session with a controller. Use as a context manager, or call `close()`.
+    """A session with a controller. Use as a context manager (`with runtime.Client(address) as
+    client:`), or call `close()`; a client still open at interpreter exit closes itself.
+
+    The session holds a lease (runtime._leases): the client renews it from a thread of its own,
+    and a controller that stops hearing from the client (its process was killed) ends the session
+    after the lease, freeing its arrays and slices.
 
     `weight` is the session's proportional share of device time on a controller whose policy is
     "share" (twice the weight, twice the device time of a backlogged peer); FIFO ignores it.
@@ -116,6 +134,7 @@ class Client:
                                                  f"controller (a worker's address?)") from None
             raise
         self.session_id, self._session_key = reply.session_id, reply.session_key
+        self.lease_s = reply.lease_s  # 0: the controller keeps sessions without renewals
         self._ids = itertools.count(reply.id_base + 1)
         self._id_lock = threading.Lock()
         self._workers: dict[str, pb_grpc.WorkerStub] = {}
@@ -123,7 +142,9 @@ class Client:
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="transfer")
         self._tracing_state = threading.local()
         self._stream = CommandStream(self)
+        self._keepalive = KeepAlive(self, self.lease_s) if self.lease_s > 0 else None
         self._closed = False
+        _OPEN_CLIENTS.add(self)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -271,6 +292,9 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        _OPEN_CLIENTS.discard(self)
+        if self._keepalive is not None:
+            self._keepalive.stop()
         self._stream.close()
         try:
             self._rpc("Disconnect", pb.DisconnectRequest(session_id=self.session_id), timeout=5.0)

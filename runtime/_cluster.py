@@ -25,6 +25,7 @@ from runtime._client import Client
 from runtime._controller import Controller, create_controller_server
 from runtime._distributed import free_port
 from runtime._errors import DeadlineExceededError, FailedPreconditionError
+from runtime._leases import DEFAULT_SESSION_LEASE_S
 from runtime._worker import EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S, Worker, create_worker_server
 
 #: How long a cluster waits for every host to register.
@@ -99,14 +100,16 @@ class LocalCluster:
 
     The cluster makes its own token and host token (runtime._auth) unless given `credentials`;
     `credentials` (the attribute) is what its clients need: the token, not the host token.
-    `session_quota_bytes` bounds each session's device memory (None: unbounded).
+    `session_quota_bytes` bounds each session's device memory (None: unbounded);
+    `session_lease_s` is how long a silent client keeps its session (runtime._leases; 0: forever).
     """
 
     def __init__(self, islands: int = 2, devices_per_island: int = 4, *,
                  platform: str = "cpu", heartbeat: bool = True,
                  input_timeout_s: float = INPUT_TIMEOUT_S, policy: str = "fifo",
                  credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None) -> None:
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
         total = islands * devices_per_island
         if platform == "cpu":
             _ensure_cpu_devices(total)
@@ -119,7 +122,8 @@ class LocalCluster:
         self.credentials = cluster_credentials.for_clients()
         self.controller = Controller(heartbeat=heartbeat, policy=policy,
                                      credentials=cluster_credentials,
-                                     session_quota_bytes=session_quota_bytes)
+                                     session_quota_bytes=session_quota_bytes,
+                                     session_lease_s=session_lease_s)
         self._server, self.port = create_controller_server(self.controller)
         self.address = f"127.0.0.1:{self.port}"
         self.token_file = publish_token(self.address, self.credentials)
@@ -190,7 +194,8 @@ class ProcessCluster:
     hands both to its workers through their environment; `credentials` (the attribute) is what its
     clients need. `restart_lost_islands()` replaces the workers of islands that lost one;
     `restart_controller()` replaces the controller on the same address (the workers register
-    again by themselves).
+    again by themselves). `session_quota_bytes` and `session_lease_s` are the controller's
+    (runtime._controller.Controller).
     """
 
     def __init__(self, islands: int = 2, hosts_per_island: int = 1, devices_per_host: int = 4, *,
@@ -198,11 +203,13 @@ class ProcessCluster:
                  startup_timeout: float = STARTUP_TIMEOUT_S, policy: str = "fifo",
                  execution_deadline_s: float = EXECUTION_DEADLINE_S,
                  credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None) -> None:
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
         self._cluster_credentials = credentials or _auth.Credentials.generate()
         self.credentials = self._cluster_credentials.for_clients()
         self._controller_options = dict(policy=policy, credentials=self._cluster_credentials,
-                                        session_quota_bytes=session_quota_bytes)
+                                        session_quota_bytes=session_quota_bytes,
+                                        session_lease_s=session_lease_s)
         self.controller = Controller(**self._controller_options)
         try:
             self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")

@@ -23,6 +23,7 @@ from runtime._cluster import (STARTUP_TIMEOUT_S, publish_token, register_host, w
                               withdraw_token)
 from runtime._controller import Controller, create_controller_server
 from runtime._errors import FailedPreconditionError
+from runtime._leases import DEFAULT_SESSION_LEASE_S
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +169,8 @@ class RayCluster:
     `credentials`); the actors receive both in their runtime_env's environment (Ray's control
     plane, which the cluster trusts to start its processes anyway). `credentials` (the attribute)
     is what clients need; clients on this machine find the token by themselves. `policy` is the
-    controller's scheduling policy ("fifo" or "share").
+    controller's scheduling policy ("fifo" or "share"); `session_lease_s` how long a silent
+    client keeps its session (runtime._leases; 0: forever).
     """
 
     def __init__(self, islands: int = 2, hosts_per_island: int = 1, devices_per_host: int = 4, *,
@@ -177,7 +179,8 @@ class RayCluster:
                  platform: str = "cpu", runtime_env: dict[str, Any] | None = None,
                  placement_timeout: float = PLACEMENT_TIMEOUT_S,
                  startup_timeout: float = STARTUP_TIMEOUT_S,
-                 credentials: _auth.Credentials | None = None, policy: str = "fifo") -> None:
+                 credentials: _auth.Credentials | None = None, policy: str = "fifo",
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
         if placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement strategy {placement_strategy!r} is not one of "
                              f"{PLACEMENT_STRATEGIES}")
@@ -205,7 +208,8 @@ class RayCluster:
         try:
             self.placement_strategy = (_default_strategy(ray) if placement_strategy == "auto"
                                        else placement_strategy)
-            self.controller = Controller(policy=policy, credentials=cluster_credentials)
+            self.controller = Controller(policy=policy, credentials=cluster_credentials,
+                                         session_lease_s=session_lease_s)
             self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
             self.address = f"{_advertised(ray, host)}:{self.port}"
             self.token_file = publish_token(self.address, self.credentials)

@@ -67,6 +67,20 @@ def _add_auth_args(p: argparse.ArgumentParser, *, host: bool = False) -> None:
     p.add_argument("--tls-ca", help="PEM CA bundle that verifies the peer")
 
 
+def _add_lease_arg(p: argparse.ArgumentParser) -> None:
+    from runtime._leases import DEFAULT_SESSION_LEASE_S
+
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+        return value
+
+    p.add_argument("--session-lease", type=seconds, default=DEFAULT_SESSION_LEASE_S, metavar="S",
+                   help="seconds a client's session outlives its last call: the controller then "
+                        "frees the arrays and slices of a client gone silent (0: never)")
+
+
 def _credentials(args: argparse.Namespace, address: str | None = None):
     from runtime import _auth
 
@@ -155,7 +169,8 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         print("warning: no token (--token-file, $PATHWAYS_TOKEN): calls are not authenticated",
               file=sys.stderr)
     controller = Controller(policy=args.policy, credentials=credentials,
-                            session_quota_bytes=args.session_quota or None)
+                            session_quota_bytes=args.session_quota or None,
+                            session_lease_s=args.session_lease)
     server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
     _quiet_collector()
     print(f"controller listening on {args.bind}:{port} (policy {args.policy})", flush=True)
@@ -179,7 +194,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                  port=args.port, host=args.bind, platform=args.platform,
                                  policy=args.policy, execution_deadline_s=args.execution_deadline,
                                  credentials=_auth.Credentials.generate(tls),
-                                 session_quota_bytes=args.session_quota or None)
+                                 session_quota_bytes=args.session_quota or None,
+                                 session_lease_s=args.session_lease)
         backend = "local processes"
     else:
         from runtime._ray import RayCluster
@@ -192,7 +208,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                              ray_address=args.ray or None,
                              placement_strategy=args.placement_strategy, port=args.port,
                              host=args.bind, platform=args.platform, policy=args.policy,
-                             credentials=_auth.Credentials.generate())
+                             credentials=_auth.Credentials.generate(),
+                             session_lease_s=args.session_lease)
         backend = (f"Ray actors ({cluster.placement_strategy}, "
                    f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
     # The clients' token, readable by this user only (the cluster published it for this
@@ -243,7 +260,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def format_status(address: str, status) -> str:
     """`pathways status` as text: per island its order, its hosts (what each runs or waits for)
     and the client queues in front of it; then the slices."""
-    lines = [f"controller {address}: {status.sessions} sessions, {status.arrays} arrays, "
+    lease = (f"lease {status.session_lease_s:g} s, {status.sessions_expired} expired"
+             if status.session_lease_s else "no lease")
+    lines = [f"controller {address}: {status.sessions} sessions ({lease}), {status.arrays} arrays, "
              f"{len(status.slices)} slices"]
     islands = {i.island: i for i in status.islands}
     for island in sorted({h.island for h in status.hosts} | set(islands)):
@@ -320,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(device time in proportion to each client's weight)")
     p.add_argument("--session-quota", type=int, default=0,
                    help="most bytes of device memory one client session may hold (0: no limit)")
+    _add_lease_arg(p)
     _add_auth_args(p, host=True)
     p.set_defaults(func=_cmd_controller)
 
@@ -353,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "other hosts before it is reported hung (0: forever)")
     p.add_argument("--session-quota", type=int, default=0,
                    help="most bytes of device memory one client session may hold (0: no limit)")
+    _add_lease_arg(p)
     p.add_argument("--token-file",
                    help="where to write the generated client token, mode 0600 (default: "
                         "~/.pathways/token-PORT, removed on exit)")
