@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from model.config import get_config
     from model.flops import FlopsModel, utilization
     from model.pods import TrainSettings
+    from runtime import record_training
 
     started = time.time()
     out = pathlib.Path(args.out)
@@ -168,10 +169,10 @@ def run(args: argparse.Namespace) -> int:
     devices = jax.devices(args.platform)[:total]
     metrics = None
     if args.metrics_port is not None:
-        from benchmarks.metrics import MetricsServer
+        from runtime import serve_metrics
 
-        metrics = MetricsServer(args.metrics_port)
-        _log(f"Prometheus metrics on http://127.0.0.1:{metrics.port}/metrics", started)
+        metrics = serve_metrics(args.metrics_port)
+        _log(f"Prometheus metrics on http://127.0.0.1:{metrics.server_port}/metrics", started)
 
     _log(f"{config.name}: calibrating peak FLOP/s ({config.dtype}) on {total} {args.platform} "
          f"devices", started)
@@ -204,11 +205,7 @@ def run(args: argparse.Namespace) -> int:
         bar.set_postfix(step=result.step, loss=f"{result.loss:.3f}", tok_s=f"{rate:,.0f}",
                         mfu=f"{mfu:.1%}")
         bar.update(1)
-        if metrics is not None:
-            metrics.set("steps_total", result.step + 1, "training steps completed")
-            metrics.set("tokens_per_second", rate, "training tokens per second")
-            metrics.set("mfu", mfu, "model FLOPs utilisation")
-            metrics.set("loss", result.loss, "training loss")
+        record_training(tokens_per_s=rate, mfu=mfu, step=result.step, loss=result.loss)
 
     two = measure_runtime(settings, args.islands, args.devices_per_island, args.steps,
                           args.warmup, args.platform, on_step, started)
@@ -216,16 +213,13 @@ def run(args: argparse.Namespace) -> int:
     start, end = two["window"]
     busy = [tl.host_busy(t, start, end) for t in two["timelines"]]
     device_busy = float(np.mean([b.utilization for b in busy]))
-    if metrics is not None:
-        metrics.set("device_busy", device_busy, "fraction of wall time devices computed")
-        metrics.set("queue_depth", 0, "instructions queued on hosts (run finished)")
     util = utilization(flops, two["tokens_per_s"], 1, peak, config.remat)
     report = build_report(args, config, flops, peak, peak_source, inproc, one, two, busy,
                           device_busy, util, tokens_per_step)
     write_outputs(out, report, two, start, end)
     print_table(report)
     if metrics is not None:
-        metrics.close()
+        metrics.shutdown()
     _log(f"wrote {out}/utilization.json, utilization_trace.json, utilization.png", started)
     return 0
 

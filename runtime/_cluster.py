@@ -196,6 +196,10 @@ class ProcessCluster:
     `restart_controller()` replaces the controller on the same address (the workers register
     again by themselves). `session_quota_bytes` and `session_lease_s` are the controller's
     (runtime._controller.Controller).
+
+    With `worker_metrics_port` P the k-th host (k = 0, 1, ..., island by island) serves Prometheus
+    metrics on port P + k (P = 0: each on a free port it prints); with `worker_log` a file, the workers log
+    at INFO level and write all their output there instead of this process's terminal.
     """
 
     def __init__(self, islands: int = 2, hosts_per_island: int = 1, devices_per_host: int = 4, *,
@@ -204,9 +208,11 @@ class ProcessCluster:
                  execution_deadline_s: float = EXECUTION_DEADLINE_S,
                  credentials: _auth.Credentials | None = None,
                  session_quota_bytes: int | None = None,
-                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S,
+                 worker_metrics_port: int | None = None, worker_log: str | None = None) -> None:
         self._cluster_credentials = credentials or _auth.Credentials.generate()
         self.credentials = self._cluster_credentials.for_clients()
+        self._worker_metrics_port, self._worker_log = worker_metrics_port, worker_log
         self._controller_options = dict(policy=policy, credentials=self._cluster_credentials,
                                         session_quota_bytes=session_quota_bytes,
                                         session_lease_s=session_lease_s)
@@ -232,10 +238,16 @@ class ProcessCluster:
     def _spawn_island(self, island: int) -> list[subprocess.Popen]:
         _, hosts_per_island, devices_per_host, platform, execution_deadline_s = self._shape
         coordinator = (f"{self._host}:{free_port(self._host)}" if hosts_per_island > 1 else "")
+
+        def metrics_port(h: int) -> int | None:
+            base = self._worker_metrics_port
+            return base + island * hosts_per_island + h if base else base
+
         return [_spawn_worker(self.address, island, h, devices_per_host, platform,
                               coordinator=coordinator, num_hosts=hosts_per_island,
                               execution_deadline_s=execution_deadline_s,
-                              env=self._cluster_credentials.worker_environment())
+                              env=self._cluster_credentials.worker_environment(),
+                              metrics_port=metrics_port(h), log=self._worker_log)
                 for h in range(hosts_per_island)]
 
     def restart_lost_islands(self) -> list[int]:
@@ -335,16 +347,24 @@ def die_with_parent() -> bool:
 def _spawn_worker(controller: str, island: int, host: int, devices: int, platform: str, *,
                   coordinator: str = "", num_hosts: int = 1,
                   execution_deadline_s: float = EXECUTION_DEADLINE_S,
-                  env: dict[str, str] | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "runtime.cli", "worker", "--controller", controller,
+                  env: dict[str, str] | None = None, metrics_port: int | None = None,
+                  log: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "runtime.cli", *(["-v"] if log else []), "worker",
+           "--controller", controller,
            "--island", str(island), "--host", str(host), "--devices", str(devices),
            "--platform", platform, "--execution-deadline", str(execution_deadline_s)]
     if num_hosts > 1:
         cmd += ["--coordinator", coordinator, "--num-hosts", str(num_hosts)]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env[PARENT_PID_ENV] = str(os.getpid())
     # A worker reads nothing from stdin; giving it /dev/null also keeps fd 0 a real file when the
     # parent's is closed (the distributed runtime's sockets would otherwise take fd 0).
     # Own session and process group: a terminal's Ctrl-C reaches only the parent, which stops its
     # workers in order; kill_process_group reaches the worker and anything it started.
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    if log is None:
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "ab") as output:  # the worker keeps its own descriptor of the file
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)

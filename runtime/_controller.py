@@ -26,10 +26,11 @@ import jax
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from runtime import _auth, _metrics_state, _wire
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                              NotFoundError, PathwaysError, abort)
 from runtime._leases import DEFAULT_SESSION_LEASE_S, SessionLeases
+from runtime._metrics import CountingInterceptor
 from runtime._planner import Planner
 # Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
 from scheduler._gang import GangScheduler, OrderTicket
@@ -132,6 +133,7 @@ class Controller:
         if self._heartbeat:
             self._heartbeat.start()
         self.leases = SessionLeases(session_lease_s, self._expire_session)
+        _metrics_state.track(self)
 
     # -- sessions and hosts ----------------------------------------------------------------------
 
@@ -333,9 +335,9 @@ class Controller:
             scheduler.fail(HostLostError(f"{record.describe()} of island {island} left the "
                                          f"cluster"))
 
-    def status(self) -> pb.GetStatusReply:
-        """Hosts (each pinged now: what it runs or waits for), slices, and per island the order
-        and the client queues in front of it."""
+    def status(self, ping_hosts: bool = True) -> pb.GetStatusReply:
+        """Hosts (each pinged now, unless not `ping_hosts`: what it runs or waits for), slices,
+        and per island the order and the client queues in front of it."""
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
             reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays),
@@ -347,7 +349,7 @@ class Controller:
             schedulers = sorted(self._schedulers.items())
         pings = {key: stub.Ping.future(pb.PingRequest(), timeout=STATUS_PING_TIMEOUT_S)
                  for key, (_, stub) in probes.items()
-                 if any((h.island, h.host) == key and h.alive for h in hosts)}
+                 if ping_hosts and any((h.island, h.host) == key and h.alive for h in hosts)}
         for h in hosts:
             info = pb.HostInfo(
                 island=h.island, host=h.host, address=h.address, platform=h.platform,
@@ -535,6 +537,7 @@ class Controller:
         """Stops dispatch and the heartbeat; returns once the heartbeat thread has ended (a daemon
         thread still inside a gRPC call at interpreter exit can abort the process)."""
         self._stop.set()
+        _metrics_state.untrack(self)
         self.leases.close()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
@@ -678,6 +681,7 @@ def create_controller_server(controller: Controller, address: str = "127.0.0.1:0
     credentials = controller.credentials
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
                               host_methods=HOST_METHODS, authorize=_session_policy(controller))
+    guard = CountingInterceptor(guard, "controller")
     servicer = ControllerServicer(controller)
     return _auth.start_server(
         "controller", address, credentials, guard,

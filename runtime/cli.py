@@ -81,6 +81,22 @@ def _add_lease_arg(p: argparse.ArgumentParser) -> None:
                         "frees the arrays and slices of a client gone silent (0: never)")
 
 
+def _add_metrics_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help=f"serve Prometheus metrics of {what} at http://BIND:P/metrics "
+                        f"(0: any free port; README: Metrics)")
+
+
+def _serve_metrics(args: argparse.Namespace, what: str) -> None:
+    """Starts the metrics endpoint asked for by --metrics-port (PortInUseError if taken)."""
+    if args.metrics_port is None:
+        return
+    from runtime._metrics import serve_metrics
+
+    server = serve_metrics(args.metrics_port, args.bind)
+    print(f"{what} metrics on http://{args.bind}:{server.server_port}/metrics", flush=True)
+
+
 def _credentials(args: argparse.Namespace, address: str | None = None):
     from runtime import _auth
 
@@ -130,6 +146,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: asked for {args.devices} {args.platform} devices, found {len(devices)}",
               file=sys.stderr)
         return 2
+    _serve_metrics(args, f"worker {args.island}.{args.host}")
     worker = Worker(args.island, args.host, devices[:args.devices], platform=args.platform,
                     island_devices=[d[:args.devices] for d in hosts] if hosts else None,
                     execution_deadline_s=args.execution_deadline,
@@ -172,6 +189,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
                             session_quota_bytes=args.session_quota or None,
                             session_lease_s=args.session_lease)
     server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
+    _serve_metrics(args, "controller")
     _quiet_collector()
     print(f"controller listening on {args.bind}:{port} (policy {args.policy})", flush=True)
     _wait_for_signal()
@@ -184,6 +202,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
     from runtime import _auth
 
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
+    _serve_metrics(args, "controller")  # first: a port in use stops everything before it starts
     if args.ray is None:
         from runtime._cluster import ProcessCluster
 
@@ -195,7 +214,9 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                  policy=args.policy, execution_deadline_s=args.execution_deadline,
                                  credentials=_auth.Credentials.generate(tls),
                                  session_quota_bytes=args.session_quota or None,
-                                 session_lease_s=args.session_lease)
+                                 session_lease_s=args.session_lease,
+                                 worker_metrics_port=(None if args.metrics_port is None else
+                                                      args.metrics_port and args.metrics_port + 1))
         backend = "local processes"
     else:
         from runtime._ray import RayCluster
@@ -223,6 +244,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
               f"{args.platform} devices up as {backend}", flush=True)
         print(f"controller listening on {cluster.address}", flush=True)
+        if args.metrics_port and args.ray is None:
+            hosts = args.islands * args.hosts_per_island
+            print(f"host metrics on ports {args.metrics_port + 1}-{args.metrics_port + hosts} "
+                  f"(island by island)", flush=True)
         if token_file:
             print(f"token in {token_file} (clients on this machine find it; elsewhere set "
                   f"{_auth.TOKEN_FILE_ENV})", flush=True)
@@ -325,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT of the island's distributed-system coordinator (served by "
                         "host 0; needed with --num-hosts > 1)")
     _add_auth_args(p, host=True)
+    _add_metrics_arg(p, "this host")
     p.add_argument("--execution-deadline", type=float, default=30.0,
                    help="seconds a computation on a multi-host slice may wait for the slice's "
                         "other hosts before it is reported hung (0: forever)")
@@ -341,6 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most bytes of device memory one client session may hold (0: no limit)")
     _add_lease_arg(p)
     _add_auth_args(p, host=True)
+    _add_metrics_arg(p, "the controller")
     p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("up", help="start a controller and local island workers",
@@ -380,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", help="serve with TLS: PEM certificate")
     p.add_argument("--tls-key", help="PEM private key of --tls-cert")
     p.add_argument("--tls-ca", help="PEM CA bundle for verifying peers")
+    _add_metrics_arg(p, "the controller on P and of the local hosts on P+1, P+2, ... (island "
+                        "by island)")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="list islands, hosts and slices of a controller",

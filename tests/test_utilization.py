@@ -4,12 +4,10 @@ benchmark end to end on a tiny model (its figures are the benchmark's business, 
 import json
 import subprocess
 import sys
-import urllib.request
 
 import pytest
 
 from benchmarks import utilization_timeline as tl
-from benchmarks.metrics import MetricsServer
 from proto import pathways_pb2 as pb
 
 
@@ -44,16 +42,6 @@ def test_chrome_trace_has_executions_waits_and_dispatches():
     assert ("X", "f1") in names and ("X", "inputs / transfer") in names and ("i", "step 0") in names
     durations = [e["dur"] for e in trace["traceEvents"] if e.get("name") == "f1"]
     assert durations == [pytest.approx(0.5e6)] * 2  # one track per device of the host
-
-
-def test_metrics_server_serves_prometheus_text():
-    server = MetricsServer(0)
-    try:
-        server.set("mfu", 0.5, "model FLOPs utilisation")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics", timeout=10).read()
-        assert b"# TYPE pathways_mfu gauge\npathways_mfu 0.5\n" in text
-    finally:
-        server.close()
 
 
 def test_bench_utilization_end_to_end(tmp_path):
