@@ -142,7 +142,8 @@ class Client:
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="transfer")
         self._tracing_state = threading.local()
         self._stream = CommandStream(self)
-        self._keepalive = KeepAlive(self, self.lease_s) if self.lease_s > 0 else None
+        self._keepalive = (KeepAlive(self._stub, self.session_id, self.lease_s, address)
+                           if self.lease_s > 0 else None)
         self._closed = False
         _OPEN_CLIENTS.add(self)
 

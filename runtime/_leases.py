@@ -20,14 +20,11 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 import grpc
 
 from proto import pathways_pb2 as pb
-
-if TYPE_CHECKING:
-    from runtime._client import Client
+from proto import pathways_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -124,27 +121,29 @@ class SessionLeases:
 
 
 class KeepAlive:
-    """The client's side: renews `client`'s session every `lease_s / RENEWALS_PER_LEASE` seconds
+    """The client's side: renews session `session_id` through `stub` (the client's controller
+    stub, which presents its token and session key) every `lease_s / RENEWALS_PER_LEASE` seconds
     on a daemon thread until `stop()`. A controller that no longer knows the session (it expired,
     or the controller restarted) ends the renewals with a warning; other failures (a controller
     briefly unreachable) are retried at the next renewal."""
 
-    def __init__(self, client: Client, lease_s: float) -> None:
-        self._client = client
+    def __init__(self, stub: pb_grpc.ControllerStub, session_id: int, lease_s: float,
+                 address: str) -> None:
+        self._stub, self._session_id, self._address = stub, session_id, address
         self.interval_s = lease_s / RENEWALS_PER_LEASE
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="keepalive")
         self._thread.start()
 
     def _loop(self) -> None:
-        request = pb.KeepAliveRequest(session_id=self._client.session_id)
+        request = pb.KeepAliveRequest(session_id=self._session_id)
         while not self._stop.wait(self.interval_s):
             try:
-                self._client._stub.KeepAlive(request, timeout=max(1.0, self.interval_s))
+                self._stub.KeepAlive(request, timeout=max(1.0, self.interval_s))
             except grpc.RpcError as err:
                 if err.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
-                    log.warning("controller %s no longer knows session %d: %s",
-                                self._client.address, self._client.session_id, err.details())
+                    log.warning("controller %s no longer knows session %d: %s", self._address,
+                                self._session_id, err.details())
                     return
             except ValueError:  # the channel was closed under us: the client is closing
                 return
