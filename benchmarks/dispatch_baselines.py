@@ -327,13 +327,15 @@ def _runner(system: DispatchSystem, shape: str, k: int, length: int) -> tuple[Ca
 
 
 def measure(system: DispatchSystem, shape: str, *, k: int = 0, length: int = PROGRAM_LENGTH,
-            target_s: float = 1.0, repeats: int = 3, statistic: str = "best") -> float:
+            target_s: float = 1.0, repeats: int = 3, statistic: str = "best",
+            details: dict[str, Any] | None = None) -> float:
     """Computations per second of `system` running `shape` ("opbyop", "chained" or "fused").
 
     Warms up (compiles) first, picks a count of units so that each of `repeats` timed runs lasts about
     target_s / repeats, and returns the best (default: robust to other load on a shared machine, which
     only ever slows a run) or the median of the runs. k > 0 measures sized OpByOp. Takes roughly
-    1.3 * target_s plus compile time.
+    1.3 * target_s plus compile time. `details`, if given, receives what was run: the warm-up runs
+    (not measured: compiling, then sizing the timed runs) and every timed run's rate.
     """
     if statistic not in ("best", "median"):
         raise ValueError(f"statistic must be 'best' or 'median', got {statistic!r}")
@@ -341,12 +343,17 @@ def measure(system: DispatchSystem, shape: str, *, k: int = 0, length: int = PRO
     run(1)
     run(1)
     units, elapsed = 1, run(1)
+    warmup_runs = 3
     # Double until a run is long enough to extrapolate from without timer and jitter noise.
     while elapsed < target_s / (8 * repeats) and units < 1 << 20:
         units *= 2
         elapsed = run(units)
+        warmup_runs += 1
     units = max(1, round(units * target_s / (repeats * max(elapsed, 1e-9))))
     rates = [units * per_unit / run(units) for _ in range(repeats)]
+    if details is not None:
+        details.update(warmup_runs=warmup_runs, units_per_run=units,
+                       computations_per_unit=per_unit, run_rates=rates, statistic=statistic)
     return max(rates) if statistic == "best" else statistics.median(rates)
 
 

@@ -94,19 +94,52 @@ def _plot_sweep(ax: Any, sweep: list[Mapping[str, Any]], break_even: float | Non
     ax.legend(fontsize=7)
 
 
+def _plot_rounds(ax: Any, report: Mapping[str, Any]) -> None:
+    """The target ratios in every round, their medians and their targets."""
+    rounds = report["rounds"]
+    numbers = range(1, len(rounds) + 1)
+    for i, (name, target) in enumerate((report.get("targets") or {}).items()):
+        values = [r["ratios"].get(name) for r in rounds]
+        if name == "break_even_ms" or not values or any(v is None for v in values):
+            continue
+        median = report["spread"][name]["median"]
+        ax.plot(numbers, values, "o-", color=f"C{i}", label=f"{name}: median {median:.3g}")
+        ax.axhline(target, ls="--", color=f"C{i}", lw=0.8, label=f"target {target:g}")
+    ax.set_yscale("log")
+    ax.set(title="Ratios per round (systems interleaved)", xlabel="round", ylabel="ratio",
+           xticks=list(numbers))
+    ax.legend(fontsize=7)
+
+
+def _title(report: Mapping[str, Any]) -> str | None:
+    env = report.get("environment")
+    if not env:
+        return None
+    return (f"Dispatch, {report.get('n_devices', report.get('devices'))} CPU devices, "
+            f"{report.get('target_s')} s per measurement; {env['cpu_model']}, "
+            f"{env['cpu_cores_usable']} cores; {env['date'][:10]}")
+
+
 def plot_dispatch(report: Mapping[str, Any], path: str | Path) -> Path:
     """Writes Figures 5 and 6 side by side as a PNG at `path` and returns the path.
 
-    A report without "sweep" records gets only the Figure 5 panel.
+    A report without "sweep" records gets only the Figure 5 panel; one with "rounds" also the
+    target ratios of every round; one with "environment" a title naming the hardware and date.
     """
     results = list(report.get("results", []))
     sweep = list(report.get("sweep", []))
-    panels = 2 if sweep else 1
+    rounds = bool(report.get("rounds"))
+    panels = 1 + bool(sweep) + rounds
     fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.8), squeeze=False)
     try:
         _plot_throughput(axes[0][0], results)
         if sweep:
             _plot_sweep(axes[0][1], sweep, report.get("break_even_ms"))
+        if rounds:
+            _plot_rounds(axes[0][-1], report)
+        title = _title(report)
+        if title:
+            fig.suptitle(title, fontsize=10)
         fig.tight_layout()
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

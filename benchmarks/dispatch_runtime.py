@@ -13,10 +13,13 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 import runtime
+from runtime._client import RPC_TIMEOUT_S
 from benchmarks.dispatch_baselines import (MATMUL_DIM, PROGRAM_LENGTH, initial_values, make_fused,
                                            make_step)
 
 AXIS = "slice"
+#: A timed run's fetch waits this many times the run's expected length (from the last run).
+DEADLINE_RUNS = 20
 
 
 class RuntimeSystem:
@@ -24,15 +27,19 @@ class RuntimeSystem:
 
     OpByOp: one compiled-function call per computation (queued asynchronously, shipped in batches).
     Chained: a traced program of `length` calls, one command per program. Fused: one call of the
-    fused function per program.
+    fused function per program. A timed run's deadline scales with the time per call measured so
+    far (a busy machine slows a run down; it does not fail it). `worker_log`: a file for the
+    worker's output.
     """
 
     name = "runtime"
 
-    def __init__(self, n_devices: int, *, n: int = MATMUL_DIM, address: str | None = None) -> None:
+    def __init__(self, n_devices: int, *, n: int = MATMUL_DIM, address: str | None = None,
+                 worker_log: str | None = None) -> None:
         self.n_devices = n_devices
+        self._seconds_per_call: dict[object, float] = {}
         self._cluster = None if address else runtime.ProcessCluster(
-            islands=1, hosts_per_island=1, devices_per_host=n_devices)
+            islands=1, hosts_per_island=1, devices_per_host=n_devices, worker_log=worker_log)
         self.client = runtime.Client(address or self._cluster.address, name="dispatch-bench")
         self.slice = self.client.slice({AXIS: n_devices})
         self._n = n
@@ -64,13 +71,17 @@ class RuntimeSystem:
         return fn
 
     def _timed(self, fn, calls: int) -> float:
+        per_call = self._seconds_per_call.get(fn)
+        timeout = max(RPC_TIMEOUT_S, DEADLINE_RUNS * calls * per_call) if per_call else None
         start = time.perf_counter()
         x = self._x
         for _ in range(calls):
             x = fn(x, self._w)
-        x.fetch()  # waits for the last computation (a few bytes: the chain value)
+        x.fetch(timeout)  # waits for the last computation (a few bytes: the chain value)
         self._x = x
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self._seconds_per_call[fn] = elapsed / calls
+        return elapsed
 
     def opbyop(self, n_computations: int) -> float:
         return self._timed(self._function("step"), n_computations)

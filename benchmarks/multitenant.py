@@ -11,6 +11,11 @@ devices were busy and each client's share of the device time. Writes DIR/multite
 ({"runs": [{"clients", "policy", "weights", "shares", "device_busy", ...}]}) and
 DIR/multitenant.png (timelines of which client ran on each device, shares against weights, busy
 against clients), and prints a table.
+
+The JSON is rewritten after every run, with the software and machine (versions, commit, CPU,
+cores, load average, CPU steal); each run's first `warmup_s` seconds are labelled warm-up and not
+measured. The cluster's output (controller, scheduler, worker) goes to DIR/cluster-POLICY.log.
+Deadlines scale with the calibrated program time.
 """
 
 from __future__ import annotations
@@ -18,7 +23,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import json
 import pathlib
 import subprocess
 import sys
@@ -30,10 +34,16 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.environment import Environment, cpu_times, machine_load, recording, write_json
+
 TARGETS = {"device_busy": 0.95, "share_relative_error": 0.10}  # issue targets, >= 4 clients
 #: Program calls a client keeps in flight, and how often it checks on them.
 IN_FLIGHT = 512
 CHECK_EVERY = 64
+#: Deadlines: this many times the longest a client's calls in flight should take.
+DEADLINE_FACTOR = 20
+#: Seconds at the start of each run that are warm-up, not measured.
+WARMUP_S = 1.0
 #: Matrix size of the program (rows per device = this); its length is calibrated.
 PROGRAM_DIM = 128
 
@@ -82,11 +92,13 @@ class _Tenant:
     """One benchmark client: a session with a slice of every device and its compiled program."""
 
     def __init__(self, address: str, index: int, weight: float, length: int, devices: int,
-                 n: int = PROGRAM_DIM) -> None:
+                 n: int = PROGRAM_DIM, timeout_s: float | None = None) -> None:
         import runtime
         from jax.sharding import PartitionSpec as P
+        from runtime._client import RPC_TIMEOUT_S
 
-        self.client = runtime.Client(address, name=f"client{index}", weight=weight)
+        self.client = runtime.Client(address, name=f"client{index}", weight=weight,
+                                     timeout_s=timeout_s or RPC_TIMEOUT_S)
         self.slice = self.client.slice({"d": devices})
         rows = np.full((devices * n, n), 0.5, np.float32)
         self.x, self.w = self.client.put((rows, np.eye(n, dtype=np.float32) * 0.9), self.slice,
@@ -126,7 +138,7 @@ class _Tenant:
         self.client.close()
 
 
-def _timeline(address: str, since: float) -> list[Any]:
+def _timeline(address: str, since: float, timeout: float = 30.0) -> list[Any]:
     """Execution events of every host of the cluster since `since`."""
     import runtime
     from proto import pathways_pb2 as pb
@@ -135,31 +147,31 @@ def _timeline(address: str, since: float) -> list[Any]:
     with runtime.Client(address, name="timeline") as client:
         for host in client.status().hosts:
             reply = client._worker_stub(host.address).GetTimeline(
-                pb.GetTimelineRequest(since=since), timeout=30)
+                pb.GetTimelineRequest(since=since), timeout=timeout)
             events.extend(reply.events)
     return events
 
 
 @contextlib.contextmanager
-def island(devices: int, policy: str, timeout: float = 120.0) -> Iterator[str]:
-    """A `pathways up` subprocess with one island of `devices` CPU devices; yields its address."""
+def island(devices: int, policy: str, log: pathlib.Path,
+           timeout: float = 300.0) -> Iterator[str]:
+    """A `pathways up` subprocess with one island of `devices` CPU devices, logging (INFO and up,
+    its workers' too) to `log`; yields its address."""
     from runtime._distributed import free_port
 
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "up", "--islands", "1",
-                           "--devices-per-island", str(devices), "--policy", policy, "--port",
-                           str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    with open(log, "ab") as output:
+        up = subprocess.Popen([sys.executable, "-m", "runtime.cli", "-v", "up", "--islands", "1",
+                               "--devices-per-island", str(devices), "--policy", policy,
+                               "--port", str(port)], stdout=output, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + timeout
-        lines = []
-        while time.monotonic() < deadline:
-            line = up.stdout.readline()
-            if not line:
-                raise RuntimeError(f"pathways up exited: {''.join(lines)}")
-            lines.append(line)
-            if line.startswith("controller listening on"):
-                break
-        threading.Thread(target=up.stdout.read, daemon=True).start()  # keep the pipe drained
+        while b"controller listening on" not in log.read_bytes():
+            if up.poll() is not None:
+                raise RuntimeError(f"pathways up exited with {up.returncode}: see {log}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pathways up did not start within {timeout:.0f} s: see {log}")
+            time.sleep(0.1)
         yield f"127.0.0.1:{port}"
     finally:
         up.terminate()
@@ -193,9 +205,17 @@ def calibrate(address: str, devices: int, target_ms: float, progress) -> tuple[i
 
 
 def run_once(address: str, policy: str, weights: Sequence[float], length: int, devices: int,
-             seconds: float, warmup: float = 1.0) -> dict[str, Any]:
-    """One run: len(weights) clients submit the program for `seconds`; returns its record."""
-    tenants = [_Tenant(address, i, w, length, devices) for i, w in enumerate(weights)]
+             seconds: float, warmup: float = 1.0, program_ms: float = 1.0) -> dict[str, Any]:
+    """One run: len(weights) clients submit the program for `seconds`; returns its record. The
+    first `warmup` seconds are not measured; deadlines scale with `program_ms`, the program's
+    measured device time."""
+    from runtime._client import RPC_TIMEOUT_S
+
+    in_flight_s = IN_FLIGHT * len(weights) * program_ms / 1e3  # all clients' calls in flight
+    timeout = max(RPC_TIMEOUT_S, DEADLINE_FACTOR * in_flight_s)
+    since = cpu_times()
+    tenants = [_Tenant(address, i, w, length, devices, timeout_s=timeout)
+               for i, w in enumerate(weights)]
     try:
         for tenant in tenants:
             tenant.warm_up()
@@ -212,7 +232,8 @@ def run_once(address: str, policy: str, weights: Sequence[float], length: int, d
                 raise tenant.error
         window = (started + warmup, started + seconds - 0.05)
         sessions = [t.session_id for t in tenants]
-        events = [e for e in _timeline(address, started) if e.session_id in set(sessions)]
+        events = [e for e in _timeline(address, started, timeout)
+                  if e.session_id in set(sessions)]
         busy = busy_fraction([(e.start, e.end) for e in events], *window)
         shares = device_shares([(e.session_id, e.start, e.end) for e in events], sessions,
                                *window)
@@ -224,7 +245,8 @@ def run_once(address: str, policy: str, weights: Sequence[float], length: int, d
             "clients": len(weights), "policy": policy, "weights": list(weights),
             "shares": shares, "expected_shares": expected,
             "share_relative_error": max(abs(s - e) / e for s, e in zip(shares, expected)),
-            "device_busy": busy, "window_s": window[1] - window[0],
+            "device_busy": busy, "window_s": window[1] - window[0], "warmup_s": warmup,
+            "warmup_calls_per_client": 1, "deadline_s": timeout, "machine": machine_load(since),
             "executions": len(in_window), "calls": [t.calls for t in tenants],
             "program_ms_median": float(np.median(durations)) * 1e3 if durations else None,
             "timeline": [(e.session_id, e.start - window[0], e.end - window[0], e.devices)
@@ -236,49 +258,82 @@ def run_once(address: str, policy: str, weights: Sequence[float], length: int, d
             tenant.close()
 
 
+def _plan(policies: Sequence[str], counts: Sequence[int]) -> list[tuple[str, list[float]]]:
+    """(policy, weights) of every run: FIFO with each client count, proportional share with the
+    1:1:1:1 and 1:2:4:8 patterns (once for one client: every pattern is then the same run)."""
+    patterns = {"fifo": [(1,)], "share": [(1, 1, 1, 1), (1, 2, 4, 8)]}
+    plan = []
+    for policy in policies:
+        for clients in counts:
+            seen = set()
+            for pattern in patterns[policy]:
+                weights = weights_for(pattern, clients)
+                if tuple(weights) not in seen:
+                    seen.add(tuple(weights))
+                    plan.append((policy, weights))
+    return plan
+
+
 def run(args: argparse.Namespace) -> int:
     import jax
+    from tqdm import tqdm
+
+    from benchmarks.multitenant_plot import format_table, plot_multitenant
 
     jax.config.update("jax_num_cpu_devices", 1)  # the clients need no devices of their own
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     began = time.time()
+    policies = args.policies.split(",")
+    plan = _plan(policies, [int(c) for c in args.clients.split(",")])
+    env = Environment()
+    report: dict[str, Any] = {"runs": [], "targets": TARGETS, "devices": args.devices,
+                              "program_ms": args.program_ms, "seconds": args.seconds,
+                              "warmup_s": WARMUP_S, "environment": env.record, "phase": "runs",
+                              "logs": {p: f"cluster-{p}.log" for p in policies}}
+    json_path = out / "multitenant.json"
+    write_json(json_path, report)
+    bar = tqdm(total=len(plan) + len(policies), desc="multitenant", unit="run", file=sys.stdout)
 
     def progress(message: str) -> None:
-        print(f"[{time.time() - began:6.1f} s] {message}", flush=True)
+        bar.write(f"[{time.time() - began:6.1f} s] {message}")
 
-    counts = [int(c) for c in args.clients.split(",")]
-    patterns = {"fifo": [(1,)], "share": [(1, 1, 1, 1), (1, 2, 4, 8)]}
-    runs = []
-    for policy in args.policies.split(","):
-        progress(f"starting a one-island cluster ({args.devices} CPU devices), policy {policy}")
-        with island(args.devices, policy) as address:
-            length, program_ms = calibrate(address, args.devices, args.program_ms, progress)
-            for clients in counts:
-                seen = set()
-                for pattern in patterns[policy]:
-                    weights = weights_for(pattern, clients)
-                    if tuple(weights) in seen:
-                        continue  # one client: every pattern is the same run
-                    seen.add(tuple(weights))
-                    record = run_once(address, policy, weights, length, args.devices,
-                                      args.seconds)
-                    record["program_ms_calibrated"] = program_ms
-                    runs.append(record)
-                    progress(f"{policy:>5} {clients:>2} clients weights "
-                             f"{':'.join(f'{w:g}' for w in weights[:4])}"
-                             f"{'...' if clients > 4 else ''}: busy {record['device_busy']:.3f}, "
-                             f"share error {record['share_relative_error']:.3f}")
-    report = {"runs": runs, "targets": TARGETS, "devices": args.devices,
-              "program_ms": args.program_ms, "seconds": args.seconds}
-    with open(out / "multitenant.json", "w") as f:
-        json.dump(report, f, indent=1)
-    from benchmarks.multitenant_plot import format_table, plot_multitenant
-
+    try:
+        with recording(report, json_path, env):
+            _runs(args, policies, plan, report, json_path, bar, progress)
+            report["phase"] = "complete"
+    finally:
+        bar.close()
     plot_multitenant(report, out / "multitenant.png")
     print(format_table(report))
-    print(f"wrote {out / 'multitenant.json'} and {out / 'multitenant.png'}")
+    print(f"wrote {out / 'multitenant.json'}, {out / 'multitenant.png'} and the cluster logs")
     return 0
+
+
+def _runs(args, policies, plan, report, json_path, bar, progress) -> None:
+    """Every run of the plan, policy by policy, each on a fresh island; the report is rewritten
+    after each run."""
+    out = json_path.parent
+    for policy in policies:
+        bar.set_postfix_str(f"{policy}: starting the island, calibrating")
+        with island(args.devices, policy, out / f"cluster-{policy}.log") as address:
+            length, program_ms = calibrate(address, args.devices, args.program_ms, progress)
+            bar.update(1)
+            for run_policy, weights in plan:
+                if run_policy != policy:
+                    continue
+                bar.set_postfix_str(f"{policy}, {len(weights)} clients")
+                record = run_once(address, policy, weights, length, args.devices,
+                                  args.seconds, WARMUP_S, program_ms)
+                record["program_ms_calibrated"] = program_ms
+                report["runs"].append(record)
+                write_json(json_path, report)
+                bar.update(1)
+                progress(f"{policy:>5} {len(weights):>2} clients weights "
+                         f"{':'.join(f'{w:g}' for w in weights[:4])}"
+                         f"{'...' if len(weights) > 4 else ''}: busy "
+                         f"{record['device_busy']:.3f}, share error "
+                         f"{record['share_relative_error']:.3f}")
 
 
 def add_parser(bench: argparse._SubParsersAction) -> None:
@@ -292,7 +347,8 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--policies", default="fifo,share", help="policies to run, comma-separated")
     p.add_argument("--program-ms", type=float, default=0.33, help="device time of one program")
     p.add_argument("--seconds", type=float, default=4.0,
-                   help="seconds each run submits for (its first second is not measured)")
+                   help="seconds each run submits for (its first second is warm-up, not "
+                        "measured)")
     p.set_defaults(func=run)
 
 

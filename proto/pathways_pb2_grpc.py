@@ -96,6 +96,11 @@ class ControllerStub:
                 request_serializer=proto_dot_pathways__pb2.DeleteArraysRequest.SerializeToString,
                 response_deserializer=proto_dot_pathways__pb2.DeleteArraysReply.FromString,
                 _registered_method=True)
+        self.KeepAlive = channel.unary_unary(
+                '/pathways.Controller/KeepAlive',
+                request_serializer=proto_dot_pathways__pb2.KeepAliveRequest.SerializeToString,
+                response_deserializer=proto_dot_pathways__pb2.KeepAliveReply.FromString,
+                _registered_method=True)
 
 
 class ControllerServicer:
@@ -186,6 +191,13 @@ class ControllerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def KeepAlive(self, request, context):
+        """Renews a session's lease.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ControllerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -248,6 +260,11 @@ def add_ControllerServicer_to_server(servicer, server):
                     servicer.DeleteArrays,
                     request_deserializer=proto_dot_pathways__pb2.DeleteArraysRequest.FromString,
                     response_serializer=proto_dot_pathways__pb2.DeleteArraysReply.SerializeToString,
+            ),
+            'KeepAlive': grpc.unary_unary_rpc_method_handler(
+                    servicer.KeepAlive,
+                    request_deserializer=proto_dot_pathways__pb2.KeepAliveRequest.FromString,
+                    response_serializer=proto_dot_pathways__pb2.KeepAliveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -575,6 +592,33 @@ class Controller:
             '/pathways.Controller/DeleteArrays',
             proto_dot_pathways__pb2.DeleteArraysRequest.SerializeToString,
             proto_dot_pathways__pb2.DeleteArraysReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def KeepAlive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pathways.Controller/KeepAlive',
+            proto_dot_pathways__pb2.KeepAliveRequest.SerializeToString,
+            proto_dot_pathways__pb2.KeepAliveReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -28,6 +28,7 @@ from runtime._client import Client, VirtualSlice
 from runtime._cluster import LocalCluster, ProcessCluster
 from runtime._controller import Controller, create_controller_server
 from runtime._function import CompiledFunction, RemoteFunction
+from runtime._metrics import record_training, serve_metrics
 from runtime._program import Program
 from runtime._worker import Worker, create_worker_server
 
@@ -38,6 +39,7 @@ __all__ = [
     "PermissionDeniedError", "ProcessCluster", "Program", "RayCluster", "RemoteArray",
     "RemoteFunction", "ResourceExhaustedError", "SliceUnavailableError", "UnauthenticatedError",
     "VirtualSlice", "Worker", "create_controller_server", "create_worker_server",
+    "record_training", "serve_metrics",
 ]
 
 

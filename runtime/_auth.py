@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from runtime import _wire
+from runtime._ports import SERVER_OPTIONS, bind_failed, ensure_port_free
 from runtime._errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
                              PathwaysError, PermissionDeniedError, UnauthenticatedError)
 
@@ -258,15 +259,20 @@ def start_server(what: str, address: str, credentials: Credentials | None,
                  guard: grpc.ServerInterceptor, add_servicer: Callable[[grpc.Server], None], *,
                  max_workers: int) -> tuple[grpc.Server, int]:
     """A started gRPC server for `what` ("controller", "worker") on `address` (port 0 picks a
-    free one), every call passing through `guard`: (server, port)."""
+    free one), every call passing through `guard`: (server, port). The port is this server's
+    alone (runtime._ports): a port another process holds raises PortInUseError."""
     from concurrent import futures
 
+    ensure_port_free(address)  # before gRPC's own bind, which logs its failure at length
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers),
-                         options=_wire.GRPC_OPTIONS, interceptors=[guard])
+                         options=[*_wire.GRPC_OPTIONS, *SERVER_OPTIONS], interceptors=[guard])
     add_servicer(server)
-    port = add_port(server, address, credentials)
+    try:
+        port = add_port(server, address, credentials)
+    except RuntimeError:  # grpcio raises for a failed bind (older releases return 0)
+        port = 0
     if port == 0:
-        raise FailedPreconditionError(f"cannot bind {what} server to {address}")
+        raise bind_failed(what, address)
     server.start()
     return server, port
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent import futures
 from typing import Any
@@ -19,12 +21,37 @@ from runtime import _auth, _avals, _wire
 from runtime._array import RemoteArray, fetch_arrays, put_arrays
 from runtime._dispatch import CommandStream
 from runtime._errors import (ControllerUnavailableError, DeadlineExceededError,
-                             InvalidArgumentError, from_rpc_error)
+                             InvalidArgumentError, PathwaysError, from_rpc_error)
 from runtime._function import RemoteFunction, SpecTree, broadcast_specs, leaf_avals
+from runtime._leases import KeepAlive
 from runtime._program import Program, Trace, transfer_handle
 
 #: Deadline of controller RPCs; loading an executable may take longer than the rest.
 RPC_TIMEOUT_S = 30.0
+#: How long a new client waits for a connection to its controller. Connecting needs no work of
+#: the controller's Python threads (gRPC's core answers), so a live controller, however busy,
+#: answers well within this; a refused connection fails at once.
+CONNECT_TIMEOUT_S = 3.0
+
+
+def _connect(channel: grpc.Channel, timeout: float) -> bool:
+    """Whether `channel` connects within `timeout` s. A refused connection (nothing listens there)
+    ends the wait at once rather than at the timeout: gRPC would only retry it after a backoff."""
+    outcome = threading.Event()
+    state: list[grpc.ChannelConnectivity] = []
+
+    def watch(connectivity: grpc.ChannelConnectivity) -> None:
+        if connectivity in (grpc.ChannelConnectivity.READY,
+                            grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            state.append(connectivity)
+            outcome.set()
+
+    channel.subscribe(watch, try_to_connect=True)
+    try:
+        outcome.wait(timeout)
+    finally:
+        channel.unsubscribe(watch)
+    return bool(state) and state[0] == grpc.ChannelConnectivity.READY
 
 
 class VirtualSlice:
@@ -58,32 +85,55 @@ class VirtualSlice:
         return f"VirtualSlice(id={self.slice_id}, island={self.island}, mesh={self.shape})"
 
 
+#: Clients not closed yet: closed at interpreter exit, so their sessions end with them.
+_OPEN_CLIENTS: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_clients() -> None:
+    for client in list(_OPEN_CLIENTS):
+        client.close()
+
+
 class Client:
-    """A session with a controller. Use as a context manager, or call `close()`.
+    """A session with a controller. Use as a context manager (`with runtime.Client(address) as
+    client:`), or call `close()`; a client still open at interpreter exit closes itself.
+
+    The session holds a lease (runtime._leases): the client renews it from a thread of its own,
+    and a controller that stops hearing from the client (its process was killed) ends the session
+    after the lease, freeing its arrays and slices.
 
     `weight` is the session's proportional share of device time on a controller whose policy is
     "share" (twice the weight, twice the device time of a backlogged peer); FIFO ignores it.
     `credentials` (runtime._auth) hold the cluster's token and TLS settings; by default they come
     from $PATHWAYS_TOKEN, the file named by $PATHWAYS_TOKEN_FILE, or the file `pathways up` wrote
     for `address`.
-    Raises ControllerUnavailableError if no controller answers at `address` within `timeout_s`,
-    UnauthenticatedError without the right token.
+    Raises ControllerUnavailableError if no controller answers at `address` (the connection is
+    refused, or not made within `connect_timeout_s`), UnauthenticatedError without the right token.
     """
 
     def __init__(self, address: str, *, name: str = "client", timeout_s: float = RPC_TIMEOUT_S,
-                 weight: float = 1.0, credentials: _auth.Credentials | None = None) -> None:
+                 weight: float = 1.0, credentials: _auth.Credentials | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
         self.address, self.timeout_s = address, timeout_s
         self.credentials = (credentials or _auth.Credentials.resolve(address=address)).for_clients()
         self._session_key = ""
         self._channel = _auth.open_channel(address, self.credentials, self._call_metadata)
         self._stub = pb_grpc.ControllerStub(self._channel)
-        try:
-            grpc.channel_ready_future(self._channel).result(timeout=min(timeout_s, 10.0))
-        except grpc.FutureTimeoutError:
+        if not _connect(self._channel, min(timeout_s, connect_timeout_s)):
             self._channel.close()
-            raise ControllerUnavailableError(f"no controller answers at {address}") from None
-        reply = self._rpc("Connect", pb.ConnectRequest(client_name=name, weight=weight))
+            raise ControllerUnavailableError(f"no controller answers at {address} — is "
+                                             f"`pathways up` running there?")
+        try:
+            reply = self._rpc("Connect", pb.ConnectRequest(client_name=name, weight=weight))
+        except PathwaysError as exc:
+            self._channel.close()
+            if getattr(exc, "code", None) == grpc.StatusCode.UNIMPLEMENTED:
+                raise ControllerUnavailableError(f"{address} answers, but it is not a pathways "
+                                                 f"controller (a worker's address?)") from None
+            raise
         self.session_id, self._session_key = reply.session_id, reply.session_key
+        self.lease_s = reply.lease_s  # 0: the controller keeps sessions without renewals
         self._ids = itertools.count(reply.id_base + 1)
         self._id_lock = threading.Lock()
         self._workers: dict[str, pb_grpc.WorkerStub] = {}
@@ -91,7 +141,10 @@ class Client:
         self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="transfer")
         self._tracing_state = threading.local()
         self._stream = CommandStream(self)
+        self._keepalive = (KeepAlive(self._stub, self.session_id, self.lease_s, address)
+                           if self.lease_s > 0 else None)
         self._closed = False
+        _OPEN_CLIENTS.add(self)
 
     # -- plumbing ---------------------------------------------------------------------------------
 
@@ -248,6 +301,9 @@ class Client:
         if self._closed:
             return
         self._closed = True
+        _OPEN_CLIENTS.discard(self)
+        if self._keepalive is not None:
+            self._keepalive.stop()
         self._stream.close()
         try:
             self._rpc("Disconnect", pb.DisconnectRequest(session_id=self.session_id), timeout=5.0)

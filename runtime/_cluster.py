@@ -25,6 +25,7 @@ from runtime._client import Client
 from runtime._controller import Controller, create_controller_server
 from runtime._distributed import free_port
 from runtime._errors import DeadlineExceededError, FailedPreconditionError
+from runtime._leases import DEFAULT_SESSION_LEASE_S
 from runtime._worker import EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S, Worker, create_worker_server
 
 #: How long a cluster waits for every host to register.
@@ -75,12 +76,19 @@ def publish_token(address: str, credentials: _auth.Credentials) -> str | None:
     return path
 
 
-def withdraw_token(path: str | None) -> None:
-    if path:
-        try:
-            os.remove(path)
-        except OSError:
-            pass
+def withdraw_token(path: str | None, token: str | None) -> None:
+    """Removes a token file this process wrote: only while it still holds `token`. Another
+    cluster may have written its own token to the same path since (a later `pathways up` on the
+    port); removing that would lock its clients out."""
+    if not path or not token:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read().strip() != token:
+                return
+        os.remove(path)
+    except OSError:
+        pass
 
 
 class LocalCluster:
@@ -92,14 +100,16 @@ class LocalCluster:
 
     The cluster makes its own token and host token (runtime._auth) unless given `credentials`;
     `credentials` (the attribute) is what its clients need: the token, not the host token.
-    `session_quota_bytes` bounds each session's device memory (None: unbounded).
+    `session_quota_bytes` bounds each session's device memory (None: unbounded);
+    `session_lease_s` is how long a silent client keeps its session (runtime._leases; 0: forever).
     """
 
     def __init__(self, islands: int = 2, devices_per_island: int = 4, *,
                  platform: str = "cpu", heartbeat: bool = True,
                  input_timeout_s: float = INPUT_TIMEOUT_S, policy: str = "fifo",
                  credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None) -> None:
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
         total = islands * devices_per_island
         if platform == "cpu":
             _ensure_cpu_devices(total)
@@ -112,7 +122,8 @@ class LocalCluster:
         self.credentials = cluster_credentials.for_clients()
         self.controller = Controller(heartbeat=heartbeat, policy=policy,
                                      credentials=cluster_credentials,
-                                     session_quota_bytes=session_quota_bytes)
+                                     session_quota_bytes=session_quota_bytes,
+                                     session_lease_s=session_lease_s)
         self._server, self.port = create_controller_server(self.controller)
         self.address = f"127.0.0.1:{self.port}"
         self.token_file = publish_token(self.address, self.credentials)
@@ -140,7 +151,7 @@ class LocalCluster:
         self._worker_servers[island].stop(grace=None)
 
     def close(self) -> None:
-        withdraw_token(self.token_file)
+        withdraw_token(self.token_file, self.credentials.token)
         for client in self._clients:
             client.close()
         self.controller.close()
@@ -183,7 +194,12 @@ class ProcessCluster:
     hands both to its workers through their environment; `credentials` (the attribute) is what its
     clients need. `restart_lost_islands()` replaces the workers of islands that lost one;
     `restart_controller()` replaces the controller on the same address (the workers register
-    again by themselves).
+    again by themselves). `session_quota_bytes` and `session_lease_s` are the controller's
+    (runtime._controller.Controller).
+
+    With `worker_metrics_port` P the k-th host (k = 0, 1, ..., island by island) serves Prometheus
+    metrics on port P + k (P = 0: each on a free port it prints); with `worker_log` a file, the workers log
+    at INFO level and write all their output there instead of this process's terminal.
     """
 
     def __init__(self, islands: int = 2, hosts_per_island: int = 1, devices_per_host: int = 4, *,
@@ -191,13 +207,21 @@ class ProcessCluster:
                  startup_timeout: float = STARTUP_TIMEOUT_S, policy: str = "fifo",
                  execution_deadline_s: float = EXECUTION_DEADLINE_S,
                  credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None) -> None:
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S,
+                 worker_metrics_port: int | None = None, worker_log: str | None = None) -> None:
         self._cluster_credentials = credentials or _auth.Credentials.generate()
         self.credentials = self._cluster_credentials.for_clients()
+        self._worker_metrics_port, self._worker_log = worker_metrics_port, worker_log
         self._controller_options = dict(policy=policy, credentials=self._cluster_credentials,
-                                        session_quota_bytes=session_quota_bytes)
+                                        session_quota_bytes=session_quota_bytes,
+                                        session_lease_s=session_lease_s)
         self.controller = Controller(**self._controller_options)
-        self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
+        try:
+            self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
+        except BaseException:  # e.g. PortInUseError: nothing was started but the controller
+            self.controller.close()
+            raise
         self.address = f"{host}:{self.port}"
         self.token_file = publish_token(self.address, self.credentials)
         self._host, self._startup_timeout = host, startup_timeout
@@ -214,10 +238,16 @@ class ProcessCluster:
     def _spawn_island(self, island: int) -> list[subprocess.Popen]:
         _, hosts_per_island, devices_per_host, platform, execution_deadline_s = self._shape
         coordinator = (f"{self._host}:{free_port(self._host)}" if hosts_per_island > 1 else "")
+
+        def metrics_port(h: int) -> int | None:
+            base = self._worker_metrics_port
+            return base + island * hosts_per_island + h if base else base
+
         return [_spawn_worker(self.address, island, h, devices_per_host, platform,
                               coordinator=coordinator, num_hosts=hosts_per_island,
                               execution_deadline_s=execution_deadline_s,
-                              env=self._cluster_credentials.worker_environment())
+                              env=self._cluster_credentials.worker_environment(),
+                              metrics_port=metrics_port(h), log=self._worker_log)
                 for h in range(hosts_per_island)]
 
     def restart_lost_islands(self) -> list[int]:
@@ -259,7 +289,7 @@ class ProcessCluster:
         self._server, _ = create_controller_server(self.controller, self.address)
 
     def close(self, grace: float = 5.0) -> None:
-        withdraw_token(getattr(self, "token_file", None))
+        withdraw_token(getattr(self, "token_file", None), self.credentials.token)
         self.controller.close()  # first: stopping workers is not a host loss to report
         # Host 0 of a multi-host island coordinates its JAX distributed system: the other hosts
         # abort (with a stack trace) when it goes first, so they stop first.
@@ -317,16 +347,24 @@ def die_with_parent() -> bool:
 def _spawn_worker(controller: str, island: int, host: int, devices: int, platform: str, *,
                   coordinator: str = "", num_hosts: int = 1,
                   execution_deadline_s: float = EXECUTION_DEADLINE_S,
-                  env: dict[str, str] | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "runtime.cli", "worker", "--controller", controller,
+                  env: dict[str, str] | None = None, metrics_port: int | None = None,
+                  log: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "runtime.cli", *(["-v"] if log else []), "worker",
+           "--controller", controller,
            "--island", str(island), "--host", str(host), "--devices", str(devices),
            "--platform", platform, "--execution-deadline", str(execution_deadline_s)]
     if num_hosts > 1:
         cmd += ["--coordinator", coordinator, "--num-hosts", str(num_hosts)]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     env[PARENT_PID_ENV] = str(os.getpid())
     # A worker reads nothing from stdin; giving it /dev/null also keeps fd 0 a real file when the
     # parent's is closed (the distributed runtime's sockets would otherwise take fd 0).
     # Own session and process group: a terminal's Ctrl-C reaches only the parent, which stops its
     # workers in order; kill_process_group reaches the worker and anything it started.
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    if log is None:
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "ab") as output:  # the worker keeps its own descriptor of the file
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)

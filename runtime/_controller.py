@@ -26,9 +26,11 @@ import jax
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _stablehlo, _wire
+from runtime import _auth, _metrics_state, _stablehlo, _wire
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                              NotFoundError, PathwaysError, abort)
+from runtime._leases import DEFAULT_SESSION_LEASE_S, SessionLeases
+from runtime._metrics import CountingInterceptor
 from runtime._planner import Planner
 # Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
 from scheduler._gang import GangScheduler, OrderTicket
@@ -94,11 +96,14 @@ class Controller:
     `credentials` are what the controller presents to its hosts (runtime._auth; the same ones its
     server demands). `session_quota_bytes` bounds the device memory of each session's live arrays
     (None: unbounded); a command that would pass it fails with ResourceExhaustedError, alone.
+    A session not heard from for `session_lease_s` seconds is ended as if it had disconnected,
+    its arrays and slices freed (runtime._leases; 0: sessions live until they disconnect).
     """
 
     def __init__(self, *, heartbeat: bool = True, policy: str = "fifo",
                  credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None) -> None:
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
         make_policy(policy)  # InvalidArgumentError for an unknown name
         self.policy = policy
         self.credentials = credentials or _auth.Credentials()
@@ -127,6 +132,8 @@ class Controller:
                                            name="heartbeat") if heartbeat else None
         if self._heartbeat:
             self._heartbeat.start()
+        self.leases = SessionLeases(session_lease_s, self._expire_session)
+        _metrics_state.track(self)
 
     # -- sessions and hosts ----------------------------------------------------------------------
 
@@ -136,6 +143,7 @@ class Controller:
         with self._lock:
             session = _Session(next(self._session_ids), name, weight)
             self._sessions[session.session_id] = session
+            self.leases.open(session.session_id)
             return session
 
     def disconnect(self, session_id: int) -> None:
@@ -148,8 +156,21 @@ class Controller:
             for key in [k for k, e in self._executable_keys.items() if k[0] == session_id]:
                 del self._executables[self._executable_keys.pop(key)]
             del self._sessions[session_id]
+            self.leases.end(session_id)
             for scheduler in self._schedulers.values():
                 scheduler.end_session(session_id)
+
+    def _expire_session(self, session_id: int, silent_s: float) -> None:
+        """Ends a session whose client went silent for longer than its lease (runtime._leases)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return  # it disconnected meanwhile
+            arrays, slices = len(session.arrays), len(session.slices)
+            self.disconnect(session_id)
+        log.warning("session %d (%r) not heard from for %.1f s (lease %.1f s): ended it, freeing "
+                    "%d arrays and %d slices", session_id, session.name, silent_s,
+                    self.leases.lease_s, arrays, slices)
 
     def session_key(self, session_id: int) -> str:
         """The key a client presents to prove it is session `session_id` (runtime._auth)."""
@@ -315,19 +336,21 @@ class Controller:
             scheduler.fail(HostLostError(f"{record.describe()} of island {island} left the "
                                          f"cluster"))
 
-    def status(self) -> pb.GetStatusReply:
-        """Hosts (each pinged now: what it runs or waits for), slices, and per island the order
-        and the client queues in front of it."""
+    def status(self, ping_hosts: bool = True) -> pb.GetStatusReply:
+        """Hosts (each pinged now, unless not `ping_hosts`: what it runs or waits for), slices,
+        and per island the order and the client queues in front of it."""
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
-            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays))
+            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays),
+                                      session_lease_s=self.leases.lease_s,
+                                      sessions_expired=self.leases.expired)
             hosts = self.resources.hosts()
             probes = dict(self._probes)
             reply.slices.extend(self._slice_info(s) for s in self.resources.slices())
             schedulers = sorted(self._schedulers.items())
         pings = {key: stub.Ping.future(pb.PingRequest(), timeout=STATUS_PING_TIMEOUT_S)
                  for key, (_, stub) in probes.items()
-                 if any((h.island, h.host) == key and h.alive for h in hosts)}
+                 if ping_hosts and any((h.island, h.host) == key and h.alive for h in hosts)}
         for h in hosts:
             info = pb.HostInfo(
                 island=h.island, host=h.host, address=h.address, platform=h.platform,
@@ -524,6 +547,8 @@ class Controller:
         """Stops dispatch and the heartbeat; returns once the heartbeat thread has ended (a daemon
         thread still inside a gRPC call at interpreter exit can abort the process)."""
         self._stop.set()
+        _metrics_state.untrack(self)
+        self.leases.close()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
         with self._lock:
@@ -572,7 +597,9 @@ def _session_policy(controller: Controller) -> _auth.Authorize:
         session_id = getattr(request, "session_id", None)
         if session_id is not None and not controller.knows_session(session_id):
             raise NotFoundError(f"session {session_id} is unknown to this controller (closed, "
-                                f"or the controller restarted): connect again")
+                                f"its lease ran out, or the controller restarted): connect again")
+        if session_id is not None:
+            controller.leases.renew(session_id)  # any call of the session's renews its lease
     return authorize
 
 
@@ -593,7 +620,12 @@ class ControllerServicer(pb_grpc.ControllerServicer):
                              request.weight)
         return pb.ConnectReply(session_id=session.session_id,
                                id_base=session.session_id << ID_BITS, id_range=1 << ID_BITS,
-                               session_key=self.controller.session_key(session.session_id))
+                               session_key=self.controller.session_key(session.session_id),
+                               lease_s=self.controller.leases.lease_s)
+
+    def KeepAlive(self, request, context):
+        # The guard has checked the session's key and renewed its lease (_session_policy).
+        return pb.KeepAliveReply(lease_s=self.controller.leases.lease_s)
 
     def Disconnect(self, request, context):
         self._call(context, self.controller.disconnect, request.session_id)
@@ -631,13 +663,15 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return pb.RegisterProgramReply(program_id=program_id)
 
     def RegisterArrays(self, request, context):
-        sequence = self._call(context, self.controller.register_arrays, request.session_id,
-                              request.arrays, _order_budget(context))
+        with self.controller.leases.call(request.session_id):  # may wait for the island's order
+            sequence = self._call(context, self.controller.register_arrays, request.session_id,
+                                  request.arrays, _order_budget(context))
         return pb.RegisterArraysReply(sequence=sequence)
 
     def Execute(self, request, context):
-        results = self._call(context, self.controller.execute, request.session_id,
-                             request.commands, _order_budget(context))
+        with self.controller.leases.call(request.session_id):  # may wait for the client's turn
+            results = self._call(context, self.controller.execute, request.session_id,
+                                 request.commands, _order_budget(context))
         return pb.ExecuteReply(results=results)
 
     def DeleteArrays(self, request, context):
@@ -665,6 +699,7 @@ def create_controller_server(controller: Controller, address: str = "127.0.0.1:0
     credentials = controller.credentials
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
                               host_methods=HOST_METHODS, authorize=_session_policy(controller))
+    guard = CountingInterceptor(guard, "controller")
     servicer = ControllerServicer(controller)
     return _auth.start_server(
         "controller", address, credentials, guard,

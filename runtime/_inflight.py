@@ -40,11 +40,13 @@ class InFlight:
 
     A record is (sequence, name, received, picked, start, devices, session); the timeline holds
     (sequence, name, received, picked, start, end, devices, session) tuples, oldest first.
-    `on_finish` is called (on the finisher thread) after each pipelined execution finishes.
+    `on_finish` is called (on the finisher thread) after each pipelined execution finishes;
+    `on_record`, if given, with each timeline entry as it is recorded (runtime._metrics).
     """
 
-    def __init__(self, store: ArrayStore, name: str, on_finish: Callable[[], None]) -> None:
-        self.store, self.on_finish = store, on_finish
+    def __init__(self, store: ArrayStore, name: str, on_finish: Callable[[], None],
+                 on_record: Callable[[tuple], None] | None = None) -> None:
+        self.store, self.on_finish, self.on_record = store, on_finish, on_record
         self.timeline: collections.deque[tuple] = collections.deque(maxlen=TIMELINE_LENGTH)
         self.executions = 0
         self._last_end = 0.0
@@ -58,10 +60,13 @@ class InFlight:
     def record(self, record: tuple, end: float) -> None:
         """Appends a finished execution to the timeline."""
         sequence, name, received, picked, start, devices, session = record
-        self.timeline.append((sequence, name, received, picked, max(start, self._last_end), end,
-                              devices, session))
+        entry = (sequence, name, received, picked, max(start, self._last_end), end, devices,
+                 session)
+        self.timeline.append(entry)
         self._last_end = end
         self.executions += 1
+        if self.on_record is not None:
+            self.on_record(entry)
 
     def hand_off(self, record: tuple, outputs: Sequence[jax.Array], ids: Sequence[int]) -> None:
         """Gives a launched execution to the finisher (its outputs `ids` were stored at launch);

@@ -25,6 +25,7 @@ from runtime import _auth
 from runtime._cluster import STARTUP_TIMEOUT_S, publish_token, wait_for_hosts, withdraw_token
 from runtime._controller import Controller, create_controller_server
 from runtime._errors import DeadlineExceededError, FailedPreconditionError
+from runtime._leases import DEFAULT_SESSION_LEASE_S
 from runtime._ray_connect import LOOPBACK, connect_ray
 from runtime._ray_connect import start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime._ray_host import HostActor
@@ -75,7 +76,8 @@ class RayCluster:
     `credentials`); the actors receive both in their runtime_env's environment (Ray's control
     plane, which the cluster trusts to start its processes anyway). `credentials` (the attribute)
     is what clients need; clients on this machine find the token by themselves. `policy`,
-    `execution_deadline_s` and `session_quota_bytes` mean what they mean for ProcessCluster.
+    `execution_deadline_s` and `session_quota_bytes` mean what they mean for ProcessCluster;
+    `session_lease_s` is how long a silent client keeps its session (runtime._leases; 0: forever).
     Actors and placement groups are named `pathways-TAG-island-I-host-H` (`-restart-N` after a
     restart), so Ray's state API and dashboard show which host each is.
     """
@@ -89,7 +91,8 @@ class RayCluster:
                  credentials: _auth.Credentials | None = None, policy: str = "fifo",
                  execution_deadline_s: float = EXECUTION_DEADLINE_S,
                  session_quota_bytes: int | None = None,
-                 max_host_restarts: int = MAX_HOST_RESTARTS) -> None:
+                 max_host_restarts: int = MAX_HOST_RESTARTS,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
         if placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement strategy {placement_strategy!r} is not one of "
                              f"{PLACEMENT_STRATEGIES}")
@@ -127,7 +130,8 @@ class RayCluster:
             self.placement_strategy = (_default_strategy(ray, bundle, hosts_per_island)
                                        if placement_strategy == "auto" else placement_strategy)
             self.controller = Controller(policy=policy, credentials=cluster_credentials,
-                                         session_quota_bytes=session_quota_bytes)
+                                         session_quota_bytes=session_quota_bytes,
+                                         session_lease_s=session_lease_s)
             self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
             self.address = f"{_advertised(ray, host)}:{self.port}"
             self.token_file = publish_token(self.address, self.credentials)
@@ -354,7 +358,7 @@ class RayCluster:
         if self._closing.is_set():
             return
         self._closing.set()
-        withdraw_token(self.token_file)
+        withdraw_token(self.token_file, self.credentials.token)
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         if self.controller is not None:

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _stablehlo, _wire
+from runtime import _auth, _metrics_state, _stablehlo, _wire
 from runtime._distributed import device_memory_bytes
 from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, ExecutionError,
                              FailedPreconditionError, InvalidArgumentError, NotFoundError,
@@ -46,6 +46,7 @@ from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, Executio
 from runtime._hang import HangWatchdog
 from runtime._inflight import InFlight, collective_free
 from runtime._pins import SendPins
+from runtime._metrics import CountingInterceptor, HostMetrics
 from runtime._store import ArrayStore, wait_all
 
 log = logging.getLogger(__name__)
@@ -148,7 +149,9 @@ class Worker:
         self._transfers = futures.ThreadPoolExecutor(max_workers=4,
                                                      thread_name_prefix=f"send-{island}.{host}")
         self._pins = SendPins()  # sources captured by sends, not yet streamed
-        self._inflight = InFlight(self.store, f"{island}.{host}", self._progress.set)
+        self.metrics = HostMetrics(island, host)
+        self._inflight = InFlight(self.store, f"{island}.{host}", self._progress.set,
+                                  on_record=self.metrics.execution)
         # Freeing a device buffer can wait for the computations still using it: the executor
         # hands deleted arrays to this thread, which drops them, instead of waiting itself.
         self._reaper: queue.SimpleQueue = queue.SimpleQueue()
@@ -158,6 +161,7 @@ class Worker:
                                         daemon=True)
         self._thread.start()
         self._watchdog = HangWatchdog(self) if execution_deadline_s > 0 else None
+        _metrics_state.track(self)
 
     @property
     def executions(self) -> int:
@@ -706,6 +710,7 @@ class Worker:
 
     def stop(self) -> None:
         """Stops the executor and fails every wait on this host's arrays (no thread stays blocked)."""
+        _metrics_state.untrack(self)
         with self._cond:
             self._stopped = True
             self._cond.notify_all()
@@ -890,6 +895,7 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
                               host_methods=HOST_METHODS,
                               authorize=_auth.array_owner_policy(lambda: worker._controller_id))
+    guard = CountingInterceptor(guard, "worker", worker.island, worker.host)
     servicer = WorkerServicer(worker)
     server, port = _auth.start_server(
         "worker", address, credentials, guard,

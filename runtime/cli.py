@@ -67,6 +67,36 @@ def _add_auth_args(p: argparse.ArgumentParser, *, host: bool = False) -> None:
     p.add_argument("--tls-ca", help="PEM CA bundle that verifies the peer")
 
 
+def _add_lease_arg(p: argparse.ArgumentParser) -> None:
+    from runtime._leases import DEFAULT_SESSION_LEASE_S
+
+    def seconds(text: str) -> float:
+        value = float(text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
+        return value
+
+    p.add_argument("--session-lease", type=seconds, default=DEFAULT_SESSION_LEASE_S, metavar="S",
+                   help="seconds a client's session outlives its last call: the controller then "
+                        "frees the arrays and slices of a client gone silent (0: never)")
+
+
+def _add_metrics_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help=f"serve Prometheus metrics of {what} at http://BIND:P/metrics "
+                        f"(0: any free port; README: Metrics)")
+
+
+def _serve_metrics(args: argparse.Namespace, what: str) -> None:
+    """Starts the metrics endpoint asked for by --metrics-port (PortInUseError if taken)."""
+    if args.metrics_port is None:
+        return
+    from runtime._metrics import serve_metrics
+
+    server = serve_metrics(args.metrics_port, args.bind)
+    print(f"{what} metrics on http://{args.bind}:{server.server_port}/metrics", flush=True)
+
+
 def _credentials(args: argparse.Namespace, address: str | None = None):
     from runtime import _auth
 
@@ -109,6 +139,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     # a signal ends it at once (registration retries for a minute and would not notice).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: os._exit(0))
+    _serve_metrics(args, f"worker {args.island}.{args.host}")
     worker = Worker(args.island, args.host, devices, platform=args.platform,
                     island_devices=hosts, execution_deadline_s=args.execution_deadline,
                     credentials=_credentials(args, args.controller))
@@ -147,8 +178,10 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         print("warning: no token (--token-file, $PATHWAYS_TOKEN): calls are not authenticated",
               file=sys.stderr)
     controller = Controller(policy=args.policy, credentials=credentials,
-                            session_quota_bytes=args.session_quota or None)
+                            session_quota_bytes=args.session_quota or None,
+                            session_lease_s=args.session_lease)
     server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
+    _serve_metrics(args, "controller")
     _quiet_collector()
     print(f"controller listening on {args.bind}:{port} (policy {args.policy})", flush=True)
     _wait_for_signal()
@@ -158,11 +191,10 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
 
 def _cmd_up(args: argparse.Namespace) -> int:
-    import os
-
     from runtime import _auth
 
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
+    _serve_metrics(args, "controller")  # first: a port in use stops everything before it starts
     if args.ray is None:
         from runtime._cluster import ProcessCluster
 
@@ -173,7 +205,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
                                  port=args.port, host=args.bind, platform=args.platform,
                                  policy=args.policy, execution_deadline_s=args.execution_deadline,
                                  credentials=_auth.Credentials.generate(tls),
-                                 session_quota_bytes=args.session_quota or None)
+                                 session_quota_bytes=args.session_quota or None,
+                                 session_lease_s=args.session_lease,
+                                 worker_metrics_port=(None if args.metrics_port is None else
+                                                      args.metrics_port and args.metrics_port + 1))
         backend = "local processes"
     else:
         from runtime._ray import RayCluster
@@ -189,7 +224,8 @@ def _cmd_up(args: argparse.Namespace) -> int:
                              execution_deadline_s=args.execution_deadline,
                              session_quota_bytes=args.session_quota or None,
                              max_host_restarts=args.max_host_restarts,
-                             credentials=_auth.Credentials.generate())
+                             credentials=_auth.Credentials.generate(),
+                             session_lease_s=args.session_lease)
         backend = (f"Ray actors ({cluster.placement_strategy}, "
                    f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
     # The clients' token, readable by this user only (the cluster published it for this
@@ -204,6 +240,10 @@ def _cmd_up(args: argparse.Namespace) -> int:
         print(f"{args.islands} islands x {args.hosts_per_island} hosts x {devices_per_host} "
               f"{args.platform} devices up as {backend}", flush=True)
         print(f"controller listening on {cluster.address}", flush=True)
+        if args.metrics_port and args.ray is None:
+            hosts = args.islands * args.hosts_per_island
+            print(f"host metrics on ports {args.metrics_port + 1}-{args.metrics_port + hosts} "
+                  f"(island by island)", flush=True)
         if token_file:
             print(f"token in {token_file} (clients on this machine find it; elsewhere set "
                   f"{_auth.TOKEN_FILE_ENV})", flush=True)
@@ -222,20 +262,17 @@ def _cmd_up(args: argparse.Namespace) -> int:
             from runtime._cluster import withdraw_token
 
             proxy.stop()
-            withdraw_token(proxy_token)
+            withdraw_token(proxy_token, cluster.credentials.token)
         cluster.close()
         if args.token_file:
-            try:
-                os.remove(args.token_file)
-            except OSError:
-                pass
+            from runtime._cluster import withdraw_token
+
+            withdraw_token(args.token_file, cluster.credentials.token)
     print("stopped", flush=True)
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from google.protobuf import json_format
-
     from runtime._client import Client
     from runtime._errors import PathwaysError
 
@@ -247,8 +284,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(json_format.MessageToDict(status, preserving_proto_field_name=True),
-                         indent=2))
+        from runtime._status_json import message_to_json
+
+        print(json.dumps(message_to_json(status), indent=2))
         return 0
     print(format_status(args.address, status))
     return 0
@@ -257,7 +295,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
 def format_status(address: str, status) -> str:
     """`pathways status` as text: per island its order, its hosts (what each runs or waits for)
     and the client queues in front of it; then the slices."""
-    lines = [f"controller {address}: {status.sessions} sessions, {status.arrays} arrays, "
+    lease = (f"lease {status.session_lease_s:g} s, {status.sessions_expired} expired"
+             if status.session_lease_s else "no lease")
+    lines = [f"controller {address}: {status.sessions} sessions ({lease}), {status.arrays} arrays, "
              f"{len(status.slices)} slices"]
     islands = {i.island: i for i in status.islands}
     for island in sorted({h.island for h in status.hosts} | set(islands)):
@@ -295,9 +335,12 @@ def format_status(address: str, status) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="pathways", description="A Pathways-style single-controller runtime for JAX.")
+    from runtime._argparse import Parser
+
+    parser = Parser(prog="pathways", description="A Pathways-style single-controller runtime "
+                                                 "for JAX.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("worker", help="run one worker host of an island",
@@ -319,6 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HOST:PORT of the island's distributed-system coordinator (served by "
                         "host 0; needed with --num-hosts > 1)")
     _add_auth_args(p, host=True)
+    _add_metrics_arg(p, "this host")
     p.add_argument("--execution-deadline", type=float, default=30.0,
                    help="seconds a computation on a multi-host slice may wait for the slice's "
                         "other hosts before it is reported hung (0: forever)")
@@ -333,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(device time in proportion to each client's weight)")
     p.add_argument("--session-quota", type=int, default=0,
                    help="most bytes of device memory one client session may hold (0: no limit)")
+    _add_lease_arg(p)
     _add_auth_args(p, host=True)
+    _add_metrics_arg(p, "the controller")
     p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("up", help="start a controller and local island workers",
@@ -370,6 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "other hosts before it is reported hung (0: forever)")
     p.add_argument("--session-quota", type=int, default=0,
                    help="most bytes of device memory one client session may hold (0: no limit)")
+    _add_lease_arg(p)
     p.add_argument("--token-file",
                    help="where to write the generated client token, mode 0600 (default: "
                         "~/.pathways/token-PORT, removed on exit)")
@@ -379,19 +426,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-port", type=int, default=None, metavar="P",
                    help="also serve plain JAX (the IFRT proxy protocol, `pathways proxy`) on "
                         "port P (0: any free port); programs call runtime.proxy.connect")
+    _add_metrics_arg(p, "the controller on P and of the local hosts on P+1, P+2, ... (island "
+                        "by island)")
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="list islands, hosts and slices of a controller",
                        description="Show a controller's islands, hosts, devices and slices.")
     p.add_argument("address", help="controller address HOST:PORT")
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the controller")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for the controller's answer (connecting takes at most "
+                        "3 s: no answer by then means no controller is there)")
     _add_auth_args(p)
     p.set_defaults(func=_cmd_status)
 
     for module in _EXTENSIONS:
         __import__(module, fromlist=["register"]).register(sub)
-    return parser
+    from runtime._argparse import finish
+
+    return finish(parser)
+
+
+def _version() -> str:
+    """`pathways --version`: this package's version and the JAX it runs on."""
+    from importlib import metadata
+
+    def version(package: str) -> str:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    return (f"pathways {version('pathways-runtime')} (jax {version('jax')}, "
+            f"jaxlib {version('jaxlib')}, Python {sys.version.split()[0]})")
 
 
 #: Packages that add their own subcommands through `register(subparsers)`.
@@ -402,7 +469,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return args.func(args)
+    from runtime._ports import PortInUseError
+
+    try:
+        return args.func(args)
+    except PortInUseError as exc:  # a user's mistake, not a crash: one line, no traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -106,3 +106,71 @@ def test_workers_die_with_a_killed_up():
     while worker_pids(port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert worker_pids(port) == []
+
+
+def _parse_error(capsys, argv) -> str:
+    """What `pathways ARGV` prints when it refuses its arguments (exit status 2)."""
+    from runtime.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize("argv", [["train"], ["model"], ["mfu", "--tokens-per-s", "1"],
+                                  ["bench", "utilization", "--out", "x"]])
+def test_unknown_config_is_one_clean_error_with_close_matches(capsys, argv):
+    err = _parse_error(capsys, argv + ["--config", "palm-tny"])
+    first = err.splitlines()[0]
+    assert first.startswith(f"pathways {argv[0]}")
+    assert "unknown PaLM config 'palm-tny'; did you mean palm-tiny" in first
+
+
+def test_misspelt_options_choices_and_commands_get_close_matches(capsys):
+    assert "unrecognized arguments: --polcy share; did you mean --policy" in _parse_error(
+        capsys, ["up", "--polcy", "share"])
+    assert "invalid choice: 'fifi'; did you mean fifo?" in _parse_error(
+        capsys, ["controller", "--policy", "fifi"])
+    assert "invalid choice: 'stauts'; did you mean status?" in _parse_error(capsys, ["stauts"])
+    assert "did you mean --global-batch" in _parse_error(
+        capsys, ["bench", "utilization", "--out", "x", "--global-bach", "4"])
+
+
+def test_help_shows_defaults_and_version(capsys):
+    from runtime.cli import main
+
+    for argv, shown in ((["up", "--help"], "(default: 4)"),
+                        (["bench", "dispatch", "--help"], "(default: 4)"),
+                        (["train", "--help"], "(default: palm-tiny)")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 0
+        # Help text wraps, at spaces and hyphens.
+        assert shown.replace(" ", "") in "".join(capsys.readouterr().out.split()), argv
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert re.match(r"pathways \d+\.\d+\.\d+ \(jax \d", capsys.readouterr().out)
+
+
+def test_a_wrong_address_is_named_at_once():
+    port = free_port()  # nothing listens there
+    result = subprocess.run(CLI + ["status", f"127.0.0.1:{port}"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stderr.strip() == (f"error: no controller answers at 127.0.0.1:{port} — is "
+                                     f"`pathways up` running there?")
+    started = time.monotonic()
+    with pytest.raises(runtime.ControllerUnavailableError, match="no controller answers"):
+        runtime.Client(f"127.0.0.1:{port}")
+    # A refused connection ends the wait at once; the old client waited out 10 s. The bound
+    # leaves room for a starved machine and is no speed target.
+    assert time.monotonic() - started < 8
+
+
+def test_a_worker_address_is_not_taken_for_a_controller():
+    with runtime.LocalCluster(islands=1, devices_per_island=1) as cluster:
+        with pytest.raises(runtime.ControllerUnavailableError, match="not a pathways controller"):
+            runtime.Client(cluster.workers[0].address, credentials=cluster.credentials)

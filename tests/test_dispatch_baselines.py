@@ -166,3 +166,44 @@ def test_ray_baseline_chains_and_measures():
             assert measure(system, shape, length=8, target_s=0.1, repeats=1) > 0
     finally:
         system.close()
+
+
+def test_rounds_interleave_systems_and_report_medians():
+    """A machine that slows down round by round moves every rate, not the ratios measured side by
+    side: each round's ratio is the same, and the report holds every round and the medians."""
+    from benchmarks.dispatch import measure_rounds, summarize
+
+    class Loaded(SyntheticSystem):
+        slowdown = [1.0]
+
+        def _run(self, computations, k):
+            order.append(self.name)
+            return super()._run(computations, k) * self.slowdown[0]
+
+    order = []
+    systems = {"runtime": Loaded("runtime", 0.5, True), "jax": Loaded("jax", 0.0, True),
+               "ray": Loaded("ray", 1.0, False)}
+
+    def next_round(records):
+        Loaded.slowdown[0] = 1.0 + len(records)  # the machine gets busier
+
+    records = measure_rounds(systems, 5, 0.01, on_round=next_round)
+    assert [r["round"] for r in records] == [1, 2, 3, 4, 5]
+    # Interleaved: within a round, each shape is measured on runtime, jax, ray in turn.
+    firsts = [name for i, name in enumerate(order) if i == 0 or order[i - 1] != name]
+    assert firsts[:3] == ["runtime", "jax", "ray"] and len(firsts) == 5 * 3 * 3
+    fused = [r for r in records[0]["results"] if r["shape"] == "fused"]
+    assert [r["system"] for r in fused] == ["runtime", "jax", "ray"]
+    assert fused[0]["warmup_runs"] >= 3 and len(fused[0]["run_rates"]) == 3
+    rates = [next(r["computations_per_s"] for r in rec["results"]
+                  if (r["system"], r["shape"]) == ("jax", "opbyop")) for rec in records]
+    assert rates[0] > 4 * rates[-1]  # the rates moved with the machine...
+    summary = summarize(records)
+    for name in ("fused_vs_jax_fused", "chained_vs_jax_opbyop", "opbyop_vs_ray_opbyop"):
+        values = [r["ratios"][name] for r in records]
+        assert summary["spread"][name]["values"] == values
+        assert summary["ratios"][name] == pytest.approx(sorted(values)[2])  # the median of 5
+        assert max(values) == pytest.approx(min(values), rel=0.05)  # ...the ratios did not
+    jax_opbyop = next(r for r in summary["results"] if (r["system"], r["shape"]) == (
+        "jax", "opbyop"))
+    assert jax_opbyop["rounds"] == rates and jax_opbyop["computations_per_s"] == sorted(rates)[2]

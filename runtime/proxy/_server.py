@@ -24,7 +24,8 @@ from proto.ifrt import grpc_ifrt_service_pb2_grpc as ifrt_grpc
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from runtime import _auth
 from runtime._client import Client
-from runtime._errors import (InvalidArgumentError, NotFoundError, PathwaysError)
+from runtime._errors import InvalidArgumentError, NotFoundError, PathwaysError
+from runtime._ports import SERVER_OPTIONS, bind_failed, ensure_port_free
 from runtime.proxy import _array_requests, _platform_requests, _program_requests  # noqa: F401
 from runtime.proxy._programs import Analyzer
 from runtime.proxy._devices import DeviceTable, attribute_value
@@ -232,14 +233,19 @@ def create_proxy_server(proxy: ProxyServer, address: str = "127.0.0.1:0", *,
     Insecure on purpose: jaxlib's proxy client speaks only plain gRPC (or ALTS); the JAX
     program's token travels in the session metadata, so serve on loopback or a private network.
     """
+    ensure_port_free(address)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers,
                                                     thread_name_prefix="ifrt-proxy"),
                          options=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+                                  ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                                  *SERVER_OPTIONS])
     ifrt_grpc.add_GrpcIfrtServiceServicer_to_server(_Servicer(proxy), server)
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises for a failed bind (older releases return 0)
+        port = 0
     if port == 0:
-        raise InvalidArgumentError(f"cannot serve the IFRT proxy on {address}")
+        raise bind_failed("IFRT proxy", address)
     server.start()
     return server, port
 
