@@ -26,10 +26,11 @@ import jax
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from runtime import _auth, _limits, _wire
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
-                             NotFoundError, PathwaysError, abort)
-from runtime._planner import Planner
+                             NotFoundError, PathwaysError, ResourceExhaustedError, abort)
+from runtime._placement import Placer
+from runtime._planner import Planner, command_result
 # Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
 from scheduler._gang import GangScheduler, OrderTicket
 from scheduler._policy import check_weight, make_policy
@@ -51,8 +52,6 @@ SLICE_FLUSH_TIMEOUT_S = 10.0
 #: long a client's commands wait for it to catch up.
 MAX_BACKLOG = 4096
 BACKLOG_TIMEOUT_S = 120.0
-#: Largest serialized executable accepted.
-MAX_EXECUTABLE_BYTES = 256 << 20
 #: A request waiting for its turn in an island's order is ordered at once this long before the
 #: client's deadline (its commands would otherwise be lost to the deadline).
 ORDER_DEADLINE_MARGIN_S = 2.0
@@ -69,6 +68,8 @@ class _Session:
     weight: float = 1.0  # proportional share
     slices: set[int] = dataclasses.field(default_factory=set)
     arrays: set[int] = dataclasses.field(default_factory=set)
+    executables: set[int] = dataclasses.field(default_factory=set)
+    programs: set[int] = dataclasses.field(default_factory=set)
     nbytes: int = 0  # device memory of its live arrays (replicas counted), for the quota
 
     def owns_id(self, array_id: int) -> bool:
@@ -84,6 +85,13 @@ class _Executable:
     inputs: tuple[pb.ValueSpec, ...]
     outputs: tuple[pb.ValueSpec, ...]
     donated: frozenset[int]
+    fingerprint: str = ""
+    output_bytes: tuple[int, ...] = ()  # device memory of each output, replicas counted
+
+    @property
+    def key(self) -> tuple:
+        """Equal loads of one session on one slice share an executable."""
+        return (self.session_id, self.slice_id, self.fingerprint, self.donated)
 
 
 class Controller:
@@ -94,13 +102,16 @@ class Controller:
     `credentials` are what the controller presents to its hosts (runtime._auth; the same ones its
     server demands). `session_quota_bytes` bounds the device memory of each session's live arrays
     (None: unbounded); a command that would pass it fails with ResourceExhaustedError, alone.
+    `limits` bound every request and what each session may hold (runtime._limits).
     """
 
     def __init__(self, *, heartbeat: bool = True, policy: str = "fifo",
                  credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None) -> None:
+                 session_quota_bytes: int | None = None,
+                 limits: _limits.Limits = _limits.DEFAULT) -> None:
         make_policy(policy)  # InvalidArgumentError for an unknown name
         self.policy = policy
+        self.limits = limits
         self.credentials = credentials or _auth.Credentials()
         if session_quota_bytes is not None and session_quota_bytes < 0:
             raise InvalidArgumentError("the session quota cannot be negative")
@@ -118,6 +129,7 @@ class Controller:
         self.planner = Planner(self)
         self._executables: dict[int, _Executable] = {}
         self._executable_keys: dict[tuple, int] = {}
+        self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
         self._session_ids = itertools.count(1)
         self._executable_ids = itertools.count(1)
         self._lock = threading.RLock()
@@ -134,6 +146,9 @@ class Controller:
         """Opens a session; `weight` is its proportional share (0: 1)."""
         weight = check_weight(weight)
         with self._lock:
+            if len(self._sessions) >= self.limits.sessions:
+                raise ResourceExhaustedError(f"the controller has {len(self._sessions)} open "
+                                             f"sessions, its limit; close one first")
             session = _Session(next(self._session_ids), name, weight)
             self._sessions[session.session_id] = session
             return session
@@ -145,8 +160,8 @@ class Controller:
             self.planner.drop_session(session)
             for slice_id in sorted(session.slices):
                 self.release_slice(session_id, slice_id)
-            for key in [k for k, e in self._executable_keys.items() if k[0] == session_id]:
-                del self._executables[self._executable_keys.pop(key)]
+            for executable_id in list(session.executables):
+                self._forget_executable(executable_id)
             del self._sessions[session_id]
             for scheduler in self._schedulers.values():
                 scheduler.end_session(session_id)
@@ -204,14 +219,12 @@ class Controller:
         for record in [r for r in self.resources.slices() if r.island == island]:
             session = self._sessions.get(record.session_id)
             if session is not None:
-                self.planner.delete(session, [a for a in session.arrays
-                                              if self.planner.arrays[a].island == island],
+                self.planner.delete(session, sorted(self.planner.slice_arrays(record.slice_id)),
                                     strict=False)
                 session.slices.discard(record.slice_id)
             self.resources.release(record.slice_id)
-            for key in [k for k, e in self._executable_keys.items()
-                        if self._executables[e].slice_id == record.slice_id]:
-                del self._executables[self._executable_keys.pop(key)]
+            for executable_id in list(self._slice_executables.get(record.slice_id, ())):
+                self._forget_executable(executable_id)
         for host in self.resources.island_hosts(island):
             probe = self._probes.pop((island, host.host), None)
             if probe is not None:
@@ -369,6 +382,9 @@ class Controller:
         """Grants a slice and makes its mesh known to its hosts before returning."""
         with self._lock:
             session = self._session(session_id)
+            if len(session.slices) >= self.limits.slices_per_session:
+                raise ResourceExhaustedError(f"session {session_id} holds {len(session.slices)} "
+                                             f"slices, its limit; release one first")
             if island >= 0 and island in {h.island for h in self.resources.hosts()}:
                 self._check_island(island)
             record = self.resources.allocate(session_id, mesh_shape, axis_names, island)
@@ -386,8 +402,10 @@ class Controller:
                 raise NotFoundError(f"slice {slice_id} is not a slice of this session")
             record = self.resources.release(slice_id)
             session.slices.discard(slice_id)
-            self.planner.delete(session, [a for a in session.arrays if self.planner.arrays[
-                a].spec.sharding.slice_id == slice_id], strict=False)
+            self.planner.delete(session, sorted(self.planner.slice_arrays(slice_id)),
+                                strict=False)
+            for executable_id in list(self._slice_executables.get(slice_id, ())):
+                self._forget_executable(executable_id)
             scheduler = self._schedulers.get(record.island)
             if scheduler and not self.resources.lost_host(record.island) and not scheduler.failure:
                 scheduler.enqueue(session_id, [pb.Instruction(  # after the session's queued work
@@ -401,14 +419,14 @@ class Controller:
         with self._lock:
             self._session(request.session_id)
             record = self._owned_slice(request.session_id, request.slice_id)
-        if len(request.serialized) > MAX_EXECUTABLE_BYTES:
-            raise InvalidArgumentError(f"executable of {len(request.serialized)} bytes is too large")
+        _limits.check_request(self.limits, "LoadExecutable", request)
         try:
             exported = jax.export.deserialize(bytearray(request.serialized))
         except Exception as exc:
             raise InvalidArgumentError(f"{request.name!r}: not a serialized jax.export module "
                                        f"({type(exc).__name__})") from None
-        _check_signature(request, exported, record)
+        output_bytes = _check_signature(request, exported, record,
+                                        Placer(self.resources, request.session_id))
         fingerprint = hashlib.sha256(request.serialized).hexdigest()
         donated = frozenset(request.donated)
         key = (request.session_id, request.slice_id, fingerprint, donated)
@@ -416,17 +434,41 @@ class Controller:
             existing = self._executable_keys.get(key)
             if existing is not None:
                 return self._executables[existing]
+            session = self._session(request.session_id)
+            self._owned_slice(request.session_id, request.slice_id)  # not released meanwhile
+            if len(session.executables) >= self.limits.executables_per_session:
+                raise ResourceExhaustedError(
+                    f"session {request.session_id} holds {len(session.executables)} "
+                    f"executables, its limit; release a slice (and its executables) first")
             exe = _Executable(next(self._executable_ids), request.session_id, request.slice_id,
-                              request.name, tuple(request.inputs), tuple(request.outputs), donated)
+                              request.name, tuple(request.inputs), tuple(request.outputs), donated,
+                              fingerprint, output_bytes)
             for v in exe.inputs + exe.outputs:
                 v.sharding.slice_id = request.slice_id
             self._executables[exe.executable_id] = exe
             self._executable_keys[key] = exe.executable_id
+            session.executables.add(exe.executable_id)
+            self._slice_executables.setdefault(request.slice_id, set()).add(exe.executable_id)
             self._scheduler(record.island).submit([pb.Instruction(load=pb.LoadInstruction(
                 executable_id=exe.executable_id, slice_id=request.slice_id,
                 serialized=request.serialized, fingerprint=fingerprint, inputs=request.inputs,
                 outputs=request.outputs, donated=sorted(donated), name=request.name))])
             return exe
+
+    def _forget_executable(self, executable_id: int) -> None:
+        """Drops an executable's bookkeeping (its slice is released, or its session ended)."""
+        exe = self._executables.pop(executable_id, None)
+        if exe is None:
+            return
+        self._executable_keys.pop(exe.key, None)
+        session = self._sessions.get(exe.session_id)
+        if session is not None:
+            session.executables.discard(executable_id)
+        on_slice = self._slice_executables.get(exe.slice_id)
+        if on_slice is not None:
+            on_slice.discard(executable_id)
+            if not on_slice:
+                del self._slice_executables[exe.slice_id]
 
     # -- arrays, commands and programs (runtime._planner) -----------------------------------------
 
@@ -434,8 +476,9 @@ class Controller:
                         timeout: float | None = None) -> list[int]:
         """Declares arrays a client is about to stream to their hosts; returns, per array, the
         island sequence number from which its hosts expect it."""
+        placements = self.planner.place_arrays(Placer(self.resources, session_id), specs)
         with self._lock:
-            sequences = self.planner.register_arrays(self._session(session_id), specs)
+            sequences = self.planner.register_arrays(self._session(session_id), specs, placements)
         return sequences(timeout)
 
     def execute(self, session_id: int, commands: Sequence[pb.Command],
@@ -449,9 +492,24 @@ class Controller:
         """
         for scheduler in list(self._schedulers.values()):
             scheduler.wait_backlog(MAX_BACKLOG, BACKLOG_TIMEOUT_S)
-        with self._lock:
-            results = self.planner.execute(self._session(session_id), commands)
-        return results(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pieces, start, emitted = [], 0, 0
+        while True:  # a bounded piece per hold of the lock: other clients go on in between
+            with self._lock:
+                try:
+                    session = self._session(session_id)
+                except NotFoundError as exc:  # closed meanwhile: the rest of it fails
+                    if not pieces:
+                        raise
+                    pieces.append(lambda _, n=len(commands) - start, exc=exc:
+                                  [command_result(exc)] * n)
+                    break
+                results, start, emitted = self.planner.execute(session, commands, start, emitted)
+            pieces.append(results)
+            if start >= len(commands):
+                break
+        return [result for piece in pieces for result in piece(
+            None if deadline is None else max(0.0, deadline - time.monotonic()))]
 
     def register_program(self, request: pb.RegisterProgramRequest) -> int:
         with self._lock:
@@ -524,10 +582,14 @@ class Controller:
             scheduler.close()
 
 
-def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceRecord) -> None:
-    """InvalidArgumentError unless the module's avals match the specs the client claims."""
+def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceRecord,
+                     placer: Placer) -> tuple[int, ...]:
+    """InvalidArgumentError unless the module's avals match the specs the client claims;
+    ResourceExhaustedError for an input or output that cannot fit its devices. Returns the device
+    memory of each output (replicas counted)."""
     claims = [("input", request.inputs, exported.in_avals),
               ("output", request.outputs, exported.out_avals)]
+    output_bytes = []
     for what, specs, avals in claims:
         if len(specs) != len(avals):
             raise InvalidArgumentError(f"{request.name!r}: {len(specs)} {what} specs for a module "
@@ -536,13 +598,17 @@ def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceR
             if (_wire.dtype_from_name(spec.dtype), tuple(spec.shape)) != (aval.dtype, aval.shape):
                 raise InvalidArgumentError(f"{request.name!r}: {what} {i} is {aval.str_short()} in "
                                            f"the module, {spec.dtype}{list(spec.shape)} in the request")
-            _wire.shard_groups(spec.shape, _wire.MeshShape(record.mesh_shape, record.axis_names),
-                               spec.sharding)
+            sharding = pb.Sharding(slice_id=record.slice_id, dims=spec.sharding.dims)
+            placement = placer.place(spec.dtype, spec.shape, sharding,
+                                     f"{request.name!r} {what} {i}")
+            if what == "output":
+                output_bytes.append(placement.total_bytes)
     if exported.nr_devices not in (1, record.size):
         raise InvalidArgumentError(f"{request.name!r} was exported for {exported.nr_devices} "
                                    f"devices; slice {record.slice_id} has {record.size}")
     if any(i < 0 or i >= len(request.inputs) for i in request.donated):
         raise InvalidArgumentError(f"{request.name!r}: donated input out of range")
+    return tuple(output_bytes)
 
 
 def _session_policy(controller: Controller) -> _auth.Authorize:
@@ -643,10 +709,14 @@ def create_controller_server(controller: Controller, address: str = "127.0.0.1:0
 
     It demands the controller's credentials (runtime._auth): the cluster token on every call, the
     host token on HOST_METHODS, a session's key on every call naming that session; TLS when the
-    credentials have it."""
+    credentials have it. Requests out of the controller's limits are refused before any handler
+    runs (runtime._limits)."""
     credentials = controller.credentials
+    limits = controller.limits
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
-                              host_methods=HOST_METHODS, authorize=_session_policy(controller))
+                              host_methods=HOST_METHODS, authorize=_session_policy(controller),
+                              screen=lambda method, request: _limits.check_request(
+                                  limits, method, request))
     servicer = ControllerServicer(controller)
     return _auth.start_server(
         "controller", address, credentials, guard,

@@ -38,7 +38,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from runtime import _auth, _limits, _wire
 from runtime._distributed import device_memory_bytes
 from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError, abort)
@@ -109,8 +109,10 @@ class Worker:
                  input_timeout_s: float = INPUT_TIMEOUT_S,
                  island_devices: Sequence[Sequence[jax.Device]] | None = None,
                  execution_deadline_s: float = EXECUTION_DEADLINE_S,
-                 credentials: _auth.Credentials | None = None) -> None:
+                 credentials: _auth.Credentials | None = None,
+                 limits: _limits.Limits = _limits.DEFAULT) -> None:
         self.island, self.host = island, host
+        self.limits = limits
         # Presented to peer hosts; the worker's server demands the same (create_worker_server).
         self.credentials = credentials or _auth.Credentials()
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
@@ -251,6 +253,7 @@ class Worker:
 
     def wait_received(self, sequence: int, timeout: float) -> None:
         """Waits until instructions up to `sequence` of the island's order have arrived."""
+        timeout = _limits.check_seconds(timeout, "timeout")
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._received < sequence:
@@ -564,7 +567,8 @@ class Worker:
             ) -> Iterator[pb.ArrayChunk]:
         """Chunks of the requested (or all distinct) shards of an array, waiting for it if pending
         (up to the request's timeout, at most `limit` s: the caller's deadline)."""
-        timeout = min(max(request.timeout_s, 0.0), MAX_GET_TIMEOUT_S, max(limit, 0.0))
+        timeout = min(_limits.check_seconds(request.timeout_s, "timeout_s", MAX_GET_TIMEOUT_S),
+                      max(limit, 0.0))
         deadline = time.monotonic() + timeout
         self.wait_received(request.after_sequence, timeout)
         value = self.store.get(request.array_id, max(0.0, deadline - time.monotonic()))
@@ -615,7 +619,7 @@ class Worker:
         """Progress reports while `active()`: one as the executor moves on, at most one per
         `min_interval_s`, with the executions completed since the previous one; one a second
         when idle, so the stream stays alive."""
-        interval = min(max(min_interval_s, 0.0), 1.0)
+        interval = _limits.check_seconds(min_interval_s, "min_interval_s", 1.0)
         timeline = self._inflight.timeline
         reported = timeline[-1][0] if timeline else 0  # last sequence reported
         while active() and not self._stopped:
@@ -776,7 +780,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.GetTimelineReply(island=self.worker.island, host=self.worker.host, events=events)
 
     def WatchProgress(self, request, context):
-        yield from self.worker.watch_progress(request.min_interval_s, context.is_active)
+        try:
+            yield from self.worker.watch_progress(request.min_interval_s, context.is_active)
+        except PathwaysError as exc:
+            abort(context, exc)
 
     def Ping(self, request, context):
         host_token = self.worker.credentials.host_token
@@ -808,7 +815,9 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
     credentials = worker.credentials
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
                               host_methods=HOST_METHODS,
-                              authorize=_auth.array_owner_policy(lambda: worker._controller_id))
+                              authorize=_auth.array_owner_policy(lambda: worker._controller_id),
+                              screen=lambda method, request: _limits.check_request(
+                                  worker.limits, method, request))
     servicer = WorkerServicer(worker)
     server, port = _auth.start_server(
         "worker", address, credentials, guard,
