@@ -117,6 +117,12 @@ class ArrayStore:
         with self._cond:
             return array_id in self._entries
 
+    def ready(self, array_id: int) -> bool:
+        """Whether the id has an entry that holds its array or its failure."""
+        with self._cond:
+            entry = self._entries.get(array_id)
+            return entry is not None and entry.ready
+
     def delete(self, array_id: int) -> bool:
         """Drops an entry; a reader still waiting on it gets ArrayNotFoundError. True if it existed."""
         with self._cond:

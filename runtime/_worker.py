@@ -19,6 +19,7 @@ did not (runtime._hang).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -56,6 +57,11 @@ _IDLE = ("idle",)
 INPUT_TIMEOUT_S = 600.0
 #: How long a put waits for the controller's definition of the array's slice to arrive.
 SLICE_TIMEOUT_S = 30.0
+#: How long a put waits for the controller's announcement of its array (the client sends it once
+#: the controller has ordered the announcement, which may still be on its way to this host).
+ANNOUNCE_TIMEOUT_S = 10.0
+#: Failures of incoming arrays remembered until their announcement arrives.
+MAX_FAILED_EARLY = 4096
 #: Deadline for streaming one array to another host.
 TRANSFER_TIMEOUT_S = 300.0
 #: Longest wait a GetArray may ask for.
@@ -124,6 +130,12 @@ class Worker:
         self.platform, self.backend = platform, backend
         self.address = ""
         self.store = ArrayStore()
+        # Arrays the controller announced (Expect) whose data may be put, and those being put now:
+        # a put of anything else is refused, so every stored byte is one the controller knows of.
+        self._announced: dict[int, pb.ArraySpec] = {}
+        self._receiving: set[int] = set()
+        self._failed_early: collections.OrderedDict[int, PathwaysError] = (
+            collections.OrderedDict())  # failures that came before their announcement
         self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
         self._slices: dict[int, tuple[Mesh | None, pb.SliceInfo]] = {}
         self._foreign: set[int] = set()  # slices with no device on this host
@@ -191,6 +203,7 @@ class Worker:
                 if kind is None:
                     raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
                 fresh.append((kind, ins))
+        announced = []
         for kind, ins in fresh:
             if kind == "execute":
                 if self._executable_slices.get(ins.execute.executable_id) not in self._foreign:
@@ -206,7 +219,14 @@ class Worker:
             elif kind == "expect":
                 if ins.expect.spec.sharding.slice_id not in self._foreign:
                     self.store.expect(ins.expect.spec.array_id)
+                    announced.append(ins.expect.spec)
         with self._cond:
+            for spec in announced:
+                early = self._failed_early.pop(spec.array_id, None)
+                if early is None:
+                    self._announced[spec.array_id] = spec
+                else:
+                    self.store.fail(spec.array_id, early)
             for _, ins in fresh:
                 self._pending[ins.sequence] = ins
                 self._received = max(self._received, ins.sequence)
@@ -222,6 +242,8 @@ class Worker:
         self._controller_id, self._epoch = controller_id, epoch
         self._pending.clear()
         self._received, self._next, self.executed = 0, 1, 0
+        self._announced.clear()
+        self._failed_early.clear()
         self._arrival.clear()
         self._slices.clear()
         self._foreign.clear()
@@ -311,7 +333,10 @@ class Worker:
         elif kind == "delete":
             doomed = []
             for array_id in ins.delete.array_ids:
-                if self.store.contains(array_id):
+                with self._cond:  # a put finishing now stores its array before or not at all
+                    self._announced.pop(array_id, None)
+                    if not self.store.contains(array_id):
+                        continue
                     try:  # keep a reference: the reaper thread drops the last one
                         doomed.append(self.store.get(array_id, 0.0))
                     except PathwaysError:
@@ -523,23 +548,83 @@ class Worker:
     # -- data plane -------------------------------------------------------------------------------
 
     def put(self, chunks: Iterator[pb.ArrayChunk], timeout: float = SLICE_TIMEOUT_S) -> int:
-        """Stores an array streamed in as chunks; returns the bytes received. Waits up to
-        `timeout` s for the definition of the array's slice."""
+        """Stores an array streamed in as chunks; returns the bytes received.
+
+        Only an array the controller announced to this host (an Expect instruction), with the spec
+        it announced, and only until it holds its data: anything else is refused
+        (FailedPreconditionError; InvalidArgumentError for another spec), so every byte a host
+        stores belongs to an array the controller accounts for and frees. Waits up to `timeout` s
+        for the announcement and the definition of the array's slice."""
         chunks = iter(chunks)
         first = next(chunks, None)
         if first is None:
             raise InvalidArgumentError("empty array stream")
-        if first.error:  # the sender's array failed, or (from the controller) its island was lost
-            self.store.fail(first.spec.array_id, ExecutionError(first.error), only_pending=True)
-            return 0
-        spec, shards = _wire.assemble_chunks(itertools.chain([first], chunks))
-        if spec is None:
+        if not first.HasField("spec"):
             raise InvalidArgumentError("array stream does not start with its spec")
+        array_id = first.spec.array_id
+        if first.error:  # the sender's array failed, or (from the controller) its island was lost
+            self._fail_incoming(array_id, ExecutionError(first.error))
+            return 0
+        announced = self._claim(array_id, min(timeout, ANNOUNCE_TIMEOUT_S))
+        try:
+            if first.spec != announced:
+                raise InvalidArgumentError(
+                    f"array {array_id} was announced as {announced.dtype}"
+                    f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream "
+                    f"says {first.spec.dtype}{list(first.spec.shape)} on slice "
+                    f"{first.spec.sharding.slice_id}")
+            return self._store_put(announced, first, chunks, timeout)
+        finally:
+            with self._cond:
+                self._receiving.discard(array_id)
+
+    def _fail_incoming(self, array_id: int, error: PathwaysError) -> None:
+        """An announced array will not come: its entry fails (readers get `error`). One not
+        announced yet (the announcement may still be on its way) fails on arrival; one that
+        already holds its data, or was deleted, is left alone."""
+        with self._cond:
+            if self._announced.pop(array_id, None) is not None:
+                self.store.fail(array_id, error, only_pending=True)
+            elif not self.store.ready(array_id):
+                self._failed_early[array_id] = error
+                while len(self._failed_early) > MAX_FAILED_EARLY:
+                    self._failed_early.popitem(last=False)
+
+    def _claim(self, array_id: int, timeout: float) -> pb.ArraySpec:
+        """The announced spec of an array about to be put, once announced (waiting up to
+        `timeout` s); no other stream may put it meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while array_id not in self._announced:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FailedPreconditionError(
+                        f"array {array_id} was not announced to host {self.island}.{self.host} "
+                        f"by the controller (declare arrays before putting them), or it already "
+                        f"holds its data")
+                self._cond.wait(left)
+            if array_id in self._receiving:
+                raise FailedPreconditionError(f"array {array_id} is being put by another stream")
+            self._receiving.add(array_id)
+            return self._announced[array_id]
+
+    def _settle(self, array_id: int, store: Callable[[], None]) -> None:
+        """Runs `store` for a claimed array unless it was deleted meanwhile; no longer announced
+        afterwards (a second put is refused)."""
+        with self._cond:
+            if self._announced.pop(array_id, None) is None:
+                raise FailedPreconditionError(f"array {array_id} was deleted while it was put")
+            store()
+
+    def _store_put(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
+                   chunks: Iterator[pb.ArrayChunk], timeout: float) -> int:
         mesh, info = self.mesh(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
         shape = tuple(spec.shape)
         expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
                                                                   tuple(info.axis_names)),
                                            spec.sharding))
+        _, shards = _wire.assemble_chunks(_at_most_shards(
+            itertools.chain([first], chunks), len(expected), spec.array_id))
         flat_devices = mesh.devices.reshape(-1)
         local = [p for p, d in enumerate(info.devices) if d.host == self.host]
         placed: dict[int, jax.Array] = {}
@@ -552,6 +637,8 @@ class Worker:
                 if info.devices[position].host != self.host:
                     raise InvalidArgumentError(f"mesh position {position} is on host "
                                                f"{info.devices[position].host}, not this one")
+                if position in placed:
+                    raise InvalidArgumentError(f"mesh position {position} is sent twice")
                 placed[position] = jax.device_put(shard.data, flat_devices[position])
         if len(placed) != len(local):
             raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
@@ -560,7 +647,8 @@ class Worker:
         # Only this host's shards: on a slice spanning hosts the array is a global one.
         value = jax.make_array_from_single_device_arrays(shape, sharding,
                                                          [placed[p] for p in local])
-        self.store.set(spec.array_id, value, sum(placed[p].nbytes for p in placed))
+        self._settle(spec.array_id, lambda: self.store.set(
+            spec.array_id, value, sum(placed[p].nbytes for p in placed)))
         return sum(s.data.nbytes for s in shards)
 
     def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S
@@ -674,6 +762,20 @@ class Worker:
         deadline = time.monotonic() + wait_s
         for thread in list(getattr(self._transfers, "_threads", ())):
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,
+                    array_id: int) -> Iterator[pb.ArrayChunk]:
+    """`chunks`, refusing a stream with more shard headers than the array has distinct shards
+    (zero-size shards cost a sender nothing; each one costs the host a buffer)."""
+    headers = 0
+    for chunk in chunks:
+        if chunk.HasField("shard"):
+            headers += 1
+            if headers > most:
+                raise InvalidArgumentError(f"array {array_id}: more than its {most} distinct "
+                                           f"shards in one stream")
+        yield chunk
 
 
 def _reap(doomed: queue.SimpleQueue) -> None:
