@@ -27,6 +27,7 @@ import jax
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _auth, _limits, _wire
+from runtime._admission import Admission, Chain
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                              NotFoundError, PathwaysError, ResourceExhaustedError, abort)
 from runtime._placement import Placer
@@ -42,6 +43,11 @@ log = logging.getLogger(__name__)
 ID_BITS = _auth.ID_BITS
 #: A host's address: HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 one.
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
+
+
+def _is_address(address: str) -> bool:
+    match = _ADDRESS.match(address)
+    return match is not None and 0 < int(match.group(2)) < 65536
 #: Liveness probes: interval, and misses before a host is declared lost (detection < 2 s).
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_MISSES = 2
@@ -133,6 +139,7 @@ class Controller:
         self._session_ids = itertools.count(1)
         self._executable_ids = itertools.count(1)
         self._lock = threading.RLock()
+        self.admission: Admission | None = None  # its server's (create_controller_server)
         self._stop = threading.Event()
         self._probes: dict[tuple[int, int], tuple[grpc.Channel, pb_grpc.WorkerStub]] = {}
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
@@ -179,11 +186,11 @@ class Controller:
         A host registering on an island that lost one restarts the island: its slices (and the
         arrays and executables on them) are dropped and its order starts afresh (a new epoch), so
         a restarted island starts empty. Sessions that used it get NotFoundError for them."""
-        match = _ADDRESS.match(info.address)
-        if (info.island < 0 or info.host < 0 or info.num_devices <= 0 or match is None
-                or not 0 < int(match.group(2)) < 65536):
+        if (info.island < 0 or info.host < 0 or info.num_devices <= 0
+                or not _is_address(info.address)
+                or (info.control_address and not _is_address(info.control_address))):
             raise InvalidArgumentError("host registration needs island >= 0, host >= 0, "
-                                       "num_devices > 0 and an address HOST:PORT")
+                                       "num_devices > 0 and addresses HOST:PORT")
         if info.island > 1 << 20 or info.host > 1 << 20 or info.num_devices > 1 << 20:
             raise InvalidArgumentError("host registration: island, host or device count too large")
         record = HostRecord(info.island, info.host, info.address, info.platform or "cpu",
@@ -200,9 +207,12 @@ class Controller:
                     epoch=self._epochs.get(info.island, 0),
                     open_channel=lambda address: _auth.open_channel(address, self.credentials))
                 self._schedulers[info.island] = scheduler
-            scheduler.set_host(info.host, info.address)
+            # Dispatch, progress and heartbeat go to the host's control server: client traffic on
+            # its main server cannot make them late (runtime._worker).
+            control = info.control_address or info.address
+            scheduler.set_host(info.host, control)
             old = self._probes.pop((info.island, info.host), None)
-            channel = _auth.open_channel(info.address, self.credentials)
+            channel = _auth.open_channel(control, self.credentials)
             self._probes[(info.island, info.host)] = (channel, pb_grpc.WorkerStub(channel))
         if old:
             old[0].close()
@@ -572,6 +582,8 @@ class Controller:
         """Stops dispatch and the heartbeat; returns once the heartbeat thread has ended (a daemon
         thread still inside a gRPC call at interpreter exit can abort the process)."""
         self._stop.set()
+        if self.admission is not None:
+            self.admission.stop()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
         with self._lock:
@@ -701,10 +713,14 @@ def _order_budget(context) -> float | None:
 
 #: Calls only the cluster's own hosts may make (they need the host token, when there is one).
 HOST_METHODS = ("RegisterHost", "UnregisterHost")
+#: Client calls bounded per session and in all (runtime._admission): those that may wait (for
+#: their turn in an island's order, for hosts) and hold a thread meanwhile.
+LIMITED_METHODS = ("CreateSlice", "ReleaseSlice", "LoadExecutable", "RegisterArrays", "Execute",
+                   "RegisterProgram", "DeleteArrays", "GetStatus")
 
 
 def create_controller_server(controller: Controller, address: str = "127.0.0.1:0", *,
-                             max_workers: int = 32) -> tuple[grpc.Server, int]:
+                             max_workers: int = 64) -> tuple[grpc.Server, int]:
     """A started gRPC server for `controller` on `address` (port 0 picks one): (server, port).
 
     It demands the controller's credentials (runtime._auth): the cluster token on every call, the
@@ -718,7 +734,11 @@ def create_controller_server(controller: Controller, address: str = "127.0.0.1:0
                               screen=lambda method, request: _limits.check_request(
                                   limits, method, request))
     servicer = ControllerServicer(controller)
+    admission = Admission("controller", LIMITED_METHODS, limits,
+                          lambda: controller.controller_id, credentials.host_token,
+                          per_session=limits.calls_per_session)
+    controller.admission = admission
     return _auth.start_server(
-        "controller", address, credentials, guard,
+        "controller", address, credentials, Chain(guard, admission),
         lambda server: pb_grpc.add_ControllerServicer_to_server(servicer, server),
         max_workers=max_workers)

@@ -40,11 +40,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from runtime import _auth, _limits, _wire
+from runtime._admission import Admission, Chain
 from runtime._distributed import device_memory_bytes
 from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError, abort)
 from runtime._hang import HangWatchdog
 from runtime._inflight import InFlight, collective_free
+from runtime._servers import ServerGroup
 from runtime._store import ArrayStore, wait_all
 
 log = logging.getLogger(__name__)
@@ -129,6 +131,8 @@ class Worker:
         self.memory_bytes = device_memory_bytes(self.devices)
         self.platform, self.backend = platform, backend
         self.address = ""
+        self.control_address = ""  # the control server's (create_worker_server)
+        self.admission: Admission | None = None
         self.store = ArrayStore()
         # Arrays the controller announced (Expect) whose data may be put, and those being put now:
         # a put of anything else is refused, so every stored byte is one the controller knows of.
@@ -684,7 +688,8 @@ class Worker:
                            distributed_hosts=self.distributed_hosts, received=received,
                            executed=self.executed, hang=self.hang,
                            current_sequence=state[2] if len(state) > 2 else 0,
-                           current_name=state[1] if len(state) > 1 else "")
+                           current_name=state[1] if len(state) > 1 else "",
+                           control_address=self.control_address)
 
     @property
     def activity(self) -> str:
@@ -750,6 +755,8 @@ class Worker:
             self._cond.notify_all()
         self._progress.set()
         self._reaper.put(None)
+        if self.admission is not None:
+            self.admission.stop()
         wait_s = 0.5 if self.hang else 5  # a stuck execution never returns
         self._inflight.stop(timeout=wait_s)
         if self._watchdog is not None:
@@ -903,27 +910,57 @@ def _time_left(context: grpc.ServicerContext, most: float) -> float:
 
 
 #: Calls only the controller (and peer hosts) may make: they need the host token, when there is
-#: one. A dispatch from anyone else could reset the host.
-HOST_METHODS = ("Dispatch",)
+#: one. A dispatch from anyone else could reset the host; a progress stream never ends by design.
+HOST_METHODS = ("Dispatch", "WatchProgress")
+#: Client calls that hold a thread while they wait, bounded per session and cancelled when idle
+#: (runtime._admission).
+LIMITED_METHODS = ("PutArray", "GetArray", "GetTimeline")
+#: Threads of the control server: a few progress streams, dispatches and pings at a time.
+CONTROL_THREADS = 8
 
 
 def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
-                         max_workers: int = 64) -> tuple[grpc.Server, int]:
-    """A started gRPC server for `worker` on `address` (port 0 picks a free port): (server, port).
+                         max_workers: int = 64) -> tuple[ServerGroup, int]:
+    """Started gRPC servers for `worker` on `address` (port 0 picks a free port), stopped as one:
+    (servers, port of the main one).
 
-    It demands the worker's credentials (runtime._auth): the cluster token on every call, the host
-    token on HOST_METHODS, and for reading or writing an array the key of the session that owns it
-    (or the host token); TLS when the credentials have it."""
+    The main server takes client traffic: puts and fetches, bounded per session and in all, idle
+    ones cancelled (runtime._admission). A control server on a port of its own, with threads of
+    its own (`worker.control_address`, which the host registers with), takes only the cluster's
+    own calls: the controller's dispatch, progress stream and heartbeat, so no client traffic can
+    make them late. Both demand the worker's credentials (runtime._auth): the cluster token on
+    every call, the host token on HOST_METHODS (on the control server, on every call), and for
+    reading or writing an array the key of the session that owns it (or the host token); TLS when
+    the credentials have it."""
     credentials = worker.credentials
-    guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
-                              host_methods=HOST_METHODS,
-                              authorize=_auth.array_owner_policy(lambda: worker._controller_id),
-                              screen=lambda method, request: _limits.check_request(
-                                  worker.limits, method, request))
+    host = address.rsplit(":", 1)[0]
+
+    def guard(host_methods):
+        return _auth.ServerGuard(
+            credentials.token, host_token=credentials.host_token, host_methods=host_methods,
+            authorize=_auth.array_owner_policy(lambda: worker._controller_id),
+            screen=lambda method, request: _limits.check_request(worker.limits, method, request))
+
     servicer = WorkerServicer(worker)
-    server, port = _auth.start_server(
-        "worker", address, credentials, guard,
-        lambda server: pb_grpc.add_WorkerServicer_to_server(servicer, server),
-        max_workers=max_workers)
-    worker.address = f"{address.rsplit(':', 1)[0]}:{port}"
-    return server, port
+
+    def add(server):
+        pb_grpc.add_WorkerServicer_to_server(servicer, server)
+
+    admission = Admission(f"host {worker.island}.{worker.host}", LIMITED_METHODS, worker.limits,
+                          lambda: worker._controller_id, credentials.host_token,
+                          per_session=worker.limits.streams_per_session)
+    worker.admission = admission
+    server, port = _auth.start_server("worker", address, credentials,
+                                      Chain(guard(HOST_METHODS), admission), add,
+                                      max_workers=max_workers)
+    every = [m.name for m in pb.DESCRIPTOR.services_by_name["Worker"].methods]
+    try:
+        control, control_port = _auth.start_server("worker control", f"{host}:0", credentials,
+                                                   guard(every), add,
+                                                   max_workers=CONTROL_THREADS)
+    except BaseException:
+        server.stop(None)
+        raise
+    worker.address = f"{host}:{port}"
+    worker.control_address = f"{host}:{control_port}"
+    return ServerGroup([server, control]), port
