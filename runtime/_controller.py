@@ -35,6 +35,7 @@ from runtime._planner import Planner, command_result
 # Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
 from scheduler._gang import GangScheduler, OrderTicket
 from scheduler._policy import check_weight, make_policy
+from scheduler._readiness import Readiness
 from scheduler._resources import HostRecord, ResourceManager, SliceRecord
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,9 @@ class Controller:
         # source island -> (island, spec) of arrays other islands expect from it (report_host_lost)
         self._incoming: dict[int, collections.deque] = {}
         self.resources = ResourceManager()
+        # Arrays that do not exist yet (puts on their way, copies whose send is not ordered):
+        # what reads them waits in its client's queue, not in an island's order.
+        self.readiness = Readiness()
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, _Session] = {}
         self.planner = Planner(self)
@@ -205,7 +209,8 @@ class Controller:
                 scheduler = GangScheduler(
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
-                    open_channel=lambda address: _auth.open_channel(address, self.credentials))
+                    open_channel=lambda address: _auth.open_channel(address, self.credentials),
+                    readiness=self.readiness, input_wait_s=self.limits.input_wait_s)
                 self._schedulers[info.island] = scheduler
             # Dispatch, progress and heartbeat go to the host's control server: client traffic on
             # its main server cannot make them late (runtime._worker).

@@ -33,6 +33,7 @@ class Placement:
     slice_id: int
     device_bytes: int
     total_bytes: int
+    hosts: frozenset[int] = frozenset()  # hosts of the island holding a part of it
 
 
 def device_capacity(resources: ResourceManager, record: SliceRecord) -> int:
@@ -66,7 +67,8 @@ def place(record: SliceRecord, capacity: int, dtype: str, shape: Sequence[int],
             f"{what}: {describe(dtype, shape)} needs {per_device} bytes on each device of slice "
             f"{record.slice_id} (a {describe(dtype, shard)} shard per device); its devices hold "
             f"{capacity} bytes each")
-    return Placement(record.island, record.slice_id, per_device, per_device * record.size)
+    return Placement(record.island, record.slice_id, per_device, per_device * record.size,
+                     frozenset(host for host, _ in record.devices))
 
 
 class Placer:

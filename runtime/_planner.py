@@ -107,12 +107,17 @@ class _Emitter:
     def __init__(self) -> None:
         self.ops: dict[int, list[pb.Instruction]] = {}
         self.count = 0
+        self.owner: int | None = None  # the command being planned (None: not one to blame)
+        self.owners: dict[tuple[int, int], int] = {}  # handle -> command that emitted it
 
     def add(self, island: int, instruction: pb.Instruction) -> tuple[int, int]:
         ops = self.ops.setdefault(island, [])
         ops.append(instruction)
         self.count += 1
-        return island, len(ops) - 1
+        handle = island, len(ops) - 1
+        if self.owner is not None:
+            self.owners[handle] = self.owner
+        return handle
 
     def submit(self, order: Order) -> Ordering:
         tickets: dict[int, OrderTicket | PathwaysError] = {}
@@ -131,21 +136,26 @@ class Ordering:
         self._tickets = tickets
 
     def wait(self, timeout: float | None) -> tuple[dict[tuple[int, int], int],
-                                                   dict[int, PathwaysError]]:
-        """(sequence number per emitted handle, error per island whose instructions failed).
-        `timeout` bounds the whole wait, over every island."""
+                                                   dict[int, PathwaysError],
+                                                   dict[tuple[int, int], PathwaysError]]:
+        """(sequence number per emitted handle, error per island whose instructions failed,
+        error per handle that got no place: its inputs never came). `timeout` bounds the whole
+        wait, over every island."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        sequence, errors = {}, {}
+        sequence, errors, failed = {}, {}, {}
         for island, ticket in self._tickets.items():
             try:
                 if isinstance(ticket, PathwaysError):
                     raise ticket
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 for i, seq in enumerate(ticket.wait(left)):
-                    sequence[(island, i)] = seq
+                    if i in ticket.failed:
+                        failed[(island, i)] = ticket.failed[i]
+                    else:
+                        sequence[(island, i)] = seq
             except PathwaysError as exc:
                 errors[island] = exc
-        return sequence, errors
+        return sequence, errors, failed
 
 
 class Planner:
@@ -245,14 +255,17 @@ class Planner:
         self.check_room(session, len(specs), sum(p.total_bytes for p in placements))
         emit = _Emitter()
         handles = []
+        readiness = self.controller.readiness
         for spec, placement in zip(specs, placements):
             self.add(session, spec, placement.island, placement.total_bytes)
+            # Until its hosts have it, what reads it waits in the session's queue.
+            readiness.expect_put(spec.array_id, placement.island, placement.hosts)
             handles.append(emit.add(placement.island, pb.Instruction(
                 expect=pb.ExpectArrayInstruction(spec=spec))))
         ordering = emit.submit(self.controller._orderer(session))
 
         def sequences(timeout: float | None) -> list[int]:
-            sequence, errors = ordering.wait(timeout)
+            sequence, errors, _ = ordering.wait(timeout)  # declarations wait for nothing
             if errors:
                 raise next(iter(errors.values()))
             return [sequence[h] for h in handles]
@@ -308,6 +321,7 @@ class Planner:
         while n < len(commands) and emit.count < INSTRUCTIONS_PER_PIECE:
             command = commands[n]
             kind = command.WhichOneof("op")
+            emit.owner = None if kind == "delete" else len(outcomes)
             try:
                 if emitted + emit.count >= self.limits.instructions_per_request:
                     raise ResourceExhaustedError(
@@ -331,12 +345,15 @@ class Planner:
         ordering = emit.submit(self.controller._orderer(session))
 
         def results(timeout: float | None) -> list[pb.CommandResult]:
-            sequence, errors = ordering.wait(timeout)
+            sequence, errors, failed = ordering.wait(timeout)
+            blamed: dict[int, PathwaysError] = {}  # a command fails with any of its instructions
+            for handle, owner in emit.owners.items():
+                error = failed.get(handle) or errors.get(handle[0])
+                if error is not None:
+                    blamed.setdefault(owner, error)
             for i, o in enumerate(outcomes):
-                if not isinstance(o, PathwaysError):
-                    failed = [errors[island] for island, _ in o if island in errors]
-                    if failed:
-                        outcomes[i] = failed[0]
+                if not isinstance(o, PathwaysError) and i in blamed:
+                    outcomes[i] = blamed[i]
             return [command_result(o) if isinstance(o, PathwaysError) else
                     pb.CommandResult(sequence=[sequence[h] for h in o]) for o in outcomes]
 
@@ -384,6 +401,8 @@ class Planner:
         info = self.controller._slice_info(
             self.controller.resources.get_slice(destination.sharding.slice_id))
         handle = emit.add(island, pb.Instruction(expect=pb.ExpectArrayInstruction(spec=destination)))
+        # What reads the copy waits in its session's queue until the send is ordered.
+        self.controller.readiness.expect_send(destination.array_id, island)
         if island != source_island:
             self.controller.note_transfer(source_island, island, destination)
         emit.add(source_island, pb.Instruction(send=pb.SendInstruction(

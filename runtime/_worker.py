@@ -64,6 +64,9 @@ SLICE_TIMEOUT_S = 30.0
 ANNOUNCE_TIMEOUT_S = 10.0
 #: Failures of incoming arrays remembered until their announcement arrives.
 MAX_FAILED_EARLY = 4096
+#: Arrivals of announced arrays kept for the progress stream (the controller lets computations
+#: that read a put into the order once every host of the put has reported it).
+ARRIVALS_KEPT = 1 << 16
 #: Deadline for streaming one array to another host.
 TRANSFER_TIMEOUT_S = 300.0
 #: Longest wait a GetArray may ask for.
@@ -140,6 +143,10 @@ class Worker:
         self._receiving: set[int] = set()
         self._failed_early: collections.OrderedDict[int, PathwaysError] = (
             collections.OrderedDict())  # failures that came before their announcement
+        # (number, array id) of announced arrays that arrived or failed, for WatchProgress.
+        self._arrivals: collections.deque[tuple[int, int]] = collections.deque(
+            maxlen=ARRIVALS_KEPT)
+        self._arrivals_count = 0
         self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
         self._slices: dict[int, tuple[Mesh | None, pb.SliceInfo]] = {}
         self._foreign: set[int] = set()  # slices with no device on this host
@@ -231,6 +238,7 @@ class Worker:
                     self._announced[spec.array_id] = spec
                 else:
                     self.store.fail(spec.array_id, early)
+                    self._note_arrival(spec.array_id)
             for _, ins in fresh:
                 self._pending[ins.sequence] = ins
                 self._received = max(self._received, ins.sequence)
@@ -248,6 +256,7 @@ class Worker:
         self._received, self._next, self.executed = 0, 1, 0
         self._announced.clear()
         self._failed_early.clear()
+        self._arrivals.clear()  # ids repeat under a new controller
         self._arrival.clear()
         self._slices.clear()
         self._foreign.clear()
@@ -589,6 +598,7 @@ class Worker:
         with self._cond:
             if self._announced.pop(array_id, None) is not None:
                 self.store.fail(array_id, error, only_pending=True)
+                self._note_arrival(array_id)
             elif not self.store.ready(array_id):
                 self._failed_early[array_id] = error
                 while len(self._failed_early) > MAX_FAILED_EARLY:
@@ -619,6 +629,14 @@ class Worker:
             if self._announced.pop(array_id, None) is None:
                 raise FailedPreconditionError(f"array {array_id} was deleted while it was put")
             store()
+            self._note_arrival(array_id)
+
+    def _note_arrival(self, array_id: int) -> None:
+        """Logs that an announced array arrived or failed (under self._cond), for the progress
+        stream."""
+        self._arrivals_count += 1
+        self._arrivals.append((self._arrivals_count, array_id))
+        self._progress.set()
 
     def _store_put(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
                    chunks: Iterator[pb.ArrayChunk], timeout: float) -> int:
@@ -715,31 +733,23 @@ class Worker:
         interval = _limits.check_seconds(min_interval_s, "min_interval_s", 1.0)
         timeline = self._inflight.timeline
         reported = timeline[-1][0] if timeline else 0  # last sequence reported
+        arrivals_reported = 0  # every arrival still kept: the controller ignores old ones
         while active() and not self._stopped:
             self._progress.wait(1.0)
             self._progress.clear()
-            # The executor appends meanwhile: walk back from the end by index (each read is
-            # atomic) to the last entry reported, skipping entries seen twice as the end moves.
-            fresh: list[tuple] = []
-            back = 1
-            while back <= len(timeline):
-                try:
-                    entry = timeline[-back]
-                except IndexError:
-                    break
-                if entry[0] <= reported:
-                    break
-                if not fresh or entry[0] < fresh[-1][0]:
-                    fresh.append(entry)
-                back += 1
+            fresh = _entries_after(timeline, reported)
             if fresh:
-                reported = fresh[0][0]
+                reported = fresh[-1][0]
+            arrived = _entries_after(self._arrivals, arrivals_reported)
+            if arrived:
+                arrivals_reported = arrived[-1][0]
             completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
-                         for e in reversed(fresh)]
+                         for e in fresh]
             with self._cond:
                 received = self._received
             yield pb.WatchProgressReply(received=received, executed=self.executed,
-                                        completed=completed, hang=self.hang)
+                                        completed=completed, hang=self.hang,
+                                        arrived=[a for _, a in arrived])
             if interval:
                 time.sleep(interval)
 
@@ -769,6 +779,26 @@ class Worker:
         deadline = time.monotonic() + wait_s
         for thread in list(getattr(self._transfers, "_threads", ())):
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _entries_after(log: collections.deque, cursor: int) -> list[tuple]:
+    """The entries of an append-only log of (increasing number, ...) tuples numbered above
+    `cursor`, oldest first. Writers append meanwhile: it walks back from the end by index (each
+    read is atomic), skipping entries seen twice as the end moves."""
+    fresh: list[tuple] = []
+    back = 1
+    while back <= len(log):
+        try:
+            entry = log[-back]
+        except IndexError:
+            break
+        if entry[0] <= cursor:
+            break
+        if not fresh or entry[0] < fresh[-1][0]:
+            fresh.append(entry)
+        back += 1
+    fresh.reverse()
+    return fresh
 
 
 def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,

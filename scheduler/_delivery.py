@@ -105,7 +105,7 @@ class HostLink:
                 for reply in self._watch_call:
                     opened = True
                     self.scheduler.note_progress(self.host, reply.executed, reply.received,
-                                                 reply.completed, reply.hang)
+                                                 reply.completed, reply.hang, reply.arrived)
             except grpc.RpcError as err:
                 if self.closed or err.code() == grpc.StatusCode.CANCELLED:
                     return
