@@ -26,7 +26,7 @@ import jax
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _limits, _wire
+from runtime import _auth, _limits, _visibility, _wire
 from runtime._admission import Admission, Chain
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                              NotFoundError, PathwaysError, ResourceExhaustedError, abort)
@@ -76,6 +76,7 @@ class _Session:
     slices: set[int] = dataclasses.field(default_factory=set)
     arrays: set[int] = dataclasses.field(default_factory=set)
     executables: set[int] = dataclasses.field(default_factory=set)
+    executable_bytes: int = 0  # serialized bytes of its loaded executables
     programs: set[int] = dataclasses.field(default_factory=set)
     nbytes: int = 0  # device memory of its live arrays (replicas counted), for the quota
 
@@ -94,6 +95,7 @@ class _Executable:
     donated: frozenset[int]
     fingerprint: str = ""
     output_bytes: tuple[int, ...] = ()  # device memory of each output, replicas counted
+    nbytes: int = 0  # serialized size
 
     @property
     def key(self) -> tuple:
@@ -342,16 +344,19 @@ class Controller:
             scheduler.fail(HostLostError(f"{record.describe()} of island {island} left the "
                                          f"cluster"))
 
-    def status(self) -> pb.GetStatusReply:
+    def status(self, viewer: int | None = None) -> pb.GetStatusReply:
         """Hosts (each pinged now: what it runs or waits for), slices, and per island the order
-        and the client queues in front of it."""
+        and the client queues in front of it. With a `viewer` session, only what concerns it
+        (runtime._visibility: its slices and queues; not what hosts run for others). Slices are
+        listed up to Limits.status_slice_bytes; `slices_omitted` counts the rest."""
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
             reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays))
-            hosts = self.resources.hosts()
             probes = dict(self._probes)
-            reply.slices.extend(self._slice_info(s) for s in self.resources.slices())
             schedulers = sorted(self._schedulers.items())
+        hosts = self.resources.hosts()
+        self._list_slices(reply, [r for r in self.resources.slices()
+                                  if viewer is None or r.session_id == viewer])
         pings = {key: stub.Ping.future(pb.PingRequest(), timeout=STATUS_PING_TIMEOUT_S)
                  for key, (_, stub) in probes.items()
                  if any((h.island, h.host) == key and h.alive for h in hosts)}
@@ -380,17 +385,37 @@ class Controller:
             reply.hosts.append(info)
         for _, scheduler in schedulers:
             reply.islands.append(scheduler.status())
+        if viewer is not None:
+            _visibility.restrict(reply, viewer)
         return reply
+
+    def _list_slices(self, reply: pb.GetStatusReply, records: Sequence[SliceRecord]) -> None:
+        """Adds slice descriptions to a status reply, within its byte budget."""
+        budget = self.limits.status_slice_bytes
+        hosts: dict[int, list[HostRecord]] = {}
+        for record in sorted(records, key=lambda r: r.slice_id):
+            island = hosts.get(record.island)
+            if island is None:
+                island = hosts[record.island] = self.resources.island_hosts(record.island)
+            info = self._slice_info(record, island)
+            budget -= info.ByteSize()
+            if budget < 0:
+                reply.slices_omitted += 1
+            else:
+                reply.slices.append(info)
 
     # -- slices -----------------------------------------------------------------------------------
 
-    def _slice_info(self, record: SliceRecord) -> pb.SliceInfo:
-        hosts = self.resources.island_hosts(record.island)
+    def _slice_info(self, record: SliceRecord,
+                    hosts: Sequence[HostRecord] | None = None) -> pb.SliceInfo:
+        """A slice as hosts and clients see it (`hosts`: its island's, when known already)."""
+        hosts = self.resources.island_hosts(record.island) if hosts is None else hosts
         return pb.SliceInfo(
             slice_id=record.slice_id, island=record.island, mesh_shape=record.mesh_shape,
             axis_names=record.axis_names,
             devices=[pb.SliceDevice(host=h, device=d) for h, d in record.devices],
-            host_addresses=[h.address for h in hosts], platform=hosts[0].platform)
+            host_addresses=[h.address for h in hosts],
+            platform=hosts[0].platform if hosts else "")
 
     def create_slice(self, session_id: int, mesh_shape: Sequence[int], axis_names: Sequence[str],
                      island: int = -1) -> pb.SliceInfo:
@@ -455,14 +480,21 @@ class Controller:
                 raise ResourceExhaustedError(
                     f"session {request.session_id} holds {len(session.executables)} "
                     f"executables, its limit; release a slice (and its executables) first")
+            nbytes = len(request.serialized)
+            if session.executable_bytes + nbytes > self.limits.executable_bytes_per_session:
+                raise ResourceExhaustedError(
+                    f"session {request.session_id} would hold "
+                    f"{session.executable_bytes + nbytes} bytes of executables, over its limit "
+                    f"of {self.limits.executable_bytes_per_session}; release a slice first")
             exe = _Executable(next(self._executable_ids), request.session_id, request.slice_id,
                               request.name, tuple(request.inputs), tuple(request.outputs), donated,
-                              fingerprint, output_bytes)
+                              fingerprint, output_bytes, nbytes)
             for v in exe.inputs + exe.outputs:
                 v.sharding.slice_id = request.slice_id
             self._executables[exe.executable_id] = exe
             self._executable_keys[key] = exe.executable_id
             session.executables.add(exe.executable_id)
+            session.executable_bytes += nbytes
             self._slice_executables.setdefault(request.slice_id, set()).add(exe.executable_id)
             self._scheduler(record.island).submit([pb.Instruction(load=pb.LoadInstruction(
                 executable_id=exe.executable_id, slice_id=request.slice_id,
@@ -479,6 +511,7 @@ class Controller:
         session = self._sessions.get(exe.session_id)
         if session is not None:
             session.executables.discard(executable_id)
+            session.executable_bytes -= exe.nbytes
         on_slice = self._slice_executables.get(exe.slice_id)
         if on_slice is not None:
             on_slice.discard(executable_id)
@@ -675,7 +708,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return pb.UnregisterHostReply()
 
     def GetStatus(self, request, context):
-        return self.controller.status()
+        controller = self.controller
+        return controller.status(_visibility.viewer(context, controller.controller_id,
+                                                    controller.credentials.host_token))
 
     def CreateSlice(self, request, context):
         info = self._call(context, self.controller.create_slice, request.session_id,

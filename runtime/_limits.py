@@ -60,6 +60,9 @@ class Limits:
     slices_per_session: int = 64
     arrays_per_session: int = 1 << 20
     executables_per_session: int = 4096
+    #: Serialized executable bytes one session may have loaded (the controller keeps them to
+    #: replay to hosts that join an island).
+    executable_bytes_per_session: int = 1 << 30
     programs_per_session: int = 4096
     #: Concurrent calls one session may have on the controller, and streams (PutArray, GetArray)
     #: on one host; calls over the limit fail at once with RESOURCE_EXHAUSTED.

@@ -90,6 +90,7 @@ class _Loaded:
     skip: bool = False  # this host holds no device of the slice: nothing to do here
     multi_host: bool = False  # the slice spans hosts (its collectives cross processes)
     overlap: bool = False  # no collectives: may run while the previous execution finishes
+    cache_key: tuple | None = None  # its compilation's, shared by alike loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,8 +361,7 @@ class Worker:
         elif kind == "send":
             self._send(ins.send, ins.sequence)
         elif kind == "release_slice":
-            with self._cond:
-                self._slices.pop(ins.release_slice.slice_id, None)
+            self._release_slice(ins.release_slice.slice_id)
 
     def _load(self, load: pb.LoadInstruction) -> None:
         donated = tuple(load.donated)
@@ -385,11 +385,28 @@ class Worker:
                 load.name, compiled, None, tuple(_host_nbytes(v, info, self.host)
                                                  for v in load.outputs), donated,
                 sum(d.host == self.host for d in info.devices), load.slice_id,
-                multi_host=multi_host, overlap=no_collectives and not multi_host)
+                multi_host=multi_host, overlap=no_collectives and not multi_host, cache_key=key)
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")
-            self._loaded[load.executable_id] = _Loaded(load.name, None, error, (), donated)
+            self._loaded[load.executable_id] = _Loaded(load.name, None, error, (), donated,
+                                                       slice_id=load.slice_id)
+
+    def _release_slice(self, slice_id: int) -> None:
+        """Forgets a released slice and unloads its executables; a compilation goes with the
+        last executable that uses it (alike slices of several sessions share one)."""
+        with self._cond:
+            self._slices.pop(slice_id, None)
+            self._foreign.discard(slice_id)
+        gone = [e for e, loaded in self._loaded.items() if loaded.slice_id == slice_id]
+        for executable_id in gone:
+            del self._loaded[executable_id]
+        for executable_id in [e for e, s in self._executable_slices.items() if s == slice_id]:
+            del self._executable_slices[executable_id]
+        if gone:
+            used = {loaded.cache_key for loaded in self._loaded.values()}
+            for key in [k for k in self._compile_cache if k not in used]:
+                del self._compile_cache[key]
 
     def _execute(self, sequence: int, ex: pb.ExecuteInstruction, received: float) -> None:
         picked = time.time()

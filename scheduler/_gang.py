@@ -265,6 +265,15 @@ class GangScheduler:
         if op.WhichOneof("op") in ("define_slice", "load"):
             self._history.append(op)
 
+    def _forget_slice(self, slice_id: int) -> None:
+        """Drops a released slice's definition and loads from the history replayed to joining
+        hosts (they hold every executable's bytes)."""
+        def of_slice(op: pb.Instruction) -> bool:
+            kind = op.WhichOneof("op")
+            return ((kind == "define_slice" and op.define_slice.slice.slice_id == slice_id)
+                    or (kind == "load" and op.load.slice_id == slice_id))
+        self._history = [op for op in self._history if not of_slice(op)]
+
     def _deliver(self, ops: Sequence[pb.Instruction]) -> None:
         for link in self._links.values():
             if not link.failed:
@@ -314,7 +323,8 @@ class GangScheduler:
             self.readiness.sent(item.op.send.destination.array_id)
         elif kind == "delete":  # nothing ordered reads these any more
             self.readiness.forget(item.op.delete.array_ids)
-
+        elif kind == "release_slice":  # a host joining later needs neither mesh nor programs
+            self._forget_slice(item.op.release_slice.slice_id)
         if item.executes:  # charged its estimate now, corrected when the hosts measure it
             sequence, executable = item.op.sequence, item.op.execute.executable_id
             cost = max(MIN_COST_S, self._costs.get(executable, DEFAULT_COST_S))
