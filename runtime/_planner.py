@@ -29,6 +29,8 @@ from runtime._errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundE
                              PathwaysError, ResourceExhaustedError)
 from runtime._placement import Placement, Placer
 
+from scheduler._gang import force_all
+
 if TYPE_CHECKING:
     from runtime._controller import Controller, _Executable, _Session
     from scheduler import OrderTicket
@@ -142,13 +144,18 @@ class Ordering:
         error per handle that got no place: its inputs never came). `timeout` bounds the whole
         wait, over every island."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        tickets = [t for t in self._tickets.values() if not isinstance(t, PathwaysError)]
+        for ticket in tickets:
+            if not ticket.done.wait(None if deadline is None
+                                    else max(0.0, deadline - time.monotonic())):
+                force_all(tickets)  # the client's deadline is near: all islands at once
+                break
         sequence, errors, failed = {}, {}, {}
         for island, ticket in self._tickets.items():
             try:
                 if isinstance(ticket, PathwaysError):
                     raise ticket
-                left = None if deadline is None else max(0.0, deadline - time.monotonic())
-                for i, seq in enumerate(ticket.wait(left)):
+                for i, seq in enumerate(ticket.result()):
                     if i in ticket.failed:
                         failed[(island, i)] = ticket.failed[i]
                     else:

@@ -114,9 +114,25 @@ class OrderTicket:
         DeadlineExceededError for a hang)."""
         if not self.done.wait(timeout):
             self.scheduler._force(self)
+        return self.result()
+
+    def result(self) -> list[int]:
+        """The sequence numbers of a ticket that is done (see wait)."""
         if self.error is not None:
             raise self.error
         return self.sequences
+
+
+def force_all(tickets: Sequence[OrderTicket]) -> None:
+    """Orders the rest of several tickets' batches at once (a request's, on several islands):
+    first whatever can be ordered, island after island, as long as that frees more (a copy's send
+    ordered on one island lets what reads the copy on another be ordered), then what still waits
+    for inputs fails."""
+    late = [t for t in tickets if not t.done.is_set()]
+    while any([t.scheduler._force(t, fail_blocked=False) for t in late]):
+        pass
+    for ticket in late:
+        ticket.scheduler._force(ticket)
 
 
 class GangScheduler:
@@ -371,25 +387,29 @@ class GangScheduler:
         """Tenants whose head may be ordered now."""
         return [t for t in self._tenants.values() if t.queue and self._ready(t)]
 
-    def _force(self, ticket: OrderTicket) -> None:
+    def _force(self, ticket: OrderTicket, *, fail_blocked: bool = True) -> bool:
         """Orders the rest of a ticket's batch (and what precedes it in its queue) now; an
         instruction whose inputs do not exist yet fails instead (ordered, it would stop the
-        island until they came)."""
+        island until they came), or, unless `fail_blocked`, stops it. Whether it ordered any."""
         with self.cond:
             if ticket.error is not None or not ticket.remaining:
-                return
-            log.warning("island %d: ordering %d instructions of session %d ahead of their turn "
-                        "(the client's deadline is near)", self.island, ticket.remaining,
-                        ticket.tenant.session_id)
+                return False
             batch: list[pb.Instruction] = []
             tenant = ticket.tenant
             while ticket.remaining and tenant.queue:
                 if self._ready(tenant):
                     self._order_head(tenant, batch)
-                else:
+                elif fail_blocked:
                     self._fail_head(tenant, self._input_error(tenant.queue[0],
                                                               "by its request's deadline"))
+                else:
+                    break
+            if batch:
+                log.warning("island %d: ordered %d instructions of session %d ahead of their "
+                            "turn (the client's deadline is near)", self.island, len(batch),
+                            tenant.session_id)
             self._deliver(batch)
+            return bool(batch)
 
     def _expire(self, now: float) -> None:
         """Fails the heads of queues that waited longer than input_wait_s for their inputs (a

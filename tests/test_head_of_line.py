@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
 from runtime import _wire
+from scheduler import GangScheduler
 
 
 class _Stalled:
@@ -185,3 +186,35 @@ def test_the_gate_lets_others_go_first_opens_on_arrival_and_expires():
         assert after.wait(5)[0] > second
     finally:
         scheduler.close()
+
+
+def test_a_deadline_orders_a_copy_and_its_reader_across_islands():
+    """At a request's deadline its islands are forced together: the send ordered on one island
+    makes the copy's reader on the other orderable, so neither fails. (Forced one island at a
+    time, the reader, tried first, would fail for want of a send not yet forced.)"""
+    from runtime._planner import Ordering
+    from scheduler import Readiness
+    from test_multitenant import FakeLink, calls
+
+    readiness = Readiness()
+    a, b = (GangScheduler(i, "controller", lambda *args: None, policy="fifo", window_s=1e-6,
+                          link_factory=FakeLink, readiness=readiness) for i in (0, 1))
+    try:
+        for scheduler in (a, b):
+            scheduler.set_host(0, "fake:0")
+        b.enqueue(9, calls(1, 2))  # another tenant fills island 1's window: nothing else runs
+        readiness.expect_send(20, 0)  # the copy on island 0 of array 11 of island 1
+        on_a = a.enqueue(1, [pb.Instruction(expect=pb.ExpectArrayInstruction(
+            spec=pb.ArraySpec(array_id=20))), pb.Instruction(execute=pb.ExecuteInstruction(
+                executable_id=2, inputs=[20], outputs=[21]))])
+        on_b = b.enqueue(1, [pb.Instruction(execute=pb.ExecuteInstruction(
+            executable_id=3, outputs=[11])), pb.Instruction(send=pb.SendInstruction(
+                array_id=11, destination=pb.ArraySpec(array_id=20)))])
+        time.sleep(0.3)
+        assert not on_a.done.is_set() and not on_b.done.is_set()
+        sequence, errors, failed = Ordering({0: on_a, 1: on_b}).wait(0.2)
+        assert not errors and not failed
+        assert len(sequence) == 4 and all(sequence.values())
+    finally:
+        a.close()
+        b.close()
