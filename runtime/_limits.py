@@ -58,7 +58,7 @@ class Limits:
     #: Open sessions, and what one session may hold at once.
     sessions: int = 1024
     slices_per_session: int = 64
-    arrays_per_session: int = 1 << 20
+    arrays_per_session: int = 1 << 18
     executables_per_session: int = 4096
     #: Serialized executable bytes one session may have loaded (the controller keeps them to
     #: replay to hosts that join an island).

@@ -248,3 +248,23 @@ def test_arrays_that_cannot_fit_their_devices_are_refused_with_their_sizes(clust
     with pytest.raises(ResourceExhaustedError, match="bytes on each device"):
         huge()
     bystander.check()
+
+
+def test_what_a_session_holds_is_bounded(cluster, bystander, attacker, monkeypatch):
+    """Arrays and executable bytes per session (shrunk here): past them RESOURCE_EXHAUSTED for
+    that session alone."""
+    import dataclasses
+
+    small = dataclasses.replace(LIMITS, arrays_per_session=3, executable_bytes_per_session=4096)
+    monkeypatch.setattr(cluster.controller, "limits", small)
+    monkeypatch.setattr(cluster.controller.planner, "limits", small)
+    s = attacker.slice({"d": 1}, island=0)
+    attacker.put(np.zeros((3, 4), np.float32), s)
+    attacker.put(np.zeros((2, 4), np.float32), s)
+    with pytest.raises(ResourceExhaustedError, match="arrays, over its limit of 3"):
+        attacker.put([np.zeros(4, np.float32)] * 2, s)
+    request = _load(attacker, s, _exported() + bytes(8192))
+    code, details = _code(lambda: attacker._stub.LoadExecutable(request, timeout=30))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "bytes of executables" in details
+    monkeypatch.undo()
+    bystander.check()
