@@ -44,11 +44,6 @@ log = logging.getLogger(__name__)
 ID_BITS = _auth.ID_BITS
 #: A host's address: HOST:PORT, HOST a name, an IPv4 address or a bracketed IPv6 one.
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]{1,253}):([0-9]{1,5})$")
-
-
-def _is_address(address: str) -> bool:
-    match = _ADDRESS.match(address)
-    return match is not None and 0 < int(match.group(2)) < 65536
 #: Liveness probes: interval, and misses before a host is declared lost (detection < 2 s).
 HEARTBEAT_INTERVAL_S = 0.5
 HEARTBEAT_MISSES = 2
@@ -66,6 +61,11 @@ ORDER_DEADLINE_MARGIN_S = 2.0
 MAX_INCOMING = 4096
 #: Deadline of the pings `status` sends to every host.
 STATUS_PING_TIMEOUT_S = 1.0
+
+
+def _is_address(address: str) -> bool:
+    match = _ADDRESS.match(address)
+    return match is not None and 0 < int(match.group(2)) < 65536
 
 
 @dataclasses.dataclass
@@ -560,8 +560,13 @@ class Controller:
             None if deadline is None else max(0.0, deadline - time.monotonic()))]
 
     def register_program(self, request: pb.RegisterProgramRequest) -> int:
+        """Checks a traced program (outside the lock: its work is the request's own) and
+        registers it."""
         with self._lock:
-            return self.planner.register_program(self._session(request.session_id), request)
+            session = self._session(request.session_id)
+        program = self.planner.plan_program(session, request)
+        with self._lock:
+            return self.planner.add_program(self._session(request.session_id), program)
 
     def delete_arrays(self, session_id: int, array_ids: Sequence[int]) -> None:
         """Deletes arrays (NOT_FOUND for an unknown id) after the work already ordered."""

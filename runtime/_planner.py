@@ -301,11 +301,12 @@ class Planner:
                         array_ids=ids[first:first + IDS_PER_DELETE])))
 
     def _check_placement(self, session: _Session, dtype: str, shape: Sequence[int],
-                         sharding: pb.Sharding, what: str = "value") -> Placement:
+                         sharding: pb.Sharding, what: str = "value",
+                         placer: Placer | None = None) -> Placement:
         """Validates a value's dtype, shape and sharding on an owned slice, and that it fits its
         devices; returns its placement."""
-        placement = Placer(self.controller.resources, session.session_id).place(
-            dtype, shape, sharding, what)
+        placer = placer or Placer(self.controller.resources, session.session_id)
+        placement = placer.place(dtype, shape, sharding, what)
         self.controller._check_island(placement.island)
         return placement
 
@@ -434,15 +435,15 @@ class Planner:
 
     # -- programs ---------------------------------------------------------------------------------
 
-    def register_program(self, session: _Session, request: pb.RegisterProgramRequest) -> int:
-        """Checks a traced dataflow graph once, so that each run is only ids."""
-        if len(session.programs) >= self.limits.programs_per_session:
-            raise ResourceExhaustedError(f"session {session.session_id} holds "
-                                         f"{len(session.programs)} programs, its limit")
+    def plan_program(self, session: _Session, request: pb.RegisterProgramRequest) -> _Program:
+        """Checks a traced dataflow graph once, so that each run is only ids. Reads only records
+        that do not change (slices, executables), so callers run it outside the controller's
+        lock; `add_program` registers the result. Linear in the graph's size."""
+        placer = Placer(self.controller.resources, session.session_id)
         values: list[_Value] = []
         for i, spec in enumerate(request.inputs):
             placement = self._check_placement(session, spec.dtype, spec.shape, spec.sharding,
-                                              f"program input {i}")
+                                              f"program input {i}", placer)
             values.append(_Value(spec.dtype, tuple(spec.shape), spec.sharding, placement.island,
                                  placement.total_bytes))
         num_inputs = len(values)
@@ -473,7 +474,8 @@ class Planner:
             elif kind == "transfer":
                 source = use(node.transfer.input, n)
                 placement = self._check_placement(session, source.dtype, source.shape,
-                                                  node.transfer.sharding, f"program node {n}")
+                                                  node.transfer.sharding, f"program node {n}",
+                                                  placer)
                 values.append(_Value(source.dtype, source.shape, node.transfer.sharding,
                                      placement.island, placement.total_bytes))
             else:
@@ -484,9 +486,16 @@ class Planner:
                 raise InvalidArgumentError(f"program output value {v} is not a live computed value")
         if len(set(outputs)) != len(outputs):
             raise InvalidArgumentError("a program value is returned twice")
-        program = _Program(next(self._program_ids), session.session_id, request.name,
-                           tuple(values), num_inputs, tuple(request.nodes), outputs,
-                           frozenset(v for v in consumed if v < num_inputs))
+        return _Program(0, session.session_id, request.name, tuple(values), num_inputs,
+                        tuple(request.nodes), outputs,
+                        frozenset(v for v in consumed if v < num_inputs))
+
+    def add_program(self, session: _Session, program: _Program) -> int:
+        """Registers a planned program (under the controller's lock); returns its id."""
+        if len(session.programs) >= self.limits.programs_per_session:
+            raise ResourceExhaustedError(f"session {session.session_id} holds "
+                                         f"{len(session.programs)} programs, its limit")
+        program = dataclasses.replace(program, program_id=next(self._program_ids))
         self.programs[program.program_id] = program
         session.programs.add(program.program_id)
         return program.program_id
