@@ -114,8 +114,9 @@ class Admission(grpc.ServerInterceptor):
 
         if handler.response_streaming:
             def limited(request, context):
+                # Released when the handler ends, not when the client goes: a handler still
+                # waiting holds its thread, and counts until it lets go.
                 call = admit(session, method, context)
-                context.add_callback(lambda: release(call))  # also when the client goes away
                 try:
                     if handler.request_streaming:
                         request = wrap_requests(iter(request), call)

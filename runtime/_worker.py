@@ -69,8 +69,9 @@ MAX_FAILED_EARLY = 4096
 ARRIVALS_KEPT = 1 << 16
 #: Deadline for streaming one array to another host.
 TRANSFER_TIMEOUT_S = 300.0
-#: Longest wait a GetArray may ask for.
+#: Longest wait a GetArray may ask for, and how often a waiting one checks its caller is there.
 MAX_GET_TIMEOUT_S = 3600.0
+CALLER_CHECK_S = 0.5
 #: Longest a computation on a multi-host slice may wait for the slice's other hosts to reach it
 #: (0: forever). Past it the computation is reported hung (runtime._hang).
 EXECUTION_DEADLINE_S = 30.0
@@ -287,18 +288,20 @@ class Worker:
         self._slices[info.slice_id] = (mesh, info)
         self._foreign.discard(info.slice_id)
 
-    def wait_received(self, sequence: int, timeout: float) -> None:
-        """Waits until instructions up to `sequence` of the island's order have arrived."""
+    def wait_received(self, sequence: int, timeout: float,
+                      active: Callable[[], bool] = lambda: True) -> None:
+        """Waits until instructions up to `sequence` of the island's order have arrived, or the
+        caller is gone (`active()` false)."""
         timeout = _limits.check_seconds(timeout, "timeout")
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._received < sequence:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or not active():
                     raise DeadlineExceededError(
                         f"host {self.island}.{self.host} has not received instruction #{sequence} "
                         f"within {timeout:.1f} s (received up to #{self._received})")
-                self._cond.wait(left)
+                self._cond.wait(min(left, CALLER_CHECK_S))
 
     def mesh(self, slice_id: int, timeout: float = 0.0) -> tuple[Mesh, pb.SliceInfo]:
         """The concrete mesh of a slice, waiting up to `timeout` s for its definition to arrive."""
@@ -690,15 +693,26 @@ class Worker:
             spec.array_id, value, sum(placed[p].nbytes for p in placed)))
         return sum(s.data.nbytes for s in shards)
 
-    def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S
-            ) -> Iterator[pb.ArrayChunk]:
+    def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S,
+            active: Callable[[], bool] = lambda: True) -> Iterator[pb.ArrayChunk]:
         """Chunks of the requested (or all distinct) shards of an array, waiting for it if pending
-        (up to the request's timeout, at most `limit` s: the caller's deadline)."""
+        (up to the request's timeout, at most `limit` s: the caller's deadline; no longer once
+        `active()` says the caller is gone: a cancelled read does not hold its thread)."""
         timeout = min(_limits.check_seconds(request.timeout_s, "timeout_s", MAX_GET_TIMEOUT_S),
                       max(limit, 0.0))
         deadline = time.monotonic() + timeout
-        self.wait_received(request.after_sequence, timeout)
-        value = self.store.get(request.array_id, max(0.0, deadline - time.monotonic()))
+        self.wait_received(request.after_sequence, timeout, active)
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                value = self.store.get(request.array_id, min(left, CALLER_CHECK_S))
+                break
+            except DeadlineExceededError as exc:
+                if not getattr(exc, "raised_by_store", False):
+                    raise  # the producer's own failure
+                if left <= CALLER_CHECK_S or not active():
+                    raise DeadlineExceededError(f"array {request.array_id} was not produced "
+                                                f"within {timeout:.1f} s") from None
         distinct: dict[_wire.Index, jax.Array] = {}
         for shard in value.addressable_shards:
             index = tuple((s.start or 0, value.shape[d] if s.stop is None else s.stop)
@@ -923,7 +937,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def GetArray(self, request, context):
         try:
-            chunks = self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S))
+            chunks = self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S),
+                                     context.is_active)
         except PathwaysError as exc:
             abort(context, exc)
         yield from chunks

@@ -209,3 +209,33 @@ def test_a_host_with_every_thread_busy_keeps_its_heartbeat_and_dispatch():
                 for stall in stalls:
                     stall.release.set()
             np.testing.assert_array_equal(y.fetch(timeout=60), np.arange(8) * 2)
+
+
+def test_waiting_fetches_count_against_their_sessions_allowance(cluster, bystander):
+    """Fetches waiting on a host for an array that never comes hold the session's allowance;
+    one more is refused at once; the bystander's fetches are not."""
+    attacker = cluster.client("waiting")
+    try:
+        s = attacker.slice({"d": 1}, island=0)
+        (spec,) = _declare(attacker, s, 1)
+        stub = attacker._worker_stub(s.info.host_addresses[0])
+        request = pb.GetArrayRequest(array_id=spec.array_id, timeout_s=60)
+        waiting = [stub.GetArray(request, timeout=60) for _ in range(DEFAULT.streams_per_session)]
+        admission = cluster.workers[0].admission
+        deadline = time.monotonic() + 30
+        while (admission.open_calls(attacker.session_id) < DEFAULT.streams_per_session
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as info:
+            next(stub.GetArray(request, timeout=10))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "its limit of 16" in info.value.details()
+        bystander.check()
+        for call in waiting:
+            call.cancel()
+        deadline = time.monotonic() + 10
+        while admission.open_calls(attacker.session_id) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert admission.open_calls(attacker.session_id) == 0
+    finally:
+        attacker.close()
