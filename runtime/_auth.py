@@ -337,6 +337,9 @@ class _MetadataInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamCli
 #: authorize(method, request, session key or None, caller holds the host token): raises a
 #: PathwaysError (e.g. PermissionDeniedError) when the caller may not make this call.
 Authorize = Callable[[str, object, "str | None", bool], None]
+#: screen(method, request): raises a PathwaysError when a parsed request (each message of a
+#: stream) is out of bounds (runtime._limits).
+Screen = Callable[[str, object], None]
 
 
 class ServerGuard(grpc.ServerInterceptor):
@@ -349,6 +352,8 @@ class ServerGuard(grpc.ServerInterceptor):
     - Bytes that are not a valid message: INVALID_ARGUMENT (gRPC itself would answer INTERNAL).
     - `authorize` raising a PathwaysError: its status (streamed requests: checked on the first
       message).
+    - `screen` raising a PathwaysError for a parsed message (runtime._limits: fields out of
+      bounds): its status; every message of a stream is screened.
     - A handler raising a stray ValueError, TypeError, KeyError, IndexError or OverflowError (a field
       combination validation missed): INVALID_ARGUMENT rather than UNKNOWN.
 
@@ -356,11 +361,13 @@ class ServerGuard(grpc.ServerInterceptor):
     """
 
     def __init__(self, token: str | None = None, *, host_token: str | None = None,
-                 host_methods: Sequence[str] = (), authorize: Authorize | None = None) -> None:
+                 host_methods: Sequence[str] = (), authorize: Authorize | None = None,
+                 screen: Screen | None = None) -> None:
         self._token = token.encode() if token else None
         self._host_token = host_token.encode() if host_token else None
         self._host_methods = frozenset(host_methods)
         self._authorize = authorize
+        self._screen = screen
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -388,7 +395,20 @@ class ServerGuard(grpc.ServerInterceptor):
                     authorize(method, request, key, is_host)
                 except PathwaysError as exc:
                     _abort(context, exc.code, str(exc), type(exc).__name__)
-        return _guarded(handler, method, check)
+        return _guarded(handler, method, check, self._screened(method))
+
+    def _screened(self, method: str):
+        """The request screen for `method` as the parser applies it, or None."""
+        if self._screen is None:
+            return None
+        screen = self._screen
+
+        def apply(request, context):
+            try:
+                screen(method, request)
+            except PathwaysError as exc:
+                _abort(context, exc.code, str(exc), type(exc).__name__)
+        return apply
 
 
 def _equal(presented: str | None, expected: bytes) -> bool:
@@ -413,21 +433,24 @@ def _refusal(handler, code: grpc.StatusCode, message: str, name: str):
     return _handler(handler, behaviour, None)
 
 
-def _parse(deserializer, raw: bytes, context, method: str):
+def _parse(deserializer, raw: bytes, context, method: str, screen=None):
     try:
-        return deserializer(raw) if deserializer is not None else raw
+        request = deserializer(raw) if deserializer is not None else raw
     except Exception as exc:  # protobuf's DecodeError, or anything a corrupt message provokes
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                f"{method}: request is not a valid message ({type(exc).__name__})",
                InvalidArgumentError.__name__)
+    if screen is not None:
+        screen(request, context)
+    return request
 
 
 _STRAY = (ValueError, TypeError, KeyError, IndexError, OverflowError)
 
 
-def _guarded(handler, method: str, check):
-    """`handler` with its requests parsed (and the first one checked) by the guard, and stray
-    exceptions mapped."""
+def _guarded(handler, method: str, check, screen):
+    """`handler` with its requests parsed and screened (every message of a stream), the first
+    one checked by the guard, and stray exceptions mapped."""
     deserialize = handler.request_deserializer
     behaviour = (handler.unary_unary or handler.unary_stream or handler.stream_unary
                  or handler.stream_stream)
@@ -441,7 +464,7 @@ def _guarded(handler, method: str, check):
         def requests(raw_iterator: Iterator[bytes], context) -> Iterator:
             first = True
             for raw in raw_iterator:
-                request = _parse(deserialize, raw, context, method)
+                request = _parse(deserialize, raw, context, method, screen)
                 if first and check is not None:
                     check(request, context)
                 first = False
@@ -461,7 +484,7 @@ def _guarded(handler, method: str, check):
                     stray(context, exc)
     elif handler.response_streaming:
         def call(raw, context):
-            request = _parse(deserialize, raw, context, method)
+            request = _parse(deserialize, raw, context, method, screen)
             if check is not None:
                 check(request, context)
             try:
@@ -470,7 +493,7 @@ def _guarded(handler, method: str, check):
                 stray(context, exc)
     else:
         def call(raw, context):
-            request = _parse(deserialize, raw, context, method)
+            request = _parse(deserialize, raw, context, method, screen)
             if check is not None:
                 check(request, context)
             try:

@@ -26,15 +26,18 @@ import jax
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _metrics_state, _stablehlo, _wire
+from runtime import _auth, _limits, _metrics_state, _stablehlo, _visibility, _wire
+from runtime._admission import Admission, Chain
 from runtime._errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
-                             NotFoundError, PathwaysError, abort)
+                             NotFoundError, PathwaysError, ResourceExhaustedError, abort)
 from runtime._leases import DEFAULT_SESSION_LEASE_S, SessionLeases
 from runtime._metrics import CountingInterceptor
-from runtime._planner import Planner
+from runtime._placement import Placer
+from runtime._planner import Planner, command_result
 # Submodules, not the package: `import scheduler` first imports the runtime, which lands here.
 from scheduler._gang import GangScheduler, OrderTicket
 from scheduler._policy import check_weight, make_policy
+from scheduler._readiness import Readiness
 from scheduler._resources import HostRecord, ResourceManager, SliceRecord
 
 log = logging.getLogger(__name__)
@@ -53,8 +56,6 @@ SLICE_FLUSH_TIMEOUT_S = 10.0
 #: long a client's commands wait for it to catch up.
 MAX_BACKLOG = 4096
 BACKLOG_TIMEOUT_S = 120.0
-#: Largest serialized executable accepted.
-MAX_EXECUTABLE_BYTES = 256 << 20
 #: A request waiting for its turn in an island's order is ordered at once this long before the
 #: client's deadline (its commands would otherwise be lost to the deadline).
 ORDER_DEADLINE_MARGIN_S = 2.0
@@ -64,6 +65,11 @@ MAX_INCOMING = 4096
 STATUS_PING_TIMEOUT_S = 1.0
 
 
+def _is_address(address: str) -> bool:
+    match = _ADDRESS.match(address)
+    return match is not None and 0 < int(match.group(2)) < 65536
+
+
 @dataclasses.dataclass
 class _Session:
     session_id: int
@@ -71,6 +77,9 @@ class _Session:
     weight: float = 1.0  # proportional share
     slices: set[int] = dataclasses.field(default_factory=set)
     arrays: set[int] = dataclasses.field(default_factory=set)
+    executables: set[int] = dataclasses.field(default_factory=set)
+    executable_bytes: int = 0  # serialized bytes of its loaded executables
+    programs: set[int] = dataclasses.field(default_factory=set)
     nbytes: int = 0  # device memory of its live arrays (replicas counted), for the quota
 
     def owns_id(self, array_id: int) -> bool:
@@ -86,6 +95,14 @@ class _Executable:
     inputs: tuple[pb.ValueSpec, ...]
     outputs: tuple[pb.ValueSpec, ...]
     donated: frozenset[int]
+    fingerprint: str = ""
+    output_bytes: tuple[int, ...] = ()  # device memory of each output, replicas counted
+    nbytes: int = 0  # serialized size
+
+    @property
+    def key(self) -> tuple:
+        """Equal loads of one session on one slice share an executable."""
+        return (self.session_id, self.slice_id, self.fingerprint, self.donated)
 
 
 class Controller:
@@ -98,14 +115,17 @@ class Controller:
     (None: unbounded); a command that would pass it fails with ResourceExhaustedError, alone.
     A session not heard from for `session_lease_s` seconds is ended as if it had disconnected,
     its arrays and slices freed (runtime._leases; 0: sessions live until they disconnect).
+    `limits` bound every request and what each session may hold (runtime._limits).
     """
 
     def __init__(self, *, heartbeat: bool = True, policy: str = "fifo",
                  credentials: _auth.Credentials | None = None,
                  session_quota_bytes: int | None = None,
-                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S,
+                 limits: _limits.Limits = _limits.DEFAULT) -> None:
         make_policy(policy)  # InvalidArgumentError for an unknown name
         self.policy = policy
+        self.limits = limits
         self.credentials = credentials or _auth.Credentials()
         if session_quota_bytes is not None and session_quota_bytes < 0:
             raise InvalidArgumentError("the session quota cannot be negative")
@@ -118,14 +138,19 @@ class Controller:
         # source island -> (island, spec) of arrays other islands expect from it (report_host_lost)
         self._incoming: dict[int, collections.deque] = {}
         self.resources = ResourceManager()
+        # Arrays that do not exist yet (puts on their way, copies whose send is not ordered):
+        # what reads them waits in its client's queue, not in an island's order.
+        self.readiness = Readiness()
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, _Session] = {}
         self.planner = Planner(self)
         self._executables: dict[int, _Executable] = {}
         self._executable_keys: dict[tuple, int] = {}
+        self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
         self._session_ids = itertools.count(1)
         self._executable_ids = itertools.count(1)
         self._lock = threading.RLock()
+        self.admission: Admission | None = None  # its server's (create_controller_server)
         self._stop = threading.Event()
         self._probes: dict[tuple[int, int], tuple[grpc.Channel, pb_grpc.WorkerStub]] = {}
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
@@ -141,6 +166,9 @@ class Controller:
         """Opens a session; `weight` is its proportional share (0: 1)."""
         weight = check_weight(weight)
         with self._lock:
+            if len(self._sessions) >= self.limits.sessions:
+                raise ResourceExhaustedError(f"the controller has {len(self._sessions)} open "
+                                             f"sessions, its limit; close one first")
             session = _Session(next(self._session_ids), name, weight)
             self._sessions[session.session_id] = session
             self.leases.open(session.session_id)
@@ -153,8 +181,8 @@ class Controller:
             self.planner.drop_session(session)
             for slice_id in sorted(session.slices):
                 self.release_slice(session_id, slice_id)
-            for key in [k for k, e in self._executable_keys.items() if k[0] == session_id]:
-                del self._executables[self._executable_keys.pop(key)]
+            for executable_id in list(session.executables):
+                self._forget_executable(executable_id)
             del self._sessions[session_id]
             self.leases.end(session_id)
             for scheduler in self._schedulers.values():
@@ -185,11 +213,11 @@ class Controller:
         A host registering on an island that lost one restarts the island: its slices (and the
         arrays and executables on them) are dropped and its order starts afresh (a new epoch), so
         a restarted island starts empty. Sessions that used it get NotFoundError for them."""
-        match = _ADDRESS.match(info.address)
-        if (info.island < 0 or info.host < 0 or info.num_devices <= 0 or match is None
-                or not 0 < int(match.group(2)) < 65536):
+        if (info.island < 0 or info.host < 0 or info.num_devices <= 0
+                or not _is_address(info.address)
+                or (info.control_address and not _is_address(info.control_address))):
             raise InvalidArgumentError("host registration needs island >= 0, host >= 0, "
-                                       "num_devices > 0 and an address HOST:PORT")
+                                       "num_devices > 0 and addresses HOST:PORT")
         if info.island > 1 << 20 or info.host > 1 << 20 or info.num_devices > 1 << 20:
             raise InvalidArgumentError("host registration: island, host or device count too large")
         record = HostRecord(info.island, info.host, info.address, info.platform or "cpu",
@@ -205,11 +233,15 @@ class Controller:
                 scheduler = GangScheduler(
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
-                    open_channel=lambda address: _auth.open_channel(address, self.credentials))
+                    open_channel=lambda address: _auth.open_channel(address, self.credentials),
+                    readiness=self.readiness, input_wait_s=self.limits.input_wait_s)
                 self._schedulers[info.island] = scheduler
-            scheduler.set_host(info.host, info.address)
+            # Dispatch, progress and heartbeat go to the host's control server: client traffic on
+            # its main server cannot make them late (runtime._worker).
+            control = info.control_address or info.address
+            scheduler.set_host(info.host, control)
             old = self._probes.pop((info.island, info.host), None)
-            channel = _auth.open_channel(info.address, self.credentials)
+            channel = _auth.open_channel(control, self.credentials)
             self._probes[(info.island, info.host)] = (channel, pb_grpc.WorkerStub(channel))
         if old:
             old[0].close()
@@ -226,14 +258,12 @@ class Controller:
         for record in [r for r in self.resources.slices() if r.island == island]:
             session = self._sessions.get(record.session_id)
             if session is not None:
-                self.planner.delete(session, [a for a in session.arrays
-                                              if self.planner.arrays[a].island == island],
+                self.planner.delete(session, sorted(self.planner.slice_arrays(record.slice_id)),
                                     strict=False)
                 session.slices.discard(record.slice_id)
             self.resources.release(record.slice_id)
-            for key in [k for k, e in self._executable_keys.items()
-                        if self._executables[e].slice_id == record.slice_id]:
-                del self._executables[self._executable_keys.pop(key)]
+            for executable_id in list(self._slice_executables.get(record.slice_id, ())):
+                self._forget_executable(executable_id)
         for host in self.resources.island_hosts(island):
             probe = self._probes.pop((island, host.host), None)
             if probe is not None:
@@ -336,18 +366,22 @@ class Controller:
             scheduler.fail(HostLostError(f"{record.describe()} of island {island} left the "
                                          f"cluster"))
 
-    def status(self, ping_hosts: bool = True) -> pb.GetStatusReply:
+    def status(self, viewer: int | None = None, ping_hosts: bool = True) -> pb.GetStatusReply:
         """Hosts (each pinged now, unless not `ping_hosts`: what it runs or waits for), slices,
-        and per island the order and the client queues in front of it."""
+        and per island the order and the client queues in front of it. With a `viewer` session,
+        only what concerns it (runtime._visibility: its slices and queues; not what hosts run for
+        others). Slices are listed up to Limits.status_slice_bytes; `slices_omitted` counts the
+        rest."""
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
             reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays),
                                       session_lease_s=self.leases.lease_s,
                                       sessions_expired=self.leases.expired)
-            hosts = self.resources.hosts()
             probes = dict(self._probes)
-            reply.slices.extend(self._slice_info(s) for s in self.resources.slices())
             schedulers = sorted(self._schedulers.items())
+        hosts = self.resources.hosts()
+        self._list_slices(reply, [r for r in self.resources.slices()
+                                  if viewer is None or r.session_id == viewer])
         pings = {key: stub.Ping.future(pb.PingRequest(), timeout=STATUS_PING_TIMEOUT_S)
                  for key, (_, stub) in probes.items()
                  if ping_hosts and any((h.island, h.host) == key and h.alive for h in hosts)}
@@ -376,17 +410,37 @@ class Controller:
             reply.hosts.append(info)
         for _, scheduler in schedulers:
             reply.islands.append(scheduler.status())
+        if viewer is not None:
+            _visibility.restrict(reply, viewer)
         return reply
+
+    def _list_slices(self, reply: pb.GetStatusReply, records: Sequence[SliceRecord]) -> None:
+        """Adds slice descriptions to a status reply, within its byte budget."""
+        budget = self.limits.status_slice_bytes
+        hosts: dict[int, list[HostRecord]] = {}
+        for record in sorted(records, key=lambda r: r.slice_id):
+            island = hosts.get(record.island)
+            if island is None:
+                island = hosts[record.island] = self.resources.island_hosts(record.island)
+            info = self._slice_info(record, island)
+            budget -= info.ByteSize()
+            if budget < 0:
+                reply.slices_omitted += 1
+            else:
+                reply.slices.append(info)
 
     # -- slices -----------------------------------------------------------------------------------
 
-    def _slice_info(self, record: SliceRecord) -> pb.SliceInfo:
-        hosts = self.resources.island_hosts(record.island)
+    def _slice_info(self, record: SliceRecord,
+                    hosts: Sequence[HostRecord] | None = None) -> pb.SliceInfo:
+        """A slice as hosts and clients see it (`hosts`: its island's, when known already)."""
+        hosts = self.resources.island_hosts(record.island) if hosts is None else hosts
         return pb.SliceInfo(
             slice_id=record.slice_id, island=record.island, mesh_shape=record.mesh_shape,
             axis_names=record.axis_names,
             devices=[pb.SliceDevice(host=h, device=d) for h, d in record.devices],
-            host_addresses=[h.address for h in hosts], platform=hosts[0].platform)
+            host_addresses=[h.address for h in hosts],
+            platform=hosts[0].platform if hosts else "")
 
     def create_slice(self, session_id: int, mesh_shape: Sequence[int], axis_names: Sequence[str],
                      island: int = -1, devices: Sequence[pb.SliceDevice] = ()) -> pb.SliceInfo:
@@ -394,6 +448,9 @@ class Controller:
         returning."""
         with self._lock:
             session = self._session(session_id)
+            if len(session.slices) >= self.limits.slices_per_session:
+                raise ResourceExhaustedError(f"session {session_id} holds {len(session.slices)} "
+                                             f"slices, its limit; release one first")
             if island >= 0 and island in {h.island for h in self.resources.hosts()}:
                 self._check_island(island)
             record = self.resources.allocate(session_id, mesh_shape, axis_names, island,
@@ -412,8 +469,10 @@ class Controller:
                 raise NotFoundError(f"slice {slice_id} is not a slice of this session")
             record = self.resources.release(slice_id)
             session.slices.discard(slice_id)
-            self.planner.delete(session, [a for a in session.arrays if self.planner.arrays[
-                a].spec.sharding.slice_id == slice_id], strict=False)
+            self.planner.delete(session, sorted(self.planner.slice_arrays(slice_id)),
+                                strict=False)
+            for executable_id in list(self._slice_executables.get(slice_id, ())):
+                self._forget_executable(executable_id)
             scheduler = self._schedulers.get(record.island)
             if scheduler and not self.resources.lost_host(record.island) and not scheduler.failure:
                 scheduler.enqueue(session_id, [pb.Instruction(  # after the session's queued work
@@ -427,12 +486,12 @@ class Controller:
         with self._lock:
             self._session(request.session_id)
             record = self._owned_slice(request.session_id, request.slice_id)
-        if len(request.serialized) > MAX_EXECUTABLE_BYTES:
-            raise InvalidArgumentError(f"executable of {len(request.serialized)} bytes is too large")
+        _limits.check_request(self.limits, "LoadExecutable", request)
+        placer = Placer(self.resources, request.session_id)
         if request.format == pb.STABLEHLO:
             _stablehlo.check_load(request.name, request.serialized, request.compile_options,
                                   request.inputs, request.outputs, request.donated, record.size)
-            _check_specs(request, record)
+            output_bytes = _place_specs(request, record, placer)
             fingerprint = _stablehlo.fingerprint(request.serialized, request.compile_options)
         else:
             try:
@@ -440,7 +499,7 @@ class Controller:
             except Exception as exc:
                 raise InvalidArgumentError(f"{request.name!r}: not a serialized jax.export module "
                                            f"({type(exc).__name__})") from None
-            _check_signature(request, exported, record)
+            output_bytes = _check_signature(request, exported, record, placer)
             fingerprint = hashlib.sha256(request.serialized).hexdigest()
         donated = frozenset(request.donated)
         key = (request.session_id, request.slice_id, fingerprint, donated)
@@ -448,12 +507,28 @@ class Controller:
             existing = self._executable_keys.get(key)
             if existing is not None:
                 return self._executables[existing]
+            session = self._session(request.session_id)
+            self._owned_slice(request.session_id, request.slice_id)  # not released meanwhile
+            if len(session.executables) >= self.limits.executables_per_session:
+                raise ResourceExhaustedError(
+                    f"session {request.session_id} holds {len(session.executables)} "
+                    f"executables, its limit; release a slice (and its executables) first")
+            nbytes = len(request.serialized)
+            if session.executable_bytes + nbytes > self.limits.executable_bytes_per_session:
+                raise ResourceExhaustedError(
+                    f"session {request.session_id} would hold "
+                    f"{session.executable_bytes + nbytes} bytes of executables, over its limit "
+                    f"of {self.limits.executable_bytes_per_session}; release a slice first")
             exe = _Executable(next(self._executable_ids), request.session_id, request.slice_id,
-                              request.name, tuple(request.inputs), tuple(request.outputs), donated)
+                              request.name, tuple(request.inputs), tuple(request.outputs), donated,
+                              fingerprint, output_bytes, nbytes)
             for v in exe.inputs + exe.outputs:
                 v.sharding.slice_id = request.slice_id
             self._executables[exe.executable_id] = exe
             self._executable_keys[key] = exe.executable_id
+            session.executables.add(exe.executable_id)
+            session.executable_bytes += nbytes
+            self._slice_executables.setdefault(request.slice_id, set()).add(exe.executable_id)
             self._scheduler(record.island).submit([pb.Instruction(load=pb.LoadInstruction(
                 executable_id=exe.executable_id, slice_id=request.slice_id,
                 serialized=request.serialized, fingerprint=fingerprint, inputs=request.inputs,
@@ -461,14 +536,31 @@ class Controller:
                 format=request.format, compile_options=request.compile_options))])
             return exe
 
+    def _forget_executable(self, executable_id: int) -> None:
+        """Drops an executable's bookkeeping (its slice is released, or its session ended)."""
+        exe = self._executables.pop(executable_id, None)
+        if exe is None:
+            return
+        self._executable_keys.pop(exe.key, None)
+        session = self._sessions.get(exe.session_id)
+        if session is not None:
+            session.executables.discard(executable_id)
+            session.executable_bytes -= exe.nbytes
+        on_slice = self._slice_executables.get(exe.slice_id)
+        if on_slice is not None:
+            on_slice.discard(executable_id)
+            if not on_slice:
+                del self._slice_executables[exe.slice_id]
+
     # -- arrays, commands and programs (runtime._planner) -----------------------------------------
 
     def register_arrays(self, session_id: int, specs: Sequence[pb.ArraySpec],
                         timeout: float | None = None) -> list[int]:
         """Declares arrays a client is about to stream to their hosts; returns, per array, the
         island sequence number from which its hosts expect it."""
+        placements = self.planner.place_arrays(Placer(self.resources, session_id), specs)
         with self._lock:
-            sequences = self.planner.register_arrays(self._session(session_id), specs)
+            sequences = self.planner.register_arrays(self._session(session_id), specs, placements)
         return sequences(timeout)
 
     def execute(self, session_id: int, commands: Sequence[pb.Command],
@@ -482,13 +574,33 @@ class Controller:
         """
         for scheduler in list(self._schedulers.values()):
             scheduler.wait_backlog(MAX_BACKLOG, BACKLOG_TIMEOUT_S)
-        with self._lock:
-            results = self.planner.execute(self._session(session_id), commands)
-        return results(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pieces, start, emitted = [], 0, 0
+        while True:  # a bounded piece per hold of the lock: other clients go on in between
+            with self._lock:
+                try:
+                    session = self._session(session_id)
+                except NotFoundError as exc:  # closed meanwhile: the rest of it fails
+                    if not pieces:
+                        raise
+                    pieces.append(lambda _, n=len(commands) - start, exc=exc:
+                                  [command_result(exc)] * n)
+                    break
+                results, start, emitted = self.planner.execute(session, commands, start, emitted)
+            pieces.append(results)
+            if start >= len(commands):
+                break
+        return [result for piece in pieces for result in piece(
+            None if deadline is None else max(0.0, deadline - time.monotonic()))]
 
     def register_program(self, request: pb.RegisterProgramRequest) -> int:
+        """Checks a traced program (outside the lock: its work is the request's own) and
+        registers it."""
         with self._lock:
-            return self.planner.register_program(self._session(request.session_id), request)
+            session = self._session(request.session_id)
+        program = self.planner.plan_program(session, request)
+        with self._lock:
+            return self.planner.add_program(self._session(request.session_id), program)
 
     def delete_arrays(self, session_id: int, array_ids: Sequence[int]) -> None:
         """Deletes arrays (NOT_FOUND for an unknown id) after the work already ordered."""
@@ -549,6 +661,8 @@ class Controller:
         self._stop.set()
         _metrics_state.untrack(self)
         self.leases.close()
+        if self.admission is not None:
+            self.admission.stop()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
         with self._lock:
@@ -559,8 +673,11 @@ class Controller:
             scheduler.close()
 
 
-def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceRecord) -> None:
-    """InvalidArgumentError unless the module's avals match the specs the client claims."""
+def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceRecord,
+                     placer: Placer) -> tuple[int, ...]:
+    """InvalidArgumentError unless the module's avals match the specs the client claims;
+    ResourceExhaustedError for an input or output that cannot fit its devices. Returns the device
+    memory of each output (replicas counted)."""
     claims = [("input", request.inputs, exported.in_avals),
               ("output", request.outputs, exported.out_avals)]
     for what, specs, avals in claims:
@@ -571,20 +688,29 @@ def _check_signature(request: pb.LoadExecutableRequest, exported, record: SliceR
             if (_wire.dtype_from_name(spec.dtype), tuple(spec.shape)) != (aval.dtype, aval.shape):
                 raise InvalidArgumentError(f"{request.name!r}: {what} {i} is {aval.str_short()} in "
                                            f"the module, {spec.dtype}{list(spec.shape)} in the request")
-            _wire.shard_groups(spec.shape, _wire.MeshShape(record.mesh_shape, record.axis_names),
-                               spec.sharding)
     if exported.nr_devices not in (1, record.size):
         raise InvalidArgumentError(f"{request.name!r} was exported for {exported.nr_devices} "
                                    f"devices; slice {record.slice_id} has {record.size}")
     if any(i < 0 or i >= len(request.inputs) for i in request.donated):
         raise InvalidArgumentError(f"{request.name!r}: donated input out of range")
+    return _place_specs(request, record, placer)
 
 
-def _check_specs(request: pb.LoadExecutableRequest, record: SliceRecord) -> None:
-    """InvalidArgumentError unless every input and output sharding fits the slice's mesh."""
-    for spec in list(request.inputs) + list(request.outputs):
-        _wire.shard_groups(spec.shape, _wire.MeshShape(record.mesh_shape, record.axis_names),
-                           spec.sharding)
+def _place_specs(request: pb.LoadExecutableRequest, record: SliceRecord,
+                 placer: Placer) -> tuple[int, ...]:
+    """Places every input and output of an executable on its slice (runtime._placement):
+    InvalidArgumentError for a sharding that does not fit the slice's mesh,
+    ResourceExhaustedError for a value that cannot fit its devices. Returns the device memory of
+    each output (replicas counted)."""
+    output_bytes = []
+    for what, specs in (("input", request.inputs), ("output", request.outputs)):
+        for i, spec in enumerate(specs):
+            sharding = pb.Sharding(slice_id=record.slice_id, dims=spec.sharding.dims)
+            placement = placer.place(spec.dtype, spec.shape, sharding,
+                                     f"{request.name!r} {what} {i}")
+            if what == "output":
+                output_bytes.append(placement.total_bytes)
+    return tuple(output_bytes)
 
 
 def _session_policy(controller: Controller) -> _auth.Authorize:
@@ -641,7 +767,9 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return pb.UnregisterHostReply()
 
     def GetStatus(self, request, context):
-        return self.controller.status()
+        controller = self.controller
+        return controller.status(_visibility.viewer(context, controller.controller_id,
+                                                    controller.credentials.host_token))
 
     def CreateSlice(self, request, context):
         info = self._call(context, self.controller.create_slice, request.session_id,
@@ -687,21 +815,33 @@ def _order_budget(context) -> float | None:
 
 #: Calls only the cluster's own hosts may make (they need the host token, when there is one).
 HOST_METHODS = ("RegisterHost", "UnregisterHost")
+#: Client calls bounded per session and in all (runtime._admission): those that may wait (for
+#: their turn in an island's order, for hosts) and hold a thread meanwhile.
+LIMITED_METHODS = ("CreateSlice", "ReleaseSlice", "LoadExecutable", "RegisterArrays", "Execute",
+                   "RegisterProgram", "DeleteArrays", "GetStatus")
 
 
 def create_controller_server(controller: Controller, address: str = "127.0.0.1:0", *,
-                             max_workers: int = 32) -> tuple[grpc.Server, int]:
+                             max_workers: int = 64) -> tuple[grpc.Server, int]:
     """A started gRPC server for `controller` on `address` (port 0 picks one): (server, port).
 
     It demands the controller's credentials (runtime._auth): the cluster token on every call, the
     host token on HOST_METHODS, a session's key on every call naming that session; TLS when the
-    credentials have it."""
+    credentials have it. Requests out of the controller's limits are refused before any handler
+    runs (runtime._limits)."""
     credentials = controller.credentials
+    limits = controller.limits
     guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
-                              host_methods=HOST_METHODS, authorize=_session_policy(controller))
+                              host_methods=HOST_METHODS, authorize=_session_policy(controller),
+                              screen=lambda method, request: _limits.check_request(
+                                  limits, method, request))
     guard = CountingInterceptor(guard, "controller")
     servicer = ControllerServicer(controller)
+    admission = Admission("controller", LIMITED_METHODS, limits,
+                          lambda: controller.controller_id, credentials.host_token,
+                          per_session=limits.calls_per_session)
+    controller.admission = admission
     return _auth.start_server(
-        "controller", address, credentials, guard,
+        "controller", address, credentials, Chain(guard, admission),
         lambda server: pb_grpc.add_ControllerServicer_to_server(servicer, server),
         max_workers=max_workers)

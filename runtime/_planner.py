@@ -10,14 +10,16 @@ the data between themselves, never through the controller.
 The instructions of one request go into the session's queue on each island they touch (in the
 request's order, behind the session's earlier work); the island's gang scheduler gives them their
 places in its total order when its policy says so. Planning happens under the controller's lock,
-waiting for the places outside it (`Ordering.wait`).
+a bounded piece at a time (the controller releases the lock between pieces of a long request),
+waiting for the places outside it (`Ordering.wait`); shard geometry and device memory are checked
+before taking the lock where the request allows it (runtime._placement).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-import math
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,9 @@ from proto import pathways_pb2 as pb
 from runtime import _wire
 from runtime._errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundError,
                              PathwaysError, ResourceExhaustedError)
+from runtime._placement import Placement, Placer
+
+from scheduler._gang import force_all
 
 if TYPE_CHECKING:
     from runtime._controller import Controller, _Executable, _Session
@@ -41,7 +46,7 @@ class ArrayRecord:
     spec: pb.ArraySpec
     island: int
     session_id: int
-    nbytes: int = 0  # device memory, replicas counted (only tracked under a session quota)
+    nbytes: int = 0  # device memory, replicas counted (what the session quota counts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +57,7 @@ class _Value:
     shape: tuple[int, ...]
     sharding: pb.Sharding
     island: int
+    nbytes: int = 0  # device memory, replicas counted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,16 +86,40 @@ def check_matches(what: str, got: _Value | pb.ArraySpec, want: pb.ValueSpec) -> 
                                    f", got {describe(got.dtype, got.shape, got.sharding)}")
 
 
+#: Instructions planned per hold of the controller's lock (a long request is planned in pieces).
+INSTRUCTIONS_PER_PIECE = 1024
+#: Longest error message of one rejected command (a reply of thousands of them must fit).
+RESULT_MESSAGE_CHARS = 512
+#: Most array ids in one delete instruction (a session's end may delete a million arrays).
+IDS_PER_DELETE = 1 << 16
+
+
+def command_result(error: PathwaysError) -> pb.CommandResult:
+    """A rejected command's result, its message cut to RESULT_MESSAGE_CHARS."""
+    message = str(error)
+    if len(message) > RESULT_MESSAGE_CHARS:
+        message = message[:RESULT_MESSAGE_CHARS - 3] + "..."
+    return pb.CommandResult(error=type(error).__name__, message=message,
+                            code=error.code.value[0])
+
+
 class _Emitter:
     """Instructions of one request, per island in order; queued together at the end."""
 
     def __init__(self) -> None:
         self.ops: dict[int, list[pb.Instruction]] = {}
+        self.count = 0
+        self.owner: int | None = None  # the command being planned (None: not one to blame)
+        self.owners: dict[tuple[int, int], int] = {}  # handle -> command that emitted it
 
     def add(self, island: int, instruction: pb.Instruction) -> tuple[int, int]:
         ops = self.ops.setdefault(island, [])
         ops.append(instruction)
-        return island, len(ops) - 1
+        self.count += 1
+        handle = island, len(ops) - 1
+        if self.owner is not None:
+            self.owners[handle] = self.owner
+        return handle
 
     def submit(self, order: Order) -> Ordering:
         tickets: dict[int, OrderTicket | PathwaysError] = {}
@@ -108,18 +138,31 @@ class Ordering:
         self._tickets = tickets
 
     def wait(self, timeout: float | None) -> tuple[dict[tuple[int, int], int],
-                                                   dict[int, PathwaysError]]:
-        """(sequence number per emitted handle, error per island whose instructions failed)."""
-        sequence, errors = {}, {}
+                                                   dict[int, PathwaysError],
+                                                   dict[tuple[int, int], PathwaysError]]:
+        """(sequence number per emitted handle, error per island whose instructions failed,
+        error per handle that got no place: its inputs never came). `timeout` bounds the whole
+        wait, over every island."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        tickets = [t for t in self._tickets.values() if not isinstance(t, PathwaysError)]
+        for ticket in tickets:
+            if not ticket.done.wait(None if deadline is None
+                                    else max(0.0, deadline - time.monotonic())):
+                force_all(tickets)  # the client's deadline is near: all islands at once
+                break
+        sequence, errors, failed = {}, {}, {}
         for island, ticket in self._tickets.items():
             try:
                 if isinstance(ticket, PathwaysError):
                     raise ticket
-                for i, seq in enumerate(ticket.wait(timeout)):
-                    sequence[(island, i)] = seq
+                for i, seq in enumerate(ticket.result()):
+                    if i in ticket.failed:
+                        failed[(island, i)] = ticket.failed[i]
+                    else:
+                        sequence[(island, i)] = seq
             except PathwaysError as exc:
                 errors[island] = exc
-        return sequence, errors
+        return sequence, errors, failed
 
 
 class Planner:
@@ -127,7 +170,9 @@ class Planner:
 
     def __init__(self, controller: Controller) -> None:
         self.controller = controller
+        self.limits = controller.limits
         self.arrays: dict[int, ArrayRecord] = {}
+        self._by_slice: dict[int, set[int]] = {}  # slice id -> its live arrays
         self.programs: dict[int, _Program] = {}
         self._program_ids = itertools.count(1)
         self._temp_ids = itertools.count(1)  # program temporaries: ids below every session's range
@@ -146,9 +191,10 @@ class Planner:
         if array_id in self.arrays:
             raise InvalidArgumentError(f"array id {array_id} is already in use")
 
-    def add(self, session: _Session, spec: pb.ArraySpec, island: int) -> None:
-        nbytes = self.device_bytes(spec.dtype, spec.shape, spec.sharding)
+    def add(self, session: _Session, spec: pb.ArraySpec, island: int, nbytes: int) -> None:
+        """Records a new array of `nbytes` device bytes (check_room first)."""
         self.arrays[spec.array_id] = ArrayRecord(spec, island, session.session_id, nbytes)
+        self._by_slice.setdefault(spec.sharding.slice_id, set()).add(spec.array_id)
         session.arrays.add(spec.array_id)
         session.nbytes += nbytes
 
@@ -157,29 +203,32 @@ class Planner:
         record = self.arrays.pop(array_id, None)
         if record is not None:
             session.nbytes -= record.nbytes
+            on_slice = self._by_slice.get(record.spec.sharding.slice_id)
+            if on_slice is not None:
+                on_slice.discard(array_id)
+                if not on_slice:
+                    del self._by_slice[record.spec.sharding.slice_id]
         return record
 
-    # -- the session quota ------------------------------------------------------------------------
+    def slice_arrays(self, slice_id: int) -> set[int]:
+        """The live arrays on a slice (a copy)."""
+        return set(self._by_slice.get(slice_id, ()))
 
-    def device_bytes(self, dtype: str, shape, sharding: pb.Sharding) -> int:
-        """Device memory of an array on its slice, replicas counted (0 when no quota applies)."""
-        if self.controller.session_quota_bytes is None:
-            return 0
-        record = self.controller.resources.get_slice(sharding.slice_id)
-        groups = _wire.shard_groups(shape, _wire.MeshShape(record.mesh_shape, record.axis_names),
-                                    sharding)
-        itemsize = _wire.dtype_from_name(dtype).itemsize
-        return sum(math.prod(_wire.shard_shape(index)) * itemsize * len(positions)
-                   for index, positions in groups)
+    # -- what a session may hold ------------------------------------------------------------------
 
-    def check_quota(self, session: _Session, values, freed: Sequence[int] = ()) -> None:
-        """ResourceExhaustedError if adding `values` ((dtype, shape, sharding) each) and dropping
-        the arrays `freed` would take the session past its quota. Other sessions are unaffected:
-        the quota counts only this session's arrays."""
+    def check_room(self, session: _Session, adding: int, nbytes: int,
+                   freed: Sequence[int] = ()) -> None:
+        """ResourceExhaustedError if `adding` more arrays would take the session past its array
+        limit, or adding `nbytes` device bytes and dropping the arrays `freed` past its quota.
+        Other sessions are unaffected: both count only this session's arrays."""
+        if len(session.arrays) + adding > self.limits.arrays_per_session:
+            raise ResourceExhaustedError(
+                f"session {session.session_id} would hold {len(session.arrays) + adding} arrays, "
+                f"over its limit of {self.limits.arrays_per_session}; delete arrays first")
         quota = self.controller.session_quota_bytes
         if quota is None:
             return
-        adding = sum(self.device_bytes(*v) for v in values)
+        adding = nbytes
         freeing = sum(self.arrays[a].nbytes for a in freed if a in self.arrays)
         total = session.nbytes + adding - freeing
         if total > quota:
@@ -187,27 +236,43 @@ class Planner:
                 f"session {session.session_id} would hold {total} bytes of device memory, over "
                 f"its quota of {quota} bytes (it holds {session.nbytes}); delete arrays first")
 
-    def register_arrays(self, session: _Session, specs: Sequence[pb.ArraySpec]
-                        ) -> Callable[[float | None], list[int]]:
-        """Declares arrays a client will stream to their hosts; returns a function that waits
-        (up to a timeout) for each one's sequence number, raising the island's failure."""
-        islands = []
-        for n, spec in enumerate(specs):
-            self.check_new_id(session, spec.array_id)
-            if any(s.array_id == spec.array_id for s in specs[:n]):
+    @staticmethod
+    def place_arrays(placer: Placer, specs: Sequence[pb.ArraySpec]) -> list[Placement]:
+        """Checks the arrays a client declares (ids given twice, shard geometry, device memory)
+        without the controller's state: callers run it outside the lock. Linear in `specs`."""
+        seen: set[int] = set()
+        for spec in specs:
+            if spec.array_id in seen:
                 raise InvalidArgumentError(f"array id {spec.array_id} is declared twice")
-            islands.append(self._check_placement(session, spec.dtype, spec.shape, spec.sharding))
-        self.check_quota(session, [(s.dtype, s.shape, s.sharding) for s in specs])
+            seen.add(spec.array_id)
+        return [placer.place(spec.dtype, spec.shape, spec.sharding, f"array {spec.array_id}")
+                for spec in specs]
+
+    def register_arrays(self, session: _Session, specs: Sequence[pb.ArraySpec],
+                        placements: Sequence[Placement]) -> Callable[[float | None], list[int]]:
+        """Declares arrays a client will stream to their hosts, placed by `place_arrays`; returns
+        a function that waits (up to a timeout) for each one's sequence number, raising the
+        island's failure."""
+        for spec, placement in zip(specs, placements):
+            self.check_new_id(session, spec.array_id)
+            if placement.slice_id not in session.slices:  # released since it was placed
+                raise NotFoundError(f"slice {placement.slice_id} is unknown or was released")
+        for island in {p.island for p in placements}:
+            self.controller._check_island(island)
+        self.check_room(session, len(specs), sum(p.total_bytes for p in placements))
         emit = _Emitter()
         handles = []
-        for spec, island in zip(specs, islands):
-            self.add(session, spec, island)
-            handles.append(emit.add(island, pb.Instruction(
+        readiness = self.controller.readiness
+        for spec, placement in zip(specs, placements):
+            self.add(session, spec, placement.island, placement.total_bytes)
+            # Until its hosts have it, what reads it waits in the session's queue.
+            readiness.expect_put(spec.array_id, placement.island, placement.hosts)
+            handles.append(emit.add(placement.island, pb.Instruction(
                 expect=pb.ExpectArrayInstruction(spec=spec))))
         ordering = emit.submit(self.controller._orderer(session))
 
         def sequences(timeout: float | None) -> list[int]:
-            sequence, errors = ordering.wait(timeout)
+            sequence, errors, _ = ordering.wait(timeout)  # declarations wait for nothing
             if errors:
                 raise next(iter(errors.values()))
             return [sequence[h] for h in handles]
@@ -231,28 +296,46 @@ class Planner:
                 by_island.setdefault(record.island, []).append(array_id)
         for island, ids in by_island.items():
             if not self.controller.resources.lost_host(island):
-                emit.add(island, pb.Instruction(delete=pb.DeleteInstruction(array_ids=ids)))
+                for first in range(0, len(ids), IDS_PER_DELETE):
+                    emit.add(island, pb.Instruction(delete=pb.DeleteInstruction(
+                        array_ids=ids[first:first + IDS_PER_DELETE])))
 
     def _check_placement(self, session: _Session, dtype: str, shape: Sequence[int],
-                         sharding: pb.Sharding) -> int:
-        """Validates a value's dtype, shape and sharding on an owned slice; returns its island."""
-        record = self.controller._owned_slice(session.session_id, sharding.slice_id)
-        _wire.dtype_from_name(dtype)
-        _wire.shard_groups(shape, _wire.MeshShape(record.mesh_shape, record.axis_names), sharding)
-        self.controller._check_island(record.island)
-        return record.island
+                         sharding: pb.Sharding, what: str = "value",
+                         placer: Placer | None = None) -> Placement:
+        """Validates a value's dtype, shape and sharding on an owned slice, and that it fits its
+        devices; returns its placement."""
+        placer = placer or Placer(self.controller.resources, session.session_id)
+        placement = placer.place(dtype, shape, sharding, what)
+        self.controller._check_island(placement.island)
+        return placement
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def execute(self, session: _Session, commands: Sequence[pb.Command]
-                ) -> Callable[[float | None], list[pb.CommandResult]]:
-        """Checks each command and queues the accepted ones for ordering; returns a function that
-        waits (up to a timeout) until they are ordered and gives one result per command."""
+    def execute(self, session: _Session, commands: Sequence[pb.Command], start: int = 0,
+                emitted: int = 0) -> tuple[Callable[[float | None], list[pb.CommandResult]], int,
+                                           int]:
+        """Checks commands from `start` on and queues the accepted ones for ordering, stopping
+        once about INSTRUCTIONS_PER_PIECE instructions are queued (the caller releases the
+        controller's lock, then goes on from where this stopped). `emitted` is how many
+        instructions the request's earlier pieces gave: commands past the request's limit fail.
+
+        Returns (a function that waits, up to a timeout, until the planned commands are ordered
+        and gives one result per command; the index to go on from; instructions emitted so far).
+        """
         emit = _Emitter()
         outcomes: list[list[tuple[int, int]] | PathwaysError] = []
-        for n, command in enumerate(commands):
+        n = start
+        while n < len(commands) and emit.count < INSTRUCTIONS_PER_PIECE:
+            command = commands[n]
             kind = command.WhichOneof("op")
+            emit.owner = None if kind == "delete" else len(outcomes)
             try:
+                if emitted + emit.count >= self.limits.instructions_per_request:
+                    raise ResourceExhaustedError(
+                        f"command {n}: the request already expands into "
+                        f"{emitted + emit.count} instructions, the limit; send fewer commands "
+                        f"per request")
                 if kind == "call":
                     outcomes.append(self._call(session, command.call, emit))
                 elif kind == "transfer":
@@ -266,20 +349,23 @@ class Planner:
                     raise InvalidArgumentError(f"command {n} has no operation")
             except PathwaysError as exc:
                 outcomes.append(exc)
+            n += 1
         ordering = emit.submit(self.controller._orderer(session))
 
         def results(timeout: float | None) -> list[pb.CommandResult]:
-            sequence, errors = ordering.wait(timeout)
-            for n, o in enumerate(outcomes):
-                if not isinstance(o, PathwaysError):
-                    failed = [errors[island] for island, _ in o if island in errors]
-                    if failed:
-                        outcomes[n] = failed[0]
-            return [pb.CommandResult(error=type(o).__name__, message=str(o), code=o.code.value[0])
-                    if isinstance(o, PathwaysError) else
+            sequence, errors, failed = ordering.wait(timeout)
+            blamed: dict[int, PathwaysError] = {}  # a command fails with any of its instructions
+            for handle, owner in emit.owners.items():
+                error = failed.get(handle) or errors.get(handle[0])
+                if error is not None:
+                    blamed.setdefault(owner, error)
+            for i, o in enumerate(outcomes):
+                if not isinstance(o, PathwaysError) and i in blamed:
+                    outcomes[i] = blamed[i]
+            return [command_result(o) if isinstance(o, PathwaysError) else
                     pb.CommandResult(sequence=[sequence[h] for h in o]) for o in outcomes]
 
-        return results
+        return results, n, emitted + emit.count
 
     def _call(self, session: _Session, call: pb.Call, emit: _Emitter) -> list[tuple[int, int]]:
         exe = self.controller._executable(session, call.executable_id)
@@ -300,10 +386,10 @@ class Planner:
             raise InvalidArgumentError(f"a donated input of {exe.name} is also passed as another "
                                        f"input")
         self._check_new_ids(session, call.outputs)
-        self.check_quota(session, [(o.dtype, o.shape, o.sharding) for o in exe.outputs], donated)
-        for spec, array_id in zip(exe.outputs, call.outputs):
+        self.check_room(session, len(call.outputs) - len(donated), sum(exe.output_bytes), donated)
+        for spec, array_id, nbytes in zip(exe.outputs, call.outputs, exe.output_bytes):
             self.add(session, pb.ArraySpec(array_id=array_id, dtype=spec.dtype, shape=spec.shape,
-                                           sharding=spec.sharding), island)
+                                           sharding=spec.sharding), island, nbytes)
         for array_id in donated:
             self.forget(session, array_id)
         handle = emit.add(island, pb.Instruction(execute=pb.ExecuteInstruction(
@@ -323,6 +409,8 @@ class Planner:
         info = self.controller._slice_info(
             self.controller.resources.get_slice(destination.sharding.slice_id))
         handle = emit.add(island, pb.Instruction(expect=pb.ExpectArrayInstruction(spec=destination)))
+        # What reads the copy waits in its session's queue until the send is ordered.
+        self.controller.readiness.expect_send(destination.array_id, island)
         if island != source_island:
             self.controller.note_transfer(source_island, island, destination)
         emit.add(source_island, pb.Instruction(send=pb.SendInstruction(
@@ -334,23 +422,30 @@ class Planner:
                   ) -> list[tuple[int, int]]:
         source = self.array(session, t.source, "transfer source")
         self.check_new_id(session, t.destination)
-        island = self._check_placement(session, source.spec.dtype, source.spec.shape, t.sharding)
+        placement = self._check_placement(session, source.spec.dtype, source.spec.shape,
+                                          t.sharding, f"copy {t.destination} of {t.source}")
+        island = placement.island
         self.controller._check_island(source.island)
-        self.check_quota(session, [(source.spec.dtype, source.spec.shape, t.sharding)])
+        self.check_room(session, 1, placement.total_bytes)
         destination = pb.ArraySpec(array_id=t.destination, dtype=source.spec.dtype,
                                    shape=source.spec.shape, sharding=t.sharding)
-        self.add(session, destination, island)
+        self.add(session, destination, island, placement.total_bytes)
         return [self._emit_transfer(emit, t.source, source.island,
                                     source.spec.sharding.slice_id, destination, island)]
 
     # -- programs ---------------------------------------------------------------------------------
 
-    def register_program(self, session: _Session, request: pb.RegisterProgramRequest) -> int:
-        """Checks a traced dataflow graph once, so that each run is only ids."""
+    def plan_program(self, session: _Session, request: pb.RegisterProgramRequest) -> _Program:
+        """Checks a traced dataflow graph once, so that each run is only ids. Reads only records
+        that do not change (slices, executables), so callers run it outside the controller's
+        lock; `add_program` registers the result. Linear in the graph's size."""
+        placer = Placer(self.controller.resources, session.session_id)
         values: list[_Value] = []
         for i, spec in enumerate(request.inputs):
-            island = self._check_placement(session, spec.dtype, spec.shape, spec.sharding)
-            values.append(_Value(spec.dtype, tuple(spec.shape), spec.sharding, island))
+            placement = self._check_placement(session, spec.dtype, spec.shape, spec.sharding,
+                                              f"program input {i}", placer)
+            values.append(_Value(spec.dtype, tuple(spec.shape), spec.sharding, placement.island,
+                                 placement.total_bytes))
         num_inputs = len(values)
         consumed: dict[int, int] = {}  # donated value -> node that consumed it
 
@@ -374,13 +469,15 @@ class Planner:
                 for i in exe.donated:
                     consumed[node.call.inputs[i]] = n
                 island = self.controller.resources.get_slice(exe.slice_id).island
-                values.extend(_Value(o.dtype, tuple(o.shape), o.sharding, island)
-                              for o in exe.outputs)
+                values.extend(_Value(o.dtype, tuple(o.shape), o.sharding, island, nbytes)
+                              for o, nbytes in zip(exe.outputs, exe.output_bytes))
             elif kind == "transfer":
                 source = use(node.transfer.input, n)
-                island = self._check_placement(session, source.dtype, source.shape,
-                                               node.transfer.sharding)
-                values.append(_Value(source.dtype, source.shape, node.transfer.sharding, island))
+                placement = self._check_placement(session, source.dtype, source.shape,
+                                                  node.transfer.sharding, f"program node {n}",
+                                                  placer)
+                values.append(_Value(source.dtype, source.shape, node.transfer.sharding,
+                                     placement.island, placement.total_bytes))
             else:
                 raise InvalidArgumentError(f"program node {n} has no operation")
         outputs = tuple(request.outputs)
@@ -389,10 +486,18 @@ class Planner:
                 raise InvalidArgumentError(f"program output value {v} is not a live computed value")
         if len(set(outputs)) != len(outputs):
             raise InvalidArgumentError("a program value is returned twice")
-        program = _Program(next(self._program_ids), session.session_id, request.name,
-                           tuple(values), num_inputs, tuple(request.nodes), outputs,
-                           frozenset(v for v in consumed if v < num_inputs))
+        return _Program(0, session.session_id, request.name, tuple(values), num_inputs,
+                        tuple(request.nodes), outputs,
+                        frozenset(v for v in consumed if v < num_inputs))
+
+    def add_program(self, session: _Session, program: _Program) -> int:
+        """Registers a planned program (under the controller's lock); returns its id."""
+        if len(session.programs) >= self.limits.programs_per_session:
+            raise ResourceExhaustedError(f"session {session.session_id} holds "
+                                         f"{len(session.programs)} programs, its limit")
+        program = dataclasses.replace(program, program_id=next(self._program_ids))
         self.programs[program.program_id] = program
+        session.programs.add(program.program_id)
         return program.program_id
 
     def _run(self, session: _Session, run: pb.RunProgramCommand, emit: _Emitter
@@ -415,8 +520,9 @@ class Planner:
         for island in {v.island for v in program.values}:
             self.controller._check_island(island)
         outputs = [program.values[v] for v in program.outputs]
-        self.check_quota(session, [(v.dtype, v.shape, v.sharding) for v in outputs],
-                         [run.inputs[v] for v in program.donated_inputs])
+        self.check_room(session, len(outputs) - len(program.donated_inputs),
+                        sum(v.nbytes for v in outputs),
+                        [run.inputs[v] for v in program.donated_inputs])
 
         ids = list(run.inputs)
         out_ids = dict(zip(program.outputs, run.outputs))
@@ -457,12 +563,12 @@ class Planner:
         for v, array_id in out_ids.items():
             value = program.values[v]
             self.add(session, pb.ArraySpec(array_id=array_id, dtype=value.dtype, shape=value.shape,
-                                           sharding=value.sharding), value.island)
+                                           sharding=value.sharding), value.island, value.nbytes)
         return [made[v] for v in program.outputs]
 
     def drop_session(self, session: _Session) -> None:
         """Forgets a closing session's programs and deletes its arrays."""
         self.delete(session, sorted(session.arrays), strict=False)
-        for program_id in [p for p, prog in self.programs.items()
-                           if prog.session_id == session.session_id]:
-            del self.programs[program_id]
+        for program_id in session.programs:
+            self.programs.pop(program_id, None)
+        session.programs.clear()

@@ -7,12 +7,14 @@ controller hand out output handles before anything runs.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import jax
 
-from runtime._errors import ArrayNotFoundError, DeadlineExceededError, PathwaysError
+from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
+                             PathwaysError)
 
 
 class _Entry:
@@ -83,8 +85,13 @@ class ArrayStore:
         """The array, waiting up to `timeout` s for it to be produced.
 
         Raises ArrayNotFoundError (no entry, or deleted while waited on), DeadlineExceededError
-        (still pending at the deadline), or the error the array's producer failed with.
+        (still pending at the deadline), or the error the array's producer failed with;
+        InvalidArgumentError for a timeout that is not a finite number >= 0 (a NaN would make the
+        wait below return at once, forever).
         """
+        if not math.isfinite(timeout) or timeout < 0:
+            raise InvalidArgumentError(f"a wait for array {array_id} needs a finite timeout >= 0, "
+                                       f"got {timeout}")
         with self._cond:
             entry = self._entries.get(array_id)
             if entry is None:
@@ -109,6 +116,12 @@ class ArrayStore:
     def contains(self, array_id: int) -> bool:
         with self._cond:
             return array_id in self._entries
+
+    def ready(self, array_id: int) -> bool:
+        """Whether the id has an entry that holds its array or its failure."""
+        with self._cond:
+            entry = self._entries.get(array_id)
+            return entry is not None and entry.ready
 
     def delete(self, array_id: int) -> bool:
         """Drops an entry; a reader still waiting on it gets ArrayNotFoundError. True if it existed."""

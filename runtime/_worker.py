@@ -19,6 +19,7 @@ did not (runtime._hang).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -38,15 +39,17 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _metrics_state, _stablehlo, _wire
+from runtime import _auth, _limits, _metrics_state, _stablehlo, _wire
+from runtime._admission import Admission, Chain
 from runtime._distributed import device_memory_bytes
 from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, ExecutionError,
                              FailedPreconditionError, InvalidArgumentError, NotFoundError,
                              PathwaysError, abort)
 from runtime._hang import HangWatchdog
 from runtime._inflight import InFlight, collective_free
-from runtime._pins import SendPins
 from runtime._metrics import CountingInterceptor, HostMetrics
+from runtime._pins import SendPins
+from runtime._servers import ServerGroup
 from runtime._store import ArrayStore, wait_all
 
 log = logging.getLogger(__name__)
@@ -59,10 +62,19 @@ _IDLE = ("idle",)
 INPUT_TIMEOUT_S = 600.0
 #: How long a put waits for the controller's definition of the array's slice to arrive.
 SLICE_TIMEOUT_S = 30.0
+#: How long a put waits for the controller's announcement of its array (the client sends it once
+#: the controller has ordered the announcement, which may still be on its way to this host).
+ANNOUNCE_TIMEOUT_S = 10.0
+#: Failures of incoming arrays remembered until their announcement arrives.
+MAX_FAILED_EARLY = 4096
+#: Arrivals of announced arrays kept for the progress stream (the controller lets computations
+#: that read a put into the order once every host of the put has reported it).
+ARRIVALS_KEPT = 1 << 16
 #: Deadline for streaming one array to another host.
 TRANSFER_TIMEOUT_S = 300.0
-#: Longest wait a GetArray may ask for.
+#: Longest wait a GetArray may ask for, and how often a waiting one checks its caller is there.
 MAX_GET_TIMEOUT_S = 3600.0
+CALLER_CHECK_S = 0.5
 #: Longest a computation on a multi-host slice may wait for the slice's other hosts to reach it
 #: (0: forever). Past it the computation is reported hung (runtime._hang).
 EXECUTION_DEADLINE_S = 30.0
@@ -82,6 +94,7 @@ class _Loaded:
     skip: bool = False  # this host holds no device of the slice: nothing to do here
     multi_host: bool = False  # the slice spans hosts (its collectives cross processes)
     overlap: bool = False  # no collectives: may run while the previous execution finishes
+    cache_key: tuple | None = None  # its compilation's, shared by alike loads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,8 +125,10 @@ class Worker:
                  input_timeout_s: float = INPUT_TIMEOUT_S,
                  island_devices: Sequence[Sequence[jax.Device]] | None = None,
                  execution_deadline_s: float = EXECUTION_DEADLINE_S,
-                 credentials: _auth.Credentials | None = None) -> None:
+                 credentials: _auth.Credentials | None = None,
+                 limits: _limits.Limits = _limits.DEFAULT) -> None:
         self.island, self.host = island, host
+        self.limits = limits
         # Presented to peer hosts; the worker's server demands the same (create_worker_server).
         self.credentials = credentials or _auth.Credentials()
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
@@ -125,7 +140,19 @@ class Worker:
         self.platform, self.backend = platform, backend
         self.ray_node = ""  # the Ray node of a host placed by Ray (runtime._ray_host)
         self.address = ""
+        self.control_address = ""  # the control server's (create_worker_server)
+        self.admission: Admission | None = None
         self.store = ArrayStore()
+        # Arrays the controller announced (Expect) whose data may be put, and those being put now:
+        # a put of anything else is refused, so every stored byte is one the controller knows of.
+        self._announced: dict[int, pb.ArraySpec] = {}
+        self._receiving: set[int] = set()
+        self._failed_early: collections.OrderedDict[int, PathwaysError] = (
+            collections.OrderedDict())  # failures that came before their announcement
+        # (number, array id) of announced arrays that arrived or failed, for WatchProgress.
+        self._arrivals: collections.deque[tuple[int, int]] = collections.deque(
+            maxlen=ARRIVALS_KEPT)
+        self._arrivals_count = 0
         self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
         self._slices: dict[int, tuple[Mesh | None, pb.SliceInfo]] = {}
         self._foreign: set[int] = set()  # slices with no device on this host
@@ -197,6 +224,7 @@ class Worker:
                 if kind is None:
                     raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
                 fresh.append((kind, ins))
+        announced = []
         for kind, ins in fresh:
             if kind == "execute":
                 if self._executable_slices.get(ins.execute.executable_id) not in self._foreign:
@@ -212,7 +240,15 @@ class Worker:
             elif kind == "expect":
                 if ins.expect.spec.sharding.slice_id not in self._foreign:
                     self.store.expect(ins.expect.spec.array_id)
+                    announced.append(ins.expect.spec)
         with self._cond:
+            for spec in announced:
+                early = self._failed_early.pop(spec.array_id, None)
+                if early is None:
+                    self._announced[spec.array_id] = spec
+                else:
+                    self.store.fail(spec.array_id, early)
+                    self._note_arrival(spec.array_id)
             for _, ins in fresh:
                 self._pending[ins.sequence] = ins
                 self._received = max(self._received, ins.sequence)
@@ -228,6 +264,9 @@ class Worker:
         self._controller_id, self._epoch = controller_id, epoch
         self._pending.clear()
         self._received, self._next, self.executed = 0, 1, 0
+        self._announced.clear()
+        self._failed_early.clear()
+        self._arrivals.clear()  # ids repeat under a new controller
         self._arrival.clear()
         self._slices.clear()
         self._foreign.clear()
@@ -257,17 +296,20 @@ class Worker:
         self._slices[info.slice_id] = (mesh, info)
         self._foreign.discard(info.slice_id)
 
-    def wait_received(self, sequence: int, timeout: float) -> None:
-        """Waits until instructions up to `sequence` of the island's order have arrived."""
+    def wait_received(self, sequence: int, timeout: float,
+                      active: Callable[[], bool] = lambda: True) -> None:
+        """Waits until instructions up to `sequence` of the island's order have arrived, or the
+        caller is gone (`active()` false)."""
+        timeout = _limits.check_seconds(timeout, "timeout")
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._received < sequence:
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or not active():
                     raise DeadlineExceededError(
                         f"host {self.island}.{self.host} has not received instruction #{sequence} "
                         f"within {timeout:.1f} s (received up to #{self._received})")
-                self._cond.wait(left)
+                self._cond.wait(min(left, CALLER_CHECK_S))
 
     def mesh(self, slice_id: int, timeout: float = 0.0) -> tuple[Mesh, pb.SliceInfo]:
         """The concrete mesh of a slice, waiting up to `timeout` s for its definition to arrive."""
@@ -316,7 +358,10 @@ class Worker:
         elif kind == "delete":
             doomed = []
             for array_id in ins.delete.array_ids:
-                if self.store.contains(array_id):
+                with self._cond:  # a put finishing now stores its array before or not at all
+                    self._announced.pop(array_id, None)
+                    if not self.store.contains(array_id):
+                        continue
                     try:  # keep a reference: the reaper thread drops the last one
                         doomed.append(self.store.get(array_id, 0.0))
                     except PathwaysError:
@@ -327,8 +372,7 @@ class Worker:
         elif kind == "send":
             self._send(ins.send, ins.sequence)
         elif kind == "release_slice":
-            with self._cond:
-                self._slices.pop(ins.release_slice.slice_id, None)
+            self._release_slice(ins.release_slice.slice_id)
 
     def _load(self, load: pb.LoadInstruction) -> None:
         donated = tuple(load.donated)
@@ -353,11 +397,28 @@ class Worker:
                 load.name, compiled, None, tuple(_host_nbytes(v, info, self.host)
                                                  for v in load.outputs), donated,
                 sum(d.host == self.host for d in info.devices), load.slice_id,
-                multi_host=multi_host, overlap=no_collectives and not multi_host)
+                multi_host=multi_host, overlap=no_collectives and not multi_host, cache_key=key)
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")
-            self._loaded[load.executable_id] = _Loaded(load.name, None, error, (), donated)
+            self._loaded[load.executable_id] = _Loaded(load.name, None, error, (), donated,
+                                                       slice_id=load.slice_id)
+
+    def _release_slice(self, slice_id: int) -> None:
+        """Forgets a released slice and unloads its executables; a compilation goes with the
+        last executable that uses it (alike slices of several sessions share one)."""
+        with self._cond:
+            self._slices.pop(slice_id, None)
+            self._foreign.discard(slice_id)
+        gone = [e for e, loaded in self._loaded.items() if loaded.slice_id == slice_id]
+        for executable_id in gone:
+            del self._loaded[executable_id]
+        for executable_id in [e for e, s in self._executable_slices.items() if s == slice_id]:
+            del self._executable_slices[executable_id]
+        if gone:
+            used = {loaded.cache_key for loaded in self._loaded.values()}
+            for key in [k for k in self._compile_cache if k not in used]:
+                del self._compile_cache[key]
 
     def _execute(self, sequence: int, ex: pb.ExecuteInstruction, received: float) -> None:
         picked = time.time()
@@ -573,23 +634,92 @@ class Worker:
     # -- data plane -------------------------------------------------------------------------------
 
     def put(self, chunks: Iterator[pb.ArrayChunk], timeout: float = SLICE_TIMEOUT_S) -> int:
-        """Stores an array streamed in as chunks; returns the bytes received. Waits up to
-        `timeout` s for the definition of the array's slice."""
+        """Stores an array streamed in as chunks; returns the bytes received.
+
+        Only an array the controller announced to this host (an Expect instruction), with the spec
+        it announced, and only until it holds its data: anything else is refused
+        (FailedPreconditionError; InvalidArgumentError for another spec), so every byte a host
+        stores belongs to an array the controller accounts for and frees. Waits up to `timeout` s
+        for the announcement and the definition of the array's slice."""
         chunks = iter(chunks)
         first = next(chunks, None)
         if first is None:
             raise InvalidArgumentError("empty array stream")
-        if first.error:  # the sender's array failed, or (from the controller) its island was lost
-            self.store.fail(first.spec.array_id, ExecutionError(first.error), only_pending=True)
-            return 0
-        spec, shards = _wire.assemble_chunks(itertools.chain([first], chunks))
-        if spec is None:
+        if not first.HasField("spec"):
             raise InvalidArgumentError("array stream does not start with its spec")
+        array_id = first.spec.array_id
+        if first.error:  # the sender's array failed, or (from the controller) its island was lost
+            self._fail_incoming(array_id, ExecutionError(first.error))
+            return 0
+        announced = self._claim(array_id, min(timeout, ANNOUNCE_TIMEOUT_S))
+        try:
+            if first.spec != announced:
+                raise InvalidArgumentError(
+                    f"array {array_id} was announced as {announced.dtype}"
+                    f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream "
+                    f"says {first.spec.dtype}{list(first.spec.shape)} on slice "
+                    f"{first.spec.sharding.slice_id}")
+            return self._store_put(announced, first, chunks, timeout)
+        finally:
+            with self._cond:
+                self._receiving.discard(array_id)
+
+    def _fail_incoming(self, array_id: int, error: PathwaysError) -> None:
+        """An announced array will not come: its entry fails (readers get `error`). One not
+        announced yet (the announcement may still be on its way) fails on arrival; one that
+        already holds its data, or was deleted, is left alone."""
+        with self._cond:
+            if self._announced.pop(array_id, None) is not None:
+                self.store.fail(array_id, error, only_pending=True)
+                self._note_arrival(array_id)
+            elif not self.store.ready(array_id):
+                self._failed_early[array_id] = error
+                while len(self._failed_early) > MAX_FAILED_EARLY:
+                    self._failed_early.popitem(last=False)
+
+    def _claim(self, array_id: int, timeout: float) -> pb.ArraySpec:
+        """The announced spec of an array about to be put, once announced (waiting up to
+        `timeout` s); no other stream may put it meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while array_id not in self._announced:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FailedPreconditionError(
+                        f"array {array_id} was not announced to host {self.island}.{self.host} "
+                        f"by the controller (declare arrays before putting them), or it already "
+                        f"holds its data")
+                self._cond.wait(left)
+            if array_id in self._receiving:
+                raise FailedPreconditionError(f"array {array_id} is being put by another stream")
+            self._receiving.add(array_id)
+            return self._announced[array_id]
+
+    def _settle(self, array_id: int, store: Callable[[], None]) -> None:
+        """Runs `store` for a claimed array unless it was deleted meanwhile; no longer announced
+        afterwards (a second put is refused)."""
+        with self._cond:
+            if self._announced.pop(array_id, None) is None:
+                raise FailedPreconditionError(f"array {array_id} was deleted while it was put")
+            store()
+            self._note_arrival(array_id)
+
+    def _note_arrival(self, array_id: int) -> None:
+        """Logs that an announced array arrived or failed (under self._cond), for the progress
+        stream."""
+        self._arrivals_count += 1
+        self._arrivals.append((self._arrivals_count, array_id))
+        self._progress.set()
+
+    def _store_put(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
+                   chunks: Iterator[pb.ArrayChunk], timeout: float) -> int:
         mesh, info = self.mesh(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
         shape = tuple(spec.shape)
         expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
                                                                   tuple(info.axis_names)),
                                            spec.sharding))
+        _, shards = _wire.assemble_chunks(_at_most_shards(
+            itertools.chain([first], chunks), len(expected), spec.array_id))
         flat_devices = mesh.devices.reshape(-1)
         local = [p for p, d in enumerate(info.devices) if d.host == self.host]
         placed: dict[int, jax.Array] = {}
@@ -602,6 +732,8 @@ class Worker:
                 if info.devices[position].host != self.host:
                     raise InvalidArgumentError(f"mesh position {position} is on host "
                                                f"{info.devices[position].host}, not this one")
+                if position in placed:
+                    raise InvalidArgumentError(f"mesh position {position} is sent twice")
                 placed[position] = jax.device_put(shard.data, flat_devices[position])
         if len(placed) != len(local):
             raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
@@ -610,17 +742,30 @@ class Worker:
         # Only this host's shards: on a slice spanning hosts the array is a global one.
         value = jax.make_array_from_single_device_arrays(shape, sharding,
                                                          [placed[p] for p in local])
-        self.store.set(spec.array_id, value, sum(placed[p].nbytes for p in placed))
+        self._settle(spec.array_id, lambda: self.store.set(
+            spec.array_id, value, sum(placed[p].nbytes for p in placed)))
         return sum(s.data.nbytes for s in shards)
 
-    def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S
-            ) -> Iterator[pb.ArrayChunk]:
+    def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S,
+            active: Callable[[], bool] = lambda: True) -> Iterator[pb.ArrayChunk]:
         """Chunks of the requested (or all distinct) shards of an array, waiting for it if pending
-        (up to the request's timeout, at most `limit` s: the caller's deadline)."""
-        timeout = min(max(request.timeout_s, 0.0), MAX_GET_TIMEOUT_S, max(limit, 0.0))
+        (up to the request's timeout, at most `limit` s: the caller's deadline; no longer once
+        `active()` says the caller is gone: a cancelled read does not hold its thread)."""
+        timeout = min(_limits.check_seconds(request.timeout_s, "timeout_s", MAX_GET_TIMEOUT_S),
+                      max(limit, 0.0))
         deadline = time.monotonic() + timeout
-        self.wait_received(request.after_sequence, timeout)
-        value = self.store.get(request.array_id, max(0.0, deadline - time.monotonic()))
+        self.wait_received(request.after_sequence, timeout, active)
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                value = self.store.get(request.array_id, min(left, CALLER_CHECK_S))
+                break
+            except DeadlineExceededError as exc:
+                if not getattr(exc, "raised_by_store", False):
+                    raise  # the producer's own failure
+                if left <= CALLER_CHECK_S or not active():
+                    raise DeadlineExceededError(f"array {request.array_id} was not produced "
+                                                f"within {timeout:.1f} s") from None
         if request.ready_only:
             value.block_until_ready()
             return iter(())
@@ -649,7 +794,8 @@ class Worker:
                            executed=self.executed, hang=self.hang,
                            current_sequence=state[2] if len(state) > 2 else 0,
                            current_name=state[1] if len(state) > 1 else "",
-                           ray_node=self.ray_node)
+                           ray_node=self.ray_node,
+                           control_address=self.control_address)
 
     @property
     def activity(self) -> str:
@@ -672,34 +818,26 @@ class Worker:
         """Progress reports while `active()`: one as the executor moves on, at most one per
         `min_interval_s`, with the executions completed since the previous one; one a second
         when idle, so the stream stays alive."""
-        interval = min(max(min_interval_s, 0.0), 1.0)
+        interval = _limits.check_seconds(min_interval_s, "min_interval_s", 1.0)
         timeline = self._inflight.timeline
         reported = timeline[-1][0] if timeline else 0  # last sequence reported
+        arrivals_reported = 0  # every arrival still kept: the controller ignores old ones
         while active() and not self._stopped:
             self._progress.wait(1.0)
             self._progress.clear()
-            # The executor appends meanwhile: walk back from the end by index (each read is
-            # atomic) to the last entry reported, skipping entries seen twice as the end moves.
-            fresh: list[tuple] = []
-            back = 1
-            while back <= len(timeline):
-                try:
-                    entry = timeline[-back]
-                except IndexError:
-                    break
-                if entry[0] <= reported:
-                    break
-                if not fresh or entry[0] < fresh[-1][0]:
-                    fresh.append(entry)
-                back += 1
+            fresh = _entries_after(timeline, reported)
             if fresh:
-                reported = fresh[0][0]
+                reported = fresh[-1][0]
+            arrived = _entries_after(self._arrivals, arrivals_reported)
+            if arrived:
+                arrivals_reported = arrived[-1][0]
             completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
-                         for e in reversed(fresh)]
+                         for e in fresh]
             with self._cond:
                 received = self._received
             yield pb.WatchProgressReply(received=received, executed=self.executed,
-                                        completed=completed, hang=self.hang)
+                                        completed=completed, hang=self.hang,
+                                        arrived=[a for _, a in arrived])
             if interval:
                 time.sleep(interval)
 
@@ -716,6 +854,8 @@ class Worker:
             self._cond.notify_all()
         self._progress.set()
         self._reaper.put(None)
+        if self.admission is not None:
+            self.admission.stop()
         wait_s = 0.5 if self.hang else 5  # a stuck execution never returns
         self._inflight.stop(timeout=wait_s)
         if self._watchdog is not None:
@@ -728,6 +868,40 @@ class Worker:
         deadline = time.monotonic() + wait_s
         for thread in list(getattr(self._transfers, "_threads", ())):
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def _entries_after(log: collections.deque, cursor: int) -> list[tuple]:
+    """The entries of an append-only log of (increasing number, ...) tuples numbered above
+    `cursor`, oldest first. Writers append meanwhile: it walks back from the end by index (each
+    read is atomic), skipping entries seen twice as the end moves."""
+    fresh: list[tuple] = []
+    back = 1
+    while back <= len(log):
+        try:
+            entry = log[-back]
+        except IndexError:
+            break
+        if entry[0] <= cursor:
+            break
+        if not fresh or entry[0] < fresh[-1][0]:
+            fresh.append(entry)
+        back += 1
+    fresh.reverse()
+    return fresh
+
+
+def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,
+                    array_id: int) -> Iterator[pb.ArrayChunk]:
+    """`chunks`, refusing a stream with more shard headers than the array has distinct shards
+    (zero-size shards cost a sender nothing; each one costs the host a buffer)."""
+    headers = 0
+    for chunk in chunks:
+        if chunk.HasField("shard"):
+            headers += 1
+            if headers > most:
+                raise InvalidArgumentError(f"array {array_id}: more than its {most} distinct "
+                                           f"shards in one stream")
+        yield chunk
 
 
 def _reap(doomed: queue.SimpleQueue) -> None:
@@ -843,7 +1017,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def GetArray(self, request, context):
         try:
-            yield from self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S))
+            yield from self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S),
+                                       context.is_active)
         except PathwaysError as exc:
             abort(context, exc)
         except Exception as exc:  # reading the buffers failed: a runtime error, never UNKNOWN
@@ -862,7 +1037,10 @@ class WorkerServicer(pb_grpc.WorkerServicer):
         return pb.GetTimelineReply(island=self.worker.island, host=self.worker.host, events=events)
 
     def WatchProgress(self, request, context):
-        yield from self.worker.watch_progress(request.min_interval_s, context.is_active)
+        try:
+            yield from self.worker.watch_progress(request.min_interval_s, context.is_active)
+        except PathwaysError as exc:
+            abort(context, exc)
 
     def Ping(self, request, context):
         host_token = self.worker.credentials.host_token
@@ -880,26 +1058,58 @@ def _time_left(context: grpc.ServicerContext, most: float) -> float:
 
 
 #: Calls only the controller (and peer hosts) may make: they need the host token, when there is
-#: one. A dispatch from anyone else could reset the host.
-HOST_METHODS = ("Dispatch",)
+#: one. A dispatch from anyone else could reset the host; a progress stream never ends by design.
+HOST_METHODS = ("Dispatch", "WatchProgress")
+#: Client calls that hold a thread while they wait, bounded per session and cancelled when idle
+#: (runtime._admission).
+LIMITED_METHODS = ("PutArray", "GetArray", "GetTimeline")
+#: Threads of the control server: a few progress streams, dispatches and pings at a time.
+CONTROL_THREADS = 8
 
 
 def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
-                         max_workers: int = 64) -> tuple[grpc.Server, int]:
-    """A started gRPC server for `worker` on `address` (port 0 picks a free port): (server, port).
+                         max_workers: int = 64) -> tuple[ServerGroup, int]:
+    """Started gRPC servers for `worker` on `address` (port 0 picks a free port), stopped as one:
+    (servers, port of the main one).
 
-    It demands the worker's credentials (runtime._auth): the cluster token on every call, the host
-    token on HOST_METHODS, and for reading or writing an array the key of the session that owns it
-    (or the host token); TLS when the credentials have it."""
+    The main server takes client traffic: puts and fetches, bounded per session and in all, idle
+    ones cancelled (runtime._admission). A control server on a port of its own, with threads of
+    its own (`worker.control_address`, which the host registers with), takes only the cluster's
+    own calls: the controller's dispatch, progress stream and heartbeat, so no client traffic can
+    make them late. Both demand the worker's credentials (runtime._auth): the cluster token on
+    every call, the host token on HOST_METHODS (on the control server, on every call), and for
+    reading or writing an array the key of the session that owns it (or the host token); TLS when
+    the credentials have it."""
     credentials = worker.credentials
-    guard = _auth.ServerGuard(credentials.token, host_token=credentials.host_token,
-                              host_methods=HOST_METHODS,
-                              authorize=_auth.array_owner_policy(lambda: worker._controller_id))
-    guard = CountingInterceptor(guard, "worker", worker.island, worker.host)
+    host = address.rsplit(":", 1)[0]
+
+    def guard(host_methods):
+        return CountingInterceptor(_auth.ServerGuard(
+            credentials.token, host_token=credentials.host_token, host_methods=host_methods,
+            authorize=_auth.array_owner_policy(lambda: worker._controller_id),
+            screen=lambda method, request: _limits.check_request(worker.limits, method, request)),
+            "worker", worker.island, worker.host)
+
     servicer = WorkerServicer(worker)
-    server, port = _auth.start_server(
-        "worker", address, credentials, guard,
-        lambda server: pb_grpc.add_WorkerServicer_to_server(servicer, server),
-        max_workers=max_workers)
-    worker.address = f"{address.rsplit(':', 1)[0]}:{port}"
-    return server, port
+
+    def add(server):
+        pb_grpc.add_WorkerServicer_to_server(servicer, server)
+
+    admission = Admission(f"host {worker.island}.{worker.host}", LIMITED_METHODS, worker.limits,
+                          lambda: worker._controller_id, credentials.host_token,
+                          per_session=worker.limits.streams_per_session)
+    worker.admission = admission
+    server, port = _auth.start_server("worker", address, credentials,
+                                      Chain(guard(HOST_METHODS), admission), add,
+                                      max_workers=max_workers)
+    every = [m.name for m in pb.DESCRIPTOR.services_by_name["Worker"].methods]
+    try:
+        control, control_port = _auth.start_server("worker control", f"{host}:0", credentials,
+                                                   guard(every), add,
+                                                   max_workers=CONTROL_THREADS)
+    except BaseException:
+        server.stop(None)
+        raise
+    worker.address = f"{host}:{port}"
+    worker.control_address = f"{host}:{control_port}"
+    return ServerGroup([server, control]), port

@@ -6,6 +6,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import signal
 import sys
 import time
@@ -27,18 +28,38 @@ def _quiet_collector() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
+#: After SIGINT or SIGTERM, how long a server process may take to stop in order before it is
+#: ended regardless (PATHWAYS_STOP_GRACE_S overrides it).
+STOP_GRACE_S = 30.0
+
+
 class _Signalled:
     """Notes SIGINT and SIGTERM (handlers installed on creation). The handler only sets a flag: a
     handler that takes a lock deadlocks when the signal lands while the main thread holds it
-    (threading.Event.set from a handler, while the main thread is inside Event.wait)."""
+    (threading.Event.set from a handler, while the main thread is inside Event.wait).
 
-    def __init__(self) -> None:
+    The first signal also arms an alarm: if the process has not stopped `grace_s` seconds later
+    (a thread that never returns, a lock that is never released), the kernel ends it with SIGALRM,
+    whatever Python is doing. A second signal ends it at once."""
+
+    def __init__(self, grace_s: float | None = None) -> None:
+        import os
+
         self.received = False
+        self.grace_s = grace_s if grace_s is not None else float(
+            os.environ.get("PATHWAYS_STOP_GRACE_S", STOP_GRACE_S))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._note)
 
-    def _note(self, *_) -> None:
+    def _note(self, signum, _frame) -> None:
+        import os
+
+        if self.received:
+            os._exit(128 + signum)
         self.received = True
+        # SIGALRM's default action ends the process in the kernel: no Python code has to run.
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(max(1, math.ceil(self.grace_s)))
 
     def wait(self) -> None:
         """Blocks until a signal has come (time.sleep wakes up for the handler)."""

@@ -6,8 +6,9 @@ import runtime  # noqa: F401  (import order, see above)
 from scheduler._gang import GangScheduler, OrderTicket
 from scheduler._policy import (POLICIES, FifoPolicy, ProportionalSharePolicy, SchedulingPolicy,
                                Tenant, check_weight, make_policy)
+from scheduler._readiness import Readiness
 from scheduler._resources import HostRecord, ResourceManager, SliceRecord, validate_mesh
 
 __all__ = ["POLICIES", "FifoPolicy", "GangScheduler", "HostRecord", "OrderTicket",
-           "ProportionalSharePolicy", "ResourceManager", "SchedulingPolicy", "SliceRecord",
-           "Tenant", "check_weight", "make_policy", "validate_mesh"]
+           "ProportionalSharePolicy", "Readiness", "ResourceManager", "SchedulingPolicy",
+           "SliceRecord", "Tenant", "check_weight", "make_policy", "validate_mesh"]

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 
 #: Deadline of one Dispatch RPC.
 DISPATCH_TIMEOUT_S = 10.0
-#: Most instructions, and about the most bytes, per Dispatch RPC.
+#: Most instructions, and the most bytes, per Dispatch RPC (an instruction larger than that alone
+#: travels alone).
 MAX_BATCH = 1024
 MAX_BATCH_BYTES = 8 << 20
 #: Least time between two progress reports of a host (reports in between are coalesced).
@@ -66,10 +67,14 @@ class HostLink:
                 if self.closed:
                     return
                 batch, size = [], 0
-                while self.queue and len(batch) < MAX_BATCH and size < MAX_BATCH_BYTES:
-                    ins = self.queue.popleft()
-                    batch.append(ins)
-                    size += ins.ByteSize()
+                while self.queue and len(batch) < MAX_BATCH:
+                    # A large instruction (a load, up to runtime._limits' bound) travels alone
+                    # rather than push a batch past the message limit.
+                    ins_size = self.queue[0].ByteSize()
+                    if batch and size + ins_size > MAX_BATCH_BYTES:
+                        break
+                    batch.append(self.queue.popleft())
+                    size += ins_size
             request = pb.DispatchRequest(controller_id=self.scheduler.controller_id,
                                          epoch=self.scheduler.epoch,
                                          instructions=batch)
@@ -100,7 +105,7 @@ class HostLink:
                 for reply in self._watch_call:
                     opened = True
                     self.scheduler.note_progress(self.host, reply.executed, reply.received,
-                                                 reply.completed, reply.hang)
+                                                 reply.completed, reply.hang, reply.arrived)
             except grpc.RpcError as err:
                 if self.closed or err.code() == grpc.StatusCode.CANCELLED:
                     return

@@ -13,6 +13,12 @@ client submitting as fast as it can waits for its turn instead of flooding the h
 each execution's duration (scheduler._delivery), which refines the estimates and charges each
 client its measured device time. Instructions that cost no device time (array declarations,
 deletes, sends, loads) are ordered as soon as they reach the head of their queue.
+
+An instruction enters the order only once its inputs exist or are produced by something already
+ordered (scheduler._readiness): a computation on a put that has not arrived waits at the head of
+its client's queue, and other clients go ahead, instead of stopping the island's executor. It
+fails (its request gets DeadlineExceededError) if its inputs have not come by its request's
+deadline, or within `input_wait_s`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from runtime._errors import (DeadlineExceededError, FailedPreconditionError, Hos
 from runtime._wire import GRPC_OPTIONS
 from scheduler._delivery import HostLink
 from scheduler._policy import SchedulingPolicy, Tenant, check_weight, make_policy
+from scheduler._readiness import Readiness
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,9 @@ COST_SMOOTHING = 0.2
 STALL_S = 0.5
 #: Measurements kept for executions whose hosts have not reported yet.
 MAX_UNMEASURED = 16384
+#: How long an instruction may wait at the head of its client's queue for inputs that do not exist
+#: yet, when its request has no earlier deadline (runtime._limits.Limits.input_wait_s).
+INPUT_WAIT_S = 120.0
 
 
 @dataclasses.dataclass(eq=False)
@@ -68,31 +78,61 @@ class _Queued:
     index: int  # position in its ticket
     arrival: int  # global arrival stamp (FIFO)
     executes: bool  # device work; other instructions only need a place in the order
+    inputs: tuple[int, ...] = ()  # arrays it reads (it waits until they exist or will)
+    queued_at: float = 0.0  # time.monotonic() of its arrival
+
+
+def _inputs(op: pb.Instruction) -> tuple[int, ...]:
+    kind = op.WhichOneof("op")
+    if kind == "execute":
+        return tuple(op.execute.inputs)
+    if kind == "send":
+        return (op.send.array_id,)
+    return ()
 
 
 class OrderTicket:
     """The places in the island's order of one batch of a session's instructions."""
 
-    __slots__ = ("scheduler", "tenant", "sequences", "remaining", "error", "done")
+    __slots__ = ("scheduler", "tenant", "sequences", "remaining", "error", "failed", "done")
 
     def __init__(self, scheduler: GangScheduler, tenant: Tenant, count: int) -> None:
         self.scheduler, self.tenant = scheduler, tenant
         self.sequences = [0] * count
         self.remaining = count
-        self.error: PathwaysError | None = None
+        self.error: PathwaysError | None = None  # the island's failure: the whole batch failed
+        self.failed: dict[int, PathwaysError] = {}  # instructions that never got a place
         self.done = threading.Event()
         if not count:
             self.done.set()
 
     def wait(self, timeout: float | None = None) -> list[int]:
-        """The sequence numbers, once every instruction is ordered. Past `timeout` s the rest of
-        the batch is ordered at once, ahead of its turn: a client's deadline outranks the policy.
-        Raises the island's failure (HostLostError, DeadlineExceededError for a hang)."""
+        """The sequence numbers, once every instruction is ordered (0 for those in `failed`:
+        their inputs never came). Past `timeout` s the rest of the batch is ordered at once, ahead
+        of its turn: a client's deadline outranks the policy (but an instruction whose inputs do
+        not exist yet fails instead). Raises the island's failure (HostLostError,
+        DeadlineExceededError for a hang)."""
         if not self.done.wait(timeout):
             self.scheduler._force(self)
+        return self.result()
+
+    def result(self) -> list[int]:
+        """The sequence numbers of a ticket that is done (see wait)."""
         if self.error is not None:
             raise self.error
         return self.sequences
+
+
+def force_all(tickets: Sequence[OrderTicket]) -> None:
+    """Orders the rest of several tickets' batches at once (a request's, on several islands):
+    first whatever can be ordered, island after island, as long as that frees more (a copy's send
+    ordered on one island lets what reads the copy on another be ordered), then what still waits
+    for inputs fails."""
+    late = [t for t in tickets if not t.done.is_set()]
+    while any([t.scheduler._force(t, fail_blocked=False) for t in late]):
+        pass
+    for ticket in late:
+        ticket.scheduler._force(ticket)
 
 
 class GangScheduler:
@@ -103,12 +143,15 @@ class GangScheduler:
                  on_host_failure: Callable[[int, int, str], None], *,
                  policy: str | SchedulingPolicy = "fifo", window_s: float = WINDOW_S,
                  link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink,
-                 epoch: int = 0, open_channel: Callable[[str], grpc.Channel] | None = None
+                 epoch: int = 0, open_channel: Callable[[str], grpc.Channel] | None = None,
+                 readiness: Readiness | None = None, input_wait_s: float = INPUT_WAIT_S
                  ) -> None:
         """`link_factory(scheduler, host, address)` connects a host (tests pass a fake);
         `open_channel(address)` opens the channel of a real link (with the cluster's credentials);
         `epoch` numbers the island's incarnations under this controller (hosts reset when it
-        changes: the island was restarted)."""
+        changes: the island was restarted); `readiness` is the registry of arrays that do not
+        exist yet (shared by a controller's islands: a copy between islands is ready once its
+        send is ordered on the source's)."""
         self.island, self.controller_id = island, controller_id
         self.epoch = epoch
         self.open_channel = open_channel or (
@@ -133,6 +176,10 @@ class GangScheduler:
         self._executed = 0  # highest sequence every host has executed
         self._progress_at = time.monotonic()
         self._failure: PathwaysError | None = None
+        self.readiness = readiness or Readiness()
+        self.input_wait_s = input_wait_s
+        self._wake = threading.Event()  # some array became ready: admit what waited for it
+        self.readiness.subscribe(self._wake.set)
         self._stopped = threading.Event()
         self._pump = threading.Thread(target=self._pump_loop, daemon=True,
                                       name=f"gang-{island}")
@@ -193,11 +240,13 @@ class GangScheduler:
             if not ops:
                 return ticket
             idle = not tenant.queue
+            now = time.monotonic()
             for i, op in enumerate(ops):
                 executes = op.HasField("execute")
                 if executes:
                     op.execute.session_id = session_id
-                tenant.queue.append(_Queued(op, ticket, i, next(self._arrivals), executes))
+                tenant.queue.append(_Queued(op, ticket, i, next(self._arrivals), executes,
+                                            _inputs(op), now))
             if idle:
                 self.policy.activate(tenant, [t for t in self._tenants.values()
                                               if t.queue and t is not tenant], time.monotonic())
@@ -205,13 +254,26 @@ class GangScheduler:
             return ticket
 
     def end_session(self, session_id: int) -> None:
-        """Forgets a session once its queued work has been ordered."""
+        """Forgets a session once its queued work has been ordered. Its instructions still
+        waiting for inputs that do not exist fail now: the puts they wait for would be refused
+        (the session's arrays are deleted)."""
         with self.cond:
             tenant = self._tenants.get(session_id)
             if tenant is not None:
                 tenant.closing = True
+                kept: collections.deque[_Queued] = collections.deque()
+                for item in tenant.queue:
+                    missing = self._blocking(item)
+                    if missing is None:
+                        kept.append(item)
+                    else:
+                        self._drop(item, FailedPreconditionError(
+                            f"session {session_id} ended while its instruction waited for "
+                            f"array {missing}"))
+                tenant.queue = kept
                 if not tenant.queue:
                     del self._tenants[session_id]
+                self._admit()
 
     def _place(self, op: pb.Instruction) -> None:
         self._sequence += 1
@@ -219,11 +281,52 @@ class GangScheduler:
         if op.WhichOneof("op") in ("define_slice", "load"):
             self._history.append(op)
 
+    def _forget_slice(self, slice_id: int) -> None:
+        """Drops a released slice's definition and loads from the history replayed to joining
+        hosts (they hold every executable's bytes)."""
+        def of_slice(op: pb.Instruction) -> bool:
+            kind = op.WhichOneof("op")
+            return ((kind == "define_slice" and op.define_slice.slice.slice_id == slice_id)
+                    or (kind == "load" and op.load.slice_id == slice_id))
+        self._history = [op for op in self._history if not of_slice(op)]
+
     def _deliver(self, ops: Sequence[pb.Instruction]) -> None:
         for link in self._links.values():
             if not link.failed:
                 link.queue.extend(ops)
         self.cond.notify_all()
+
+    def _blocking(self, item: _Queued) -> int | None:
+        """An input of `item` that does not exist yet and nothing ordered produces, or None."""
+        return self.readiness.blocking(item.inputs) if item.inputs else None
+
+    def _ready(self, tenant: Tenant) -> bool:
+        """Whether the head of a (non-empty) tenant queue may be ordered now."""
+        return self._blocking(tenant.queue[0]) is None
+
+    def _fail_head(self, tenant: Tenant, error: PathwaysError) -> None:
+        """Drops the head of a tenant's queue, which will never be ordered."""
+        self._drop(tenant.queue.popleft(), error)
+        if not tenant.queue:
+            tenant.idle_since = time.monotonic()
+
+    @staticmethod
+    def _drop(item: _Queued, error: PathwaysError) -> None:
+        """Tells a dropped instruction's request why it got no place."""
+        ticket = item.ticket
+        ticket.failed[item.index] = error
+        ticket.remaining -= 1
+        if not ticket.remaining:
+            ticket.done.set()
+
+    def _input_error(self, item: _Queued, why: str) -> PathwaysError:
+        array_id = self._blocking(item)
+        what = (f"execution of executable {item.op.execute.executable_id}" if item.executes
+                else f"{item.op.WhichOneof('op')} of array {item.inputs[0]}")
+        return DeadlineExceededError(
+            f"island {self.island}: {what} waited {time.monotonic() - item.queued_at:.1f} s for "
+            f"input array {array_id}, which does not exist yet (a put that did not complete, or "
+            f"a copy whose source never came), {why}; it was not run")
 
     def _order_head(self, tenant: Tenant, batch: list[pb.Instruction]) -> None:
         """Gives the head of a tenant's queue the next place in the order."""
@@ -231,6 +334,13 @@ class GangScheduler:
         self._place(item.op)
         batch.append(item.op)
         tenant.ordered += 1
+        kind = item.op.WhichOneof("op")
+        if kind == "send":  # the copy is on its way: what reads it may be ordered
+            self.readiness.sent(item.op.send.destination.array_id)
+        elif kind == "delete":  # nothing ordered reads these any more
+            self.readiness.forget(item.op.delete.array_ids)
+        elif kind == "release_slice":  # a host joining later needs neither mesh nor programs
+            self._forget_slice(item.op.release_slice.slice_id)
         if item.executes:  # charged its estimate now, corrected when the hosts measure it
             sequence, executable = item.op.sequence, item.op.execute.executable_id
             cost = max(MIN_COST_S, self._costs.get(executable, DEFAULT_COST_S))
@@ -264,37 +374,72 @@ class GangScheduler:
                   or self._outstanding_s < self.window_s * REFILL_BELOW)
         while True:
             for tenant in list(self._tenants.values()):
-                while tenant.queue and not tenant.queue[0].executes:
+                while tenant.queue and not tenant.queue[0].executes and self._ready(tenant):
                     self._order_head(tenant, batch)
-            backlogged = [t for t in self._tenants.values() if t.queue]
+            backlogged = self._backlogged()
             if not refill or not backlogged or self._window_full():
                 break
             self._order_head(self.policy.pick(backlogged), batch)
         if batch:
             self._deliver(batch)
 
-    def _force(self, ticket: OrderTicket) -> None:
-        """Orders the rest of a ticket's batch (and what precedes it in its queue) now."""
+    def _backlogged(self) -> list[Tenant]:
+        """Tenants whose head may be ordered now."""
+        return [t for t in self._tenants.values() if t.queue and self._ready(t)]
+
+    def _force(self, ticket: OrderTicket, *, fail_blocked: bool = True) -> bool:
+        """Orders the rest of a ticket's batch (and what precedes it in its queue) now; an
+        instruction whose inputs do not exist yet fails instead (ordered, it would stop the
+        island until they came), or, unless `fail_blocked`, stops it. Whether it ordered any."""
         with self.cond:
             if ticket.error is not None or not ticket.remaining:
-                return
-            log.warning("island %d: ordering %d instructions of session %d ahead of their turn "
-                        "(the client's deadline is near)", self.island, ticket.remaining,
-                        ticket.tenant.session_id)
+                return False
             batch: list[pb.Instruction] = []
-            while ticket.remaining and ticket.tenant.queue:
-                self._order_head(ticket.tenant, batch)
+            tenant = ticket.tenant
+            while ticket.remaining and tenant.queue:
+                if self._ready(tenant):
+                    self._order_head(tenant, batch)
+                elif fail_blocked:
+                    self._fail_head(tenant, self._input_error(tenant.queue[0],
+                                                              "by its request's deadline"))
+                else:
+                    break
+            if batch:
+                log.warning("island %d: ordered %d instructions of session %d ahead of their "
+                            "turn (the client's deadline is near)", self.island, len(batch),
+                            tenant.session_id)
             self._deliver(batch)
+            return bool(batch)
+
+    def _expire(self, now: float) -> None:
+        """Fails the heads of queues that waited longer than input_wait_s for their inputs (a
+        request that went away no longer forces them)."""
+        for tenant in list(self._tenants.values()):
+            while (tenant.queue and now - tenant.queue[0].queued_at > self.input_wait_s
+                   and not self._ready(tenant)):
+                self._fail_head(tenant, self._input_error(
+                    tenant.queue[0], f"longer than {self.input_wait_s:.0f} s"))
+            if not tenant.queue and tenant.closing:
+                self._tenants.pop(tenant.session_id, None)
 
     def _pump_loop(self) -> None:
-        """Orders past the window when the island has stalled (see STALL_S)."""
-        while not self._stopped.wait(0.1):
+        """Admits work whose inputs became ready; fails work whose inputs never came; orders
+        past the window when the island has stalled (see STALL_S)."""
+        while not self._stopped.is_set():
+            woken = self._wake.wait(0.1)
+            self._wake.clear()
             with self.cond:
-                if self._failure is not None or not self._inflight:
+                if self._failure is not None or self.closed:
+                    continue
+                now = time.monotonic()
+                self._expire(now)
+                if woken:
+                    self._admit()
+                if not self._inflight:
                     continue
                 stall = max(STALL_S, 4 * self._inflight[0][1])
-                backlogged = [t for t in self._tenants.values() if t.queue]
-                if backlogged and time.monotonic() - self._progress_at > stall:
+                backlogged = self._backlogged()
+                if backlogged and now - self._progress_at > stall:
                     batch: list[pb.Instruction] = []
                     self._order_head(self.policy.pick(backlogged), batch)
                     self._deliver(batch)
@@ -303,9 +448,13 @@ class GangScheduler:
     # -- progress from the hosts ------------------------------------------------------------------
 
     def note_progress(self, host: int, executed: int, received: int = 0,
-                      completed: Sequence[pb.CompletedExecution] = (), hang: str = "") -> None:
+                      completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
+                      arrived: Sequence[int] = ()) -> None:
         """Records how far a host has received and executed the order (from acks, progress
-        reports and pings), and the measured durations of its executions."""
+        reports and pings), the measured durations of its executions, and the arrays whose data
+        reached it (or failed to)."""
+        if arrived:
+            self.readiness.arrived(self.island, host, arrived)
         with self.cond:
             link = self._links.get(host)
             if link is None:
@@ -356,6 +505,7 @@ class GangScheduler:
 
     def _fail(self, error: PathwaysError) -> None:
         self._failure = error
+        self.readiness.forget_island(self.island)
         for tenant in self._tenants.values():
             for item in tenant.queue:
                 if item.ticket.error is None:
@@ -453,6 +603,8 @@ class GangScheduler:
         """Stops ordering and delivery; returns once the island's threads have ended (or after
         `timeout` seconds): a daemon thread still inside gRPC at interpreter exit can abort it."""
         self._stopped.set()
+        self._wake.set()
+        self.readiness.unsubscribe(self._wake.set)
         with self.cond:
             self.closed = True
             links = list(self._links.values())

@@ -46,3 +46,43 @@ def wire(proxy, cluster):
     session.init()
     yield session
     session.close()
+class Bystander:
+    """A client minding its own business on a cluster under attack: `check()` asserts its stored
+    arrays are intact, new work on them is correct, and the cluster's status (in process and over
+    the wire) still answers with every host alive."""
+
+    def __init__(self, cluster, island: int = 0) -> None:
+        import numpy as np
+        from jax.sharding import PartitionSpec as P
+
+        self.cluster = cluster
+        self.client = cluster.client("bystander")
+        self.slice = self.client.slice({"d": 2}, island=island)
+        self.data = np.arange(16, dtype=np.float32)
+        self.x = self.client.put(self.data, self.slice, P("d"))
+        self.f = self.client.jit(lambda v: v + 1, self.slice, in_specs=P("d"), out_specs=P("d"))
+        self.y = self.f(self.x)
+        np.testing.assert_array_equal(self.y.fetch(), self.data + 1)
+
+    def check(self) -> None:
+        import numpy as np
+
+        np.testing.assert_array_equal(self.x.fetch(timeout=30), self.data)
+        np.testing.assert_array_equal(self.y.fetch(timeout=30), self.data + 1)
+        np.testing.assert_array_equal(self.f(self.x).fetch(timeout=30), self.data + 1)
+        fresh = self.client.put(self.data * 3, self.slice)
+        np.testing.assert_array_equal(fresh.fetch(timeout=30), self.data * 3)
+        for status in (self.cluster.controller.status(), self.client.status()):
+            assert status.hosts and all(h.state == "alive" for h in status.hosts), status.hosts
+            assert all(not i.failure for i in status.islands), status.islands
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def bystander(cluster):
+    """A Bystander on the shared cluster's island 0, closed after the test."""
+    b = Bystander(cluster)
+    yield b
+    b.close()

@@ -161,8 +161,10 @@ def test_worker_reports_a_load_failure_on_the_outputs():
 
 
 def test_input_that_never_arrives_fails_within_its_deadline():
+    """A computation on a declared array that is never put waits in its client's queue (not in
+    the island's order) and fails at its request's deadline."""
     with runtime.LocalCluster(islands=1, devices_per_island=2, input_timeout_s=0.5) as cluster:
-        client = cluster.client()
+        client = runtime.Client(cluster.address, timeout_s=5.0, credentials=cluster.credentials)
         s = client.slice({"d": 2})
         never = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[2],
                              sharding=pb.Sharding(slice_id=s.slice_id))
@@ -170,9 +172,10 @@ def test_input_that_never_arrives_fails_within_its_deadline():
                                                                arrays=[never]))
         handle = runtime.RemoteArray(client, never.array_id, (2,), np.float32, P(), s)
         out = client.jit(lambda v: v + 1, s)(handle)
-        with pytest.raises(runtime.DeadlineExceededError, match="not produced"):
+        with pytest.raises(runtime.DeadlineExceededError, match="does not exist yet"):
             out.fetch(timeout=30)
         still_works(client)
+        client.close()
 
 
 def test_controller_that_is_not_there():
