@@ -118,10 +118,10 @@ class LocalCluster:
             raise FailedPreconditionError(
                 f"{islands} islands x {devices_per_island} devices need {total} {platform} "
                 f"devices; this process has {len(devices)}")
-        cluster_credentials = credentials or _auth.Credentials.generate()
-        self.credentials = cluster_credentials.for_clients()
+        self._cluster_credentials = credentials or _auth.Credentials.generate()
+        self.credentials = self._cluster_credentials.for_clients()
         self.controller = Controller(heartbeat=heartbeat, policy=policy,
-                                     credentials=cluster_credentials,
+                                     credentials=self._cluster_credentials,
                                      session_quota_bytes=session_quota_bytes,
                                      session_lease_s=session_lease_s)
         self._server, self.port = create_controller_server(self.controller)
@@ -133,7 +133,7 @@ class LocalCluster:
             worker = Worker(island, 0, devices[island * devices_per_island:
                                                (island + 1) * devices_per_island],
                             platform=platform, input_timeout_s=input_timeout_s,
-                            credentials=cluster_credentials)
+                            credentials=self._cluster_credentials)
             server, _ = create_worker_server(worker)
             self.workers.append(worker)
             self._worker_servers.append(server)

@@ -297,10 +297,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
     from runtime._client import Client
     from runtime._errors import PathwaysError
 
+    credentials = _credentials(args, args.address)
     try:
-        with Client(args.address, name="status", timeout_s=args.timeout,
-                    credentials=_credentials(args, args.address)) as client:
-            status = client.status()
+        if credentials.host_token:
+            status = _operator_status(args.address, credentials, args.timeout)
+        else:
+            with Client(args.address, name="status", timeout_s=args.timeout,
+                        credentials=credentials) as client:
+                status = client.status()
     except PathwaysError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -311,6 +315,27 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 0
     print(format_status(args.address, status))
     return 0
+
+
+def _operator_status(address: str, credentials, timeout: float):
+    """GetStatus with the host token: the cluster's own view (every client's sessions, queues
+    and slices), without opening a session."""
+    import grpc
+
+    from proto import pathways_pb2 as pb
+    from proto import pathways_pb2_grpc as pb_grpc
+    from runtime import _auth
+    from runtime._errors import ControllerUnavailableError, from_rpc_error
+
+    channel = _auth.open_channel(address, credentials)
+    try:
+        return pb_grpc.ControllerStub(channel).GetStatus(pb.GetStatusRequest(), timeout=timeout)
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) or ControllerUnavailableError(
+            f"no controller answers at {address} — is `pathways up` running there? "
+            f"({err.code().name})") from None
+    finally:
+        channel.close()
 
 
 def format_status(address: str, status) -> str:
@@ -452,13 +477,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_up)
 
     p = sub.add_parser("status", help="list islands, hosts and slices of a controller",
-                       description="Show a controller's islands, hosts, devices and slices.")
+                       description="Show a controller's islands, hosts, devices and slices. A "
+                                   "client sees its own sessions and slices; with the host token "
+                                   "(--host-token-file or $PATHWAYS_HOST_TOKEN), every client's.")
     p.add_argument("address", help="controller address HOST:PORT")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for the controller's answer (connecting takes at most "
                         "3 s: no answer by then means no controller is there)")
-    _add_auth_args(p)
+    _add_auth_args(p, host=True)
     p.set_defaults(func=_cmd_status)
 
     for module in _EXTENSIONS:

@@ -455,9 +455,12 @@ def run_all(devices, names=None) -> dict[str, list[np.ndarray]]:
     for name, fn in PROGRAMS.items():
         if names and name not in names:
             continue
-        out = fn(devices)
-        results[name] = [np.asarray(jax.random.key_data(x) if _is_key(x) else x)
-                         for x in jax.tree.leaves(out)]
+        try:
+            out = fn(devices)
+            results[name] = [np.asarray(jax.random.key_data(x) if _is_key(x) else x)
+                             for x in jax.tree.leaves(out)]
+        except Exception as exc:  # which program failed: the traceback alone does not say
+            raise RuntimeError(f"program {name!r} failed: {exc}") from exc
     return results
 
 

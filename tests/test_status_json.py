@@ -40,7 +40,9 @@ def test_status_json_is_complete_with_numbers_as_numbers():
         x = client.put(np.arange(4.0, dtype=np.float32), s)
         client.jit(lambda v: v * 2, s)(x).fetch()
 
-        env = dict(os.environ, PATHWAYS_TOKEN=cluster.credentials.token)
+        # The host token: the cluster's own view, which includes other clients' slices.
+        env = dict(os.environ, PATHWAYS_TOKEN=cluster.credentials.token,
+                   PATHWAYS_HOST_TOKEN=cluster._cluster_credentials.host_token)
         result = subprocess.run([sys.executable, "-m", "runtime.cli", "status", cluster.address,
                                  "--json"], capture_output=True, text=True, timeout=120, env=env)
         assert result.returncode == 0, result.stderr
@@ -56,7 +58,7 @@ def test_status_json_is_complete_with_numbers_as_numbers():
         (sl,) = status["slices"]
         assert sl["island"] == 0 and sl["mesh_shape"] == [2] and sl["axis_names"] == ["d"]
         assert sl["devices"] == [{"host": 0, "device": 0}, {"host": 0, "device": 1}]
-        assert status["sessions"] == 2 and status["arrays"] == 2  # x and 2x; the CLI's own
+        assert status["sessions"] == 1 and status["arrays"] == 2  # x, 2x; status opened none
 
 
 def test_non_finite_floats_and_enums_are_valid_json():
