@@ -28,7 +28,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent import futures
 
 import grpc
@@ -180,16 +180,7 @@ class Worker:
         with self._cond:
             if (controller_id, epoch) != (self._controller_id, self._epoch):
                 self._reset(controller_id, epoch)
-            fresh = []
-            for ins in instructions:
-                if ins.sequence <= 0:
-                    raise InvalidArgumentError(f"instruction sequence {ins.sequence} is not positive")
-                if ins.sequence < self._next or ins.sequence in self._pending:
-                    continue  # a resend of something already received
-                kind = ins.WhichOneof("op")
-                if kind is None:
-                    raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
-                fresh.append((kind, ins))
+            fresh = fresh_instructions(instructions, self._next, self._pending)
         for kind, ins in fresh:
             if kind == "execute":
                 if self._executable_slices.get(ins.execute.executable_id) not in self._foreign:
@@ -599,14 +590,7 @@ class Worker:
     @property
     def activity(self) -> str:
         """What the executor is doing, e.g. "running step (#12, session 3) for 0.2 s"."""
-        state = self._activity
-        if len(state) < 6:
-            return state[0]
-        what, name, sequence, session, since, _ = state
-        where = f"#{sequence}, session {session}" if session else f"#{sequence}"
-        text = (f"{what} {name} ({where}) for {time.monotonic() - since:.1f} s" if sequence
-                else f"{what} {name} for {time.monotonic() - since:.1f} s")
-        return f"stuck: {text}" if self.hang else text
+        return describe_activity(self._activity, self.hang)
 
     @property
     def current(self) -> tuple:
@@ -672,6 +656,36 @@ class Worker:
         deadline = time.monotonic() + wait_s
         for thread in list(getattr(self._transfers, "_threads", ())):
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+def fresh_instructions(instructions: Sequence[pb.Instruction], next_sequence: int,
+                       pending: Container[int]) -> list[tuple[str, pb.Instruction]]:
+    """The instructions of a Dispatch batch a host has not received before (none below
+    `next_sequence` nor in `pending`: a resend), each with its kind. InvalidArgumentError for a
+    non-positive sequence number or an instruction without an operation."""
+    fresh = []
+    for ins in instructions:
+        if ins.sequence <= 0:
+            raise InvalidArgumentError(f"instruction sequence {ins.sequence} is not positive")
+        if ins.sequence < next_sequence or ins.sequence in pending:
+            continue  # a resend of something already received
+        kind = ins.WhichOneof("op")
+        if kind is None:
+            raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
+        fresh.append((kind, ins))
+    return fresh
+
+
+def describe_activity(state: tuple, hang: str) -> str:
+    """An executor's state (what, name, sequence, session, since, slice id), or ("idle",), as
+    status shows it: e.g. "running step (#12, session 3) for 0.2 s"; "stuck: ..." once hung."""
+    if len(state) < 6:
+        return state[0]
+    what, name, sequence, session, since, _ = state
+    where = f"#{sequence}, session {session}" if session else f"#{sequence}"
+    text = (f"{what} {name} ({where}) for {time.monotonic() - since:.1f} s" if sequence
+            else f"{what} {name} for {time.monotonic() - since:.1f} s")
+    return f"stuck: {text}" if hang else text
 
 
 def _reap(doomed: queue.SimpleQueue) -> None:
