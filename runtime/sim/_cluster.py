@@ -43,8 +43,9 @@ class SimCluster:
     over `flops_per_s`. With `controller_process`, the controller runs as `pathways controller` in
     a process of its own (`controller_pid`), else in this one (`controller`). Output of the child
     processes goes to files in `log_dir` when given, else to this process's stdout and stderr.
-    `registration_s` is how long the hosts took from being started to being registered. Use as a
-    context manager; `close()` stops everything and is idempotent.
+    `registration_s` is how long the hosts took from being started to being registered. With
+    `start=False` nothing runs until `start()` (so a caller can watch the start-up, e.g. the
+    controller's process). Use as a context manager; `close()` stops everything and is idempotent.
     """
 
     def __init__(self, islands: int = 1, hosts_per_island: int = 4, devices_per_host: int = 4, *,
@@ -53,7 +54,8 @@ class SimCluster:
                  port: int = 0, host: str = "127.0.0.1", policy: str = "fifo",
                  controller_process: bool = False, startup_timeout: float = STARTUP_TIMEOUT_S,
                  credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None, log_dir: str | None = None) -> None:
+                 session_quota_bytes: int | None = None, log_dir: str | None = None,
+                 start: bool = True) -> None:
         if islands <= 0 or hosts_per_island <= 0 or devices_per_host <= 0:
             raise ValueError("a simulated cluster needs islands, hosts and devices")
         self.islands, self.hosts_per_island = islands, hosts_per_island
@@ -72,34 +74,53 @@ class SimCluster:
         self.procs: list[subprocess.Popen] = []
         self.token_file: str | None = None
         self.registration_s = 0.0
-        deadline = time.monotonic() + startup_timeout
+        self.address = ""
+        self._options = dict(processes=processes, flops_per_s=flops_per_s,
+                             fixed_duration_s=fixed_duration_s,
+                             execution_deadline_s=execution_deadline_s, port=port, host=host,
+                             policy=policy, controller_process=controller_process,
+                             startup_timeout=startup_timeout,
+                             session_quota_bytes=session_quota_bytes)
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Starts the controller and the simulated processes; returns once every host has
+        registered (DeadlineExceededError past the start-up timeout, FailedPreconditionError when
+        a process dies first; either way everything started is stopped)."""
+        o = self._options
+        host = o["host"]
+        deadline = time.monotonic() + o["startup_timeout"]
         try:
-            if controller_process:
-                self.address = self._spawn_controller(host, port, policy, session_quota_bytes,
-                                                      deadline)
+            if o["controller_process"]:
+                self.address = self._spawn_controller(host, o["port"], o["policy"],
+                                                      o["session_quota_bytes"], deadline)
             else:
-                self.controller = Controller(policy=policy, credentials=self._cluster_credentials,
-                                             session_quota_bytes=session_quota_bytes)
-                self._server, bound = create_controller_server(self.controller, f"{host}:{port}")
+                self.controller = Controller(policy=o["policy"],
+                                             credentials=self._cluster_credentials,
+                                             session_quota_bytes=o["session_quota_bytes"])
+                self._server, bound = create_controller_server(self.controller,
+                                                               f"{host}:{o['port']}")
                 self.address = f"{host}:{bound}"
             self.token_file = publish_token(self.address, self.credentials)
             began = time.monotonic()
-            count = processes or default_processes(islands, hosts_per_island)
-            per = math.ceil(islands / count)
-            for first in range(0, islands, per):
+            count = o["processes"] or default_processes(self.islands, self.hosts_per_island)
+            per = math.ceil(self.islands / count)
+            for first in range(0, self.islands, per):
                 cmd = [sys.executable, "-m", "runtime.cli", "worker", "--platform", "sim",
                        "--controller", self.address, "--island", str(first),
-                       "--island-count", str(min(per, islands - first)),
-                       "--num-hosts", str(hosts_per_island), "--devices", str(devices_per_host),
-                       "--bind", host, "--flops-per-s", repr(flops_per_s),
-                       "--execution-deadline", repr(execution_deadline_s),
-                       "--register-timeout", repr(startup_timeout)]
-                if fixed_duration_s is not None:
-                    cmd += ["--fixed-duration-ms", repr(fixed_duration_s * 1e3)]
+                       "--island-count", str(min(per, self.islands - first)),
+                       "--num-hosts", str(self.hosts_per_island),
+                       "--devices", str(self.devices_per_host), "--bind", host,
+                       "--flops-per-s", repr(o["flops_per_s"]),
+                       "--execution-deadline", repr(o["execution_deadline_s"]),
+                       "--register-timeout", repr(o["startup_timeout"])]
+                if o["fixed_duration_s"] is not None:
+                    cmd += ["--fixed-duration-ms", repr(o["fixed_duration_s"] * 1e3)]
                 self.procs.append(self._spawn(cmd, f"sim-{first}"))
             self._wait_for(REGISTERED, len(self.procs), deadline)
             if self.controller is not None:
-                wait_for_hosts(self.controller, islands * hosts_per_island,
+                wait_for_hosts(self.controller, self.islands * self.hosts_per_island,
                                max(0.0, deadline - time.monotonic()), self.procs)
             self.registration_s = time.monotonic() - began
         except BaseException:

@@ -1,8 +1,9 @@
 """How long a computation holds simulated devices: XLA's cost analysis of its StableHLO.
 
 The FLOPs of an executable are counted once per process (all the hosts a process serves share the
-figure), in a worker thread: lowering and analysing a large module takes seconds, and the hosts'
-event loop must keep serving meanwhile. Nothing is compiled and no device is needed: the module is
+figure), in a helper process: lowering and analysing a large module takes seconds of Python, and
+in a thread it would hold the interpreter lock against the hosts' event loop, which must keep
+answering the controller meanwhile. Nothing is compiled and no device is needed: the module is
 lowered against the slice's abstract mesh and XLA's HLO cost analysis counts its FLOPs.
 
 Per device: a module whose body runs in manual-sharding regions (`shard_map`) is written per
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import multiprocessing
 from collections.abc import Sequence
 from concurrent import futures
 
@@ -63,6 +65,13 @@ def per_device_flops(serialized: bytes, inputs: Sequence[pb.ValueSpec],
     return flops if manual or exported.nr_devices <= 1 else flops / devices
 
 
+def _count(serialized: bytes, inputs: list[bytes], mesh_shape: tuple[int, ...],
+           axis_names: tuple[str, ...]) -> float:
+    """per_device_flops in the helper process (inputs as serialized ValueSpecs)."""
+    return per_device_flops(serialized, [pb.ValueSpec.FromString(v) for v in inputs], mesh_shape,
+                            axis_names)
+
+
 class CostModel:
     """Durations of executables for one process's simulated hosts; each counted once.
 
@@ -72,8 +81,8 @@ class CostModel:
 
     def __init__(self, config: SimConfig, pool: futures.Executor | None = None) -> None:
         self.config = config
-        self._pool = pool or futures.ThreadPoolExecutor(max_workers=1,
-                                                        thread_name_prefix="sim-cost")
+        self._given_pool = pool
+        self._pool = pool
         self._flops: dict[tuple, asyncio.Future] = {}
 
     async def seconds(self, load: pb.LoadInstruction, mesh_shape: Sequence[int],
@@ -93,9 +102,12 @@ class CostModel:
                tuple(v.SerializeToString(deterministic=True) for v in load.inputs))
         future = self._flops.get(key)
         if future is None:
+            if self._pool is None:  # started on first use: fixed durations never need it
+                self._pool = futures.ProcessPoolExecutor(
+                    max_workers=1, mp_context=multiprocessing.get_context("spawn"))
             loop = asyncio.get_running_loop()
             future = self._flops[key] = loop.run_in_executor(
-                self._pool, per_device_flops, load.serialized, list(load.inputs),
+                self._pool, _count, load.serialized, [v.SerializeToString() for v in load.inputs],
                 tuple(mesh_shape), tuple(axis_names))
         try:
             return await asyncio.shield(future)
@@ -103,4 +115,5 @@ class CostModel:
             raise InvalidArgumentError(f"{load.name}: {exc}") from None
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None and self._pool is not self._given_pool:
+            self._pool.shutdown(wait=False, cancel_futures=True)

@@ -93,10 +93,7 @@ class _Executable:
     info: pb.SliceInfo | None = None
     devices: int = 0  # of this host
     skip: bool = False  # no device of its slice is on this host
-
-    @property
-    def hosts(self) -> frozenset[int]:
-        return frozenset(d.host for d in self.info.devices) if self.info is not None else frozenset()
+    hosts: frozenset[int] = frozenset()  # of its slice
 
 
 class SimHost:
@@ -280,7 +277,8 @@ class SimHost:
                             for v in load.outputs)
             self._executables[load.executable_id] = _Executable(
                 load.name, seconds, None, outputs, donated, info,
-                sum(d.host == self.host for d in info.devices))
+                sum(d.host == self.host for d in info.devices),
+                hosts=frozenset(d.host for d in info.devices))
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")

@@ -58,6 +58,7 @@ class SimIslands:
         self.servers: list[grpc.aio.Server] = []
         self.registration_s = 0.0
         self.re_registrations = 0
+        self.longest_stall_s = 0.0  # of the event loop (see watch_loop)
         self._registered_at: dict[tuple[int, int], float] = {}
         self._pool = futures.ThreadPoolExecutor(max_workers=REGISTRATION_THREADS,
                                                 thread_name_prefix="sim-register")
@@ -132,6 +133,18 @@ class SimIslands:
                 busy.add(key)
                 loop.create_task(again(host, key))
 
+    async def watch_loop(self, period: float = 0.1, report_above: float = 0.5) -> None:
+        """Notes how late the event loop runs a periodic task: a loop that stalls answers nobody
+        (the controller's pings included), so simulated hosts would look slow or silent."""
+        while True:
+            began = time.monotonic()
+            await asyncio.sleep(period)
+            stall = time.monotonic() - began - period
+            self.longest_stall_s = max(self.longest_stall_s, stall)
+            if stall > report_above:
+                log.warning("sim event loop stalled for %.2f s (%d hosts)", stall,
+                            len(self.hosts))
+
     async def stop(self, unregister: bool = True) -> None:
         """Stops serving; tells the controller the hosts leave unless told not to."""
         loop = asyncio.get_running_loop()
@@ -177,7 +190,7 @@ def run_worker(args: argparse.Namespace, credentials: _auth.Credentials,
         return 2
     if not die_with_parent():
         return 1
-    _raise_file_limit()
+    raise_file_limit()
     islands = list(range(args.island, args.island + args.island_count))
     sim = SimIslands(args.controller, islands, args.num_hosts,
                      config_from_args(args, args.devices), credentials, bind=args.bind,
@@ -217,16 +230,17 @@ async def _serve(sim: SimIslands, register_timeout: float, after_start: Callable
     print(f"{REGISTERED} {len(sim.hosts)} hosts with {sim.controller} in "
           f"{sim.registration_s:.2f} s", flush=True)
     after_start()
-    watcher = loop.create_task(sim.keep_registered())
+    watchers = [loop.create_task(sim.keep_registered()), loop.create_task(sim.watch_loop())]
     await stopping
-    watcher.cancel()
+    for watcher in watchers:
+        watcher.cancel()
     await sim.stop(unregister=True)
-    if sim.re_registrations:
-        print(f"sim: {sim.re_registrations} re-registrations after silences", flush=True)
+    print(f"sim: {sim.re_registrations} re-registrations after silences; event loop stalled "
+          f"{sim.longest_stall_s:.2f} s at most", flush=True)
     return 0
 
 
-def _raise_file_limit() -> None:
+def raise_file_limit() -> None:
     """Every host holds a listening socket and a few connections: lift the soft limit on open
     files to the hard one."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

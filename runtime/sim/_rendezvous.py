@@ -39,11 +39,11 @@ class Rendezvous:
         Returns a future of the start time (the latest `ready` of them all), set when the last
         host arrives. Awaiting it with a timeout must not cancel it (use asyncio.wait)."""
         meeting = self._meetings.get(place)
-        if meeting is None or meeting.hosts != hosts:
+        if meeting is None:  # the same place names the same computation, so the same hosts
             meeting = self._meetings[place] = _Meeting(
                 hosts, {}, asyncio.get_running_loop().create_future())
         meeting.ready[host] = ready
-        if set(meeting.ready) >= meeting.hosts:
+        if len(meeting.ready) >= len(meeting.hosts):  # every arrival is one of them
             del self._meetings[place]
             if not meeting.started.done():
                 meeting.started.set_result(max(meeting.ready.values()))

@@ -1,0 +1,127 @@
+"""Plots and the table of `pathways bench scale` (benchmarks/scale.py), from its report.
+
+scale_busy.png: device busy fraction against computation duration, one line per host count, one
+panel per program shape (the Pathways paper's Figure 6 question: from what size does dispatch keep
+the devices busy?). scale_throughput.png: computations per second against duration, with the
+ceiling the devices allow (Figure 5's measure). scale_controller.png: the controller's CPU per
+computation and its threads against host count.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+from benchmarks.dispatch_baselines import SHAPES
+
+
+def _curves(report: dict, shape: str) -> dict[int, list[dict]]:
+    curves: dict[int, list[dict]] = {}
+    for point in report["points"]:
+        if point["shape"] == shape and point.get("busy") is not None:
+            curves.setdefault(point["hosts"], []).append(point)
+    return {h: sorted(c, key=lambda p: p["target_ms"]) for h, c in sorted(curves.items())}
+
+
+def plot_scale(report: dict, out: pathlib.Path) -> None:
+    """Writes scale_busy.png, scale_throughput.png and scale_controller.png into `out`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = [s for s in SHAPES if any(p["shape"] == s for p in report["points"])] or ["opbyop"]
+    colors = plt.get_cmap("viridis")
+    hosts_all = sorted({p["hosts"] for p in report["points"]}) or [1]
+
+    def color(hosts: int):
+        return colors(hosts_all.index(hosts) / max(1, len(hosts_all) - 1) * 0.9)
+
+    for kind in ("busy", "throughput"):
+        fig, axes = plt.subplots(1, len(shapes), figsize=(5 * len(shapes), 4), squeeze=False)
+        for ax, shape in zip(axes[0], shapes):
+            for hosts, curve in _curves(report, shape).items():
+                x = [p.get("computation_ms") or p["target_ms"] for p in curve]
+                if kind == "busy":
+                    ax.plot(x, [p["busy"] for p in curve], "o-", color=color(hosts),
+                            label=f"{hosts} hosts")
+                else:
+                    ax.plot(x, [p["computations_per_s"] for p in curve], "o-",
+                            color=color(hosts), label=f"{hosts} hosts")
+                    ceiling = [p["islands"] * 1e3 / ms for p, ms in zip(curve, x)]
+                    ax.plot(x, ceiling, ":", color=color(hosts), linewidth=1)
+            ax.set_xscale("log")
+            ax.set_xlabel("computation duration (ms)")
+            ax.set_title(shape)
+            if kind == "busy":
+                ax.axhline(0.95, color="gray", linestyle="--", linewidth=1)
+                ax.set_ylim(0, 1.05)
+                ax.set_ylabel("device busy fraction")
+            else:
+                ax.set_yscale("log")
+                ax.set_ylabel("computations / s (dotted: devices always busy)")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"dispatch on simulated hosts: {kind}")
+        fig.tight_layout()
+        fig.savefig(out / f"scale_{kind}.png", dpi=110)
+        plt.close(fig)
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for shape in shapes:
+        smallest = {}
+        for hosts, curve in _curves(report, shape).items():
+            cpu = curve[0]["controller"].get("cpu_s_per_computation")
+            if cpu:
+                smallest[hosts] = cpu * 1e3
+        if smallest:
+            left.plot(list(smallest), list(smallest.values()), "o-", label=f"{shape} (shortest)")
+    left.set(xscale="log", yscale="log", xlabel="hosts",
+             ylabel="controller CPU ms per computation")
+    left.grid(True, which="both", alpha=0.3)
+    left.legend(fontsize=8)
+    clusters = [c for c in report["clusters"] if c.get("controller_idle")]
+    right.plot([c["hosts"] for c in clusters], [c["controller_idle"]["threads"] for c in clusters],
+               "o-", label="threads (idle)")
+    right.set(xscale="log", yscale="log", xlabel="hosts", ylabel="controller threads")
+    right.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "scale_controller.png", dpi=110)
+    plt.close(fig)
+
+
+def format_table(report: dict) -> str:
+    """The sweep as text: a row per point, then clusters and break-evens."""
+    rows = ["latency (ms, p50/p99) of a probe: one command per island at a time; each stage's own "
+            "length",
+            f"{'hosts':>5} {'shape':<8} {'ms':>6} {'busy':>6} {'comp/s':>9} {'ctl ms/comp':>11} "
+            f"{'submit->ordered':>16} {'ordered->last recv':>19} {'last recv->start':>17}"]
+    for p in report["points"]:
+        if p.get("busy") is None:
+            rows.append(f"{p['hosts']:>5} {p['shape']:<8} {p['target_ms']:>6g}  "
+                        f"{p.get('error', 'no computations')}")
+            continue
+        lat = p.get("latency_ms") or {}
+
+        def pair(key: str) -> str:
+            value = lat.get(key)
+            return f"{value['p50']:.2f}/{value['p99']:.2f}" if value else "-"
+        cpu = p["controller"].get("cpu_s_per_computation")
+        rows.append(f"{p['hosts']:>5} {p['shape']:<8} {p.get('computation_ms') or 0:>6.3g} "
+                    f"{p['busy']:>6.3f} {p['computations_per_s']:>9.1f} "
+                    f"{cpu * 1e3 if cpu else float('nan'):>11.3f} {pair('submit_to_ordered'):>16} "
+                    f"{pair('ordered_to_last_received'):>19} {pair('last_received_to_start'):>17}"
+                    + (" *" if p.get("error") else ""))
+    for c in report["clusters"]:
+        if c.get("error") and not c.get("registration_s"):
+            rows.append(f"{c['hosts']} hosts: did not come up: {c['error']}")
+        elif c.get("registration_s") is not None:
+            idle = c["controller_idle"]
+            rows.append(f"{c['hosts']} hosts ({c['islands']} islands): registered in "
+                        f"{c['registration_s']:.1f} s; idle controller {idle['threads']} threads, "
+                        f"{idle['rss_bytes'] / 2**20:.0f} MiB, {idle['cpu_fraction']:.0%} of a core"
+                        + (f"; {c['error']}" if c.get("error") else ""))
+    for b in report["break_even"]:
+        shown = (f"{b['interpolated_ms']:.3g} ms (smallest measured {b['smallest_measured_ms']:g} "
+                 f"ms)" if b["interpolated_ms"] is not None else "not reached")
+        rows.append(f"break-even {b['hosts']} hosts {b['shape']}: {shown}")
+    return "\n".join(rows)
