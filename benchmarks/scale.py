@@ -82,26 +82,78 @@ def start_cluster(args, hosts: int, out: pathlib.Path, attempt: int = 1) -> tupl
                               "load_average_before": os.getloadavg()}
     cluster = SimCluster(islands, per_island, args.devices_per_host,
                          processes=args.sim_processes or None, flops_per_s=args.flops_per_s,
+                         execution_deadline_s=args.execution_deadline,
                          controller_process=True, startup_timeout=args.startup_timeout,
                          log_dir=str(out / "logs" / f"hosts-{hosts}-{attempt}"), start=False)
     watch = _Watch(cluster)
     began = time.monotonic()
     try:
         cluster.start()
+        record["registration_s"] = cluster.registration_s
+        record["sim_processes"] = len(cluster.procs)
+        pid = cluster.controller_pid
+        before = process_stats(pid)
+        time.sleep(args.idle_s)  # an idle cluster: what heartbeats and progress streams cost
+        after = process_stats(pid)
+        if cluster.controller_proc.poll() is not None:
+            raise RuntimeError(f"the controller exited with {cluster.controller_proc.returncode} "
+                               f"while idle after registration")
+        record["controller_idle"] = {**after, "cpu_fraction": (after["cpu_s"] - before["cpu_s"])
+                                     / args.idle_s}
+        record["ping_round"] = ping_round(cluster)
     except Exception as exc:
         record.update(error=f"{type(exc).__name__}: {exc}", failed_after_s=time.monotonic() - began,
                       controller_during_startup=watch.stop())
+        cluster.close()
         return None, record
-    watch.stop()
-    record["registration_s"] = cluster.registration_s
-    record["sim_processes"] = len(cluster.procs)
-    pid = cluster.controller_pid
-    before = process_stats(pid)
-    time.sleep(args.idle_s)  # an idle cluster: what heartbeats and progress streams cost
-    after = process_stats(pid)
-    record["controller_idle"] = {**after, "cpu_fraction": (after["cpu_s"] - before["cpu_s"])
-                                 / args.idle_s}
+    record["controller_during_startup"] = watch.stop()
     return cluster, record
+
+
+def ping_round(cluster) -> dict[str, float]:
+    """Pings every host one after another, as the controller's heartbeat does, from this process:
+    how long the simulated hosts take to answer (if a round takes seconds here, hosts go silent
+    for the controller too, for reasons of their own)."""
+    from proto import pathways_pb2 as pb
+    from proto import pathways_pb2_grpc as pb_grpc
+    from runtime import _auth
+
+    addresses = [h.address for h in _status_hosts(cluster)]
+    channels = [_auth.open_channel(a, cluster.credentials) for a in addresses]
+    try:
+        stubs = [pb_grpc.WorkerStub(c) for c in channels]
+        for stub in stubs:  # connected first: the round times answers, not connections
+            stub.Ping(pb.PingRequest(), timeout=10)
+        began, worst = time.monotonic(), 0.0
+        for stub in stubs:
+            one = time.monotonic()
+            stub.Ping(pb.PingRequest(), timeout=10)
+            worst = max(worst, time.monotonic() - one)
+        return {"hosts": len(stubs), "seconds": time.monotonic() - began, "worst_s": worst}
+    finally:
+        for channel in channels:
+            channel.close()
+
+
+def _status_hosts(cluster) -> list:
+    import runtime
+
+    with runtime.Client(cluster.address, name="bench-scale-status",
+                        credentials=cluster.credentials) as client:
+        return list(client.status().hosts)
+
+
+def sim_health(log_dir: pathlib.Path) -> dict[str, float]:
+    """What the simulated processes' logs say: re-registrations after a silence from the
+    controller, and the longest event-loop stall."""
+    registrations = stall = 0.0
+    for err in log_dir.glob("sim-*.err"):
+        text = err.read_text(errors="replace")
+        registrations += text.count("registering again")
+        for line in text.splitlines():
+            if "event loop stalled for" in line:
+                stall = max(stall, float(line.split("stalled for ")[1].split()[0]))
+    return {"re_registrations": registrations, "longest_loop_stall_s": stall}
 
 
 def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> dict:
@@ -204,6 +256,9 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     raise_file_limit()  # the controller holds two connections per host; children inherit this
+    # A child that crashes (a controller with too many threads, say) leaves its Python stacks in
+    # its log.
+    os.environ.setdefault("PYTHONFAULTHANDLER", "1")
     hosts_list = [int(h) for h in args.hosts.split(",")]
     durations = [float(d) for d in args.durations.split(",")]
     shapes = [s.strip() for s in args.shapes.split(",")]
@@ -231,7 +286,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for hosts in hosts_list:
             todo = [(shape, duration) for shape in shapes for duration in durations]
-            attempt = 0
+            attempt = failures = 0
             while todo:  # a point that leaves its cluster unusable gets the rest a fresh one
                 attempt += 1
                 bar.set_description(f"{hosts} hosts: starting")
@@ -239,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
                 report["clusters"].append(record)
                 save()
                 if cluster is None:
+                    record["sim_health"] = sim_health(out / "logs" / f"hosts-{hosts}-{attempt}")
                     bar.write(f"{hosts} hosts: the cluster did not come up: {record['error']}")
                     bar.update(len(todo))
                     break
@@ -262,7 +318,15 @@ def run(args: argparse.Namespace) -> int:
                         bar.update(1)
                         bar.write(_one_line(point))
                         if point.get("fatal"):
+                            failures += 1
+                            if failures >= args.give_up_after:
+                                record["gave_up"] = (f"{failures} points in a row left the "
+                                                     f"cluster unusable; skipped the rest")
+                                bar.write(f"{hosts} hosts: {record['gave_up']}")
+                                bar.update(len(todo))
+                                todo = []
                             break
+                        failures = 0
                 except Exception as exc:  # the cluster is unusable: the rest of its points too
                     record["error"] = f"{type(exc).__name__}: {exc}"
                     bar.write(f"{hosts} hosts: {record['error']}")
@@ -272,6 +336,7 @@ def run(args: argparse.Namespace) -> int:
                     if client is not None:
                         client.close()
                     cluster.close()
+                    record["sim_health"] = sim_health(out / "logs" / f"hosts-{hosts}-{attempt}")
                     save()
     finally:
         bar.close()
@@ -318,6 +383,12 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
                    help="seconds of device work per point for the latency probe (one unit per "
                         "island at a time)")
     p.add_argument("--probe-rounds", type=int, default=20, help="most rounds of the probe")
+    p.add_argument("--execution-deadline", type=float, default=10.0,
+                   help="seconds a computation waits for its slice's other hosts before the "
+                        "simulated hosts report it hung")
+    p.add_argument("--give-up-after", type=int, default=2,
+                   help="skip the rest of a host count after this many failed points in a row "
+                        "(each failure restarts its cluster)")
     p.add_argument("--startup-timeout", type=float, default=600.0,
                    help="most seconds for a cluster's hosts to register")
     p.add_argument("--idle-s", type=float, default=3.0,

@@ -49,6 +49,9 @@ def plot_scale(report: dict, out: pathlib.Path) -> None:
                             color=color(hosts), label=f"{hosts} hosts")
                     ceiling = [p["islands"] * 1e3 / ms for p, ms in zip(curve, x)]
                     ax.plot(x, ceiling, ":", color=color(hosts), linewidth=1)
+            if not ax.lines:
+                ax.set_title(f"{shape}: no measurements")
+                continue
             ax.set_xscale("log")
             ax.set_xlabel("computation duration (ms)")
             ax.set_title(shape)
@@ -75,15 +78,16 @@ def plot_scale(report: dict, out: pathlib.Path) -> None:
                 smallest[hosts] = cpu * 1e3
         if smallest:
             left.plot(list(smallest), list(smallest.values()), "o-", label=f"{shape} (shortest)")
-    left.set(xscale="log", yscale="log", xlabel="hosts",
-             ylabel="controller CPU ms per computation")
-    left.grid(True, which="both", alpha=0.3)
-    left.legend(fontsize=8)
+    left.set(xlabel="hosts", ylabel="controller CPU ms per computation")
     clusters = [c for c in report["clusters"] if c.get("controller_idle")]
     right.plot([c["hosts"] for c in clusters], [c["controller_idle"]["threads"] for c in clusters],
                "o-", label="threads (idle)")
-    right.set(xscale="log", yscale="log", xlabel="hosts", ylabel="controller threads")
-    right.grid(True, which="both", alpha=0.3)
+    right.set(xlabel="hosts", ylabel="controller threads")
+    for ax in (left, right):
+        if any(len(line.get_xdata()) for line in ax.lines):
+            ax.set(xscale="log", yscale="log")
+            ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "scale_controller.png", dpi=110)
     plt.close(fig)
@@ -112,14 +116,21 @@ def format_table(report: dict) -> str:
                     f"{pair('ordered_to_last_received'):>19} {pair('last_received_to_start'):>17}"
                     + (" *" if p.get("error") else ""))
     for c in report["clusters"]:
-        if c.get("error") and not c.get("registration_s"):
-            rows.append(f"{c['hosts']} hosts: did not come up: {c['error']}")
-        elif c.get("registration_s") is not None:
+        if c.get("error") and not c.get("controller_idle"):
+            most = (c.get("controller_during_startup") or {}).get("most_threads")
+            rows.append(f"{c['hosts']} hosts: did not come up: {c['error']}"
+                        + (f" (controller reached {most} threads)" if most else ""))
+        elif c.get("controller_idle"):
             idle = c["controller_idle"]
+            ping, health = c.get("ping_round") or {}, c.get("sim_health") or {}
             rows.append(f"{c['hosts']} hosts ({c['islands']} islands): registered in "
                         f"{c['registration_s']:.1f} s; idle controller {idle['threads']} threads, "
                         f"{idle['rss_bytes'] / 2**20:.0f} MiB, {idle['cpu_fraction']:.0%} of a core"
-                        + (f"; {c['error']}" if c.get("error") else ""))
+                        + (f"; pinging every host took {ping['seconds']:.2f} s" if ping else "")
+                        + (f"; {health['re_registrations']:.0f} re-registrations, loop stalls up "
+                           f"to {health['longest_loop_stall_s']:.2f} s" if health else "")
+                        + (f"; {c['error']}" if c.get("error") else "")
+                        + (f"; {c['gave_up']}" if c.get("gave_up") else ""))
     for b in report["break_even"]:
         shown = (f"{b['interpolated_ms']:.3g} ms (smallest measured {b['smallest_measured_ms']:g} "
                  f"ms)" if b["interpolated_ms"] is not None else "not reached")

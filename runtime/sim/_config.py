@@ -21,7 +21,8 @@ class SimConfig:
     `data_limit_bytes` bounds the data an array may keep on a host (larger arrays are shapes only).
     `execution_deadline_s` bounds how long a computation on a slice spanning hosts waits for the
     slice's other hosts before it is reported hung (0: forever); `input_timeout_s` how long an
-    execution waits for its inputs.
+    execution waits for its inputs. Each host remembers its last `timeline_length` executions
+    (fewer than a real host: a process holds hundreds of hosts).
     """
 
     devices_per_host: int = 4
@@ -31,6 +32,7 @@ class SimConfig:
     device_memory_bytes: int = DEFAULT_DEVICE_MEMORY_BYTES
     execution_deadline_s: float = 30.0
     input_timeout_s: float = 600.0
+    timeline_length: int = 20_000  # executions a host remembers (GetTimeline), per host
 
     def __post_init__(self) -> None:
         if self.devices_per_host <= 0:

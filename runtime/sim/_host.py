@@ -43,8 +43,6 @@ from runtime.sim._signal import Signal
 log = logging.getLogger(__name__)
 
 _IDLE = ("idle",)
-#: Executions kept in the timeline (GetTimeline), as on a real host.
-TIMELINE_LENGTH = 100_000
 #: How long a put waits for its slice's definition; longest wait a read may ask for.
 SLICE_TIMEOUT_S = 30.0
 MAX_GET_TIMEOUT_S = 3600.0
@@ -115,7 +113,7 @@ class SimHost:
         self.address = ""
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
         self.store = SimStore()
-        self.timeline: collections.deque[tuple] = collections.deque(maxlen=TIMELINE_LENGTH)
+        self.timeline: collections.deque[tuple] = collections.deque(maxlen=config.timeline_length)
         self.executions = 0
         self.hang = ""
         self.arrived = Signal()  # instructions arrived (the executor, reads and puts wait on it)
