@@ -181,21 +181,7 @@ class Worker:
             if (controller_id, epoch) != (self._controller_id, self._epoch):
                 self._reset(controller_id, epoch)
             fresh = fresh_instructions(instructions, self._next, self._pending)
-        for kind, ins in fresh:
-            if kind == "execute":
-                if self._executable_slices.get(ins.execute.executable_id) not in self._foreign:
-                    self._arrival[ins.sequence] = now
-                    for out in ins.execute.outputs:
-                        self.store.expect(out)
-                    if self.hang:  # the executor is stuck: this will never run
-                        self._fail_outputs(ins.execute, DeadlineExceededError(self.hang))
-            elif kind == "define_slice":
-                self._define_slice(ins.define_slice.slice)
-            elif kind == "load":
-                self._executable_slices[ins.load.executable_id] = ins.load.slice_id
-            elif kind == "expect":
-                if ins.expect.spec.sharding.slice_id not in self._foreign:
-                    self.store.expect(ins.expect.spec.array_id)
+        receive_order_free(self, fresh, now)
         with self._cond:
             for _, ins in fresh:
                 self._pending[ins.sequence] = ins
@@ -674,6 +660,28 @@ def fresh_instructions(instructions: Sequence[pb.Instruction], next_sequence: in
             raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
         fresh.append((kind, ins))
     return fresh
+
+
+def receive_order_free(host, fresh: Sequence[tuple[str, pb.Instruction]], now: float) -> None:
+    """The order-free part of receiving instructions (`fresh_instructions`), done at once: pending
+    entries for the outputs of executions and for expected arrays (so reads and puts can start),
+    slice definitions, which slice each executable runs on, and arrival times. Shared by real and
+    simulated hosts (runtime.sim); `host` has the attributes used here."""
+    for kind, ins in fresh:
+        if kind == "execute":
+            if host._executable_slices.get(ins.execute.executable_id) not in host._foreign:
+                host._arrival[ins.sequence] = now
+                for out in ins.execute.outputs:
+                    host.store.expect(out)
+                if host.hang:  # the executor is stuck: this will never run
+                    host._fail_outputs(ins.execute, DeadlineExceededError(host.hang))
+        elif kind == "define_slice":
+            host._define_slice(ins.define_slice.slice)
+        elif kind == "load":
+            host._executable_slices[ins.load.executable_id] = ins.load.slice_id
+        elif kind == "expect":
+            if ins.expect.spec.sharding.slice_id not in host._foreign:
+                host.store.expect(ins.expect.spec.array_id)
 
 
 def describe_activity(state: tuple, hang: str) -> str:

@@ -33,7 +33,7 @@ from runtime import _auth, _wire
 from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime._hang import diagnose
-from runtime._worker import describe_activity, fresh_instructions
+from runtime._worker import describe_activity, fresh_instructions, receive_order_free
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
 from runtime.sim._config import SimConfig
 from runtime.sim._cost import CostModel
@@ -149,21 +149,7 @@ class SimHost:
         if (controller_id, epoch) != (self._controller_id, self._epoch):
             self._reset(controller_id, epoch)
         fresh = fresh_instructions(instructions, self._next, self._pending)
-        for kind, ins in fresh:
-            if kind == "execute":
-                if self._executable_slices.get(ins.execute.executable_id) not in self._foreign:
-                    self._arrival[ins.sequence] = now
-                    for out in ins.execute.outputs:
-                        self.store.expect(out)
-                    if self.hang:  # the executor is stuck: this will never run
-                        self._fail_outputs(ins.execute, DeadlineExceededError(self.hang))
-            elif kind == "define_slice":
-                self._define_slice(ins.define_slice.slice)
-            elif kind == "load":
-                self._executable_slices[ins.load.executable_id] = ins.load.slice_id
-            elif kind == "expect":
-                if ins.expect.spec.sharding.slice_id not in self._foreign:
-                    self.store.expect(ins.expect.spec.array_id)
+        receive_order_free(self, fresh, now)
         for _, ins in fresh:
             self._pending[ins.sequence] = ins
             self._received = max(self._received, ins.sequence)
