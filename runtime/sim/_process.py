@@ -120,9 +120,16 @@ class SimIslands:
                 self._registered_at[key] = time.monotonic()  # try again after another silence
                 busy.discard(key)
 
+        period = silence / 6
+        checked = time.monotonic()
         while True:
-            await asyncio.sleep(silence / 6)
+            await asyncio.sleep(period)
             now = time.monotonic()
+            late, checked = now - checked - period, now
+            if late > period / 2:
+                # This loop stalled (the process was starved): calls that came meanwhile are not
+                # handled yet, so the silence is ours, not the controller's. Look again later.
+                continue
             for host in self.hosts:
                 key = (host.island, host.host)
                 heard = max(host.last_contact, self._registered_at.get(key, now))
