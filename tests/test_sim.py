@@ -165,6 +165,33 @@ def test_large_arrays_are_shapes_only(sim):
         assert out.shape == big.shape and not out.any()
 
 
+def test_hostile_requests_to_a_simulated_host(sim):
+    """2,000 malformed or nonsensical requests (tests/test_fuzz.py's fuzzer) to a simulated host
+    get canonical status codes; it goes on serving: a stored array is intact, new work runs."""
+    import grpc
+    from test_fuzz import Fuzzer, _send
+
+    with runtime.Client(sim.address, name="victim") as victim, \
+            runtime.Client(sim.address, name="attacker") as attacker:
+        s = victim.slice({"d": DEVICES}, island=0)
+        data = np.arange(16, dtype=np.float32).reshape(8, 2)
+        stored = victim.put(data, s, P("d"))
+        known = [attacker.session_id, victim.session_id, s.slice_id, stored.id, 0, 1]
+        address = s.info.host_addresses[s.info.devices[0].host]
+        with _auth.open_channel(address, attacker.credentials,
+                                attacker._call_metadata()) as channel:
+            codes = _send(channel, "Worker", Fuzzer(3, known), 2000)
+            huge = b"\x1a" + b"\xff" * (_wire.MAX_MESSAGE_BYTES + 1024)
+            with pytest.raises(grpc.RpcError) as info:
+                channel.unary_unary("/pathways.Worker/Dispatch")(huge, timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert codes[grpc.StatusCode.INVALID_ARGUMENT] > 200, codes
+        assert codes[grpc.StatusCode.PERMISSION_DENIED] > 100, codes  # Dispatch, others' arrays
+        np.testing.assert_array_equal(stored.fetch(), data)
+        double = victim.jit(lambda a: a * 2, s, in_specs=P("d"), out_specs=P("d"))
+        assert double(stored).fetch(timeout=30).shape == data.shape
+
+
 def test_misordered_steps_hang_and_the_deadline_reports_it(sim):
     """Negative control (as tests/test_gang.py does with real processes): two steps reach the two
     hosts of a slice in opposite orders, bypassing the gang scheduler. Each host waits at a
