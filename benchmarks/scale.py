@@ -18,6 +18,7 @@ import math
 import os
 import pathlib
 import resource
+import subprocess
 import sys
 import threading
 import time
@@ -93,17 +94,19 @@ def start_cluster(args, hosts: int, out: pathlib.Path, attempt: int = 1) -> tupl
         record["sim_processes"] = len(cluster.procs)
         pid = cluster.controller_pid
         before = process_stats(pid)
-        time.sleep(args.idle_s)  # an idle cluster: what heartbeats and progress streams cost
+        try:  # an idle cluster: what heartbeats and progress streams cost
+            code = cluster.controller_proc.wait(timeout=args.idle_s)
+            raise RuntimeError(f"the controller exited with {code} while idle after registration")
+        except subprocess.TimeoutExpired:  # still running, as it should
+            pass
         after = process_stats(pid)
-        if cluster.controller_proc.poll() is not None:
-            raise RuntimeError(f"the controller exited with {cluster.controller_proc.returncode} "
-                               f"while idle after registration")
         record["controller_idle"] = {**after, "cpu_fraction": (after["cpu_s"] - before["cpu_s"])
                                      / args.idle_s}
         record["ping_round"] = ping_round(cluster)
     except Exception as exc:
+        code = cluster.controller_proc.poll() if cluster.controller_proc is not None else None
         record.update(error=f"{type(exc).__name__}: {exc}", failed_after_s=time.monotonic() - began,
-                      controller_during_startup=watch.stop())
+                      controller_during_startup=watch.stop(), controller_exit_code=code)
         cluster.close()
         return None, record
     record["controller_during_startup"] = watch.stop()
@@ -174,6 +177,7 @@ def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> 
     except Exception as exc:
         record["error"] = f"preparing: {type(exc).__name__}: {exc}"
         record["fatal"] = True
+        record["controller_exit_code"] = cluster.controller_proc.poll()
         return record
     record["prepare_s"] = time.monotonic() - began
     pid = cluster.controller_pid
@@ -182,11 +186,14 @@ def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> 
     client0 = resource.getrusage(resource.RUSAGE_SELF)
     wall0 = time.monotonic()
     outstanding = outstanding_units(duration_ms / 1e3, per_unit)
+    unit_s = duration_ms / 1e3 * per_unit
+    most = max(2, math.ceil(args.point_s / unit_s))  # long units: about --point-s of work
     try:
-        submissions, error = drive(chains, args.point_s, outstanding, deadline)
+        submissions, error = drive(chains, args.point_s, outstanding, deadline, most)
     except Exception as exc:
         record["error"] = f"driving: {type(exc).__name__}: {exc}"
         record["fatal"] = True
+        record["controller_exit_code"] = cluster.controller_proc.poll()
         return record
     controller1 = process_stats(pid)
     sims1 = [process_stats(p.pid)["cpu_s"] for p in cluster.procs]
@@ -195,6 +202,7 @@ def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> 
     if error is not None:
         record["error"] = f"incomplete within the point's budget: {error}"
         record["fatal"] = True  # its backlog would spill into the next point
+        record["controller_exit_code"] = cluster.controller_proc.poll()
     record["submitted_units"] = len(submissions)
     addresses = {c.island: c.addresses for c in chains}
     if submissions:
@@ -202,7 +210,6 @@ def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> 
         timelines = read_timelines(addresses, cluster.credentials, since)
         record.update(point_figures(submissions, timelines, per_execution))
     if error is None:  # dispatch latency without the load: one unit per island at a time
-        unit_s = duration_ms / 1e3 * per_unit
         rounds = max(1, min(args.probe_rounds, math.floor(args.probe_s / unit_s)))
         probed, error = probe(chains, rounds, deadline)
         if probed:

@@ -100,9 +100,11 @@ def format_table(report: dict) -> str:
             f"{'hosts':>5} {'shape':<8} {'ms':>6} {'busy':>6} {'comp/s':>9} {'ctl ms/comp':>11} "
             f"{'submit->ordered':>16} {'ordered->last recv':>19} {'last recv->start':>17}"]
     for p in report["points"]:
+        died = (f" [the controller exited with {p['controller_exit_code']}]"
+                if p.get("controller_exit_code") is not None else "")
         if p.get("busy") is None:
             rows.append(f"{p['hosts']:>5} {p['shape']:<8} {p['target_ms']:>6g}  "
-                        f"{p.get('error', 'no computations')}")
+                        f"{p.get('error', 'no computations')}{died}")
             continue
         lat = p.get("latency_ms") or {}
 
@@ -114,7 +116,7 @@ def format_table(report: dict) -> str:
                     f"{p['busy']:>6.3f} {p['computations_per_s']:>9.1f} "
                     f"{cpu * 1e3 if cpu else float('nan'):>11.3f} {pair('submit_to_ordered'):>16} "
                     f"{pair('ordered_to_last_received'):>19} {pair('last_received_to_start'):>17}"
-                    + (" *" if p.get("error") else ""))
+                    + (" *" if p.get("error") else "") + died)
     for c in report["clusters"]:
         if c.get("error") and not c.get("controller_idle"):
             most = (c.get("controller_during_startup") or {}).get("most_threads")

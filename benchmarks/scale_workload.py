@@ -110,16 +110,17 @@ class Submission:
     ticket: object
 
 
-def drive(chains: Sequence[Chain], seconds: float, outstanding: int,
-          deadline: float) -> tuple[list[Submission], PathwaysError | None]:
+def drive(chains: Sequence[Chain], seconds: float, outstanding: int, deadline: float,
+          most: int = 1 << 30) -> tuple[list[Submission], PathwaysError | None]:
     """Submits units round-robin over the islands for `seconds` (at most `outstanding` per
     island not yet ordered by the controller, so the backlog left when submission stops is
-    bounded), then waits for the last unit of every island until `deadline` (time.monotonic())
-    at the latest. Returns the submissions and the error that cut the wait short, if any."""
+    bounded; at most `most` per island in all), then waits for the last unit of every island
+    until `deadline` (time.monotonic()) at the latest. Returns the submissions and the error that
+    cut the wait short, if any."""
     submissions: list[Submission] = []
     waiting = {chain.island: collections.deque() for chain in chains}
     stop = time.monotonic() + seconds
-    while time.monotonic() < stop:
+    while time.monotonic() < stop and len(submissions) < most * len(chains):
         for chain in chains:
             queue = waiting[chain.island]
             while queue and queue[0].done.is_set():
