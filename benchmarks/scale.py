@@ -325,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
                         bar.update(1)
                         bar.write(_one_line(point))
                         if point.get("fatal"):
+                            record["ended_by"] = (f"{shape} {duration:g} ms: "
+                                                  f"{point['error'][:200]}")
                             failures += 1
                             if failures >= args.give_up_after:
                                 record["gave_up"] = (f"{failures} points in a row left the "

@@ -138,3 +138,83 @@ def format_table(report: dict) -> str:
                  f"ms)" if b["interpolated_ms"] is not None else "not reached")
         rows.append(f"break-even {b['hosts']} hosts {b['shape']}: {shown}")
     return "\n".join(rows)
+
+
+def format_markdown(report: dict) -> str:
+    """The sweep as Markdown tables (for benchmarks/RESULTS.md): device busy and computations/s
+    per host count, shape and duration; controller CPU per computation; probe latencies."""
+    points = [p for p in report["points"] if p.get("busy") is not None]
+    durations = sorted({p["target_ms"] for p in report["points"]})
+    hosts_all = sorted({p["hosts"] for p in report["points"]})
+    shapes = [s for s in SHAPES if any(p["shape"] == s for p in report["points"])]
+
+    def cell(hosts, shape, duration, fmt):
+        for p in report["points"]:
+            if (p["hosts"], p["shape"], p["target_ms"]) == (hosts, shape, duration):
+                if p.get("busy") is None:
+                    return "failed"
+                return fmt(p) + ("*" if p.get("error") else "")
+        return ""
+
+    head = "| hosts | shape | " + " | ".join(f"{d:g} ms" for d in durations) + " |"
+    rule = "|---|---|" + "---|" * len(durations)
+    out = []
+    for title, fmt in (
+            ("device busy", lambda p: f"{p['busy']:.2f}"),
+            ("computations/s", lambda p: f"{p['computations_per_s']:.0f}"),
+            ("controller CPU ms per computation",
+             lambda p: f"{p['controller']['cpu_s_per_computation'] * 1e3:.2f}"
+             if p["controller"].get("cpu_s_per_computation") else "-"),
+            ("probe: submit -> last host received, p50 / p99 ms",
+             lambda p: _pair(p.get("latency_ms"), "submit_to_last_received"))):
+        out += [f"**{title}**", "", head, rule]
+        for hosts in hosts_all:
+            for shape in shapes:
+                out.append(f"| {hosts} | {shape} | " + " | ".join(
+                    cell(hosts, shape, d, fmt) for d in durations) + " |")
+        out.append("")
+    if not points:
+        out.append("(no point measured)")
+    out += ["**clusters** (idle: the first seconds after every host registered; ping round: this "
+            "process pinging every host one after another, as the controller's heartbeat does)", "",
+            "| hosts | islands | registered in | idle controller: threads, MiB, CPU | ping round "
+            "| re-registrations | outcome |", "|---|---|---|---|---|---|---|"]
+    for c in report["clusters"]:
+        idle, ping = c.get("controller_idle"), c.get("ping_round")
+        most = (c.get("controller_during_startup") or {}).get("most_threads")
+        health = c.get("sim_health") or {}
+        out.append(
+            f"| {c['hosts']} | {c['islands']} | "
+            + (f"{c['registration_s']:.1f} s" if c.get("registration_s") else "-") + " | "
+            + (f"{idle['threads']}, {idle['rss_bytes'] / 2**20:.0f}, {idle['cpu_fraction']:.0%}"
+               if idle else f"(reached {most} threads)" if most else "-") + " | "
+            + (f"{ping['seconds']:.2f} s" if ping else "-") + " | "
+            + f"{health.get('re_registrations', 0):.0f} | "
+            + "; ".join(x for x in (c.get("error"), c.get("ended_by"), c.get("gave_up")) if x)
+            .replace("|", "/")[:240] + " |")
+    return "\n".join(out)
+
+
+def _pair(latency: dict | None, key: str) -> str:
+    value = (latency or {}).get(key)
+    return f"{value['p50']:.1f} / {value['p99']:.1f}" if value else "-"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Re-plots a scale.json and prints its table: python -m benchmarks.scale_plot DIR/scale.json
+    [--markdown]."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("report", help="a scale.json written by pathways bench scale")
+    parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    args = parser.parse_args(argv)
+    with open(args.report) as f:
+        report = json.load(f)
+    plot_scale(report, pathlib.Path(args.report).parent)
+    print(format_markdown(report) if args.markdown else format_table(report))
+
+
+if __name__ == "__main__":
+    main()
