@@ -258,3 +258,32 @@ def test_misordered_steps_hang_and_the_deadline_reports_it(sim):
         assert ok(client.put(np.zeros(DEVICES, np.float32), s0, P("d"))).fetch(timeout=30).shape
     finally:
         client.close()
+
+
+def test_a_process_whose_controller_is_gone_stops_at_once():
+    """32 simulated hosts whose controller has gone silent try to register again (each attempt
+    retries for seconds against a dead address); stopping the process drops those attempts
+    instead of queueing the departures behind them."""
+    import asyncio
+    import socket
+
+    from runtime.sim import SimConfig, SimIslands
+
+    with socket.socket() as s:  # an address nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def scenario() -> float:
+        sim = SimIslands(dead, [0], 32, SimConfig(devices_per_host=1))
+        await sim.start()
+        for host in sim.hosts:  # registered, then silent for a minute
+            host.last_contact = time.monotonic() - 60
+            sim._registered_at[(host.island, host.host)] = time.monotonic() - 60
+        watcher = asyncio.get_running_loop().create_task(sim.keep_registered())
+        await asyncio.sleep(1.0)  # a check has queued 32 registrations
+        watcher.cancel()
+        began = time.monotonic()
+        await sim.stop(unregister=True)
+        return time.monotonic() - began
+
+    assert asyncio.run(scenario()) < 5.0

@@ -35,8 +35,9 @@ from runtime.sim._service import start_sim_server
 
 log = logging.getLogger(__name__)
 
-#: Registrations in flight at once (each one a blocking call on the pool).
+#: Registrations in flight at once (each one a blocking call on the pool), and departures.
 REGISTRATION_THREADS = 8
+LEAVE_THREADS = 32
 #: Line a process prints once every host it serves has registered (runtime.sim._cluster waits
 #: for it).
 REGISTERED = "sim: registered"
@@ -113,6 +114,8 @@ class SimIslands:
                                            host.info(), self.credentials,
                                            _membership.ATTEMPT_TIMEOUT_S)
                 self.re_registrations += 1
+            except RuntimeError:  # the pool was shut down: the process is stopping
+                return
             except grpc.RpcError as err:
                 log.warning("registration of sim host %d.%d with %s failed: %s", *key,
                             self.controller, err.code().name)
@@ -153,18 +156,21 @@ class SimIslands:
                             len(self.hosts))
 
     async def stop(self, unregister: bool = True) -> None:
-        """Stops serving; tells the controller the hosts leave unless told not to."""
+        """Stops serving; tells the controller the hosts leave unless told not to (best effort:
+        a second at most per host, LEAVE_THREADS at a time). Registrations still queued are
+        dropped: with the controller gone each would retry for seconds."""
         loop = asyncio.get_running_loop()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if unregister:
-            await asyncio.gather(*(loop.run_in_executor(
-                self._pool, _membership.unregister, self.controller, host.info(),
-                self.credentials) for host in self.hosts))
+            with futures.ThreadPoolExecutor(LEAVE_THREADS, thread_name_prefix="sim-leave") as pool:
+                await asyncio.gather(*(loop.run_in_executor(
+                    pool, _membership.unregister, self.controller, host.info(), self.credentials)
+                    for host in self.hosts))
         await asyncio.gather(*(server.stop(grace=1.0) for server in self.servers))
         for host in self.hosts:
             host.stop()
         await self._transfers.close()
         self._costs.close()
-        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
