@@ -277,16 +277,22 @@ def start_server(what: str, address: str, credentials: Credentials | None,
     return server, port
 
 
+def channel_options(credentials: Credentials) -> list[tuple[str, object]]:
+    """gRPC options of a channel to a runtime server (message limits; TLS name override)."""
+    options = list(_wire.GRPC_OPTIONS)
+    if credentials.tls is not None and credentials.tls.server_name:
+        options.append(("grpc.ssl_target_name_override", credentials.tls.server_name))
+    return options
+
+
 def open_channel(address: str, credentials: Credentials | None = None,
                  metadata: Sequence[tuple[str, str]] | Callable[[], Sequence[tuple[str, str]]]
                  = ()) -> grpc.Channel:
     """A channel to a runtime server presenting `credentials` (TLS, token) and `metadata` (a
     sequence, or a function returning one per call: e.g. a session key learnt later)."""
     credentials = credentials or Credentials()
-    options = list(_wire.GRPC_OPTIONS)
+    options = channel_options(credentials)
     if credentials.tls is not None:
-        if credentials.tls.server_name:
-            options.append(("grpc.ssl_target_name_override", credentials.tls.server_name))
         channel = grpc.secure_channel(address, credentials.tls.channel_credentials(), options)
     else:
         channel = grpc.insecure_channel(address, options=options)

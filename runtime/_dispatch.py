@@ -32,13 +32,15 @@ MAX_PENDING = 16384
 
 
 class Ticket:
-    """The outcome of one command, known once the controller has ordered or rejected it."""
+    """The outcome of one command, known once the controller has ordered or rejected it;
+    `answered_at` is when the answer came (time.time(), for dispatch latency measurements)."""
 
-    __slots__ = ("done", "error")
+    __slots__ = ("done", "error", "answered_at")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.error: PathwaysError | None = None
+        self.answered_at = 0.0
 
     def wait(self, timeout: float) -> None:
         """Waits for the controller's answer; raises the command's rejection, if any."""
@@ -129,7 +131,9 @@ class CommandStream:
                     f"controller {self._client.address}: {err.code().name}: {err.details()}")
                 results = [error] * len(batch)
             errors = []
+            answered = time.time()
             for (_, ticket, outputs), result in zip(batch, results):
+                ticket.answered_at = answered
                 if isinstance(result, PathwaysError):
                     ticket.error = result
                 elif result.error:

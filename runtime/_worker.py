@@ -29,7 +29,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from concurrent import futures
 
 import grpc
@@ -214,33 +214,8 @@ class Worker:
         with self._cond:
             if (controller_id, epoch) != (self._controller_id, self._epoch):
                 self._reset(controller_id, epoch)
-            fresh = []
-            for ins in instructions:
-                if ins.sequence <= 0:
-                    raise InvalidArgumentError(f"instruction sequence {ins.sequence} is not positive")
-                if ins.sequence < self._next or ins.sequence in self._pending:
-                    continue  # a resend of something already received
-                kind = ins.WhichOneof("op")
-                if kind is None:
-                    raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
-                fresh.append((kind, ins))
-        announced = []
-        for kind, ins in fresh:
-            if kind == "execute":
-                if self._executable_slices.get(ins.execute.executable_id) not in self._foreign:
-                    self._arrival[ins.sequence] = now
-                    for out in ins.execute.outputs:
-                        self.store.expect(out)
-                    if self.hang:  # the executor is stuck: this will never run
-                        self._fail_outputs(ins.execute, DeadlineExceededError(self.hang))
-            elif kind == "define_slice":
-                self._define_slice(ins.define_slice.slice)
-            elif kind == "load":
-                self._executable_slices[ins.load.executable_id] = ins.load.slice_id
-            elif kind == "expect":
-                if ins.expect.spec.sharding.slice_id not in self._foreign:
-                    self.store.expect(ins.expect.spec.array_id)
-                    announced.append(ins.expect.spec)
+            fresh = fresh_instructions(instructions, self._next, self._pending)
+        announced = receive_order_free(self, fresh, now)
         with self._cond:
             for spec in announced:
                 early = self._failed_early.pop(spec.array_id, None)
@@ -800,14 +775,7 @@ class Worker:
     @property
     def activity(self) -> str:
         """What the executor is doing, e.g. "running step (#12, session 3) for 0.2 s"."""
-        state = self._activity
-        if len(state) < 6:
-            return state[0]
-        what, name, sequence, session, since, _ = state
-        where = f"#{sequence}, session {session}" if session else f"#{sequence}"
-        text = (f"{what} {name} ({where}) for {time.monotonic() - since:.1f} s" if sequence
-                else f"{what} {name} for {time.monotonic() - since:.1f} s")
-        return f"stuck: {text}" if self.hang else text
+        return describe_activity(self._activity, self.hang)
 
     @property
     def current(self) -> tuple:
@@ -902,6 +870,60 @@ def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,
                 raise InvalidArgumentError(f"array {array_id}: more than its {most} distinct "
                                            f"shards in one stream")
         yield chunk
+def fresh_instructions(instructions: Sequence[pb.Instruction], next_sequence: int,
+                       pending: Container[int]) -> list[tuple[str, pb.Instruction]]:
+    """The instructions of a Dispatch batch a host has not received before (none below
+    `next_sequence` nor in `pending`: a resend), each with its kind. InvalidArgumentError for a
+    non-positive sequence number or an instruction without an operation."""
+    fresh = []
+    for ins in instructions:
+        if ins.sequence <= 0:
+            raise InvalidArgumentError(f"instruction sequence {ins.sequence} is not positive")
+        if ins.sequence < next_sequence or ins.sequence in pending:
+            continue  # a resend of something already received
+        kind = ins.WhichOneof("op")
+        if kind is None:
+            raise InvalidArgumentError(f"instruction {ins.sequence} has no operation")
+        fresh.append((kind, ins))
+    return fresh
+
+
+def receive_order_free(host, fresh: Sequence[tuple[str, pb.Instruction]], now: float) -> None:
+    """The order-free part of receiving instructions (`fresh_instructions`), done at once: pending
+    entries for the outputs of executions and for expected arrays (so reads and puts can start),
+    slice definitions, which slice each executable runs on, and arrival times. Shared by real and
+    simulated hosts (runtime.sim); `host` has the attributes used here. Returns the specs of the
+    arrays announced to this host (Expect instructions), which it will accept puts of."""
+    announced = []
+    for kind, ins in fresh:
+        if kind == "execute":
+            if host._executable_slices.get(ins.execute.executable_id) not in host._foreign:
+                host._arrival[ins.sequence] = now
+                for out in ins.execute.outputs:
+                    host.store.expect(out)
+                if host.hang:  # the executor is stuck: this will never run
+                    host._fail_outputs(ins.execute, DeadlineExceededError(host.hang))
+        elif kind == "define_slice":
+            host._define_slice(ins.define_slice.slice)
+        elif kind == "load":
+            host._executable_slices[ins.load.executable_id] = ins.load.slice_id
+        elif kind == "expect":
+            if ins.expect.spec.sharding.slice_id not in host._foreign:
+                host.store.expect(ins.expect.spec.array_id)
+                announced.append(ins.expect.spec)
+    return announced
+
+
+def describe_activity(state: tuple, hang: str) -> str:
+    """An executor's state (what, name, sequence, session, since, slice id), or ("idle",), as
+    status shows it: e.g. "running step (#12, session 3) for 0.2 s"; "stuck: ..." once hung."""
+    if len(state) < 6:
+        return state[0]
+    what, name, sequence, session, since, _ = state
+    where = f"#{sequence}, session {session}" if session else f"#{sequence}"
+    text = (f"{what} {name} ({where}) for {time.monotonic() - since:.1f} s" if sequence
+            else f"{what} {name} for {time.monotonic() - since:.1f} s")
+    return f"stuck: {text}" if hang else text
 
 
 def _reap(doomed: queue.SimpleQueue) -> None:

@@ -116,6 +116,10 @@ def _serve_metrics(args: argparse.Namespace, what: str) -> None:
 
     server = serve_metrics(args.metrics_port, args.bind)
     print(f"{what} metrics on http://{args.bind}:{server.server_port}/metrics", flush=True)
+def _add_sim_args(p: argparse.ArgumentParser) -> None:
+    from runtime.sim import add_arguments
+
+    add_arguments(p)
 
 
 def _credentials(args: argparse.Namespace, address: str | None = None):
@@ -136,6 +140,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     from runtime._cluster import die_with_parent
 
+    if args.platform == "sim":  # simulated hosts of whole islands, one event loop
+        from runtime.sim import run_worker
+
+        return run_worker(args, _credentials(args, args.controller), _quiet_collector)
     if not die_with_parent():
         return 1  # the process that started this worker is gone already
     from runtime._distributed import host_devices
@@ -192,7 +200,11 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_controller(args: argparse.Namespace) -> int:
+    from runtime._cluster import die_with_parent
     from runtime._controller import Controller, create_controller_server
+
+    if not die_with_parent():  # started by a cluster (runtime.sim) that is gone already
+        return 1
 
     credentials = _credentials(args)
     if credentials.token is None:
@@ -216,7 +228,24 @@ def _cmd_up(args: argparse.Namespace) -> int:
 
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
     _serve_metrics(args, "controller")  # first: a port in use stops everything before it starts
-    if args.ray is None:
+    if args.platform == "sim":
+        from runtime.sim import SimCluster
+
+        if args.ray is not None or args.tls_cert:
+            print("error: --platform sim runs its own simulated processes, without --ray or "
+                  "--tls-cert", file=sys.stderr)
+            return 2
+        fixed = args.fixed_duration_ms
+        cluster = SimCluster(args.islands, args.hosts_per_island, devices_per_host,
+                             processes=args.sim_processes or None, flops_per_s=args.flops_per_s,
+                             fixed_duration_s=None if fixed is None else fixed / 1e3,
+                             execution_deadline_s=args.execution_deadline, port=args.port,
+                             host=args.bind, policy=args.policy,
+                             session_quota_bytes=args.session_quota or None,
+                             session_lease_s=args.session_lease)
+        backend = (f"simulated hosts in {len(cluster.procs)} processes (registered in "
+                   f"{cluster.registration_s:.1f} s)")
+    elif args.ray is None:
         from runtime._cluster import ProcessCluster
 
         tls = None
@@ -396,8 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--island", type=int, required=True, help="island (pod) index")
     p.add_argument("--host", type=int, default=0, help="host index inside the island")
     p.add_argument("--devices", type=int, default=4, help="number of local devices to own")
-    p.add_argument("--platform", choices=("cpu", "cuda"), default="cpu",
-                   help="device platform (cpu: simulated CPU devices)")
+    p.add_argument("--platform", choices=("cpu", "cuda", "sim"), default="cpu",
+                   help="device platform (cpu: CPU devices; sim: simulated devices that "
+                        "execute nothing, for every host of whole islands in one process)")
+    p.add_argument("--island-count", type=int, default=1,
+                   help="with --platform sim: serve islands ISLAND .. ISLAND+N-1")
     p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
     p.add_argument("--register-timeout", type=float, default=60.0,
@@ -412,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--execution-deadline", type=float, default=30.0,
                    help="seconds a computation on a multi-host slice may wait for the slice's "
                         "other hosts before it is reported hung (0: forever)")
+    _add_sim_args(p)
     p.set_defaults(func=_cmd_worker)
 
     p = sub.add_parser("controller", help="run a controller",
@@ -439,7 +472,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "distributed system, so a slice may span them")
     p.add_argument("--devices-per-host", type=int, default=0,
                    help="devices per host (overrides --devices-per-island)")
-    p.add_argument("--platform", choices=("cpu", "cuda"), default="cpu", help="device platform")
+    p.add_argument("--platform", choices=("cpu", "cuda", "sim"), default="cpu",
+                   help="device platform (sim: simulated devices that execute nothing, many "
+                        "hosts per process)")
+    p.add_argument("--sim-processes", type=int, default=0,
+                   help="with --platform sim: processes serving the hosts, whole islands each "
+                        "(0: about 256 hosts per process)")
+    _add_sim_args(p)
     p.add_argument("--port", type=int, default=0, help="controller port (0: any free port)")
     p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec
 
 import runtime
 
@@ -174,3 +175,38 @@ def test_a_worker_address_is_not_taken_for_a_controller():
     with runtime.LocalCluster(islands=1, devices_per_island=1) as cluster:
         with pytest.raises(runtime.ControllerUnavailableError, match="not a pathways controller"):
             runtime.Client(cluster.workers[0].address, credentials=cluster.credentials)
+def test_up_with_simulated_hosts():
+    """`pathways up --platform sim`: 8 simulated hosts in one process behind the controller;
+    status lists them, a slice spans an island's 4 hosts, and stopping `up` stops them."""
+    port = free_port()
+    up = subprocess.Popen(CLI + ["up", "--platform", "sim", "--islands", "2", "--hosts-per-island",
+                                 "4", "--devices-per-host", "2", "--port", str(port)],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        for line in up.stdout:
+            lines.append(line)
+            if f"controller listening on 127.0.0.1:{port}" in line:
+                break
+        else:
+            pytest.fail(f"pathways up exited early: {''.join(lines)}")
+        assert len(worker_pids(port)) == 1  # one process serves both islands
+        status = subprocess.run(CLI + ["status", f"127.0.0.1:{port}"], capture_output=True,
+                                text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        rows = [r.split() for r in status.stdout.splitlines() if re.match(r"\s+\d+\s+\d+\s", r)]
+        assert len(rows) == 8 and {(r[3], r[-1]) for r in rows} == {("sim", "alive")}
+        with runtime.Client(f"127.0.0.1:{port}") as client:
+            s = client.slice({"d": 8}, island=1)
+            assert {d.host for d in s.info.devices} == {0, 1, 2, 3}
+            x = client.put(np.arange(8, dtype=np.float32), s, PartitionSpec("d"))
+            np.testing.assert_array_equal(x.fetch(), np.arange(8, dtype=np.float32))
+            assert client.jit(lambda v: v * 2, s)(x).fetch(timeout=60).shape == (8,)
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while worker_pids(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert worker_pids(port) == []
+    assert up.returncode == 0

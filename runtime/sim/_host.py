@@ -1,0 +1,493 @@
+"""A simulated worker host: the island's order, run strictly in sequence on devices that do not
+compute.
+
+It keeps a real host's contract (runtime._worker): instructions arrive numbered; the order-free
+part of each is done on receipt (slice definitions, pending entries for outputs, so reads and puts
+can start); the rest runs strictly in sequence on one executor. Where a real host launches XLA, a
+simulated one holds its devices for the computation's duration (runtime.sim._cost) on an asyncio
+timer: no CPU is used while a computation "runs", so many hosts share one process and its cores.
+
+Simulated time: a computation starts when its devices are free, its instruction has arrived, its
+inputs exist and (on a slice spanning hosts) every host of the slice has reached it
+(runtime.sim._rendezvous); it ends its duration later. The timeline records those times. The
+executor wakes at the end (a timer may fire a millisecond late; the next computation still starts
+at the simulated end, when it was already there), so the devices' time is exact while messages
+(progress reports, reads) carry the host's real delays. A host whose slice partners never come
+is reported hung after `execution_deadline_s`, as a real host's watchdog reports it (runtime._hang).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+
+import numpy as np
+
+from proto import pathways_pb2 as pb
+from runtime import _auth, _wire
+from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
+                             InvalidArgumentError, NotFoundError, PathwaysError)
+from runtime._hang import diagnose
+from runtime._worker import (ANNOUNCE_TIMEOUT_S, describe_activity, fresh_instructions,
+                             receive_order_free)
+from runtime.sim._announced import Announcements
+from runtime.sim._arrays import SimArray, SimStore, receive_shards
+from runtime.sim._config import SimConfig
+from runtime.sim._cost import CostModel
+from runtime.sim._rendezvous import Rendezvous
+from runtime.sim._signal import Signal
+
+log = logging.getLogger(__name__)
+
+_IDLE = ("idle",)
+#: How long a put waits for its slice's definition; longest wait a read may ask for.
+SLICE_TIMEOUT_S = 30.0
+MAX_GET_TIMEOUT_S = 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where an array of one spec lies on this host: its distinct local shards and their bytes
+    on the host's devices (replicas counted)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    indices: tuple[_wire.Index, ...]
+    nbytes: int
+
+    @classmethod
+    def of(cls, shape: Sequence[int], dtype_name: str, sharding: pb.Sharding,
+           info: pb.SliceInfo, host: int) -> Layout:
+        dtype = _wire.dtype_from_name(dtype_name)
+        shape = _wire.check_shape(shape)
+        local = {p for p, d in enumerate(info.devices) if d.host == host}
+        indices, nbytes = [], 0
+        for index, positions in _wire.shard_groups(shape, _wire.MeshShape(
+                tuple(info.mesh_shape), tuple(info.axis_names)), sharding):
+            here = len(local.intersection(positions))
+            if here:
+                indices.append(index)
+                nbytes += math.prod(_wire.shard_shape(index)) * dtype.itemsize * here
+        return cls(shape, dtype, tuple(indices), nbytes)
+
+    def computed(self, ready_at: float) -> SimArray:
+        """An output of a simulated computation: shapes only."""
+        return SimArray(self.shape, self.dtype, {i: None for i in self.indices}, ready_at,
+                        self.nbytes)
+
+
+@dataclasses.dataclass
+class _Executable:
+    """An executable as this host runs it."""
+
+    name: str
+    seconds: float = 0.0
+    error: PathwaysError | None = None
+    outputs: tuple[Layout, ...] = ()
+    donated: tuple[int, ...] = ()
+    info: pb.SliceInfo | None = None
+    devices: int = 0  # of this host
+    skip: bool = False  # no device of its slice is on this host
+    hosts: frozenset[int] = frozenset()  # of its slice
+
+
+class SimHost:
+    """One simulated host of an island; everything runs on the process's event loop.
+
+    `rendezvous` is shared by the island's hosts, `costs` by the process's; `peer(h)` is host h of
+    the same island (in this process), for gathering an array before a transfer.
+    """
+
+    def __init__(self, island: int, host: int, config: SimConfig, *, island_size: int,
+                 rendezvous: Rendezvous, costs: CostModel,
+                 peer: Callable[[int], SimHost | None] = lambda h: None,
+                 credentials: _auth.Credentials | None = None) -> None:
+        self.island, self.host, self.config = island, host, config
+        self.island_size = island_size
+        self.rendezvous, self.costs, self.peer = rendezvous, costs, peer
+        self.credentials = credentials or _auth.Credentials()
+        self.execution_deadline_s = config.execution_deadline_s  # read by runtime._hang.diagnose
+        self.address = ""
+        self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
+        self.store = SimStore()
+        self.timeline: collections.deque[tuple] = collections.deque(maxlen=config.timeline_length)
+        self.executions = 0
+        self.hang = ""
+        self.arrived = Signal()  # instructions arrived (the executor, reads and puts wait on it)
+        self.progress = Signal()  # the executor moved on (WatchProgress)
+        self.transfers = None  # set by the process: sends arrays to other hosts (runtime.sim._send)
+        self._controller_id, self._epoch = "", 0
+        self._task: asyncio.Task | None = None
+        self._stopped = False
+        self._clear()
+
+    def _clear(self) -> None:
+        self._pending: dict[int, pb.Instruction] = {}
+        self._received, self._next, self.executed = 0, 1, 0
+        self._arrival: dict[int, float] = {}
+        self._slices: dict[int, pb.SliceInfo] = {}
+        self._foreign: set[int] = set()
+        self._executable_slices: dict[int, int] = {}
+        self._executables: dict[int, _Executable] = {}
+        self._device_free = 0.0  # simulated end of the last computation
+        self.announcements = Announcements(self.store)
+        self._activity: tuple = _IDLE
+        self._current: pb.Instruction | None = None
+
+    def start(self) -> None:
+        """Starts the executor (on the running event loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    # -- receipt ----------------------------------------------------------------------------------
+
+    def receive(self, controller_id: str, instructions: Sequence[pb.Instruction],
+                epoch: int = 0) -> int:
+        """Queues instructions of the island's order; returns the highest sequence received."""
+        now = time.time()
+        if (controller_id, epoch) != (self._controller_id, self._epoch):
+            self._reset(controller_id, epoch)
+        fresh = fresh_instructions(instructions, self._next, self._pending)
+        self.announcements.announce(receive_order_free(self, fresh, now))
+        for _, ins in fresh:
+            self._pending[ins.sequence] = ins
+            self._received = max(self._received, ins.sequence)
+        self.arrived.fire()
+        return self._received
+
+    def _reset(self, controller_id: str, epoch: int) -> None:
+        """A new controller incarnation or island epoch: the order starts afresh."""
+        if self._controller_id:
+            log.warning("sim host %d.%d: new controller incarnation or island epoch %d, dropping "
+                        "state", self.island, self.host, epoch)
+        self._controller_id, self._epoch = controller_id, epoch
+        if self._task is not None:
+            self._task.cancel()
+        self.rendezvous.leave(self.host)
+        self.store.clear()
+        self._clear()
+        if self._task is not None and not self._stopped:
+            self.start()
+
+    def _define_slice(self, info: pb.SliceInfo) -> None:
+        hosts = {d.host for d in info.devices}
+        if any(d.host < 0 or d.host >= self.island_size or d.device < 0
+               or d.device >= self.config.devices_per_host for d in info.devices):
+            raise InvalidArgumentError(f"slice {info.slice_id} names a device island "
+                                       f"{self.island} lacks")
+        self._slices[info.slice_id] = info
+        if self.host in hosts:
+            self._foreign.discard(info.slice_id)
+        else:
+            self._foreign.add(info.slice_id)
+
+    async def wait_received(self, sequence: int, timeout: float) -> None:
+        """Waits until instructions up to `sequence` of the island's order have arrived."""
+        deadline = time.monotonic() + timeout
+        while self._received < sequence:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise DeadlineExceededError(
+                    f"host {self.island}.{self.host} has not received instruction #{sequence} "
+                    f"within {timeout:.1f} s (received up to #{self._received})")
+            await self.arrived.wait(self.arrived.version, left)
+
+    async def slice_info(self, slice_id: int, timeout: float = 0.0) -> pb.SliceInfo:
+        """A slice's definition, waiting up to `timeout` s for it to arrive."""
+        deadline = time.monotonic() + timeout
+        while slice_id not in self._slices:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise NotFoundError(f"slice {slice_id} is not defined on host "
+                                    f"{self.island}.{self.host}")
+            await self.arrived.wait(self.arrived.version, left)
+        if slice_id in self._foreign:
+            raise FailedPreconditionError(f"slice {slice_id} has no device on host "
+                                          f"{self.island}.{self.host}")
+        return self._slices[slice_id]
+
+    def holds_slice(self, slice_id: int) -> bool:
+        """Whether a device of the slice is on this host (False while it is unknown)."""
+        return slice_id in self._slices and slice_id not in self._foreign
+
+    # -- the ordered executor ---------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while not self._stopped:
+            ins = self._pending.pop(self._next, None)
+            if ins is None:
+                await self.arrived.wait(self.arrived.version, 1.0)
+                continue
+            self._next += 1
+            self._current = ins
+            try:
+                await self._apply(ins)
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # an executor must survive any one instruction
+                log.exception("sim host %d.%d: instruction %d failed", self.island, self.host,
+                              ins.sequence)
+            self._activity = _IDLE
+            self.executed = ins.sequence
+            self.progress.fire()
+
+    async def _apply(self, ins: pb.Instruction) -> None:
+        kind = ins.WhichOneof("op")
+        if kind == "load":
+            await self._load(ins.load)
+        elif kind == "execute":
+            await self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
+        elif kind == "delete":
+            for array_id in ins.delete.array_ids:
+                self.announcements.forget(array_id)
+                self.store.delete(array_id)
+        elif kind == "send":
+            if self.transfers is not None:
+                await self.transfers.send(self, ins.send)
+        elif kind == "release_slice":
+            self._slices.pop(ins.release_slice.slice_id, None)
+
+    async def _load(self, load: pb.LoadInstruction) -> None:
+        donated = tuple(load.donated)
+        if load.slice_id in self._foreign:
+            self._executables[load.executable_id] = _Executable(load.name, donated=donated,
+                                                                skip=True)
+            return
+        self._activity = ("compiling", load.name, 0, 0, time.monotonic(), load.slice_id)
+        try:
+            info = await self.slice_info(load.slice_id)
+            seconds = await self.costs.seconds(load, info.mesh_shape, info.axis_names)
+            outputs = tuple(Layout.of(v.shape, v.dtype, v.sharding, info, self.host)
+                            for v in load.outputs)
+            self._executables[load.executable_id] = _Executable(
+                load.name, seconds, None, outputs, donated, info,
+                sum(d.host == self.host for d in info.devices),
+                hosts=frozenset(d.host for d in info.devices))
+        except Exception as exc:  # reported to whoever reads the outputs of a call
+            error = exc if isinstance(exc, PathwaysError) else ExecutionError(
+                f"loading {load.name!r} failed: {exc}")
+            self._executables[load.executable_id] = _Executable(load.name, error=error,
+                                                                donated=donated)
+
+    async def _execute(self, sequence: int, ex: pb.ExecuteInstruction, received: float) -> None:
+        picked = time.time()
+        exe = self._executables.get(ex.executable_id)
+        if exe is not None and exe.skip:
+            return
+        try:
+            if exe is None:
+                raise NotFoundError(f"executable {ex.executable_id} is not loaded on this host")
+            if exe.error is not None:
+                raise exe.error
+            if self.hang:
+                raise DeadlineExceededError(self.hang)
+            slice_id = exe.info.slice_id
+            self._activity = ("waiting for inputs of", exe.name, sequence, ex.session_id,
+                              time.monotonic(), slice_id)
+            inputs = await self.store.get_all(ex.inputs,
+                                              time.monotonic() + self.config.input_timeout_s)
+            ready = max([received or picked, self._device_free, *(v.ready_at for v in inputs)])
+            self._activity = ("running", exe.name, sequence, ex.session_id, time.monotonic(),
+                              slice_id)
+            start = await self._meet(sequence, ex, exe, ready) if len(exe.hosts) > 1 else ready
+            end = start + exe.seconds
+            await asyncio.sleep(max(0.0, end - time.time()))
+        except Exception as exc:
+            name = exe.name if exe else f"executable {ex.executable_id}"
+            where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
+            if isinstance(exc, PathwaysError) and not getattr(exc, "raised_by_store", False):
+                error = exc  # an input's producer failed: its error names it; pass it on as is
+            elif isinstance(exc, PathwaysError):
+                error = type(exc)(f"{where}: {exc}")
+            else:
+                error = ExecutionError(f"{where} failed: {exc}")
+            self._fail_outputs(ex, error)
+            return
+        self._device_free = end
+        self.timeline.append((sequence, exe.name, received or picked, picked, start, end,
+                              exe.devices, ex.session_id))
+        self.executions += 1
+        if self.hang:
+            return  # reported hung meanwhile: its outputs already carry the report
+        for array_id, layout in zip(ex.outputs, exe.outputs):
+            self.store.set(array_id, layout.computed(end))
+        for position in exe.donated:
+            if position < len(ex.inputs):
+                self.store.delete(ex.inputs[position])
+
+    async def _meet(self, sequence: int, ex: pb.ExecuteInstruction, exe: _Executable,
+                    ready: float) -> float:
+        """The simulated start of a computation spanning hosts: when the slice's last host gets
+        there. Past the execution deadline, asks the slice's other hosts where they are
+        (runtime._hang.diagnose) and declares this host hung if some never reached it; it then
+        stays stuck here, as a real host stays stuck in a collective."""
+        place = (self._controller_id, self._epoch, sequence, ex.executable_id)
+        started = self.rendezvous.arrive(place, self.host, ready, exe.hosts)
+        deadline = self.config.execution_deadline_s
+        slow_logged = False
+        while True:
+            done, _ = await asyncio.wait({started}, timeout=deadline if deadline > 0 else None)
+            if done:
+                return started.result()
+            report = await asyncio.to_thread(diagnose, self, self._activity, exe.info)
+            if started.done():
+                return started.result()
+            if report:
+                self.declare_hang(report)
+                return await started  # for ever, unless the island is reset
+            if not slow_logged:
+                slow_logged = True
+                log.warning("sim host %d.%d: %s waits on every host of its slice", self.island,
+                            self.host, exe.name)
+
+    def _fail_outputs(self, ex: pb.ExecuteInstruction, error: PathwaysError) -> None:
+        for out in ex.outputs:
+            self.store.fail(out, error)
+
+    def declare_hang(self, report: str) -> None:
+        """Fails the stuck computation's outputs, and those of everything queued behind it, with
+        DeadlineExceededError(report), now and on arrival."""
+        if self.hang:
+            return
+        self.hang = report
+        log.error("sim host %d.%d: %s", self.island, self.host, report)
+        error = DeadlineExceededError(report)
+        stuck = [ins.execute for ins in [self._current, *self._pending.values()]
+                 if ins is not None and ins.HasField("execute")]
+        for ex in stuck:
+            if self._executable_slices.get(ex.executable_id) not in self._foreign:
+                self._fail_outputs(ex, error)
+        self.progress.fire()
+
+    # -- data plane -------------------------------------------------------------------------------
+
+    async def put(self, first: pb.ArrayChunk, rest: AsyncIterator[pb.ArrayChunk],
+                  timeout: float = SLICE_TIMEOUT_S) -> int:
+        """Stores an array streamed in (data kept only when small); returns the bytes received.
+        Only an array announced to this host, as announced, once (runtime.sim._announced)."""
+        array_id = first.spec.array_id
+        if first.error:  # the sender's array failed, or its island was lost
+            self.announcements.fail(array_id, ExecutionError(first.error))
+            self.progress.fire()
+            return 0
+        deadline = time.monotonic() + min(timeout, ANNOUNCE_TIMEOUT_S)
+        while self.announcements.spec(array_id) is None and time.monotonic() < deadline:
+            await self.arrived.wait(self.arrived.version, deadline - time.monotonic())
+        announced = self.announcements.claim(array_id, f"{self.island}.{self.host}")
+        try:
+            if first.spec != announced:
+                raise InvalidArgumentError(
+                    f"array {array_id} was announced as {announced.dtype}"
+                    f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream "
+                    f"says {first.spec.dtype}{list(first.spec.shape)} on slice "
+                    f"{first.spec.sharding.slice_id}")
+            return await self._store_put(first, rest, timeout)
+        finally:
+            self.announcements.release(array_id)
+
+    async def _store_put(self, first: pb.ArrayChunk, rest: AsyncIterator[pb.ArrayChunk],
+                         timeout: float) -> int:
+        received = await receive_shards(first, rest, self.config.data_limit_bytes)
+        spec = received.spec
+        info = await self.slice_info(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
+        expected = dict(_wire.shard_groups(spec.shape, _wire.MeshShape(
+            tuple(info.mesh_shape), tuple(info.axis_names)), spec.sharding))
+        local = {p for p, d in enumerate(info.devices) if d.host == self.host}
+        placed: set[int] = set()
+        for index, positions, _ in received.shards:
+            if expected.get(index) is None:
+                raise InvalidArgumentError(f"shard {index} does not belong to the sharding")
+            for position in positions:
+                if position not in expected[index]:
+                    raise InvalidArgumentError(f"mesh position {position} does not hold {index}")
+                if position not in local:
+                    raise InvalidArgumentError(f"mesh position {position} is on host "
+                                               f"{info.devices[position].host}, not this one")
+                placed.add(position)
+        if placed != local:
+            raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
+                                       f"the {len(local)} devices of this host")
+        layout = Layout.of(spec.shape, spec.dtype, spec.sharding, info, self.host)
+        if self.announcements.arrived(spec.array_id):  # else deleted meanwhile: keep nothing
+            self.store.set(spec.array_id, SimArray(
+                layout.shape, layout.dtype, {index: data for index, _, data in received.shards},
+                time.time(), layout.nbytes))
+            self.progress.fire()
+        return received.nbytes
+
+    async def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S
+                  ) -> Iterator[pb.ArrayChunk]:
+        """Chunks of the requested (or all distinct local) shards of an array, waiting for it up
+        to the request's timeout (at most `limit` s): its data, or zeros where it has none."""
+        timeout = min(max(request.timeout_s, 0.0), MAX_GET_TIMEOUT_S, max(limit, 0.0))
+        deadline = time.monotonic() + timeout
+        await self.wait_received(request.after_sequence, timeout)
+        value = await self.store.get(request.array_id, deadline - time.monotonic())
+        wanted = [_wire.index_from_proto(i) for i in request.shards] or list(value.shards)
+        missing = [w for w in wanted if w not in value.shards]
+        if missing:
+            raise NotFoundError(f"array {request.array_id}: shard {missing[0]} is not on this host")
+        return value.chunks(wanted)
+
+    # -- reports ----------------------------------------------------------------------------------
+
+    def info(self) -> pb.HostInfo:
+        state = self._activity
+        return pb.HostInfo(
+            island=self.island, host=self.host, address=self.address, platform="cpu",
+            num_devices=self.config.devices_per_host, device_kind=self.config.device_kind,
+            state="hung" if self.hang else "alive", backend="sim", queue_depth=len(self._pending),
+            activity=self.activity, device_memory_bytes=self.config.device_memory_bytes,
+            distributed_hosts=self.island_size if self.island_size > 1 else 0,
+            received=self._received, executed=self.executed, hang=self.hang,
+            current_sequence=state[2] if len(state) > 2 else 0,
+            current_name=state[1] if len(state) > 1 else "")
+
+    @property
+    def activity(self) -> str:
+        """What the executor is doing, as a real host says it (runtime._worker)."""
+        return describe_activity(self._activity, self.hang)
+
+    async def watch_progress(self, min_interval_s: float) -> AsyncIterator[pb.WatchProgressReply]:
+        """Progress reports: one as the executor moves on, at most one per `min_interval_s`, with
+        the executions completed since the previous one; one a second when idle."""
+        interval = min(max(min_interval_s, 0.0), 1.0)
+        reported = self.timeline[-1][0] if self.timeline else 0
+        arrivals_reported = 0  # every arrival still kept: the controller ignores old ones
+        seen = self.progress.version
+        while not self._stopped:
+            seen = await self.progress.wait(seen, 1.0)
+            fresh = []
+            for entry in reversed(self.timeline):
+                if entry[0] <= reported:
+                    break
+                fresh.append(entry)
+            if fresh:
+                reported = fresh[0][0]
+            arrivals_reported, arrived = self.announcements.after(arrivals_reported)
+            yield pb.WatchProgressReply(
+                received=self._received, executed=self.executed, hang=self.hang, arrived=arrived,
+                completed=[pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
+                           for e in reversed(fresh)])
+            if interval:
+                await asyncio.sleep(interval)
+
+    def events(self, since: float = 0.0) -> list[pb.ExecutionEvent]:
+        """Executions that ended after `since` (GetTimeline)."""
+        return [pb.ExecutionEvent(sequence=e[0], name=e[1], received=e[2], picked=e[3],
+                                  start=e[4], end=e[5], devices=e[6], session_id=e[7])
+                for e in self.timeline if e[5] > since]
+
+    def stop(self) -> None:
+        """Stops the executor; every wait on this host's arrays fails at once."""
+        self._stopped = True
+        if self._task is not None:
+            self._task.cancel()
+        self.rendezvous.leave(self.host)
+        self.store.clear()
+        self.arrived.fire()
+        self.progress.fire()

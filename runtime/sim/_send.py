@@ -1,0 +1,147 @@
+"""Copies of arrays from simulated hosts to other slices' hosts (a SendInstruction).
+
+As on real hosts (runtime._worker), the send is taken up in the island's order, after the array's
+producer, and streamed host to host over the Worker service's PutArray, never through the
+controller. The source slice's first host sends. An array with data (a small put) travels as data,
+gathered from the slice's hosts (all in this process: a simulated island lives in one process);
+any other array travels as shapes only (runtime.sim._arrays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+from runtime import _auth, _wire
+from runtime._errors import PathwaysError
+from runtime.sim._arrays import SimArray, dataless_chunks
+
+if TYPE_CHECKING:
+    from runtime.sim._host import SimHost
+
+log = logging.getLogger(__name__)
+
+#: Deadline for streaming one array to another host.
+TRANSFER_TIMEOUT_S = 300.0
+
+
+def aio_channel(address: str, credentials: _auth.Credentials) -> grpc.aio.Channel:
+    """An asyncio channel to a runtime server, with TLS when the credentials have it."""
+    options = _auth.channel_options(credentials)
+    if credentials.tls is not None:
+        return grpc.aio.secure_channel(address, credentials.tls.channel_credentials(), options)
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+def host_metadata(credentials: _auth.Credentials) -> list[tuple[str, str]]:
+    """The metadata a host presents to its peers: the cluster token and the host token."""
+    metadata = []
+    if credentials.token:
+        metadata.append((_auth.TOKEN_KEY, credentials.token))
+    if credentials.host_token:
+        metadata.append((_auth.HOST_TOKEN_KEY, credentials.host_token))
+    return metadata
+
+
+class Transfers:
+    """Sends arrays out of one process's simulated hosts; one channel per destination host."""
+
+    def __init__(self, credentials: _auth.Credentials) -> None:
+        self.credentials = credentials
+        self._metadata = host_metadata(credentials)
+        self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
+        self._streams: set[asyncio.Task] = set()
+
+    async def send(self, host: SimHost, send: pb.SendInstruction) -> None:
+        """Takes up a send in the island's order: pins the source (waiting for its producer) and
+        starts streaming it; the stream goes on while the executor moves on."""
+        if send.source_slice_id and not host.holds_slice(send.source_slice_id):
+            return  # no device of the source slice here: another host sends
+        error: PathwaysError | None = None
+        whole = None
+        try:
+            value = await host.store.get(send.array_id, host.config.input_timeout_s)
+            hosts = [host.host]
+            if send.source_slice_id:
+                info = await host.slice_info(send.source_slice_id)
+                hosts = sorted({d.host for d in info.devices})
+            if hosts[0] != host.host:
+                return  # the slice's first host sends
+            whole = await _gather(host, send.array_id, value, hosts)
+        except PathwaysError as exc:
+            error = exc
+        task = asyncio.get_running_loop().create_task(self._stream(host, whole, error, send))
+        self._streams.add(task)
+        task.add_done_callback(self._streams.discard)
+
+    async def _stream(self, host: SimHost, whole: np.ndarray | None,
+                      error: PathwaysError | None, send: pb.SendInstruction) -> None:
+        dest, info = send.destination, send.destination_slice
+        what = f"transfer of array {send.array_id} from host {host.island}.{host.host}"
+        try:
+            groups = [] if error is not None else _wire.shard_groups(
+                dest.shape, _wire.MeshShape(tuple(info.mesh_shape), tuple(info.axis_names)),
+                dest.sharding)
+            for target, address in enumerate(info.host_addresses):
+                positions = {p for p, d in enumerate(info.devices) if d.host == target}
+                if not positions:
+                    continue
+                if error is not None:
+                    chunks = [pb.ArrayChunk(spec=dest, error=f"{what} failed: {error}")]
+                else:
+                    mine = [(index, [p for p in ps if p in positions]) for index, ps in groups
+                            if positions.intersection(ps)]
+                    chunks = (list(_wire.iter_chunks(dest, [(index, ps, whole[_wire.as_slices(
+                        index)]) for index, ps in mine])) if whole is not None
+                        else dataless_chunks(dest, mine))
+                await self._stub(address).PutArray(iter(chunks), timeout=TRANSFER_TIMEOUT_S,
+                                                   metadata=self._metadata)
+        except grpc.RpcError as err:  # e.g. the receiver stopped; its reads report the loss
+            log.warning("%s to slice %d failed: %s", what, dest.sharding.slice_id,
+                        err.code().name)
+        except Exception:  # the receiver's execution times out and reports it
+            log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
+
+    def _stub(self, address: str) -> pb_grpc.WorkerStub:
+        entry = self._channels.get(address)
+        if entry is None:
+            channel = aio_channel(address, self.credentials)
+            entry = self._channels[address] = (channel, pb_grpc.WorkerStub(channel))
+        return entry[1]
+
+    async def close(self) -> None:
+        for task in list(self._streams):
+            task.cancel()
+        for channel, _ in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+async def _gather(host: SimHost, array_id: int, value: SimArray, hosts: list[int]
+                  ) -> np.ndarray | None:
+    """The whole of an array held by `hosts` (this one first), when it has data; None when it is
+    shapes only."""
+    parts = [value]
+    for other in hosts[1:]:
+        peer = host.peer(other)
+        if peer is None:
+            return None
+        parts.append(await peer.store.get(array_id, host.config.input_timeout_s))
+    if not all(part.has_data for part in parts):
+        return None
+    whole = np.empty(value.shape, value.dtype)
+    covered = set()
+    for part in parts:
+        for index, data in part.shards.items():
+            whole[_wire.as_slices(index)] = data
+            covered.add(index)
+    if sum(math.prod(_wire.shard_shape(index)) for index in covered) != math.prod(value.shape):
+        return None
+    return whole
