@@ -81,6 +81,7 @@ def test_two_pods_of_two_hosts_each(two_island_run):
     np.testing.assert_allclose(losses, [r.loss for r in results], rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_trajectory_exactly(cluster, two_island_run, tmp_path):
     trainer, results = two_island_run
     client = cluster.client("resume")
@@ -100,6 +101,7 @@ def test_resume_continues_the_same_trajectory_exactly(cluster, two_island_run, t
         client.close()
 
 
+@pytest.mark.slow
 def test_four_pods_from_the_command_line():
     """`pathways train --islands 4 --mesh fsdp=2,model=1`: four simulated pods average their
     gradients host to host and end with bitwise-equal parameters and optimizer state."""

@@ -71,6 +71,7 @@ def _train(tmp_path, name: str, *extra: str) -> subprocess.CompletedProcess:
                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
 
 
+@pytest.mark.slow
 def test_train_survives_a_killed_worker(tmp_path):
     """`pathways train` with a worker SIGKILLed mid-run restarts the island, resumes from the last
     checkpoint, and ends with the parameters of an uninterrupted run, bit for bit."""

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 TRAIN = [sys.executable, "-m", "runtime.cli", "train", "--config", "palm-tiny", "n_layers=1",
          "seq_len=32", "--islands", "1", "--mesh", "fsdp=2", "--global-batch", "4", "--in-process"]
 
@@ -29,6 +31,7 @@ def _scalar_tags(logdir) -> set[str]:
     return tags
 
 
+@pytest.mark.slow
 def test_interrupt_resume_scalars_and_generate(tmp_path):
     ckpt, board = tmp_path / "ckpt", tmp_path / "tb"
     common = [*TRAIN, "--checkpoint-dir", str(ckpt), "--keep", "2", "--tensorboard-dir", str(board),

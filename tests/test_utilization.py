@@ -45,6 +45,7 @@ def test_chrome_trace_has_executions_waits_and_dispatches():
     assert durations == [pytest.approx(0.5e6)] * 2  # one track per device of the host
 
 
+@pytest.mark.slow
 def test_bench_utilization_end_to_end(tmp_path):
     """Five rounds of the three systems on a tiny model: every round's figures and the medians,
     the environment, labelled warm-up steps, logs in --out, the trace and the figure."""
