@@ -100,6 +100,24 @@ def _run_train(args: argparse.Namespace) -> int:
         return 2
     if not args.checkpoint_dir:
         print("no --checkpoint-dir: nothing will be saved", file=sys.stderr, flush=True)
+    server = None
+    if args.metrics_port is not None:  # pathways_training_* gauges, set every step (record)
+        import runtime
+
+        try:
+            server = runtime.serve_metrics(args.metrics_port)
+        except runtime.PathwaysError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"training metrics on http://127.0.0.1:{server.server_port}/metrics", flush=True)
+    try:
+        return _run_train_reporting(args, settings)
+    finally:
+        if server is not None:
+            server.shutdown()
+
+
+def _run_train_reporting(args: argparse.Namespace, settings) -> int:
     progress = _Progress()
     previous = signal.signal(signal.SIGINT, progress.stop)
     try:
@@ -218,6 +236,8 @@ def _train(args: argparse.Namespace, settings, address: str, credentials, progre
 
             def record(info) -> None:
                 progress.step = info.step
+                runtime.record_training(tokens_per_s=info.tokens_per_s, mfu=info.mfu,
+                                        step=info.step, loss=info.loss)
                 history.append({"step": info.step, "loss": info.loss, "batch_size": info.batch_size,
                                 "tokens_per_s": info.tokens_per_s, "mfu": info.mfu,
                                 "learning_rate": info.learning_rate})
@@ -387,6 +407,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true",
                    help="print the run (bytes per device, loss history, evaluations) as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve this process's Prometheus metrics (pathways_training_*: step, "
+                        "loss, tokens/s, MFU) at http://127.0.0.1:P/metrics (0: any free port)")
     p.set_defaults(func=_run_train)
 
     g = subparsers.add_parser(

@@ -152,3 +152,22 @@ def test_pathways_up_serves_controller_and_host_metrics():
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(timeout=60)
+
+
+def test_pathways_train_reports_its_progress_as_training_gauges(capsys):
+    """`pathways train --metrics-port` serves the pathways_training_* gauges, set every step."""
+    from prometheus_client import REGISTRY
+
+    from runtime.cli import main
+
+    record_training(step=0, loss=0.0, tokens_per_s=0.0)
+    with runtime.LocalCluster(islands=1, devices_per_island=2) as cluster:
+        code = main(["train", "--config", "palm-tiny", "n_layers=1", "seq_len=32", "--islands",
+                     "1", "--mesh", "fsdp=2", "--global-batch", "4", "--steps", "2", "--quiet",
+                     "--address", cluster.address, "--metrics-port", "0"])
+    assert code == 0
+    assert re.search(r"training metrics on http://127\.0\.0\.1:\d+/metrics",
+                     capsys.readouterr().out)
+    assert REGISTRY.get_sample_value("pathways_training_step") == 2
+    assert REGISTRY.get_sample_value("pathways_training_tokens_per_second") > 0
+    assert 0 < REGISTRY.get_sample_value("pathways_training_loss") < 100
