@@ -752,7 +752,8 @@ class Worker:
         wanted = [_wire.index_from_proto(i) for i in request.shards] or list(distinct)
         missing = [w for w in wanted if w not in distinct]
         if missing:
-            raise NotFoundError(f"array {request.array_id}: shard {missing[0]} is not on this host")
+            raise NotFoundError(f"array {request.array_id}: shard {missing[0]} is not on this host "
+                                f"(it holds {sorted(distinct)} of {value.dtype}{list(value.shape)})")
         return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted))
 
     def info(self) -> pb.HostInfo:
