@@ -9,7 +9,9 @@ default), so every ratio is taken between figures measured side by side; the rep
 round's figures and ratios, and per ratio the median over the rounds and its spread (min, max).
 DIR/dispatch.json is written after every round and at the end, with the software and machine
 (versions, commit, CPU, cores, load average, CPU steal); the controller's logs go to
-DIR/cluster.log, the worker's to DIR/workers.log. Also DIR/dispatch.png; prints a table.
+DIR/cluster.log, the worker's to DIR/workers.log. Also DIR/dispatch.png; prints a table. Last,
+the runtime's dispatch latency per stage (p50, p99), one call at a time, as `pathways bench scale`
+measures it on simulated hosts.
 """
 
 from __future__ import annotations
@@ -175,6 +177,9 @@ def run(args: argparse.Namespace) -> int:
                     bar.update(1)
 
                 sweep = db.size_sweep(systems, ks, target_s=args.target_s / 2, progress=on_size)
+                report["phase"] = "latency"
+                bar.set_postfix_str("dispatch latency per stage")
+                report["latency_ms"] = systems["runtime"].latency_probe(args.latency_rounds)
             finally:
                 bar.close()
             break_even = db.break_even_ms(sweep)
@@ -202,6 +207,10 @@ def run(args: argparse.Namespace) -> int:
         shapes = ", ".join(f"{k} {v:.3g}" for k, v in report["proxy_vs_runtime"].items())
         print(f"  proxy / client API (medians): {shapes}; proxy break-even (ms): "
               f"{report['proxy_break_even_ms']}")
+    print("runtime dispatch latency, one OpByOp call at a time (ms, p50 / p99):")
+    for stage, figures in report.get("latency_ms", {}).items():
+        shown = "n/a" if figures is None else f"{figures['p50']:.2f} / {figures['p99']:.2f}"
+        print(f"  {stage:<26} {shown:>16}")
     print(f"wrote {out / 'dispatch.json'}, {out / 'dispatch.png'}, cluster.log, workers.log")
     return 0
 
@@ -219,6 +228,9 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
     p.add_argument("--no-proxy", action="store_true",
                    help="skip plain JAX through the proxy (runtime.proxy)")
     p.add_argument("--quick", action="store_true", help="fewer sizes in the sweep")
+    p.add_argument("--latency-rounds", type=int, default=50,
+                   help="OpByOp calls, one at a time, for the runtime's per-stage dispatch "
+                        "latency (submit -> ordered -> host received -> execution start)")
     p.set_defaults(func=run)
 
 

@@ -25,7 +25,8 @@ def test_runtime_system_advances_the_chain_exactly():
 def test_bench_dispatch_writes_json_and_plot(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "runtime.cli", "bench", "dispatch", "--out", str(tmp_path),
-         "--devices", "2", "--target-s", "0.05", "--no-ray", "--no-proxy", "--quick", "--rounds", "5"],
+         "--devices", "2", "--target-s", "0.05", "--no-ray", "--no-proxy", "--quick", "--rounds", "5",
+         "--latency-rounds", "10"],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "dispatch.json").read_text())
@@ -52,3 +53,9 @@ def test_bench_dispatch_writes_json_and_plot(tmp_path):
     assert "registered host" not in result.stdout + result.stderr
     assert (tmp_path / "dispatch.png").stat().st_size > 10_000
     assert "computations/s" in result.stdout and "median" in result.stdout
+    # Dispatch latency per stage, one call at a time: each stage ends after the one before.
+    latency = report["latency_ms"]
+    for stage in ("submit_to_ordered", "submit_to_last_received", "submit_to_start"):
+        assert 0 < latency[stage]["p50"] <= latency[stage]["p99"], (stage, latency)
+    assert latency["submit_to_start"]["p50"] >= latency["submit_to_last_received"]["p50"]
+    assert "runtime dispatch latency" in result.stdout
