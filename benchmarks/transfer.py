@@ -52,7 +52,8 @@ def shared_memory_setting(value: str) -> Iterator[None]:
 
 
 def memcpy_seconds(source: np.ndarray, target: np.ndarray) -> float:
-    """Seconds NumPy takes to copy `source` into the (already touched) `target`."""
+    """Seconds NumPy takes to copy `source` into the (already touched) `target`: the reference
+    of every ratio (`ratio_fresh` is against a copy into new memory, `source.copy()`)."""
     began = time.perf_counter()
     np.copyto(target, source)
     return time.perf_counter() - began
@@ -109,11 +110,14 @@ class Bench:
 
         def one(name: str, fn: Callable[[], Any]) -> Any:
             copy_s = memcpy_seconds(value, scratch)
+            fresh_s, fresh = timed(value.copy)  # into new memory, as a transfer's target is
+            del fresh
             seconds, result = timed(fn)
             record[name] = {"seconds": seconds, "memcpy_seconds": copy_s,
+                            "fresh_memcpy_seconds": fresh_s,
                             "gib_per_s": value.nbytes / seconds / (1 << 30),
                             "memcpy_gib_per_s": value.nbytes / copy_s / (1 << 30),
-                            "ratio": copy_s / seconds}
+                            "ratio": copy_s / seconds, "ratio_fresh": fresh_s / seconds}
             return result
 
         remote = one("put", lambda: self.put(value, layout))
@@ -144,8 +148,8 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     for record in rounds:
         for key, ops in record["measurements"].items():
             for op, m in ops.items():
-                entry = summary.setdefault(key, {}).setdefault(op, {"gib_per_s": [], "ratio": [],
-                                                                    "memcpy_gib_per_s": []})
+                entry = summary.setdefault(key, {}).setdefault(op, {
+                    "gib_per_s": [], "ratio": [], "ratio_fresh": [], "memcpy_gib_per_s": []})
                 for field in entry:
                     entry[field].append(m[field])
     return {key: {op: {field: spread(values) for field, values in fields.items()}

@@ -60,18 +60,21 @@ def plot_transfer(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 
 def format_table(report: dict[str, Any]) -> str:
     """Median GiB/s and ratio to memcpy (min-max) per path, layout, size and operation."""
-    lines = [f"{'path/layout/size':<28}" + "".join(f"{op:>30}" for op in OPERATIONS)]
+    lines = ["median GiB/s, ratio to memcpy (min-max over rounds) [ratio to a copy into new memory]",
+             f"{'path/layout/size':<28}" + "".join(f"{op:>36}" for op in OPERATIONS)]
     for key in sorted(report.get("summary", {}), key=lambda k: (_parse(k)[0], _parse(k)[1],
                                                                  _parse(k)[2])):
         ops = report["summary"][key]
         cells = []
         for op in OPERATIONS:
             if op not in ops:
-                cells.append(f"{'-':>30}")
+                cells.append(f"{'-':>36}")
                 continue
             r, g = ops[op]["ratio"], ops[op]["gib_per_s"]
-            cells.append(f"{g['median']:>7.2f} GiB/s {r['median']:.2f} ({r['min']:.2f}-"
-                         f"{r['max']:.2f})".rjust(30))
+            fresh = ops[op].get("ratio_fresh", {}).get("median")
+            shown_fresh = "" if fresh is None else f" [{fresh:.2f}]"
+            cells.append(f"{g['median']:>6.2f} GiB/s {r['median']:.2f} ({r['min']:.2f}-"
+                         f"{r['max']:.2f}){shown_fresh}".rjust(36))
         lines.append(f"{key:<28}" + "".join(cells))
     for path, first in report.get("first", {}).items():
         lines.append(f"first of {path} ({report['first_mib']:g} MiB): put {first['put']:.3f} s, "
