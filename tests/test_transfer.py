@@ -62,8 +62,9 @@ def _bits(a: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_put_fetch_and_island_copy_are_bit_exact(client, path, case):
+def test_put_fetch_and_island_copy_are_bit_exact(client, path, case, monkeypatch, tmp_path):
     name, taken = path
+    monkeypatch.setattr(_wire, "SHARED_DIR", str(tmp_path))  # where named shard files would go
     make, spec = CASES[case]
     x = make()
     want = np.asarray(x, x.dtype.newbyteorder("="))  # the runtime holds native byte order
@@ -78,6 +79,7 @@ def test_put_fetch_and_island_copy_are_bit_exact(client, path, case):
         assert taken == []  # nothing went through shared memory
     else:  # the put, the fetches and the host-to-host copy each went through a segment
         assert len(taken) >= 4 and set(taken) == {want.nbytes}
+    assert not os.listdir(tmp_path)  # and no named file was ever made for them
 
 
 def test_a_fetched_array_is_writable_and_outlives_the_client(cluster, path):
@@ -234,3 +236,51 @@ def test_a_sigkilled_client_leaves_no_shared_memory_behind(cluster, client):
     s = client.slice({"x": 2}, island=0)
     x = np.arange(1 << 12, dtype=np.float32)
     assert np.array_equal(client.put(x, s, P("x")).fetch(), x)
+
+
+_COPYING_CLIENT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import runtime
+    from jax.sharding import PartitionSpec as P
+
+    client = runtime.Client(sys.argv[1], timeout_s=10)
+    s0, s1 = client.slice({"x": 2}, island=0), client.slice({"x": 2}, island=1)
+    x = client.put(np.ones(8 << 20, np.float32), s0, P("x"))
+    print("copying", flush=True)
+    while True:  # host to host, until the sending host dies
+        try:
+            x.to(s1).fetch(timeout=10)
+        except Exception:
+            pass
+""")
+
+
+@pytest.mark.slow
+def test_a_sigkilled_host_leaves_no_shared_memory_behind():
+    import runtime
+
+    with runtime.ProcessCluster(islands=2, devices_per_host=2) as cluster:
+        sender, receiver = cluster.procs
+        env = dict(os.environ, PATHWAYS_TOKEN=cluster.credentials.token,
+                   PATHWAYS_SHARED_MEMORY="1")
+        proc = subprocess.Popen([sys.executable, "-c", _COPYING_CLIENT, cluster.address],
+                                env=env, stdout=subprocess.PIPE, text=True)
+        try:
+            assert proc.stdout.readline().strip() == "copying"
+            deadline = time.monotonic() + 60
+            held: set[str] = set()
+            while not held and time.monotonic() < deadline:
+                held = _runtime_memfds(sender.pid)
+            assert held, "the sending host never held a shared-memory segment"
+            sender.send_signal(signal.SIGKILL)
+            sender.wait(30)
+            assert not any(name in os.listdir("/dev/shm") for name in held)
+            deadline = time.monotonic() + 30
+            while _runtime_memfds(receiver.pid) & held and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not _runtime_memfds(receiver.pid) & held
+            assert receiver.poll() is None  # the receiving host lives on
+        finally:
+            proc.kill()
+            proc.wait(30)
