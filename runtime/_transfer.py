@@ -6,7 +6,8 @@ hosts copy their shards from the mapping into their device buffers. A fetch hand
 segment as long as the array; each copies its shards from its device buffers into their regions,
 and the result is a NumPy array over the mapping. Everything else (another machine,
 PATHWAYS_SHARED_MEMORY=0, empty arrays, a host that cannot reach this process's /proc) streams the
-bytes over gRPC, one stream per host, all hosts at once.
+bytes over gRPC, all hosts at once: a put one stream per host, a fetch one stream per shard
+(assembled in place in the result where the shard's region of it is contiguous).
 """
 
 from __future__ import annotations
@@ -246,7 +247,27 @@ class FetchTarget:
                 request = pb.GetArrayRequest(array_id=request.array_id, shards=request.shards,
                                              timeout_s=request.timeout_s,
                                              after_sequence=request.after_sequence)
-        self._assemble(stub.GetArray(request, timeout=timeout))
+        self._stream(stub, request, timeout)
+
+    def _stream(self, stub, request: pb.GetArrayRequest, timeout: float) -> None:
+        """Streams the shards: the first shard alone (that read waits for the array to be
+        computed, holding one of the host's threads), then one stream per remaining shard, all at
+        once, each assembled in place in `value`."""
+        first = pb.GetArrayRequest()
+        first.CopyFrom(request)
+        if len(request.shards) < 2:
+            self._assemble(stub.GetArray(request, timeout=timeout))
+            return
+        del first.shards[1:]
+        self._assemble(stub.GetArray(first, timeout=timeout))
+        rest = []
+        for index in request.shards[1:]:
+            one = pb.GetArrayRequest(array_id=request.array_id, timeout_s=request.timeout_s,
+                                     after_sequence=request.after_sequence, shards=[index])
+            rest.append(_streams().submit(
+                lambda r=one: self._assemble(stub.GetArray(r, timeout=timeout))))
+        for job in rest:  # each carries its RPC's deadline
+            job.result()
 
     def _assemble(self, chunks) -> None:
         _, shards = _wire.assemble_chunks(chunks, self.value.dtype, target=self.value)
@@ -259,6 +280,20 @@ class FetchTarget:
         it) is gone; after a failure it is closed (a host may still be writing into it)."""
         if self.segment is not None:
             self.segment.release_with_views() if succeeded else self.segment.discard()
+
+
+#: Threads streaming the second and later shards of a host's part of a fetch.
+STREAM_THREADS = 8
+_stream_pool: futures.ThreadPoolExecutor | None = None
+
+
+def _streams() -> futures.ThreadPoolExecutor:
+    global _stream_pool
+    with _UNREACHABLE_LOCK:
+        if _stream_pool is None:
+            _stream_pool = futures.ThreadPoolExecutor(STREAM_THREADS,
+                                                      thread_name_prefix="shard-stream")
+        return _stream_pool
 
 
 def _check_headers(chunks, request: pb.GetArrayRequest) -> None:
