@@ -171,10 +171,10 @@ POOL = SegmentPool(int(os.environ.get("PATHWAYS_SHARED_MEMORY_POOL_BYTES", 1 << 
 def open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap.mmap:
     """Maps a peer's segment `reference` of exactly `nbytes` bytes (read-only unless `writable`).
 
-    InvalidArgumentError unless the reference has the form a Segment gives and names a memfd of
-    that name, a regular file of this user exactly `nbytes` long; FailedPreconditionError (with
-    SEGMENT_UNREACHABLE) when it cannot be opened at all: the peer's /proc is out of reach, or the
-    peer is gone.
+    InvalidArgumentError unless the reference has the form a Segment gives and names a regular
+    file of this user exactly `nbytes` long; FailedPreconditionError (with SEGMENT_UNREACHABLE)
+    when it cannot be opened or is not a memfd of the name it gives: the peer's /proc is out of
+    reach (another machine or PID namespace), or the peer is gone.
     """
     match = _REFERENCE.fullmatch(reference)
     if match is None:
@@ -192,8 +192,11 @@ def open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap
         # What this descriptor is, read from our own /proc entry: no race with the peer's table.
         target = os.readlink(f"/proc/self/fd/{local}")
         if target != f"/memfd:{name} (deleted)":
-            raise InvalidArgumentError(f"shared-memory segment {reference!r} is not the runtime "
-                                       f"segment it names")
+            # Not what it names: a forged reference, or a peer whose process IDs are not ours
+            # (another PID namespace on this machine). Either way nothing is read, and an honest
+            # peer streams instead.
+            raise FailedPreconditionError(f"{SEGMENT_UNREACHABLE}: {reference} is not the "
+                                          f"runtime segment it names")
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             raise InvalidArgumentError(f"shared-memory segment {reference!r} is not a regular "
                                        f"file of this user")

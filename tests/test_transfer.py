@@ -19,7 +19,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import _shm, _wire
+from runtime import _shm, _transfer, _wire
 from runtime._array import RemoteArray, put_arrays
 from runtime._errors import FailedPreconditionError, InvalidArgumentError
 
@@ -127,16 +127,15 @@ def test_open_segment_accepts_only_what_a_segment_reference_names():
                     f"0/{fd}/{name}", f"{pid}/{fd}/{name}/.."):
             with pytest.raises(InvalidArgumentError, match="not a runtime segment reference"):
                 _shm.open_segment(bad, 64)
-        with pytest.raises(InvalidArgumentError, match="not the runtime segment it names"):
-            _shm.open_segment(f"{pid}/{fd}/pathways-{'0' * 32}", 64)  # another memfd's name
         with tempfile.TemporaryFile() as f:  # a regular file that is not a segment
             f.write(b"\0" * 64)
             f.flush()
-            with pytest.raises(InvalidArgumentError, match="not the runtime segment it names"):
-                _shm.open_segment(_peer_reference(f.fileno(), name), 64)
-        with pytest.raises(FailedPreconditionError) as info:  # no such process: unreachable
-            _shm.open_segment(f"999999999/{fd}/{name}", 64)
-        assert _shm.is_unreachable(info.value)
+            # Refused, as "unreachable": what a peer in another PID namespace would cause too.
+            for forged in (f"{pid}/{fd}/pathways-{'0' * 32}", _peer_reference(f.fileno(), name),
+                           f"999999999/{fd}/{name}"):
+                with pytest.raises(FailedPreconditionError) as info:
+                    _shm.open_segment(forged, 64)
+                assert _shm.is_unreachable(info.value)
     finally:
         segment.discard()
 
@@ -170,6 +169,23 @@ def test_a_host_refuses_segments_that_are_not_the_announced_array(client):
     put_arrays(client, [x], [spec], [s])
     handle = RemoteArray(client, spec.array_id, x.shape, x.dtype, P(), s, sequence)
     assert np.array_equal(handle.fetch(), x)
+
+
+def test_a_host_that_cannot_open_segments_gets_the_stream(client, monkeypatch):
+    monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "1")
+    monkeypatch.setattr(_transfer, "_UNREACHABLE", set())
+    refused = []
+
+    def unreachable(reference, nbytes, *, writable=False):  # as in another PID namespace
+        refused.append(reference)
+        raise FailedPreconditionError(f"{_shm.SEGMENT_UNREACHABLE}: (test)")
+
+    monkeypatch.setattr(_shm, "open_segment", unreachable)
+    s = client.slice({"x": 2}, island=0)
+    x = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    assert np.array_equal(client.put(x, s, P("x")).fetch(), x)
+    assert len(refused) == 1  # the put tried once; it and the fetch then streamed
+    assert s.info.host_addresses[0] in _transfer._UNREACHABLE
 
 
 _KILLED_CLIENT = textwrap.dedent("""
