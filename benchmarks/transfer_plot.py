@@ -24,7 +24,8 @@ def plot_transfer(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     import matplotlib.pyplot as plt
 
     summary = report.get("summary", {})
-    fig, axes = plt.subplots(1, len(OPERATIONS), figsize=(5 * len(OPERATIONS), 4), sharey=True)
+    fig, axes = plt.subplots(1, len(OPERATIONS), figsize=(5 * len(OPERATIONS), 4), sharey=True,
+                             constrained_layout=True)
     curves: dict[tuple[str, str], list[tuple[float, dict]]] = {}
     for key, ops in summary.items():
         p, layout, mib = _parse(key)
@@ -50,9 +51,11 @@ def plot_transfer(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     axes[0].set_ylabel("throughput / memcpy (same run)")
     axes[0].legend(fontsize=7)
     env = report.get("environment", {})
+    paths = {r["path"] for r in report.get("rounds", [])}
+    rounds = len(report.get("rounds", [])) // max(1, len(paths))
     fig.suptitle(f"bench transfer: {env.get('cpu_model', '')}, {env.get('cpu_cores_usable', '')} "
-                 f"cores; median over {len(report.get('rounds', []))} round records", fontsize=9)
-    fig.tight_layout()
+                 f"cores; median (min-max) over {rounds} interleaved rounds per path",
+                 fontsize=9)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -81,9 +84,10 @@ def format_table(report: dict[str, Any]) -> str:
                      f"fetch {first['fetch']:.3f} s")
     for name, t in report.get("targets_met", {}).items():
         value = t.get("ratio", t.get("first_over_warm"))
-        shown = "n/a" if value is None else f"{value:.2f}"
+        verdict = "not measured" if t["met"] is None else "met" if t["met"] else "NOT met"
+        shown = "-" if value is None else f"{value:.2f}"
         lines.append(f"target {name}: {shown} (target {'<=' if 'first' in name else '>='} "
-                     f"{t['target']}) {'met' if t['met'] else 'NOT met'}")
+                     f"{t['target']}) {verdict}")
     palm = report.get("palm_exchange", {})
     for path in ("shm", "stream"):
         if path in palm:
