@@ -3,10 +3,12 @@
 A segment is an anonymous memory file (memfd) of the process that made it, holding one whole array
 row-major. Its reference, "PID/FD/NAME", lets another process of the same user on the machine open
 it through /proc/PID/fd/FD and map it. A put writes the array into a segment of the sender (one
-copy) and each receiving host copies its shards from the mapping straight into its device buffers;
+copy) and each receiving host copies its shards once out of the mapping into memory its device
+buffers then take over (`device_copy`: the sender reuses its segments, so they are never aliased);
 a fetch hands the hosts a segment of the client, into whose regions each host copies its shards
 from its device buffers, and the client's result is a NumPy array over that mapping (one copy in
-all).
+all). Segments come from a pool (`SegmentPool`): pages of shared memory written once are written
+again at memcpy speed, fresh ones several times slower.
 
 The file has no name in any directory: it lives exactly as long as some process holds it open or
 mapped. A SIGKILLed sender or receiver therefore leaves nothing behind (no file of /dev/shm to reap),
@@ -29,9 +31,8 @@ import re
 import secrets
 import stat
 import threading
-from concurrent import futures
 import weakref
-from collections.abc import Iterator
+from concurrent import futures
 
 import numpy as np
 
@@ -211,8 +212,8 @@ def open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap
 
 class OpenSegments:
     """Peer segments a receiver maps while it copies from or into them; each reference is mapped
-    once however many shards it holds. Leaving the block drops the mappings: one still viewed (a
-    device buffer aliasing a read-only view) is unmapped with its last view."""
+    once however many shards it holds. Leaving the block drops the mappings (one still viewed is
+    unmapped with its last view: copy out of the views before, the peer reuses its segments)."""
 
     def __init__(self, *, writable: bool = False) -> None:
         self._writable = writable
