@@ -7,7 +7,7 @@ import argparse
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Adds `bench` and its benchmarks to the `pathways` command."""
-    from benchmarks import dispatch, multitenant, scale, utilization
+    from benchmarks import dispatch, multitenant, scale, transfer, utilization
 
     bench = sub.add_parser("bench", help="run a benchmark (dispatch, multitenant, ...)",
                            description="Benchmarks; each writes JSON and plots to --out DIR.")
@@ -15,4 +15,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     dispatch.add_parser(benches)
     multitenant.add_parser(benches)
     scale.add_parser(benches)
+    transfer.add_parser(benches)
     utilization.add_parser(benches)

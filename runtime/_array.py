@@ -18,7 +18,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
-from runtime import _avals, _wire
+from runtime import _avals, _transfer, _wire
 from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, HostLostError,
                              InvalidArgumentError, from_rpc_error)
 
@@ -180,15 +180,9 @@ def put_arrays(client: Client, values: Sequence[np.ndarray], specs: Sequence[pb.
     """Streams each array's distinct shards to the hosts holding them; returns when all arrived."""
     jobs = []
     for value, spec, vslice in zip(values, specs, vslices):
-        for host, groups in _host_groups(value.shape, vslice, spec.sharding).items():
-            shards = [(index, ps, value[_wire.as_slices(index)]) for index, ps in groups]
-            nbytes = sum(s[2].nbytes for s in shards)
-
-            def send(stub, spec=spec, shards=shards, nbytes=nbytes):
-                return stub.PutArray(_wire.iter_chunks(spec, shards),
-                                     timeout=transfer_deadline(nbytes))
-
-            jobs.append(client._pool.submit(_worker_call, client, vslice, host, send))
+        jobs += _transfer.put_jobs(client, value, spec, vslice,
+                                   _host_groups(value.shape, vslice, spec.sharding),
+                                   _worker_call, transfer_deadline)
     total = sum(v.nbytes for v in values)
     _wait_jobs(jobs, transfer_deadline(total) + TRANSFER_FLOOR_S, "put")
 
@@ -210,29 +204,35 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
         if array._ticket is not None:
             array._ticket.wait(max(0.0, deadline - time.monotonic()))
             array._ticket = None
-        out = np.empty(array.data_shape, array.data_dtype)
-        outputs.append(out)
         sharding = _wire.spec_to_proto(array.slice.slice_id, array.spec)
-        for host, groups in _host_groups(array.data_shape, array.slice, sharding).items():
+        groups_of = _host_groups(array.data_shape, array.slice, sharding)
+        addresses = {host: array.slice.info.host_addresses[host] for host in groups_of}
+        out = _transfer.FetchTarget(array.data_shape, array.data_dtype, list(addresses.values()))
+        outputs.append(out)
+        for host, groups in groups_of.items():
             indices = [index for index, _ in groups]
-            nbytes = sum(math.prod(_wire.shard_shape(i)) for i in indices) * out.dtype.itemsize
-            request = pb.GetArrayRequest(array_id=array.id, timeout_s=wait,
-                                         after_sequence=array.sequence,
-                                         shards=[_wire.index_to_proto(i) for i in indices])
+            nbytes = sum(math.prod(_wire.shard_shape(i)) for i in indices) * out.value.itemsize
+            request = out.request(pb.GetArrayRequest(
+                array_id=array.id, timeout_s=wait, after_sequence=array.sequence,
+                shards=[_wire.index_to_proto(i) for i in indices]), addresses[host])
             per_host.setdefault((array.slice.island, host), []).append(
                 (array.slice, host, request, out, nbytes))
 
     def receive_all(reads) -> None:
         for vslice, host, request, out, nbytes in reads:
-            def receive(stub, request=request, out=out, nbytes=nbytes):
-                chunks = stub.GetArray(request, timeout=wait + transfer_deadline(nbytes))
-                _, shards = _wire.assemble_chunks(chunks, out.dtype)
-                for shard in shards:
-                    out[_wire.as_slices(shard.index)] = shard.data
+            def receive(stub, request=request, out=out, nbytes=nbytes, host=host, vslice=vslice):
+                out.receive(stub, request, vslice.info.host_addresses[host],
+                            wait + transfer_deadline(nbytes))
 
             _worker_call(client, vslice, host, receive)
 
     jobs = [client._pool.submit(receive_all, reads) for reads in per_host.values()]
     total = sum(r[4] for reads in per_host.values() for r in reads)
-    _wait_jobs(jobs, wait + transfer_deadline(total) + TRANSFER_FLOOR_S, "fetch")
-    return [_avals.from_host_value(out, array.dtype) for out, array in zip(outputs, arrays)]
+    succeeded = False
+    try:
+        _wait_jobs(jobs, wait + transfer_deadline(total) + TRANSFER_FLOOR_S, "fetch")
+        succeeded = True
+    finally:
+        for out in outputs:
+            out.close(succeeded)
+    return [_avals.from_host_value(out.value, array.dtype) for out, array in zip(outputs, arrays)]

@@ -65,7 +65,9 @@ _STAGES = {("controller", "Execute"): "order", ("worker", "Dispatch"): "receive"
 #: Calls that move array bytes: method -> (direction, bytes of a reply or streamed chunk).
 _BYTES: dict[str, tuple[str, Callable[[object], int]]] = {
     "PutArray": ("in", lambda reply: reply.nbytes),
-    "GetArray": ("out", lambda chunk: len(chunk.data)),
+    # A shard written into the caller's shared memory (runtime._shm) comes as its header alone.
+    "GetArray": ("out", lambda chunk: len(chunk.data) or (
+        chunk.shard.nbytes if chunk.shard.shared_array else 0)),
 }
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2 as pb
+from runtime import _shm
 from runtime._errors import InvalidArgumentError
 
 #: Bytes of array data per message; well under gRPC's default 4 MiB limit.
@@ -289,9 +290,15 @@ class ReceivedShard:
     data: np.ndarray
 
 
-def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = None
+def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = None,
+                    segments: _shm.OpenSegments | None = None, target: np.ndarray | None = None
                     ) -> tuple[pb.ArraySpec | None, list[ReceivedShard]]:
-    """Reassembles shards from a chunk stream, checking sizes; returns (spec or None, shards)."""
+    """Reassembles shards from a chunk stream, checking sizes; returns (spec or None, shards).
+
+    With `segments`, a shard may lie in a peer's shared-memory segment (ShardHeader.shared_array):
+    its data is then a read-only view of its region there, valid while `segments` is open. With
+    `target` (the whole array being read), a shard whose region of it is contiguous is assembled
+    in place there: its data is that region."""
     spec: pb.ArraySpec | None = None
     shards: list[ReceivedShard] = []
     buffer: np.ndarray | None = None
@@ -318,7 +325,20 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = No
                 raise InvalidArgumentError(
                     f"shard header says {chunk.shard.nbytes} bytes, shape {sshape} of {dtype} "
                     f"is {nbytes}")
-            buffer = np.empty(nbytes, np.uint8)
+            if chunk.shard.shared_array:
+                if segments is None or spec is None or chunk.data:
+                    raise InvalidArgumentError("shared-memory shards are not accepted here")
+                whole = segments.array(chunk.shard.shared_array, dtype, tuple(spec.shape))
+                shards.append(ReceivedShard(index, list(chunk.shard.mesh_positions),
+                                            whole[(*as_slices(index), ...)]))
+                buffer, filled = None, 0  # data chunks may not follow it
+                continue
+            region = None if target is None else target[(*as_slices(index), ...)]
+            if (region is not None and region.shape == sshape and region.dtype == dtype
+                    and region.flags.c_contiguous):
+                buffer = region.reshape(-1).view(np.uint8)
+            else:
+                buffer = _shm.aligned_empty((nbytes,), np.uint8)  # a device buffer may alias it
             filled = 0
             if chunk.shard.shared_file:
                 read_shared(chunk.shard.shared_file, buffer)

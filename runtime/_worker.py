@@ -39,7 +39,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _limits, _metrics_state, _stablehlo, _wire
+from runtime import _auth, _limits, _metrics_state, _shm, _stablehlo, _transfer, _wire
 from runtime._admission import Admission, Chain
 from runtime._distributed import device_memory_bytes
 from runtime._errors import (ArrayNotFoundError, DeadlineExceededError, ExecutionError,
@@ -538,24 +538,28 @@ class Worker:
         """Streams a captured source to each host of the destination slice, then lets it go."""
         dest, info = send.destination, send.destination_slice
         delivered: set[int] = set()
+        sender, succeeded = _transfer.SegmentSender(value), False  # hosts of this machine
         try:
             full = None
             for host, address in enumerate(info.host_addresses):
                 positions = [p for p, d in enumerate(info.devices) if d.host == host]
                 if not positions:
                     continue
-                full = np.asarray(value) if full is None else full
                 groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
                     tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
-                shards = [(index, [p for p in ps if p in positions], full[_wire.as_slices(index)])
-                          for index, ps in groups if set(ps) & set(positions)]
-                if not self._put_shared(address, dest, shards):
-                    self._peer(address).PutArray(_wire.iter_chunks(dest, shards),
-                                                 timeout=TRANSFER_TIMEOUT_S)
+                mine = [(index, [p for p in ps if p in positions])
+                        for index, ps in groups if set(ps) & set(positions)]
+                if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S):
+                    full = np.asarray(value) if full is None else full
+                    self._peer(address).PutArray(_wire.iter_chunks(dest, [
+                        (index, ps, full[_wire.as_slices(index)]) for index, ps in mine]),
+                        timeout=TRANSFER_TIMEOUT_S)
                 delivered.add(host)
+            succeeded = True
         except Exception as exc:
             self._fail_destination(send, exc, delivered)
         finally:
+            sender.close(succeeded)
             if isinstance(value, jax.Array):
                 self._pins.unpin(value)
 
@@ -584,19 +588,6 @@ class Worker:
             except grpc.RpcError as err:
                 log.warning("could not tell host %s that %s: %s", address, message,
                             err.code().name)
-
-    def _put_shared(self, address: str, dest: pb.ArraySpec, shards: list) -> bool:
-        """Sends shards to a host on this machine through shared-memory files; False when that
-        path is not open (another machine, or no room: the caller streams them instead)."""
-        if not (_auth.is_loopback(address) and _wire.shared_memory_available()):
-            return False
-        try:
-            with _wire.shared_chunks(dest, shards) as chunks:
-                self._peer(address).PutArray(iter(chunks), timeout=TRANSFER_TIMEOUT_S)
-        except OSError as exc:
-            log.info("shared-memory transfer to %s not possible (%s): streaming it", address, exc)
-            return False
-        return True
 
     def _peer(self, address: str) -> pb_grpc.WorkerStub:
         with self._cond:
@@ -693,15 +684,23 @@ class Worker:
         expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
                                                                   tuple(info.axis_names)),
                                            spec.sharding))
-        _, shards = _wire.assemble_chunks(_at_most_shards(
-            itertools.chain([first], chunks), len(expected), spec.array_id))
+        with _shm.OpenSegments() as segments:
+            return self._place_put(spec, mesh, info, expected, _wire.assemble_chunks(
+                _at_most_shards(itertools.chain([first], chunks), len(expected), spec.array_id),
+                segments=segments)[1])
+
+    def _place_put(self, spec: pb.ArraySpec, mesh: Mesh, info: pb.SliceInfo, expected: dict,
+                   shards: list[_wire.ReceivedShard]) -> int:
+        """Copies a put's shards onto this host's devices (before their segments close) and
+        stores the array."""
+        shape = tuple(spec.shape)
         flat_devices = mesh.devices.reshape(-1)
         local = [p for p, d in enumerate(info.devices) if d.host == self.host]
         placed: dict[int, jax.Array] = {}
         for shard in shards:
             if expected.get(shard.index) is None:
                 raise InvalidArgumentError(f"shard {shard.index} does not belong to the sharding")
-            for position in shard.positions:
+            for i, position in enumerate(shard.positions):
                 if position not in expected[shard.index]:
                     raise InvalidArgumentError(f"mesh position {position} does not hold {shard.index}")
                 if info.devices[position].host != self.host:
@@ -709,7 +708,10 @@ class Worker:
                                                f"{info.devices[position].host}, not this one")
                 if position in placed:
                     raise InvalidArgumentError(f"mesh position {position} is sent twice")
-                placed[position] = jax.device_put(shard.data, flat_devices[position])
+                # No two devices share memory (a donated buffer is written in place).
+                placed[position] = jax.device_put(_shm.device_copy(shard.data, take=i == 0),
+                                                  flat_devices[position])
+        jax.block_until_ready(list(placed.values()))
         if len(placed) != len(local):
             raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
                                        f"the {len(local)} devices of this host")
@@ -754,6 +756,9 @@ class Worker:
         if missing:
             raise NotFoundError(f"array {request.array_id}: shard {missing[0]} is not on this host "
                                 f"(it holds {sorted(distinct)} of {value.dtype}{list(value.shape)})")
+        if request.shared_array:  # the caller's segment on this machine: copy straight into it
+            return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
+                                           [(w, distinct[w]) for w in wanted]))
         return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted))
 
     def info(self) -> pb.HostInfo:

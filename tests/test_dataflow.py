@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import runtime
-from runtime import _wire
+from runtime import _shm, _transfer
 
 
 def rss_bytes() -> int:
@@ -104,12 +104,12 @@ def test_program_across_two_islands_with_transfer(client):
 @pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "streamed"])
 def test_cross_island_transfer_between_mesh_shapes(client, monkeypatch, src_spec, dst_spec,
                                                    shared_memory):
-    """Both ways bytes move between hosts of one machine: shard files in shared memory, or
-    chunks streamed over gRPC (as between machines)."""
+    """Both ways bytes move between hosts of one machine: a shared-memory segment, or chunks
+    streamed over gRPC (as between machines)."""
     monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "1" if shared_memory else "0")
     used = []
-    real = _wire.shared_chunks
-    monkeypatch.setattr(_wire, "shared_chunks", lambda *a: used.append(1) or real(*a))
+    real = _transfer.segment_holding
+    monkeypatch.setattr(_transfer, "segment_holding", lambda *a: used.append(1) or real(*a))
     s0 = client.slice((2, 2), ("x", "y"), island=0)
     s1 = client.slice({"d": 4}, island=1)
     x = np.arange(128, dtype=np.int32).reshape(8, 16)
@@ -118,7 +118,7 @@ def test_cross_island_transfer_between_mesh_shapes(client, monkeypatch, src_spec
     np.testing.assert_array_equal(moved.fetch(), x)
     back = moved.to(s0, P("y", "x"))  # and back, to a third layout
     np.testing.assert_array_equal(back.fetch(), x)
-    assert bool(used) == (shared_memory and _wire.shared_memory_available())
+    assert bool(used) == (shared_memory and _shm.segments_available())
 
 
 def test_call_with_input_on_another_island_moves_it(client):

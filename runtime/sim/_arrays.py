@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import numpy as np
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
+from runtime import _shm, _wire
 from runtime._errors import ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError, \
     PathwaysError
 
@@ -140,6 +140,13 @@ async def receive_shards(first: pb.ArrayChunk, rest: AsyncIterator[pb.ArrayChunk
                     data = np.empty(full, np.uint8)
                     _wire.read_shared(chunk.shard.shared_file, data)
                     buffer += data.tobytes()
+                received = expected
+            elif chunk.shard.shared_array:  # its region of a sender's segment (runtime._shm)
+                if buffer is not None:
+                    with _shm.OpenSegments() as segments:
+                        whole = segments.array(chunk.shard.shared_array, dtype, shape)
+                        buffer += whole[(*_wire.as_slices(index), ...)].tobytes()
+                        del whole
                 received = expected
         elif not shards:
             if chunk.data:
