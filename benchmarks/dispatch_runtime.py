@@ -13,7 +13,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 import runtime
-from runtime._client import RPC_TIMEOUT_S
+from runtime.client.client import RPC_TIMEOUT_S
 from benchmarks.dispatch_baselines import (MATMUL_DIM, PROGRAM_LENGTH, initial_values, make_fused,
                                            make_step)
 

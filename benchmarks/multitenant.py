@@ -95,7 +95,7 @@ class _Tenant:
                  n: int = PROGRAM_DIM, timeout_s: float | None = None) -> None:
         import runtime
         from jax.sharding import PartitionSpec as P
-        from runtime._client import RPC_TIMEOUT_S
+        from runtime.client.client import RPC_TIMEOUT_S
 
         self.client = runtime.Client(address, name=f"client{index}", weight=weight,
                                      timeout_s=timeout_s or RPC_TIMEOUT_S)
@@ -157,7 +157,7 @@ def island(devices: int, policy: str, log: pathlib.Path,
            timeout: float = 300.0) -> Iterator[str]:
     """A `pathways up` subprocess with one island of `devices` CPU devices, logging (INFO and up,
     its workers' too) to `log`; yields its address."""
-    from runtime._distributed import free_port
+    from runtime.worker.distributed import free_port
 
     port = free_port()
     with open(log, "ab") as output:
@@ -209,7 +209,7 @@ def run_once(address: str, policy: str, weights: Sequence[float], length: int, d
     """One run: len(weights) clients submit the program for `seconds`; returns its record. The
     first `warmup` seconds are not measured; deadlines scale with `program_ms`, the program's
     measured device time."""
-    from runtime._client import RPC_TIMEOUT_S
+    from runtime.client.client import RPC_TIMEOUT_S
 
     in_flight_s = IN_FLIGHT * len(weights) * program_ms / 1e3  # all clients' calls in flight
     timeout = max(RPC_TIMEOUT_S, DEADLINE_FACTOR * in_flight_s)

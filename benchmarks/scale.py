@@ -119,7 +119,7 @@ def ping_round(cluster) -> dict[str, float]:
     for the controller too, for reasons of their own)."""
     from proto import pathways_pb2 as pb
     from proto import pathways_pb2_grpc as pb_grpc
-    from runtime import _auth
+    from proto import auth as _auth
 
     addresses = [h.address for h in _status_hosts(cluster)]
     channels = [_auth.open_channel(a, cluster.credentials) for a in addresses]

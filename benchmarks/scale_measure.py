@@ -27,7 +27,7 @@ import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth
+from proto import auth as _auth
 
 #: Percentiles reported for each latency.
 PERCENTILES = (50, 99)

@@ -106,7 +106,7 @@ def test_reading_freed_buffers_is_a_runtime_error_not_unknown(cluster, client):
 
 
 def test_a_donation_spares_buffers_a_pending_send_holds():
-    from runtime._pins import SendPins
+    from runtime.worker.pins import SendPins
 
     pins = SendPins()
     held = jax.device_put(np.arange(4.0), jax.devices()[0])

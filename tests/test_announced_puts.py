@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from proto import pathways_pb2 as pb
-from runtime import _auth, _worker, _wire
+from proto import auth as _auth
+from runtime.worker import worker as _worker
+from proto import wire as _wire
 
 
 @pytest.fixture
@@ -117,8 +119,8 @@ def test_a_failure_that_overtakes_its_announcement_is_kept_for_it():
     the destination host before the announcement does: the array fails when announced."""
     import jax
 
-    from runtime._errors import ExecutionError
-    from runtime._worker import Worker
+    from proto.errors import ExecutionError
+    from runtime.worker.worker import Worker
 
     worker = Worker(5, 0, jax.devices()[:1])
     try:

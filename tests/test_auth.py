@@ -14,9 +14,10 @@ import pytest
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
-from runtime._controller import Controller, ControllerServicer
-from runtime._errors import FailedPreconditionError
+from proto import auth as _auth
+from proto import wire as _wire
+from runtime.controller.controller import Controller, ControllerServicer
+from proto.errors import FailedPreconditionError
 
 
 @pytest.fixture
@@ -143,7 +144,7 @@ def test_host_token_and_array_owner_policy():
     session (or a peer host)."""
     import jax
 
-    from runtime._worker import Worker, WorkerServicer
+    from runtime.worker.worker import Worker, WorkerServicer
 
     credentials = _auth.Credentials.generate()
     worker = Worker(0, 0, jax.devices()[:1])

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import runtime
-from runtime import _wire
+from proto import wire as _wire
 
 
 def rss_bytes() -> int:

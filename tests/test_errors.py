@@ -10,6 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import runtime
+import runtime.server
 from proto import pathways_pb2 as pb
 
 
@@ -142,7 +143,7 @@ def test_garbage_executable_gets_invalid_argument(client):
 
 def test_worker_reports_a_load_failure_on_the_outputs():
     """A host that cannot compile a module fails the calls' outputs with a clear error."""
-    worker = runtime.Worker(0, 0, jax.devices()[:2])
+    worker = runtime.server.Worker(0, 0, jax.devices()[:2])
     try:
         info = pb.SliceInfo(slice_id=1, mesh_shape=[2], axis_names=["d"],
                             devices=[pb.SliceDevice(host=0, device=i) for i in range(2)])

@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import _auth, _wire
+from proto import auth as _auth
+from proto import wire as _wire
 
 #: Requests sent to each of the two servers.
 REQUESTS_PER_SERVER = 5_000
@@ -202,7 +203,7 @@ def test_fuzz_controller_and_worker_keep_serving(cluster):
 
 
 def test_shard_header_outside_the_array_is_refused_before_allocating():
-    from runtime._errors import InvalidArgumentError
+    from proto.errors import InvalidArgumentError
 
     spec = pb.ArraySpec(array_id=1, dtype="float32", shape=[4])
     for start, stop in (((0,), (2**40,)), ((-1,), (2,)), ((3,), (2,)), ((0, 0), (1, 1))):

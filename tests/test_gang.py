@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import DeadlineExceededError, _auth
+from runtime import DeadlineExceededError
+from proto import auth as _auth
 from runtime.cli import format_status
 
 MODULUS = 1000

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
+from proto import wire as _wire
 from scheduler import GangScheduler
 
 
@@ -161,7 +161,7 @@ def test_the_gate_lets_others_go_first_opens_on_arrival_and_expires():
     """On a scheduler with a fake host: an execution reading an array not yet put waits while
     another tenant's is ordered; it is ordered once the host reports the array; a send waiting
     past input_wait_s fails alone."""
-    from runtime._errors import DeadlineExceededError
+    from proto.errors import DeadlineExceededError
     from test_multitenant import calls, gang
 
     scheduler, link = gang(policy="fifo")
@@ -192,7 +192,7 @@ def test_a_deadline_orders_a_copy_and_its_reader_across_islands():
     """At a request's deadline its islands are forced together: the send ordered on one island
     makes the copy's reader on the other orderable, so neither fails. (Forced one island at a
     time, the reader, tried first, would fail for want of a send not yet forced.)"""
-    from runtime._planner import Ordering
+    from runtime.controller.planner import Ordering
     from scheduler import Readiness
     from test_multitenant import FakeLink, calls
 

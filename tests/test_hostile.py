@@ -4,7 +4,7 @@ repeated fields of a million entries; strings at and past the limits; stream hea
 
 Each gets a canonical refusal (never UNKNOWN, INTERNAL or UNAVAILABLE), and afterwards a
 bystander's arrays are intact, its new work is correct, the cluster's status answers and every
-host is alive. tests/test_fuzz.py sends random ones; these aim at the limits (runtime._limits)."""
+host is alive. tests/test_fuzz.py sends random ones; these aim at the limits (proto.limits)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import grpc
 import pytest
 
 from proto import pathways_pb2 as pb
-from runtime import _auth, _worker, _wire
+from proto import auth as _auth
+from runtime.worker import worker as _worker
+from proto import wire as _wire
 
 MILLION = 1_000_000
 NEAR_LIMIT = _wire.MAX_MESSAGE_BYTES - (64 << 10)  # a string that leaves room for the rest

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from proto import auth as _auth
+from proto import wire as _wire
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Requests at and past the runtime's limits (runtime._limits, runtime._placement): what is
+"""Requests at and past the runtime's limits (proto.limits, runtime.controller.placement): what is
 accepted still fits everything derived from it, what is not gets INVALID_ARGUMENT or
 RESOURCE_EXHAUSTED naming the field and the bound, numbers must be finite and non-negative, and
 arrays must fit their devices. After each hostile request a bystander's work and the cluster's
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from proto import pathways_pb2 as pb
-from runtime import _limits, _wire
-from runtime._errors import InvalidArgumentError, ResourceExhaustedError
+from proto import limits as _limits
+from proto import wire as _wire
+from proto.errors import InvalidArgumentError, ResourceExhaustedError
 
 LIMITS = _limits.DEFAULT
 

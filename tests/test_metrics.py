@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import runtime
 from proto import pathways_pb2 as pb
-from runtime._metrics import record_training, serve_metrics
-from runtime._ports import PortInUseError
+from runtime.metrics import record_training, serve_metrics
+from proto.ports import PortInUseError
 
 
 def scrape(port: int) -> dict[tuple, float]:

@@ -15,7 +15,7 @@ from benchmarks import multitenant
 from proto import pathways_pb2 as pb
 from runtime import DeadlineExceededError, HostLostError, InvalidArgumentError
 from scheduler import FifoPolicy, GangScheduler, ProportionalSharePolicy, Tenant, make_policy
-from scheduler._policy import IDLE_GRACE_S
+from scheduler.policy import IDLE_GRACE_S
 
 
 class FakeLink:

@@ -14,7 +14,9 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import DeadlineExceededError, _auth, _wire
+from runtime import DeadlineExceededError
+from proto import auth as _auth
+from proto import wire as _wire
 from runtime.cli import format_status
 from runtime.sim import SimCluster, per_device_flops
 

@@ -1,4 +1,4 @@
-"""StableHLO programs with compile options (runtime._stablehlo): what the IFRT proxy loads. The
+"""StableHLO programs with compile options (proto.stablehlo): what the IFRT proxy loads. The
 controller checks a load against the module, the hosts compile it for the slice's devices, and a
 call runs like any other; slices can be placed on named devices."""
 
@@ -10,8 +10,10 @@ from jax._src.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import InvalidArgumentError, SliceUnavailableError, _stablehlo, _wire
-from runtime._function import CompiledFunction
+from runtime import InvalidArgumentError, SliceUnavailableError
+from proto import stablehlo as _stablehlo
+from proto import wire as _wire
+from runtime.client.function import CompiledFunction
 
 
 def lower(fn, mesh, in_specs, out_specs, *avals, donate=()):

@@ -17,8 +17,8 @@ import pytest
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth
-from runtime._limits import DEFAULT
+from proto import auth as _auth
+from proto.limits import DEFAULT
 
 IDLE_S = 1.0
 

@@ -11,7 +11,8 @@ import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _visibility
+from proto import auth as _auth
+from runtime.controller import visibility as _visibility
 
 
 def _wait_for(condition, what: str, timeout: float = 30.0) -> None:

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
-from runtime._array import (RemoteArray, _host_groups, _worker_call, fetch_arrays,
+from proto import wire as _wire
+from runtime.client.array import (RemoteArray, _host_groups, _worker_call, fetch_arrays,
                             transfer_deadline)
-from runtime._client import VirtualSlice
-from runtime._errors import ArrayNotFoundError, DeadlineExceededError, PathwaysError
+from runtime.client.client import VirtualSlice
+from proto.errors import ArrayNotFoundError, DeadlineExceededError, PathwaysError
 from runtime.proxy._shardings import Index, Layout, Placement, place
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from proto import pathways_pb2 as pb
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from proto.ifrt import types_pb2
-from runtime._errors import InvalidArgumentError, NotFoundError
+from proto.errors import InvalidArgumentError, NotFoundError
 
 #: The memory kind of every device (JAX's default kind).
 MEMORY_KIND = "device"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from proto.ifrt import types_pb2
-from runtime import _wire
+from proto import wire as _wire
 from runtime.proxy._status import UnimplementedError
 
 _Kind = types_pb2.DTypeProto.Kind

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 
-from runtime._errors import (DeadlineExceededError, FailedPreconditionError,
+from proto.errors import (DeadlineExceededError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError,
                              ResourceExhaustedError)
 

@@ -6,7 +6,7 @@ import weakref
 
 from proto.ifrt import ifrt_programs_pb2 as ifrt
 from proto.ifrt import status_pb2
-from runtime._errors import NotFoundError
+from proto.errors import NotFoundError
 from runtime.proxy._arrays import ProxyArray, find, remote_of, wait_ready
 from runtime.proxy._devices import MEMORY_KIND
 from runtime.proxy._dtypes import dtype_proto

@@ -5,8 +5,8 @@ assignment names the client's device ids. What JAX then needs to know at once (h
 each output it left unsharded, layouts, donations) only a compilation says, so the proxy compiles
 the module on local CPU devices (`Analyzer`) with the same options, partition for partition; the
 island's hosts compile it again for their own devices when the controller orders the load, and
-check that they arrive at the same shardings (runtime._stablehlo). A call is a runtime call of
-that executable on the slice its shardings share (runtime._function.CompiledFunction).
+check that they arrive at the same shardings (proto.stablehlo). A call is a runtime call of
+that executable on the slice its shardings share (runtime.client.function.CompiledFunction).
 """
 
 from __future__ import annotations
@@ -23,9 +23,10 @@ from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto.ifrt import types_pb2, xla_pb2
-from runtime import _stablehlo, _wire
-from runtime._errors import FailedPreconditionError, InvalidArgumentError
-from runtime._function import CompiledFunction
+from proto import stablehlo as _stablehlo
+from proto import wire as _wire
+from proto.errors import FailedPreconditionError, InvalidArgumentError
+from runtime.client.function import CompiledFunction
 from runtime.proxy._arrays import slice_for
 from runtime.proxy._shardings import Layout, layout_from_op_sharding, place
 from runtime.proxy._status import UnimplementedError

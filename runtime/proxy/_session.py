@@ -23,8 +23,8 @@ from typing import Any
 from google.protobuf.message import Message
 
 from proto.ifrt import ifrt_service_pb2 as ifrt
-from runtime._client import Client
-from runtime._errors import (ExecutionError, FailedPreconditionError, NotFoundError,
+from runtime.client.client import Client
+from proto.errors import (ExecutionError, FailedPreconditionError, NotFoundError,
                              PathwaysError)
 from runtime.proxy._arrays import ProxyArray
 from runtime.proxy._devices import DeviceTable

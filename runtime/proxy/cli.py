@@ -10,7 +10,7 @@ import sys
 import threading
 import time
 
-from runtime import _auth
+from proto import auth as _auth
 
 #: Devices the proxy compiles programs on when it cannot ask the controller how many an island has.
 DEFAULT_ANALYSIS_DEVICES = 8
@@ -42,7 +42,7 @@ def register(sub) -> None:
 def _cmd_proxy(args: argparse.Namespace) -> int:
     import jax
 
-    from runtime._cluster import die_with_parent
+    from runtime.cluster.clusters import die_with_parent
     from runtime.cli import _credentials, _quiet_collector, _wait_for_signal
 
     if not die_with_parent():
@@ -64,8 +64,8 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
 def _largest_island(controller: str, credentials: _auth.Credentials) -> int:
     """Devices of the controller's largest island (DEFAULT_ANALYSIS_DEVICES if it cannot say)."""
-    from runtime._client import Client
-    from runtime._errors import PathwaysError
+    from runtime.client.client import Client
+    from proto.errors import PathwaysError
 
     try:
         with Client(controller, name="proxy", timeout_s=10.0, credentials=credentials) as client:
@@ -85,7 +85,7 @@ class ProxyProcess:
 
     def __init__(self, controller_address: str, address: str,
                  credentials: _auth.Credentials, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        from runtime._cluster import PARENT_PID_ENV
+        from runtime.cluster.clusters import PARENT_PID_ENV
 
         host, port = address.rsplit(":", 1)
         cmd = [sys.executable, "-m", "runtime.cli", "proxy", "--controller", controller_address,
@@ -100,7 +100,7 @@ class ProxyProcess:
         threading.Thread(target=self._relay, daemon=True, name="proxy-stdout").start()
 
     def _await_ready(self, timeout: float) -> str:
-        from runtime._errors import DeadlineExceededError, FailedPreconditionError
+        from proto.errors import DeadlineExceededError, FailedPreconditionError
 
         deadline = time.monotonic() + timeout
         lines: list[str] = []

@@ -8,7 +8,7 @@ Reading an array without data returns zeros of its shape and dtype, streamed lik
 
 Between simulated hosts a shard without data travels as a header with `nbytes` 0 and no chunks.
 
-The store's entries are futures, as on a real host (runtime._store): an array a queued
+The store's entries are futures, as on a real host (runtime.worker.store): an array a queued
 computation will produce already has an entry, and reads wait on it with a deadline. Everything
 here runs on the hosts' event loop thread.
 """
@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import numpy as np
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
-from runtime._errors import ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError, \
+from proto import wire as _wire
+from proto.errors import ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError, \
     PathwaysError
 
 
@@ -259,6 +259,6 @@ class SimStore:
 
 
 def _own(error: PathwaysError) -> PathwaysError:
-    """Marks an error the store raised about the wait itself (runtime._store does the same)."""
+    """Marks an error the store raised about the wait itself (runtime.worker.store does the same)."""
     error.raised_by_store = True
     return error

@@ -17,12 +17,12 @@ import threading
 import time
 from typing import IO
 
-from runtime import _auth
-from runtime._cluster import (PARENT_PID_ENV, STARTUP_TIMEOUT_S, kill_process_group,
+from proto import auth as _auth
+from runtime.cluster.clusters import (PARENT_PID_ENV, STARTUP_TIMEOUT_S, kill_process_group,
                               publish_token, wait_for_hosts, withdraw_token)
-from runtime._controller import Controller, create_controller_server
-from runtime._errors import DeadlineExceededError, FailedPreconditionError
-from runtime._leases import DEFAULT_SESSION_LEASE_S
+from runtime.controller.controller import Controller, create_controller_server
+from proto.errors import DeadlineExceededError, FailedPreconditionError
+from proto.leases import DEFAULT_SESSION_LEASE_S
 from runtime.sim._config import DEFAULT_FLOPS_PER_S
 from runtime.sim._process import REGISTERED
 

@@ -1,7 +1,7 @@
 """A simulated worker host: the island's order, run strictly in sequence on devices that do not
 compute.
 
-It keeps a real host's contract (runtime._worker): instructions arrive numbered; the order-free
+It keeps a real host's contract (runtime.worker.worker): instructions arrive numbered; the order-free
 part of each is done on receipt (slice definitions, pending entries for outputs, so reads and puts
 can start); the rest runs strictly in sequence on one executor. Where a real host launches XLA, a
 simulated one holds its devices for the computation's duration (runtime.sim._cost) on an asyncio
@@ -13,7 +13,7 @@ inputs exist and (on a slice spanning hosts) every host of the slice has reached
 executor wakes at the end (a timer may fire a millisecond late; the next computation still starts
 at the simulated end, when it was already there), so the devices' time is exact while messages
 (progress reports, reads) carry the host's real delays. A host whose slice partners never come
-is reported hung after `execution_deadline_s`, as a real host's watchdog reports it (runtime._hang).
+is reported hung after `execution_deadline_s`, as a real host's watchdog reports it (runtime.worker.hang).
 """
 
 from __future__ import annotations
@@ -29,11 +29,12 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 import numpy as np
 
 from proto import pathways_pb2 as pb
-from runtime import _auth, _wire
-from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
+from proto import auth as _auth
+from proto import wire as _wire
+from proto.errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError)
-from runtime._hang import diagnose
-from runtime._worker import (ANNOUNCE_TIMEOUT_S, describe_activity, fresh_instructions,
+from runtime.worker.hang import diagnose
+from runtime.worker.worker import (ANNOUNCE_TIMEOUT_S, describe_activity, fresh_instructions,
                              receive_order_free)
 from runtime.sim._announced import Announcements
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
@@ -111,7 +112,7 @@ class SimHost:
         self.island_size = island_size
         self.rendezvous, self.costs, self.peer = rendezvous, costs, peer
         self.credentials = credentials or _auth.Credentials()
-        self.execution_deadline_s = config.execution_deadline_s  # read by runtime._hang.diagnose
+        self.execution_deadline_s = config.execution_deadline_s  # read by runtime.worker.hang.diagnose
         self.address = ""
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
         self.store = SimStore()
@@ -323,7 +324,7 @@ class SimHost:
                     ready: float) -> float:
         """The simulated start of a computation spanning hosts: when the slice's last host gets
         there. Past the execution deadline, asks the slice's other hosts where they are
-        (runtime._hang.diagnose) and declares this host hung if some never reached it; it then
+        (runtime.worker.hang.diagnose) and declares this host hung if some never reached it; it then
         stays stuck here, as a real host stays stuck in a collective."""
         place = (self._controller_id, self._epoch, sequence, ex.executable_id)
         started = self.rendezvous.arrive(place, self.host, ready, exe.hosts)
@@ -449,7 +450,7 @@ class SimHost:
 
     @property
     def activity(self) -> str:
-        """What the executor is doing, as a real host says it (runtime._worker)."""
+        """What the executor is doing, as a real host says it (runtime.worker.worker)."""
         return describe_activity(self._activity, self.hang)
 
     async def watch_progress(self, min_interval_s: float) -> AsyncIterator[pb.WatchProgressReply]:

@@ -1,0 +1,371 @@
+"""Local clusters: a controller plus island workers, in this process or as subprocesses.
+
+`LocalCluster` runs everything in the calling process (workers as gRPC servers on loopback, each
+owning a disjoint subset of this process's devices): fast to start, for scripts and tests.
+`ProcessCluster` runs each worker as a `pathways worker` subprocess, as `pathways up` does; the
+hosts of a multi-host island form one JAX distributed system (runtime.worker.distributed), so a slice may
+span them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+
+import grpc
+import jax
+
+from proto import pathways_pb2 as pb
+from proto import auth as _auth
+from runtime.worker import membership as _membership
+from runtime.client.client import Client
+from runtime.controller.controller import Controller, create_controller_server
+from runtime.worker.distributed import free_port
+from proto.errors import DeadlineExceededError, FailedPreconditionError
+from proto.leases import DEFAULT_SESSION_LEASE_S
+from runtime.worker.worker import EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S, Worker, create_worker_server
+
+#: How long a cluster waits for every host to register.
+STARTUP_TIMEOUT_S = 120.0
+
+
+def wait_for_hosts(controller: Controller, expected: int, timeout: float,
+                   procs: Sequence[subprocess.Popen] = ()) -> None:
+    """Waits until `expected` hosts are registered and alive; fails fast if a subprocess died."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = [h for h in controller.resources.hosts() if h.alive]
+        if len(alive) >= expected:
+            return
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            raise FailedPreconditionError(f"worker process {dead[0].args} exited with "
+                                          f"{dead[0].returncode} before registering")
+        if time.monotonic() > deadline:
+            raise DeadlineExceededError(f"only {len(alive)} of {expected} hosts registered "
+                                        f"within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def register_host(controller_address: str, info: pb.HostInfo, timeout: float = 60.0,
+                  credentials: _auth.Credentials | None = None) -> None:
+    """Registers a worker with the controller, retrying until `timeout` while it is not up yet."""
+    _membership.register(controller_address, info, credentials, timeout)
+
+
+def unregister_host(controller_address: str, info: pb.HostInfo, timeout: float = 1.0,
+                    credentials: _auth.Credentials | None = None) -> None:
+    """Tells the controller a host is leaving; best effort (the controller may be gone already)."""
+    _membership.unregister(controller_address, info, credentials, timeout)
+
+
+def publish_token(address: str, credentials: _auth.Credentials) -> str | None:
+    """Writes a cluster's client token where clients on this machine look for it
+    (proto.auth.default_token_file, mode 0600), so `Client(address)` needs no flags; returns
+    the file, or None when there is no token or the file cannot be written."""
+    if not credentials.token:
+        return None
+    path = _auth.default_token_file(address)
+    try:
+        _auth.write_token_file(path, credentials.token)
+    except OSError:
+        return None
+    return path
+
+
+def withdraw_token(path: str | None, token: str | None) -> None:
+    """Removes a token file this process wrote: only while it still holds `token`. Another
+    cluster may have written its own token to the same path since (a later `pathways up` on the
+    port); removing that would lock its clients out."""
+    if not path or not token:
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read().strip() != token:
+                return
+        os.remove(path)
+    except OSError:
+        pass
+
+
+class LocalCluster:
+    """A controller and `islands` single-host islands in this process, on loopback.
+
+    The process needs `islands * devices_per_island` JAX devices: set
+    `jax.config.update("jax_num_cpu_devices", N)` before JAX initialises (the constructor does it
+    when it still can). Use as a context manager; `client()` opens sessions.
+
+    The cluster makes its own token and host token (proto.auth) unless given `credentials`;
+    `credentials` (the attribute) is what its clients need: the token, not the host token.
+    `session_quota_bytes` bounds each session's device memory (None: unbounded);
+    `session_lease_s` is how long a silent client keeps its session (proto.leases; 0: forever).
+    """
+
+    def __init__(self, islands: int = 2, devices_per_island: int = 4, *,
+                 platform: str = "cpu", heartbeat: bool = True,
+                 input_timeout_s: float = INPUT_TIMEOUT_S, policy: str = "fifo",
+                 credentials: _auth.Credentials | None = None,
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
+        total = islands * devices_per_island
+        if platform == "cpu":
+            _ensure_cpu_devices(total)
+        devices = jax.devices(platform)
+        if len(devices) < total:
+            raise FailedPreconditionError(
+                f"{islands} islands x {devices_per_island} devices need {total} {platform} "
+                f"devices; this process has {len(devices)}")
+        cluster_credentials = credentials or _auth.Credentials.generate()
+        self.credentials = cluster_credentials.for_clients()
+        self.controller = Controller(heartbeat=heartbeat, policy=policy,
+                                     credentials=cluster_credentials,
+                                     session_quota_bytes=session_quota_bytes,
+                                     session_lease_s=session_lease_s)
+        self._server, self.port = create_controller_server(self.controller)
+        self.address = f"127.0.0.1:{self.port}"
+        self.token_file = publish_token(self.address, self.credentials)
+        self.workers: list[Worker] = []
+        self._worker_servers: list[grpc.Server] = []
+        for island in range(islands):
+            worker = Worker(island, 0, devices[island * devices_per_island:
+                                               (island + 1) * devices_per_island],
+                            platform=platform, input_timeout_s=input_timeout_s,
+                            credentials=cluster_credentials)
+            server, _ = create_worker_server(worker)
+            self.workers.append(worker)
+            self._worker_servers.append(server)
+            self.controller.register_host(worker.info())
+        self._clients: list[Client] = []
+
+    def client(self, name: str = "client", weight: float = 1.0) -> Client:
+        """A new session with this cluster's controller (closed with the cluster)."""
+        client = Client(self.address, name=name, weight=weight, credentials=self.credentials)
+        self._clients.append(client)
+        return client
+
+    def kill_worker(self, island: int) -> None:
+        """Stops an island's worker server abruptly (fault injection for tests)."""
+        self._worker_servers[island].stop(grace=None)
+
+    def close(self) -> None:
+        withdraw_token(self.token_file, self.credentials.token)
+        for client in self._clients:
+            client.close()
+        self.controller.close()
+        # Wait for the servers to finish stopping: their threads must not outlive the cluster.
+        stopped = [self._server.stop(grace=None)]
+        stopped += [server.stop(grace=None) for server in self._worker_servers]
+        for worker in self.workers:
+            worker.stop()
+        for event in stopped:
+            event.wait(5)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _ensure_cpu_devices(n: int) -> None:
+    try:
+        if jax.config.jax_num_cpu_devices < n:
+            jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        pass  # backend already initialised: the device count check below reports a shortfall
+
+
+class ProcessCluster:
+    """A controller in this process and each host as a `pathways worker` subprocess.
+
+    With `hosts_per_island` > 1 the hosts of each island join one JAX distributed system (host 0
+    coordinates, on a free port of `host`), so one SPMD computation spans them. `policy` is the
+    controller's scheduling policy ("fifo" or "share"); `execution_deadline_s` bounds how long a
+    computation on a multi-host slice waits for the slice's other hosts (runtime.worker.hang).
+
+    Workers die with this process (PR_SET_PDEATHSIG), each in its own process group, and are
+    stopped by `close()`, which is idempotent and leaves no worker process behind (a worker stuck
+    in a collective is killed after `grace` seconds).
+
+    The cluster makes its own token and host token (proto.auth) unless given `credentials`, and
+    hands both to its workers through their environment; `credentials` (the attribute) is what its
+    clients need. `restart_lost_islands()` replaces the workers of islands that lost one;
+    `restart_controller()` replaces the controller on the same address (the workers register
+    again by themselves). `session_quota_bytes` and `session_lease_s` are the controller's
+    (runtime.controller.controller.Controller).
+
+    With `worker_metrics_port` P the k-th host (k = 0, 1, ..., island by island) serves Prometheus
+    metrics on port P + k (P = 0: each on a free port it prints); with `worker_log` a file, the workers log
+    at INFO level and write all their output there instead of this process's terminal.
+    """
+
+    def __init__(self, islands: int = 2, hosts_per_island: int = 1, devices_per_host: int = 4, *,
+                 port: int = 0, host: str = "127.0.0.1", platform: str = "cpu",
+                 startup_timeout: float = STARTUP_TIMEOUT_S, policy: str = "fifo",
+                 execution_deadline_s: float = EXECUTION_DEADLINE_S,
+                 credentials: _auth.Credentials | None = None,
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S,
+                 worker_metrics_port: int | None = None, worker_log: str | None = None) -> None:
+        self._cluster_credentials = credentials or _auth.Credentials.generate()
+        self.credentials = self._cluster_credentials.for_clients()
+        self._worker_metrics_port, self._worker_log = worker_metrics_port, worker_log
+        self._controller_options = dict(policy=policy, credentials=self._cluster_credentials,
+                                        session_quota_bytes=session_quota_bytes,
+                                        session_lease_s=session_lease_s)
+        self.controller = Controller(**self._controller_options)
+        try:
+            self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
+        except BaseException:  # e.g. PortInUseError: nothing was started but the controller
+            self.controller.close()
+            raise
+        self.address = f"{host}:{self.port}"
+        self.token_file = publish_token(self.address, self.credentials)
+        self._host, self._startup_timeout = host, startup_timeout
+        self._shape = (islands, hosts_per_island, devices_per_host, platform, execution_deadline_s)
+        self.procs: list[subprocess.Popen] = []
+        try:
+            for island in range(islands):
+                self.procs.extend(self._spawn_island(island))
+            wait_for_hosts(self.controller, islands * hosts_per_island, startup_timeout, self.procs)
+        except BaseException:
+            self.close()
+            raise
+
+    def _spawn_island(self, island: int) -> list[subprocess.Popen]:
+        _, hosts_per_island, devices_per_host, platform, execution_deadline_s = self._shape
+        coordinator = (f"{self._host}:{free_port(self._host)}" if hosts_per_island > 1 else "")
+
+        def metrics_port(h: int) -> int | None:
+            base = self._worker_metrics_port
+            return base + island * hosts_per_island + h if base else base
+
+        return [_spawn_worker(self.address, island, h, devices_per_host, platform,
+                              coordinator=coordinator, num_hosts=hosts_per_island,
+                              execution_deadline_s=execution_deadline_s,
+                              env=self._cluster_credentials.worker_environment(),
+                              metrics_port=metrics_port(h), log=self._worker_log)
+                for h in range(hosts_per_island)]
+
+    def restart_lost_islands(self) -> list[int]:
+        """Replaces every worker of each island that lost one (its process died or stopped
+        answering) with fresh ones, and waits until they have registered. The controller starts
+        such an island empty: slices, arrays and executables on it are gone (runtime.controller.controller).
+        Returns the islands restarted."""
+        islands, hosts_per_island = self._shape[:2]
+        lost = sorted({h.island for h in self.controller.resources.hosts() if not h.alive}
+                      | {i // hosts_per_island for i, p in enumerate(self.procs)
+                         if p.poll() is not None})
+        for island in lost:
+            first = island * hosts_per_island
+            for proc in self.procs[first:first + hosts_per_island]:
+                if proc.poll() is None:
+                    kill_process_group(proc)
+                else:
+                    proc.wait()
+            self.procs[first:first + hosts_per_island] = self._spawn_island(island)
+        if lost:
+            expected = islands * hosts_per_island
+            deadline = time.monotonic() + self._startup_timeout
+            while True:  # the new hosts, on every island restarted
+                wait_for_hosts(self.controller, expected, self._startup_timeout, self.procs)
+                fresh = {(h.island, h.address) for h in self.controller.resources.hosts() if h.alive}
+                if all(any(i == island for i, _ in fresh) for island in lost):
+                    break
+                if time.monotonic() > deadline:
+                    raise DeadlineExceededError(f"islands {lost} did not come back")
+                time.sleep(0.05)
+        return lost
+
+    def restart_controller(self) -> None:
+        """Replaces the controller by a fresh one on the same address (fault injection): sessions
+        are gone; the workers outlive it and register with the new one within a few seconds."""
+        self.controller.close()
+        self._server.stop(grace=None).wait(5)
+        self.controller = Controller(**self._controller_options)
+        self._server, _ = create_controller_server(self.controller, self.address)
+
+    def close(self, grace: float = 5.0) -> None:
+        withdraw_token(getattr(self, "token_file", None), self.credentials.token)
+        self.controller.close()  # first: stopping workers is not a host loss to report
+        # Host 0 of a multi-host island coordinates its JAX distributed system: the other hosts
+        # abort (with a stack trace) when it goes first, so they stop first.
+        hosts_per_island = self._shape[1]
+        deadline = time.monotonic() + grace
+        for wave in ([p for i, p in enumerate(self.procs) if i % hosts_per_island],
+                     self.procs[::hosts_per_island]):
+            for proc in wave:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in wave:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    kill_process_group(proc)
+        self._server.stop(grace=None).wait(5)
+
+    def __enter__(self) -> ProcessCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILLs a worker's process group (the worker and anything it started) and reaps it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    proc.wait(timeout=5)
+
+
+#: Tells a worker subprocess which process it must die with (runtime.cli: die_with_parent).
+PARENT_PID_ENV = "PATHWAYS_PARENT_PID"
+
+
+def die_with_parent() -> bool:
+    """In a worker subprocess: asks Linux to SIGTERM this process when the process named by
+    $PATHWAYS_PARENT_PID dies; False if it is already gone. The worker does this itself, not a
+    preexec_fn in the parent: running Python between fork and exec in a process with gRPC threads
+    can abort the child (gRPC's fork handlers), and without one the fork is a plain vfork."""
+    parent = os.environ.get(PARENT_PID_ENV)
+    if not parent:
+        return True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+    return os.getppid() == int(parent)
+
+
+def _spawn_worker(controller: str, island: int, host: int, devices: int, platform: str, *,
+                  coordinator: str = "", num_hosts: int = 1,
+                  execution_deadline_s: float = EXECUTION_DEADLINE_S,
+                  env: dict[str, str] | None = None, metrics_port: int | None = None,
+                  log: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "runtime.cli", *(["-v"] if log else []), "worker",
+           "--controller", controller,
+           "--island", str(island), "--host", str(host), "--devices", str(devices),
+           "--platform", platform, "--execution-deadline", str(execution_deadline_s)]
+    if num_hosts > 1:
+        cmd += ["--coordinator", coordinator, "--num-hosts", str(num_hosts)]
+    if metrics_port is not None:
+        cmd += ["--metrics-port", str(metrics_port)]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    env[PARENT_PID_ENV] = str(os.getpid())
+    # A worker reads nothing from stdin; giving it /dev/null also keeps fd 0 a real file when the
+    # parent's is closed (the distributed runtime's sockets would otherwise take fd 0).
+    # Own session and process group: a terminal's Ctrl-C reaches only the parent, which stops its
+    # workers in order; kill_process_group reaches the worker and anything it started.
+    if log is None:
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    with open(log, "ab") as output:  # the worker keeps its own descriptor of the file
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=output,
+                                stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,0 +1,11 @@
+"""The servers' face, for those who run or embed them (the CLI, the launchers, tests).
+
+A user program needs only `runtime` (the client, clusters and errors); this module names the
+pieces a server author composes: the controller and worker objects, the gRPC servers that serve
+them, and the one-process helpers that wait for hosts or register them.
+"""
+
+from runtime.controller.controller import Controller, create_controller_server
+from runtime.worker.worker import Worker, create_worker_server
+
+__all__ = ["Controller", "Worker", "create_controller_server", "create_worker_server"]

@@ -1,0 +1,142 @@
+"""Delivery of an island's order to one host, and the host's progress back to the scheduler.
+
+Each host of an island has a `HostLink` with two threads: a sender that batches the instructions
+queued for the host into Dispatch RPCs (a burst of calls costs one round trip per batch, not per
+call), and a watcher on the host's WatchProgress stream, which reports how far the host has
+executed the order and how long each execution took. The gang scheduler uses that feedback to keep
+only a short window of work ordered ahead of the hosts, and to charge clients for device time.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+import grpc
+
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+from proto.errors import HostLostError
+
+if TYPE_CHECKING:
+    from scheduler.gang import GangScheduler
+
+log = logging.getLogger(__name__)
+
+#: Deadline of one Dispatch RPC.
+DISPATCH_TIMEOUT_S = 10.0
+#: Most instructions, and the most bytes, per Dispatch RPC (an instruction larger than that alone
+#: travels alone).
+MAX_BATCH = 1024
+MAX_BATCH_BYTES = 8 << 20
+#: Least time between two progress reports of a host (reports in between are coalesced).
+PROGRESS_INTERVAL_S = 0.005
+#: Pause before re-opening a broken progress stream (the heartbeat decides if the host is lost).
+WATCH_RETRY_S = 0.2
+
+
+class HostLink:
+    """The ordered delivery of an island's instructions to one host, and its progress reports."""
+
+    def __init__(self, scheduler: GangScheduler, host: int, address: str) -> None:
+        self.scheduler, self.host, self.address = scheduler, host, address
+        self.channel = scheduler.open_channel(address)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+        self.queue: collections.deque[pb.Instruction] = collections.deque()
+        self.acked = 0  # highest sequence the host has received
+        self.executed = 0  # highest sequence the host has executed
+        self.failed: str = ""
+        self.closed = False
+        self._watch_call = None
+        self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                        name=f"dispatch-{scheduler.island}.{host}")
+        self._watcher = threading.Thread(target=self._watch_loop, daemon=True,
+                                         name=f"progress-{scheduler.island}.{host}")
+        self._sender.start()
+        self._watcher.start()
+
+    def _send_loop(self) -> None:
+        cond = self.scheduler.cond
+        while True:
+            with cond:
+                while not self.queue and not self.closed:
+                    cond.wait()
+                if self.closed:
+                    return
+                batch, size = [], 0
+                while self.queue and len(batch) < MAX_BATCH:
+                    # A large instruction (a load, up to proto.limits' bound) travels alone
+                    # rather than push a batch past the message limit.
+                    ins_size = self.queue[0].ByteSize()
+                    if batch and size + ins_size > MAX_BATCH_BYTES:
+                        break
+                    batch.append(self.queue.popleft())
+                    size += ins_size
+            request = pb.DispatchRequest(controller_id=self.scheduler.controller_id,
+                                         epoch=self.scheduler.epoch,
+                                         instructions=batch)
+            try:
+                reply = self.stub.Dispatch(request, timeout=DISPATCH_TIMEOUT_S)
+            except (grpc.RpcError, ValueError) as err:  # ValueError: channel closed meanwhile
+                if self.closed:
+                    return
+                reason = (f"dispatch failed: {err.code().name}: {err.details()}"
+                          if isinstance(err, grpc.RpcError) else "dispatch channel closed")
+                with cond:
+                    self.failed = reason
+                    self.queue.clear()
+                    cond.notify_all()
+                self.scheduler.fail(HostLostError(
+                    f"island {self.scheduler.island}: host {self.scheduler.island}.{self.host} "
+                    f"({self.address}) was lost: {reason}"))
+                self.scheduler.on_host_failure(self.scheduler.island, self.host, reason)
+                return
+            self.scheduler.note_progress(self.host, reply.executed, reply.received)
+
+    def _watch_loop(self) -> None:
+        request = pb.WatchProgressRequest(min_interval_s=PROGRESS_INTERVAL_S)
+        opened = False
+        while not self.closed:
+            try:
+                self._watch_call = self.stub.WatchProgress(request)
+                for reply in self._watch_call:
+                    opened = True
+                    self.scheduler.note_progress(self.host, reply.executed, reply.received,
+                                                 reply.completed, reply.hang, reply.arrived)
+            except grpc.RpcError as err:
+                if self.closed or err.code() == grpc.StatusCode.CANCELLED:
+                    return
+                if opened and err.code() == grpc.StatusCode.UNAVAILABLE:
+                    # The connection broke (the host's process is gone): the island learns at
+                    # once, busy or idle, rather than at the next heartbeat or dispatch.
+                    reason = f"progress stream lost: {err.details()}"
+                    self.scheduler.fail(HostLostError(
+                        f"island {self.scheduler.island}: host {self.scheduler.island}.{self.host} "
+                        f"({self.address}) was lost: {reason}"))
+                    self.scheduler.on_host_failure(self.scheduler.island, self.host, reason)
+                    return
+                log.debug("progress stream of host %d.%d: %s", self.scheduler.island, self.host,
+                          err.code().name)
+            except ValueError:  # the channel was closed
+                return
+            with self.scheduler.cond:
+                if not self.closed:
+                    self.scheduler.cond.wait(WATCH_RETRY_S)
+
+    def close(self) -> None:
+        """Stops both threads (the caller notifies the scheduler's condition)."""
+        self.closed = True
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+        self.channel.close()
+
+    def join(self, timeout: float) -> None:
+        """Waits (up to `timeout` seconds) for both threads to end, after close()."""
+        deadline = time.monotonic() + timeout
+        for thread in (self._sender, self._watcher):
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
