@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     import runtime
     from benchmarks.scale_plot import format_table, plot_scale
     from benchmarks.scale_workload import initial_chains
-    from runtime.sim._process import raise_file_limit
+    from runtime.sim import raise_file_limit
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

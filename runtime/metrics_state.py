@@ -18,7 +18,7 @@ from typing import Any
 from prometheus_client import REGISTRY
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-_tracked: weakref.WeakSet[Any] = weakref.WeakSet()
+_tracked: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 _lock = threading.Lock()
 
 #: name -> (kind, help, label names)
@@ -56,16 +56,20 @@ _FAMILIES: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-def track(component: Any) -> None:
-    """Reports a Controller or Worker at every scrape until `untrack` (or until it is gone)."""
+def track(component: Any, kind: str) -> None:
+    """Reports a component at every scrape until `untrack` (or until it is gone). `kind` says
+    what it is, "controller" or "worker" (this module imports neither, see docs/architecture.md),
+    and so which of its figures are read."""
+    if kind not in _READERS:
+        raise ValueError(f"unknown component kind {kind!r}; expected one of {sorted(_READERS)}")
     _install()
     with _lock:
-        _tracked.add(component)
+        _tracked[component] = kind
 
 
 def untrack(component: Any) -> None:
     with _lock:
-        _tracked.discard(component)
+        _tracked.pop(component, None)
 
 
 class _StateCollector:
@@ -75,17 +79,12 @@ class _StateCollector:
         return []  # names vary with what is tracked; nothing to check at registration
 
     def collect(self):
-        from runtime.controller.controller import Controller
-
         values: dict[str, dict[tuple[str, ...], float]] = collections.defaultdict(
             lambda: collections.defaultdict(float))
         with _lock:
-            components = list(_tracked)
-        for component in components:
-            if isinstance(component, Controller):
-                _controller_values(component, values)
-            else:
-                _worker_values(component, values)
+            components = list(_tracked.items())
+        for component, kind in components:
+            _READERS[kind](component, values)
         for name, (kind, help_text, labels) in _FAMILIES.items():
             family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
             family = family_type(name, help_text, labels=labels)
@@ -132,6 +131,7 @@ def _worker_values(worker, values) -> None:
     values["pathways_device_busy_ratio"][key] = worker.metrics.busy_ratio()
 
 
+_READERS = {"controller": _controller_values, "worker": _worker_values}
 _installed = False
 
 

@@ -6,6 +6,7 @@ them, and the one-process helpers that wait for hosts or register them.
 """
 
 from runtime.controller.controller import Controller, create_controller_server
-from runtime.worker.worker import Worker, create_worker_server
+from runtime.worker.servicer import create_worker_server
+from runtime.worker.worker import Worker
 
 __all__ = ["Controller", "Worker", "create_controller_server", "create_worker_server"]

@@ -12,7 +12,7 @@ import pytest
 
 from proto import pathways_pb2 as pb
 from proto import auth as _auth
-from runtime.worker import worker as _worker
+from runtime.worker import dataplane as _dataplane
 from proto import wire as _wire
 
 
@@ -26,7 +26,7 @@ def attacker(cluster):
 @pytest.fixture(autouse=True)
 def short_announcement_wait(monkeypatch):
     """A put waits this long for its array's announcement before it is refused."""
-    monkeypatch.setattr(_worker, "ANNOUNCE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(_dataplane, "ANNOUNCE_TIMEOUT_S", 1.0)
 
 
 def _chunks(spec: pb.ArraySpec, data: np.ndarray, positions=(0,)) -> list[pb.ArrayChunk]:

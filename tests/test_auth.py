@@ -144,7 +144,8 @@ def test_host_token_and_array_owner_policy():
     session (or a peer host)."""
     import jax
 
-    from runtime.worker.worker import Worker, WorkerServicer
+    from runtime.worker.servicer import WorkerServicer
+    from runtime.worker.worker import Worker
 
     credentials = _auth.Credentials.generate()
     worker = Worker(0, 0, jax.devices()[:1])

@@ -15,7 +15,7 @@ import pytest
 
 from proto import pathways_pb2 as pb
 from proto import auth as _auth
-from runtime.worker import worker as _worker
+from runtime.worker import dataplane as _dataplane
 from proto import wire as _wire
 
 MILLION = 1_000_000
@@ -219,7 +219,7 @@ class Attack:
 
 @pytest.fixture
 def attack(cluster, bystander, monkeypatch):
-    monkeypatch.setattr(_worker, "ANNOUNCE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(_dataplane, "ANNOUNCE_TIMEOUT_S", 0.5)
     a = Attack(cluster, bystander)
     yield a
     a.close()

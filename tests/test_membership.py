@@ -9,7 +9,7 @@ import jax
 from proto import auth as _auth
 from runtime.controller.controller import Controller, create_controller_server
 from runtime.worker.membership import Membership
-from runtime.worker.worker import Worker, create_worker_server
+from runtime.server import Worker, create_worker_server
 
 
 def test_host_registers_again_after_a_controller_restart():

@@ -149,7 +149,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from runtime.worker.distributed import host_devices
     from proto.errors import FailedPreconditionError
     from runtime.worker.membership import Membership
-    from runtime.worker.worker import Worker, create_worker_server
+    from runtime.server import Worker, create_worker_server
 
     # The executor thread gives the GIL up while a computation runs; it must get it back within
     # tens of microseconds, not the default 5 ms, when another thread (a Dispatch batch) holds it.
@@ -299,7 +299,7 @@ def _cmd_up(args: argparse.Namespace) -> int:
                   f"{_auth.TOKEN_FILE_ENV})", flush=True)
         if args.proxy_port is not None:
             from runtime.cluster.clusters import publish_token
-            from runtime.proxy.cli import ProxyProcess
+            from runtime.cli.proxy import ProxyProcess
 
             proxy = ProxyProcess(cluster.address, f"{args.bind}:{args.proxy_port}",
                                  cluster.credentials)
@@ -522,7 +522,8 @@ def _version() -> str:
 
 
 #: Packages that add their own subcommands through `register(subparsers)`.
-_EXTENSIONS: list[str] = ["model.cli", "model.train_cli", "benchmarks.cli", "runtime.proxy.cli"]
+_EXTENSIONS: list[str] = ["model.cli", "model.train_cli", "benchmarks.cli",
+                          "runtime.cli.proxy"]
 
 
 def main(argv: list[str] | None = None) -> int:

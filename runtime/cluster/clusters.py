@@ -27,7 +27,9 @@ from runtime.controller.controller import Controller, create_controller_server
 from runtime.worker.distributed import free_port
 from proto.errors import DeadlineExceededError, FailedPreconditionError
 from proto.leases import DEFAULT_SESSION_LEASE_S
-from runtime.worker.worker import EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S, Worker, create_worker_server
+from runtime.worker.defaults import EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S
+from runtime.worker.servicer import create_worker_server
+from runtime.worker.worker import Worker
 
 #: How long a cluster waits for every host to register.
 STARTUP_TIMEOUT_S = 120.0

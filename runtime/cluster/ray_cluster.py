@@ -29,7 +29,7 @@ from proto.leases import DEFAULT_SESSION_LEASE_S
 from runtime.cluster.ray_connect import LOOPBACK, connect_ray
 from runtime.cluster.ray_connect import start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime.cluster.ray_host import HostActor
-from runtime.worker.worker import EXECUTION_DEADLINE_S
+from runtime.worker.defaults import EXECUTION_DEADLINE_S
 
 log = logging.getLogger(__name__)
 

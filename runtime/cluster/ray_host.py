@@ -19,7 +19,9 @@ from proto import auth as _auth
 from runtime.worker.distributed import free_port, host_devices
 from proto.errors import FailedPreconditionError
 from runtime.worker.membership import register
-from runtime.worker.worker import EXECUTION_DEADLINE_S, Worker, create_worker_server
+from runtime.worker.defaults import EXECUTION_DEADLINE_S
+from runtime.worker.servicer import create_worker_server
+from runtime.worker.worker import Worker
 
 
 class HostActor:

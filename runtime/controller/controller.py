@@ -163,7 +163,7 @@ class Controller:
         if self._heartbeat:
             self._heartbeat.start()
         self.leases = SessionLeases(session_lease_s, self._expire_session)
-        _metrics_state.track(self)
+        _metrics_state.track(self, "controller")
 
     # -- sessions and hosts ----------------------------------------------------------------------
 

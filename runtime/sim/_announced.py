@@ -13,7 +13,7 @@ import collections
 
 from proto import pathways_pb2 as pb
 from proto.errors import FailedPreconditionError, PathwaysError
-from runtime.worker.worker import MAX_FAILED_EARLY
+from runtime.worker.defaults import MAX_FAILED_EARLY
 from runtime.sim._arrays import SimStore
 
 #: Arrivals kept for progress reports (a stream that falls further behind misses the oldest; the

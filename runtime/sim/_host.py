@@ -34,8 +34,9 @@ from proto import wire as _wire
 from proto.errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.worker.hang import diagnose
-from runtime.worker.worker import (ANNOUNCE_TIMEOUT_S, describe_activity, fresh_instructions,
-                             receive_order_free)
+from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
+from runtime.worker.intake import fresh_instructions, receive_order_free
+from runtime.worker.state import describe_activity
 from runtime.sim._announced import Announcements
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
 from runtime.sim._config import SimConfig

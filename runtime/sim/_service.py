@@ -21,7 +21,7 @@ from proto import wire as _wire
 from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
                              PathwaysError, PermissionDeniedError, UnauthenticatedError)
 from proto.ports import SERVER_OPTIONS, bind_failed
-from runtime.worker.worker import HOST_METHODS
+from runtime.worker.servicer import HOST_METHODS
 from runtime.sim._host import MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S, SimHost
 
 _SERVICE = "pathways.Worker"

@@ -51,14 +51,14 @@ class HangWatchdog:
         while not self._stop.wait(WATCH_INTERVAL_S):
             if worker.hang:
                 return
-            state = worker.current
+            state = worker.state.activity
             if state[0] != "running" or time.monotonic() - state[4] < worker.execution_deadline_s:
                 continue
-            mesh_info = worker._slices.get(state[5])
-            if mesh_info is None or all(d.host == worker.host for d in mesh_info[1].devices):
+            info = worker.slice_info(state[5])
+            if info is None or all(d.host == worker.host for d in info.devices):
                 continue  # one host: nobody else to wait for
-            report = diagnose(worker, state, mesh_info[1])
-            if worker.current is not state:
+            report = diagnose(worker, state, info)
+            if worker.state.activity is not state:
                 continue  # it finished while we asked around
             if report:
                 worker.declare_hang(report)

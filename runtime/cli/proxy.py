@@ -51,7 +51,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     devices = args.analysis_devices or _largest_island(args.controller, credentials)
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", devices)
-    from runtime.proxy._server import start_proxy
+    from runtime.proxy import start_proxy
 
     running = start_proxy(args.controller, f"{args.bind}:{args.port}", credentials=credentials)
     _quiet_collector()
