@@ -5,7 +5,8 @@ pieces a server author composes: the controller and worker objects, the gRPC ser
 them, and the one-process helpers that wait for hosts or register them.
 """
 
-from runtime.controller.controller import Controller, create_controller_server
+from runtime.controller.controller import Controller
+from runtime.controller.servicer import create_controller_server
 from runtime.worker.servicer import create_worker_server
 from runtime.worker.worker import Worker
 

@@ -16,7 +16,8 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import auth as _auth
 from proto import wire as _wire
-from runtime.controller.controller import Controller, ControllerServicer
+from runtime.controller.controller import Controller
+from runtime.controller.servicer import ControllerServicer
 from proto.errors import FailedPreconditionError
 
 

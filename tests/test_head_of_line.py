@@ -192,7 +192,7 @@ def test_a_deadline_orders_a_copy_and_its_reader_across_islands():
     """At a request's deadline its islands are forced together: the send ordered on one island
     makes the copy's reader on the other orderable, so neither fails. (Forced one island at a
     time, the reader, tried first, would fail for want of a send not yet forced.)"""
-    from runtime.controller.planner import Ordering
+    from runtime.controller.ordering import Ordering
     from scheduler import Readiness
     from test_multitenant import FakeLink, calls
 

@@ -49,7 +49,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtime.proxy": {"proto", "runtime.client"},
     "runtime.cluster": {"proto", "runtime.client", "runtime.controller", "runtime.worker",
                         "runtime.server"},
-    "runtime.sim": {"proto", "runtime.worker", "runtime.controller", "runtime.cluster"},
+    "runtime.sim": {"proto", "runtime.worker", "runtime.server", "runtime.cluster"},
     "runtime": {"proto", "runtime.client", "runtime.cluster", "runtime.metrics"},
     "model": {"proto", "runtime"},
     "runtime.cli": {"proto", "runtime", "runtime.client", "runtime.controller", "runtime.worker",

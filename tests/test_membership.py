@@ -7,7 +7,7 @@ import time
 import jax
 
 from proto import auth as _auth
-from runtime.controller.controller import Controller, create_controller_server
+from runtime.server import Controller, create_controller_server
 from runtime.worker.membership import Membership
 from runtime.server import Worker, create_worker_server
 

@@ -14,7 +14,7 @@ import pytest
 import runtime
 from proto import auth as _auth
 from runtime.cluster.clusters import publish_token, withdraw_token
-from runtime.controller.controller import Controller, create_controller_server
+from runtime.server import Controller, create_controller_server
 from proto.ports import PortInUseError, ensure_port_free
 
 CLI = [sys.executable, "-m", "runtime.cli"]

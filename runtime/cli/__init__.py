@@ -201,7 +201,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 def _cmd_controller(args: argparse.Namespace) -> int:
     from runtime.cluster.clusters import die_with_parent
-    from runtime.controller.controller import Controller, create_controller_server
+    from runtime.server import Controller, create_controller_server
 
     if not die_with_parent():  # started by a cluster (runtime.sim) that is gone already
         return 1

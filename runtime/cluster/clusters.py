@@ -23,7 +23,7 @@ from proto import pathways_pb2 as pb
 from proto import auth as _auth
 from runtime.worker import membership as _membership
 from runtime.client.client import Client
-from runtime.controller.controller import Controller, create_controller_server
+from runtime.server import Controller, create_controller_server
 from runtime.worker.distributed import free_port
 from proto.errors import DeadlineExceededError, FailedPreconditionError
 from proto.leases import DEFAULT_SESSION_LEASE_S

@@ -23,7 +23,7 @@ from typing import Any
 
 from proto import auth as _auth
 from runtime.cluster.clusters import STARTUP_TIMEOUT_S, publish_token, wait_for_hosts, withdraw_token
-from runtime.controller.controller import Controller, create_controller_server
+from runtime.server import Controller, create_controller_server
 from proto.errors import DeadlineExceededError, FailedPreconditionError
 from proto.leases import DEFAULT_SESSION_LEASE_S
 from runtime.cluster.ray_connect import LOOPBACK, connect_ray

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -28,15 +27,11 @@ from proto import wire as _wire
 from proto.errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundError,
                              PathwaysError, ResourceExhaustedError)
 from runtime.controller.placement import Placement, Placer
-
-from scheduler.gang import force_all
+from runtime.controller.ordering import INSTRUCTIONS_PER_PIECE, Emitter, command_result
 
 if TYPE_CHECKING:
-    from runtime.controller.controller import Controller, _Executable, _Session
-    from scheduler import OrderTicket
-
-#: Queues a session's instructions on an island: order(island, ops) -> OrderTicket.
-Order = Callable[[int, list[pb.Instruction]], "OrderTicket"]
+    from runtime.controller.catalog import CatalogView
+    from runtime.controller.sessions import Session
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,91 +81,16 @@ def check_matches(what: str, got: _Value | pb.ArraySpec, want: pb.ValueSpec) -> 
                                    f", got {describe(got.dtype, got.shape, got.sharding)}")
 
 
-#: Instructions planned per hold of the controller's lock (a long request is planned in pieces).
-INSTRUCTIONS_PER_PIECE = 1024
-#: Longest error message of one rejected command (a reply of thousands of them must fit).
-RESULT_MESSAGE_CHARS = 512
 #: Most array ids in one delete instruction (a session's end may delete a million arrays).
 IDS_PER_DELETE = 1 << 16
-
-
-def command_result(error: PathwaysError) -> pb.CommandResult:
-    """A rejected command's result, its message cut to RESULT_MESSAGE_CHARS."""
-    message = str(error)
-    if len(message) > RESULT_MESSAGE_CHARS:
-        message = message[:RESULT_MESSAGE_CHARS - 3] + "..."
-    return pb.CommandResult(error=type(error).__name__, message=message,
-                            code=error.code.value[0])
-
-
-class _Emitter:
-    """Instructions of one request, per island in order; queued together at the end."""
-
-    def __init__(self) -> None:
-        self.ops: dict[int, list[pb.Instruction]] = {}
-        self.count = 0
-        self.owner: int | None = None  # the command being planned (None: not one to blame)
-        self.owners: dict[tuple[int, int], int] = {}  # handle -> command that emitted it
-
-    def add(self, island: int, instruction: pb.Instruction) -> tuple[int, int]:
-        ops = self.ops.setdefault(island, [])
-        ops.append(instruction)
-        self.count += 1
-        handle = island, len(ops) - 1
-        if self.owner is not None:
-            self.owners[handle] = self.owner
-        return handle
-
-    def submit(self, order: Order) -> Ordering:
-        tickets: dict[int, OrderTicket | PathwaysError] = {}
-        for island, ops in self.ops.items():
-            try:
-                tickets[island] = order(island, ops)
-            except PathwaysError as exc:  # the island failed: the commands on it fail
-                tickets[island] = exc
-        return Ordering(tickets)
-
-
-class Ordering:
-    """The places of one request's instructions in their islands' orders, once given."""
-
-    def __init__(self, tickets: dict[int, OrderTicket | PathwaysError]) -> None:
-        self._tickets = tickets
-
-    def wait(self, timeout: float | None) -> tuple[dict[tuple[int, int], int],
-                                                   dict[int, PathwaysError],
-                                                   dict[tuple[int, int], PathwaysError]]:
-        """(sequence number per emitted handle, error per island whose instructions failed,
-        error per handle that got no place: its inputs never came). `timeout` bounds the whole
-        wait, over every island."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        tickets = [t for t in self._tickets.values() if not isinstance(t, PathwaysError)]
-        for ticket in tickets:
-            if not ticket.done.wait(None if deadline is None
-                                    else max(0.0, deadline - time.monotonic())):
-                force_all(tickets)  # the client's deadline is near: all islands at once
-                break
-        sequence, errors, failed = {}, {}, {}
-        for island, ticket in self._tickets.items():
-            try:
-                if isinstance(ticket, PathwaysError):
-                    raise ticket
-                for i, seq in enumerate(ticket.result()):
-                    if i in ticket.failed:
-                        failed[(island, i)] = ticket.failed[i]
-                    else:
-                        sequence[(island, i)] = seq
-            except PathwaysError as exc:
-                errors[island] = exc
-        return sequence, errors, failed
 
 
 class Planner:
     """Arrays and programs of all sessions; called with the controller's lock held."""
 
-    def __init__(self, controller: Controller) -> None:
-        self.controller = controller
-        self.limits = controller.limits
+    def __init__(self, catalog: CatalogView) -> None:
+        self.catalog = catalog
+        self.limits = catalog.limits
         self.arrays: dict[int, ArrayRecord] = {}
         self._by_slice: dict[int, set[int]] = {}  # slice id -> its live arrays
         self.programs: dict[int, _Program] = {}
@@ -179,26 +99,26 @@ class Planner:
 
     # -- arrays -----------------------------------------------------------------------------------
 
-    def array(self, session: _Session, array_id: int, what: str) -> ArrayRecord:
+    def array(self, session: Session, array_id: int, what: str) -> ArrayRecord:
         record = self.arrays.get(array_id)
         if record is None or record.session_id != session.session_id:
             raise ArrayNotFoundError(f"array {array_id} ({what}) is unknown or was deleted")
         return record
 
-    def check_new_id(self, session: _Session, array_id: int) -> None:
+    def check_new_id(self, session: Session, array_id: int) -> None:
         if not session.owns_id(array_id):
             raise InvalidArgumentError(f"array id {array_id} is outside this session's id range")
         if array_id in self.arrays:
             raise InvalidArgumentError(f"array id {array_id} is already in use")
 
-    def add(self, session: _Session, spec: pb.ArraySpec, island: int, nbytes: int) -> None:
+    def add(self, session: Session, spec: pb.ArraySpec, island: int, nbytes: int) -> None:
         """Records a new array of `nbytes` device bytes (check_room first)."""
         self.arrays[spec.array_id] = ArrayRecord(spec, island, session.session_id, nbytes)
         self._by_slice.setdefault(spec.sharding.slice_id, set()).add(spec.array_id)
         session.arrays.add(spec.array_id)
         session.nbytes += nbytes
 
-    def forget(self, session: _Session, array_id: int) -> ArrayRecord | None:
+    def forget(self, session: Session, array_id: int) -> ArrayRecord | None:
         session.arrays.discard(array_id)
         record = self.arrays.pop(array_id, None)
         if record is not None:
@@ -216,7 +136,7 @@ class Planner:
 
     # -- what a session may hold ------------------------------------------------------------------
 
-    def check_room(self, session: _Session, adding: int, nbytes: int,
+    def check_room(self, session: Session, adding: int, nbytes: int,
                    freed: Sequence[int] = ()) -> None:
         """ResourceExhaustedError if `adding` more arrays would take the session past its array
         limit, or adding `nbytes` device bytes and dropping the arrays `freed` past its quota.
@@ -225,7 +145,7 @@ class Planner:
             raise ResourceExhaustedError(
                 f"session {session.session_id} would hold {len(session.arrays) + adding} arrays, "
                 f"over its limit of {self.limits.arrays_per_session}; delete arrays first")
-        quota = self.controller.session_quota_bytes
+        quota = self.catalog.session_quota_bytes
         if quota is None:
             return
         adding = nbytes
@@ -248,7 +168,7 @@ class Planner:
         return [placer.place(spec.dtype, spec.shape, spec.sharding, f"array {spec.array_id}")
                 for spec in specs]
 
-    def register_arrays(self, session: _Session, specs: Sequence[pb.ArraySpec],
+    def register_arrays(self, session: Session, specs: Sequence[pb.ArraySpec],
                         placements: Sequence[Placement]) -> Callable[[float | None], list[int]]:
         """Declares arrays a client will stream to their hosts, placed by `place_arrays`; returns
         a function that waits (up to a timeout) for each one's sequence number, raising the
@@ -258,18 +178,18 @@ class Planner:
             if placement.slice_id not in session.slices:  # released since it was placed
                 raise NotFoundError(f"slice {placement.slice_id} is unknown or was released")
         for island in {p.island for p in placements}:
-            self.controller._check_island(island)
+            self.catalog.check_island(island)
         self.check_room(session, len(specs), sum(p.total_bytes for p in placements))
-        emit = _Emitter()
+        emit = Emitter()
         handles = []
-        readiness = self.controller.readiness
+        readiness = self.catalog.readiness
         for spec, placement in zip(specs, placements):
             self.add(session, spec, placement.island, placement.total_bytes)
             # Until its hosts have it, what reads it waits in the session's queue.
             readiness.expect_put(spec.array_id, placement.island, placement.hosts)
             handles.append(emit.add(placement.island, pb.Instruction(
                 expect=pb.ExpectArrayInstruction(spec=spec))))
-        ordering = emit.submit(self.controller._orderer(session))
+        ordering = emit.submit(self.catalog.orderer(session))
 
         def sequences(timeout: float | None) -> list[int]:
             sequence, errors, _ = ordering.wait(timeout)  # declarations wait for nothing
@@ -279,40 +199,40 @@ class Planner:
 
         return sequences
 
-    def delete(self, session: _Session, array_ids: Sequence[int], *, strict: bool) -> None:
+    def delete(self, session: Session, array_ids: Sequence[int], *, strict: bool) -> None:
         """Drops arrays after the work already ordered; unknown ids fail only when `strict`."""
         if strict:
             for array_id in array_ids:
                 self.array(session, array_id, "to delete")
-        emit = _Emitter()
+        emit = Emitter()
         self._delete(session, array_ids, emit)
-        emit.submit(self.controller._orderer(session))
+        emit.submit(self.catalog.orderer(session))
 
-    def _delete(self, session: _Session, array_ids: Sequence[int], emit: _Emitter) -> None:
+    def _delete(self, session: Session, array_ids: Sequence[int], emit: Emitter) -> None:
         by_island: dict[int, list[int]] = {}
         for array_id in array_ids:
             if array_id in session.arrays:
                 record = self.forget(session, array_id)
                 by_island.setdefault(record.island, []).append(array_id)
         for island, ids in by_island.items():
-            if not self.controller.resources.lost_host(island):
+            if not self.catalog.resources.lost_host(island):
                 for first in range(0, len(ids), IDS_PER_DELETE):
                     emit.add(island, pb.Instruction(delete=pb.DeleteInstruction(
                         array_ids=ids[first:first + IDS_PER_DELETE])))
 
-    def _check_placement(self, session: _Session, dtype: str, shape: Sequence[int],
+    def _check_placement(self, session: Session, dtype: str, shape: Sequence[int],
                          sharding: pb.Sharding, what: str = "value",
                          placer: Placer | None = None) -> Placement:
         """Validates a value's dtype, shape and sharding on an owned slice, and that it fits its
         devices; returns its placement."""
-        placer = placer or Placer(self.controller.resources, session.session_id)
+        placer = placer or Placer(self.catalog.resources, session.session_id)
         placement = placer.place(dtype, shape, sharding, what)
-        self.controller._check_island(placement.island)
+        self.catalog.check_island(placement.island)
         return placement
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def execute(self, session: _Session, commands: Sequence[pb.Command], start: int = 0,
+    def execute(self, session: Session, commands: Sequence[pb.Command], start: int = 0,
                 emitted: int = 0) -> tuple[Callable[[float | None], list[pb.CommandResult]], int,
                                            int]:
         """Checks commands from `start` on and queues the accepted ones for ordering, stopping
@@ -323,7 +243,7 @@ class Planner:
         Returns (a function that waits, up to a timeout, until the planned commands are ordered
         and gives one result per command; the index to go on from; instructions emitted so far).
         """
-        emit = _Emitter()
+        emit = Emitter()
         outcomes: list[list[tuple[int, int]] | PathwaysError] = []
         n = start
         while n < len(commands) and emit.count < INSTRUCTIONS_PER_PIECE:
@@ -350,7 +270,7 @@ class Planner:
             except PathwaysError as exc:
                 outcomes.append(exc)
             n += 1
-        ordering = emit.submit(self.controller._orderer(session))
+        ordering = emit.submit(self.catalog.orderer(session))
 
         def results(timeout: float | None) -> list[pb.CommandResult]:
             sequence, errors, failed = ordering.wait(timeout)
@@ -367,12 +287,12 @@ class Planner:
 
         return results, n, emitted + emit.count
 
-    def _call(self, session: _Session, call: pb.Call, emit: _Emitter) -> list[tuple[int, int]]:
-        exe = self.controller._executable(session, call.executable_id)
+    def _call(self, session: Session, call: pb.Call, emit: Emitter) -> list[tuple[int, int]]:
+        exe = self.catalog.executable(session, call.executable_id)
         # The island first: a call on a failed island reports the failure, even when its inputs
         # came from calls the failure already rejected.
-        island = self.controller.resources.get_slice(exe.slice_id).island
-        self.controller._check_island(island)
+        island = self.catalog.resources.get_slice(exe.slice_id).island
+        self.catalog.check_island(island)
         if len(call.inputs) != len(exe.inputs) or len(call.outputs) != len(exe.outputs):
             raise InvalidArgumentError(
                 f"{exe.name} takes {len(exe.inputs)} inputs and gives {len(exe.outputs)} outputs; "
@@ -396,36 +316,36 @@ class Planner:
             executable_id=exe.executable_id, inputs=call.inputs, outputs=call.outputs)))
         return [handle] * len(call.outputs)
 
-    def _check_new_ids(self, session: _Session, ids: Sequence[int]) -> None:
+    def _check_new_ids(self, session: Session, ids: Sequence[int]) -> None:
         for array_id in ids:
             self.check_new_id(session, array_id)
         if len(set(ids)) != len(ids):
             raise InvalidArgumentError("an output id is used twice")
 
-    def _emit_transfer(self, emit: _Emitter, source_id: int, source_island: int,
+    def _emit_transfer(self, emit: Emitter, source_id: int, source_island: int,
                        source_slice: int, destination: pb.ArraySpec, island: int
                        ) -> tuple[int, int]:
         """Expect on the destination island, Send on the source's; returns the Expect's handle."""
-        info = self.controller._slice_info(
-            self.controller.resources.get_slice(destination.sharding.slice_id))
+        info = self.catalog.slice_info(
+            self.catalog.resources.get_slice(destination.sharding.slice_id))
         handle = emit.add(island, pb.Instruction(expect=pb.ExpectArrayInstruction(spec=destination)))
         # What reads the copy waits in its session's queue until the send is ordered.
-        self.controller.readiness.expect_send(destination.array_id, island)
+        self.catalog.readiness.expect_send(destination.array_id, island)
         if island != source_island:
-            self.controller.note_transfer(source_island, island, destination)
+            self.catalog.note_transfer(source_island, island, destination)
         emit.add(source_island, pb.Instruction(send=pb.SendInstruction(
             array_id=source_id, destination=destination, destination_slice=info,
             source_slice_id=source_slice)))
         return handle
 
-    def _transfer(self, session: _Session, t: pb.TransferCommand, emit: _Emitter
+    def _transfer(self, session: Session, t: pb.TransferCommand, emit: Emitter
                   ) -> list[tuple[int, int]]:
         source = self.array(session, t.source, "transfer source")
         self.check_new_id(session, t.destination)
         placement = self._check_placement(session, source.spec.dtype, source.spec.shape,
                                           t.sharding, f"copy {t.destination} of {t.source}")
         island = placement.island
-        self.controller._check_island(source.island)
+        self.catalog.check_island(source.island)
         self.check_room(session, 1, placement.total_bytes)
         destination = pb.ArraySpec(array_id=t.destination, dtype=source.spec.dtype,
                                    shape=source.spec.shape, sharding=t.sharding)
@@ -435,11 +355,11 @@ class Planner:
 
     # -- programs ---------------------------------------------------------------------------------
 
-    def plan_program(self, session: _Session, request: pb.RegisterProgramRequest) -> _Program:
+    def plan_program(self, session: Session, request: pb.RegisterProgramRequest) -> _Program:
         """Checks a traced dataflow graph once, so that each run is only ids. Reads only records
         that do not change (slices, executables), so callers run it outside the controller's
         lock; `add_program` registers the result. Linear in the graph's size."""
-        placer = Placer(self.controller.resources, session.session_id)
+        placer = Placer(self.catalog.resources, session.session_id)
         values: list[_Value] = []
         for i, spec in enumerate(request.inputs):
             placement = self._check_placement(session, spec.dtype, spec.shape, spec.sharding,
@@ -460,7 +380,7 @@ class Planner:
         for n, node in enumerate(request.nodes):
             kind = node.WhichOneof("op")
             if kind == "call":
-                exe = self.controller._executable(session, node.call.executable_id)
+                exe = self.catalog.executable(session, node.call.executable_id)
                 if len(node.call.inputs) != len(exe.inputs):
                     raise InvalidArgumentError(f"program node {n}: {exe.name} takes "
                                                f"{len(exe.inputs)} inputs")
@@ -468,7 +388,7 @@ class Planner:
                     check_matches(f"program node {n} input {i}", use(v, n), want)
                 for i in exe.donated:
                     consumed[node.call.inputs[i]] = n
-                island = self.controller.resources.get_slice(exe.slice_id).island
+                island = self.catalog.resources.get_slice(exe.slice_id).island
                 values.extend(_Value(o.dtype, tuple(o.shape), o.sharding, island, nbytes)
                               for o, nbytes in zip(exe.outputs, exe.output_bytes))
             elif kind == "transfer":
@@ -490,7 +410,7 @@ class Planner:
                         tuple(request.nodes), outputs,
                         frozenset(v for v in consumed if v < num_inputs))
 
-    def add_program(self, session: _Session, program: _Program) -> int:
+    def add_program(self, session: Session, program: _Program) -> int:
         """Registers a planned program (under the controller's lock); returns its id."""
         if len(session.programs) >= self.limits.programs_per_session:
             raise ResourceExhaustedError(f"session {session.session_id} holds "
@@ -500,7 +420,7 @@ class Planner:
         session.programs.add(program.program_id)
         return program.program_id
 
-    def _run(self, session: _Session, run: pb.RunProgramCommand, emit: _Emitter
+    def _run(self, session: Session, run: pb.RunProgramCommand, emit: Emitter
              ) -> list[tuple[int, int]]:
         program = self.programs.get(run.program_id)
         if program is None or program.session_id != session.session_id:
@@ -518,7 +438,7 @@ class Planner:
             raise InvalidArgumentError(f"program {program.name} donates an input passed twice")
         self._check_new_ids(session, run.outputs)
         for island in {v.island for v in program.values}:
-            self.controller._check_island(island)
+            self.catalog.check_island(island)
         outputs = [program.values[v] for v in program.outputs]
         self.check_room(session, len(outputs) - len(program.donated_inputs),
                         sum(v.nbytes for v in outputs),
@@ -539,7 +459,7 @@ class Planner:
         for node in program.nodes:
             first = len(ids)
             if node.WhichOneof("op") == "call":
-                exe = self.controller._executable(session, node.call.executable_id)
+                exe = self.catalog.executable(session, node.call.executable_id)
                 outs = [fresh(first + i) for i in range(len(exe.outputs))]
                 handle = emit.add(program.values[first].island, pb.Instruction(
                     execute=pb.ExecuteInstruction(executable_id=exe.executable_id,
@@ -566,7 +486,7 @@ class Planner:
                                            sharding=value.sharding), value.island, value.nbytes)
         return [made[v] for v in program.outputs]
 
-    def drop_session(self, session: _Session) -> None:
+    def drop_session(self, session: Session) -> None:
         """Forgets a closing session's programs and deletes its arrays."""
         self.delete(session, sorted(session.arrays), strict=False)
         for program_id in session.programs:

@@ -20,7 +20,7 @@ from typing import IO
 from proto import auth as _auth
 from runtime.cluster.clusters import (PARENT_PID_ENV, STARTUP_TIMEOUT_S, kill_process_group,
                               publish_token, wait_for_hosts, withdraw_token)
-from runtime.controller.controller import Controller, create_controller_server
+from runtime.server import Controller, create_controller_server
 from proto.errors import DeadlineExceededError, FailedPreconditionError
 from proto.leases import DEFAULT_SESSION_LEASE_S
 from runtime.sim._config import DEFAULT_FLOPS_PER_S
