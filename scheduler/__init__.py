@@ -2,7 +2,8 @@
 
 Runs in the controller process. Imports only the floor (proto/), never runtime/."""
 
-from scheduler.gang import GangScheduler, OrderTicket
+from scheduler.gang import GangScheduler
+from scheduler.tickets import OrderTicket
 from scheduler.policy import (POLICIES, FifoPolicy, ProportionalSharePolicy, SchedulingPolicy,
                               Tenant, check_weight, make_policy)
 from scheduler.readiness import Readiness

@@ -24,7 +24,6 @@ deadline, or within `input_wait_s`.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import logging
 import threading
@@ -37,105 +36,18 @@ from proto import pathways_pb2 as pb
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
                              PathwaysError, ResourceExhaustedError)
 from proto.wire import GRPC_OPTIONS
+from scheduler.defaults import (DEFAULT_COST_S, INPUT_WAIT_S, MAX_OUTSTANDING, MAX_UNMEASURED,
+                                MIN_COST_S, MIN_OUTSTANDING, REFILL_BELOW, STALL_S, WINDOW_S)
 from scheduler.delivery import HostLink
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
+from scheduler.progress import Progress
 from scheduler.readiness import Readiness
+from scheduler.tickets import OrderTicket, Queued, instruction_inputs
 
 log = logging.getLogger(__name__)
 
-#: Estimated device seconds of work kept ordered ahead of the slowest host, and the fraction of it
-#: below which the window is refilled (refilling in batches keeps Dispatch RPCs, which cost the
-#: hosts' executors time, to a few per window rather than one per execution).
-WINDOW_S = 0.05
-REFILL_BELOW = 0.5
-#: Most executions ordered ahead of the slowest host, whatever their estimates; and the fewest,
-#: whatever their estimates: the next execution is on the hosts before the running one ends (with
-#: one, a long step's next computation would wait a round trip through the controller).
-MAX_OUTSTANDING = 4096
-MIN_OUTSTANDING = 2
-#: Estimate for an executable not measured yet, and the least any execution is counted as.
-DEFAULT_COST_S = 1e-3
-MIN_COST_S = 1e-5
-#: Weight of a new measurement in an executable's running cost estimate.
-COST_SMOOTHING = 0.2
-#: When the island has made no progress for this long (or 4x the oldest pending estimate), one
-#: more execution is ordered past the window: work blocked on another island's transfer must not
-#: hold up the transfers it waits for.
-STALL_S = 0.5
-#: Measurements kept for executions whose hosts have not reported yet.
-MAX_UNMEASURED = 16384
-#: How long an instruction may wait at the head of its client's queue for inputs that do not exist
-#: yet, when its request has no earlier deadline (proto.limits.Limits.input_wait_s).
-INPUT_WAIT_S = 120.0
 
-
-@dataclasses.dataclass(eq=False)
-class _Queued:
-    """An instruction waiting in a tenant's queue."""
-
-    op: pb.Instruction
-    ticket: OrderTicket
-    index: int  # position in its ticket
-    arrival: int  # global arrival stamp (FIFO)
-    executes: bool  # device work; other instructions only need a place in the order
-    inputs: tuple[int, ...] = ()  # arrays it reads (it waits until they exist or will)
-    queued_at: float = 0.0  # time.monotonic() of its arrival
-
-
-def _inputs(op: pb.Instruction) -> tuple[int, ...]:
-    kind = op.WhichOneof("op")
-    if kind == "execute":
-        return tuple(op.execute.inputs)
-    if kind == "send":
-        return (op.send.array_id,)
-    return ()
-
-
-class OrderTicket:
-    """The places in the island's order of one batch of a session's instructions."""
-
-    __slots__ = ("scheduler", "tenant", "sequences", "remaining", "error", "failed", "done")
-
-    def __init__(self, scheduler: GangScheduler, tenant: Tenant, count: int) -> None:
-        self.scheduler, self.tenant = scheduler, tenant
-        self.sequences = [0] * count
-        self.remaining = count
-        self.error: PathwaysError | None = None  # the island's failure: the whole batch failed
-        self.failed: dict[int, PathwaysError] = {}  # instructions that never got a place
-        self.done = threading.Event()
-        if not count:
-            self.done.set()
-
-    def wait(self, timeout: float | None = None) -> list[int]:
-        """The sequence numbers, once every instruction is ordered (0 for those in `failed`:
-        their inputs never came). Past `timeout` s the rest of the batch is ordered at once, ahead
-        of its turn: a client's deadline outranks the policy (but an instruction whose inputs do
-        not exist yet fails instead). Raises the island's failure (HostLostError,
-        DeadlineExceededError for a hang)."""
-        if not self.done.wait(timeout):
-            self.scheduler._force(self)
-        return self.result()
-
-    def result(self) -> list[int]:
-        """The sequence numbers of a ticket that is done (see wait)."""
-        if self.error is not None:
-            raise self.error
-        return self.sequences
-
-
-def force_all(tickets: Sequence[OrderTicket]) -> None:
-    """Orders the rest of several tickets' batches at once (a request's, on several islands):
-    first whatever can be ordered, island after island, as long as that frees more (a copy's send
-    ordered on one island lets what reads the copy on another be ordered), then what still waits
-    for inputs fails."""
-    late = [t for t in tickets if not t.done.is_set()]
-    while any([t.scheduler._force(t, fail_blocked=False) for t in late]):
-        pass
-    for ticket in late:
-        ticket.scheduler._force(ticket)
-
-
-class GangScheduler:
+class GangScheduler(Progress):
     """The total order of one island and the client queues in front of it. Thread-safe; neither
     `submit` nor `enqueue` waits for the hosts."""
 
@@ -245,8 +157,8 @@ class GangScheduler:
                 executes = op.HasField("execute")
                 if executes:
                     op.execute.session_id = session_id
-                tenant.queue.append(_Queued(op, ticket, i, next(self._arrivals), executes,
-                                            _inputs(op), now))
+                tenant.queue.append(Queued(op, ticket, i, next(self._arrivals), executes,
+                                            instruction_inputs(op), now))
             if idle:
                 self.policy.activate(tenant, [t for t in self._tenants.values()
                                               if t.queue and t is not tenant], time.monotonic())
@@ -261,7 +173,7 @@ class GangScheduler:
             tenant = self._tenants.get(session_id)
             if tenant is not None:
                 tenant.closing = True
-                kept: collections.deque[_Queued] = collections.deque()
+                kept: collections.deque[Queued] = collections.deque()
                 for item in tenant.queue:
                     missing = self._blocking(item)
                     if missing is None:
@@ -296,7 +208,7 @@ class GangScheduler:
                 link.queue.extend(ops)
         self.cond.notify_all()
 
-    def _blocking(self, item: _Queued) -> int | None:
+    def _blocking(self, item: Queued) -> int | None:
         """An input of `item` that does not exist yet and nothing ordered produces, or None."""
         return self.readiness.blocking(item.inputs) if item.inputs else None
 
@@ -311,7 +223,7 @@ class GangScheduler:
             tenant.idle_since = time.monotonic()
 
     @staticmethod
-    def _drop(item: _Queued, error: PathwaysError) -> None:
+    def _drop(item: Queued, error: PathwaysError) -> None:
         """Tells a dropped instruction's request why it got no place."""
         ticket = item.ticket
         ticket.failed[item.index] = error
@@ -319,7 +231,7 @@ class GangScheduler:
         if not ticket.remaining:
             ticket.done.set()
 
-    def _input_error(self, item: _Queued, why: str) -> PathwaysError:
+    def _input_error(self, item: Queued, why: str) -> PathwaysError:
         array_id = self._blocking(item)
         what = (f"execution of executable {item.op.execute.executable_id}" if item.executes
                 else f"{item.op.WhichOneof('op')} of array {item.inputs[0]}")
@@ -445,53 +357,6 @@ class GangScheduler:
                     self._deliver(batch)
                     self._progress_at = time.monotonic()
 
-    # -- progress from the hosts ------------------------------------------------------------------
-
-    def note_progress(self, host: int, executed: int, received: int = 0,
-                      completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
-                      arrived: Sequence[int] = ()) -> None:
-        """Records how far a host has received and executed the order (from acks, progress
-        reports and pings), the measured durations of its executions, and the arrays whose data
-        reached it (or failed to)."""
-        if arrived:
-            self.readiness.arrived(self.island, host, arrived)
-        with self.cond:
-            link = self._links.get(host)
-            if link is None:
-                return
-            if received > link.acked:  # flush() waits on this
-                link.acked = received
-                self.cond.notify_all()
-            link.executed = max(link.executed, executed)
-            for done in completed:
-                self._measure(done.sequence, done.seconds)
-            if hang and self._failure is None:
-                self._fail(DeadlineExceededError(hang))
-            self._recompute_progress()
-            self._admit()
-
-    def _measure(self, sequence: int, seconds: float) -> None:
-        entry = self._unmeasured.pop(sequence, None)
-        if entry is None:
-            return  # another host of the island reported it first
-        tenant, executable_id, estimate = entry
-        tenant.device_seconds += seconds
-        self.policy.charge(tenant, seconds - estimate)
-        old = self._costs.get(executable_id)
-        self._costs[executable_id] = (seconds if old is None else
-                                      (1 - COST_SMOOTHING) * old + COST_SMOOTHING * seconds)
-
-    def _recompute_progress(self) -> None:
-        if not self._links:
-            return
-        executed = min(link.executed for link in self._links.values())
-        if executed > self._executed:
-            self._executed = executed
-            self._progress_at = time.monotonic()
-            while self._inflight and self._inflight[0][0] <= executed:
-                self._outstanding_s -= self._inflight.popleft()[1]
-            if not self._inflight:
-                self._outstanding_s = 0.0
 
     # -- failures ---------------------------------------------------------------------------------
 

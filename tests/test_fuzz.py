@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import wire as _wire
 
 #: Requests sent to each of the two servers.
@@ -180,8 +180,8 @@ def test_fuzz_controller_and_worker_keep_serving(cluster):
     # What a client of the cluster presents (the token, if the cluster has one; its session).
     metadata = attacker._call_metadata()
     credentials = cluster.credentials
-    with _auth.open_channel(cluster.address, credentials, metadata) as controller_channel, \
-            _auth.open_channel(worker_address, credentials, metadata) as worker_channel:
+    with _rpc.open_channel(cluster.address, credentials, metadata) as controller_channel, \
+            _rpc.open_channel(worker_address, credentials, metadata) as worker_channel:
         codes = _send(controller_channel, "Controller", Fuzzer(1, known), REQUESTS_PER_SERVER)
         codes += _send(worker_channel, "Worker", Fuzzer(2, known), REQUESTS_PER_SERVER)
         # Oversized: past the servers' message limit.

@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from proto import pathways_pb2 as pb
-from proto import auth as _auth
+from proto import rpc as _rpc
 from runtime.worker import dataplane as _dataplane
 from proto import wire as _wire
 
@@ -60,9 +60,9 @@ class Attack:
         self.sid = self.client.session_id
         self.victim = bystander
         self.worker = self.client._worker_stub(self.slice.info.host_addresses[0])
-        self.controller_channel = _auth.open_channel(cluster.address, cluster.credentials,
+        self.controller_channel = _rpc.open_channel(cluster.address, cluster.credentials,
                                                      self.client._call_metadata)
-        self.worker_channel = _auth.open_channel(self.slice.info.host_addresses[0],
+        self.worker_channel = _rpc.open_channel(self.slice.info.host_addresses[0],
                                                  cluster.credentials, self.client._call_metadata)
 
     def spec(self, **fields) -> pb.ArraySpec:

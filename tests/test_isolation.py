@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import wire as _wire
 
 
@@ -80,7 +80,7 @@ def test_acting_as_another_session_is_denied(cluster, victim):
             pb.Command(delete=pb.DeleteCommand(array_ids=[x.id]))]), timeout=10)
         assert [r.error for r in reply.results][0] in ("NotFoundError", "ArrayNotFoundError")
         # A raw channel without a session key is denied too.
-        with _auth.open_channel(cluster.address, getattr(cluster, "credentials", None)) as ch:
+        with _rpc.open_channel(cluster.address, getattr(cluster, "credentials", None)) as ch:
             assert _code(lambda: pb_grpc.ControllerStub(ch).DeleteArrays(
                 pb.DeleteArraysRequest(session_id=sid, array_ids=[x.id]), timeout=10)) \
                 == grpc.StatusCode.PERMISSION_DENIED

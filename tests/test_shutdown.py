@@ -1,5 +1,5 @@
 """SIGTERM always stops the runtime's processes: in order when they can, else after a grace period
-(runtime.cli._Signalled), and a second signal at once. And `pathways up` stops after a hostile
+(runtime.cli.common.Signalled), and a second signal at once. And `pathways up` stops after a hostile
 client tried to keep it busy."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def _stuck_after_signal(grace_s: float) -> subprocess.Popen:
     shutdown (a thread that never returns, a lock never released)."""
     code = textwrap.dedent(f"""
         import threading
-        from runtime import cli
-        stop = cli._Signalled(grace_s={grace_s})
+        from runtime.cli.common import Signalled
+        stop = Signalled(grace_s={grace_s})
         print("ready", flush=True)
         stop.wait()
         print("stopping", flush=True)

@@ -17,7 +17,7 @@ import pytest
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto import auth as _auth
+from proto import rpc as _rpc
 from proto.limits import DEFAULT
 
 IDLE_S = 1.0
@@ -187,7 +187,7 @@ def test_a_host_with_every_thread_busy_keeps_its_heartbeat_and_dispatch():
         assert worker.control_address and worker.control_address != worker.address
         host_credentials = cluster.controller.credentials  # the host token too
         stalls, calls = [], []
-        with _auth.open_channel(worker.address, host_credentials) as channel:
+        with _rpc.open_channel(worker.address, host_credentials) as channel:
             stub = pb_grpc.WorkerStub(channel)
             for spec in _declare(client, s, 70):
                 stalls.append(_Stall(spec))

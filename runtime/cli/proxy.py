@@ -21,7 +21,7 @@ READY_LINE = "proxy listening on "
 
 def register(sub) -> None:
     """Adds the `proxy` subcommand (runtime.cli's extension hook)."""
-    from runtime.cli import _add_auth_args
+    from runtime.cli.common import add_auth_args
 
     p = sub.add_parser("proxy", help="serve plain JAX (the IFRT proxy protocol) for a controller",
                        description="Serve the IFRT proxy protocol that JAX's 'proxy' backend "
@@ -35,7 +35,7 @@ def register(sub) -> None:
     p.add_argument("--analysis-devices", type=int, default=0,
                    help="local CPU devices to compile programs on for their shardings (0: as "
                         "many as the controller's largest island has)")
-    _add_auth_args(p)
+    add_auth_args(p)
     p.set_defaults(func=_cmd_proxy)
 
 
@@ -43,21 +43,21 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     import jax
 
     from runtime.cluster.clusters import die_with_parent
-    from runtime.cli import _credentials, _quiet_collector, _wait_for_signal
+    from runtime.cli.common import cli_credentials, quiet_collector, wait_for_signal
 
     if not die_with_parent():
         return 1
-    credentials = _credentials(args, args.controller)
+    credentials = cli_credentials(args, args.controller)
     devices = args.analysis_devices or _largest_island(args.controller, credentials)
     jax.config.update("jax_platforms", "cpu")
     jax.config.update("jax_num_cpu_devices", devices)
     from runtime.proxy import start_proxy
 
     running = start_proxy(args.controller, f"{args.bind}:{args.port}", credentials=credentials)
-    _quiet_collector()
+    quiet_collector()
     print(f"{READY_LINE}{running.address} (controller {args.controller}, {devices} analysis "
           f"devices)", flush=True)
-    _wait_for_signal()
+    wait_for_signal()
     running.stop()
     return 0
 

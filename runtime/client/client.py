@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import auth as _auth
+from proto import rpc as _rpc
 from runtime.client import avals as _avals
 from proto import wire as _wire
 from runtime.client.array import RemoteArray, fetch_arrays, put_arrays
@@ -120,7 +121,7 @@ class Client:
         self.address, self.timeout_s = address, timeout_s
         self.credentials = (credentials or _auth.Credentials.resolve(address=address)).for_clients()
         self._session_key = ""
-        self._channel = _auth.open_channel(address, self.credentials, self._call_metadata)
+        self._channel = _rpc.open_channel(address, self.credentials, self._call_metadata)
         self._stub = pb_grpc.ControllerStub(self._channel)
         if not _connect(self._channel, min(timeout_s, connect_timeout_s)):
             self._channel.close()
@@ -170,7 +171,7 @@ class Client:
         with self._id_lock:
             stub = self._workers.get(address)
             if stub is None:
-                channel = _auth.open_channel(address, self.credentials, self._call_metadata)
+                channel = _rpc.open_channel(address, self.credentials, self._call_metadata)
                 self._worker_channels.append(channel)
                 stub = self._workers[address] = pb_grpc.WorkerStub(channel)
             return stub

@@ -42,7 +42,8 @@ from runtime.controller.planner import Planner
 from runtime.controller.ordering import command_result
 from runtime.controller.sessions import Executable, Session
 from runtime.controller.status import StatusReport
-from scheduler.gang import GangScheduler, OrderTicket
+from scheduler.gang import GangScheduler
+from scheduler.tickets import OrderTicket
 from scheduler.policy import check_weight, make_policy
 from scheduler.readiness import Readiness
 from scheduler.resources import ResourceManager

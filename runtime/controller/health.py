@@ -12,7 +12,7 @@ import time
 
 import grpc
 
-from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto.errors import HostLostError, InvalidArgumentError
@@ -54,7 +54,7 @@ class Health:
                 scheduler = GangScheduler(
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
-                    open_channel=lambda address: _auth.open_channel(address, self.credentials),
+                    open_channel=lambda address: _rpc.open_channel(address, self.credentials),
                     readiness=self.readiness, input_wait_s=self.limits.input_wait_s)
                 self._schedulers[info.island] = scheduler
             # Dispatch, progress and heartbeat go to the host's control server: client traffic on
@@ -62,7 +62,7 @@ class Health:
             control = info.control_address or info.address
             scheduler.set_host(info.host, control)
             old = self._probes.pop((info.island, info.host), None)
-            channel = _auth.open_channel(control, self.credentials)
+            channel = _rpc.open_channel(control, self.credentials)
             self._probes[(info.island, info.host)] = (channel, pb_grpc.WorkerStub(channel))
         if old:
             old[0].close()
@@ -157,7 +157,7 @@ class Health:
             for address in hosts.get(island, ()):
                 chunk = pb.ArrayChunk(spec=spec, error=message)
                 try:
-                    with _auth.open_channel(address, self.credentials) as channel:
+                    with _rpc.open_channel(address, self.credentials) as channel:
                         pb_grpc.WorkerStub(channel).PutArray(iter([chunk]), timeout=5.0)
                 except grpc.RpcError:
                     pass  # that host is gone too; its own loss is reported separately

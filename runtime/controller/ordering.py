@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from proto import pathways_pb2 as pb
 from proto.errors import PathwaysError
-from scheduler.gang import force_all
+from scheduler.tickets import force_all
 
 if TYPE_CHECKING:
     from scheduler import OrderTicket

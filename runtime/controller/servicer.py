@@ -7,6 +7,7 @@ import hashlib
 import grpc
 
 from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
@@ -129,7 +130,7 @@ def create_controller_server(controller: Controller, address: str = "127.0.0.1:0
                           lambda: controller.controller_id, credentials.host_token,
                           per_session=limits.calls_per_session)
     controller.admission = admission
-    return _auth.start_server(
+    return _rpc.start_server(
         "controller", address, credentials, Chain(guard, admission),
         lambda server: pb_grpc.add_ControllerServicer_to_server(servicer, server),
         max_workers=max_workers)

@@ -20,6 +20,7 @@ import numpy as np
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import wire as _wire
 from proto.errors import PathwaysError
 from runtime.sim._arrays import SimArray, dataless_chunks
@@ -35,7 +36,7 @@ TRANSFER_TIMEOUT_S = 300.0
 
 def aio_channel(address: str, credentials: _auth.Credentials) -> grpc.aio.Channel:
     """An asyncio channel to a runtime server, with TLS when the credentials have it."""
-    options = _auth.channel_options(credentials)
+    options = _rpc.channel_options(credentials)
     if credentials.tls is not None:
         return grpc.aio.secure_channel(address, credentials.tls.channel_credentials(), options)
     return grpc.aio.insecure_channel(address, options=options)

@@ -17,6 +17,7 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import wire as _wire
 from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
                              PathwaysError, PermissionDeniedError, UnauthenticatedError)
@@ -205,7 +206,7 @@ async def start_sim_server(host: SimHost, address: str = "127.0.0.1:0",
     server = grpc.aio.server(options=[*_wire.GRPC_OPTIONS, *SERVER_OPTIONS])
     server.add_generic_rpc_handlers((_Handlers(host, credentials),))
     try:
-        port = _auth.add_port(server, address, credentials)
+        port = _rpc.add_port(server, address, credentials)
     except RuntimeError:  # grpcio raises for a failed bind (older releases return 0)
         port = 0
     if port == 0:

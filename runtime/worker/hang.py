@@ -22,7 +22,7 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto import auth as _auth
+from proto import rpc as _rpc
 
 if TYPE_CHECKING:
     from runtime.worker.worker import Worker
@@ -83,7 +83,7 @@ def diagnose(worker: Worker, state: tuple, info: pb.SliceInfo) -> str:
         where = f"{worker.island}.{host}"
         address = info.host_addresses[host] if host < len(info.host_addresses) else ""
         try:
-            with _auth.open_channel(address, worker.credentials) as channel:
+            with _rpc.open_channel(address, worker.credentials) as channel:
                 peer = pb_grpc.WorkerStub(channel).Ping(pb.PingRequest(),
                                                         timeout=PEER_TIMEOUT_S).host
         except grpc.RpcError as err:

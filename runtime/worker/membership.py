@@ -20,6 +20,7 @@ import grpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import auth as _auth
+from proto import rpc as _rpc
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ def register(address: str, info: pb.HostInfo, credentials: _auth.Credentials | N
     """Registers a host with the controller at `address`, retrying until `timeout` while no
     controller answers there. Other errors (a refused registration) raise at once."""
     deadline = time.monotonic() + timeout
-    with _auth.open_channel(address, credentials) as channel:
+    with _rpc.open_channel(address, credentials) as channel:
         stub = pb_grpc.ControllerStub(channel)
         while True:
             try:
@@ -55,7 +56,7 @@ def unregister(address: str, info: pb.HostInfo, credentials: _auth.Credentials |
                timeout: float = 1.0) -> None:
     """Tells the controller a host is leaving; best effort (the controller may be gone already)."""
     try:
-        with _auth.open_channel(address, credentials) as channel:
+        with _rpc.open_channel(address, credentials) as channel:
             pb_grpc.ControllerStub(channel).UnregisterHost(pb.UnregisterHostRequest(
                 island=info.island, host=info.host, address=info.address), timeout=timeout)
     except grpc.RpcError:

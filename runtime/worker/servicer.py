@@ -8,6 +8,7 @@ import time
 import grpc
 
 from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
@@ -132,12 +133,12 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
                           lambda: worker.controller_id, credentials.host_token,
                           per_session=worker.limits.streams_per_session)
     worker.admission = admission
-    server, port = _auth.start_server("worker", address, credentials,
+    server, port = _rpc.start_server("worker", address, credentials,
                                       Chain(guard(HOST_METHODS), admission), add,
                                       max_workers=max_workers)
     every = [m.name for m in pb.DESCRIPTOR.services_by_name["Worker"].methods]
     try:
-        control, control_port = _auth.start_server("worker control", f"{host}:0", credentials,
+        control, control_port = _rpc.start_server("worker control", f"{host}:0", credentials,
                                                    guard(every), add,
                                                    max_workers=CONTROL_THREADS)
     except BaseException:

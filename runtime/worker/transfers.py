@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from proto import auth as _auth
+from proto import rpc as _rpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import wire as _wire
@@ -166,7 +166,7 @@ class Transfers:
     def _put_shared(self, address: str, dest: pb.ArraySpec, shards: list) -> bool:
         """Sends shards to a host on this machine through shared-memory files; False when that
         path is not open (another machine, or no room: the caller streams them instead)."""
-        if not (_auth.is_loopback(address) and _wire.shared_memory_available()):
+        if not (_rpc.is_loopback(address) and _wire.shared_memory_available()):
             return False
         try:
             with _wire.shared_chunks(dest, shards) as chunks:
@@ -180,7 +180,7 @@ class Transfers:
         with self._lock:
             stub = self._peers.get(address)
             if stub is None:
-                channel = _auth.open_channel(address, self._worker.credentials)
+                channel = _rpc.open_channel(address, self._worker.credentials)
                 stub = self._peers[address] = pb_grpc.WorkerStub(channel)
             return stub
 
