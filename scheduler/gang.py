@@ -35,6 +35,7 @@ import grpc
 from proto import pathways_pb2 as pb
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
                              PathwaysError, ResourceExhaustedError)
+from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from scheduler.defaults import (DEFAULT_COST_S, INPUT_WAIT_S, MAX_OUTSTANDING, MAX_UNMEASURED,
                                 MIN_COST_S, MIN_OUTSTANDING, REFILL_BELOW, STALL_S, WINDOW_S)
@@ -42,7 +43,7 @@ from scheduler.delivery import HostLink
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
 from scheduler.progress import Progress
 from scheduler.readiness import Readiness
-from scheduler.tickets import OrderTicket, Queued, instruction_inputs
+from scheduler.tickets import OrderTicket, Queued
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,11 @@ class GangScheduler(Progress):
             idle = not tenant.queue
             now = time.monotonic()
             for i, op in enumerate(ops):
-                executes = op.HasField("execute")
-                if executes:
+                kind = kind_of(op)
+                if kind.executes:
                     op.execute.session_id = session_id
-                tenant.queue.append(Queued(op, ticket, i, next(self._arrivals), executes,
-                                            instruction_inputs(op), now))
+                tenant.queue.append(Queued(op, ticket, i, next(self._arrivals), kind.executes,
+                                           kind.reads(op), now))
             if idle:
                 self.policy.activate(tenant, [t for t in self._tenants.values()
                                               if t.queue and t is not tenant], time.monotonic())
@@ -190,17 +191,13 @@ class GangScheduler(Progress):
     def _place(self, op: pb.Instruction) -> None:
         self._sequence += 1
         op.sequence = self._sequence
-        if op.WhichOneof("op") in ("define_slice", "load"):
+        if kind_of(op).replayed:
             self._history.append(op)
 
     def _forget_slice(self, slice_id: int) -> None:
         """Drops a released slice's definition and loads from the history replayed to joining
         hosts (they hold every executable's bytes)."""
-        def of_slice(op: pb.Instruction) -> bool:
-            kind = op.WhichOneof("op")
-            return ((kind == "define_slice" and op.define_slice.slice.slice_id == slice_id)
-                    or (kind == "load" and op.load.slice_id == slice_id))
-        self._history = [op for op in self._history if not of_slice(op)]
+        self._history = [op for op in self._history if kind_of(op).slice_of(op) != slice_id]
 
     def _deliver(self, ops: Sequence[pb.Instruction]) -> None:
         for link in self._links.values():
@@ -246,13 +243,9 @@ class GangScheduler(Progress):
         self._place(item.op)
         batch.append(item.op)
         tenant.ordered += 1
-        kind = item.op.WhichOneof("op")
-        if kind == "send":  # the copy is on its way: what reads it may be ordered
-            self.readiness.sent(item.op.send.destination.array_id)
-        elif kind == "delete":  # nothing ordered reads these any more
-            self.readiness.forget(item.op.delete.array_ids)
-        elif kind == "release_slice":  # a host joining later needs neither mesh nor programs
-            self._forget_slice(item.op.release_slice.slice_id)
+        on_ordered = _ON_ORDERED.get(item.op.WhichOneof("op"))
+        if on_ordered is not None:
+            on_ordered(self, item.op)
         if item.executes:  # charged its estimate now, corrected when the hosts measure it
             sequence, executable = item.op.sequence, item.op.execute.executable_id
             cost = max(MIN_COST_S, self._costs.get(executable, DEFAULT_COST_S))
@@ -482,3 +475,14 @@ class GangScheduler(Progress):
             self._pump.join(timeout)
         for link in links:
             link.join(max(0.0, deadline - time.monotonic()))
+
+
+#: What ordering an instruction means for the scheduler's own bookkeeping, per kind.
+_ON_ORDERED = {
+    # The copy is on its way: what reads it may be ordered.
+    "send": lambda gang, op: gang.readiness.sent(op.send.destination.array_id),
+    # Nothing ordered reads these any more.
+    "delete": lambda gang, op: gang.readiness.forget(op.delete.array_ids),
+    # A host joining later needs neither the slice's mesh nor its programs.
+    "release_slice": lambda gang, op: gang._forget_slice(op.release_slice.slice_id),
+}

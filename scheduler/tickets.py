@@ -29,15 +29,6 @@ class Queued:
     queued_at: float = 0.0  # time.monotonic() of its arrival
 
 
-def instruction_inputs(op: pb.Instruction) -> tuple[int, ...]:
-    kind = op.WhichOneof("op")
-    if kind == "execute":
-        return tuple(op.execute.inputs)
-    if kind == "send":
-        return (op.send.array_id,)
-    return ()
-
-
 class OrderTicket:
     """The places in the island's order of one batch of a session's instructions."""
 

@@ -89,7 +89,7 @@ def test_failed_send_fails_its_destination_at_once_naming_source_and_cause(clust
     doomed = jax.device_put(np.zeros(4, np.float32), sender.devices[0])
     doomed.delete()
     send = pb.SendInstruction(array_id=4242, destination=spec, destination_slice=s1.info)
-    sender._stream(doomed, send)
+    sender._transfers._stream(doomed, send)
     with pytest.raises(runtime.ExecutionError, match=r"array 4242 from host 0\.0 .*deleted"):
         receiver.store.get(dest.id, timeout=0.0)
     receiver.store.delete(dest.id)

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import auth as _auth
@@ -40,6 +37,7 @@ from runtime.worker.state import describe_activity
 from runtime.sim._announced import Announcements
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
 from runtime.sim._config import SimConfig
+from runtime.sim._executable import Executable, Layout
 from runtime.sim._cost import CostModel
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._signal import Signal
@@ -50,52 +48,6 @@ _IDLE = ("idle",)
 #: How long a put waits for its slice's definition; longest wait a read may ask for.
 SLICE_TIMEOUT_S = 30.0
 MAX_GET_TIMEOUT_S = 3600.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where an array of one spec lies on this host: its distinct local shards and their bytes
-    on the host's devices (replicas counted)."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    indices: tuple[_wire.Index, ...]
-    nbytes: int
-
-    @classmethod
-    def of(cls, shape: Sequence[int], dtype_name: str, sharding: pb.Sharding,
-           info: pb.SliceInfo, host: int) -> Layout:
-        dtype = _wire.dtype_from_name(dtype_name)
-        shape = _wire.check_shape(shape)
-        local = {p for p, d in enumerate(info.devices) if d.host == host}
-        indices, nbytes = [], 0
-        for index, positions in _wire.shard_groups(shape, _wire.MeshShape(
-                tuple(info.mesh_shape), tuple(info.axis_names)), sharding):
-            here = len(local.intersection(positions))
-            if here:
-                indices.append(index)
-                nbytes += math.prod(_wire.shard_shape(index)) * dtype.itemsize * here
-        return cls(shape, dtype, tuple(indices), nbytes)
-
-    def computed(self, ready_at: float) -> SimArray:
-        """An output of a simulated computation: shapes only."""
-        return SimArray(self.shape, self.dtype, {i: None for i in self.indices}, ready_at,
-                        self.nbytes)
-
-
-@dataclasses.dataclass
-class _Executable:
-    """An executable as this host runs it."""
-
-    name: str
-    seconds: float = 0.0
-    error: PathwaysError | None = None
-    outputs: tuple[Layout, ...] = ()
-    donated: tuple[int, ...] = ()
-    info: pb.SliceInfo | None = None
-    devices: int = 0  # of this host
-    skip: bool = False  # no device of its slice is on this host
-    hosts: frozenset[int] = frozenset()  # of its slice
 
 
 class SimHost:
@@ -135,7 +87,7 @@ class SimHost:
         self._slices: dict[int, pb.SliceInfo] = {}
         self._foreign: set[int] = set()
         self._executable_slices: dict[int, int] = {}
-        self._executables: dict[int, _Executable] = {}
+        self._executables: dict[int, Executable] = {}
         self._device_free = 0.0  # simulated end of the last computation
         self.announcements = Announcements(self.store)
         self._activity: tuple = _IDLE
@@ -238,25 +190,32 @@ class SimHost:
             self.progress.fire()
 
     async def _apply(self, ins: pb.Instruction) -> None:
-        kind = ins.WhichOneof("op")
-        if kind == "load":
-            await self._load(ins.load)
-        elif kind == "execute":
-            await self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
-        elif kind == "delete":
-            for array_id in ins.delete.array_ids:
-                self.announcements.forget(array_id)
-                self.store.delete(array_id)
-        elif kind == "send":
-            if self.transfers is not None:
-                await self.transfers.send(self, ins.send)
-        elif kind == "release_slice":
-            self._slices.pop(ins.release_slice.slice_id, None)
+        handler = _IN_ORDER.get(ins.WhichOneof("op"))
+        if handler is not None:
+            await handler(self, ins)
+
+    async def _apply_load(self, ins: pb.Instruction) -> None:
+        await self._load(ins.load)
+
+    async def _apply_execute(self, ins: pb.Instruction) -> None:
+        await self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
+
+    async def _apply_delete(self, ins: pb.Instruction) -> None:
+        for array_id in ins.delete.array_ids:
+            self.announcements.forget(array_id)
+            self.store.delete(array_id)
+
+    async def _apply_send(self, ins: pb.Instruction) -> None:
+        if self.transfers is not None:
+            await self.transfers.send(self, ins.send)
+
+    async def _apply_release_slice(self, ins: pb.Instruction) -> None:
+        self._slices.pop(ins.release_slice.slice_id, None)
 
     async def _load(self, load: pb.LoadInstruction) -> None:
         donated = tuple(load.donated)
         if load.slice_id in self._foreign:
-            self._executables[load.executable_id] = _Executable(load.name, donated=donated,
+            self._executables[load.executable_id] = Executable(load.name, donated=donated,
                                                                 skip=True)
             return
         self._activity = ("compiling", load.name, 0, 0, time.monotonic(), load.slice_id)
@@ -265,14 +224,14 @@ class SimHost:
             seconds = await self.costs.seconds(load, info.mesh_shape, info.axis_names)
             outputs = tuple(Layout.of(v.shape, v.dtype, v.sharding, info, self.host)
                             for v in load.outputs)
-            self._executables[load.executable_id] = _Executable(
+            self._executables[load.executable_id] = Executable(
                 load.name, seconds, None, outputs, donated, info,
                 sum(d.host == self.host for d in info.devices),
                 hosts=frozenset(d.host for d in info.devices))
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")
-            self._executables[load.executable_id] = _Executable(load.name, error=error,
+            self._executables[load.executable_id] = Executable(load.name, error=error,
                                                                 donated=donated)
 
     async def _execute(self, sequence: int, ex: pb.ExecuteInstruction, received: float) -> None:
@@ -321,7 +280,7 @@ class SimHost:
             if position < len(ex.inputs):
                 self.store.delete(ex.inputs[position])
 
-    async def _meet(self, sequence: int, ex: pb.ExecuteInstruction, exe: _Executable,
+    async def _meet(self, sequence: int, ex: pb.ExecuteInstruction, exe: Executable,
                     ready: float) -> float:
         """The simulated start of a computation spanning hosts: when the slice's last host gets
         there. Past the execution deadline, asks the slice's other hosts where they are
@@ -493,3 +452,9 @@ class SimHost:
         self.store.clear()
         self.arrived.fire()
         self.progress.fire()
+
+
+#: The handler per kind of instruction run in order, as on a real host (runtime.worker.executor).
+_IN_ORDER = {"load": SimHost._apply_load, "execute": SimHost._apply_execute,
+             "delete": SimHost._apply_delete, "send": SimHost._apply_send,
+             "release_slice": SimHost._apply_release_slice}

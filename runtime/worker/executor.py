@@ -41,29 +41,36 @@ class Executor:
                 self._progress.set()
 
     def _apply(self, ins: pb.Instruction) -> None:
-        kind = ins.WhichOneof("op")
-        if kind == "load":
-            self._load(ins.load)
-        elif kind == "execute":
-            self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
-        elif kind == "delete":
-            doomed = []
-            for array_id in ins.delete.array_ids:
-                with self._cond:  # a put finishing now stores its array before or not at all
-                    self._announced.pop(array_id, None)
-                    if not self.store.contains(array_id):
-                        continue
-                    try:  # keep a reference: the reaper thread drops the last one
-                        doomed.append(self.store.get(array_id, 0.0))
-                    except PathwaysError:
-                        pass  # pending or failed: nothing to free
-                    self.store.delete(array_id)
-            if doomed:
-                self._reaper.put(doomed)
-        elif kind == "send":
-            self._transfers.send(ins.send, ins.sequence)
-        elif kind == "release_slice":
-            self._release_slice(ins.release_slice.slice_id)
+        handler = _IN_ORDER.get(ins.WhichOneof("op"))
+        if handler is not None:
+            handler(self, ins)
+
+    def _apply_load(self, ins: pb.Instruction) -> None:
+        self._load(ins.load)
+
+    def _apply_execute(self, ins: pb.Instruction) -> None:
+        self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
+
+    def _apply_delete(self, ins: pb.Instruction) -> None:
+        doomed = []
+        for array_id in ins.delete.array_ids:
+            with self._cond:  # a put finishing now stores its array before or not at all
+                self._announced.pop(array_id, None)
+                if not self.store.contains(array_id):
+                    continue
+                try:  # keep a reference: the reaper thread drops the last one
+                    doomed.append(self.store.get(array_id, 0.0))
+                except PathwaysError:
+                    pass  # pending or failed: nothing to free
+                self.store.delete(array_id)
+        if doomed:
+            self._reaper.put(doomed)
+
+    def _apply_send(self, ins: pb.Instruction) -> None:
+        self._transfers.send(ins.send, ins.sequence)
+
+    def _apply_release_slice(self, ins: pb.Instruction) -> None:
+        self._release_slice(ins.release_slice.slice_id)
 
     def _load(self, load: pb.LoadInstruction) -> None:
         donated = tuple(load.donated)
@@ -181,3 +188,10 @@ class Executor:
             if self._executable_slices.get(ex.executable_id) not in self._foreign:
                 self._fail_outputs(ex, error)
         self._progress.set()
+
+
+#: The executor's handler per kind of instruction it runs in order (`runs_in_order` in
+#: proto.instructions.KINDS); the other kinds were done at receipt (runtime.worker.intake).
+_IN_ORDER = {"load": Executor._apply_load, "execute": Executor._apply_execute,
+             "delete": Executor._apply_delete, "send": Executor._apply_send,
+             "release_slice": Executor._apply_release_slice}
