@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
+from proto.access import CONTROLLER, REQUIRED, WORKER, Credential
 from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
                              PathwaysError, PermissionDeniedError, UnauthenticatedError)
 
@@ -414,12 +415,12 @@ def _handler(handler, behaviour, request_deserializer):
 
 
 def session_policy(secret: Callable[[], str]) -> Authorize:
-    """The controller's policy: a request naming a session (a `session_id` field) must carry that
-    session's key, made with `secret()`."""
+    """The controller's policy: a call the access table (proto.access) marks SESSION must carry
+    the key of the session its request names, made with `secret()`."""
     def authorize(method: str, request, key: str | None, is_host: bool) -> None:
-        session_id = getattr(request, "session_id", None)
-        if session_id is None:
+        if REQUIRED[CONTROLLER].get(method) is not Credential.SESSION:
             return
+        session_id = request.session_id
         current = secret()
         if check_session_key(current, key or "") != session_id:
             if key and is_earlier_controller_key(current, key):
@@ -438,21 +439,17 @@ NEW_CONTROLLER_WAIT_S = 2.0
 
 def array_owner_policy(secret: Callable[[], str],
                        wait_s: float = NEW_CONTROLLER_WAIT_S) -> Authorize:
-    """A host's policy: reading or writing an array needs the key of the session that owns its id
-    (or the host token: a peer host moving it). A key that does not check out with the current
+    """A host's policy: a call the access table (proto.access) marks ARRAY_OWNER (reading or
+    writing an array) needs the key of the session that owns its id (or the host token: a peer
+    host moving it). A key that does not check out with the current
     secret is checked again once the secret changes (a new controller's first dispatch), for up to
     `wait_s` seconds."""
     import time
 
     def authorize(method: str, request, key: str | None, is_host: bool) -> None:
-        if is_host:
+        if is_host or REQUIRED[WORKER].get(method) is not Credential.ARRAY_OWNER:
             return
-        if method == "GetArray":
-            array_id = request.array_id
-        elif method == "PutArray":
-            array_id = request.spec.array_id
-        else:
-            return
+        array_id = request.spec.array_id if method == "PutArray" else request.array_id
         owner = array_id >> ID_BITS
         current = secret()
         if check_session_key(current, key or "") == owner:

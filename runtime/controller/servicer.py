@@ -6,6 +6,7 @@ import hashlib
 
 import grpc
 
+from proto import access
 from proto import auth as _auth
 from proto import rpc as _rpc
 from proto import limits as _limits
@@ -103,7 +104,7 @@ def _order_budget(context) -> float | None:
     return None if left is None else max(0.0, left - ORDER_DEADLINE_MARGIN_S)
 
 #: Calls only the cluster's own hosts may make (they need the host token, when there is one).
-HOST_METHODS = ("RegisterHost", "UnregisterHost")
+HOST_METHODS = access.methods_requiring(access.CONTROLLER, access.Credential.HOST)
 
 #: Client calls bounded per session and in all (proto.admission): those that may wait (for
 #: their turn in an island's order, for hosts) and hold a thread meanwhile.

@@ -7,6 +7,7 @@ import time
 
 import grpc
 
+from proto import access
 from proto import auth as _auth
 from proto import rpc as _rpc
 from proto import limits as _limits
@@ -92,7 +93,7 @@ def _time_left(context: grpc.ServicerContext, most: float) -> float:
 
 #: Calls only the controller (and peer hosts) may make: they need the host token, when there is
 #: one. A dispatch from anyone else could reset the host; a progress stream never ends by design.
-HOST_METHODS = ("Dispatch", "WatchProgress")
+HOST_METHODS = access.methods_requiring(access.WORKER, access.Credential.HOST)
 
 #: Client calls that hold a thread while they wait, bounded per session and cancelled when idle
 #: (proto.admission).
