@@ -9,10 +9,22 @@ from __future__ import annotations
 import grpc
 
 
+#: Origins an error may carry (besides a peer's name, such as "controller 127.0.0.1:5000" or
+#: "host 0.1 (127.0.0.1:5001)", which the client's translator gives errors that came over the wire).
+#: STORE: a host's array store, about a wait itself (an array not produced in time, or not on the
+#: host), as opposed to an error a failed producer stored, which names the producer already.
+STORE = "store"
+
+
 class PathwaysError(Exception):
-    """Base class of every error the runtime raises."""
+    """Base class of every error the runtime raises. `origin` says who raised it ("" when not
+    known): STORE, or the peer whose answer it was (see `translate_rpc_error`)."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, *args: object, origin: str = "") -> None:
+        super().__init__(*args)
+        self.origin = origin
 
 
 class InvalidArgumentError(PathwaysError, ValueError):
@@ -134,6 +146,26 @@ def from_rpc_error(err: grpc.RpcError) -> PathwaysError | None:
     cls = _BY_CODE.get(code, NotFoundError if code == grpc.StatusCode.NOT_FOUND else PathwaysError)
     exc = cls(f"{code.name}: {details}")
     exc.code = code
+    return exc
+
+
+def translate_rpc_error(err: grpc.RpcError, peer: str, call: str,
+                        unreachable: type[PathwaysError]) -> PathwaysError:
+    """The one translation of a failed RPC into a runtime exception, for every client-side caller
+    (the client's controller calls, its command stream, its reads and writes on hosts).
+
+    The exception a server sent, when it sent one; DeadlineExceededError when the peer did not
+    answer in time; else `unreachable` (ControllerUnavailableError for the controller,
+    HostLostError for a host). Each carries `peer` ("controller ADDRESS", "host I.H (ADDRESS)")
+    as its origin."""
+    exc = from_rpc_error(err)
+    if exc is None:
+        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+            exc = DeadlineExceededError(f"{peer} did not answer {call} in time")
+        else:
+            exc = unreachable(f"{peer} is unreachable ({call}): {err.code().name}: "
+                              f"{err.details()}")
+    exc.origin = peer
     return exc
 
 

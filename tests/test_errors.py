@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 import runtime
 import runtime.server
 from proto import pathways_pb2 as pb
+from proto.errors import ArrayNotFoundError, ExecutionError, HostLostError
 
 
 def still_works(client, island=0):
@@ -208,3 +209,54 @@ def test_host_that_went_away():
         f0 = client.jit(lambda v: v * 2, s0)
         np.testing.assert_array_equal(f0(client.put(np.ones(2, np.float32), s0)).fetch(), [2, 2])
         assert "lost" in {h.island: h.state for h in client.status().hosts}[1]
+
+
+def test_client_side_translation_names_the_peer_and_keeps_the_servers_error():
+    """One translator (proto.errors.translate_rpc_error) for every client-side caller: the
+    server's own exception when it sent one, else a deadline or the peer's loss; all carry the
+    peer as their origin."""
+    import grpc
+
+    from proto.errors import (ERROR_KEY, ControllerUnavailableError, DeadlineExceededError,
+                              NotFoundError, translate_rpc_error)
+
+    class Failed(grpc.RpcError):
+        def __init__(self, code, details, metadata=()):
+            self._code, self._details, self._metadata = code, details, metadata
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+        def trailing_metadata(self):
+            return self._metadata
+
+    sent = translate_rpc_error(Failed(grpc.StatusCode.NOT_FOUND, "slice 3 is unknown",
+                                      ((ERROR_KEY, "NotFoundError"),)),
+                               "controller a:1", "ReleaseSlice", ControllerUnavailableError)
+    assert type(sent) is NotFoundError and str(sent) == "slice 3 is unknown"
+    assert sent.origin == "controller a:1"
+    late = translate_rpc_error(Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "late"), "host 0.1 (b:2)",
+                               "GetArray", HostLostError)
+    assert isinstance(late, DeadlineExceededError) and "host 0.1 (b:2)" in str(late)
+    gone = translate_rpc_error(Failed(grpc.StatusCode.UNAVAILABLE, "refused"), "host 0.1 (b:2)",
+                               "GetArray", HostLostError)
+    assert isinstance(gone, HostLostError) and gone.origin == "host 0.1 (b:2)"
+
+
+def test_store_errors_carry_their_origin():
+    """The store's own errors (about the wait) say so; a producer's stored error does not."""
+    from proto.errors import STORE
+    from runtime.worker.store import ArrayStore
+
+    store = ArrayStore()
+    with pytest.raises(ArrayNotFoundError) as missing:
+        store.get(7, 0.0)
+    assert missing.value.origin == STORE
+    store.expect(8)
+    store.fail(8, ExecutionError("step failed"))
+    with pytest.raises(ExecutionError) as failed:
+        store.get(8, 0.0)
+    assert failed.value.origin == ""

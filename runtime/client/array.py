@@ -21,7 +21,7 @@ from proto import pathways_pb2 as pb
 from runtime.client import avals as _avals
 from proto import wire as _wire
 from proto.errors import (ArrayNotFoundError, DeadlineExceededError, HostLostError,
-                             InvalidArgumentError, from_rpc_error)
+                             InvalidArgumentError, translate_rpc_error)
 
 if TYPE_CHECKING:
     from runtime.client.client import Client, VirtualSlice
@@ -167,13 +167,8 @@ def _worker_call(client: Client, vslice: VirtualSlice, host: int, fn):
     try:
         return fn(client._worker_stub(vslice.info.host_addresses[host]))
     except grpc.RpcError as err:
-        exc = from_rpc_error(err)
-        if exc is not None:
-            raise exc from None
         where = f"host {vslice.island}.{host} ({vslice.info.host_addresses[host]})"
-        if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-            raise DeadlineExceededError(f"{where} did not answer in time") from None
-        raise HostLostError(f"{where} is unreachable: {err.details()}") from None
+        raise translate_rpc_error(err, where, "a read or write", HostLostError) from None
 
 
 def put_arrays(client: Client, values: Sequence[np.ndarray], specs: Sequence[pb.ArraySpec],

@@ -23,8 +23,8 @@ from runtime.client import avals as _avals
 from proto import wire as _wire
 from runtime.client.array import RemoteArray, fetch_arrays, put_arrays
 from runtime.client.stream import CommandStream
-from proto.errors import (ControllerUnavailableError, DeadlineExceededError,
-                             InvalidArgumentError, PathwaysError, from_rpc_error)
+from proto.errors import (ControllerUnavailableError, InvalidArgumentError, PathwaysError,
+                          translate_rpc_error)
 from runtime.client.function import RemoteFunction, SpecTree, broadcast_specs, leaf_avals
 from proto.leases import KeepAlive
 from runtime.client.program import Program, Trace, transfer_handle
@@ -159,13 +159,8 @@ class Client:
         try:
             return getattr(self._stub, method)(request, timeout=timeout or self.timeout_s)
         except grpc.RpcError as err:
-            exc = from_rpc_error(err)
-            if exc is not None:
-                raise exc from None
-            if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise DeadlineExceededError(f"controller {self.address}: {method} timed out") from None
-            raise ControllerUnavailableError(
-                f"controller {self.address} is unavailable ({method}): {err.details()}") from None
+            raise translate_rpc_error(err, f"controller {self.address}", method,
+                                      ControllerUnavailableError) from None
 
     def _worker_stub(self, address: str) -> pb_grpc.WorkerStub:
         with self._id_lock:

@@ -19,7 +19,7 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto.errors import (ControllerUnavailableError, DeadlineExceededError, PathwaysError,
-                             error_from_name, from_rpc_error)
+                             error_from_name, translate_rpc_error)
 
 if TYPE_CHECKING:
     from runtime.client.array import RemoteArray
@@ -127,8 +127,8 @@ class CommandStream:
                 reply = self._client._stub.Execute(request, timeout=self._client.timeout_s)
                 results = list(reply.results)
             except grpc.RpcError as err:
-                error = from_rpc_error(err) or ControllerUnavailableError(
-                    f"controller {self._client.address}: {err.code().name}: {err.details()}")
+                error = translate_rpc_error(err, f"controller {self._client.address}", "Execute",
+                                            ControllerUnavailableError)
                 results = [error] * len(batch)
             errors = []
             answered = time.time()

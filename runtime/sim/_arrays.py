@@ -25,7 +25,7 @@ import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
-from proto.errors import ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError, \
+from proto.errors import STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError, \
     PathwaysError
 
 
@@ -205,15 +205,15 @@ class SimStore:
         or the error its producer failed with otherwise."""
         entry = self._entries.get(array_id)
         if entry is None:
-            raise _own(ArrayNotFoundError(f"array {array_id} is not on this host (never created "
-                                          f"or deleted)"))
+            raise ArrayNotFoundError(f"array {array_id} is not on this host (never created "
+                                     f"or deleted)", origin=STORE)
         if not entry.ready:
             if entry.waiter is None:
                 entry.waiter = asyncio.get_running_loop().create_future()
             done, _ = await asyncio.wait({entry.waiter}, timeout=max(0.0, timeout))
             if not done:
-                raise _own(DeadlineExceededError(f"array {array_id} was not produced within "
-                                                 f"{timeout:.1f} s"))
+                raise DeadlineExceededError(f"array {array_id} was not produced within "
+                                            f"{timeout:.1f} s", origin=STORE)
         if entry.error is not None:
             raise entry.error
         return entry.value
@@ -256,9 +256,3 @@ class SimStore:
     def stats(self) -> tuple[int, int]:
         """(number of entries, bytes of stored arrays on the devices)."""
         return len(self._entries), self._nbytes
-
-
-def _own(error: PathwaysError) -> PathwaysError:
-    """Marks an error the store raised about the wait itself (runtime.worker.store does the same)."""
-    error.raised_by_store = True
-    return error

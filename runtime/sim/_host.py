@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from proto import pathways_pb2 as pb
 from proto import auth as _auth
 from proto import wire as _wire
-from proto.errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
+from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
                              InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.worker.hang import diagnose
 from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
@@ -260,7 +260,7 @@ class SimHost:
         except Exception as exc:
             name = exe.name if exe else f"executable {ex.executable_id}"
             where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
-            if isinstance(exc, PathwaysError) and not getattr(exc, "raised_by_store", False):
+            if isinstance(exc, PathwaysError) and exc.origin != STORE:
                 error = exc  # an input's producer failed: its error names it; pass it on as is
             elif isinstance(exc, PathwaysError):
                 error = type(exc)(f"{where}: {exc}")

@@ -15,7 +15,7 @@ from jax.sharding import NamedSharding
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
-from proto.errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
+from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
                           InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_FAILED_EARLY,
                                      MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S)
@@ -152,7 +152,7 @@ class DataPlane:
                 value = self.store.get(request.array_id, min(left, CALLER_CHECK_S))
                 break
             except DeadlineExceededError as exc:
-                if not getattr(exc, "raised_by_store", False):
+                if exc.origin != STORE:
                     raise  # the producer's own failure
                 if left <= CALLER_CHECK_S or not active():
                     raise DeadlineExceededError(f"array {request.array_id} was not produced "

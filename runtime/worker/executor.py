@@ -8,7 +8,7 @@ import logging
 import time
 
 from proto import pathways_pb2 as pb
-from proto.errors import (DeadlineExceededError, ExecutionError, NotFoundError, PathwaysError)
+from proto.errors import (STORE, DeadlineExceededError, ExecutionError, NotFoundError, PathwaysError)
 from runtime.worker.compile import Loaded, compile_export, compile_stablehlo, host_nbytes
 from runtime.worker.inflight import collective_free
 from runtime.worker.state import IDLE
@@ -151,7 +151,7 @@ class Executor:
         except Exception as exc:
             name = loaded.name if loaded else f"executable {ex.executable_id}"
             where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
-            if isinstance(exc, PathwaysError) and not getattr(exc, "raised_by_store", False):
+            if isinstance(exc, PathwaysError) and exc.origin != STORE:
                 error = exc  # an input's producer failed: its error names it; pass it on as is
             elif isinstance(exc, PathwaysError):
                 error = type(exc)(f"{where}: {exc}")

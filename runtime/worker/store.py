@@ -13,8 +13,8 @@ import time
 
 import jax
 
-from proto.errors import (ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
-                             PathwaysError)
+from proto.errors import (STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
+                          PathwaysError)
 
 
 class _Entry:
@@ -95,8 +95,8 @@ class ArrayStore:
         with self._cond:
             entry = self._entries.get(array_id)
             if entry is None:
-                raise _own(ArrayNotFoundError(f"array {array_id} is not on this host (never "
-                                              f"created or deleted)"))
+                raise ArrayNotFoundError(f"array {array_id} is not on this host (never "
+                                         f"created or deleted)", origin=STORE)
             if not entry.ready:
                 deadline = time.monotonic() + timeout
                 self._waiters += 1
@@ -104,8 +104,8 @@ class ArrayStore:
                     while not entry.ready:
                         left = deadline - time.monotonic()
                         if left <= 0:
-                            raise _own(DeadlineExceededError(f"array {array_id} was not produced "
-                                                             f"within {timeout:.1f} s"))
+                            raise DeadlineExceededError(f"array {array_id} was not produced "
+                                                        f"within {timeout:.1f} s", origin=STORE)
                         self._cond.wait(left)
                 finally:
                     self._waiters -= 1
@@ -146,13 +146,6 @@ class ArrayStore:
         """(number of entries, bytes of ready arrays)."""
         with self._cond:
             return len(self._entries), self._nbytes
-
-
-def _own(error: PathwaysError) -> PathwaysError:
-    """Marks an error the store raised itself (about the wait), as opposed to an error a failed
-    producer stored: an execution waiting on the array names itself in the first kind only."""
-    error.raised_by_store = True
-    return error
 
 
 def local_nbytes(value: jax.Array) -> int:
