@@ -13,16 +13,13 @@ import collections
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 import grpc
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto.errors import HostLostError
-
-if TYPE_CHECKING:
-    from scheduler.gang import GangScheduler
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +35,66 @@ PROGRESS_INTERVAL_S = 0.005
 WATCH_RETRY_S = 0.2
 
 
-class HostLink:
-    """The ordered delivery of an island's instructions to one host, and its progress reports."""
+class LinkEvents(Protocol):
+    """What a HostLink reports to (its island's scheduler), and what it needs to know of it."""
 
-    def __init__(self, scheduler: GangScheduler, host: int, address: str) -> None:
-        self.scheduler, self.host, self.address = scheduler, host, address
-        self.channel = scheduler.open_channel(address)
+    island: int
+    controller_id: str  # sent with every Dispatch: a host drops state of another controller
+    epoch: int  # of the island's order (restarts)
+
+    def open_channel(self, address: str) -> grpc.Channel:
+        """A channel to the host, with the cluster's credentials."""
+
+    def on_progress(self, host: int, executed: int, received: int = 0,
+                    completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
+                    arrived: Sequence[int] = ()) -> None:
+        """The host has received and executed the order this far (see GangScheduler)."""
+
+    def on_link_lost(self, host: int, reason: str) -> None:
+        """The host cannot be reached (a dispatch failed, its progress stream broke): reported
+        once per link, after the link has marked itself `failed` and dropped its queue."""
+
+
+class HostLink:
+    """The ordered delivery of an island's instructions to one host, and its progress reports.
+
+    The scheduler hands it instructions (`send`) and reads `acked`, `executed` (which it updates
+    from the reports) and `failed`; the link's queue and threads are guarded by its own lock, and
+    it reports through `events` (LinkEvents) only, never touching the scheduler's state."""
+
+    def __init__(self, events: LinkEvents, host: int, address: str) -> None:
+        self.events, self.host, self.address = events, host, address
+        self.island = events.island
+        self.channel = events.open_channel(address)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.queue: collections.deque[pb.Instruction] = collections.deque()
         self.acked = 0  # highest sequence the host has received
         self.executed = 0  # highest sequence the host has executed
         self.failed: str = ""
         self.closed = False
+        self._cond = threading.Condition()
         self._watch_call = None
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
-                                        name=f"dispatch-{scheduler.island}.{host}")
+                                        name=f"dispatch-{self.island}.{host}")
         self._watcher = threading.Thread(target=self._watch_loop, daemon=True,
-                                         name=f"progress-{scheduler.island}.{host}")
+                                         name=f"progress-{self.island}.{host}")
         self._sender.start()
         self._watcher.start()
 
+    def send(self, ops: Sequence[pb.Instruction]) -> None:
+        """Queues instructions for the host, in order (dropped once the link has failed)."""
+        with self._cond:
+            if not self.failed:
+                self.queue.extend(ops)
+                self._cond.notify_all()
+
+    def pending(self) -> int:
+        """Instructions queued for the host and not dispatched yet."""
+        with self._cond:
+            return len(self.queue)
+
     def _send_loop(self) -> None:
-        cond = self.scheduler.cond
+        cond = self._cond
         while True:
             with cond:
                 while not self.queue and not self.closed:
@@ -75,9 +110,8 @@ class HostLink:
                         break
                     batch.append(self.queue.popleft())
                     size += ins_size
-            request = pb.DispatchRequest(controller_id=self.scheduler.controller_id,
-                                         epoch=self.scheduler.epoch,
-                                         instructions=batch)
+            request = pb.DispatchRequest(controller_id=self.events.controller_id,
+                                         epoch=self.events.epoch, instructions=batch)
             try:
                 reply = self.stub.Dispatch(request, timeout=DISPATCH_TIMEOUT_S)
             except (grpc.RpcError, ValueError) as err:  # ValueError: channel closed meanwhile
@@ -85,16 +119,9 @@ class HostLink:
                     return
                 reason = (f"dispatch failed: {err.code().name}: {err.details()}"
                           if isinstance(err, grpc.RpcError) else "dispatch channel closed")
-                with cond:
-                    self.failed = reason
-                    self.queue.clear()
-                    cond.notify_all()
-                self.scheduler.fail(HostLostError(
-                    f"island {self.scheduler.island}: host {self.scheduler.island}.{self.host} "
-                    f"({self.address}) was lost: {reason}"))
-                self.scheduler.on_host_failure(self.scheduler.island, self.host, reason)
+                self._lost(reason)
                 return
-            self.scheduler.note_progress(self.host, reply.executed, reply.received)
+            self.events.on_progress(self.host, reply.executed, reply.received)
 
     def _watch_loop(self) -> None:
         request = pb.WatchProgressRequest(min_interval_s=PROGRESS_INTERVAL_S)
@@ -104,31 +131,39 @@ class HostLink:
                 self._watch_call = self.stub.WatchProgress(request)
                 for reply in self._watch_call:
                     opened = True
-                    self.scheduler.note_progress(self.host, reply.executed, reply.received,
-                                                 reply.completed, reply.hang, reply.arrived)
+                    self.events.on_progress(self.host, reply.executed, reply.received,
+                                            reply.completed, reply.hang, reply.arrived)
             except grpc.RpcError as err:
                 if self.closed or err.code() == grpc.StatusCode.CANCELLED:
                     return
                 if opened and err.code() == grpc.StatusCode.UNAVAILABLE:
                     # The connection broke (the host's process is gone): the island learns at
                     # once, busy or idle, rather than at the next heartbeat or dispatch.
-                    reason = f"progress stream lost: {err.details()}"
-                    self.scheduler.fail(HostLostError(
-                        f"island {self.scheduler.island}: host {self.scheduler.island}.{self.host} "
-                        f"({self.address}) was lost: {reason}"))
-                    self.scheduler.on_host_failure(self.scheduler.island, self.host, reason)
+                    self._lost(f"progress stream lost: {err.details()}")
                     return
-                log.debug("progress stream of host %d.%d: %s", self.scheduler.island, self.host,
+                log.debug("progress stream of host %d.%d: %s", self.island, self.host,
                           err.code().name)
             except ValueError:  # the channel was closed
                 return
-            with self.scheduler.cond:
+            with self._cond:
                 if not self.closed:
-                    self.scheduler.cond.wait(WATCH_RETRY_S)
+                    self._cond.wait(WATCH_RETRY_S)
+
+    def _lost(self, reason: str) -> None:
+        """Marks the link failed (once) and reports it: the one path of a lost link."""
+        with self._cond:
+            if self.failed:
+                return
+            self.failed = reason
+            self.queue.clear()
+            self._cond.notify_all()
+        self.events.on_link_lost(self.host, reason)
 
     def close(self) -> None:
-        """Stops both threads (the caller notifies the scheduler's condition)."""
-        self.closed = True
+        """Stops both threads."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
         call = self._watch_call
         if call is not None:
             call.cancel()

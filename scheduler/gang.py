@@ -106,7 +106,7 @@ class GangScheduler(Progress):
         with self.cond:
             old = self._links.pop(host, None)
             link = self._link_factory(self, host, address)
-            link.queue.extend(self._history)
+            link.send(self._history)
             self._links[host] = link
             if old is not None:
                 old.close()
@@ -202,8 +202,7 @@ class GangScheduler(Progress):
     def _deliver(self, ops: Sequence[pb.Instruction]) -> None:
         for link in self._links.values():
             if not link.failed:
-                link.queue.extend(ops)
-        self.cond.notify_all()
+                link.send(ops)
 
     def _blocking(self, item: Queued) -> int | None:
         """An input of `item` that does not exist yet and nothing ordered produces, or None."""
@@ -443,7 +442,7 @@ class GangScheduler(Progress):
     def queue_depth(self) -> dict[int, int]:
         """Instructions ordered but not yet sent, per host."""
         with self.cond:
-            return {h: len(link.queue) for h, link in self._links.items()}
+            return {h: link.pending() for h, link in self._links.items()}
 
     def status(self) -> pb.IslandStatus:
         """The order's position, the client queues and the failure, if any."""

@@ -1,6 +1,6 @@
-"""Hosts' progress back to the gang scheduler: how far each has received and executed the order,
-and the measured durations that refine cost estimates and charge tenants. A part of
-GangScheduler (scheduler.gang)."""
+"""What hosts report back to the gang scheduler through their links (scheduler.delivery's
+LinkEvents): how far each has received and executed the order, the measured durations that refine
+cost estimates and charge tenants, and a link's loss. A part of GangScheduler (scheduler.gang)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,24 @@ from scheduler.defaults import COST_SMOOTHING
 
 class Progress:
     """Progress accounting for a GangScheduler (a mixin: the state is the scheduler's)."""
+
+    def on_progress(self, host: int, executed: int, received: int = 0,
+                    completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
+                    arrived: Sequence[int] = ()) -> None:
+        """A link's progress report (scheduler.delivery.LinkEvents): see note_progress."""
+        self.note_progress(host, executed, received, completed, hang, arrived)
+
+    def on_link_lost(self, host: int, reason: str) -> None:
+        """A link found its host unreachable (scheduler.delivery.LinkEvents). The host's loss
+        takes one path, `on_host_failure` (the controller's health: it fails this island's work
+        and what other islands expect from it); the island's own failure is only set here when
+        that path did not (a host the registry does not know)."""
+        self.on_host_failure(self.island, host, reason)
+        with self.cond:
+            if self._failure is None:
+                failure = self._link_failure()
+                if failure is not None:
+                    self._fail(failure)
 
     def note_progress(self, host: int, executed: int, received: int = 0,
                       completed: Sequence[pb.CompletedExecution] = (), hang: str = "",

@@ -27,6 +27,12 @@ class FakeLink:
         self.acked = self.executed = 0
         self.failed = ""
 
+    def send(self, ops):
+        self.queue.extend(ops)
+
+    def pending(self):
+        return len(self.queue)
+
     def close(self):
         pass
 

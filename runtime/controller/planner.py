@@ -99,6 +99,11 @@ class Planner:
 
     # -- arrays -----------------------------------------------------------------------------------
 
+    @property
+    def array_count(self) -> int:
+        """Live logical arrays of all sessions."""
+        return len(self.arrays)
+
     def array(self, session: Session, array_id: int, what: str) -> ArrayRecord:
         record = self.arrays.get(array_id)
         if record is None or record.session_id != session.session_id:

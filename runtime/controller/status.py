@@ -24,7 +24,7 @@ class StatusReport:
         rest."""
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
-            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=len(self.planner.arrays),
+            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=self.planner.array_count,
                                       session_lease_s=self.leases.lease_s,
                                       sessions_expired=self.leases.expired)
             probes = dict(self._probes)
