@@ -23,15 +23,16 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
+from proto.config import ClientConfig, ControllerConfig
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 #: How long a controller keeps a session it does not hear from (seconds; 0: forever).
-DEFAULT_SESSION_LEASE_S = 10.0
+DEFAULT_SESSION_LEASE_S = ControllerConfig().session_lease_s
 #: Renewals a client sends per lease: several, so one late renewal costs nothing.
-RENEWALS_PER_LEASE = 4
+RENEWALS_PER_LEASE = ClientConfig().renewals_per_lease
 
 
 class SessionLeases:

@@ -45,7 +45,7 @@ ALLOWED: dict[str, set[str]] = {
     "runtime.client": {"proto"},
     "runtime.worker": {"proto", "runtime.metrics"},
     "runtime.controller": {"proto", "scheduler", "runtime.metrics"},
-    "runtime.server": {"runtime.controller", "runtime.worker"},
+    "runtime.server": {"proto", "runtime.controller", "runtime.worker"},
     "runtime.proxy": {"proto", "runtime.client"},
     "runtime.cluster": {"proto", "runtime.client", "runtime.controller", "runtime.worker",
                         "runtime.server"},

@@ -14,7 +14,10 @@ __all__ = ["build_parser", "format_status", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from proto.config import ClusterConfig
     from runtime.cli.args import Parser
+
+    settings = ClusterConfig.from_env()  # flags default to the environment's settings
 
     parser = Parser(prog="pathways", description="A Pathways-style single-controller runtime "
                                                  "for JAX.")
@@ -45,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "host 0; needed with --num-hosts > 1)")
     add_auth_args(p, host=True)
     add_metrics_arg(p, "this host")
-    p.add_argument("--execution-deadline", type=float, default=30.0,
+    p.add_argument("--execution-deadline", type=float,
+                   default=settings.worker.execution_deadline_s,
                    help="seconds a computation on a multi-host slice may wait for the slice's "
                         "other hosts before it is reported hung (0: forever)")
     add_sim_args(p)
@@ -55,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run a controller; workers register with it.")
     p.add_argument("--port", type=int, default=0, help="port to serve on (0: any free port)")
     p.add_argument("--bind", default="127.0.0.1", help="address to serve on")
-    p.add_argument("--policy", choices=("fifo", "share"), default="fifo",
+    p.add_argument("--policy", choices=("fifo", "share"), default=settings.controller.policy,
                    help="how clients share an island: fifo (arrival order) or share "
                         "(device time in proportion to each client's weight)")
-    p.add_argument("--session-quota", type=int, default=0,
+    p.add_argument("--session-quota", type=int,
+                   default=settings.controller.session_quota_bytes or 0,
                    help="most bytes of device memory one client session may hold (0: no limit)")
     add_lease_arg(p)
     add_auth_args(p, host=True)
@@ -97,13 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-host-restarts", type=int, default=3,
                    help="with --ray: how often each island is restarted, on a fresh placement "
                         "group, after one of its hosts' actors died (0: never; -1: no limit)")
-    p.add_argument("--policy", choices=("fifo", "share"), default="fifo",
+    p.add_argument("--policy", choices=("fifo", "share"), default=settings.controller.policy,
                    help="how clients share an island: fifo (arrival order) or share "
                         "(device time in proportion to each client's weight)")
-    p.add_argument("--execution-deadline", type=float, default=30.0,
+    p.add_argument("--execution-deadline", type=float,
+                   default=settings.worker.execution_deadline_s,
                    help="seconds a computation on a multi-host slice may wait for the slice's "
                         "other hosts before it is reported hung (0: forever)")
-    p.add_argument("--session-quota", type=int, default=0,
+    p.add_argument("--session-quota", type=int,
+                   default=settings.controller.session_quota_bytes or 0,
                    help="most bytes of device memory one client session may hold (0: no limit)")
     add_lease_arg(p)
     p.add_argument("--token-file",

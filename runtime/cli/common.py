@@ -88,7 +88,7 @@ def add_auth_args(p: argparse.ArgumentParser, *, host: bool = False) -> None:
 
 
 def add_lease_arg(p: argparse.ArgumentParser) -> None:
-    from proto.leases import DEFAULT_SESSION_LEASE_S
+    from proto.config import ControllerConfig, from_env
 
     def seconds(text: str) -> float:
         value = float(text)
@@ -96,7 +96,8 @@ def add_lease_arg(p: argparse.ArgumentParser) -> None:
             raise argparse.ArgumentTypeError(f"expected seconds >= 0, got {text!r}")
         return value
 
-    p.add_argument("--session-lease", type=seconds, default=DEFAULT_SESSION_LEASE_S, metavar="S",
+    p.add_argument("--session-lease", type=seconds,
+                   default=from_env(ControllerConfig).session_lease_s, metavar="S",
                    help="seconds a client's session outlives its last call: the controller then "
                         "frees the arrays and slices of a client gone silent (0: never)")
 

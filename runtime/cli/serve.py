@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from proto.config import ClusterConfig
 from runtime.cli.common import (WORKER_SWITCH_INTERVAL_S, cli_credentials, quiet_collector,
                                 start_metrics, stop_on_signal, wait_for_signal)
 
@@ -25,7 +26,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from runtime.worker.distributed import host_devices
     from proto.errors import FailedPreconditionError
     from runtime.worker.membership import Membership
-    from runtime.server import Worker, create_worker_server
+    from runtime.server import Worker, create_worker_server, worker_options
 
     # The executor thread gives the GIL up while a computation runs; it must get it back within
     # tens of microseconds, not the default 5 ms, when another thread (a Dispatch batch) holds it.
@@ -45,9 +46,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: os._exit(0))
     start_metrics(args, f"worker {args.island}.{args.host}")
+    config = ClusterConfig.from_env().replace(execution_deadline_s=args.execution_deadline)
     worker = Worker(args.island, args.host, devices, platform=args.platform,
-                    island_devices=hosts, execution_deadline_s=args.execution_deadline,
-                    credentials=cli_credentials(args, args.controller))
+                    island_devices=hosts, credentials=cli_credentials(args, args.controller),
+                    **worker_options(config))
     server, _ = create_worker_server(worker, f"{args.bind}:{args.port}")
     # Registers now, and again whenever the controller restarts (runtime.worker.membership).
     membership = Membership(args.controller, worker.info, lambda: worker.last_contact,
@@ -77,7 +79,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_controller(args: argparse.Namespace) -> int:
     from runtime.cluster.clusters import die_with_parent
-    from runtime.server import Controller, create_controller_server
+    from runtime.server import Controller, controller_options, create_controller_server
 
     if not die_with_parent():  # started by a cluster (runtime.sim) that is gone already
         return 1
@@ -86,9 +88,7 @@ def cmd_controller(args: argparse.Namespace) -> int:
     if credentials.token is None:
         print("warning: no token (--token-file, $PATHWAYS_TOKEN): calls are not authenticated",
               file=sys.stderr)
-    controller = Controller(policy=args.policy, credentials=credentials,
-                            session_quota_bytes=args.session_quota or None,
-                            session_lease_s=args.session_lease)
+    controller = Controller(credentials=credentials, **controller_options(_config(args)))
     server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
     start_metrics(args, "controller")
     quiet_collector()
@@ -115,10 +115,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = SimCluster(args.islands, args.hosts_per_island, devices_per_host,
                              processes=args.sim_processes or None, flops_per_s=args.flops_per_s,
                              fixed_duration_s=None if fixed is None else fixed / 1e3,
-                             execution_deadline_s=args.execution_deadline, port=args.port,
-                             host=args.bind, policy=args.policy,
-                             session_quota_bytes=args.session_quota or None,
-                             session_lease_s=args.session_lease)
+                             port=args.port, host=args.bind, config=_config(args))
         backend = (f"simulated hosts in {len(cluster.procs)} processes (registered in "
                    f"{cluster.registration_s:.1f} s)")
     elif args.ray is None:
@@ -129,10 +126,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             tls = _auth.TLSConfig(ca=args.tls_ca or "", cert=args.tls_cert, key=args.tls_key or "")
         cluster = ProcessCluster(args.islands, args.hosts_per_island, devices_per_host,
                                  port=args.port, host=args.bind, platform=args.platform,
-                                 policy=args.policy, execution_deadline_s=args.execution_deadline,
-                                 credentials=_auth.Credentials.generate(tls),
-                                 session_quota_bytes=args.session_quota or None,
-                                 session_lease_s=args.session_lease,
+                                 credentials=_auth.Credentials.generate(tls), config=_config(args),
                                  worker_metrics_port=(None if args.metrics_port is None else
                                                       args.metrics_port and args.metrics_port + 1))
         backend = "local processes"
@@ -146,12 +140,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = RayCluster(args.islands, args.hosts_per_island, devices_per_host,
                              ray_address=args.ray or None,
                              placement_strategy=args.placement_strategy, port=args.port,
-                             host=args.bind, platform=args.platform, policy=args.policy,
-                             execution_deadline_s=args.execution_deadline,
-                             session_quota_bytes=args.session_quota or None,
+                             host=args.bind, platform=args.platform,
                              max_host_restarts=args.max_host_restarts,
-                             credentials=_auth.Credentials.generate(),
-                             session_lease_s=args.session_lease)
+                             credentials=_auth.Credentials.generate(), config=_config(args))
         backend = (f"Ray actors ({cluster.placement_strategy}, "
                    f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
     # The clients' token, readable by this user only (the cluster published it for this
@@ -196,3 +187,12 @@ def cmd_up(args: argparse.Namespace) -> int:
             withdraw_token(args.token_file, cluster.credentials.token)
     print("stopped", flush=True)
     return 0
+
+
+def _config(args: argparse.Namespace) -> ClusterConfig:
+    """The cluster's settings: the environment's (proto.config), with this command's flags."""
+    return ClusterConfig.from_env().replace(
+        policy=getattr(args, "policy", None),
+        execution_deadline_s=getattr(args, "execution_deadline", None),
+        session_quota_bytes=getattr(args, "session_quota", 0) or None,
+        session_lease_s=getattr(args, "session_lease", None))

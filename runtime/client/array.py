@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from proto.config import ClientConfig
 from proto import pathways_pb2 as pb
 from runtime.client import avals as _avals
 from proto import wire as _wire
@@ -27,8 +28,8 @@ if TYPE_CHECKING:
     from runtime.client.client import Client, VirtualSlice
 
 #: Transfer deadlines: a floor plus time for the bytes at a pessimistic rate.
-TRANSFER_FLOOR_S = 30.0
-TRANSFER_BYTES_PER_S = 50e6
+TRANSFER_FLOOR_S = ClientConfig().transfer_floor_s
+TRANSFER_BYTES_PER_S = ClientConfig().transfer_bytes_per_s
 
 
 def transfer_deadline(nbytes: int) -> float:

@@ -15,6 +15,7 @@ import grpc
 import jax
 from jax.sharding import AbstractMesh, PartitionSpec
 
+from proto.config import ClientConfig
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import auth as _auth
@@ -30,11 +31,11 @@ from proto.leases import KeepAlive
 from runtime.client.program import Program, Trace, transfer_handle
 
 #: Deadline of controller RPCs; loading an executable may take longer than the rest.
-RPC_TIMEOUT_S = 30.0
+RPC_TIMEOUT_S = ClientConfig().rpc_timeout_s
 #: How long a new client waits for a connection to its controller. Connecting needs no work of
 #: the controller's Python threads (gRPC's core answers), so a live controller, however busy,
 #: answers well within this; a refused connection fails at once.
-CONNECT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = ClientConfig().connect_timeout_s
 
 
 def _connect(channel: grpc.Channel, timeout: float) -> bool:

@@ -23,16 +23,17 @@ from proto import pathways_pb2 as pb
 from proto import auth as _auth
 from runtime.worker import membership as _membership
 from runtime.client.client import Client
-from runtime.server import Controller, create_controller_server
+from proto.config import ClusterConfig
+from runtime.server import (Controller, controller_options, create_controller_server,
+                            worker_options)
 from runtime.worker.distributed import free_port
 from proto.errors import DeadlineExceededError, FailedPreconditionError
-from proto.leases import DEFAULT_SESSION_LEASE_S
-from runtime.worker.defaults import EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S
+from runtime.worker.defaults import EXECUTION_DEADLINE_S
 from runtime.worker.servicer import create_worker_server
 from runtime.worker.worker import Worker
 
 #: How long a cluster waits for every host to register.
-STARTUP_TIMEOUT_S = 120.0
+STARTUP_TIMEOUT_S = ClusterConfig().startup_timeout_s
 
 
 def wait_for_hosts(controller: Controller, expected: int, timeout: float,
@@ -109,10 +110,15 @@ class LocalCluster:
 
     def __init__(self, islands: int = 2, devices_per_island: int = 4, *,
                  platform: str = "cpu", heartbeat: bool = True,
-                 input_timeout_s: float = INPUT_TIMEOUT_S, policy: str = "fifo",
+                 input_timeout_s: float | None = None, policy: str | None = None,
                  credentials: _auth.Credentials | None = None,
                  session_quota_bytes: int | None = None,
-                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
+                 session_lease_s: float | None = None,
+                 execution_deadline_s: float | None = None,
+                 config: ClusterConfig | None = None) -> None:
+        self.config = (config or ClusterConfig.from_env()).replace(
+            input_timeout_s=input_timeout_s, policy=policy, session_quota_bytes=session_quota_bytes,
+            session_lease_s=session_lease_s, execution_deadline_s=execution_deadline_s)
         total = islands * devices_per_island
         if platform == "cpu":
             _ensure_cpu_devices(total)
@@ -123,10 +129,8 @@ class LocalCluster:
                 f"devices; this process has {len(devices)}")
         cluster_credentials = credentials or _auth.Credentials.generate()
         self.credentials = cluster_credentials.for_clients()
-        self.controller = Controller(heartbeat=heartbeat, policy=policy,
-                                     credentials=cluster_credentials,
-                                     session_quota_bytes=session_quota_bytes,
-                                     session_lease_s=session_lease_s)
+        self.controller = Controller(heartbeat=heartbeat, credentials=cluster_credentials,
+                                     **controller_options(self.config))
         self._server, self.port = create_controller_server(self.controller)
         self.address = f"127.0.0.1:{self.port}"
         self.token_file = publish_token(self.address, self.credentials)
@@ -135,8 +139,8 @@ class LocalCluster:
         for island in range(islands):
             worker = Worker(island, 0, devices[island * devices_per_island:
                                                (island + 1) * devices_per_island],
-                            platform=platform, input_timeout_s=input_timeout_s,
-                            credentials=cluster_credentials)
+                            platform=platform, credentials=cluster_credentials,
+                            **worker_options(self.config))
             server, _ = create_worker_server(worker)
             self.workers.append(worker)
             self._worker_servers.append(server)
@@ -207,18 +211,22 @@ class ProcessCluster:
 
     def __init__(self, islands: int = 2, hosts_per_island: int = 1, devices_per_host: int = 4, *,
                  port: int = 0, host: str = "127.0.0.1", platform: str = "cpu",
-                 startup_timeout: float = STARTUP_TIMEOUT_S, policy: str = "fifo",
-                 execution_deadline_s: float = EXECUTION_DEADLINE_S,
+                 startup_timeout: float | None = None, policy: str | None = None,
+                 execution_deadline_s: float | None = None,
                  credentials: _auth.Credentials | None = None,
                  session_quota_bytes: int | None = None,
-                 session_lease_s: float = DEFAULT_SESSION_LEASE_S,
-                 worker_metrics_port: int | None = None, worker_log: str | None = None) -> None:
+                 session_lease_s: float | None = None,
+                 worker_metrics_port: int | None = None, worker_log: str | None = None,
+                 config: ClusterConfig | None = None) -> None:
+        self.config = (config or ClusterConfig.from_env()).replace(
+            startup_timeout_s=startup_timeout, policy=policy,
+            execution_deadline_s=execution_deadline_s, session_quota_bytes=session_quota_bytes,
+            session_lease_s=session_lease_s)
         self._cluster_credentials = credentials or _auth.Credentials.generate()
         self.credentials = self._cluster_credentials.for_clients()
         self._worker_metrics_port, self._worker_log = worker_metrics_port, worker_log
-        self._controller_options = dict(policy=policy, credentials=self._cluster_credentials,
-                                        session_quota_bytes=session_quota_bytes,
-                                        session_lease_s=session_lease_s)
+        self._controller_options = dict(credentials=self._cluster_credentials,
+                                        **controller_options(self.config))
         self.controller = Controller(**self._controller_options)
         try:
             self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
@@ -227,13 +235,15 @@ class ProcessCluster:
             raise
         self.address = f"{host}:{self.port}"
         self.token_file = publish_token(self.address, self.credentials)
-        self._host, self._startup_timeout = host, startup_timeout
-        self._shape = (islands, hosts_per_island, devices_per_host, platform, execution_deadline_s)
+        self._host, self._startup_timeout = host, self.config.startup_timeout_s
+        self._shape = (islands, hosts_per_island, devices_per_host, platform,
+                       self.config.worker.execution_deadline_s)
         self.procs: list[subprocess.Popen] = []
         try:
             for island in range(islands):
                 self.procs.extend(self._spawn_island(island))
-            wait_for_hosts(self.controller, islands * hosts_per_island, startup_timeout, self.procs)
+            wait_for_hosts(self.controller, islands * hosts_per_island, self._startup_timeout,
+                           self.procs)
         except BaseException:
             self.close()
             raise
@@ -249,7 +259,8 @@ class ProcessCluster:
         return [_spawn_worker(self.address, island, h, devices_per_host, platform,
                               coordinator=coordinator, num_hosts=hosts_per_island,
                               execution_deadline_s=execution_deadline_s,
-                              env=self._cluster_credentials.worker_environment(),
+                              env={**self.config.to_env(),
+                                   **self._cluster_credentials.worker_environment()},
                               metrics_port=metrics_port(h), log=self._worker_log)
                 for h in range(hosts_per_island)]
 

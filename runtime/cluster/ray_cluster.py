@@ -22,14 +22,13 @@ import time
 from typing import Any
 
 from proto import auth as _auth
-from runtime.cluster.clusters import STARTUP_TIMEOUT_S, publish_token, wait_for_hosts, withdraw_token
-from runtime.server import Controller, create_controller_server
+from runtime.cluster.clusters import publish_token, wait_for_hosts, withdraw_token
+from proto.config import ClusterConfig
+from runtime.server import Controller, controller_options, create_controller_server
 from proto.errors import DeadlineExceededError, FailedPreconditionError
-from proto.leases import DEFAULT_SESSION_LEASE_S
 from runtime.cluster.ray_connect import LOOPBACK, connect_ray
 from runtime.cluster.ray_connect import start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime.cluster.ray_host import HostActor
-from runtime.worker.defaults import EXECUTION_DEADLINE_S
 
 log = logging.getLogger(__name__)
 
@@ -87,12 +86,17 @@ class RayCluster:
                  cpus_per_host: int = 1, port: int = 0, host: str = "127.0.0.1",
                  platform: str = "cpu", runtime_env: dict[str, Any] | None = None,
                  placement_timeout: float = PLACEMENT_TIMEOUT_S,
-                 startup_timeout: float = STARTUP_TIMEOUT_S,
-                 credentials: _auth.Credentials | None = None, policy: str = "fifo",
-                 execution_deadline_s: float = EXECUTION_DEADLINE_S,
+                 startup_timeout: float | None = None,
+                 credentials: _auth.Credentials | None = None, policy: str | None = None,
+                 execution_deadline_s: float | None = None,
                  session_quota_bytes: int | None = None,
                  max_host_restarts: int = MAX_HOST_RESTARTS,
-                 session_lease_s: float = DEFAULT_SESSION_LEASE_S) -> None:
+                 session_lease_s: float | None = None,
+                 config: ClusterConfig | None = None) -> None:
+        self.config = (config or ClusterConfig.from_env()).replace(
+            startup_timeout_s=startup_timeout, policy=policy,
+            execution_deadline_s=execution_deadline_s, session_quota_bytes=session_quota_bytes,
+            session_lease_s=session_lease_s)
         if placement_strategy not in PLACEMENT_STRATEGIES:
             raise ValueError(f"placement strategy {placement_strategy!r} is not one of "
                              f"{PLACEMENT_STRATEGIES}")
@@ -106,8 +110,9 @@ class RayCluster:
         self.bundle = bundle
         self.hosts_per_island, self.platform = hosts_per_island, platform
         self.max_host_restarts = max_host_restarts
-        self._placement_timeout, self._startup_timeout = placement_timeout, startup_timeout
-        self._execution_deadline_s = execution_deadline_s
+        self._placement_timeout = placement_timeout
+        self._startup_timeout = self.config.startup_timeout_s
+        self._execution_deadline_s = self.config.worker.execution_deadline_s
         hosts = islands * hosts_per_island
         self._started_ray = connect_ray(ray_address, num_cpus=bundle["CPU"] * hosts,
                                         num_gpus=bundle.get("GPU", 0) * hosts or None)
@@ -129,9 +134,8 @@ class RayCluster:
         try:
             self.placement_strategy = (_default_strategy(ray, bundle, hosts_per_island)
                                        if placement_strategy == "auto" else placement_strategy)
-            self.controller = Controller(policy=policy, credentials=cluster_credentials,
-                                         session_quota_bytes=session_quota_bytes,
-                                         session_lease_s=session_lease_s)
+            self.controller = Controller(credentials=cluster_credentials,
+                                         **controller_options(self.config))
             self._server, self.port = create_controller_server(self.controller, f"{host}:{port}")
             self.address = f"{_advertised(ray, host)}:{self.port}"
             self.token_file = publish_token(self.address, self.credentials)
