@@ -119,10 +119,10 @@ def ping_round(cluster) -> dict[str, float]:
     for the controller too, for reasons of their own)."""
     from proto import pathways_pb2 as pb
     from proto import pathways_pb2_grpc as pb_grpc
-    from proto import auth as _auth
+    from proto import rpc as _rpc
 
     addresses = [h.address for h in _status_hosts(cluster)]
-    channels = [_auth.open_channel(a, cluster.credentials) for a in addresses]
+    channels = [_rpc.open_channel(a, cluster.credentials) for a in addresses]
     try:
         stubs = [pb_grpc.WorkerStub(c) for c in channels]
         for stub in stubs:  # connected first: the round times answers, not connections
