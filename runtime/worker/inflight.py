@@ -2,8 +2,9 @@
 
 The executor launches computations in the island's order. One with collectives is the only one in
 flight: the executor waits for it (several sharded executions with collectives in flight at once
-can deadlock XLA's CPU rendezvous, DESIGN.md). One without collectives is handed to a finisher
-thread instead, and the executor goes on to launch the next while it runs, up to PIPELINE_DEPTH of
+can deadlock XLA's CPU rendezvous: README.md, design notes). One without collectives is handed to
+a finisher thread instead, and the executor goes on to launch the next while it runs, up to
+PIPELINE_DEPTH of
 them, so the devices do not idle while the executor does its Python bookkeeping. Either way each
 execution is recorded in order: its device time starts no earlier than the previous one's end.
 """
