@@ -28,8 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,8 +92,9 @@ class _Tenant:
 
     def __init__(self, address: str, index: int, weight: float, length: int, devices: int,
                  n: int = PROGRAM_DIM, timeout_s: float | None = None) -> None:
-        import runtime
         from jax.sharding import PartitionSpec as P
+
+        import runtime
         from runtime.client.client import RPC_TIMEOUT_S
 
         self.client = runtime.Client(address, name=f"client{index}", weight=weight,

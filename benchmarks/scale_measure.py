@@ -25,9 +25,9 @@ from concurrent import futures
 
 import numpy as np
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto import auth as _auth
 from proto import rpc as _rpc
 
 #: Percentiles reported for each latency.

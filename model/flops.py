@@ -31,9 +31,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from model.peaks import peak_flops_for
 from model.config import PalmConfig
 from model.palm import embedding_param_count, param_count
+from model.peaks import peak_flops_for
 
 Remat = str | float
 

@@ -38,8 +38,8 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from proto.access import CONTROLLER, REQUIRED, WORKER, Credential
-from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
-                             PathwaysError, PermissionDeniedError, UnauthenticatedError)
+from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError, PathwaysError,
+                          PermissionDeniedError, UnauthenticatedError)
 
 log = logging.getLogger(__name__)
 

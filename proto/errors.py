@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import grpc
 
-
 #: Origins an error may carry (besides a peer's name, such as "controller 127.0.0.1:5000" or
 #: "host 0.1 (127.0.0.1:5001)", which the client's translator gives errors that came over the wire).
 #: STORE: a host's array store, about a wait itself (an array not produced in time, or not on the

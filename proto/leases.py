@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from proto.config import ClientConfig, ControllerConfig
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto.config import ClientConfig, ControllerConfig
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ from jax._src.lib import xla_client as xc
 from jaxlib.mlir import ir
 from jaxlib.mlir.dialects import stablehlo
 
-from proto.ifrt import xla_pb2
 from proto import wire as _wire
 from proto.errors import InvalidArgumentError
+from proto.ifrt import xla_pb2
 
 _ELEMENT_TYPES = {
     "i1": "bool", "i8": "int8", "i16": "int16", "i32": "int32", "i64": "int64",

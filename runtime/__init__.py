@@ -25,9 +25,8 @@ os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from proto.errors import (ArrayNotFoundError, ControllerUnavailableError, DeadlineExceededError,
                           ExecutionError, FailedPreconditionError, HostLostError,
-                          InvalidArgumentError, NotFoundError, PathwaysError,
-                          PermissionDeniedError, ResourceExhaustedError, SliceUnavailableError,
-                          UnauthenticatedError)
+                          InvalidArgumentError, NotFoundError, PathwaysError, PermissionDeniedError,
+                          ResourceExhaustedError, SliceUnavailableError, UnauthenticatedError)
 from runtime.client.array import RemoteArray
 from runtime.client.client import Client, VirtualSlice
 from runtime.client.function import CompiledFunction, RemoteFunction

@@ -18,9 +18,9 @@ from typing import Protocol
 
 import grpc
 
-from proto.config import SchedulerConfig
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto.config import SchedulerConfig
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
-                             PathwaysError, ResourceExhaustedError)
+                          PathwaysError, ResourceExhaustedError)
 from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from scheduler.defaults import (DEFAULT_COST_S, INPUT_WAIT_S, MAX_OUTSTANDING, MAX_UNMEASURED,

@@ -9,7 +9,6 @@ import math
 import signal
 import time
 
-
 #: Python thread switch interval in worker processes (see cmd_worker).
 WORKER_SWITCH_INTERVAL_S = 0.0002
 

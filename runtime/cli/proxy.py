@@ -42,8 +42,8 @@ def register(sub) -> None:
 def _cmd_proxy(args: argparse.Namespace) -> int:
     import jax
 
-    from runtime.cluster.clusters import die_with_parent
     from runtime.cli.common import cli_credentials, quiet_collector, wait_for_signal
+    from runtime.cluster.clusters import die_with_parent
 
     if not die_with_parent():
         return 1
@@ -64,8 +64,8 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
 def _largest_island(controller: str, credentials: _auth.Credentials) -> int:
     """Devices of the controller's largest island (DEFAULT_ANALYSIS_DEVICES if it cannot say)."""
-    from runtime.client.client import Client
     from proto.errors import PathwaysError
+    from runtime.client.client import Client
 
     try:
         with Client(controller, name="proxy", timeout_s=10.0, credentials=credentials) as client:

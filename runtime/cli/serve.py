@@ -23,10 +23,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return run_worker(args, cli_credentials(args, args.controller), quiet_collector)
     if not die_with_parent():
         return 1  # the process that started this worker is gone already
-    from runtime.worker.distributed import host_devices
     from proto.errors import FailedPreconditionError
-    from runtime.worker.membership import Membership
     from runtime.server import Worker, create_worker_server, worker_options
+    from runtime.worker.distributed import host_devices
+    from runtime.worker.membership import Membership
 
     # The executor thread gives the GIL up while a computation runs; it must get it back within
     # tens of microseconds, not the default 5 ms, when another thread (a Dispatch batch) holds it.
@@ -165,8 +165,8 @@ def cmd_up(args: argparse.Namespace) -> int:
             print(f"token in {token_file} (clients on this machine find it; elsewhere set "
                   f"{_auth.TOKEN_FILE_ENV})", flush=True)
         if args.proxy_port is not None:
-            from runtime.cluster.clusters import publish_token
             from runtime.cli.proxy import ProxyProcess
+            from runtime.cluster.clusters import publish_token
 
             proxy = ProxyProcess(cluster.address, f"{args.bind}:{args.proxy_port}",
                                  cluster.credentials)

@@ -10,8 +10,8 @@ from runtime.cli.common import cli_credentials
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from runtime.client.client import Client
     from proto.errors import PathwaysError
+    from runtime.client.client import Client
 
     try:
         with Client(args.address, name="status", timeout_s=args.timeout,

@@ -17,12 +17,12 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from proto.config import ClientConfig
 from proto import pathways_pb2 as pb
-from runtime.client import avals as _avals
 from proto import wire as _wire
+from proto.config import ClientConfig
 from proto.errors import (ArrayNotFoundError, DeadlineExceededError, HostLostError,
-                             InvalidArgumentError, translate_rpc_error)
+                          InvalidArgumentError, translate_rpc_error)
+from runtime.client import avals as _avals
 
 if TYPE_CHECKING:
     from runtime.client.client import Client, VirtualSlice

@@ -15,20 +15,20 @@ import grpc
 import jax
 from jax.sharding import AbstractMesh, PartitionSpec
 
-from proto.config import ClientConfig
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto import auth as _auth
 from proto import rpc as _rpc
-from runtime.client import avals as _avals
 from proto import wire as _wire
-from runtime.client.array import RemoteArray, fetch_arrays, put_arrays
-from runtime.client.stream import CommandStream
+from proto.config import ClientConfig
 from proto.errors import (ControllerUnavailableError, InvalidArgumentError, PathwaysError,
                           translate_rpc_error)
-from runtime.client.function import RemoteFunction, SpecTree, broadcast_specs, leaf_avals
 from proto.leases import KeepAlive
+from runtime.client import avals as _avals
+from runtime.client.array import RemoteArray, fetch_arrays, put_arrays
+from runtime.client.function import RemoteFunction, SpecTree, broadcast_specs, leaf_avals
 from runtime.client.program import Program, Trace, transfer_handle
+from runtime.client.stream import CommandStream
 
 #: Deadline of controller RPCs; loading an executable may take longer than the rest.
 RPC_TIMEOUT_S = ClientConfig().rpc_timeout_s

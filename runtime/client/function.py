@@ -15,10 +15,10 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
-from runtime.client import avals as _avals
 from proto import wire as _wire
-from runtime.client.array import RemoteArray
 from proto.errors import InvalidArgumentError, ResourceExhaustedError
+from runtime.client import avals as _avals
+from runtime.client.array import RemoteArray
 
 if TYPE_CHECKING:
     from runtime.client.client import Client, VirtualSlice

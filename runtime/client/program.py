@@ -17,8 +17,8 @@ from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
-from runtime.client.array import RemoteArray
 from proto.errors import InvalidArgumentError
+from runtime.client.array import RemoteArray
 
 if TYPE_CHECKING:
     from runtime.client.client import Client, VirtualSlice

@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING
 
 import grpc
 
-from proto.config import ClientConfig
 from proto import pathways_pb2 as pb
+from proto.config import ClientConfig
 from proto.errors import (ControllerUnavailableError, DeadlineExceededError, PathwaysError,
-                             error_from_name, translate_rpc_error)
+                          error_from_name, translate_rpc_error)
 
 if TYPE_CHECKING:
     from runtime.client.array import RemoteArray

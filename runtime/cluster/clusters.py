@@ -19,16 +19,15 @@ from collections.abc import Sequence
 import grpc
 import jax
 
-from proto import pathways_pb2 as pb
 from proto import auth as _auth
-from runtime.worker import membership as _membership
-from runtime.client.client import Client
+from proto import pathways_pb2 as pb
 from proto.config import ClusterConfig
-from runtime.server import (Controller, controller_options, create_controller_server,
-                            worker_options)
-from runtime.worker.distributed import free_port
 from proto.errors import DeadlineExceededError, FailedPreconditionError
+from runtime.client.client import Client
+from runtime.server import Controller, controller_options, create_controller_server, worker_options
+from runtime.worker import membership as _membership
 from runtime.worker.defaults import EXECUTION_DEADLINE_S
+from runtime.worker.distributed import free_port
 from runtime.worker.servicer import create_worker_server
 from runtime.worker.worker import Worker
 

@@ -22,13 +22,14 @@ import time
 from typing import Any
 
 from proto import auth as _auth
-from runtime.cluster.clusters import publish_token, wait_for_hosts, withdraw_token
 from proto.config import ClusterConfig
-from runtime.server import Controller, controller_options, create_controller_server
 from proto.errors import DeadlineExceededError, FailedPreconditionError
+from runtime.cluster.clusters import publish_token, wait_for_hosts, withdraw_token
+from runtime.cluster.ray_connect import \
+    start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime.cluster.ray_connect import LOOPBACK, connect_ray
-from runtime.cluster.ray_connect import start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime.cluster.ray_host import HostActor
+from runtime.server import Controller, controller_options, create_controller_server
 
 log = logging.getLogger(__name__)
 

@@ -16,10 +16,10 @@ import os
 import threading
 
 from proto import auth as _auth
-from runtime.worker.distributed import free_port, host_devices
 from proto.errors import FailedPreconditionError
-from runtime.worker.membership import register
 from runtime.worker.defaults import EXECUTION_DEADLINE_S
+from runtime.worker.distributed import free_port, host_devices
+from runtime.worker.membership import register
 from runtime.worker.servicer import create_worker_server
 from runtime.worker.worker import Worker
 

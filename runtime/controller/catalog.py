@@ -13,8 +13,7 @@ from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import stablehlo as _stablehlo
 from proto import wire as _wire
-from proto.errors import (HostLostError, InvalidArgumentError, NotFoundError,
-                          ResourceExhaustedError)
+from proto.errors import HostLostError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from runtime.controller.defaults import SLICE_FLUSH_TIMEOUT_S
 from runtime.controller.placement import Placer
 from runtime.controller.sessions import Executable, Session

@@ -37,16 +37,16 @@ from runtime import metrics_state as _metrics_state
 from runtime.controller.catalog import Catalog
 from runtime.controller.defaults import BACKLOG_TIMEOUT_S, HEARTBEAT_INTERVAL_S, MAX_BACKLOG
 from runtime.controller.health import Health
+from runtime.controller.ordering import command_result
 from runtime.controller.placement import Placer
 from runtime.controller.planner import Planner
-from runtime.controller.ordering import command_result
 from runtime.controller.sessions import Executable, Session
 from runtime.controller.status import StatusReport
 from scheduler.gang import GangScheduler
-from scheduler.tickets import OrderTicket
 from scheduler.policy import check_weight, make_policy
 from scheduler.readiness import Readiness
 from scheduler.resources import ResourceManager
+from scheduler.tickets import OrderTicket
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ import time
 
 import grpc
 
-from proto import rpc as _rpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto import rpc as _rpc
 from proto.errors import HostLostError, InvalidArgumentError
 from runtime.controller.defaults import (BUSY_HOST_TIMEOUT_S, HEARTBEAT_INTERVAL_S,
                                          HEARTBEAT_MISSES, MAX_INCOMING)

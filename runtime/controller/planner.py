@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
-from proto.errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundError,
-                             PathwaysError, ResourceExhaustedError)
-from runtime.controller.placement import Placement, Placer
+from proto.errors import (ArrayNotFoundError, InvalidArgumentError, NotFoundError, PathwaysError,
+                          ResourceExhaustedError)
 from runtime.controller.ordering import INSTRUCTIONS_PER_PIECE, Emitter, command_result
+from runtime.controller.placement import Placement, Placer
 
 if TYPE_CHECKING:
     from runtime.controller.catalog import CatalogView

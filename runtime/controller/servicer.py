@@ -8,10 +8,10 @@ import grpc
 
 from proto import access
 from proto import auth as _auth
-from proto import rpc as _rpc
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto import rpc as _rpc
 from proto.admission import Admission, Chain
 from proto.errors import PathwaysError, abort
 from runtime.controller import visibility as _visibility

@@ -14,8 +14,8 @@ import re
 
 import grpc
 
-from proto import pathways_pb2 as pb
 from proto import auth as _auth
+from proto import pathways_pb2 as pb
 
 #: `activity` of a host busy with another client's work, as a client sees it.
 OTHERS_WORK = "busy with another client's work"

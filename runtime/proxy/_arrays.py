@@ -18,10 +18,10 @@ import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
-from runtime.client.array import (RemoteArray, _host_groups, _worker_call, fetch_arrays,
-                            transfer_deadline)
-from runtime.client.client import VirtualSlice
 from proto.errors import ArrayNotFoundError, DeadlineExceededError, PathwaysError
+from runtime.client.array import (RemoteArray, _host_groups, _worker_call, fetch_arrays,
+                                  transfer_deadline)
+from runtime.client.client import VirtualSlice
 from runtime.proxy._shardings import Index, Layout, Placement, place
 
 if TYPE_CHECKING:

@@ -22,10 +22,10 @@ from jax._src.lib import xla_client as xc
 from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2 as pb
-from proto.ifrt import types_pb2, xla_pb2
 from proto import stablehlo as _stablehlo
 from proto import wire as _wire
 from proto.errors import FailedPreconditionError, InvalidArgumentError
+from proto.ifrt import types_pb2, xla_pb2
 from runtime.client.function import CompiledFunction
 from runtime.proxy._arrays import slice_for
 from runtime.proxy._shardings import Layout, layout_from_op_sharding, place

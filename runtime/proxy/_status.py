@@ -11,8 +11,8 @@ import logging
 
 import grpc
 
-from proto.ifrt import status_pb2
 from proto.errors import PathwaysError
+from proto.ifrt import status_pb2
 
 log = logging.getLogger(__name__)
 

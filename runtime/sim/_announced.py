@@ -13,8 +13,8 @@ import collections
 
 from proto import pathways_pb2 as pb
 from proto.errors import FailedPreconditionError, PathwaysError
-from runtime.worker.defaults import MAX_FAILED_EARLY
 from runtime.sim._arrays import SimStore
+from runtime.worker.defaults import MAX_FAILED_EARLY
 
 #: Arrivals kept for progress reports (a stream that falls further behind misses the oldest; the
 #: controller's gate then learns of them by the client's deadline instead).

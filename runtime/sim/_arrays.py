@@ -25,8 +25,8 @@ import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
-from proto.errors import STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError, \
-    PathwaysError
+from proto.errors import (STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
+                          PathwaysError)
 
 
 @dataclasses.dataclass

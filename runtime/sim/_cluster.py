@@ -18,11 +18,11 @@ import time
 from typing import IO
 
 from proto import auth as _auth
-from runtime.cluster.clusters import (PARENT_PID_ENV, kill_process_group,
-                              publish_token, wait_for_hosts, withdraw_token)
 from proto.config import ClusterConfig
-from runtime.server import Controller, controller_options, create_controller_server
 from proto.errors import DeadlineExceededError, FailedPreconditionError
+from runtime.cluster.clusters import (PARENT_PID_ENV, kill_process_group, publish_token,
+                                      wait_for_hosts, withdraw_token)
+from runtime.server import Controller, controller_options, create_controller_server
 from runtime.sim._config import DEFAULT_FLOPS_PER_S
 from runtime.sim._process import REGISTERED
 

@@ -24,23 +24,22 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-
-from proto import pathways_pb2 as pb
 from proto import auth as _auth
+from proto import pathways_pb2 as pb
 from proto import wire as _wire
 from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
-                             InvalidArgumentError, NotFoundError, PathwaysError)
-from runtime.worker.hang import diagnose
-from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
-from runtime.worker.intake import fresh_instructions, receive_order_free
-from runtime.worker.state import describe_activity
+                          InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.sim._announced import Announcements
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
 from runtime.sim._config import SimConfig
-from runtime.sim._executable import Executable, Layout
 from runtime.sim._cost import CostModel
+from runtime.sim._executable import Executable, Layout
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._signal import Signal
+from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
+from runtime.worker.hang import diagnose
+from runtime.worker.intake import fresh_instructions, receive_order_free
+from runtime.worker.state import describe_activity
 
 log = logging.getLogger(__name__)
 

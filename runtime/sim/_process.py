@@ -25,7 +25,6 @@ from concurrent import futures
 import grpc
 
 from proto import auth as _auth
-from runtime.worker import membership as _membership
 from proto.errors import PathwaysError
 from runtime.sim._config import DEFAULT_FLOPS_PER_S, SimConfig
 from runtime.sim._cost import CostModel
@@ -33,6 +32,7 @@ from runtime.sim._host import SimHost
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._send import Transfers
 from runtime.sim._service import start_sim_server
+from runtime.worker import membership as _membership
 
 log = logging.getLogger(__name__)
 

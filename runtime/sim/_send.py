@@ -17,9 +17,9 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto import auth as _auth
 from proto import rpc as _rpc
 from proto import wire as _wire
 from proto.errors import PathwaysError

@@ -15,15 +15,15 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
-from proto import pathways_pb2 as pb
 from proto import auth as _auth
+from proto import pathways_pb2 as pb
 from proto import rpc as _rpc
 from proto import wire as _wire
-from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
-                             PathwaysError, PermissionDeniedError, UnauthenticatedError)
+from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError, PathwaysError,
+                          PermissionDeniedError, UnauthenticatedError)
 from proto.ports import SERVER_OPTIONS, bind_failed
-from runtime.worker.servicer import HOST_METHODS
 from runtime.sim._host import MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S, SimHost
+from runtime.worker.servicer import HOST_METHODS
 
 _SERVICE = "pathways.Worker"
 #: Request type of each method, and whether requests / replies stream.

@@ -8,7 +8,7 @@ import logging
 import time
 
 from proto import pathways_pb2 as pb
-from proto.errors import (STORE, DeadlineExceededError, ExecutionError, NotFoundError, PathwaysError)
+from proto.errors import STORE, DeadlineExceededError, ExecutionError, NotFoundError, PathwaysError
 from runtime.worker.compile import Loaded, compile_export, compile_stablehlo, host_nbytes
 from runtime.worker.inflight import collective_free
 from runtime.worker.state import IDLE

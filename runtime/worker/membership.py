@@ -17,9 +17,9 @@ from collections.abc import Callable
 
 import grpc
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto import auth as _auth
 from proto import rpc as _rpc
 
 log = logging.getLogger(__name__)

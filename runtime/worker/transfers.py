@@ -19,9 +19,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from proto import rpc as _rpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto import rpc as _rpc
 from proto import wire as _wire
 from proto.errors import ExecutionError
 from runtime.worker.defaults import SLICE_TIMEOUT_S, TRANSFER_TIMEOUT_S

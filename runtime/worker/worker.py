@@ -52,8 +52,7 @@ from runtime.worker.executor import Executor
 from runtime.worker.hang import HangWatchdog
 from runtime.worker.inflight import InFlight
 from runtime.worker.intake import fresh_instructions, receive_order_free
-from runtime.worker.state import (ExecutionRecord, ExecutorState, describe_activity,
-                                  entries_after)
+from runtime.worker.state import ExecutionRecord, ExecutorState, describe_activity, entries_after
 from runtime.worker.store import ArrayStore
 from runtime.worker.transfers import Transfers
 
