@@ -51,6 +51,7 @@ class StatusReport:
                     info.hang = live.hang
                     info.current_sequence, info.current_name = (live.current_sequence,
                                                                 live.current_name)
+                    info.current_state = live.current_state
                     if live.hang:
                         info.state = "hung"
                 except grpc.RpcError as err:

@@ -39,7 +39,7 @@ from runtime.sim._signal import Signal
 from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
 from runtime.worker.hang import diagnose
 from runtime.worker.intake import fresh_instructions, receive_order_free
-from runtime.worker.state import describe_activity
+from runtime.worker.state import current_state, describe_activity
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class SimHost:
             distributed_hosts=self.island_size if self.island_size > 1 else 0,
             received=self._received, executed=self.executed, hang=self.hang,
             current_sequence=state[2] if len(state) > 2 else 0,
-            current_name=state[1] if len(state) > 1 else "")
+            current_name=state[1] if len(state) > 1 else "", current_state=current_state(state))
 
     @property
     def activity(self) -> str:

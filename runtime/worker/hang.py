@@ -89,7 +89,7 @@ def diagnose(worker: Worker, state: tuple, info: pb.SliceInfo) -> str:
         except grpc.RpcError as err:
             missing.append(f"{where} (unreachable: {err.code().name})")
             continue
-        running = peer.activity.startswith(("running", "stuck: running"))
+        running = peer.current_state == "running"
         if ((peer.current_sequence, peer.current_name) == (sequence, name) and running) or (
                 peer.executed >= sequence and not peer.hang):
             reached.append(where)

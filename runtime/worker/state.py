@@ -43,6 +43,12 @@ class ExecutionRecord:
     session_id: int = 0
 
 
+def current_state(state: tuple) -> str:
+    """The first word of an executor's state ("running", "waiting", "compiling"; "" when idle),
+    as HostInfo.current_state carries it to a peer's hang watchdog (runtime.worker.hang)."""
+    return state[0].split()[0] if len(state) > 1 else ""
+
+
 def describe_activity(state: tuple, hang: str) -> str:
     """An executor's state (what, name, sequence, session, since, slice id), or ("idle",), as
     status shows it: e.g. "running step (#12, session 3) for 0.2 s"; "stuck: ..." once hung."""

@@ -52,7 +52,8 @@ from runtime.worker.executor import Executor
 from runtime.worker.hang import HangWatchdog
 from runtime.worker.inflight import InFlight
 from runtime.worker.intake import fresh_instructions, receive_order_free
-from runtime.worker.state import ExecutionRecord, ExecutorState, describe_activity, entries_after
+from runtime.worker.state import (ExecutionRecord, ExecutorState, current_state,
+                                  describe_activity, entries_after)
 from runtime.worker.store import ArrayStore
 from runtime.worker.transfers import Transfers
 
@@ -274,6 +275,7 @@ class Worker(Executor, DataPlane):
                            executed=self.executed, hang=self.hang,
                            current_sequence=state[2] if len(state) > 2 else 0,
                            current_name=state[1] if len(state) > 1 else "",
+                           current_state=current_state(state),
                            ray_node=self.ray_node,
                            control_address=self.control_address)
 
