@@ -146,7 +146,7 @@ def _timeline(address: str, since: float, timeout: float = 30.0) -> list[Any]:
     events = []
     with runtime.Client(address, name="timeline") as client:
         for host in client.status().hosts:
-            reply = client._worker_stub(host.address).GetTimeline(
+            reply = client.worker_stub(host.address).GetTimeline(
                 pb.GetTimelineRequest(since=since), timeout=timeout)
             events.extend(reply.events)
     return events

@@ -80,7 +80,7 @@ def test_failed_send_fails_its_destination_at_once_naming_source_and_cause(clust
     readers get an ExecutionError naming the source and the cause (not a wait to the deadline)."""
     s1 = client.slice({"d": 2}, island=1)
     sender, receiver = cluster.workers[0], cluster.workers[1]
-    dest = client._new_handle((4,), np.float32, P("d"), s1)
+    dest = client.new_handle((4,), np.float32, P("d"), s1)
     spec = pb.ArraySpec(array_id=dest.id, dtype="float32", shape=[4],
                         sharding=pb.Sharding(slice_id=s1.slice_id, dims=[pb.DimSharding(axes=["d"])]))
     receiver.store.expect(dest.id)

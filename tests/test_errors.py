@@ -50,7 +50,7 @@ def test_server_rejects_wrong_input_with_invalid_argument(client, add):
                   outputs=[client._new_id()])
     good = pb.Call(executable_id=f.executable_id, inputs=[right.id, right.id],
                    outputs=[client._new_id()])
-    reply = client._stub.Execute(pb.ExecuteRequest(  # the client's own channel: token, session key
+    reply = client.controller_stub.Execute(pb.ExecuteRequest(  # the client's own channel: token, session key
         session_id=client.session_id, commands=[pb.Command(call=bad), pb.Command(call=good)]),
         timeout=10)
     rejected, accepted = reply.results
@@ -80,7 +80,7 @@ def test_deleted_and_unknown_array_handles(client, add):
         client.sync()
     client.sync()  # each rejection is reported by sync once
     with pytest.raises(grpc.RpcError) as info:
-        client._stub.DeleteArrays(pb.DeleteArraysRequest(session_id=client.session_id,
+        client.controller_stub.DeleteArrays(pb.DeleteArraysRequest(session_id=client.session_id,
                                                          array_ids=[forged.id]), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     forged._mark_consumed()
@@ -136,7 +136,7 @@ def test_garbage_executable_gets_invalid_argument(client):
     s = client.slice({"d": 2}, island=0)
     spec = pb.ValueSpec(dtype="float32", shape=[2])
     with pytest.raises(runtime.InvalidArgumentError, match="not a serialized jax.export"):
-        client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+        client.call("LoadExecutable", pb.LoadExecutableRequest(
             session_id=client.session_id, slice_id=s.slice_id, serialized=b"\x00garbage",
             inputs=[spec], outputs=[spec], name="garbage"))
     still_works(client)
@@ -170,7 +170,7 @@ def test_input_that_never_arrives_fails_within_its_deadline():
         s = client.slice({"d": 2})
         never = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[2],
                              sharding=pb.Sharding(slice_id=s.slice_id))
-        client._rpc("RegisterArrays", pb.RegisterArraysRequest(session_id=client.session_id,
+        client.call("RegisterArrays", pb.RegisterArraysRequest(session_id=client.session_id,
                                                                arrays=[never]))
         handle = runtime.RemoteArray(client, never.array_id, (2,), np.float32, P(), s)
         out = client.jit(lambda v: v + 1, s)(handle)

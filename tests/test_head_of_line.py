@@ -31,7 +31,7 @@ class _Stalled:
                                    out_specs=P("d")).lower(real)
         self.spec = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[8],
                                  sharding=_wire.spec_to_proto(self.slice.slice_id, P("d")))
-        client._stub.RegisterArrays(pb.RegisterArraysRequest(session_id=client.session_id,
+        client.controller_stub.RegisterArrays(pb.RegisterArraysRequest(session_id=client.session_id,
                                                              arrays=[self.spec]), timeout=30)
 
     def execute(self, commands, timeout: float):
@@ -40,7 +40,7 @@ class _Stalled:
 
         def send():
             try:
-                out.append(self.client._stub.Execute(pb.ExecuteRequest(
+                out.append(self.client.controller_stub.Execute(pb.ExecuteRequest(
                     session_id=self.client.session_id, commands=commands), timeout=timeout))
             except grpc.RpcError as err:
                 out.append(err)
@@ -55,13 +55,13 @@ class _Stalled:
                                        inputs=[input_id], outputs=[output])), output
 
     def put(self) -> None:
-        stub = self.client._worker_stub(self.slice.info.host_addresses[0])
+        stub = self.client.worker_stub(self.slice.info.host_addresses[0])
         shards = [(index, positions, self.data[_wire.as_slices(index)]) for index, positions in
                   _wire.shard_groups([8], self.slice.mesh_shape, self.spec.sharding)]
         stub.PutArray(_wire.iter_chunks(self.spec, shards), timeout=30)
 
     def fetch(self, array_id: int, sequence: int) -> np.ndarray:
-        stub = self.client._worker_stub(self.slice.info.host_addresses[0])
+        stub = self.client.worker_stub(self.slice.info.host_addresses[0])
         out = np.empty(8, np.float32)
         _, shards = _wire.assemble_chunks(stub.GetArray(pb.GetArrayRequest(
             array_id=array_id, timeout_s=30, after_sequence=sequence), timeout=30), out.dtype)

@@ -59,7 +59,7 @@ class Attack:
         self.slice = self.client.slice({"d": 1}, island=0)
         self.sid = self.client.session_id
         self.victim = bystander
-        self.worker = self.client._worker_stub(self.slice.info.host_addresses[0])
+        self.worker = self.client.worker_stub(self.slice.info.host_addresses[0])
         self.controller_channel = _rpc.open_channel(cluster.address, cluster.credentials,
                                                      self.client._call_metadata)
         self.worker_channel = _rpc.open_channel(self.slice.info.host_addresses[0],
@@ -166,7 +166,7 @@ class Attack:
         """(method, request bytes or a list of stream messages, streamed)."""
         victim = self.victim
         declared = self.spec()
-        self.client._stub.RegisterArrays(pb.RegisterArraysRequest(session_id=self.sid,
+        self.client.controller_stub.RegisterArrays(pb.RegisterArraysRequest(session_id=self.sid,
                                                                   arrays=[declared]), timeout=30)
 
         def header(start, stop, nbytes, positions=(0,), shared=""):

@@ -51,7 +51,7 @@ def test_acting_as_another_session_is_denied(cluster, victim):
     client, s, x, y, compiled, _ = victim
     attacker = cluster.client("attacker")
     try:
-        stub = attacker._stub  # carries the attacker's token and session key
+        stub = attacker.controller_stub  # carries the attacker's token and session key
         sid = client.session_id
         calls = {
             "Execute": pb.ExecuteRequest(session_id=sid, commands=[pb.Command(
@@ -93,7 +93,7 @@ def test_hosts_refuse_other_sessions_and_strangers(cluster, victim):
     client, s, x, y, compiled, data = victim
     attacker = cluster.client("attacker")
     try:
-        worker = attacker._worker_stub(s.info.host_addresses[0])
+        worker = attacker.worker_stub(s.info.host_addresses[0])
         # Reading the victim's array.
         assert _code(lambda: list(worker.GetArray(pb.GetArrayRequest(
             array_id=x.id, timeout_s=1.0), timeout=5))) in DENIED
@@ -110,10 +110,10 @@ def test_hosts_refuse_other_sessions_and_strangers(cluster, victim):
                 array_ids=[x.id]))]), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
         # Posing as a host: re-registering island 0's host elsewhere, or removing it.
         info = pb.HostInfo(island=0, host=0, address="127.0.0.1:1", num_devices=4)
-        assert _code(lambda: attacker._stub.RegisterHost(pb.RegisterHostRequest(host=info),
+        assert _code(lambda: attacker.controller_stub.RegisterHost(pb.RegisterHostRequest(host=info),
                                                          timeout=5)) in (
             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS)
-        assert _code(lambda: attacker._stub.UnregisterHost(pb.UnregisterHostRequest(
+        assert _code(lambda: attacker.controller_stub.UnregisterHost(pb.UnregisterHostRequest(
             island=0, host=0, address=s.info.host_addresses[0]), timeout=5)) \
             == grpc.StatusCode.PERMISSION_DENIED
     finally:

@@ -91,9 +91,9 @@ def test_up_stops_on_sigterm_after_hostile_requests():
             s = client.slice({"d": 2})
             pending = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[4],
                                    sharding=pb.Sharding(slice_id=s.slice_id))
-            client._stub.RegisterArrays(pb.RegisterArraysRequest(
+            client.controller_stub.RegisterArrays(pb.RegisterArraysRequest(
                 session_id=client.session_id, arrays=[pending]), timeout=30)
-            worker = client._worker_stub(s.info.host_addresses[0])
+            worker = client.worker_stub(s.info.host_addresses[0])
             with pytest.raises(grpc.RpcError) as info:
                 list(worker.GetArray(pb.GetArrayRequest(array_id=pending.array_id,
                                                         timeout_s=float("nan")), timeout=10))
@@ -102,7 +102,7 @@ def test_up_stops_on_sigterm_after_hostile_requests():
                 pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[1],
                              sharding=pb.Sharding(slice_id=s.slice_id)) for _ in range(12_000)])
             with pytest.raises(grpc.RpcError) as info:
-                client._stub.RegisterArrays(many, timeout=30)
+                client.controller_stub.RegisterArrays(many, timeout=30)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             x = client.put(np.arange(4, dtype=np.float32), s)
             np.testing.assert_array_equal(x.fetch(), np.arange(4, dtype=np.float32))

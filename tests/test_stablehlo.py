@@ -35,7 +35,7 @@ def load(client, vslice, module, options, inputs, outputs, donated=(), name="f")
         return [pb.ValueSpec(dtype=np.dtype(a.dtype).name, shape=a.shape,
                              sharding=_wire.spec_to_proto(vslice.slice_id, s))
                 for a, s in values]
-    return client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+    return client.call("LoadExecutable", pb.LoadExecutableRequest(
         session_id=client.session_id, slice_id=vslice.slice_id, serialized=module,
         compile_options=options, format=pb.STABLEHLO, name=name, inputs=specs(inputs),
         outputs=specs(outputs), donated=donated))
@@ -106,7 +106,7 @@ def test_ready_only_reads_wait_without_data(client):
     vslice = client.slice((2,), ("x",), island=0)
     array = client.put(np.ones(4, np.float32), vslice, P("x"))
     host = vslice.info.host_addresses[0]
-    chunks = list(client._worker_stub(host).GetArray(pb.GetArrayRequest(
+    chunks = list(client.worker_stub(host).GetArray(pb.GetArrayRequest(
         array_id=array.id, timeout_s=10, after_sequence=array.sequence, ready_only=True),
         timeout=20))
     assert chunks == []

@@ -134,7 +134,7 @@ class RemoteArray:
         run. Returns at once."""
         self.check_alive()
         self._deleted = True
-        self._client._stream.drop(self.id)
+        self._client.commands.drop(self.id)
 
     def _mark_consumed(self) -> None:
         """The array was donated to a call: the handle is dead, the controller already knows."""
@@ -142,7 +142,7 @@ class RemoteArray:
 
     def __del__(self) -> None:
         if not self._deleted and self.id > 0:
-            self._client._stream.drop(self.id)
+            self._client.commands.drop(self.id)
 
     def __repr__(self) -> str:
         state = "deleted" if self._deleted else f"slice {self.slice.slice_id}"
@@ -166,7 +166,7 @@ def _host_groups(shape, vslice: VirtualSlice, sharding: pb.Sharding
 
 def _worker_call(client: Client, vslice: VirtualSlice, host: int, fn):
     try:
-        return fn(client._worker_stub(vslice.info.host_addresses[host]))
+        return fn(client.worker_stub(vslice.info.host_addresses[host]))
     except grpc.RpcError as err:
         where = f"host {vslice.island}.{host} ({vslice.info.host_addresses[host]})"
         raise translate_rpc_error(err, where, "a read or write", HostLostError) from None
@@ -185,7 +185,7 @@ def put_arrays(client: Client, values: Sequence[np.ndarray], specs: Sequence[pb.
                 return stub.PutArray(_wire.iter_chunks(spec, shards),
                                      timeout=transfer_deadline(nbytes))
 
-            jobs.append(client._pool.submit(_worker_call, client, vslice, host, send))
+            jobs.append(client.transfer_pool.submit(_worker_call, client, vslice, host, send))
     total = sum(v.nbytes for v in values)
     _wait_jobs(jobs, transfer_deadline(total) + TRANSFER_FLOOR_S, "put")
 
@@ -229,7 +229,7 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
 
             _worker_call(client, vslice, host, receive)
 
-    jobs = [client._pool.submit(receive_all, reads) for reads in per_host.values()]
+    jobs = [client.transfer_pool.submit(receive_all, reads) for reads in per_host.values()]
     total = sum(r[4] for reads in per_host.values() for r in reads)
     _wait_jobs(jobs, wait + transfer_deadline(total) + TRANSFER_FLOOR_S, "fetch")
     return [_avals.from_host_value(out, array.dtype) for out, array in zip(outputs, arrays)]

@@ -82,7 +82,7 @@ class VirtualSlice:
 
     def release(self) -> None:
         """Gives the slice back; its arrays are freed and its handles become unusable."""
-        self.client._rpc("ReleaseSlice", pb.ReleaseSliceRequest(
+        self.client.call("ReleaseSlice", pb.ReleaseSliceRequest(
             session_id=self.client.session_id, slice_id=self.slice_id))
 
     def __repr__(self) -> str:
@@ -123,13 +123,13 @@ class Client:
         self.credentials = (credentials or _auth.Credentials.resolve(address=address)).for_clients()
         self._session_key = ""
         self._channel = _rpc.open_channel(address, self.credentials, self._call_metadata)
-        self._stub = pb_grpc.ControllerStub(self._channel)
+        self.controller_stub = pb_grpc.ControllerStub(self._channel)
         if not _connect(self._channel, min(timeout_s, connect_timeout_s)):
             self._channel.close()
             raise ControllerUnavailableError(f"no controller answers at {address} — is "
                                              f"`pathways up` running there?")
         try:
-            reply = self._rpc("Connect", pb.ConnectRequest(client_name=name, weight=weight))
+            reply = self.call("Connect", pb.ConnectRequest(client_name=name, weight=weight))
         except PathwaysError as exc:
             self._channel.close()
             if getattr(exc, "code", None) == grpc.StatusCode.UNIMPLEMENTED:
@@ -142,10 +142,11 @@ class Client:
         self._id_lock = threading.Lock()
         self._workers: dict[str, pb_grpc.WorkerStub] = {}
         self._worker_channels: list[grpc.Channel] = []
-        self._pool = futures.ThreadPoolExecutor(max_workers=16, thread_name_prefix="transfer")
+        self.transfer_pool = futures.ThreadPoolExecutor(max_workers=16,
+                                                        thread_name_prefix="transfer")
         self._tracing_state = threading.local()
-        self._stream = CommandStream(self)
-        self._keepalive = (KeepAlive(self._stub, self.session_id, self.lease_s, address)
+        self.commands = CommandStream(self)
+        self._keepalive = (KeepAlive(self.controller_stub, self.session_id, self.lease_s, address)
                            if self.lease_s > 0 else None)
         self._closed = False
         _OPEN_CLIENTS.add(self)
@@ -156,14 +157,17 @@ class Client:
         """What every call of this session carries besides the token: its session key."""
         return [(_auth.SESSION_KEY, self._session_key)] if self._session_key else []
 
-    def _rpc(self, method: str, request, timeout: float | None = None):
+    # -- for the client's own modules (runtime.client.core.ClientCore) ---------------------------
+
+    def call(self, method: str, request, timeout: float | None = None):
+        """A controller RPC; failures come back as runtime exceptions (proto.errors)."""
         try:
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout_s)
+            return getattr(self.controller_stub, method)(request, timeout=timeout or self.timeout_s)
         except grpc.RpcError as err:
             raise translate_rpc_error(err, f"controller {self.address}", method,
                                       ControllerUnavailableError) from None
 
-    def _worker_stub(self, address: str) -> pb_grpc.WorkerStub:
+    def worker_stub(self, address: str) -> pb_grpc.WorkerStub:
         with self._id_lock:
             stub = self._workers.get(address)
             if stub is None:
@@ -176,19 +180,19 @@ class Client:
         with self._id_lock:
             return next(self._ids)
 
-    def _new_handle(self, shape, dtype, spec: PartitionSpec, vslice: VirtualSlice, *,
+    def new_handle(self, shape, dtype, spec: PartitionSpec, vslice: VirtualSlice, *,
                     weak_type: bool = False) -> RemoteArray:
         """A handle for an array about to be created (a placeholder while tracing a program)."""
-        trace = self._trace()
+        trace = self.current_trace()
         array_id = trace.new_id() if trace is not None else self._new_id()
         return RemoteArray(self, array_id, shape, dtype, spec, vslice, weak_type=weak_type)
 
-    def _trace(self) -> Trace | None:
+    def current_trace(self) -> Trace | None:
         return getattr(self._tracing_state, "trace", None)
 
     @contextlib.contextmanager
-    def _tracing(self, trace: Trace) -> Iterator[None]:
-        if self._trace() is not None:
+    def tracing(self, trace: Trace) -> Iterator[None]:
+        if self.current_trace() is not None:
             raise InvalidArgumentError("programs cannot be traced inside programs")
         self._tracing_state.trace = trace
         try:
@@ -210,7 +214,7 @@ class Client:
         """
         if isinstance(mesh_shape, dict):
             mesh_shape, axis_names = tuple(mesh_shape.values()), tuple(mesh_shape)
-        reply = self._rpc("CreateSlice", pb.CreateSliceRequest(
+        reply = self.call("CreateSlice", pb.CreateSliceRequest(
             session_id=self.session_id, mesh_shape=mesh_shape, axis_names=axis_names,
             island=-1 if island is None else island,
             devices=[pb.SliceDevice(host=h, device=d) for h, d in devices]))
@@ -229,12 +233,12 @@ class Client:
         flat_specs = broadcast_specs(specs, tree, "specs")
         leaves = [leaf.fetch() if isinstance(leaf, RemoteArray) else leaf for leaf in leaves]
         avals = leaf_avals(leaves, tree, "tree", "put")
-        arrays = self._put_flat(leaves, [s or PartitionSpec() for s in flat_specs], vslice, avals)
+        arrays = self.put_flat(leaves, [s or PartitionSpec() for s in flat_specs], vslice, avals)
         return jax.tree.unflatten(tree_def, arrays)
 
-    def _put_flat(self, leaves: Sequence, specs: Sequence[PartitionSpec], vslice: VirtualSlice,
+    def put_flat(self, leaves: Sequence, specs: Sequence[PartitionSpec], vslice: VirtualSlice,
                   avals: Sequence[jax.ShapeDtypeStruct]) -> list[RemoteArray]:
-        if self._trace() is not None:
+        if self.current_trace() is not None:
             raise InvalidArgumentError("a program cannot put data while it is traced; pass the "
                                        "arrays as arguments")
         values = [_avals.host_value(leaf, aval) for leaf, aval in zip(leaves, avals)]
@@ -244,7 +248,7 @@ class Client:
             _wire.shard_groups(value.shape, vslice.mesh_shape, sharding)  # validate before sending
             array_specs.append(pb.ArraySpec(array_id=self._new_id(), dtype=_wire.dtype_name(
                 value.dtype), shape=value.shape, sharding=sharding))
-        reply = self._rpc("RegisterArrays", pb.RegisterArraysRequest(session_id=self.session_id,
+        reply = self.call("RegisterArrays", pb.RegisterArraysRequest(session_id=self.session_id,
                                                                      arrays=array_specs))
         handles = [RemoteArray(self, s.array_id, a.shape, a.dtype, spec, vslice, seq,
                                weak_type=a.weak_type)
@@ -280,7 +284,7 @@ class Client:
     def sync(self, timeout: float | None = None) -> None:
         """Waits until the controller has ordered every command submitted so far (not until they
         have run); raises the first command rejection since the last sync."""
-        self._stream.sync(self.timeout_s if timeout is None else timeout)
+        self.commands.sync(self.timeout_s if timeout is None else timeout)
 
     def fetch(self, tree: Any, timeout: float | None = None) -> Any:
         """Copies every RemoteArray in a pytree to NumPy (in parallel); other leaves pass through."""
@@ -293,7 +297,7 @@ class Client:
 
     def status(self) -> pb.GetStatusReply:
         """The controller's view of islands, hosts and slices."""
-        return self._rpc("GetStatus", pb.GetStatusRequest())
+        return self.call("GetStatus", pb.GetStatusRequest())
 
     def close(self) -> None:
         """Ends the session: the controller frees its arrays and slices. Idempotent."""
@@ -303,12 +307,12 @@ class Client:
         _OPEN_CLIENTS.discard(self)
         if self._keepalive is not None:
             self._keepalive.stop()
-        self._stream.close()
+        self.commands.close()
         try:
-            self._rpc("Disconnect", pb.DisconnectRequest(session_id=self.session_id), timeout=5.0)
+            self.call("Disconnect", pb.DisconnectRequest(session_id=self.session_id), timeout=5.0)
         except Exception:  # closing must not fail because the controller already went away
             pass
-        self._pool.shutdown(wait=False)
+        self.transfer_pool.shutdown(wait=False)
         for channel in self._worker_channels:
             channel.close()
         self._channel.close()

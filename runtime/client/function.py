@@ -151,7 +151,7 @@ class CompiledFunction:
                     f"was compiled for {want[1]}{list(want[0])}")
         to_put = [i for i, leaf in enumerate(leaves) if not isinstance(leaf, RemoteArray)]
         if to_put:
-            placed = self.client._put_flat([leaves[i] for i in to_put],
+            placed = self.client.put_flat([leaves[i] for i in to_put],
                                            [self.in_specs[i] for i in to_put], self.vslice,
                                            [self.in_avals[i] for i in to_put])
             for i, array in zip(to_put, placed):
@@ -161,14 +161,14 @@ class CompiledFunction:
             if leaf.slice.slice_id != self.vslice.slice_id or not same_spec(leaf.spec,
                                                                             self.in_specs[i]):
                 leaves[i] = self.client.transfer(leaf, self.vslice, self.in_specs[i])
-        outputs = [self.client._new_handle(aval.shape, aval.dtype, spec, self.vslice,
+        outputs = [self.client.new_handle(aval.shape, aval.dtype, spec, self.vslice,
                                            weak_type=aval.weak_type)
                    for aval, spec in zip(self.out_avals, self.out_specs)]
-        trace = self.client._trace()
+        trace = self.client.current_trace()
         if trace is not None:
             trace.record_call(self, leaves, outputs)
         else:
-            self.client._stream.submit(pb.Command(call=pb.Call(
+            self.client.commands.submit(pb.Command(call=pb.Call(
                 executable_id=self.executable_id, inputs=[a.id for a in leaves],
                 outputs=[a.id for a in outputs])), outputs)
         for i in self.donated:
@@ -288,7 +288,7 @@ class RemoteFunction:
                                  sharding=_wire.spec_to_proto(slice_id, s))
                     for v, s in zip(vals, specs)]
 
-        reply = self.client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+        reply = self.client.call("LoadExecutable", pb.LoadExecutableRequest(
             session_id=self.client.session_id, slice_id=slice_id,
             serialized=serialized, name=self.name, donated=donated,
             inputs=value_specs(data_avals, in_specs),

@@ -102,9 +102,9 @@ class Program:
         if traced is None:
             traced = self._trace(in_tree, leaves)
             self._cache[key] = traced
-        outputs = [self.client._new_handle(shape, dtype, spec, vslice, weak_type=weak)
+        outputs = [self.client.new_handle(shape, dtype, spec, vslice, weak_type=weak)
                    for shape, dtype, spec, vslice, weak in traced.outputs]
-        self.client._stream.submit(pb.Command(run=pb.RunProgramCommand(
+        self.client.commands.submit(pb.Command(run=pb.RunProgramCommand(
             program_id=traced.program_id, inputs=[a.id for a in leaves],
             outputs=[o.id for o in outputs])), outputs)
         for i in traced.donated:
@@ -119,7 +119,7 @@ class Program:
                                  leaf.slice, weak_type=leaf.weak_type)
             trace.add_value(handle)
             placeholders.append(handle)
-        with self.client._tracing(trace):
+        with self.client.tracing(trace):
             out = self.fn(*jax.tree.unflatten(in_tree, placeholders))
         self.traces += 1
         out_leaves, out_tree = jax.tree.flatten(out)
@@ -132,7 +132,7 @@ class Program:
                     f"program, got {leaf!r}")
             outputs.append(leaf)
         donated = [i for i, handle in enumerate(placeholders) if handle.is_deleted()]
-        reply = self.client._rpc("RegisterProgram", pb.RegisterProgramRequest(
+        reply = self.client.call("RegisterProgram", pb.RegisterProgramRequest(
             session_id=self.client.session_id, name=self.name, nodes=trace.nodes,
             outputs=[trace.value_of[o.id] for o in outputs],
             inputs=[pb.ValueSpec(dtype=_wire.dtype_name(a.data_dtype), shape=a.data_shape,
@@ -147,11 +147,11 @@ def transfer_handle(client: Client, source: RemoteArray, vslice: VirtualSlice,
     source.check_alive()
     sharding = _wire.spec_to_proto(vslice.slice_id, spec)
     _wire.shard_groups(source.data_shape, vslice.mesh_shape, sharding)  # validate before queueing
-    copy = client._new_handle(source.shape, source.dtype, spec, vslice, weak_type=source.weak_type)
-    trace = client._trace()
+    copy = client.new_handle(source.shape, source.dtype, spec, vslice, weak_type=source.weak_type)
+    trace = client.current_trace()
     if trace is not None:
         trace.record_transfer(source, copy)
     else:
-        client._stream.submit(pb.Command(transfer=pb.TransferCommand(
+        client.commands.submit(pb.Command(transfer=pb.TransferCommand(
             source=source.id, destination=copy.id, sharding=sharding)), [copy])
     return copy

@@ -125,7 +125,7 @@ class CommandStream:
                                         commands=[command for command, _, _ in batch])
             self.batches += 1
             try:
-                reply = self._client._stub.Execute(request, timeout=self._client.timeout_s)
+                reply = self._client.controller_stub.Execute(request, timeout=self._client.timeout_s)
                 results = list(reply.results)
             except grpc.RpcError as err:
                 error = translate_rpc_error(err, f"controller {self._client.address}", "Execute",

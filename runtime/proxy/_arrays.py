@@ -120,7 +120,7 @@ def wait_ready(session: Session, arrays: list[ProxyArray],
         remotes.append(array.remote if array.remote is not None else array.block_of[0])
     deadline = time.monotonic() + timeout
     jobs = []
-    pool = session.client._pool
+    pool = session.client.transfer_pool
     for remote in remotes:
         _await_order(remote, deadline)
         hosts = _host_groups(remote.shape, remote.slice,

@@ -167,7 +167,7 @@ def compile_program(session, program: types_pb2.Serialized, options: types_pb2.S
     vslice = slice_for(session, placement)
     specs = placement.specs
     in_specs, out_specs = specs[:len(in_layouts)], specs[len(in_layouts):]
-    reply = session.client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+    reply = session.client.call("LoadExecutable", pb.LoadExecutableRequest(
         session_id=session.client.session_id, slice_id=vslice.slice_id, serialized=module,
         format=pb.STABLEHLO, compile_options=serialized_options, name=name,
         inputs=_value_specs(signature.inputs, in_specs, vslice.slice_id),
