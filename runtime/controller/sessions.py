@@ -7,6 +7,7 @@ import dataclasses
 import re
 from typing import TYPE_CHECKING
 
+from proto import access
 from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto.errors import NotFoundError
@@ -58,16 +59,18 @@ class Executable:
         return (self.session_id, self.slice_id, self.fingerprint, self.donated)
 
 def session_policy(controller: Controller) -> _auth.Authorize:
-    """Session keys (proto.auth.session_policy), and a clear error for a session this
-    controller does not know (it restarted, or the session was closed)."""
+    """Session keys (proto.auth.session_policy) on the calls the access table marks SESSION
+    (proto.access), and a clear error for a session this controller does not know (it
+    restarted, or the session was closed)."""
     check = _auth.session_policy(lambda: controller.controller_id)
 
     def authorize(method: str, request, key: str | None, is_host: bool) -> None:
         check(method, request, key, is_host)
-        session_id = getattr(request, "session_id", None)
-        if session_id is not None and not controller.knows_session(session_id):
+        if access.required(access.CONTROLLER, method) is not access.Credential.SESSION:
+            return
+        session_id = request.session_id
+        if not controller.knows_session(session_id):
             raise NotFoundError(f"session {session_id} is unknown to this controller (closed, "
                                 f"its lease ran out, or the controller restarted): connect again")
-        if session_id is not None:
-            controller.leases.renew(session_id)  # any call of the session's renews its lease
+        controller.leases.renew(session_id)  # any call of the session's renews its lease
     return authorize
