@@ -31,7 +31,8 @@ from runtime.client.array import RemoteArray
 from runtime.client.client import Client, VirtualSlice
 from runtime.client.function import CompiledFunction, RemoteFunction
 from runtime.client.program import Program
-from runtime.cluster.clusters import LocalCluster, ProcessCluster
+from runtime.cluster.local import LocalCluster
+from runtime.cluster.process import ProcessCluster
 from runtime.metrics import record_training, serve_metrics
 
 __all__ = [

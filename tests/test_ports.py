@@ -13,7 +13,7 @@ import pytest
 
 import runtime
 from proto import auth as _auth
-from runtime.cluster.clusters import publish_token, withdraw_token
+from runtime.cluster.hosts import publish_token, withdraw_token
 from runtime.server import Controller, create_controller_server
 from proto.ports import PortInUseError, ensure_port_free
 

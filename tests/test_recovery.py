@@ -97,7 +97,7 @@ def assert_same_newest_checkpoint(a_dir, b_dir, *, step: int) -> None:
 def test_workers_outlive_a_controller_restart():
     """A restarted controller knows no hosts and no sessions: the workers register again by
     themselves; an old client gets a clear error; a new client works on every island."""
-    from runtime.cluster.clusters import wait_for_hosts
+    from runtime.cluster.hosts import wait_for_hosts
     from runtime.worker.membership import SILENCE_S
 
     with runtime.ProcessCluster(islands=2, devices_per_host=1) as cluster:

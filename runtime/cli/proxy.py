@@ -43,7 +43,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     import jax
 
     from runtime.cli.common import cli_credentials, quiet_collector, wait_for_signal
-    from runtime.cluster.clusters import die_with_parent
+    from runtime.cluster.process import die_with_parent
 
     if not die_with_parent():
         return 1
@@ -85,7 +85,7 @@ class ProxyProcess:
 
     def __init__(self, controller_address: str, address: str,
                  credentials: _auth.Credentials, timeout: float = STARTUP_TIMEOUT_S) -> None:
-        from runtime.cluster.clusters import PARENT_PID_ENV
+        from runtime.cluster.process import PARENT_PID_ENV
 
         host, port = address.rsplit(":", 1)
         cmd = [sys.executable, "-m", "runtime.cli", "proxy", "--controller", controller_address,

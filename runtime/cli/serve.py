@@ -15,7 +15,7 @@ from runtime.cli.common import (WORKER_SWITCH_INTERVAL_S, cli_credentials, quiet
 def cmd_worker(args: argparse.Namespace) -> int:
     import os
 
-    from runtime.cluster.clusters import die_with_parent
+    from runtime.cluster.process import die_with_parent
 
     if args.platform == "sim":  # simulated hosts of whole islands, one event loop
         from runtime.sim import run_worker
@@ -78,7 +78,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_controller(args: argparse.Namespace) -> int:
-    from runtime.cluster.clusters import die_with_parent
+    from runtime.cluster.process import die_with_parent
     from runtime.server import Controller, controller_options, create_controller_server
 
     if not die_with_parent():  # started by a cluster (runtime.sim) that is gone already
@@ -119,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         backend = (f"simulated hosts in {len(cluster.procs)} processes (registered in "
                    f"{cluster.registration_s:.1f} s)")
     elif args.ray is None:
-        from runtime.cluster.clusters import ProcessCluster
+        from runtime.cluster.process import ProcessCluster
 
         tls = None
         if args.tls_cert:
@@ -166,7 +166,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                   f"{_auth.TOKEN_FILE_ENV})", flush=True)
         if args.proxy_port is not None:
             from runtime.cli.proxy import ProxyProcess
-            from runtime.cluster.clusters import publish_token
+            from runtime.cluster.hosts import publish_token
 
             proxy = ProxyProcess(cluster.address, f"{args.bind}:{args.proxy_port}",
                                  cluster.credentials)
@@ -176,13 +176,13 @@ def cmd_up(args: argparse.Namespace) -> int:
         wait_for_signal()
     finally:
         if proxy is not None:
-            from runtime.cluster.clusters import withdraw_token
+            from runtime.cluster.hosts import withdraw_token
 
             proxy.stop()
             withdraw_token(proxy_token, cluster.credentials.token)
         cluster.close()
         if args.token_file:
-            from runtime.cluster.clusters import withdraw_token
+            from runtime.cluster.hosts import withdraw_token
 
             withdraw_token(args.token_file, cluster.credentials.token)
     print("stopped", flush=True)

@@ -24,7 +24,7 @@ from typing import Any
 from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import DeadlineExceededError, FailedPreconditionError
-from runtime.cluster.clusters import publish_token, wait_for_hosts, withdraw_token
+from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
 from runtime.cluster.ray_connect import \
     start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime.cluster.ray_connect import LOOPBACK, connect_ray

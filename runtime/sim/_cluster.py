@@ -20,8 +20,8 @@ from typing import IO
 from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import DeadlineExceededError, FailedPreconditionError
-from runtime.cluster.clusters import (PARENT_PID_ENV, kill_process_group, publish_token,
-                                      wait_for_hosts, withdraw_token)
+from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
+from runtime.cluster.process import PARENT_PID_ENV, kill_process_group
 from runtime.server import Controller, controller_options, create_controller_server
 from runtime.sim._config import DEFAULT_FLOPS_PER_S
 from runtime.sim._process import REGISTERED

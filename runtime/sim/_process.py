@@ -196,7 +196,7 @@ def run_worker(args: argparse.Namespace, credentials: _auth.Credentials,
                after_start: Callable[[], None] = lambda: None) -> int:
     """`pathways worker --platform sim`: serves every host of islands ISLAND to
     ISLAND + --island-count - 1 (--num-hosts hosts each) until SIGINT or SIGTERM."""
-    from runtime.cluster.clusters import die_with_parent
+    from runtime.cluster.process import die_with_parent
 
     if args.host != 0:
         print("error: with --platform sim a process serves whole islands (their hosts meet in "

@@ -1,11 +1,7 @@
-"""Local clusters: a controller plus island workers, in this process or as subprocesses.
-
-`LocalCluster` runs everything in the calling process (workers as gRPC servers on loopback, each
-owning a disjoint subset of this process's devices): fast to start, for scripts and tests.
-`ProcessCluster` runs each worker as a `pathways worker` subprocess, as `pathways up` does; the
-hosts of a multi-host island form one JAX distributed system (runtime.worker.distributed), so a slice may
-span them.
-"""
+"""`ProcessCluster`: a controller in this process and each worker a `pathways worker` subprocess,
+as `pathways up` runs them; the hosts of a multi-host island form one JAX distributed system
+(runtime.worker.distributed), so a slice may span them. And what keeps subprocesses tied to
+their parent (process groups, parent-death signals)."""
 
 from __future__ import annotations
 
@@ -14,174 +10,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-
-import grpc
-import jax
 
 from proto import auth as _auth
-from proto import pathways_pb2 as pb
 from proto.config import ClusterConfig
-from proto.errors import DeadlineExceededError, FailedPreconditionError
-from runtime.client.client import Client
-from runtime.server import Controller, controller_options, create_controller_server, worker_options
-from runtime.worker import membership as _membership
+from proto.errors import DeadlineExceededError
+from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
+from runtime.server import Controller, controller_options, create_controller_server
 from runtime.worker.defaults import EXECUTION_DEADLINE_S
 from runtime.worker.distributed import free_port
-from runtime.worker.servicer import create_worker_server
-from runtime.worker.worker import Worker
-
-#: How long a cluster waits for every host to register.
-STARTUP_TIMEOUT_S = ClusterConfig().startup_timeout_s
-
-
-def wait_for_hosts(controller: Controller, expected: int, timeout: float,
-                   procs: Sequence[subprocess.Popen] = ()) -> None:
-    """Waits until `expected` hosts are registered and alive; fails fast if a subprocess died."""
-    deadline = time.monotonic() + timeout
-    while True:
-        alive = [h for h in controller.resources.hosts() if h.alive]
-        if len(alive) >= expected:
-            return
-        dead = [p for p in procs if p.poll() is not None]
-        if dead:
-            raise FailedPreconditionError(f"worker process {dead[0].args} exited with "
-                                          f"{dead[0].returncode} before registering")
-        if time.monotonic() > deadline:
-            raise DeadlineExceededError(f"only {len(alive)} of {expected} hosts registered "
-                                        f"within {timeout:.0f} s")
-        time.sleep(0.05)
-
-
-def register_host(controller_address: str, info: pb.HostInfo, timeout: float = 60.0,
-                  credentials: _auth.Credentials | None = None) -> None:
-    """Registers a worker with the controller, retrying until `timeout` while it is not up yet."""
-    _membership.register(controller_address, info, credentials, timeout)
-
-
-def unregister_host(controller_address: str, info: pb.HostInfo, timeout: float = 1.0,
-                    credentials: _auth.Credentials | None = None) -> None:
-    """Tells the controller a host is leaving; best effort (the controller may be gone already)."""
-    _membership.unregister(controller_address, info, credentials, timeout)
-
-
-def publish_token(address: str, credentials: _auth.Credentials) -> str | None:
-    """Writes a cluster's client token where clients on this machine look for it
-    (proto.auth.default_token_file, mode 0600), so `Client(address)` needs no flags; returns
-    the file, or None when there is no token or the file cannot be written."""
-    if not credentials.token:
-        return None
-    path = _auth.default_token_file(address)
-    try:
-        _auth.write_token_file(path, credentials.token)
-    except OSError:
-        return None
-    return path
-
-
-def withdraw_token(path: str | None, token: str | None) -> None:
-    """Removes a token file this process wrote: only while it still holds `token`. Another
-    cluster may have written its own token to the same path since (a later `pathways up` on the
-    port); removing that would lock its clients out."""
-    if not path or not token:
-        return
-    try:
-        with open(path, encoding="utf-8") as f:
-            if f.read().strip() != token:
-                return
-        os.remove(path)
-    except OSError:
-        pass
-
-
-class LocalCluster:
-    """A controller and `islands` single-host islands in this process, on loopback.
-
-    The process needs `islands * devices_per_island` JAX devices: set
-    `jax.config.update("jax_num_cpu_devices", N)` before JAX initialises (the constructor does it
-    when it still can). Use as a context manager; `client()` opens sessions.
-
-    The cluster makes its own token and host token (proto.auth) unless given `credentials`;
-    `credentials` (the attribute) is what its clients need: the token, not the host token.
-    `session_quota_bytes` bounds each session's device memory (None: unbounded);
-    `session_lease_s` is how long a silent client keeps its session (proto.leases; 0: forever).
-    """
-
-    def __init__(self, islands: int = 2, devices_per_island: int = 4, *,
-                 platform: str = "cpu", heartbeat: bool = True,
-                 input_timeout_s: float | None = None, policy: str | None = None,
-                 credentials: _auth.Credentials | None = None,
-                 session_quota_bytes: int | None = None,
-                 session_lease_s: float | None = None,
-                 execution_deadline_s: float | None = None,
-                 config: ClusterConfig | None = None) -> None:
-        self.config = (config or ClusterConfig.from_env()).replace(
-            input_timeout_s=input_timeout_s, policy=policy, session_quota_bytes=session_quota_bytes,
-            session_lease_s=session_lease_s, execution_deadline_s=execution_deadline_s)
-        total = islands * devices_per_island
-        if platform == "cpu":
-            _ensure_cpu_devices(total)
-        devices = jax.devices(platform)
-        if len(devices) < total:
-            raise FailedPreconditionError(
-                f"{islands} islands x {devices_per_island} devices need {total} {platform} "
-                f"devices; this process has {len(devices)}")
-        cluster_credentials = credentials or _auth.Credentials.generate()
-        self.credentials = cluster_credentials.for_clients()
-        self.controller = Controller(heartbeat=heartbeat, credentials=cluster_credentials,
-                                     **controller_options(self.config))
-        self._server, self.port = create_controller_server(self.controller)
-        self.address = f"127.0.0.1:{self.port}"
-        self.token_file = publish_token(self.address, self.credentials)
-        self.workers: list[Worker] = []
-        self._worker_servers: list[grpc.Server] = []
-        for island in range(islands):
-            worker = Worker(island, 0, devices[island * devices_per_island:
-                                               (island + 1) * devices_per_island],
-                            platform=platform, credentials=cluster_credentials,
-                            **worker_options(self.config))
-            server, _ = create_worker_server(worker)
-            self.workers.append(worker)
-            self._worker_servers.append(server)
-            self.controller.register_host(worker.info())
-        self._clients: list[Client] = []
-
-    def client(self, name: str = "client", weight: float = 1.0) -> Client:
-        """A new session with this cluster's controller (closed with the cluster)."""
-        client = Client(self.address, name=name, weight=weight, credentials=self.credentials)
-        self._clients.append(client)
-        return client
-
-    def kill_worker(self, island: int) -> None:
-        """Stops an island's worker server abruptly (fault injection for tests)."""
-        self._worker_servers[island].stop(grace=None)
-
-    def close(self) -> None:
-        withdraw_token(self.token_file, self.credentials.token)
-        for client in self._clients:
-            client.close()
-        self.controller.close()
-        # Wait for the servers to finish stopping: their threads must not outlive the cluster.
-        stopped = [self._server.stop(grace=None)]
-        stopped += [server.stop(grace=None) for server in self._worker_servers]
-        for worker in self.workers:
-            worker.stop()
-        for event in stopped:
-            event.wait(5)
-
-    def __enter__(self) -> LocalCluster:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def _ensure_cpu_devices(n: int) -> None:
-    try:
-        if jax.config.jax_num_cpu_devices < n:
-            jax.config.update("jax_num_cpu_devices", n)
-    except RuntimeError:
-        pass  # backend already initialised: the device count check below reports a shortfall
 
 
 class ProcessCluster:
