@@ -7,7 +7,9 @@ line sets explicitly. The launchers (LocalCluster, ProcessCluster, RayCluster, S
 whole `ClusterConfig` and hand each process its part: in-process objects get the dataclass,
 subprocesses get it as environment variables (`to_env`), which their `from_env` reads back; so
 every option works with every launcher. The modules' own constants (runtime.worker.defaults,
-runtime.controller.defaults, scheduler.defaults, ...) are these defaults, read from here.
+runtime.controller.defaults, scheduler.defaults, ...) are read from here too, with the
+environment's overrides (`from_env`, once at import), so a setting a launcher hands a subprocess
+reaches every module of it.
 """
 
 from __future__ import annotations

@@ -25,14 +25,14 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto.config import ClientConfig, ControllerConfig
+from proto.config import ClientConfig, ControllerConfig, from_env
 
 log = logging.getLogger(__name__)
 
 #: How long a controller keeps a session it does not hear from (seconds; 0: forever).
-DEFAULT_SESSION_LEASE_S = ControllerConfig().session_lease_s
+DEFAULT_SESSION_LEASE_S = from_env(ControllerConfig).session_lease_s
 #: Renewals a client sends per lease: several, so one late renewal costs nothing.
-RENEWALS_PER_LEASE = ClientConfig().renewals_per_lease
+RENEWALS_PER_LEASE = from_env(ClientConfig).renewals_per_lease
 
 
 class SessionLeases:

@@ -1,9 +1,10 @@
-"""The gang scheduler's window, cost estimates and waits: the defaults of
-proto.config.SchedulerConfig, under the names the scheduler's modules use."""
+"""The gang scheduler's window, cost estimates and waits: proto.config.SchedulerConfig as this
+process's environment sets it (PATHWAYS_<FIELD>, read once at import), under the names the
+scheduler's modules use."""
 
-from proto.config import SchedulerConfig
+from proto.config import SchedulerConfig, from_env
 
-_DEFAULTS = SchedulerConfig()
+_DEFAULTS = from_env(SchedulerConfig)
 
 #: Estimated device seconds of work kept ordered ahead of the slowest host, and the fraction of it
 #: below which the window is refilled (refilling in batches keeps Dispatch RPCs, which cost the

@@ -20,20 +20,20 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto.config import SchedulerConfig
+from proto.config import SchedulerConfig, from_env
 
 log = logging.getLogger(__name__)
 
 #: Deadline of one Dispatch RPC.
-DISPATCH_TIMEOUT_S = SchedulerConfig().dispatch_timeout_s
+DISPATCH_TIMEOUT_S = from_env(SchedulerConfig).dispatch_timeout_s
 #: Most instructions, and the most bytes, per Dispatch RPC (an instruction larger than that alone
 #: travels alone).
-MAX_BATCH = SchedulerConfig().max_batch
-MAX_BATCH_BYTES = SchedulerConfig().max_batch_bytes
+MAX_BATCH = from_env(SchedulerConfig).max_batch
+MAX_BATCH_BYTES = from_env(SchedulerConfig).max_batch_bytes
 #: Least time between two progress reports of a host (reports in between are coalesced).
-PROGRESS_INTERVAL_S = SchedulerConfig().progress_interval_s
+PROGRESS_INTERVAL_S = from_env(SchedulerConfig).progress_interval_s
 #: Pause before re-opening a broken progress stream (the heartbeat decides if the host is lost).
-WATCH_RETRY_S = SchedulerConfig().watch_retry_s
+WATCH_RETRY_S = from_env(SchedulerConfig).watch_retry_s
 
 
 class LinkEvents(Protocol):

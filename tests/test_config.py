@@ -3,6 +3,9 @@ hand the whole configuration to every process."""
 
 import dataclasses
 import inspect
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -74,3 +77,16 @@ def test_a_local_cluster_hands_its_workers_the_worker_settings(monkeypatch):
         assert cluster.workers[0].execution_deadline_s == 7.0
         assert cluster.workers[0].input_timeout_s == 9
         assert cluster.controller.session_quota_bytes == 4096
+
+
+def test_a_setting_in_the_environment_reaches_every_module_of_a_process():
+    """What a launcher hands a subprocess (ClusterConfig.to_env) sets the constants its modules
+    use, not only the few a constructor takes."""
+    settings = ClusterConfig().replace(slice_timeout_s=7.0, stall_s=0.25, rpc_timeout_s=12.0,
+                                       heartbeat_interval_s=0.75)
+    code = ("from runtime.worker import defaults as w; from scheduler import defaults as s; "
+            "from runtime.client import client as c; from runtime.controller import defaults as k; "
+            "print(w.SLICE_TIMEOUT_S, s.STALL_S, c.RPC_TIMEOUT_S, k.HEARTBEAT_INTERVAL_S)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **settings.to_env()}, check=True).stdout.split()
+    assert out == ["7.0", "0.25", "12.0", "0.75"]

@@ -19,7 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
-from proto.config import ClientConfig
+from proto.config import ClientConfig, from_env
 from proto.errors import (ArrayNotFoundError, DeadlineExceededError, HostLostError,
                           InvalidArgumentError, translate_rpc_error)
 from runtime.client import avals as _avals
@@ -28,8 +28,8 @@ if TYPE_CHECKING:
     from runtime.client.client import Client, VirtualSlice
 
 #: Transfer deadlines: a floor plus time for the bytes at a pessimistic rate.
-TRANSFER_FLOOR_S = ClientConfig().transfer_floor_s
-TRANSFER_BYTES_PER_S = ClientConfig().transfer_bytes_per_s
+TRANSFER_FLOOR_S = from_env(ClientConfig).transfer_floor_s
+TRANSFER_BYTES_PER_S = from_env(ClientConfig).transfer_bytes_per_s
 
 
 def transfer_deadline(nbytes: int) -> float:

@@ -20,7 +20,7 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
 from proto import wire as _wire
-from proto.config import ClientConfig
+from proto.config import ClientConfig, from_env
 from proto.errors import (ControllerUnavailableError, InvalidArgumentError, PathwaysError,
                           translate_rpc_error)
 from proto.leases import KeepAlive
@@ -31,11 +31,11 @@ from runtime.client.program import Program, Trace, transfer_handle
 from runtime.client.stream import CommandStream
 
 #: Deadline of controller RPCs; loading an executable may take longer than the rest.
-RPC_TIMEOUT_S = ClientConfig().rpc_timeout_s
+RPC_TIMEOUT_S = from_env(ClientConfig).rpc_timeout_s
 #: How long a new client waits for a connection to its controller. Connecting needs no work of
 #: the controller's Python threads (gRPC's core answers), so a live controller, however busy,
 #: answers well within this; a refused connection fails at once.
-CONNECT_TIMEOUT_S = ClientConfig().connect_timeout_s
+CONNECT_TIMEOUT_S = from_env(ClientConfig).connect_timeout_s
 
 
 def _connect(channel: grpc.Channel, timeout: float) -> bool:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from proto import pathways_pb2 as pb
-from proto.config import ClientConfig
+from proto.config import ClientConfig, from_env
 from proto.errors import (ControllerUnavailableError, DeadlineExceededError, PathwaysError,
                           error_from_name, translate_rpc_error)
 
@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from runtime.client.client import Client
 
 #: Most commands per Execute RPC.
-MAX_BATCH = ClientConfig().stream_batch
+MAX_BATCH = from_env(ClientConfig).stream_batch
 #: Most commands queued or unacknowledged before `submit` blocks (back-pressure).
-MAX_PENDING = ClientConfig().stream_pending
+MAX_PENDING = from_env(ClientConfig).stream_pending
 
 
 class Ticket:

@@ -16,7 +16,7 @@ from runtime.server import Controller
 from runtime.worker import membership as _membership
 
 #: How long a cluster waits for every host to register.
-STARTUP_TIMEOUT_S = ClusterConfig().startup_timeout_s
+STARTUP_TIMEOUT_S = ClusterConfig.from_env().startup_timeout_s
 
 
 def wait_for_hosts(controller: Controller, expected: int, timeout: float,

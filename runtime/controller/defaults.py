@@ -1,9 +1,10 @@
-"""The controller's timeouts and bounds: the defaults of proto.config.ControllerConfig, under the
-names the controller's modules use."""
+"""The controller's timeouts and bounds: proto.config.ControllerConfig as this process's
+environment sets it (PATHWAYS_<FIELD>, read once at import), under the names the controller's
+modules use."""
 
-from proto.config import ControllerConfig
+from proto.config import ControllerConfig, from_env
 
-_DEFAULTS = ControllerConfig()
+_DEFAULTS = from_env(ControllerConfig)
 
 #: Liveness probes: interval, and misses before a host is declared lost (detection < 2 s).
 HEARTBEAT_INTERVAL_S = _DEFAULTS.heartbeat_interval_s

@@ -1,9 +1,9 @@
-"""The worker host's timeouts and bounds: the defaults of proto.config.WorkerConfig, under the
-names the host's modules use."""
+"""The worker host's timeouts and bounds: proto.config.WorkerConfig as this process's environment
+sets it (PATHWAYS_<FIELD>, read once at import), under the names the host's modules use."""
 
-from proto.config import WorkerConfig
+from proto.config import WorkerConfig, from_env
 
-_DEFAULTS = WorkerConfig()
+_DEFAULTS = from_env(WorkerConfig)
 
 #: How long an execution waits for its inputs before failing. Inputs may come from another island
 #: that is still compiling or computing its part of a program (PaLM's first step compiles both
