@@ -146,7 +146,7 @@ class RayCluster:
             _check_reachable(ray, self.address)
             self._reserve(range(islands))
             self._launch(range(islands))
-            wait_for_hosts(self.controller, hosts, startup_timeout)
+            wait_for_hosts(self.controller, hosts, self._startup_timeout)
         except BaseException:
             self.close()
             raise
