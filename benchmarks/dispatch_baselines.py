@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 # Shared with the runtime's Ray backend; re-exported here. Imports no Ray until called.
-from runtime._ray import start_local_ray
+from runtime.cluster.ray_cluster import start_local_ray
 
 __all__ = [
     "BREAK_EVEN_FRACTION", "MATMUL_DIM", "PROGRAM_LENGTH", "SHAPES", "SWEEP_KS",

@@ -35,7 +35,7 @@ class ProxySystem:
 
     def __init__(self, n_devices: int, *, n: int = MATMUL_DIM) -> None:
         import runtime
-        from runtime.proxy.cli import ProxyProcess
+        from runtime.cli.proxy import ProxyProcess
 
         self.n_devices = n_devices
         self._cluster = runtime.ProcessCluster(islands=1, hosts_per_island=1,

@@ -13,9 +13,9 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 import runtime
-from runtime._client import RPC_TIMEOUT_S
 from benchmarks.dispatch_baselines import (MATMUL_DIM, PROGRAM_LENGTH, initial_values, make_fused,
                                            make_step)
+from runtime.client.client import RPC_TIMEOUT_S
 
 AXIS = "slice"
 #: A timed run's fetch waits this many times the run's expected length (from the last run).

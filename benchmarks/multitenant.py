@@ -28,8 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -93,9 +92,10 @@ class _Tenant:
 
     def __init__(self, address: str, index: int, weight: float, length: int, devices: int,
                  n: int = PROGRAM_DIM, timeout_s: float | None = None) -> None:
-        import runtime
         from jax.sharding import PartitionSpec as P
-        from runtime._client import RPC_TIMEOUT_S
+
+        import runtime
+        from runtime.client.client import RPC_TIMEOUT_S
 
         self.client = runtime.Client(address, name=f"client{index}", weight=weight,
                                      timeout_s=timeout_s or RPC_TIMEOUT_S)
@@ -146,7 +146,7 @@ def _timeline(address: str, since: float, timeout: float = 30.0) -> list[Any]:
     events = []
     with runtime.Client(address, name="timeline") as client:
         for host in client.status().hosts:
-            reply = client._worker_stub(host.address).GetTimeline(
+            reply = client.worker_stub(host.address).GetTimeline(
                 pb.GetTimelineRequest(since=since), timeout=timeout)
             events.extend(reply.events)
     return events
@@ -157,7 +157,7 @@ def island(devices: int, policy: str, log: pathlib.Path,
            timeout: float = 300.0) -> Iterator[str]:
     """A `pathways up` subprocess with one island of `devices` CPU devices, logging (INFO and up,
     its workers' too) to `log`; yields its address."""
-    from runtime._distributed import free_port
+    from runtime.worker.distributed import free_port
 
     port = free_port()
     with open(log, "ab") as output:
@@ -209,7 +209,7 @@ def run_once(address: str, policy: str, weights: Sequence[float], length: int, d
     """One run: len(weights) clients submit the program for `seconds`; returns its record. The
     first `warmup` seconds are not measured; deadlines scale with `program_ms`, the program's
     measured device time."""
-    from runtime._client import RPC_TIMEOUT_S
+    from runtime.client.client import RPC_TIMEOUT_S
 
     in_flight_s = IN_FLIGHT * len(weights) * program_ms / 1e3  # all clients' calls in flight
     timeout = max(RPC_TIMEOUT_S, DEADLINE_FACTOR * in_flight_s)

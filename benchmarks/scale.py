@@ -119,10 +119,10 @@ def ping_round(cluster) -> dict[str, float]:
     for the controller too, for reasons of their own)."""
     from proto import pathways_pb2 as pb
     from proto import pathways_pb2_grpc as pb_grpc
-    from runtime import _auth
+    from proto import rpc as _rpc
 
     addresses = [h.address for h in _status_hosts(cluster)]
-    channels = [_auth.open_channel(a, cluster.credentials) for a in addresses]
+    channels = [_rpc.open_channel(a, cluster.credentials) for a in addresses]
     try:
         stubs = [pb_grpc.WorkerStub(c) for c in channels]
         for stub in stubs:  # connected first: the round times answers, not connections
@@ -258,7 +258,7 @@ def run(args: argparse.Namespace) -> int:
     import runtime
     from benchmarks.scale_plot import format_table, plot_scale
     from benchmarks.scale_workload import initial_chains
-    from runtime.sim._process import raise_file_limit
+    from runtime.sim import raise_file_limit
 
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,10 @@ from concurrent import futures
 
 import numpy as np
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth
+from proto import rpc as _rpc
 
 #: Percentiles reported for each latency.
 PERCENTILES = (50, 99)
@@ -56,7 +57,7 @@ def read_timelines(addresses: dict[int, Sequence[str]], credentials: _auth.Crede
                    since: float, timeout: float = 60.0) -> dict[int, list[list[pb.ExecutionEvent]]]:
     """Per island, per host (by index): the executions that ended after `since`."""
     def read(address: str) -> list[pb.ExecutionEvent]:
-        with _auth.open_channel(address, credentials) as channel:
+        with _rpc.open_channel(address, credentials) as channel:
             reply = pb_grpc.WorkerStub(channel).GetTimeline(pb.GetTimelineRequest(since=since),
                                                             timeout=timeout)
         return list(reply.events)

@@ -68,7 +68,7 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 def wait_ready(client, array, timeout: float = 600.0) -> None:
     """Waits until `array` is computed on every host holding it, without fetching its bytes."""
     from proto import pathways_pb2 as pb
-    from runtime import _array
+    from runtime.client import array as _array
 
     if array._ticket is not None:
         array._ticket.wait(timeout)

@@ -112,7 +112,7 @@ def _setup(args, settings, flops, report, out: pathlib.Path, started: float,
 
     from benchmarks.utilization_systems import (InProcessTraining, RuntimeTraining,
                                                 xla_flops_per_step)
-    from runtime._client import RPC_TIMEOUT_S
+    from runtime.client.client import RPC_TIMEOUT_S
 
     total = args.islands * args.devices_per_island
     devices = jax.devices(args.platform)[:total]
@@ -162,7 +162,7 @@ def _setup(args, settings, flops, report, out: pathlib.Path, started: float,
 def _scale_deadlines(systems, step_seconds) -> float:
     """Sets the runtime systems' deadlines to DEADLINE_STEPS of the slowest of `step_seconds`
     (at least the client's default); returns them."""
-    from runtime._client import RPC_TIMEOUT_S
+    from runtime.client.client import RPC_TIMEOUT_S
 
     deadline = max(RPC_TIMEOUT_S, DEADLINE_STEPS * max(step_seconds, default=0.0))
     for system in systems:
@@ -185,7 +185,7 @@ def _flops_per_token(flops, xla_per_token: float, remat) -> dict[str, Any]:
 
 
 def _peak(args, dtype, devices) -> tuple[float, str]:
-    from benchmarks.peak import calibrate_cpu_peak, peak_flops_for
+    from model.peaks import calibrate_cpu_peak, peak_flops_for
 
     if args.platform == "cpu":
         return calibrate_cpu_peak(dtype, devices=devices)

@@ -230,7 +230,7 @@ class RuntimeTraining:
 
         timelines = []
         for h in self.client.status().hosts:
-            reply = self.client._worker_stub(h.address).GetTimeline(
+            reply = self.client.worker_stub(h.address).GetTimeline(
                 pb.GetTimelineRequest(since=since), timeout=self.timeline_timeout_s)
             timelines.append(tl.HostTimeline(reply.island, reply.host, tuple(reply.events)))
         return sorted(timelines, key=lambda t: (t.island, t.host))

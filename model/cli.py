@@ -1,6 +1,6 @@
 """Command-line hooks of the model package: `pathways model` and `pathways mfu`.
 
-The main CLI (runtime/cli.py) calls `register(subparsers)`; each subcommand sets `func`, a function
+The main CLI (runtime/cli/) calls `register(subparsers)`; each subcommand sets `func`, a function
 of the parsed arguments returning an exit code. Everything here works by abstract evaluation
 (`jax.eval_shape`), so asking about the 540B model allocates nothing.
 
@@ -15,11 +15,11 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.peak import PEAK_FLOPS
 from model.config import PalmConfig, list_configs
 from model.flops import FlopsModel, peak_flops, utilization
 from model.palm import embedding_param_count, param_count
 from model.partitioning import PodMesh
+from model.peaks import PEAK_FLOPS
 
 _SUFFIXES = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 

@@ -2,7 +2,7 @@
 
 Three pieces, kept apart so each can be checked alone: FLOPs per token from the model shape
 (`FlopsModel`, here), peak FLOP/s per device kind (the datasheet table and CPU calibration of
-`benchmarks.peak`; `peak_flops` below only adapts it to "a number or a kind"), and the reporter
+`model.peaks`; `peak_flops` below only adapts it to "a number or a kind"), and the reporter
 that divides them (`utilization`, here).
 
 PaLM Appendix B ("Compute Usage and Environmental Impact", Chowdhery et al. 2022):
@@ -31,9 +31,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from benchmarks.peak import peak_flops_for
 from model.config import PalmConfig
 from model.palm import embedding_param_count, param_count
+from model.peaks import peak_flops_for
 
 Remat = str | float
 
@@ -117,8 +117,8 @@ def peak_flops(device: str | float, dtype: Any = "bfloat16") -> float:
     """Peak FLOP/s per chip: a number (or numeric string) as given, else the datasheet figure of a
     device kind ("TPU v4", "tpu-v4", "NVIDIA H100 80GB HBM3", "h100") computing in `dtype`.
 
-    Raises KeyError for kinds `benchmarks.peak` does not know, CPUs included: a CPU's peak must be
-    calibrated in the same run as the measurement it divides (`benchmarks.peak.calibrate_cpu_peak`).
+    Raises KeyError for kinds `model.peaks` does not know, CPUs included: a CPU's peak must be
+    calibrated in the same run as the measurement it divides (`model.peaks.calibrate_cpu_peak`).
     """
     if isinstance(device, (int, float)):
         return float(device)

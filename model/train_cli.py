@@ -159,10 +159,9 @@ def _run_cluster(args: argparse.Namespace, settings, progress: _Progress) -> int
         # The client lays checkpoints out over devices of its own shaped like a pod's mesh.
         jax.config.update("jax_num_cpu_devices", devices)
         if args.ray is not None:
-            from runtime._ray import RayCluster
-
-            cluster = RayCluster(args.islands, hosts, devices // hosts, ray_address=args.ray or None,
-                                 max_host_restarts=args.max_restarts)
+            cluster = runtime.RayCluster(args.islands, hosts, devices // hosts,
+                                         ray_address=args.ray or None,
+                                         max_host_restarts=args.max_restarts)
         else:
             cluster = runtime.ProcessCluster(args.islands, hosts, devices // hosts)
         address = cluster.address

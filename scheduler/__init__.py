@@ -1,13 +1,13 @@
-"""Resource manager (islands, hosts, virtual slices) and per-island gang schedulers."""
+"""Resource manager (islands, hosts, virtual slices) and per-island gang schedulers.
 
-# The scheduler raises the runtime's exceptions. Importing the runtime package first keeps the
-# import order acyclic when a program imports `scheduler` before `runtime`.
-import runtime  # noqa: F401  (import order, see above)
-from scheduler._gang import GangScheduler, OrderTicket
-from scheduler._policy import (POLICIES, FifoPolicy, ProportionalSharePolicy, SchedulingPolicy,
-                               Tenant, check_weight, make_policy)
-from scheduler._readiness import Readiness
-from scheduler._resources import HostRecord, ResourceManager, SliceRecord, validate_mesh
+Runs in the controller process. Imports only the floor (proto/), never runtime/."""
+
+from scheduler.gang import GangScheduler
+from scheduler.policy import (POLICIES, FifoPolicy, ProportionalSharePolicy, SchedulingPolicy,
+                              Tenant, check_weight, make_policy)
+from scheduler.readiness import Readiness
+from scheduler.resources import HostRecord, ResourceManager, SliceRecord, validate_mesh
+from scheduler.tickets import OrderTicket
 
 __all__ = ["POLICIES", "FifoPolicy", "GangScheduler", "HostRecord", "OrderTicket",
            "ProportionalSharePolicy", "Readiness", "ResourceManager", "SchedulingPolicy",

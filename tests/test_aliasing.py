@@ -80,7 +80,7 @@ def test_failed_send_fails_its_destination_at_once_naming_source_and_cause(clust
     readers get an ExecutionError naming the source and the cause (not a wait to the deadline)."""
     s1 = client.slice({"d": 2}, island=1)
     sender, receiver = cluster.workers[0], cluster.workers[1]
-    dest = client._new_handle((4,), np.float32, P("d"), s1)
+    dest = client.new_handle((4,), np.float32, P("d"), s1)
     spec = pb.ArraySpec(array_id=dest.id, dtype="float32", shape=[4],
                         sharding=pb.Sharding(slice_id=s1.slice_id, dims=[pb.DimSharding(axes=["d"])]))
     receiver.store.expect(dest.id)
@@ -89,7 +89,7 @@ def test_failed_send_fails_its_destination_at_once_naming_source_and_cause(clust
     doomed = jax.device_put(np.zeros(4, np.float32), sender.devices[0])
     doomed.delete()
     send = pb.SendInstruction(array_id=4242, destination=spec, destination_slice=s1.info)
-    sender._stream(doomed, send)
+    sender._transfers._stream(doomed, send)
     with pytest.raises(runtime.ExecutionError, match=r"array 4242 from host 0\.0 .*deleted"):
         receiver.store.get(dest.id, timeout=0.0)
     receiver.store.delete(dest.id)
@@ -106,7 +106,7 @@ def test_reading_freed_buffers_is_a_runtime_error_not_unknown(cluster, client):
 
 
 def test_a_donation_spares_buffers_a_pending_send_holds():
-    from runtime._pins import SendPins
+    from runtime.worker.pins import SendPins
 
     pins = SendPins()
     held = jax.device_put(np.arange(4.0), jax.devices()[0])

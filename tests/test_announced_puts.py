@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from proto import pathways_pb2 as pb
-from runtime import _auth, _worker, _wire
+from proto import auth as _auth
+from runtime.worker import dataplane as _dataplane
+from proto import wire as _wire
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def attacker(cluster):
 @pytest.fixture(autouse=True)
 def short_announcement_wait(monkeypatch):
     """A put waits this long for its array's announcement before it is refused."""
-    monkeypatch.setattr(_worker, "ANNOUNCE_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(_dataplane, "ANNOUNCE_TIMEOUT_S", 1.0)
 
 
 def _chunks(spec: pb.ArraySpec, data: np.ndarray, positions=(0,)) -> list[pb.ArrayChunk]:
@@ -46,7 +48,7 @@ def _owned_on_host(worker, session_id: int) -> list[int]:
 def test_puts_of_unannounced_arrays_are_refused(cluster, bystander, attacker):
     s = attacker.slice({"d": 1}, island=0)
     worker = cluster.workers[0]
-    stub = attacker._worker_stub(s.info.host_addresses[0])
+    stub = attacker.worker_stub(s.info.host_addresses[0])
     before = worker.store.stats()
     data = np.ones((1 << 20,), np.float32)  # 4 MiB each, outside any quota if it were stored
     futures = [stub.PutArray.future(iter(_chunks(pb.ArraySpec(
@@ -60,7 +62,7 @@ def test_puts_of_unannounced_arrays_are_refused(cluster, bystander, attacker):
 
 def test_a_put_must_match_its_announcement_and_happens_once(cluster, bystander, attacker):
     s = attacker.slice({"d": 1}, island=0)
-    stub = attacker._worker_stub(s.info.host_addresses[0])
+    stub = attacker.worker_stub(s.info.host_addresses[0])
     data = np.arange(4, dtype=np.float32)
     x = attacker.put(data, s)
     spec = pb.ArraySpec(array_id=x.id, dtype="float32", shape=[4],
@@ -72,7 +74,7 @@ def test_a_put_must_match_its_announcement_and_happens_once(cluster, bystander, 
 
     declared = pb.ArraySpec(array_id=attacker._new_id(), dtype="float32", shape=[4],
                             sharding=pb.Sharding(slice_id=s.slice_id))
-    attacker._stub.RegisterArrays(pb.RegisterArraysRequest(session_id=attacker.session_id,
+    attacker.controller_stub.RegisterArrays(pb.RegisterArraysRequest(session_id=attacker.session_id,
                                                            arrays=[declared]), timeout=30)
     lying = pb.ArraySpec(array_id=declared.array_id, dtype="float32", shape=[1 << 24],
                          sharding=declared.sharding)
@@ -117,8 +119,8 @@ def test_a_failure_that_overtakes_its_announcement_is_kept_for_it():
     the destination host before the announcement does: the array fails when announced."""
     import jax
 
-    from runtime._errors import ExecutionError
-    from runtime._worker import Worker
+    from proto.errors import ExecutionError
+    from runtime.worker.worker import Worker
 
     worker = Worker(5, 0, jax.devices()[:1])
     try:

@@ -14,9 +14,12 @@ import pytest
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
-from runtime._controller import Controller, ControllerServicer
-from runtime._errors import FailedPreconditionError
+from proto import auth as _auth
+from proto import rpc as _rpc
+from proto import wire as _wire
+from runtime.controller.controller import Controller
+from runtime.controller.servicer import ControllerServicer
+from proto.errors import FailedPreconditionError
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ def guarded():
 
 
 def _status(address: str, credentials: _auth.Credentials | None) -> pb.GetStatusReply:
-    with _auth.open_channel(address, credentials) as channel:
+    with _rpc.open_channel(address, credentials) as channel:
         return pb_grpc.ControllerStub(channel).GetStatus(pb.GetStatusRequest(), timeout=5)
 
 
@@ -46,7 +49,7 @@ def test_calls_without_the_token_are_unauthenticated(guarded):
             _status(address, _auth.Credentials(wrong))
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert _status(address, _auth.Credentials(token)).sessions == 0
-    with _auth.open_channel(address, _auth.Credentials(token)) as channel:  # streams too
+    with _rpc.open_channel(address, _auth.Credentials(token)) as channel:  # streams too
         stub = pb_grpc.ControllerStub(channel)
         reply = stub.Connect(pb.ConnectRequest(client_name="c"), timeout=5)
         assert reply.session_id > 0
@@ -54,7 +57,7 @@ def test_calls_without_the_token_are_unauthenticated(guarded):
 
 def test_unparseable_requests_are_invalid_argument(guarded):
     address, token = guarded
-    with _auth.open_channel(address, _auth.Credentials(token)) as channel:
+    with _rpc.open_channel(address, _auth.Credentials(token)) as channel:
         for raw in (b"\xff", b"\x0a\x05ab", b"\x08" + b"\xff" * 11, os.urandom(64)):
             call = channel.unary_unary("/pathways.Controller/Connect")
             try:
@@ -106,9 +109,9 @@ def test_session_keys():
 
 
 def test_loopback_addresses():
-    assert _auth.is_loopback("127.0.0.1:5") and _auth.is_loopback("localhost:1")
-    assert _auth.is_loopback("[::1]:80") and _auth.is_loopback("127.3.4.5:0")
-    assert not _auth.is_loopback("0.0.0.0:5") and not _auth.is_loopback("10.0.0.1:5")
+    assert _rpc.is_loopback("127.0.0.1:5") and _rpc.is_loopback("localhost:1")
+    assert _rpc.is_loopback("[::1]:80") and _rpc.is_loopback("127.3.4.5:0")
+    assert not _rpc.is_loopback("0.0.0.0:5") and not _rpc.is_loopback("10.0.0.1:5")
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
@@ -124,7 +127,7 @@ def test_tls_with_token(tmp_path):
                          interceptors=[_auth.ServerGuard(token)])
     pb_grpc.add_ControllerServicer_to_server(ControllerServicer(controller), server)
     server_side = _auth.Credentials(token, _auth.TLSConfig(cert=cert, key=key))
-    port = _auth.add_port(server, "127.0.0.1:0", server_side)
+    port = _rpc.add_port(server, "127.0.0.1:0", server_side)
     server.start()
     try:
         address = f"127.0.0.1:{port}"
@@ -143,7 +146,8 @@ def test_host_token_and_array_owner_policy():
     session (or a peer host)."""
     import jax
 
-    from runtime._worker import Worker, WorkerServicer
+    from runtime.worker.servicer import WorkerServicer
+    from runtime.worker.worker import Worker
 
     credentials = _auth.Credentials.generate()
     worker = Worker(0, 0, jax.devices()[:1])
@@ -158,16 +162,16 @@ def test_host_token_and_array_owner_policy():
     owned = (3 << _auth.ID_BITS) + 1
     try:
         dispatch = pb.DispatchRequest(controller_id=secret)
-        with _auth.open_channel(address, credentials.for_clients()) as channel:
+        with _rpc.open_channel(address, credentials.for_clients()) as channel:
             with pytest.raises(grpc.RpcError) as info:
                 pb_grpc.WorkerStub(channel).Dispatch(dispatch, timeout=5)
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        with _auth.open_channel(address, credentials) as channel:
+        with _rpc.open_channel(address, credentials) as channel:
             pb_grpc.WorkerStub(channel).Dispatch(dispatch, timeout=5)
         for session, code in ((2, grpc.StatusCode.PERMISSION_DENIED),
                               (3, grpc.StatusCode.NOT_FOUND)):
             key = [(_auth.SESSION_KEY, _auth.session_key(secret, session))]
-            with _auth.open_channel(address, credentials.for_clients(), key) as channel:
+            with _rpc.open_channel(address, credentials.for_clients(), key) as channel:
                 with pytest.raises(grpc.RpcError) as info:
                     list(pb_grpc.WorkerStub(channel).GetArray(
                         pb.GetArrayRequest(array_id=owned, timeout_s=0.1), timeout=5))

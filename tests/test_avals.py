@@ -1,5 +1,5 @@
 """Arguments and results at the client's boundary behave as under `jax.jit`: `None` leaves, weak
-types, typed PRNG keys, and the errors for what cannot run (runtime._avals, runtime._function).
+types, typed PRNG keys, and the errors for what cannot run (runtime.client.avals, runtime.client.function).
 On the shared in-process cluster; tests/test_conformance.py runs the same through processes."""
 
 import collections

@@ -10,7 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import runtime
-from runtime import _shm, _transfer
+from proto import shm as _shm
+from proto import transfer as _transfer
+from proto import wire as _wire
 
 
 def rss_bytes() -> int:
@@ -33,7 +35,7 @@ def test_calls_return_before_running_and_batch_into_few_rpcs(client):
     slow = client.jit(lambda v: jax.lax.fori_loop(0, 30, lambda i, a: jnp.tanh(a @ a) * 2, v), s)
     x = client.put(np.eye(128, dtype=np.float32) * 0.1, s)
     slow(x).fetch()  # compile and load
-    before = client._stream.batches
+    before = client.commands.batches
     start = time.perf_counter()
     y = x
     for _ in range(300):
@@ -43,7 +45,7 @@ def test_calls_return_before_running_and_batch_into_few_rpcs(client):
     result = y.fetch()
     total = time.perf_counter() - start
     assert submitted < total / 3, (submitted, total)  # submission did not wait for execution
-    assert client._stream.batches - before < 100  # far fewer RPCs than calls
+    assert client.commands.batches - before < 100  # far fewer RPCs than calls
     want = np.eye(128, dtype=np.float32) * 0.1
     f = jax.jit(lambda v: jax.lax.fori_loop(0, 30, lambda i, a: jnp.tanh(a @ a) * 2, v))
     for _ in range(301):
@@ -65,11 +67,11 @@ def test_program_traces_once_and_reruns_with_new_inputs(cluster, client):
     x = client.put(np.zeros(8, np.float32), s, P("d"))
     first = chain(x).fetch()
     executables = len(cluster.controller._executables)
-    loads = client._stream.batches
+    loads = client.commands.batches
     out = chain(client.put(np.ones(8, np.float32), s, P("d")))
     assert chain.traces == 1
     assert len(cluster.controller._executables) == executables  # nothing re-sent
-    assert client._stream.batches - loads <= 2
+    assert client.commands.batches - loads <= 2
     want_first, want = np.zeros(8), np.ones(8)
     for _ in range(64):
         want_first, want = (want_first + 1) * 2, (want + 1) * 2

@@ -10,7 +10,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import runtime
+import runtime.server
 from proto import pathways_pb2 as pb
+from proto.errors import ArrayNotFoundError, ExecutionError, HostLostError
 
 
 def still_works(client, island=0):
@@ -48,7 +50,7 @@ def test_server_rejects_wrong_input_with_invalid_argument(client, add):
                   outputs=[client._new_id()])
     good = pb.Call(executable_id=f.executable_id, inputs=[right.id, right.id],
                    outputs=[client._new_id()])
-    reply = client._stub.Execute(pb.ExecuteRequest(  # the client's own channel: token, session key
+    reply = client.controller_stub.Execute(pb.ExecuteRequest(  # the client's own channel: token, session key
         session_id=client.session_id, commands=[pb.Command(call=bad), pb.Command(call=good)]),
         timeout=10)
     rejected, accepted = reply.results
@@ -78,7 +80,7 @@ def test_deleted_and_unknown_array_handles(client, add):
         client.sync()
     client.sync()  # each rejection is reported by sync once
     with pytest.raises(grpc.RpcError) as info:
-        client._stub.DeleteArrays(pb.DeleteArraysRequest(session_id=client.session_id,
+        client.controller_stub.DeleteArrays(pb.DeleteArraysRequest(session_id=client.session_id,
                                                          array_ids=[forged.id]), timeout=10)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     forged._mark_consumed()
@@ -134,7 +136,7 @@ def test_garbage_executable_gets_invalid_argument(client):
     s = client.slice({"d": 2}, island=0)
     spec = pb.ValueSpec(dtype="float32", shape=[2])
     with pytest.raises(runtime.InvalidArgumentError, match="not a serialized jax.export"):
-        client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+        client.call("LoadExecutable", pb.LoadExecutableRequest(
             session_id=client.session_id, slice_id=s.slice_id, serialized=b"\x00garbage",
             inputs=[spec], outputs=[spec], name="garbage"))
     still_works(client)
@@ -142,7 +144,7 @@ def test_garbage_executable_gets_invalid_argument(client):
 
 def test_worker_reports_a_load_failure_on_the_outputs():
     """A host that cannot compile a module fails the calls' outputs with a clear error."""
-    worker = runtime.Worker(0, 0, jax.devices()[:2])
+    worker = runtime.server.Worker(0, 0, jax.devices()[:2])
     try:
         info = pb.SliceInfo(slice_id=1, mesh_shape=[2], axis_names=["d"],
                             devices=[pb.SliceDevice(host=0, device=i) for i in range(2)])
@@ -168,7 +170,7 @@ def test_input_that_never_arrives_fails_within_its_deadline():
         s = client.slice({"d": 2})
         never = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[2],
                              sharding=pb.Sharding(slice_id=s.slice_id))
-        client._rpc("RegisterArrays", pb.RegisterArraysRequest(session_id=client.session_id,
+        client.call("RegisterArrays", pb.RegisterArraysRequest(session_id=client.session_id,
                                                                arrays=[never]))
         handle = runtime.RemoteArray(client, never.array_id, (2,), np.float32, P(), s)
         out = client.jit(lambda v: v + 1, s)(handle)
@@ -207,3 +209,54 @@ def test_host_that_went_away():
         f0 = client.jit(lambda v: v * 2, s0)
         np.testing.assert_array_equal(f0(client.put(np.ones(2, np.float32), s0)).fetch(), [2, 2])
         assert "lost" in {h.island: h.state for h in client.status().hosts}[1]
+
+
+def test_client_side_translation_names_the_peer_and_keeps_the_servers_error():
+    """One translator (proto.errors.translate_rpc_error) for every client-side caller: the
+    server's own exception when it sent one, else a deadline or the peer's loss; all carry the
+    peer as their origin."""
+    import grpc
+
+    from proto.errors import (ERROR_KEY, ControllerUnavailableError, DeadlineExceededError,
+                              NotFoundError, translate_rpc_error)
+
+    class Failed(grpc.RpcError):
+        def __init__(self, code, details, metadata=()):
+            self._code, self._details, self._metadata = code, details, metadata
+
+        def code(self):
+            return self._code
+
+        def details(self):
+            return self._details
+
+        def trailing_metadata(self):
+            return self._metadata
+
+    sent = translate_rpc_error(Failed(grpc.StatusCode.NOT_FOUND, "slice 3 is unknown",
+                                      ((ERROR_KEY, "NotFoundError"),)),
+                               "controller a:1", "ReleaseSlice", ControllerUnavailableError)
+    assert type(sent) is NotFoundError and str(sent) == "slice 3 is unknown"
+    assert sent.origin == "controller a:1"
+    late = translate_rpc_error(Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "late"), "host 0.1 (b:2)",
+                               "GetArray", HostLostError)
+    assert isinstance(late, DeadlineExceededError) and "host 0.1 (b:2)" in str(late)
+    gone = translate_rpc_error(Failed(grpc.StatusCode.UNAVAILABLE, "refused"), "host 0.1 (b:2)",
+                               "GetArray", HostLostError)
+    assert isinstance(gone, HostLostError) and gone.origin == "host 0.1 (b:2)"
+
+
+def test_store_errors_carry_their_origin():
+    """The store's own errors (about the wait) say so; a producer's stored error does not."""
+    from proto.errors import STORE
+    from runtime.worker.store import ArrayStore
+
+    store = ArrayStore()
+    with pytest.raises(ArrayNotFoundError) as missing:
+        store.get(7, 0.0)
+    assert missing.value.origin == STORE
+    store.expect(8)
+    store.fail(8, ExecutionError("step failed"))
+    with pytest.raises(ExecutionError) as failed:
+        store.get(8, 0.0)
+    assert failed.value.origin == ""

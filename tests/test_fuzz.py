@@ -13,7 +13,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import _auth, _wire
+from proto import rpc as _rpc
+from proto import wire as _wire
 
 #: Requests sent to each of the two servers.
 REQUESTS_PER_SERVER = 5_000
@@ -179,8 +180,8 @@ def test_fuzz_controller_and_worker_keep_serving(cluster):
     # What a client of the cluster presents (the token, if the cluster has one; its session).
     metadata = attacker._call_metadata()
     credentials = cluster.credentials
-    with _auth.open_channel(cluster.address, credentials, metadata) as controller_channel, \
-            _auth.open_channel(worker_address, credentials, metadata) as worker_channel:
+    with _rpc.open_channel(cluster.address, credentials, metadata) as controller_channel, \
+            _rpc.open_channel(worker_address, credentials, metadata) as worker_channel:
         codes = _send(controller_channel, "Controller", Fuzzer(1, known), REQUESTS_PER_SERVER)
         codes += _send(worker_channel, "Worker", Fuzzer(2, known), REQUESTS_PER_SERVER)
         # Oversized: past the servers' message limit.
@@ -202,7 +203,7 @@ def test_fuzz_controller_and_worker_keep_serving(cluster):
 
 
 def test_shard_header_outside_the_array_is_refused_before_allocating():
-    from runtime._errors import InvalidArgumentError
+    from proto.errors import InvalidArgumentError
 
     spec = pb.ArraySpec(array_id=1, dtype="float32", shape=[4])
     for start, stop in (((0,), (2**40,)), ((-1,), (2,)), ((3,), (2,)), ((0, 0), (1, 1))):

@@ -16,7 +16,8 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import DeadlineExceededError, _auth
+from runtime import DeadlineExceededError
+from proto import rpc as _rpc
 from runtime.cli import format_status
 
 MODULUS = 1000
@@ -50,7 +51,7 @@ def timeline(cluster, island_index=0):
     """Per host: the (sequence, session) of every execution it ran, in order."""
     out = {}
     for h in cluster.controller.resources.island_hosts(island_index):
-        with _auth.open_channel(h.address, cluster._cluster_credentials) as channel:
+        with _rpc.open_channel(h.address, cluster._cluster_credentials) as channel:
             reply = pb_grpc.WorkerStub(channel).GetTimeline(pb.GetTimelineRequest(), timeout=10)
         out[h.host] = [(e.sequence, e.session_id) for e in reply.events]
     return out
@@ -185,7 +186,7 @@ def test_misordered_steps_hang_and_the_deadline_reports_it():
         orders = {0: [execute(base + 1, fa, xa, out_a), execute(base + 2, fb, xb, out_b)],
                   1: [execute(base + 1, fb, xb, out_b), execute(base + 2, fa, xa, out_a)]}
         for h in cluster.controller.resources.island_hosts(0):
-            with _auth.open_channel(h.address, cluster._cluster_credentials) as channel:
+            with _rpc.open_channel(h.address, cluster._cluster_credentials) as channel:
                 pb_grpc.WorkerStub(channel).Dispatch(pb.DispatchRequest(
                     controller_id=cluster.controller.controller_id, instructions=orders[h.host]),
                     timeout=10)

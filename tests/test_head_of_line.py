@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
+from proto import wire as _wire
 from scheduler import GangScheduler
 
 
@@ -31,7 +31,7 @@ class _Stalled:
                                    out_specs=P("d")).lower(real)
         self.spec = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[8],
                                  sharding=_wire.spec_to_proto(self.slice.slice_id, P("d")))
-        client._stub.RegisterArrays(pb.RegisterArraysRequest(session_id=client.session_id,
+        client.controller_stub.RegisterArrays(pb.RegisterArraysRequest(session_id=client.session_id,
                                                              arrays=[self.spec]), timeout=30)
 
     def execute(self, commands, timeout: float):
@@ -40,7 +40,7 @@ class _Stalled:
 
         def send():
             try:
-                out.append(self.client._stub.Execute(pb.ExecuteRequest(
+                out.append(self.client.controller_stub.Execute(pb.ExecuteRequest(
                     session_id=self.client.session_id, commands=commands), timeout=timeout))
             except grpc.RpcError as err:
                 out.append(err)
@@ -55,13 +55,13 @@ class _Stalled:
                                        inputs=[input_id], outputs=[output])), output
 
     def put(self) -> None:
-        stub = self.client._worker_stub(self.slice.info.host_addresses[0])
+        stub = self.client.worker_stub(self.slice.info.host_addresses[0])
         shards = [(index, positions, self.data[_wire.as_slices(index)]) for index, positions in
                   _wire.shard_groups([8], self.slice.mesh_shape, self.spec.sharding)]
         stub.PutArray(_wire.iter_chunks(self.spec, shards), timeout=30)
 
     def fetch(self, array_id: int, sequence: int) -> np.ndarray:
-        stub = self.client._worker_stub(self.slice.info.host_addresses[0])
+        stub = self.client.worker_stub(self.slice.info.host_addresses[0])
         out = np.empty(8, np.float32)
         _, shards = _wire.assemble_chunks(stub.GetArray(pb.GetArrayRequest(
             array_id=array_id, timeout_s=30, after_sequence=sequence), timeout=30), out.dtype)
@@ -161,7 +161,7 @@ def test_the_gate_lets_others_go_first_opens_on_arrival_and_expires():
     """On a scheduler with a fake host: an execution reading an array not yet put waits while
     another tenant's is ordered; it is ordered once the host reports the array; a send waiting
     past input_wait_s fails alone."""
-    from runtime._errors import DeadlineExceededError
+    from proto.errors import DeadlineExceededError
     from test_multitenant import calls, gang
 
     scheduler, link = gang(policy="fifo")
@@ -192,7 +192,7 @@ def test_a_deadline_orders_a_copy_and_its_reader_across_islands():
     """At a request's deadline its islands are forced together: the send ordered on one island
     makes the copy's reader on the other orderable, so neither fails. (Forced one island at a
     time, the reader, tried first, would fail for want of a send not yet forced.)"""
-    from runtime._planner import Ordering
+    from runtime.controller.ordering import Ordering
     from scheduler import Readiness
     from test_multitenant import FakeLink, calls
 

@@ -4,7 +4,7 @@ repeated fields of a million entries; strings at and past the limits; stream hea
 
 Each gets a canonical refusal (never UNKNOWN, INTERNAL or UNAVAILABLE), and afterwards a
 bystander's arrays are intact, its new work is correct, the cluster's status answers and every
-host is alive. tests/test_fuzz.py sends random ones; these aim at the limits (runtime._limits)."""
+host is alive. tests/test_fuzz.py sends random ones; these aim at the limits (proto.limits)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import grpc
 import pytest
 
 from proto import pathways_pb2 as pb
-from runtime import _auth, _worker, _wire
+from proto import rpc as _rpc
+from runtime.worker import dataplane as _dataplane
+from proto import wire as _wire
 
 MILLION = 1_000_000
 NEAR_LIMIT = _wire.MAX_MESSAGE_BYTES - (64 << 10)  # a string that leaves room for the rest
@@ -57,10 +59,10 @@ class Attack:
         self.slice = self.client.slice({"d": 1}, island=0)
         self.sid = self.client.session_id
         self.victim = bystander
-        self.worker = self.client._worker_stub(self.slice.info.host_addresses[0])
-        self.controller_channel = _auth.open_channel(cluster.address, cluster.credentials,
+        self.worker = self.client.worker_stub(self.slice.info.host_addresses[0])
+        self.controller_channel = _rpc.open_channel(cluster.address, cluster.credentials,
                                                      self.client._call_metadata)
-        self.worker_channel = _auth.open_channel(self.slice.info.host_addresses[0],
+        self.worker_channel = _rpc.open_channel(self.slice.info.host_addresses[0],
                                                  cluster.credentials, self.client._call_metadata)
 
     def spec(self, **fields) -> pb.ArraySpec:
@@ -164,7 +166,7 @@ class Attack:
         """(method, request bytes or a list of stream messages, streamed)."""
         victim = self.victim
         declared = self.spec()
-        self.client._stub.RegisterArrays(pb.RegisterArraysRequest(session_id=self.sid,
+        self.client.controller_stub.RegisterArrays(pb.RegisterArraysRequest(session_id=self.sid,
                                                                   arrays=[declared]), timeout=30)
 
         def header(start, stop, nbytes, positions=(0,), shared=""):
@@ -217,7 +219,7 @@ class Attack:
 
 @pytest.fixture
 def attack(cluster, bystander, monkeypatch):
-    monkeypatch.setattr(_worker, "ANNOUNCE_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(_dataplane, "ANNOUNCE_TIMEOUT_S", 0.5)
     a = Attack(cluster, bystander)
     yield a
     a.close()

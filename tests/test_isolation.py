@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
+from proto import rpc as _rpc
+from proto import wire as _wire
 
 
 @pytest.fixture
@@ -50,7 +51,7 @@ def test_acting_as_another_session_is_denied(cluster, victim):
     client, s, x, y, compiled, _ = victim
     attacker = cluster.client("attacker")
     try:
-        stub = attacker._stub  # carries the attacker's token and session key
+        stub = attacker.controller_stub  # carries the attacker's token and session key
         sid = client.session_id
         calls = {
             "Execute": pb.ExecuteRequest(session_id=sid, commands=[pb.Command(
@@ -79,7 +80,7 @@ def test_acting_as_another_session_is_denied(cluster, victim):
             pb.Command(delete=pb.DeleteCommand(array_ids=[x.id]))]), timeout=10)
         assert [r.error for r in reply.results][0] in ("NotFoundError", "ArrayNotFoundError")
         # A raw channel without a session key is denied too.
-        with _auth.open_channel(cluster.address, getattr(cluster, "credentials", None)) as ch:
+        with _rpc.open_channel(cluster.address, getattr(cluster, "credentials", None)) as ch:
             assert _code(lambda: pb_grpc.ControllerStub(ch).DeleteArrays(
                 pb.DeleteArraysRequest(session_id=sid, array_ids=[x.id]), timeout=10)) \
                 == grpc.StatusCode.PERMISSION_DENIED
@@ -92,7 +93,7 @@ def test_hosts_refuse_other_sessions_and_strangers(cluster, victim):
     client, s, x, y, compiled, data = victim
     attacker = cluster.client("attacker")
     try:
-        worker = attacker._worker_stub(s.info.host_addresses[0])
+        worker = attacker.worker_stub(s.info.host_addresses[0])
         # Reading the victim's array.
         assert _code(lambda: list(worker.GetArray(pb.GetArrayRequest(
             array_id=x.id, timeout_s=1.0), timeout=5))) in DENIED
@@ -109,10 +110,10 @@ def test_hosts_refuse_other_sessions_and_strangers(cluster, victim):
                 array_ids=[x.id]))]), timeout=5)) == grpc.StatusCode.PERMISSION_DENIED
         # Posing as a host: re-registering island 0's host elsewhere, or removing it.
         info = pb.HostInfo(island=0, host=0, address="127.0.0.1:1", num_devices=4)
-        assert _code(lambda: attacker._stub.RegisterHost(pb.RegisterHostRequest(host=info),
+        assert _code(lambda: attacker.controller_stub.RegisterHost(pb.RegisterHostRequest(host=info),
                                                          timeout=5)) in (
             grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.ALREADY_EXISTS)
-        assert _code(lambda: attacker._stub.UnregisterHost(pb.UnregisterHostRequest(
+        assert _code(lambda: attacker.controller_stub.UnregisterHost(pb.UnregisterHostRequest(
             island=0, host=0, address=s.info.host_addresses[0]), timeout=5)) \
             == grpc.StatusCode.PERMISSION_DENIED
     finally:

@@ -11,7 +11,7 @@ import time
 import pytest
 
 import runtime
-from runtime._leases import SessionLeases
+from proto.leases import SessionLeases
 
 #: A client process: one slice, one 4 MB array, then it waits (idle) until it is killed.
 CLIENT = textwrap.dedent("""
@@ -65,7 +65,7 @@ def test_a_killed_client_is_freed_after_its_lease_and_a_live_idle_one_is_not(cap
         finally:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=30)
-        with caplog.at_level(logging.WARNING, logger="runtime._controller"):
+        with caplog.at_level(logging.WARNING, logger="runtime.controller.controller"):
             # Within the lease and the reaper's period; the deadline is generous for a loaded
             # machine, and far below "forever", which is what a killed client used to hold.
             _wait_until_freed(cluster, deadline_s=lease + 60)

@@ -1,4 +1,4 @@
-"""Requests at and past the runtime's limits (runtime._limits, runtime._placement): what is
+"""Requests at and past the runtime's limits (proto.limits, runtime.controller.placement): what is
 accepted still fits everything derived from it, what is not gets INVALID_ARGUMENT or
 RESOURCE_EXHAUSTED naming the field and the bound, numbers must be finite and non-negative, and
 arrays must fit their devices. After each hostile request a bystander's work and the cluster's
@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 from proto import pathways_pb2 as pb
-from runtime import _limits, _wire
-from runtime._errors import InvalidArgumentError, ResourceExhaustedError
+from proto import limits as _limits
+from proto import wire as _wire
+from proto.errors import InvalidArgumentError, ResourceExhaustedError
 
 LIMITS = _limits.DEFAULT
 
@@ -60,7 +61,7 @@ def test_near_limit_executable_name_is_refused_and_the_island_lives_on(cluster, 
                                                                       attacker):
     s = attacker.slice({"d": 1}, island=0)
     request = _load(attacker, s, _exported(), name="n" * (_wire.MAX_MESSAGE_BYTES - 4096))
-    code, details = _code(lambda: attacker._stub.LoadExecutable(request, timeout=30))
+    code, details = _code(lambda: attacker.controller_stub.LoadExecutable(request, timeout=30))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "executable name" in details
     bystander.check()
 
@@ -74,28 +75,28 @@ def test_an_accepted_executable_just_under_the_limit_reaches_its_hosts(cluster, 
     request = _load(attacker, s, module)
     request.serialized = module + bytes(LIMITS.executable_request_bytes - request.ByteSize() - 8)
     assert request.ByteSize() <= LIMITS.executable_request_bytes
-    reply = attacker._stub.LoadExecutable(request, timeout=60)
+    reply = attacker.controller_stub.LoadExecutable(request, timeout=60)
     x = attacker.put(np.zeros(4, np.float32), s)
     y = attacker._new_id()
-    result = attacker._stub.Execute(pb.ExecuteRequest(session_id=attacker.session_id, commands=[
+    result = attacker.controller_stub.Execute(pb.ExecuteRequest(session_id=attacker.session_id, commands=[
         pb.Command(call=pb.Call(executable_id=reply.executable_id, inputs=[x.id], outputs=[y]))]),
         timeout=30).results[0]
     assert not result.error, result.message
-    worker = attacker._worker_stub(s.info.host_addresses[0])
+    worker = attacker.worker_stub(s.info.host_addresses[0])
     chunks = worker.GetArray(pb.GetArrayRequest(array_id=y, timeout_s=60,
                                                 after_sequence=result.sequence[0]), timeout=60)
     _, shards = _wire.assemble_chunks(chunks, np.dtype(np.float32))
     np.testing.assert_array_equal(shards[0].data, np.ones(4, np.float32))
 
     request.serialized += bytes(1 << 10)
-    code, details = _code(lambda: attacker._stub.LoadExecutable(request, timeout=30))
+    code, details = _code(lambda: attacker.controller_stub.LoadExecutable(request, timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "over the limit" in details
     bystander.check()
 
 
 def test_near_limit_axis_names_are_refused_and_status_keeps_working(cluster, bystander,
                                                                     attacker):
-    stub = attacker._stub
+    stub = attacker.controller_stub
     huge = pb.CreateSliceRequest(session_id=attacker.session_id, mesh_shape=[1],
                                  axis_names=["a" * (_wire.MAX_MESSAGE_BYTES - 4096)], island=0)
     code, details = _code(lambda: stub.CreateSlice(huge, timeout=30))
@@ -139,7 +140,7 @@ def test_long_client_names_are_refused(cluster):
 
 def test_array_declarations_are_bounded_and_checked_in_linear_time(cluster, bystander, attacker):
     s = attacker.slice({"d": 1}, island=0)
-    stub = attacker._stub
+    stub = attacker.controller_stub
     base = attacker._new_id() + 1
 
     def declare(n: int, duplicate: bool = False):
@@ -177,7 +178,7 @@ def test_array_declarations_are_bounded_and_checked_in_linear_time(cluster, byst
 
 
 def test_a_million_ids_in_one_request_are_refused_at_the_door(cluster, bystander, attacker):
-    stub = attacker._stub
+    stub = attacker.controller_stub
     ids = range(attacker._new_id(), attacker._new_id() + 1_000_000)
     code, details = _code(lambda: stub.DeleteArrays(pb.DeleteArraysRequest(
         session_id=attacker.session_id, array_ids=ids), timeout=30))
@@ -199,14 +200,14 @@ def test_a_million_ids_in_one_request_are_refused_at_the_door(cluster, bystander
 def test_bad_timeouts_intervals_and_weights_are_refused(cluster, bystander, attacker, value):
     s = attacker.slice({"d": 1}, island=0)
     pending = _spec(s.slice_id, [4], array_id=attacker._new_id())
-    attacker._stub.RegisterArrays(pb.RegisterArraysRequest(session_id=attacker.session_id,
+    attacker.controller_stub.RegisterArrays(pb.RegisterArraysRequest(session_id=attacker.session_id,
                                                            arrays=[pending]), timeout=30)
-    worker = attacker._worker_stub(s.info.host_addresses[0])
+    worker = attacker.worker_stub(s.info.host_addresses[0])
     calls = [
         lambda: list(worker.GetArray(pb.GetArrayRequest(array_id=pending.array_id,
                                                         timeout_s=value), timeout=10)),
         lambda: worker.GetTimeline(pb.GetTimelineRequest(since=value), timeout=10),
-        lambda: attacker._stub.Connect(pb.ConnectRequest(client_name="w", weight=value),
+        lambda: attacker.controller_stub.Connect(pb.ConnectRequest(client_name="w", weight=value),
                                        timeout=10),
     ]
     for call in calls:
@@ -229,7 +230,7 @@ def test_a_host_refuses_a_nan_wait_whatever_reaches_it(cluster):
 def test_arrays_that_cannot_fit_their_devices_are_refused_with_their_sizes(cluster, bystander,
                                                                             attacker):
     s = attacker.slice({"d": 2}, island=0)
-    stub = attacker._stub
+    stub = attacker.controller_stub
 
     def register(shape, dtype="float32", dims=()):
         return lambda: stub.RegisterArrays(pb.RegisterArraysRequest(
@@ -264,7 +265,7 @@ def test_what_a_session_holds_is_bounded(cluster, bystander, attacker, monkeypat
     with pytest.raises(ResourceExhaustedError, match="arrays, over its limit of 3"):
         attacker.put([np.zeros(4, np.float32)] * 2, s)
     request = _load(attacker, s, _exported() + bytes(8192))
-    code, details = _code(lambda: attacker._stub.LoadExecutable(request, timeout=30))
+    code, details = _code(lambda: attacker.controller_stub.LoadExecutable(request, timeout=30))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "bytes of executables" in details
     monkeypatch.undo()
     bystander.check()

@@ -1,4 +1,4 @@
-"""A host registers again when its controller restarts (runtime._membership)."""
+"""A host registers again when its controller restarts (runtime.worker.membership)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import time
 
 import jax
 
-from runtime import _auth
-from runtime._controller import Controller, create_controller_server
-from runtime._membership import Membership
-from runtime._worker import Worker, create_worker_server
+from proto import auth as _auth
+from runtime.server import Controller, create_controller_server
+from runtime.worker.membership import Membership
+from runtime.server import Worker, create_worker_server
 
 
 def test_host_registers_again_after_a_controller_restart():

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import runtime
 from proto import pathways_pb2 as pb
-from runtime._metrics import record_training, serve_metrics
-from runtime._ports import PortInUseError
+from runtime.metrics import record_training, serve_metrics
+from proto.ports import PortInUseError
 
 
 def scrape(port: int) -> dict[tuple, float]:
@@ -51,7 +51,7 @@ def test_in_process_cluster_metrics(tmp_path):
                 client.slice({"d": 64})  # the controller refuses
             unknown = pb.GetArrayRequest(array_id=(client.session_id << 40) + 12345)
             with pytest.raises(grpc.RpcError) as refused:  # the host refuses
-                list(client._worker_stub(s.info.host_addresses[0]).GetArray(unknown, timeout=30))
+                list(client.worker_stub(s.info.host_addresses[0]).GetArray(unknown, timeout=30))
             record_training(tokens_per_s=1234.5, mfu=0.42, step=7, loss=2.5)
             during = scrape(port)
         after = scrape(port)

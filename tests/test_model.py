@@ -292,7 +292,7 @@ def test_export_components_as_stablehlo(params, batch):
 
 
 def test_export_for_an_abstract_mesh():
-    # The controller exports for an island's mesh without owning its devices (DESIGN.md).
+    # A program is exported for an island's mesh by a process that does not own its devices.
     mesh = jax.sharding.AbstractMesh((2, 2), ("data", "model"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
     with jax.sharding.use_abstract_mesh(mesh):
         param_specs = model.param_partition_specs(CFG, mesh)

@@ -15,7 +15,7 @@ from benchmarks import multitenant
 from proto import pathways_pb2 as pb
 from runtime import DeadlineExceededError, HostLostError, InvalidArgumentError
 from scheduler import FifoPolicy, GangScheduler, ProportionalSharePolicy, Tenant, make_policy
-from scheduler._policy import IDLE_GRACE_S
+from scheduler.policy import IDLE_GRACE_S
 
 
 class FakeLink:
@@ -26,6 +26,12 @@ class FakeLink:
         self.queue = collections.deque()
         self.acked = self.executed = 0
         self.failed = ""
+
+    def send(self, ops):
+        self.queue.extend(ops)
+
+    def pending(self):
+        return len(self.queue)
 
     def close(self):
         pass

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from benchmarks.peak import calibrate_cpu_peak, canonical_device_kind, peak_flops, peak_flops_for
+from model.peaks import calibrate_cpu_peak, canonical_device_kind, peak_flops, peak_flops_for
 
 
 @pytest.mark.parametrize(

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 
 import runtime
-from runtime import _auth
-from runtime._cluster import publish_token, withdraw_token
-from runtime._controller import Controller, create_controller_server
-from runtime._ports import PortInUseError, ensure_port_free
+from proto import auth as _auth
+from runtime.cluster.hosts import publish_token, withdraw_token
+from runtime.server import Controller, create_controller_server
+from proto.ports import PortInUseError, ensure_port_free
 
 CLI = [sys.executable, "-m", "runtime.cli"]
 

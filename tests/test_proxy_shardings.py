@@ -7,7 +7,8 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from proto.ifrt import xla_pb2
-from runtime import InvalidArgumentError, _wire
+from runtime import InvalidArgumentError
+from proto import wire as _wire
 from runtime.proxy._shardings import Layout, layout_from_op_sharding, place
 from runtime.proxy._status import UnimplementedError
 

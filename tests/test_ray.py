@@ -34,7 +34,7 @@ from test_runtime import (  # noqa: F401
     test_shard_map_psum, test_sharded_matmul_plus_reduction_matches_jax)
 
 import runtime
-from runtime._ray_connect import loopback_ray_environment
+from runtime.cluster.ray_connect import loopback_ray_environment
 
 pytestmark = pytest.mark.ray
 
@@ -143,7 +143,8 @@ def test_ray_cluster_demands_its_token(ray_cluster):
 
     from proto import pathways_pb2 as pb
     from proto import pathways_pb2_grpc as pb_grpc
-    from runtime import _auth
+    from proto import auth as _auth
+    from proto import rpc as _rpc
 
     token = ray_cluster.credentials.token
     assert token and ray_cluster.credentials.host_token is None  # clients get no host token
@@ -154,7 +155,7 @@ def test_ray_cluster_demands_its_token(ray_cluster):
     assert len(calls) == 3
     for address, call in calls:
         for wrong in (None, token + "x"):
-            with _auth.open_channel(address, _auth.Credentials(wrong)) as channel:
+            with _rpc.open_channel(address, _auth.Credentials(wrong)) as channel:
                 with pytest.raises(grpc.RpcError) as info:
                     call(channel)
                 assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -98,8 +98,8 @@ def assert_same_newest_checkpoint(a_dir, b_dir, *, step: int) -> None:
 def test_workers_outlive_a_controller_restart():
     """A restarted controller knows no hosts and no sessions: the workers register again by
     themselves; an old client gets a clear error; a new client works on every island."""
-    from runtime._cluster import wait_for_hosts
-    from runtime._membership import SILENCE_S
+    from runtime.cluster.hosts import wait_for_hosts
+    from runtime.worker.membership import SILENCE_S
 
     with runtime.ProcessCluster(islands=2, devices_per_host=1) as cluster:
         old = runtime.Client(cluster.address, credentials=cluster.credentials)

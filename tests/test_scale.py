@@ -10,7 +10,7 @@ from benchmarks.scale import layout
 from benchmarks.scale_measure import crossing, latencies, point_figures, process_stats
 from benchmarks.scale_workload import make_fused, make_step, matrix_size
 from proto import pathways_pb2 as pb
-from runtime import _wire
+from proto import wire as _wire
 from runtime.sim import per_device_flops
 
 

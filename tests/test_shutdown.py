@@ -1,5 +1,5 @@
 """SIGTERM always stops the runtime's processes: in order when they can, else after a grace period
-(runtime.cli._Signalled), and a second signal at once. And `pathways up` stops after a hostile
+(runtime.cli.common.Signalled), and a second signal at once. And `pathways up` stops after a hostile
 client tried to keep it busy."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ def _stuck_after_signal(grace_s: float) -> subprocess.Popen:
     shutdown (a thread that never returns, a lock never released)."""
     code = textwrap.dedent(f"""
         import threading
-        from runtime import cli
-        stop = cli._Signalled(grace_s={grace_s})
+        from runtime.cli.common import Signalled
+        stop = Signalled(grace_s={grace_s})
         print("ready", flush=True)
         stop.wait()
         print("stopping", flush=True)
@@ -91,9 +91,9 @@ def test_up_stops_on_sigterm_after_hostile_requests():
             s = client.slice({"d": 2})
             pending = pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[4],
                                    sharding=pb.Sharding(slice_id=s.slice_id))
-            client._stub.RegisterArrays(pb.RegisterArraysRequest(
+            client.controller_stub.RegisterArrays(pb.RegisterArraysRequest(
                 session_id=client.session_id, arrays=[pending]), timeout=30)
-            worker = client._worker_stub(s.info.host_addresses[0])
+            worker = client.worker_stub(s.info.host_addresses[0])
             with pytest.raises(grpc.RpcError) as info:
                 list(worker.GetArray(pb.GetArrayRequest(array_id=pending.array_id,
                                                         timeout_s=float("nan")), timeout=10))
@@ -102,7 +102,7 @@ def test_up_stops_on_sigterm_after_hostile_requests():
                 pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[1],
                              sharding=pb.Sharding(slice_id=s.slice_id)) for _ in range(12_000)])
             with pytest.raises(grpc.RpcError) as info:
-                client._stub.RegisterArrays(many, timeout=30)
+                client.controller_stub.RegisterArrays(many, timeout=30)
             assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             x = client.put(np.arange(4, dtype=np.float32), s)
             np.testing.assert_array_equal(x.fetch(), np.arange(4, dtype=np.float32))

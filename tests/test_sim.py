@@ -14,7 +14,9 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import DeadlineExceededError, _auth, _wire
+from runtime import DeadlineExceededError
+from proto import rpc as _rpc
+from proto import wire as _wire
 from runtime.cli import format_status
 from runtime.sim import SimCluster, per_device_flops
 
@@ -35,7 +37,7 @@ def timelines(cluster, island, since=0.0):
     """Per host of the island: {sequence: (start, end)} of its executions."""
     out = {}
     for h in cluster.controller.resources.island_hosts(island):
-        with _auth.open_channel(h.address, cluster._cluster_credentials) as channel:
+        with _rpc.open_channel(h.address, cluster._cluster_credentials) as channel:
             reply = pb_grpc.WorkerStub(channel).GetTimeline(pb.GetTimelineRequest(since=since),
                                                             timeout=10)
         out[h.host] = {e.sequence: (e.start, e.end) for e in reply.events}
@@ -178,7 +180,7 @@ def test_hostile_requests_to_a_simulated_host(sim):
         stored = victim.put(data, s, P("d"))
         known = [attacker.session_id, victim.session_id, s.slice_id, stored.id, 0, 1]
         address = s.info.host_addresses[s.info.devices[0].host]
-        with _auth.open_channel(address, attacker.credentials,
+        with _rpc.open_channel(address, attacker.credentials,
                                 attacker._call_metadata()) as channel:
             codes = _send(channel, "Worker", Fuzzer(3, known), 2000)
             huge = b"\x1a" + b"\xff" * (_wire.MAX_MESSAGE_BYTES + 1024)
@@ -228,7 +230,7 @@ def test_misordered_steps_hang_and_the_deadline_reports_it(sim):
                   hosts[1]: [execute(base + 1, fb, xb, out_b), execute(base + 2, fa, xa, out_a)]}
         island = {h.host: h for h in sim.controller.resources.island_hosts(1)}
         for host, order in orders.items():
-            with _auth.open_channel(island[host].address, sim._cluster_credentials) as channel:
+            with _rpc.open_channel(island[host].address, sim._cluster_credentials) as channel:
                 pb_grpc.WorkerStub(channel).Dispatch(pb.DispatchRequest(
                     controller_id=sim.controller.controller_id, instructions=order), timeout=10)
 

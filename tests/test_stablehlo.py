@@ -1,4 +1,4 @@
-"""StableHLO programs with compile options (runtime._stablehlo): what the IFRT proxy loads. The
+"""StableHLO programs with compile options (proto.stablehlo): what the IFRT proxy loads. The
 controller checks a load against the module, the hosts compile it for the slice's devices, and a
 call runs like any other; slices can be placed on named devices."""
 
@@ -10,8 +10,10 @@ from jax._src.interpreters import mlir
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import InvalidArgumentError, SliceUnavailableError, _stablehlo, _wire
-from runtime._function import CompiledFunction
+from runtime import InvalidArgumentError, SliceUnavailableError
+from proto import stablehlo as _stablehlo
+from proto import wire as _wire
+from runtime.client.function import CompiledFunction
 
 
 def lower(fn, mesh, in_specs, out_specs, *avals, donate=()):
@@ -33,7 +35,7 @@ def load(client, vslice, module, options, inputs, outputs, donated=(), name="f")
         return [pb.ValueSpec(dtype=np.dtype(a.dtype).name, shape=a.shape,
                              sharding=_wire.spec_to_proto(vslice.slice_id, s))
                 for a, s in values]
-    return client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+    return client.call("LoadExecutable", pb.LoadExecutableRequest(
         session_id=client.session_id, slice_id=vslice.slice_id, serialized=module,
         compile_options=options, format=pb.STABLEHLO, name=name, inputs=specs(inputs),
         outputs=specs(outputs), donated=donated))
@@ -104,7 +106,7 @@ def test_ready_only_reads_wait_without_data(client):
     vslice = client.slice((2,), ("x",), island=0)
     array = client.put(np.ones(4, np.float32), vslice, P("x"))
     host = vslice.info.host_addresses[0]
-    chunks = list(client._worker_stub(host).GetArray(pb.GetArrayRequest(
+    chunks = list(client.worker_stub(host).GetArray(pb.GetArrayRequest(
         array_id=array.id, timeout_s=10, after_sequence=array.sequence, ready_only=True),
         timeout=20))
     assert chunks == []

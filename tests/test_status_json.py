@@ -10,7 +10,7 @@ from google.protobuf.descriptor import FieldDescriptor
 
 import runtime
 from proto import pathways_pb2 as pb
-from runtime._status_json import message_to_json
+from runtime.cli.status_json import message_to_json
 
 
 def _check_complete(obj, descriptor, where="status"):

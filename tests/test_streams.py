@@ -17,8 +17,8 @@ import pytest
 import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth
-from runtime._limits import DEFAULT
+from proto import rpc as _rpc
+from proto.limits import DEFAULT
 
 IDLE_S = 1.0
 
@@ -41,7 +41,7 @@ class _Stall:
 def _declare(client, s, n: int) -> list[pb.ArraySpec]:
     specs = [pb.ArraySpec(array_id=client._new_id(), dtype="float32", shape=[4],
                           sharding=pb.Sharding(slice_id=s.slice_id)) for _ in range(n)]
-    client._stub.RegisterArrays(pb.RegisterArraysRequest(session_id=client.session_id,
+    client.controller_stub.RegisterArrays(pb.RegisterArraysRequest(session_id=client.session_id,
                                                          arrays=specs), timeout=30)
     return specs
 
@@ -66,7 +66,7 @@ def test_a_flood_of_idle_put_streams_is_bounded_and_cancelled(cluster, bystander
     attacker = cluster.client("flood")
     try:
         s = attacker.slice({"d": 1}, island=0)
-        stub = attacker._worker_stub(s.info.host_addresses[0])
+        stub = attacker.worker_stub(s.info.host_addresses[0])
         stalls = [_Stall(spec) for spec in _declare(attacker, s, 80)]
         calls = [stub.PutArray.future(iter(stall), timeout=60) for stall in stalls]
         admission = cluster.workers[0].admission
@@ -104,7 +104,7 @@ def test_many_flooding_sessions_cannot_lock_another_out(cluster, bystander, monk
     try:
         for attacker in attackers:
             s = attacker.slice({"d": 1}, island=0)
-            stub = attacker._worker_stub(s.info.host_addresses[0])
+            stub = attacker.worker_stub(s.info.host_addresses[0])
             for spec in _declare(attacker, s, DEFAULT.streams_per_session):
                 stalls.append(_Stall(spec))
                 calls.append(stub.PutArray.future(iter(stalls[-1]), timeout=60))
@@ -140,7 +140,7 @@ def test_the_controller_bounds_a_sessions_concurrent_calls(cluster, bystander):
 
         cluster.controller.status = slow_status
         try:
-            calls = [attacker._stub.GetStatus.future(pb.GetStatusRequest(), timeout=60)
+            calls = [attacker.controller_stub.GetStatus.future(pb.GetStatusRequest(), timeout=60)
                      for _ in range(DEFAULT.calls_per_session + 4)]
             for _ in range(DEFAULT.calls_per_session):
                 assert entered.acquire(timeout=30)
@@ -187,7 +187,7 @@ def test_a_host_with_every_thread_busy_keeps_its_heartbeat_and_dispatch():
         assert worker.control_address and worker.control_address != worker.address
         host_credentials = cluster.controller.credentials  # the host token too
         stalls, calls = [], []
-        with _auth.open_channel(worker.address, host_credentials) as channel:
+        with _rpc.open_channel(worker.address, host_credentials) as channel:
             stub = pb_grpc.WorkerStub(channel)
             for spec in _declare(client, s, 70):
                 stalls.append(_Stall(spec))
@@ -218,7 +218,7 @@ def test_waiting_fetches_count_against_their_sessions_allowance(cluster, bystand
     try:
         s = attacker.slice({"d": 1}, island=0)
         (spec,) = _declare(attacker, s, 1)
-        stub = attacker._worker_stub(s.info.host_addresses[0])
+        stub = attacker.worker_stub(s.info.host_addresses[0])
         request = pb.GetArrayRequest(array_id=spec.array_id, timeout_s=60)
         waiting = [stub.GetArray(request, timeout=60) for _ in range(DEFAULT.streams_per_session)]
         admission = cluster.workers[0].admission

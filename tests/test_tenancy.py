@@ -11,7 +11,8 @@ import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _visibility
+from proto import rpc as _rpc
+from runtime.controller import visibility as _visibility
 
 
 def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
@@ -71,13 +72,13 @@ def test_status_shows_a_client_only_its_own_sessions(cluster, bystander):
         assert status.sessions >= 2  # a count, no names
 
         # The cluster's own processes (the host token) see everyone.
-        with _auth.open_channel(cluster.address, cluster.controller.credentials) as channel:
+        with _rpc.open_channel(cluster.address, cluster.controller.credentials) as channel:
             full = pb_grpc.ControllerStub(channel).GetStatus(pb.GetStatusRequest(), timeout=30)
         assert {bystander.client.session_id, snooper.session_id} <= {
             t.session_id for island in full.islands for t in island.tenants}
         assert bystander.slice.slice_id in {s.slice_id for s in full.slices}
         # A caller with the token but no session sees no one's.
-        with _auth.open_channel(cluster.address, cluster.credentials) as channel:
+        with _rpc.open_channel(cluster.address, cluster.credentials) as channel:
             anonymous = pb_grpc.ControllerStub(channel).GetStatus(pb.GetStatusRequest(),
                                                                   timeout=30)
         assert not anonymous.slices

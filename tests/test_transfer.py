@@ -1,5 +1,5 @@
 """Array bytes arrive bit-exact through both transfer paths (shared-memory segments between
-processes of one machine, runtime._shm; the gRPC stream otherwise), hosts accept only segments
+processes of one machine, proto.shm; the gRPC stream otherwise), hosts accept only segments
 that are what they claim to be, and a SIGKILLed client leaves no shared memory behind."""
 
 from __future__ import annotations
@@ -19,9 +19,11 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import _shm, _transfer, _wire
-from runtime._array import RemoteArray, put_arrays
-from runtime._errors import FailedPreconditionError, InvalidArgumentError
+from proto import shm as _shm
+from proto import transfer as _transfer
+from proto import wire as _wire
+from proto.errors import FailedPreconditionError, InvalidArgumentError
+from runtime.client.array import RemoteArray, put_arrays
 
 
 @pytest.fixture(params=["shared-memory", "stream"])
@@ -143,7 +145,7 @@ def test_open_segment_accepts_only_what_a_segment_reference_names():
 def _announce(client, s, x: np.ndarray) -> tuple[pb.ArraySpec, int]:
     spec = pb.ArraySpec(array_id=client._new_id(), dtype=_wire.dtype_name(x.dtype),
                         shape=x.shape, sharding=_wire.spec_to_proto(s.slice_id, P()))
-    reply = client._rpc("RegisterArrays", pb.RegisterArraysRequest(session_id=client.session_id,
+    reply = client.call("RegisterArrays", pb.RegisterArraysRequest(session_id=client.session_id,
                                                                   arrays=[spec]))
     return spec, reply.sequence[0]
 
@@ -152,7 +154,7 @@ def test_a_host_refuses_segments_that_are_not_the_announced_array(client):
     s = client.slice({"x": 1}, island=0)
     x = np.arange(16, dtype=np.float32)
     spec, sequence = _announce(client, s, x)
-    stub = client._worker_stub(s.info.host_addresses[0])
+    stub = client.worker_stub(s.info.host_addresses[0])
     index = _wire.index_to_proto(((0, 16),))
     too_big = _shm.POOL.take(x.nbytes * 2)
     try:

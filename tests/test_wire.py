@@ -8,7 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import pathways_pb2 as pb
-from runtime import InvalidArgumentError, _wire
+from runtime import InvalidArgumentError
+from proto import wire as _wire
 
 MESH = _wire.MeshShape((2, 2), ("x", "y"))
 

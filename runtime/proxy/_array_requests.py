@@ -8,10 +8,10 @@ import math
 
 import numpy as np
 
+from proto import wire as _wire
+from proto.errors import ArrayNotFoundError, InvalidArgumentError
 from proto.ifrt import ifrt_arrays_pb2 as ifrt
 from proto.ifrt import proxy_types_pb2
-from runtime import _wire
-from runtime._errors import ArrayNotFoundError, InvalidArgumentError
 from runtime.proxy._arrays import ProxyArray, find, put, read, remote_of, slice_for, wait_ready
 from runtime.proxy._devices import MEMORY_KIND
 from runtime.proxy._dtypes import numpy_dtype

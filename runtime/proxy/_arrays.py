@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
-from runtime._array import (RemoteArray, _host_groups, _worker_call, fetch_arrays,
-                            transfer_deadline)
-from runtime._client import VirtualSlice
-from runtime._errors import ArrayNotFoundError, DeadlineExceededError, PathwaysError
+from proto import wire as _wire
+from proto.errors import ArrayNotFoundError, DeadlineExceededError, PathwaysError
+from runtime.client.array import (RemoteArray, _host_groups, _worker_call, fetch_arrays,
+                                  transfer_deadline)
+from runtime.client.client import VirtualSlice
 from runtime.proxy._shardings import Index, Layout, Placement, place
 
 if TYPE_CHECKING:
@@ -120,7 +120,7 @@ def wait_ready(session: Session, arrays: list[ProxyArray],
         remotes.append(array.remote if array.remote is not None else array.block_of[0])
     deadline = time.monotonic() + timeout
     jobs = []
-    pool = session.client._pool
+    pool = session.client.transfer_pool
     for remote in remotes:
         _await_order(remote, deadline)
         hosts = _host_groups(remote.shape, remote.slice,

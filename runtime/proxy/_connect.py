@@ -14,8 +14,8 @@ import jax
 from jax.extend import backend as jax_backend
 from jax.extend.backend import ifrt_proxy
 
-from runtime import _auth
-from runtime._errors import FailedPreconditionError
+from proto import auth as _auth
+from proto.errors import FailedPreconditionError
 from runtime.proxy._server import NAME_KEY, TOKEN_KEY, WEIGHT_KEY
 
 PLATFORM = "proxy"
@@ -53,7 +53,7 @@ def connect(address: str, *, name: str = "jax", weight: float = 1.0, token: str 
     """Makes this process's JAX run on the cluster behind the proxy at `address` ("host:port").
 
     After it, jax.devices() lists the islands' devices and every computation runs on their hosts.
-    The token is found as the client API finds it (runtime._auth.resolve_token: `token`,
+    The token is found as the client API finds it (proto.auth.resolve_token: `token`,
     `token_file`, $PATHWAYS_TOKEN, $PATHWAYS_TOKEN_FILE, or the file `pathways up` wrote for
     `address`); `name` and `weight` are the session's name and proportional share, as for
     runtime.Client. Raises FailedPreconditionError if JAX's backends are already initialized (a

@@ -14,9 +14,9 @@ import dataclasses
 from collections.abc import Iterable, Sequence
 
 from proto import pathways_pb2 as pb
+from proto.errors import InvalidArgumentError, NotFoundError
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from proto.ifrt import types_pb2
-from runtime._errors import InvalidArgumentError, NotFoundError
 
 #: The memory kind of every device (JAX's default kind).
 MEMORY_KIND = "device"

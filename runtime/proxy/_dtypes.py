@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from proto import wire as _wire
 from proto.ifrt import types_pb2
-from runtime import _wire
 from runtime.proxy._status import UnimplementedError
 
 _Kind = types_pb2.DTypeProto.Kind

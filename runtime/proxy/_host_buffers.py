@@ -11,9 +11,8 @@ from __future__ import annotations
 import threading
 import time
 
-from runtime._errors import (DeadlineExceededError, FailedPreconditionError,
-                             InvalidArgumentError, NotFoundError, PathwaysError,
-                             ResourceExhaustedError)
+from proto.errors import (DeadlineExceededError, FailedPreconditionError, InvalidArgumentError,
+                          NotFoundError, PathwaysError, ResourceExhaustedError)
 
 #: How long a request waits for a host buffer the client has not finished sending.
 LOOKUP_TIMEOUT_S = 600.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from proto.errors import InvalidArgumentError
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from proto.ifrt import xla_pb2
-from runtime._errors import InvalidArgumentError
 from runtime.proxy._devices import MEMORY_KIND, RUNTIME_TYPE
 from runtime.proxy._dtypes import numpy_dtype
 from runtime.proxy._session import Session, handles

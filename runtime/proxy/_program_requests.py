@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import weakref
 
+from proto.errors import NotFoundError
 from proto.ifrt import ifrt_programs_pb2 as ifrt
-from proto.ifrt import status_pb2
-from runtime._errors import NotFoundError
+from proto.ifrt import status_pb2, types_pb2
 from runtime.proxy._arrays import ProxyArray, find, remote_of, wait_ready
 from runtime.proxy._devices import MEMORY_KIND
 from runtime.proxy._dtypes import dtype_proto
-from runtime.proxy._programs import (Executable, check_devices, compile_program,
-                                     cost_attributes)
+from runtime.proxy._programs import Executable, check_devices, compile_program, cost_attributes
 from runtime.proxy._session import Later, Session, handles
 from runtime.proxy._status import UnimplementedError, status_of
-
-from proto.ifrt import types_pb2
 
 
 def _executable(session: Session, handle: int) -> Executable:

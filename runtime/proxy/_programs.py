@@ -5,8 +5,8 @@ assignment names the client's device ids. What JAX then needs to know at once (h
 each output it left unsharded, layouts, donations) only a compilation says, so the proxy compiles
 the module on local CPU devices (`Analyzer`) with the same options, partition for partition; the
 island's hosts compile it again for their own devices when the controller orders the load, and
-check that they arrive at the same shardings (runtime._stablehlo). A call is a runtime call of
-that executable on the slice its shardings share (runtime._function.CompiledFunction).
+check that they arrive at the same shardings (proto.stablehlo). A call is a runtime call of
+that executable on the slice its shardings share (runtime.client.function.CompiledFunction).
 """
 
 from __future__ import annotations
@@ -22,10 +22,11 @@ from jax._src.lib import xla_client as xc
 from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2 as pb
+from proto import stablehlo as _stablehlo
+from proto import wire as _wire
+from proto.errors import FailedPreconditionError, InvalidArgumentError
 from proto.ifrt import types_pb2, xla_pb2
-from runtime import _stablehlo, _wire
-from runtime._errors import FailedPreconditionError, InvalidArgumentError
-from runtime._function import CompiledFunction
+from runtime.client.function import CompiledFunction
 from runtime.proxy._arrays import slice_for
 from runtime.proxy._shardings import Layout, layout_from_op_sharding, place
 from runtime.proxy._status import UnimplementedError
@@ -166,7 +167,7 @@ def compile_program(session, program: types_pb2.Serialized, options: types_pb2.S
     vslice = slice_for(session, placement)
     specs = placement.specs
     in_specs, out_specs = specs[:len(in_layouts)], specs[len(in_layouts):]
-    reply = session.client._rpc("LoadExecutable", pb.LoadExecutableRequest(
+    reply = session.client.call("LoadExecutable", pb.LoadExecutableRequest(
         session_id=session.client.session_id, slice_id=vslice.slice_id, serialized=module,
         format=pb.STABLEHLO, compile_options=serialized_options, name=name,
         inputs=_value_specs(signature.inputs, in_specs, vslice.slice_id),

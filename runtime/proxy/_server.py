@@ -19,16 +19,16 @@ from concurrent import futures
 
 import grpc
 
+from proto import auth as _auth
+from proto.errors import InvalidArgumentError, NotFoundError, PathwaysError
 from proto.ifrt import grpc_ifrt_service_pb2 as grpc_ifrt
 from proto.ifrt import grpc_ifrt_service_pb2_grpc as ifrt_grpc
 from proto.ifrt import ifrt_service_pb2 as ifrt
-from runtime import _auth
-from runtime._client import Client
-from runtime._errors import InvalidArgumentError, NotFoundError, PathwaysError
-from runtime._ports import SERVER_OPTIONS, bind_failed, ensure_port_free
+from proto.ports import SERVER_OPTIONS, bind_failed, ensure_port_free
+from runtime.client.client import Client
 from runtime.proxy import _array_requests, _platform_requests, _program_requests  # noqa: F401
-from runtime.proxy._programs import Analyzer
 from runtime.proxy._devices import DeviceTable, attribute_value
+from runtime.proxy._programs import Analyzer
 from runtime.proxy._session import Session
 from runtime.proxy._status import UnimplementedError, status_of
 

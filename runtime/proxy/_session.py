@@ -22,10 +22,9 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from proto.errors import ExecutionError, FailedPreconditionError, NotFoundError, PathwaysError
 from proto.ifrt import ifrt_service_pb2 as ifrt
-from runtime._client import Client
-from runtime._errors import (ExecutionError, FailedPreconditionError, NotFoundError,
-                             PathwaysError)
+from runtime.client.client import Client
 from runtime.proxy._arrays import ProxyArray
 from runtime.proxy._devices import DeviceTable
 from runtime.proxy._host_buffers import HostBufferStore

@@ -23,8 +23,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from proto.errors import InvalidArgumentError
 from proto.ifrt import types_pb2, xla_pb2
-from runtime._errors import InvalidArgumentError
 from runtime.proxy._status import UnimplementedError
 
 HLO_SHARDING = "xla::ifrt::HloSharding"

@@ -1,6 +1,6 @@
 """Errors of the proxy server as IFRT statuses: what the JAX program raises as a Python exception.
 
-Every runtime exception carries a gRPC status code (runtime._errors); the IFRT proxy protocol
+Every runtime exception carries a gRPC status code (proto.errors); the IFRT proxy protocol
 carries `tensorflow.StatusProto`s, whose codes are the same canonical numbers. The proxy client
 turns such a status into `jax.errors.JaxRuntimeError("CODE: message")`.
 """
@@ -11,8 +11,8 @@ import logging
 
 import grpc
 
+from proto.errors import PathwaysError
 from proto.ifrt import status_pb2
-from runtime._errors import PathwaysError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from runtime.sim._cluster import SimCluster
 from runtime.sim._config import SimConfig
 from runtime.sim._cost import CostModel, per_device_flops
 from runtime.sim._host import SimHost
-from runtime.sim._process import SimIslands, add_arguments, run_worker
+from runtime.sim._process import SimIslands, add_arguments, raise_file_limit, run_worker
 from runtime.sim._service import start_sim_server
 
 __all__ = ["CostModel", "SimCluster", "SimConfig", "SimHost", "SimIslands", "add_arguments",
-           "per_device_flops", "run_worker", "start_sim_server"]
+           "per_device_flops", "raise_file_limit", "run_worker", "start_sim_server"]

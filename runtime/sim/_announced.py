@@ -1,8 +1,8 @@
-"""Announced puts on a simulated host, as on a real one (runtime._worker).
+"""Announced puts on a simulated host, as on a real one (runtime.worker.worker).
 
 A host stores only arrays the controller announced to it (an Expect instruction), with the spec
 it announced, and only once. Each arrival (or failure) is logged for the progress stream, where
-the controller's readiness gate (scheduler._readiness) learns that a put is complete. A failure
+the controller's readiness gate (scheduler.readiness) learns that a put is complete. A failure
 can overtake its announcement; it is kept and applied when the announcement comes.
 Everything runs on the host's event loop: no locks.
 """
@@ -12,9 +12,9 @@ from __future__ import annotations
 import collections
 
 from proto import pathways_pb2 as pb
-from runtime._errors import FailedPreconditionError, PathwaysError
-from runtime._worker import MAX_FAILED_EARLY
+from proto.errors import FailedPreconditionError, PathwaysError
 from runtime.sim._arrays import SimStore
+from runtime.worker.defaults import MAX_FAILED_EARLY
 
 #: Arrivals kept for progress reports (a stream that falls further behind misses the oldest; the
 #: controller's gate then learns of them by the client's deadline instead).

@@ -8,7 +8,7 @@ Reading an array without data returns zeros of its shape and dtype, streamed lik
 
 Between simulated hosts a shard without data travels as a header with `nbytes` 0 and no chunks.
 
-The store's entries are futures, as on a real host (runtime._store): an array a queued
+The store's entries are futures, as on a real host (runtime.worker.store): an array a queued
 computation will produce already has an entry, and reads wait on it with a deadline. Everything
 here runs on the hosts' event loop thread.
 """
@@ -24,9 +24,10 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 import numpy as np
 
 from proto import pathways_pb2 as pb
-from runtime import _shm, _wire
-from runtime._errors import ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError, \
-    PathwaysError
+from proto import shm as _shm
+from proto import wire as _wire
+from proto.errors import (STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
+                          PathwaysError)
 
 
 @dataclasses.dataclass
@@ -141,7 +142,7 @@ async def receive_shards(first: pb.ArrayChunk, rest: AsyncIterator[pb.ArrayChunk
                     _wire.read_shared(chunk.shard.shared_file, data)
                     buffer += data.tobytes()
                 received = expected
-            elif chunk.shard.shared_array:  # its region of a sender's segment (runtime._shm)
+            elif chunk.shard.shared_array:  # its region of a sender's segment (proto.shm)
                 if buffer is not None:
                     with _shm.OpenSegments() as segments:
                         whole = segments.array(chunk.shard.shared_array, dtype, shape)
@@ -212,15 +213,15 @@ class SimStore:
         or the error its producer failed with otherwise."""
         entry = self._entries.get(array_id)
         if entry is None:
-            raise _own(ArrayNotFoundError(f"array {array_id} is not on this host (never created "
-                                          f"or deleted)"))
+            raise ArrayNotFoundError(f"array {array_id} is not on this host (never created "
+                                     f"or deleted)", origin=STORE)
         if not entry.ready:
             if entry.waiter is None:
                 entry.waiter = asyncio.get_running_loop().create_future()
             done, _ = await asyncio.wait({entry.waiter}, timeout=max(0.0, timeout))
             if not done:
-                raise _own(DeadlineExceededError(f"array {array_id} was not produced within "
-                                                 f"{timeout:.1f} s"))
+                raise DeadlineExceededError(f"array {array_id} was not produced within "
+                                            f"{timeout:.1f} s", origin=STORE)
         if entry.error is not None:
             raise entry.error
         return entry.value
@@ -263,9 +264,3 @@ class SimStore:
     def stats(self) -> tuple[int, int]:
         """(number of entries, bytes of stored arrays on the devices)."""
         return len(self._entries), self._nbytes
-
-
-def _own(error: PathwaysError) -> PathwaysError:
-    """Marks an error the store raised about the wait itself (runtime._store does the same)."""
-    error.raised_by_store = True
-    return error

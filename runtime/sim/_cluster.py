@@ -17,12 +17,12 @@ import threading
 import time
 from typing import IO
 
-from runtime import _auth
-from runtime._cluster import (PARENT_PID_ENV, STARTUP_TIMEOUT_S, kill_process_group,
-                              publish_token, wait_for_hosts, withdraw_token)
-from runtime._controller import Controller, create_controller_server
-from runtime._errors import DeadlineExceededError, FailedPreconditionError
-from runtime._leases import DEFAULT_SESSION_LEASE_S
+from proto import auth as _auth
+from proto.config import ClusterConfig
+from proto.errors import DeadlineExceededError, FailedPreconditionError
+from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
+from runtime.cluster.process import PARENT_PID_ENV, kill_process_group
+from runtime.server import Controller, controller_options, create_controller_server
 from runtime.sim._config import DEFAULT_FLOPS_PER_S
 from runtime.sim._process import REGISTERED
 
@@ -51,20 +51,24 @@ class SimCluster:
 
     def __init__(self, islands: int = 1, hosts_per_island: int = 4, devices_per_host: int = 4, *,
                  processes: int | None = None, flops_per_s: float = DEFAULT_FLOPS_PER_S,
-                 fixed_duration_s: float | None = None, execution_deadline_s: float = 30.0,
-                 port: int = 0, host: str = "127.0.0.1", policy: str = "fifo",
-                 controller_process: bool = False, startup_timeout: float = STARTUP_TIMEOUT_S,
+                 fixed_duration_s: float | None = None, execution_deadline_s: float | None = None,
+                 port: int = 0, host: str = "127.0.0.1", policy: str | None = None,
+                 controller_process: bool = False, startup_timeout: float | None = None,
                  credentials: _auth.Credentials | None = None,
                  session_quota_bytes: int | None = None,
-                 session_lease_s: float = DEFAULT_SESSION_LEASE_S, log_dir: str | None = None,
-                 start: bool = True) -> None:
+                 session_lease_s: float | None = None, log_dir: str | None = None,
+                 start: bool = True, config: ClusterConfig | None = None) -> None:
+        self.config = (config or ClusterConfig.from_env()).replace(
+            startup_timeout_s=startup_timeout, policy=policy,
+            execution_deadline_s=execution_deadline_s, session_quota_bytes=session_quota_bytes,
+            session_lease_s=session_lease_s)
         if islands <= 0 or hosts_per_island <= 0 or devices_per_host <= 0:
             raise ValueError("a simulated cluster needs islands, hosts and devices")
         self.islands, self.hosts_per_island = islands, hosts_per_island
         self.devices_per_host = devices_per_host
         self._cluster_credentials = credentials or _auth.Credentials.generate()
         self.credentials = self._cluster_credentials.for_clients()
-        self._env = dict(os.environ, PYTHONUNBUFFERED="1",
+        self._env = dict(os.environ, PYTHONUNBUFFERED="1", **self.config.to_env(),
                          **self._cluster_credentials.worker_environment())
         self._env[PARENT_PID_ENV] = str(os.getpid())
         self._log_dir = log_dir
@@ -79,11 +83,12 @@ class SimCluster:
         self.address = ""
         self._options = dict(processes=processes, flops_per_s=flops_per_s,
                              fixed_duration_s=fixed_duration_s,
-                             execution_deadline_s=execution_deadline_s, port=port, host=host,
-                             policy=policy, controller_process=controller_process,
-                             startup_timeout=startup_timeout,
-                             session_quota_bytes=session_quota_bytes,
-                             session_lease_s=session_lease_s)
+                             execution_deadline_s=self.config.worker.execution_deadline_s,
+                             port=port, host=host, policy=self.config.controller.policy,
+                             controller_process=controller_process,
+                             startup_timeout=self.config.startup_timeout_s,
+                             session_quota_bytes=self.config.controller.session_quota_bytes,
+                             session_lease_s=self.config.controller.session_lease_s)
         if start:
             self.start()
 
@@ -100,10 +105,8 @@ class SimCluster:
                                                       o["session_quota_bytes"],
                                                       o["session_lease_s"], deadline)
             else:
-                self.controller = Controller(policy=o["policy"],
-                                             credentials=self._cluster_credentials,
-                                             session_quota_bytes=o["session_quota_bytes"],
-                                             session_lease_s=o["session_lease_s"])
+                self.controller = Controller(credentials=self._cluster_credentials,
+                                             **controller_options(self.config))
                 self._server, bound = create_controller_server(self.controller,
                                                                f"{host}:{o['port']}")
                 self.address = f"{host}:{bound}"

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 from concurrent import futures
 
 from proto import pathways_pb2 as pb
-from runtime import _wire
-from runtime._errors import InvalidArgumentError
+from proto import wire as _wire
+from proto.errors import InvalidArgumentError
 from runtime.sim._config import SimConfig
 
 #: Markers of manual-sharding regions in a module's text (Shardy's, and GSPMD's shard_map form).

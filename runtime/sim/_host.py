@@ -1,7 +1,7 @@
 """A simulated worker host: the island's order, run strictly in sequence on devices that do not
 compute.
 
-It keeps a real host's contract (runtime._worker): instructions arrive numbered; the order-free
+It keeps a real host's contract (runtime.worker.worker): instructions arrive numbered; the order-free
 part of each is done on receipt (slice definitions, pending entries for outputs, so reads and puts
 can start); the rest runs strictly in sequence on one executor. Where a real host launches XLA, a
 simulated one holds its devices for the computation's duration (runtime.sim._cost) on an asyncio
@@ -13,34 +13,33 @@ inputs exist and (on a slice spanning hosts) every host of the slice has reached
 executor wakes at the end (a timer may fire a millisecond late; the next computation still starts
 at the simulated end, when it was already there), so the devices' time is exact while messages
 (progress reports, reads) carry the host's real delays. A host whose slice partners never come
-is reported hung after `execution_deadline_s`, as a real host's watchdog reports it (runtime._hang).
+is reported hung after `execution_deadline_s`, as a real host's watchdog reports it (runtime.worker.hang).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
-import numpy as np
-
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
-from runtime import _auth, _wire
-from runtime._errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
-                             InvalidArgumentError, NotFoundError, PathwaysError)
-from runtime._hang import diagnose
-from runtime._worker import (ANNOUNCE_TIMEOUT_S, describe_activity, fresh_instructions,
-                             receive_order_free)
+from proto import wire as _wire
+from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
+                          InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.sim._announced import Announcements
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
 from runtime.sim._config import SimConfig
 from runtime.sim._cost import CostModel
+from runtime.sim._executable import Executable, Layout
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._signal import Signal
+from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
+from runtime.worker.hang import diagnose
+from runtime.worker.intake import fresh_instructions, receive_order_free
+from runtime.worker.state import current_state, describe_activity
 
 log = logging.getLogger(__name__)
 
@@ -48,52 +47,6 @@ _IDLE = ("idle",)
 #: How long a put waits for its slice's definition; longest wait a read may ask for.
 SLICE_TIMEOUT_S = 30.0
 MAX_GET_TIMEOUT_S = 3600.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Layout:
-    """Where an array of one spec lies on this host: its distinct local shards and their bytes
-    on the host's devices (replicas counted)."""
-
-    shape: tuple[int, ...]
-    dtype: np.dtype
-    indices: tuple[_wire.Index, ...]
-    nbytes: int
-
-    @classmethod
-    def of(cls, shape: Sequence[int], dtype_name: str, sharding: pb.Sharding,
-           info: pb.SliceInfo, host: int) -> Layout:
-        dtype = _wire.dtype_from_name(dtype_name)
-        shape = _wire.check_shape(shape)
-        local = {p for p, d in enumerate(info.devices) if d.host == host}
-        indices, nbytes = [], 0
-        for index, positions in _wire.shard_groups(shape, _wire.MeshShape(
-                tuple(info.mesh_shape), tuple(info.axis_names)), sharding):
-            here = len(local.intersection(positions))
-            if here:
-                indices.append(index)
-                nbytes += math.prod(_wire.shard_shape(index)) * dtype.itemsize * here
-        return cls(shape, dtype, tuple(indices), nbytes)
-
-    def computed(self, ready_at: float) -> SimArray:
-        """An output of a simulated computation: shapes only."""
-        return SimArray(self.shape, self.dtype, {i: None for i in self.indices}, ready_at,
-                        self.nbytes)
-
-
-@dataclasses.dataclass
-class _Executable:
-    """An executable as this host runs it."""
-
-    name: str
-    seconds: float = 0.0
-    error: PathwaysError | None = None
-    outputs: tuple[Layout, ...] = ()
-    donated: tuple[int, ...] = ()
-    info: pb.SliceInfo | None = None
-    devices: int = 0  # of this host
-    skip: bool = False  # no device of its slice is on this host
-    hosts: frozenset[int] = frozenset()  # of its slice
 
 
 class SimHost:
@@ -111,7 +64,7 @@ class SimHost:
         self.island_size = island_size
         self.rendezvous, self.costs, self.peer = rendezvous, costs, peer
         self.credentials = credentials or _auth.Credentials()
-        self.execution_deadline_s = config.execution_deadline_s  # read by runtime._hang.diagnose
+        self.execution_deadline_s = config.execution_deadline_s  # read by runtime.worker.hang.diagnose
         self.address = ""
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
         self.store = SimStore()
@@ -133,7 +86,7 @@ class SimHost:
         self._slices: dict[int, pb.SliceInfo] = {}
         self._foreign: set[int] = set()
         self._executable_slices: dict[int, int] = {}
-        self._executables: dict[int, _Executable] = {}
+        self._executables: dict[int, Executable] = {}
         self._device_free = 0.0  # simulated end of the last computation
         self.announcements = Announcements(self.store)
         self._activity: tuple = _IDLE
@@ -236,25 +189,32 @@ class SimHost:
             self.progress.fire()
 
     async def _apply(self, ins: pb.Instruction) -> None:
-        kind = ins.WhichOneof("op")
-        if kind == "load":
-            await self._load(ins.load)
-        elif kind == "execute":
-            await self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
-        elif kind == "delete":
-            for array_id in ins.delete.array_ids:
-                self.announcements.forget(array_id)
-                self.store.delete(array_id)
-        elif kind == "send":
-            if self.transfers is not None:
-                await self.transfers.send(self, ins.send)
-        elif kind == "release_slice":
-            self._slices.pop(ins.release_slice.slice_id, None)
+        handler = _IN_ORDER.get(ins.WhichOneof("op"))
+        if handler is not None:
+            await handler(self, ins)
+
+    async def _apply_load(self, ins: pb.Instruction) -> None:
+        await self._load(ins.load)
+
+    async def _apply_execute(self, ins: pb.Instruction) -> None:
+        await self._execute(ins.sequence, ins.execute, self._arrival.pop(ins.sequence, 0.0))
+
+    async def _apply_delete(self, ins: pb.Instruction) -> None:
+        for array_id in ins.delete.array_ids:
+            self.announcements.forget(array_id)
+            self.store.delete(array_id)
+
+    async def _apply_send(self, ins: pb.Instruction) -> None:
+        if self.transfers is not None:
+            await self.transfers.send(self, ins.send)
+
+    async def _apply_release_slice(self, ins: pb.Instruction) -> None:
+        self._slices.pop(ins.release_slice.slice_id, None)
 
     async def _load(self, load: pb.LoadInstruction) -> None:
         donated = tuple(load.donated)
         if load.slice_id in self._foreign:
-            self._executables[load.executable_id] = _Executable(load.name, donated=donated,
+            self._executables[load.executable_id] = Executable(load.name, donated=donated,
                                                                 skip=True)
             return
         self._activity = ("compiling", load.name, 0, 0, time.monotonic(), load.slice_id)
@@ -263,14 +223,14 @@ class SimHost:
             seconds = await self.costs.seconds(load, info.mesh_shape, info.axis_names)
             outputs = tuple(Layout.of(v.shape, v.dtype, v.sharding, info, self.host)
                             for v in load.outputs)
-            self._executables[load.executable_id] = _Executable(
+            self._executables[load.executable_id] = Executable(
                 load.name, seconds, None, outputs, donated, info,
                 sum(d.host == self.host for d in info.devices),
                 hosts=frozenset(d.host for d in info.devices))
         except Exception as exc:  # reported to whoever reads the outputs of a call
             error = exc if isinstance(exc, PathwaysError) else ExecutionError(
                 f"loading {load.name!r} failed: {exc}")
-            self._executables[load.executable_id] = _Executable(load.name, error=error,
+            self._executables[load.executable_id] = Executable(load.name, error=error,
                                                                 donated=donated)
 
     async def _execute(self, sequence: int, ex: pb.ExecuteInstruction, received: float) -> None:
@@ -299,7 +259,7 @@ class SimHost:
         except Exception as exc:
             name = exe.name if exe else f"executable {ex.executable_id}"
             where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
-            if isinstance(exc, PathwaysError) and not getattr(exc, "raised_by_store", False):
+            if isinstance(exc, PathwaysError) and exc.origin != STORE:
                 error = exc  # an input's producer failed: its error names it; pass it on as is
             elif isinstance(exc, PathwaysError):
                 error = type(exc)(f"{where}: {exc}")
@@ -319,11 +279,11 @@ class SimHost:
             if position < len(ex.inputs):
                 self.store.delete(ex.inputs[position])
 
-    async def _meet(self, sequence: int, ex: pb.ExecuteInstruction, exe: _Executable,
+    async def _meet(self, sequence: int, ex: pb.ExecuteInstruction, exe: Executable,
                     ready: float) -> float:
         """The simulated start of a computation spanning hosts: when the slice's last host gets
         there. Past the execution deadline, asks the slice's other hosts where they are
-        (runtime._hang.diagnose) and declares this host hung if some never reached it; it then
+        (runtime.worker.hang.diagnose) and declares this host hung if some never reached it; it then
         stays stuck here, as a real host stays stuck in a collective."""
         place = (self._controller_id, self._epoch, sequence, ex.executable_id)
         started = self.rendezvous.arrive(place, self.host, ready, exe.hosts)
@@ -445,11 +405,11 @@ class SimHost:
             distributed_hosts=self.island_size if self.island_size > 1 else 0,
             received=self._received, executed=self.executed, hang=self.hang,
             current_sequence=state[2] if len(state) > 2 else 0,
-            current_name=state[1] if len(state) > 1 else "")
+            current_name=state[1] if len(state) > 1 else "", current_state=current_state(state))
 
     @property
     def activity(self) -> str:
-        """What the executor is doing, as a real host says it (runtime._worker)."""
+        """What the executor is doing, as a real host says it (runtime.worker.worker)."""
         return describe_activity(self._activity, self.hang)
 
     async def watch_progress(self, min_interval_s: float) -> AsyncIterator[pb.WatchProgressReply]:
@@ -491,3 +451,9 @@ class SimHost:
         self.store.clear()
         self.arrived.fire()
         self.progress.fire()
+
+
+#: The handler per kind of instruction run in order, as on a real host (runtime.worker.executor).
+_IN_ORDER = {"load": SimHost._apply_load, "execute": SimHost._apply_execute,
+             "delete": SimHost._apply_delete, "send": SimHost._apply_send,
+             "release_slice": SimHost._apply_release_slice}

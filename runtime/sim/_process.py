@@ -5,7 +5,7 @@ controller, as a real worker process has; all of them run on one asyncio event l
 serves hundreds of hosts. An island's hosts always share a process: a computation spanning hosts
 completes when they meet (runtime.sim._rendezvous), which happens on their common event loop.
 
-Registration and re-registration follow runtime._membership: a host that has heard nothing from
+Registration and re-registration follow runtime.worker.membership: a host that has heard nothing from
 any controller for SILENCE_S seconds registers again (the controller restarted). The checks run
 on one task for all hosts; the blocking registration calls run on a small thread pool.
 """
@@ -24,14 +24,15 @@ from concurrent import futures
 
 import grpc
 
-from runtime import _auth, _membership
-from runtime._errors import PathwaysError
+from proto import auth as _auth
+from proto.errors import PathwaysError
 from runtime.sim._config import DEFAULT_FLOPS_PER_S, SimConfig
 from runtime.sim._cost import CostModel
 from runtime.sim._host import SimHost
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._send import Transfers
 from runtime.sim._service import start_sim_server
+from runtime.worker import membership as _membership
 
 log = logging.getLogger(__name__)
 
@@ -195,7 +196,7 @@ def run_worker(args: argparse.Namespace, credentials: _auth.Credentials,
                after_start: Callable[[], None] = lambda: None) -> int:
     """`pathways worker --platform sim`: serves every host of islands ISLAND to
     ISLAND + --island-count - 1 (--num-hosts hosts each) until SIGINT or SIGTERM."""
-    from runtime._cluster import die_with_parent
+    from runtime.cluster.process import die_with_parent
 
     if args.host != 0:
         print("error: with --platform sim a process serves whole islands (their hosts meet in "

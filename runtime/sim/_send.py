@@ -1,6 +1,6 @@
 """Copies of arrays from simulated hosts to other slices' hosts (a SendInstruction).
 
-As on real hosts (runtime._worker), the send is taken up in the island's order, after the array's
+As on real hosts (runtime.worker.worker), the send is taken up in the island's order, after the array's
 producer, and streamed host to host over the Worker service's PutArray, never through the
 controller. The source slice's first host sends. An array with data (a small put) travels as data,
 gathered from the slice's hosts (all in this process: a simulated island lives in one process);
@@ -17,10 +17,12 @@ from typing import TYPE_CHECKING
 import grpc
 import numpy as np
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from runtime import _auth, _wire
-from runtime._errors import PathwaysError
+from proto import rpc as _rpc
+from proto import wire as _wire
+from proto.errors import PathwaysError
 from runtime.sim._arrays import SimArray, dataless_chunks
 
 if TYPE_CHECKING:
@@ -34,7 +36,7 @@ TRANSFER_TIMEOUT_S = 300.0
 
 def aio_channel(address: str, credentials: _auth.Credentials) -> grpc.aio.Channel:
     """An asyncio channel to a runtime server, with TLS when the credentials have it."""
-    options = _auth.channel_options(credentials)
+    options = _rpc.channel_options(credentials)
     if credentials.tls is not None:
         return grpc.aio.secure_channel(address, credentials.tls.channel_credentials(), options)
     return grpc.aio.insecure_channel(address, options=options)

@@ -1,7 +1,7 @@
 """The Worker gRPC service of a simulated host, on grpc.aio: one event loop serves many hosts.
 
 Each host has its own server (its own address and port), with the guards of a real host
-(runtime._auth): the cluster token on every call (UNAUTHENTICATED without it), the host token on
+(proto.auth): the cluster token on every call (UNAUTHENTICATED without it), the host token on
 Dispatch (PERMISSION_DENIED), the owning session's key (or the host token) to read or write an
 array; request bytes that do not parse get INVALID_ARGUMENT, runtime errors their own status code,
 and the server keeps serving.
@@ -15,13 +15,15 @@ from collections.abc import AsyncIterator, Callable
 
 import grpc
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
-from runtime import _auth, _wire
-from runtime._errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError,
-                             PathwaysError, PermissionDeniedError, UnauthenticatedError)
-from runtime._ports import SERVER_OPTIONS, bind_failed
-from runtime._worker import HOST_METHODS
+from proto import rpc as _rpc
+from proto import wire as _wire
+from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError, PathwaysError,
+                          PermissionDeniedError, UnauthenticatedError)
+from proto.ports import SERVER_OPTIONS, bind_failed
 from runtime.sim._host import MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S, SimHost
+from runtime.worker.servicer import HOST_METHODS
 
 _SERVICE = "pathways.Worker"
 #: Request type of each method, and whether requests / replies stream.
@@ -204,7 +206,7 @@ async def start_sim_server(host: SimHost, address: str = "127.0.0.1:0",
     server = grpc.aio.server(options=[*_wire.GRPC_OPTIONS, *SERVER_OPTIONS])
     server.add_generic_rpc_handlers((_Handlers(host, credentials),))
     try:
-        port = _auth.add_port(server, address, credentials)
+        port = _rpc.add_port(server, address, credentials)
     except RuntimeError:  # grpcio raises for a failed bind (older releases return 0)
         port = 0
     if port == 0:

@@ -1,0 +1,175 @@
+"""Every tunable of the runtime in one place: a frozen dataclass per process, with its defaults,
+bundled by `ClusterConfig`.
+
+Where a value comes from, lowest first: the defaults below; the environment (`from_env`: the
+variable PATHWAYS_<FIELD>, e.g. PATHWAYS_EXECUTION_DEADLINE_S=60); what a launcher or a command
+line sets explicitly. The launchers (LocalCluster, ProcessCluster, RayCluster, SimCluster) take a
+whole `ClusterConfig` and hand each process its part: in-process objects get the dataclass,
+subprocesses get it as environment variables (`to_env`), which their `from_env` reads back; so
+every option works with every launcher. The modules' own constants (runtime.worker.defaults,
+runtime.controller.defaults, scheduler.defaults, ...) are read from here too, with the
+environment's overrides (`from_env`, once at import), so a setting a launcher hands a subprocess
+reaches every module of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+
+#: The prefix of the environment variables that override a field.
+ENV_PREFIX = "PATHWAYS_"
+
+
+@dataclasses.dataclass(frozen=True)
+class ControllerConfig:
+    """The controller's settings."""
+
+    policy: str = "fifo"  # how each island orders clients' work: "fifo" or "share"
+    session_quota_bytes: int | None = None  # device memory per session (None: unbounded)
+    session_lease_s: float = 10.0  # how long a silent client keeps its session (0: forever)
+    heartbeat_interval_s: float = 0.5  # liveness probes of the hosts
+    heartbeat_misses: int = 2  # misses before a host is declared lost
+    busy_host_timeout_s: float = 30.0
+    slice_flush_timeout_s: float = 10.0  # for hosts to receive a slice before CreateSlice returns
+    max_backlog: int = 4096  # instructions an island may run ahead of its slowest host
+    backlog_timeout_s: float = 120.0  # how long commands wait for it to catch up
+    order_deadline_margin_s: float = 2.0  # ordered at once this long before a client's deadline
+    max_incoming: int = 4096  # cross-island transfers remembered per source island
+    status_ping_timeout_s: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerConfig:
+    """Each worker host's settings."""
+
+    input_timeout_s: float = 600.0  # an execution's wait for its inputs
+    execution_deadline_s: float = 30.0  # a multi-host computation's wait for its peers (0: none)
+    slice_timeout_s: float = 30.0  # a put's wait for its slice's definition
+    announce_timeout_s: float = 10.0  # a put's wait for the controller's announcement
+    max_failed_early: int = 4096  # failures of incoming arrays kept until announced
+    arrivals_kept: int = 1 << 16  # arrivals kept for the progress stream
+    transfer_timeout_s: float = 300.0  # streaming one array to another host
+    max_get_timeout_s: float = 3600.0  # the longest wait a GetArray may ask for
+    caller_check_s: float = 0.5  # how often a waiting read checks its caller is there
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Each island's gang scheduler and its links to the hosts (in the controller process)."""
+
+    window_s: float = 0.05  # estimated device seconds ordered ahead of the slowest host
+    refill_below: float = 0.5  # the fraction of the window below which it is refilled
+    max_outstanding: int = 4096  # executions ordered ahead, whatever their estimates
+    min_outstanding: int = 2
+    default_cost_s: float = 1e-3  # estimate of an executable not measured yet
+    min_cost_s: float = 1e-5
+    cost_smoothing: float = 0.2  # weight of a new measurement in the running estimate
+    stall_s: float = 0.5  # no progress for this long: one more execution past the window
+    max_unmeasured: int = 16384
+    input_wait_s: float = 120.0  # an instruction's wait at its queue's head for its inputs
+    dispatch_timeout_s: float = 10.0  # one Dispatch RPC
+    max_batch: int = 1024  # instructions per Dispatch RPC
+    max_batch_bytes: int = 8 << 20
+    progress_interval_s: float = 0.005  # least time between two progress reports of a host
+    watch_retry_s: float = 0.2  # pause before re-opening a broken progress stream
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """A client's settings (in the user's process)."""
+
+    rpc_timeout_s: float = 30.0  # default deadline of a call to the controller
+    connect_timeout_s: float = 3.0
+    transfer_floor_s: float = 30.0  # least deadline of a put or fetch
+    transfer_bytes_per_s: float = 50e6  # the slowest transfer rate a deadline allows for
+    stream_batch: int = 4096  # commands per Execute RPC of the command stream
+    stream_pending: int = 16384  # commands queued before a caller waits
+    renewals_per_lease: int = 4  # session lease renewals per lease
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """The settings of every process of a cluster."""
+
+    controller: ControllerConfig = ControllerConfig()
+    worker: WorkerConfig = WorkerConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    client: ClientConfig = ClientConfig()
+    startup_timeout_s: float = 120.0  # a launcher's wait for its hosts to register
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ClusterConfig:
+        """The defaults, overridden by PATHWAYS_<FIELD> variables of `environ` (os.environ)."""
+        environ = os.environ if environ is None else environ
+        parts = {f.name: from_env(type(getattr(cls(), f.name)), environ)
+                 for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.default)}
+        return _override(cls(**parts), environ)
+
+    def to_env(self) -> dict[str, str]:
+        """Every field that differs from its default, as the variables `from_env` reads."""
+        env: dict[str, str] = {}
+        for part in (self, self.controller, self.worker, self.scheduler, self.client):
+            default = type(part)()
+            for f in dataclasses.fields(part):
+                value = getattr(part, f.name)
+                if not dataclasses.is_dataclass(value) and value != getattr(default, f.name):
+                    env[ENV_PREFIX + f.name.upper()] = "" if value is None else str(value)
+        return env
+
+    def replace(self, **changes: object) -> ClusterConfig:
+        """A copy with fields of any part changed by name (e.g. execution_deadline_s=5); a name
+        no part has raises TypeError. None leaves a field as it is."""
+        parts = {name: getattr(self, name) for name in _PARTS}
+        own: dict[str, object] = {}
+        for name, value in changes.items():
+            if value is None:
+                continue
+            owner = _OWNER.get(name)
+            if owner is None:
+                if name not in {f.name for f in dataclasses.fields(self)}:
+                    raise TypeError(f"no setting is called {name!r}")
+                own[name] = value
+            else:
+                parts[owner] = dataclasses.replace(parts[owner], **{name: value})
+        return dataclasses.replace(self, **parts, **own)
+
+
+_PARTS = ("controller", "worker", "scheduler", "client")
+_OWNER = {f.name: part for part, cls in zip(_PARTS, (ControllerConfig, WorkerConfig,
+                                                    SchedulerConfig, ClientConfig))
+          for f in dataclasses.fields(cls)}
+
+T = typing.TypeVar("T")
+
+
+def from_env(cls: type[T], environ: Mapping[str, str] | None = None) -> T:
+    """`cls()` with its fields overridden by PATHWAYS_<FIELD> variables of `environ`."""
+    return _override(cls(), os.environ if environ is None else environ)
+
+
+def _override(value: T, environ: Mapping[str, str]) -> T:
+    hints = typing.get_type_hints(type(value))
+    changes = {}
+    for f in dataclasses.fields(value):
+        raw = environ.get(ENV_PREFIX + f.name.upper())
+        if raw is not None and not dataclasses.is_dataclass(getattr(value, f.name)):
+            changes[f.name] = _parse(raw, hints[f.name], ENV_PREFIX + f.name.upper())
+    return dataclasses.replace(value, **changes) if changes else value
+
+
+def _parse(raw: str, hint: object, name: str) -> object:
+    """`raw` as the field's type: int, float, str, or one of them or None ("" or "None")."""
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if type(None) in options and raw.strip() in ("", "None"):
+        return None
+    for option in options:
+        if option in (int, float, str):
+            try:
+                return option(raw) if option is not int else int(raw, 0)
+            except ValueError:
+                continue
+    raise ValueError(f"{name}={raw!r} is not a valid {hint}")

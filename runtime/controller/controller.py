@@ -1,0 +1,246 @@
+"""The controller: sessions, slices, executables and arrays, and dispatch to the islands.
+
+The controller keeps the bookkeeping per logical array (not per shard) and validates every call
+against it, so a bad call fails at once with a precise status, before any host sees it. Valid calls
+become instructions in the session's queue on their island; the island's gang scheduler
+(scheduler.GangScheduler) orders them by its policy (FIFO, or proportional share by the sessions'
+weights), and the reply goes back as soon as they are ordered, before they run.
+
+The controller's parts: sessions (here and runtime.controller.sessions), the catalog of slices and
+executables (runtime.controller.catalog), hosts and their loss (runtime.controller.health), status
+(runtime.controller.status), arrays and commands (runtime.controller.planner) and the gRPC face
+(runtime.controller.servicer).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+
+import grpc
+
+from proto import auth as _auth
+from proto import limits as _limits
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+from proto.admission import Admission
+from proto.errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError,
+                          ResourceExhaustedError)
+from proto.leases import DEFAULT_SESSION_LEASE_S, SessionLeases
+from runtime import metrics_state as _metrics_state
+from runtime.controller.catalog import Catalog
+from runtime.controller.defaults import BACKLOG_TIMEOUT_S, HEARTBEAT_INTERVAL_S, MAX_BACKLOG
+from runtime.controller.health import Health
+from runtime.controller.ordering import command_result
+from runtime.controller.placement import Placer
+from runtime.controller.planner import Planner
+from runtime.controller.sessions import Executable, Session
+from runtime.controller.status import StatusReport
+from scheduler.gang import GangScheduler
+from scheduler.policy import check_weight, make_policy
+from scheduler.readiness import Readiness
+from scheduler.resources import ResourceManager
+from scheduler.tickets import OrderTicket
+
+log = logging.getLogger(__name__)
+
+
+class Controller(Catalog, Health, StatusReport):
+    """Controller state and logic, independent of gRPC. Instantiable: tests run several.
+
+    `policy` is how each island's gang scheduler orders the work of several clients: "fifo"
+    (arrival order) or "share" (device time in proportion to the sessions' weights).
+    `credentials` are what the controller presents to its hosts (proto.auth; the same ones its
+    server demands). `session_quota_bytes` bounds the device memory of each session's live arrays
+    (None: unbounded); a command that would pass it fails with ResourceExhaustedError, alone.
+    A session not heard from for `session_lease_s` seconds is ended as if it had disconnected,
+    its arrays and slices freed (proto.leases; 0: sessions live until they disconnect).
+    `limits` bound every request and what each session may hold (proto.limits).
+    """
+
+    def __init__(self, *, heartbeat: bool = True, policy: str = "fifo",
+                 credentials: _auth.Credentials | None = None,
+                 session_quota_bytes: int | None = None,
+                 session_lease_s: float = DEFAULT_SESSION_LEASE_S,
+                 limits: _limits.Limits = _limits.DEFAULT) -> None:
+        make_policy(policy)  # InvalidArgumentError for an unknown name
+        self.policy = policy
+        self.limits = limits
+        self.credentials = credentials or _auth.Credentials()
+        if session_quota_bytes is not None and session_quota_bytes < 0:
+            raise InvalidArgumentError("the session quota cannot be negative")
+        self.session_quota_bytes = session_quota_bytes
+        # Secret (session keys are made with it; hosts learn it over the dispatch stream only).
+        self.controller_id = secrets.token_hex(16)
+        # Public: names things outside the runtime (Ray actors) after this incarnation.
+        self.name_tag = uuid.uuid4().hex[:8]
+        self._epochs: dict[int, int] = {}  # island -> restarts under this controller
+        # source island -> (island, spec) of arrays other islands expect from it (report_host_lost)
+        self._incoming: dict[int, collections.deque] = {}
+        self.resources = ResourceManager()
+        # Arrays that do not exist yet (puts on their way, copies whose send is not ordered):
+        # what reads them waits in its client's queue, not in an island's order.
+        self.readiness = Readiness()
+        self._schedulers: dict[int, GangScheduler] = {}
+        self._sessions: dict[int, Session] = {}
+        self.planner = Planner(self)
+        self._executables: dict[int, Executable] = {}
+        self._executable_keys: dict[tuple, int] = {}
+        self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
+        self._session_ids = itertools.count(1)
+        self._executable_ids = itertools.count(1)
+        self._lock = threading.RLock()
+        self.admission: Admission | None = None  # its server's (create_controller_server)
+        self._stop = threading.Event()
+        self._probes: dict[tuple[int, int], tuple[grpc.Channel, pb_grpc.WorkerStub]] = {}
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                           name="heartbeat") if heartbeat else None
+        if self._heartbeat:
+            self._heartbeat.start()
+        self.leases = SessionLeases(session_lease_s, self._expire_session)
+        _metrics_state.track(self, "controller")
+
+    def connect(self, name: str, weight: float = 1.0) -> Session:
+        """Opens a session; `weight` is its proportional share (0: 1)."""
+        weight = check_weight(weight)
+        with self._lock:
+            if len(self._sessions) >= self.limits.sessions:
+                raise ResourceExhaustedError(f"the controller has {len(self._sessions)} open "
+                                             f"sessions, its limit; close one first")
+            session = Session(next(self._session_ids), name, weight)
+            self._sessions[session.session_id] = session
+            self.leases.open(session.session_id)
+            return session
+
+    def disconnect(self, session_id: int) -> None:
+        """Closes a session: deletes its arrays and releases its slices (after its queued work)."""
+        with self._lock:
+            session = self._session(session_id)
+            self.planner.drop_session(session)
+            for slice_id in sorted(session.slices):
+                self.release_slice(session_id, slice_id)
+            for executable_id in list(session.executables):
+                self._forget_executable(executable_id)
+            del self._sessions[session_id]
+            self.leases.end(session_id)
+            for scheduler in self._schedulers.values():
+                scheduler.end_session(session_id)
+
+    def _expire_session(self, session_id: int, silent_s: float) -> None:
+        """Ends a session whose client went silent for longer than its lease (proto.leases)."""
+        with self._lock:
+            session = self._sessions.get(session_id)
+            if session is None:
+                return  # it disconnected meanwhile
+            arrays, slices = len(session.arrays), len(session.slices)
+            self.disconnect(session_id)
+        log.warning("session %d (%r) not heard from for %.1f s (lease %.1f s): ended it, freeing "
+                    "%d arrays and %d slices", session_id, session.name, silent_s,
+                    self.leases.lease_s, arrays, slices)
+
+    def session_key(self, session_id: int) -> str:
+        """The key a client presents to prove it is session `session_id` (proto.auth)."""
+        return _auth.session_key(self.controller_id, session_id)
+
+    def knows_session(self, session_id: int) -> bool:
+        return session_id in self._sessions
+
+    def register_arrays(self, session_id: int, specs: Sequence[pb.ArraySpec],
+                        timeout: float | None = None) -> list[int]:
+        """Declares arrays a client is about to stream to their hosts; returns, per array, the
+        island sequence number from which its hosts expect it."""
+        placements = self.planner.place_arrays(Placer(self.resources, session_id), specs)
+        with self._lock:
+            sequences = self.planner.register_arrays(self._session(session_id), specs, placements)
+        return sequences(timeout)
+
+    def execute(self, session_id: int, commands: Sequence[pb.Command],
+                timeout: float | None = None) -> list[pb.CommandResult]:
+        """Checks each command and queues the accepted ones; returns once they are ordered,
+        before any of them runs.
+
+        The wait for their turn (set by the island's policy) happens outside the lock, so other
+        clients go on; after `timeout` s the rest are ordered at once. Waits first while an island
+        is more than MAX_BACKLOG instructions ahead of its slowest host.
+        """
+        for scheduler in list(self._schedulers.values()):
+            scheduler.wait_backlog(MAX_BACKLOG, BACKLOG_TIMEOUT_S)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pieces, start, emitted = [], 0, 0
+        while True:  # a bounded piece per hold of the lock: other clients go on in between
+            with self._lock:
+                try:
+                    session = self._session(session_id)
+                except NotFoundError as exc:  # closed meanwhile: the rest of it fails
+                    if not pieces:
+                        raise
+                    pieces.append(lambda _, n=len(commands) - start, exc=exc:
+                                  [command_result(exc)] * n)
+                    break
+                results, start, emitted = self.planner.execute(session, commands, start, emitted)
+            pieces.append(results)
+            if start >= len(commands):
+                break
+        return [result for piece in pieces for result in piece(
+            None if deadline is None else max(0.0, deadline - time.monotonic()))]
+
+    def register_program(self, request: pb.RegisterProgramRequest) -> int:
+        """Checks a traced program (outside the lock: its work is the request's own) and
+        registers it."""
+        with self._lock:
+            session = self._session(request.session_id)
+        program = self.planner.plan_program(session, request)
+        with self._lock:
+            return self.planner.add_program(self._session(request.session_id), program)
+
+    def delete_arrays(self, session_id: int, array_ids: Sequence[int]) -> None:
+        """Deletes arrays (NOT_FOUND for an unknown id) after the work already ordered."""
+        with self._lock:
+            self.planner.delete(self._session(session_id), array_ids, strict=True)
+
+    def _session(self, session_id: int) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            raise NotFoundError(f"session {session_id} is unknown (connect first)")
+        return session
+
+    def _scheduler(self, island: int) -> GangScheduler:
+        scheduler = self._schedulers.get(island)
+        if scheduler is None:
+            raise FailedPreconditionError(f"island {island} has no hosts")
+        return scheduler
+
+    def scheduler(self, island: int) -> GangScheduler:
+        """The gang scheduler of an island (FailedPreconditionError if it has no hosts)."""
+        with self._lock:
+            return self._scheduler(island)
+
+    def orderer(self, session: Session):
+        """Queues a session's instructions on an island: (island, ops) -> OrderTicket."""
+        def order(island: int, ops: list[pb.Instruction]) -> OrderTicket:
+            return self._scheduler(island).enqueue(session.session_id, ops,
+                                                   weight=session.weight, name=session.name)
+        return order
+
+    def close(self) -> None:
+        """Stops dispatch and the heartbeat; returns once the heartbeat thread has ended (a daemon
+        thread still inside a gRPC call at interpreter exit can abort the process)."""
+        self._stop.set()
+        _metrics_state.untrack(self)
+        self.leases.close()
+        if self.admission is not None:
+            self.admission.stop()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
+        with self._lock:
+            schedulers = list(self._schedulers.values())
+            for channel, _ in self._probes.values():
+                channel.close()
+        for scheduler in schedulers:  # outside the lock: their threads may take it to report
+            scheduler.close()

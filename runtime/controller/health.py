@@ -1,0 +1,187 @@
+"""Hosts joining, leaving and lost: registration, the heartbeat, and the one path a lost host's
+report takes (from the heartbeat, a host's link or a launcher, through `report_host_lost`) to fail
+the work of its island and the transfers other islands expect from it. A part of Controller
+(runtime.controller.controller)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+
+import grpc
+
+from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
+from proto import rpc as _rpc
+from proto.errors import HostLostError, InvalidArgumentError
+from runtime.controller.defaults import (BUSY_HOST_TIMEOUT_S, HEARTBEAT_INTERVAL_S,
+                                         HEARTBEAT_MISSES, MAX_INCOMING)
+from runtime.controller.sessions import is_address
+from scheduler.gang import GangScheduler
+from scheduler.resources import HostRecord
+
+log = logging.getLogger(__name__)
+
+
+class Health:
+    """Host membership and loss for a Controller (a mixin: the state is the controller's)."""
+
+    def register_host(self, info: pb.HostInfo) -> None:
+        """Adds a host (or replaces an earlier registration of its island and index).
+
+        A host registering on an island that lost one restarts the island: its slices (and the
+        arrays and executables on them) are dropped and its order starts afresh (a new epoch), so
+        a restarted island starts empty. Sessions that used it get NotFoundError for them."""
+        if (info.island < 0 or info.host < 0 or info.num_devices <= 0
+                or not is_address(info.address)
+                or (info.control_address and not is_address(info.control_address))):
+            raise InvalidArgumentError("host registration needs island >= 0, host >= 0, "
+                                       "num_devices > 0 and addresses HOST:PORT")
+        if info.island > 1 << 20 or info.host > 1 << 20 or info.num_devices > 1 << 20:
+            raise InvalidArgumentError("host registration: island, host or device count too large")
+        record = HostRecord(info.island, info.host, info.address, info.platform or "cpu",
+                            info.num_devices, info.device_kind, info.backend or "local",
+                            info.device_memory_bytes, info.distributed_hosts,
+                            ray_node=info.ray_node)
+        with self._lock:
+            if self.resources.lost_host(info.island) is not None:
+                self._restart_island(info.island)
+            self.resources.register_host(record)
+            scheduler = self._schedulers.get(info.island)
+            if scheduler is None:
+                scheduler = GangScheduler(
+                    info.island, self.controller_id, self.report_host_lost, policy=self.policy,
+                    epoch=self._epochs.get(info.island, 0),
+                    open_channel=lambda address: _rpc.open_channel(address, self.credentials),
+                    readiness=self.readiness, input_wait_s=self.limits.input_wait_s)
+                self._schedulers[info.island] = scheduler
+            # Dispatch, progress and heartbeat go to the host's control server: client traffic on
+            # its main server cannot make them late (runtime.worker.worker).
+            control = info.control_address or info.address
+            scheduler.set_host(info.host, control)
+            old = self._probes.pop((info.island, info.host), None)
+            channel = _rpc.open_channel(control, self.credentials)
+            self._probes[(info.island, info.host)] = (channel, pb_grpc.WorkerStub(channel))
+        if old:
+            old[0].close()
+        log.info("registered %s", record.describe())
+
+    def _restart_island(self, island: int) -> None:
+        """Forgets everything on an island that lost a host (called under the lock, before a
+        host registers on it again): its slices with their arrays and executables, its order."""
+        scheduler = self._schedulers.pop(island, None)
+        if scheduler is not None:
+            scheduler.fail(HostLostError(f"island {island} was restarted"))
+            scheduler.close(timeout=0)  # under the lock: its threads end on their own
+        self._epochs[island] = self._epochs.get(island, 0) + 1
+        for record in [r for r in self.resources.slices() if r.island == island]:
+            session = self._sessions.get(record.session_id)
+            if session is not None:
+                self.planner.delete(session, sorted(self.planner.slice_arrays(record.slice_id)),
+                                    strict=False)
+                session.slices.discard(record.slice_id)
+            self.resources.release(record.slice_id)
+            for executable_id in list(self._slice_executables.get(record.slice_id, ())):
+                self._forget_executable(executable_id)
+        for host in self.resources.island_hosts(island):
+            probe = self._probes.pop((island, host.host), None)
+            if probe is not None:
+                probe[0].close()
+            self.resources.remove_host(island, host.host)
+        log.warning("island %d restarted (epoch %d): its slices and arrays are gone", island,
+                    self._epochs[island])
+
+    def _heartbeat_loop(self) -> None:
+        """Pings every host. A host whose process is gone refuses the connection: it is declared
+        lost after HEARTBEAT_MISSES refusals in a row (about a second). A host that answers late is
+        busy, not gone (a long compile, a starved process): it is declared lost only after
+        BUSY_HOST_TIMEOUT_S without any answer."""
+        refused: dict[tuple[int, int], int] = {}
+        last_answer: dict[tuple[int, int], float] = {}
+        while not self._stop.wait(HEARTBEAT_INTERVAL_S):
+            with self._lock:
+                probes = dict(self._probes)
+            for key, (_, stub) in probes.items():
+                now = time.monotonic()
+                last_answer.setdefault(key, now)
+                try:
+                    reply = stub.Ping(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
+                except (grpc.RpcError, ValueError) as err:  # ValueError: channel replaced or closed
+                    if self._stop.is_set():
+                        return
+                    code = err.code() if isinstance(err, grpc.RpcError) else None
+                    refused[key] = refused.get(key, 0) + (code != grpc.StatusCode.DEADLINE_EXCEEDED)
+                    silent = now - last_answer[key]
+                    if refused[key] >= HEARTBEAT_MISSES or silent > BUSY_HOST_TIMEOUT_S:
+                        reason = (f"unreachable ({code.name if code else 'closed'})"
+                                  if refused[key] >= HEARTBEAT_MISSES
+                                  else f"no answer for {silent:.0f} s")
+                        self.report_host_lost(*key, reason)
+                    continue
+                refused[key], last_answer[key] = 0, now
+                scheduler = self._schedulers.get(key[0])
+                if scheduler is not None:
+                    scheduler.note_progress(key[1], reply.executed)
+
+    def report_host_lost(self, island: int, host: int, reason: str) -> None:
+        """Declares a host lost (heartbeat, dispatch failure, or a supervisor such as Ray's):
+        work on its island fails with HostLostError naming it; other islands go on (work of theirs
+        waiting for an array from the lost island fails instead of waiting out its deadline)."""
+        record = self.resources.mark_lost(island, host, reason)
+        if record:
+            log.warning("lost %s: %s", record.describe(), reason)
+            self._fail_island(island, record, reason)
+            threading.Thread(target=self._fail_incoming, args=(island, record.describe(), reason),
+                             daemon=True, name=f"fail-incoming-{island}").start()
+
+    def note_transfer(self, source_island: int, island: int, destination: pb.ArraySpec) -> None:
+        """Remembers (boundedly) that `island` expects an array from `source_island`."""
+        with self._lock:
+            incoming = self._incoming.get(source_island)
+            if incoming is None:
+                incoming = self._incoming[source_island] = collections.deque(maxlen=MAX_INCOMING)
+            incoming.append((island, destination))
+
+    def _fail_incoming(self, lost_island: int, host: str, reason: str) -> None:
+        """Fails, on the other islands, the arrays still expected from a lost island: their hosts
+        would otherwise wait INPUT_TIMEOUT_S for them, holding their island's order (one execution
+        at a time) hostage, other clients' work included."""
+        with self._lock:
+            incoming = list(self._incoming.pop(lost_island, ()))
+            hosts = {i: [h.address for h in self.resources.island_hosts(i) if h.alive]
+                     for i in {i for i, _ in incoming}}
+        message = f"its source, {host} of island {lost_island}, was lost: {reason}"
+        for island, spec in incoming:
+            for address in hosts.get(island, ()):
+                chunk = pb.ArrayChunk(spec=spec, error=message)
+                try:
+                    with _rpc.open_channel(address, self.credentials) as channel:
+                        pb_grpc.WorkerStub(channel).PutArray(iter([chunk]), timeout=5.0)
+                except grpc.RpcError:
+                    pass  # that host is gone too; its own loss is reported separately
+
+    def _fail_island(self, island: int, record: HostRecord, reason: str) -> None:
+        """Work queued for an island whose host was lost fails now, not at its deadline."""
+        scheduler = self._schedulers.get(island)
+        if scheduler is not None:
+            scheduler.fail(HostLostError(f"{record.describe()} of island {island} was lost: "
+                                         f"{reason}"))
+
+    def unregister_host(self, island: int, host: int, address: str = "") -> None:
+        """A host leaves: the registry drops it (once no slice uses its island), its island takes
+        no new slices, and work still queued for the island fails with HostLostError."""
+        with self._lock:
+            record = self.resources.remove_host(island, host, address)
+            if record is None:
+                return
+            probe = self._probes.pop((island, host), None)
+            scheduler = self._schedulers.get(island)
+        log.info("%s left", record.describe())
+        if probe:
+            probe[0].close()
+        if scheduler is not None:
+            scheduler.remove_host(host)
+            scheduler.fail(HostLostError(f"{record.describe()} of island {island} left the "
+                                         f"cluster"))

@@ -1,0 +1,202 @@
+"""The data plane of a host: puts of announced arrays (streamed in, or through shared-memory
+files) and reads of stored ones. A part of Worker (runtime.worker.worker), which holds the state
+these methods use: the store, the announcements and the arrival log."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from proto import limits as _limits
+from proto import pathways_pb2 as pb
+from proto import shm as _shm
+from proto import wire as _wire
+from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
+                          InvalidArgumentError, NotFoundError, PathwaysError)
+from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_FAILED_EARLY,
+                                     MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S)
+
+
+class DataPlane:
+    """Put and get for a Worker (a mixin: the state is the worker's)."""
+
+    def put(self, chunks: Iterator[pb.ArrayChunk], timeout: float = SLICE_TIMEOUT_S) -> int:
+        """Stores an array streamed in as chunks; returns the bytes received.
+
+        Only an array the controller announced to this host (an Expect instruction), with the spec
+        it announced, and only until it holds its data: anything else is refused
+        (FailedPreconditionError; InvalidArgumentError for another spec), so every byte a host
+        stores belongs to an array the controller accounts for and frees. Waits up to `timeout` s
+        for the announcement and the definition of the array's slice."""
+        chunks = iter(chunks)
+        first = next(chunks, None)
+        if first is None:
+            raise InvalidArgumentError("empty array stream")
+        if not first.HasField("spec"):
+            raise InvalidArgumentError("array stream does not start with its spec")
+        array_id = first.spec.array_id
+        if first.error:  # the sender's array failed, or (from the controller) its island was lost
+            self._fail_incoming(array_id, ExecutionError(first.error))
+            return 0
+        announced = self._claim(array_id, min(timeout, ANNOUNCE_TIMEOUT_S))
+        try:
+            if first.spec != announced:
+                raise InvalidArgumentError(
+                    f"array {array_id} was announced as {announced.dtype}"
+                    f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream "
+                    f"says {first.spec.dtype}{list(first.spec.shape)} on slice "
+                    f"{first.spec.sharding.slice_id}")
+            return self._store_put(announced, first, chunks, timeout)
+        finally:
+            with self._cond:
+                self._receiving.discard(array_id)
+
+    def _fail_incoming(self, array_id: int, error: PathwaysError) -> None:
+        """An announced array will not come: its entry fails (readers get `error`). One not
+        announced yet (the announcement may still be on its way) fails on arrival; one that
+        already holds its data, or was deleted, is left alone."""
+        with self._cond:
+            if self._announced.pop(array_id, None) is not None:
+                self.store.fail(array_id, error, only_pending=True)
+                self._note_arrival(array_id)
+            elif not self.store.ready(array_id):
+                self._failed_early[array_id] = error
+                while len(self._failed_early) > MAX_FAILED_EARLY:
+                    self._failed_early.popitem(last=False)
+
+    def _claim(self, array_id: int, timeout: float) -> pb.ArraySpec:
+        """The announced spec of an array about to be put, once announced (waiting up to
+        `timeout` s); no other stream may put it meanwhile."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while array_id not in self._announced:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise FailedPreconditionError(
+                        f"array {array_id} was not announced to host {self.island}.{self.host} "
+                        f"by the controller (declare arrays before putting them), or it already "
+                        f"holds its data")
+                self._cond.wait(left)
+            if array_id in self._receiving:
+                raise FailedPreconditionError(f"array {array_id} is being put by another stream")
+            self._receiving.add(array_id)
+            return self._announced[array_id]
+
+    def _settle(self, array_id: int, store: Callable[[], None]) -> None:
+        """Runs `store` for a claimed array unless it was deleted meanwhile; no longer announced
+        afterwards (a second put is refused)."""
+        with self._cond:
+            if self._announced.pop(array_id, None) is None:
+                raise FailedPreconditionError(f"array {array_id} was deleted while it was put")
+            store()
+            self._note_arrival(array_id)
+
+    def _note_arrival(self, array_id: int) -> None:
+        """Logs that an announced array arrived or failed (under self._cond), for the progress
+        stream."""
+        self._arrivals_count += 1
+        self._arrivals.append((self._arrivals_count, array_id))
+        self._progress.set()
+
+    def _store_put(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
+                   chunks: Iterator[pb.ArrayChunk], timeout: float) -> int:
+        mesh, info = self.mesh(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
+        shape = tuple(spec.shape)
+        expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
+                                                                  tuple(info.axis_names)),
+                                           spec.sharding))
+        with _shm.OpenSegments() as segments:
+            return self._place_put(spec, mesh, info, expected, _wire.assemble_chunks(
+                _at_most_shards(itertools.chain([first], chunks), len(expected), spec.array_id),
+                segments=segments)[1])
+
+    def _place_put(self, spec: pb.ArraySpec, mesh, info: pb.SliceInfo, expected: dict,
+                   shards: list[_wire.ReceivedShard]) -> int:
+        """Copies a put's shards onto this host's devices (before their segments close) and
+        stores the array."""
+        shape = tuple(spec.shape)
+        flat_devices = mesh.devices.reshape(-1)
+        local = [p for p, d in enumerate(info.devices) if d.host == self.host]
+        placed: dict[int, jax.Array] = {}
+        for shard in shards:
+            if expected.get(shard.index) is None:
+                raise InvalidArgumentError(f"shard {shard.index} does not belong to the sharding")
+            for i, position in enumerate(shard.positions):
+                if position not in expected[shard.index]:
+                    raise InvalidArgumentError(f"mesh position {position} does not hold {shard.index}")
+                if info.devices[position].host != self.host:
+                    raise InvalidArgumentError(f"mesh position {position} is on host "
+                                               f"{info.devices[position].host}, not this one")
+                if position in placed:
+                    raise InvalidArgumentError(f"mesh position {position} is sent twice")
+                # No two devices share memory (a donated buffer is written in place).
+                placed[position] = jax.device_put(_shm.device_copy(shard.data, take=i == 0),
+                                                  flat_devices[position])
+        jax.block_until_ready(list(placed.values()))
+        if len(placed) != len(local):
+            raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
+                                       f"the {len(local)} devices of this host")
+        sharding = NamedSharding(mesh, _wire.spec_from_proto(spec.sharding))
+        # Only this host's shards: on a slice spanning hosts the array is a global one.
+        value = jax.make_array_from_single_device_arrays(shape, sharding,
+                                                         [placed[p] for p in local])
+        self._settle(spec.array_id, lambda: self.store.set(
+            spec.array_id, value, sum(placed[p].nbytes for p in placed)))
+        return sum(s.data.nbytes for s in shards)
+
+    def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S,
+            active: Callable[[], bool] = lambda: True) -> Iterator[pb.ArrayChunk]:
+        """Chunks of the requested (or all distinct) shards of an array, waiting for it if pending
+        (up to the request's timeout, at most `limit` s: the caller's deadline; no longer once
+        `active()` says the caller is gone: a cancelled read does not hold its thread)."""
+        timeout = min(_limits.check_seconds(request.timeout_s, "timeout_s", MAX_GET_TIMEOUT_S),
+                      max(limit, 0.0))
+        deadline = time.monotonic() + timeout
+        self.wait_received(request.after_sequence, timeout, active)
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            try:
+                value = self.store.get(request.array_id, min(left, CALLER_CHECK_S))
+                break
+            except DeadlineExceededError as exc:
+                if exc.origin != STORE:
+                    raise  # the producer's own failure
+                if left <= CALLER_CHECK_S or not active():
+                    raise DeadlineExceededError(f"array {request.array_id} was not produced "
+                                                f"within {timeout:.1f} s") from None
+        if request.ready_only:
+            value.block_until_ready()
+            return iter(())
+        distinct: dict[_wire.Index, jax.Array] = {}
+        for shard in value.addressable_shards:
+            index = tuple((s.start or 0, value.shape[d] if s.stop is None else s.stop)
+                          for d, s in enumerate(shard.index))
+            distinct.setdefault(index, shard.data)
+        wanted = [_wire.index_from_proto(i) for i in request.shards] or list(distinct)
+        missing = [w for w in wanted if w not in distinct]
+        if missing:
+            raise NotFoundError(f"array {request.array_id}: shard {missing[0]} is not on this host "
+                                f"(it holds {sorted(distinct)} of {value.dtype}{list(value.shape)})")
+        if request.shared_array:  # the caller's segment on this machine: copy straight into it
+            return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
+                                           [(w, distinct[w]) for w in wanted]))
+        return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted))
+
+
+def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,
+                    array_id: int) -> Iterator[pb.ArrayChunk]:
+    """`chunks`, refusing a stream with more shard headers than the array has distinct shards
+    (zero-size shards cost a sender nothing; each one costs the host a buffer)."""
+    headers = 0
+    for chunk in chunks:
+        if chunk.HasField("shard"):
+            headers += 1
+            if headers > most:
+                raise InvalidArgumentError(f"array {array_id}: more than its {most} distinct "
+                                           f"shards in one stream")
+        yield chunk

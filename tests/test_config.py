@@ -1,0 +1,92 @@
+"""Every tunable in one place (proto.config): defaults, environment overrides, and launchers that
+hand the whole configuration to every process."""
+
+import dataclasses
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+
+from proto import config
+from proto.config import ClusterConfig, ControllerConfig, WorkerConfig
+
+
+def test_field_names_are_unique_across_the_parts():
+    names = [f.name for cls in (config.ControllerConfig, config.WorkerConfig,
+                                config.SchedulerConfig, config.ClientConfig, ClusterConfig)
+             for f in dataclasses.fields(cls)]
+    assert len(names) == len(set(names))
+
+
+def test_the_environment_overrides_the_defaults_and_round_trips():
+    env = {"PATHWAYS_EXECUTION_DEADLINE_S": "5", "PATHWAYS_SESSION_QUOTA_BYTES": "1024",
+           "PATHWAYS_POLICY": "share", "PATHWAYS_WINDOW_S": "0.2", "PATHWAYS_RPC_TIMEOUT_S": "9"}
+    settings = ClusterConfig.from_env(env)
+    assert settings.worker.execution_deadline_s == 5.0
+    assert settings.controller.session_quota_bytes == 1024
+    assert settings.controller.policy == "share"
+    assert settings.scheduler.window_s == 0.2 and settings.client.rpc_timeout_s == 9.0
+    assert ClusterConfig.from_env(settings.to_env()) == settings
+    assert ClusterConfig.from_env({}) == ClusterConfig()
+
+
+def test_a_bad_value_names_its_variable():
+    with pytest.raises(ValueError, match="PATHWAYS_MAX_BACKLOG"):
+        ClusterConfig.from_env({"PATHWAYS_MAX_BACKLOG": "many"})
+
+
+def test_replace_reaches_every_part_and_refuses_unknown_names():
+    settings = ClusterConfig().replace(execution_deadline_s=7, policy="share", stall_s=1.0,
+                                       startup_timeout_s=3, session_lease_s=None)
+    assert settings.worker.execution_deadline_s == 7 and settings.controller.policy == "share"
+    assert settings.scheduler.stall_s == 1.0 and settings.startup_timeout_s == 3
+    assert settings.controller.session_lease_s == ControllerConfig().session_lease_s
+    with pytest.raises(TypeError, match="no setting is called 'deadline'"):
+        ClusterConfig().replace(deadline=1)
+
+
+def test_the_modules_defaults_are_the_configs():
+    from runtime.controller import defaults as controller_defaults
+    from runtime.worker import defaults as worker_defaults
+    from scheduler import defaults as scheduler_defaults
+
+    assert worker_defaults.EXECUTION_DEADLINE_S == WorkerConfig().execution_deadline_s
+    assert controller_defaults.MAX_BACKLOG == ControllerConfig().max_backlog
+    assert scheduler_defaults.WINDOW_S == config.SchedulerConfig().window_s
+
+
+def test_every_launcher_takes_the_whole_configuration():
+    import runtime
+    from runtime.sim import SimCluster
+
+    for launcher in (runtime.LocalCluster, runtime.ProcessCluster, runtime.RayCluster,
+                     SimCluster):
+        assert "config" in inspect.signature(launcher).parameters, launcher
+
+
+def test_a_local_cluster_hands_its_workers_the_worker_settings(monkeypatch):
+    """An option set once (here through the environment) reaches the in-process workers, which
+    used to get no execution deadline from LocalCluster."""
+    import runtime
+
+    monkeypatch.setenv("PATHWAYS_EXECUTION_DEADLINE_S", "7")
+    monkeypatch.setenv("PATHWAYS_SESSION_QUOTA_BYTES", "4096")
+    with runtime.LocalCluster(1, 1, heartbeat=False, input_timeout_s=9) as cluster:
+        assert cluster.workers[0].execution_deadline_s == 7.0
+        assert cluster.workers[0].input_timeout_s == 9
+        assert cluster.controller.session_quota_bytes == 4096
+
+
+def test_a_setting_in_the_environment_reaches_every_module_of_a_process():
+    """What a launcher hands a subprocess (ClusterConfig.to_env) sets the constants its modules
+    use, not only the few a constructor takes."""
+    settings = ClusterConfig().replace(slice_timeout_s=7.0, stall_s=0.25, rpc_timeout_s=12.0,
+                                       heartbeat_interval_s=0.75)
+    code = ("from runtime.worker import defaults as w; from scheduler import defaults as s; "
+            "from runtime.client import client as c; from runtime.controller import defaults as k; "
+            "print(w.SLICE_TIMEOUT_S, s.STALL_S, c.RPC_TIMEOUT_S, k.HEARTBEAT_INTERVAL_S)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **settings.to_env()}, check=True).stdout.split()
+    assert out == ["7.0", "0.25", "12.0", "0.75"]
