@@ -222,10 +222,11 @@ def test_waiting_fetches_count_against_their_sessions_allowance(cluster, bystand
         request = pb.GetArrayRequest(array_id=spec.array_id, timeout_s=60)
         waiting = [stub.GetArray(request, timeout=60) for _ in range(DEFAULT.streams_per_session)]
         admission = cluster.workers[0].admission
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120  # a starved machine is slow to start 16 calls
         while (admission.open_calls(attacker.session_id) < DEFAULT.streams_per_session
                and time.monotonic() < deadline):
             time.sleep(0.05)
+        assert admission.open_calls(attacker.session_id) == DEFAULT.streams_per_session
         with pytest.raises(grpc.RpcError) as info:
             next(stub.GetArray(request, timeout=10))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
