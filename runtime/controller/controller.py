@@ -40,7 +40,7 @@ from runtime.controller.health import Health
 from runtime.controller.ordering import command_result
 from runtime.controller.placement import Placer
 from runtime.controller.planner import Planner
-from runtime.controller.sessions import Executable, Session
+from runtime.controller.sessions import Executable, Session, SessionLedger
 from runtime.controller.status import StatusReport
 from scheduler.gang import GangScheduler
 from scheduler.policy import check_weight, make_policy
@@ -89,7 +89,7 @@ class Controller(Catalog, Health, StatusReport):
         self.readiness = Readiness()
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, Session] = {}
-        self.planner = Planner(self)
+        self.planner = Planner(self, SessionLedger(self))
         self._executables: dict[int, Executable] = {}
         self._executable_keys: dict[tuple, int] = {}
         self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
