@@ -162,3 +162,14 @@ def test_session_ledger_counts_arrays_and_bytes_against_limit_and_quota():
     assert session.arrays == set() and session.nbytes == 0
     ledger.record_program(session, 4)
     assert ledger.forget_programs(session) == [4] and session.programs == set()
+
+
+def test_session_ledger_keeps_slices_and_executables():
+    ledger, session = SessionLedger(_Bounds(_limits.DEFAULT, None)), Session(1, "s")
+    ledger.record_slice(session, 5)
+    ledger.record_executable(session, 9, 1000)
+    assert session.slices == {5} and session.executables == {9}
+    assert session.executable_bytes == 1000
+    ledger.forget_executable(session, 9, 1000)
+    ledger.forget_slice(session, 5)
+    assert not session.slices and not session.executables and session.executable_bytes == 0

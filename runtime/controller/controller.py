@@ -95,7 +95,8 @@ class Controller(Catalog, Health, StatusReport):
         self.readiness = Readiness()
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, Session] = {}
-        self.planner = Planner(self, SessionLedger(self))
+        self.sessions = SessionLedger(self)  # the one writer of what sessions hold
+        self.planner = Planner(self, self.sessions)
         self._executables: dict[int, Executable] = {}
         self._executable_keys: dict[tuple, int] = {}
         self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids

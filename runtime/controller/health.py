@@ -82,7 +82,7 @@ class Health:
             if session is not None:
                 self.planner.delete(session, sorted(self.planner.slice_arrays(record.slice_id)),
                                     strict=False)
-                session.slices.discard(record.slice_id)
+                self.sessions.forget_slice(session, record.slice_id)
             self.resources.release(record.slice_id)
             for executable_id in list(self._slice_executables.get(record.slice_id, ())):
                 self._forget_executable(executable_id)

@@ -108,8 +108,9 @@ class SessionUsage(Protocol):
 
 
 class SessionLedger:
-    """The one writer of sessions' array and program holdings and their quota accounting
-    (SessionUsage); called with the controller's lock held."""
+    """The one writer of what sessions hold: arrays and programs with their quota accounting
+    (SessionUsage, for the planner), slices and executables (for the controller's catalog and
+    health); called with the controller's lock held."""
 
     def __init__(self, bounds: Bounds) -> None:
         self._bounds = bounds
@@ -144,3 +145,18 @@ class SessionLedger:
         program_ids = sorted(session.programs)
         session.programs.clear()
         return program_ids
+
+    def record_slice(self, session: Session, slice_id: int) -> None:
+        session.slices.add(slice_id)
+
+    def forget_slice(self, session: Session, slice_id: int) -> None:
+        session.slices.discard(slice_id)
+
+    def record_executable(self, session: Session, executable_id: int, nbytes: int) -> None:
+        """The session holds a new executable of `nbytes` serialized bytes."""
+        session.executables.add(executable_id)
+        session.executable_bytes += nbytes
+
+    def forget_executable(self, session: Session, executable_id: int, nbytes: int) -> None:
+        session.executables.discard(executable_id)
+        session.executable_bytes -= nbytes
