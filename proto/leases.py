@@ -123,15 +123,15 @@ class SessionLeases:
 
 class KeepAlive:
     """The client's side: renews session `session_id` through `stub` (the client's controller
-    stub, which presents its token and session key) every `lease_s / RENEWALS_PER_LEASE` seconds
+    stub, which presents its token and session key) every `lease_s / renewals_per_lease` seconds
     on a daemon thread until `stop()`. A controller that no longer knows the session (it expired,
     or the controller restarted) ends the renewals with a warning; other failures (a controller
     briefly unreachable) are retried at the next renewal."""
 
     def __init__(self, stub: pb_grpc.ControllerStub, session_id: int, lease_s: float,
-                 address: str) -> None:
+                 address: str, renewals_per_lease: int = RENEWALS_PER_LEASE) -> None:
         self._stub, self._session_id, self._address = stub, session_id, address
-        self.interval_s = lease_s / RENEWALS_PER_LEASE
+        self.interval_s = lease_s / renewals_per_lease
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="keepalive")
         self._thread.start()

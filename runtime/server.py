@@ -19,7 +19,7 @@ def controller_options(config: ClusterConfig) -> dict:
     """The Controller's keyword arguments a cluster's settings give (proto.config)."""
     c = config.controller
     return dict(policy=c.policy, session_quota_bytes=c.session_quota_bytes,
-                session_lease_s=c.session_lease_s)
+                session_lease_s=c.session_lease_s, scheduler_config=config.scheduler)
 
 
 def worker_options(config: ClusterConfig) -> dict:

@@ -1,6 +1,8 @@
 """The gang scheduler's window, cost estimates and waits: proto.config.SchedulerConfig as this
-process's environment sets it (PATHWAYS_<FIELD>, read once at import), under the names the
-scheduler's modules use."""
+process's environment sets it (PATHWAYS_<FIELD>, read once at import), as constants. The
+scheduler itself reads its settings from the SchedulerConfig it is given whole
+(GangScheduler(config=...), which its HostLinks read); these are the same values for code that
+wants them as names."""
 
 from proto.config import SchedulerConfig, from_env
 

@@ -20,20 +20,9 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
-from proto.config import SchedulerConfig, from_env
+from proto.config import SchedulerConfig
 
 log = logging.getLogger(__name__)
-
-#: Deadline of one Dispatch RPC.
-DISPATCH_TIMEOUT_S = from_env(SchedulerConfig).dispatch_timeout_s
-#: Most instructions, and the most bytes, per Dispatch RPC (an instruction larger than that alone
-#: travels alone).
-MAX_BATCH = from_env(SchedulerConfig).max_batch
-MAX_BATCH_BYTES = from_env(SchedulerConfig).max_batch_bytes
-#: Least time between two progress reports of a host (reports in between are coalesced).
-PROGRESS_INTERVAL_S = from_env(SchedulerConfig).progress_interval_s
-#: Pause before re-opening a broken progress stream (the heartbeat decides if the host is lost).
-WATCH_RETRY_S = from_env(SchedulerConfig).watch_retry_s
 
 
 class LinkEvents(Protocol):
@@ -42,6 +31,11 @@ class LinkEvents(Protocol):
     island: int
     controller_id: str  # sent with every Dispatch: a host drops state of another controller
     epoch: int  # of the island's order (restarts)
+    # The link's settings (dispatch_timeout_s: one Dispatch RPC's deadline; max_batch and
+    # max_batch_bytes: most instructions and bytes per Dispatch, though a larger instruction
+    # travels alone; progress_interval_s: least time between two progress reports, those in
+    # between coalesced; watch_retry_s: pause before re-opening a broken progress stream).
+    config: SchedulerConfig
 
     def open_channel(self, address: str) -> grpc.Channel:
         """A channel to the host, with the cluster's credentials."""
@@ -66,6 +60,7 @@ class HostLink:
     def __init__(self, events: LinkEvents, host: int, address: str) -> None:
         self.events, self.host, self.address = events, host, address
         self.island = events.island
+        self.config = events.config
         self.channel = events.open_channel(address)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.queue: collections.deque[pb.Instruction] = collections.deque()
@@ -103,18 +98,18 @@ class HostLink:
                 if self.closed:
                     return
                 batch, size = [], 0
-                while self.queue and len(batch) < MAX_BATCH:
+                while self.queue and len(batch) < self.config.max_batch:
                     # A large instruction (a load, up to proto.limits' bound) travels alone
                     # rather than push a batch past the message limit.
                     ins_size = self.queue[0].ByteSize()
-                    if batch and size + ins_size > MAX_BATCH_BYTES:
+                    if batch and size + ins_size > self.config.max_batch_bytes:
                         break
                     batch.append(self.queue.popleft())
                     size += ins_size
             request = pb.DispatchRequest(controller_id=self.events.controller_id,
                                          epoch=self.events.epoch, instructions=batch)
             try:
-                reply = self.stub.Dispatch(request, timeout=DISPATCH_TIMEOUT_S)
+                reply = self.stub.Dispatch(request, timeout=self.config.dispatch_timeout_s)
             except (grpc.RpcError, ValueError) as err:  # ValueError: channel closed meanwhile
                 if self.closed:
                     return
@@ -125,7 +120,7 @@ class HostLink:
             self.events.on_progress(self.host, reply.executed, reply.received)
 
     def _watch_loop(self) -> None:
-        request = pb.WatchProgressRequest(min_interval_s=PROGRESS_INTERVAL_S)
+        request = pb.WatchProgressRequest(min_interval_s=self.config.progress_interval_s)
         opened = False
         while not self.closed:
             try:
@@ -148,7 +143,7 @@ class HostLink:
                 return
             with self._cond:
                 if not self.closed:
-                    self._cond.wait(WATCH_RETRY_S)
+                    self._cond.wait(self.config.watch_retry_s)
 
     def _lost(self, reason: str) -> None:
         """Marks the link failed (once) and reports it: the one path of a lost link."""

@@ -37,8 +37,7 @@ from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLo
                           PathwaysError, ResourceExhaustedError)
 from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
-from scheduler.defaults import (DEFAULT_COST_S, INPUT_WAIT_S, MAX_OUTSTANDING, MAX_UNMEASURED,
-                                MIN_COST_S, MIN_OUTSTANDING, REFILL_BELOW, STALL_S, WINDOW_S)
+from proto.config import SchedulerConfig, from_env
 from scheduler.delivery import HostLink
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
 from scheduler.progress import Progress
@@ -54,17 +53,22 @@ class GangScheduler(Progress):
 
     def __init__(self, island: int, controller_id: str,
                  on_host_failure: Callable[[int, int, str], None], *,
-                 policy: str | SchedulingPolicy = "fifo", window_s: float = WINDOW_S,
+                 policy: str | SchedulingPolicy = "fifo", window_s: float | None = None,
                  link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink,
                  epoch: int = 0, open_channel: Callable[[str], grpc.Channel] | None = None,
-                 readiness: Readiness | None = None, input_wait_s: float = INPUT_WAIT_S
-                 ) -> None:
+                 readiness: Readiness | None = None, input_wait_s: float | None = None,
+                 config: SchedulerConfig | None = None) -> None:
         """`link_factory(scheduler, host, address)` connects a host (tests pass a fake);
         `open_channel(address)` opens the channel of a real link (with the cluster's credentials);
         `epoch` numbers the island's incarnations under this controller (hosts reset when it
         changes: the island was restarted); `readiness` is the registry of arrays that do not
         exist yet (shared by a controller's islands: a copy between islands is ready once its
-        send is ordered on the source's)."""
+        send is ordered on the source's). `config` is every setting of the scheduler and its
+        links, whole (default: SchedulerConfig as this process's environment sets it);
+        `window_s` and `input_wait_s`, when given, override its fields of those names."""
+        self.config = from_env(SchedulerConfig) if config is None else config
+        window_s = self.config.window_s if window_s is None else window_s
+        input_wait_s = self.config.input_wait_s if input_wait_s is None else input_wait_s
         self.island, self.controller_id = island, controller_id
         self.epoch = epoch
         self.open_channel = open_channel or (
@@ -247,11 +251,11 @@ class GangScheduler(Progress):
             on_ordered(self, item.op)
         if item.executes:  # charged its estimate now, corrected when the hosts measure it
             sequence, executable = item.op.sequence, item.op.execute.executable_id
-            cost = max(MIN_COST_S, self._costs.get(executable, DEFAULT_COST_S))
+            cost = max(self.config.min_cost_s, self._costs.get(executable, self.config.default_cost_s))
             self._inflight.append((sequence, cost))
             self._outstanding_s += cost
             self._unmeasured[sequence] = (tenant, executable, cost)
-            if len(self._unmeasured) > MAX_UNMEASURED:
+            if len(self._unmeasured) > self.config.max_unmeasured:
                 self._unmeasured.popitem(last=False)
             self.policy.charge(tenant, cost)
         ticket = item.ticket
@@ -265,17 +269,17 @@ class GangScheduler(Progress):
                 self._tenants.pop(tenant.session_id, None)
 
     def _window_full(self) -> bool:
-        ahead = len(self._inflight)
-        return ahead >= MIN_OUTSTANDING and (self._outstanding_s >= self.window_s
-                                             or ahead >= MAX_OUTSTANDING)
+        ahead, config = len(self._inflight), self.config
+        return ahead >= config.min_outstanding and (self._outstanding_s >= self.window_s
+                                                    or ahead >= config.max_outstanding)
 
     def _admit(self) -> None:
         """Orders queued work while the window has room (called with the lock held)."""
         if self._failure is not None or self.closed or not self._tenants:
             return
         batch: list[pb.Instruction] = []
-        refill = (len(self._inflight) < MIN_OUTSTANDING
-                  or self._outstanding_s < self.window_s * REFILL_BELOW)
+        refill = (len(self._inflight) < self.config.min_outstanding
+                  or self._outstanding_s < self.window_s * self.config.refill_below)
         while True:
             for tenant in list(self._tenants.values()):
                 while tenant.queue and not tenant.queue[0].executes and self._ready(tenant):
@@ -328,7 +332,7 @@ class GangScheduler(Progress):
 
     def _pump_loop(self) -> None:
         """Admits work whose inputs became ready; fails work whose inputs never came; orders
-        past the window when the island has stalled (see STALL_S)."""
+        past the window when the island has stalled (SchedulerConfig.stall_s)."""
         while not self._stopped.is_set():
             woken = self._wake.wait(0.1)
             self._wake.clear()
@@ -341,7 +345,7 @@ class GangScheduler(Progress):
                     self._admit()
                 if not self._inflight:
                     continue
-                stall = max(STALL_S, 4 * self._inflight[0][1])
+                stall = max(self.config.stall_s, 4 * self._inflight[0][1])
                 backlogged = self._backlogged()
                 if backlogged and now - self._progress_at > stall:
                     batch: list[pb.Instruction] = []

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 
 from proto import pathways_pb2 as pb
 from proto.errors import DeadlineExceededError
-from scheduler.defaults import COST_SMOOTHING
 
 
 class Progress:
@@ -63,9 +62,9 @@ class Progress:
         tenant, executable_id, estimate = entry
         tenant.device_seconds += seconds
         self.policy.charge(tenant, seconds - estimate)
-        old = self._costs.get(executable_id)
+        old, smoothing = self._costs.get(executable_id), self.config.cost_smoothing
         self._costs[executable_id] = (seconds if old is None else
-                                      (1 - COST_SMOOTHING) * old + COST_SMOOTHING * seconds)
+                                      (1 - smoothing) * old + smoothing * seconds)
 
     def _recompute_progress(self) -> None:
         if not self._links:

@@ -90,3 +90,25 @@ def test_a_setting_in_the_environment_reaches_every_module_of_a_process():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, **settings.to_env()}, check=True).stdout.split()
     assert out == ["7.0", "0.25", "12.0", "0.75"]
+
+
+def test_scheduler_and_client_settings_given_in_process_reach_the_scheduler_and_the_clients():
+    """A ClusterConfig handed to LocalCluster reaches each island's gang scheduler and its host
+    links, and the clients `cluster.client()` opens, whole (they used to take only a few
+    constructor arguments, or the environment's defaults)."""
+    import numpy as np
+
+    import runtime
+
+    settings = ClusterConfig().replace(window_s=0.2, stall_s=1.5, max_batch=7, rpc_timeout_s=7.5,
+                                       stream_batch=2, transfer_floor_s=40.0)
+    with runtime.LocalCluster(1, 1, heartbeat=False, config=settings) as cluster:
+        scheduler = cluster.controller.scheduler(0)
+        assert scheduler.config == settings.scheduler
+        assert scheduler.window_s == 0.2
+        client = cluster.client()
+        assert client.config == settings.client
+        assert client.timeout_s == 7.5  # the deadline of each of its controller calls
+        s = client.slice({"d": 1}, island=0)
+        x = client.put(np.arange(4, dtype=np.float32), s)
+        assert np.array_equal(x.fetch(), np.arange(4, dtype=np.float32))

@@ -7,6 +7,7 @@ import time
 import grpc
 
 from proto import pathways_pb2 as pb
+from proto.config import SchedulerConfig
 from proto.errors import HostLostError
 from runtime.worker.distributed import free_port
 from scheduler import GangScheduler
@@ -17,6 +18,7 @@ class Events:
     """A scheduler as a link sees it (LinkEvents), recording the reports."""
 
     island, controller_id, epoch = 0, "controller", 0
+    config = SchedulerConfig()
 
     def __init__(self):
         self.lost, self.progress = [], []

@@ -6,6 +6,7 @@ hosts whose devices hold it, and a fetch streams shards back from those hosts, i
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -28,13 +29,18 @@ from runtime.client import avals as _avals
 if TYPE_CHECKING:
     from runtime.client.client import Client, VirtualSlice
 
-#: Transfer deadlines: a floor plus time for the bytes at a pessimistic rate.
+#: Transfer deadlines, unless a client's config says otherwise: a floor plus time for the bytes
+#: at a pessimistic rate.
 TRANSFER_FLOOR_S = from_env(ClientConfig).transfer_floor_s
 TRANSFER_BYTES_PER_S = from_env(ClientConfig).transfer_bytes_per_s
 
 
-def transfer_deadline(nbytes: int) -> float:
-    return TRANSFER_FLOOR_S + nbytes / TRANSFER_BYTES_PER_S
+def transfer_deadline(nbytes: int, config: ClientConfig | None = None) -> float:
+    """The deadline of moving `nbytes`: `config`'s floor plus the bytes at its slowest rate
+    (without a config, this process's defaults)."""
+    if config is None:
+        return TRANSFER_FLOOR_S + nbytes / TRANSFER_BYTES_PER_S
+    return config.transfer_floor_s + nbytes / config.transfer_bytes_per_s
 
 
 def _wait_jobs(jobs, timeout: float, what: str) -> None:
@@ -177,12 +183,13 @@ def put_arrays(client: Client, values: Sequence[np.ndarray], specs: Sequence[pb.
                vslices: Sequence[VirtualSlice]) -> None:
     """Streams each array's distinct shards to the hosts holding them; returns when all arrived."""
     jobs = []
+    deadline_of = functools.partial(transfer_deadline, config=client.config)
     for value, spec, vslice in zip(values, specs, vslices):
         jobs += _transfer.put_jobs(client, value, spec, vslice,
                                    _host_groups(value.shape, vslice, spec.sharding),
-                                   _worker_call, transfer_deadline)
+                                   _worker_call, deadline_of)
     total = sum(v.nbytes for v in values)
-    _wait_jobs(jobs, transfer_deadline(total) + TRANSFER_FLOOR_S, "put")
+    _wait_jobs(jobs, deadline_of(total) + client.config.transfer_floor_s, "put")
 
 
 def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float | None = None
@@ -193,6 +200,7 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
     every thread, which would starve the very transfers those arrays wait for."""
     wait = client.timeout_s if timeout is None else timeout
     deadline = time.monotonic() + wait
+    deadline_of = functools.partial(transfer_deadline, config=client.config)
     outputs = []
     per_host: dict[tuple[int, int], list] = {}
     for array in arrays:
@@ -220,7 +228,7 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
         for vslice, host, request, out, nbytes in reads:
             def receive(stub, request=request, out=out, nbytes=nbytes, host=host, vslice=vslice):
                 out.receive(stub, request, vslice.info.host_addresses[host],
-                            wait + transfer_deadline(nbytes))
+                            wait + deadline_of(nbytes))
 
             _worker_call(client, vslice, host, receive)
 
@@ -228,7 +236,7 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
     total = sum(r[4] for reads in per_host.values() for r in reads)
     succeeded = False
     try:
-        _wait_jobs(jobs, wait + transfer_deadline(total) + TRANSFER_FLOOR_S, "fetch")
+        _wait_jobs(jobs, wait + deadline_of(total) + client.config.transfer_floor_s, "fetch")
         succeeded = True
     finally:
         for out in outputs:

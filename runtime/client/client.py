@@ -112,13 +112,22 @@ class Client:
     `credentials` (proto.auth) hold the cluster's token and TLS settings; by default they come
     from $PATHWAYS_TOKEN, the file named by $PATHWAYS_TOKEN_FILE, or the file `pathways up` wrote
     for `address`.
+    `config` is every setting of the client, whole (proto.config.ClientConfig: deadlines, the
+    command stream's batches, lease renewals; default: as this process's environment sets it);
+    `timeout_s` and `connect_timeout_s`, when given, override its `rpc_timeout_s` and
+    `connect_timeout_s`.
     Raises ControllerUnavailableError if no controller answers at `address` (the connection is
     refused, or not made within `connect_timeout_s`), UnauthenticatedError without the right token.
     """
 
-    def __init__(self, address: str, *, name: str = "client", timeout_s: float = RPC_TIMEOUT_S,
+    def __init__(self, address: str, *, name: str = "client", timeout_s: float | None = None,
                  weight: float = 1.0, credentials: _auth.Credentials | None = None,
-                 connect_timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+                 connect_timeout_s: float | None = None,
+                 config: ClientConfig | None = None) -> None:
+        self.config = from_env(ClientConfig) if config is None else config
+        timeout_s = self.config.rpc_timeout_s if timeout_s is None else timeout_s
+        if connect_timeout_s is None:
+            connect_timeout_s = self.config.connect_timeout_s
         self.address, self.timeout_s = address, timeout_s
         self.credentials = (credentials or _auth.Credentials.resolve(address=address)).for_clients()
         self._session_key = ""
@@ -146,7 +155,8 @@ class Client:
                                                         thread_name_prefix="transfer")
         self._tracing_state = threading.local()
         self.commands = CommandStream(self)
-        self._keepalive = (KeepAlive(self.controller_stub, self.session_id, self.lease_s, address)
+        self._keepalive = (KeepAlive(self.controller_stub, self.session_id, self.lease_s, address,
+                                     renewals_per_lease=self.config.renewals_per_lease)
                            if self.lease_s > 0 else None)
         self._closed = False
         _OPEN_CLIENTS.add(self)

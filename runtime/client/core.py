@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2_grpc as pb_grpc
+from proto.config import ClientConfig
 
 if TYPE_CHECKING:
     import jax
@@ -30,6 +31,8 @@ class ClientCore(Protocol):
     address: str  # the controller's
     session_id: int
     timeout_s: float
+    #: The client's settings, whole (proto.config).
+    config: ClientConfig
     #: The session's commands on their way to the controller, batched (runtime.client.stream).
     commands: CommandStream
     #: The controller's stub, on the session's channel (token and session key on every call).

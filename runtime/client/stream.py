@@ -18,18 +18,12 @@ from typing import TYPE_CHECKING
 import grpc
 
 from proto import pathways_pb2 as pb
-from proto.config import ClientConfig, from_env
 from proto.errors import (ControllerUnavailableError, DeadlineExceededError, PathwaysError,
                           error_from_name, translate_rpc_error)
 
 if TYPE_CHECKING:
     from runtime.client.array import RemoteArray
     from runtime.client.client import Client
-
-#: Most commands per Execute RPC.
-MAX_BATCH = from_env(ClientConfig).stream_batch
-#: Most commands queued or unacknowledged before `submit` blocks (back-pressure).
-MAX_PENDING = from_env(ClientConfig).stream_pending
 
 
 class Ticket:
@@ -53,10 +47,14 @@ class Ticket:
 
 
 class CommandStream:
-    """The ordered, batched command queue of one client session."""
+    """The ordered, batched command queue of one client session: at most the client's
+    `config.stream_batch` commands per Execute RPC, and `submit` blocks (back-pressure) while
+    `config.stream_pending` are queued or unacknowledged."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
+        self._max_batch = client.config.stream_batch
+        self._max_pending = client.config.stream_pending
         self._cond = threading.Condition()
         self._queue: collections.deque[tuple[pb.Command, Ticket, Sequence[RemoteArray]]] = (
             collections.deque())
@@ -75,10 +73,10 @@ class CommandStream:
             out._ticket = ticket
         deadline = time.monotonic() + self._client.timeout_s
         with self._cond:
-            while len(self._queue) + self._in_flight >= MAX_PENDING:
+            while len(self._queue) + self._in_flight >= self._max_pending:
                 if not self._cond.wait(max(0.0, deadline - time.monotonic())):
                     raise DeadlineExceededError("the controller is not keeping up: "
-                                                f"{MAX_PENDING} commands pending")
+                                                f"{self._max_pending} commands pending")
             self._queue.append((command, ticket, outputs))
             self._cond.notify_all()
         return ticket
@@ -109,7 +107,7 @@ class CommandStream:
         with self._cond:
             while not (self._queue or self._dropped or self._closed):
                 self._cond.wait(0.5)
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH))]
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
             dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
             if dropped:
                 batch.append((pb.Command(delete=pb.DeleteCommand(array_ids=dropped)), Ticket(), ()))

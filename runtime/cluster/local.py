@@ -10,19 +10,20 @@ import jax
 from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import FailedPreconditionError
-from runtime.client.client import Client
+from runtime.cluster.clients import OpensClients
 from runtime.cluster.hosts import publish_token, withdraw_token
 from runtime.server import Controller, controller_options, create_controller_server, worker_options
 from runtime.worker.servicer import create_worker_server
 from runtime.worker.worker import Worker
 
 
-class LocalCluster:
+class LocalCluster(OpensClients):
     """A controller and `islands` single-host islands in this process, on loopback.
 
     The process needs `islands * devices_per_island` JAX devices: set
     `jax.config.update("jax_num_cpu_devices", N)` before JAX initialises (the constructor does it
-    when it still can). Use as a context manager; `client()` opens sessions.
+    when it still can). Use as a context manager; `client()` opens sessions (with the client
+    settings of `config`).
 
     The cluster makes its own token and host token (proto.auth) unless given `credentials`;
     `credentials` (the attribute) is what its clients need: the token, not the host token.
@@ -67,13 +68,6 @@ class LocalCluster:
             self.workers.append(worker)
             self._worker_servers.append(server)
             self.controller.register_host(worker.info())
-        self._clients: list[Client] = []
-
-    def client(self, name: str = "client", weight: float = 1.0) -> Client:
-        """A new session with this cluster's controller (closed with the cluster)."""
-        client = Client(self.address, name=name, weight=weight, credentials=self.credentials)
-        self._clients.append(client)
-        return client
 
     def kill_worker(self, island: int) -> None:
         """Stops an island's worker server abruptly (fault injection for tests)."""
@@ -81,8 +75,7 @@ class LocalCluster:
 
     def close(self) -> None:
         withdraw_token(self.token_file, self.credentials.token)
-        for client in self._clients:
-            client.close()
+        self.close_clients()
         self.controller.close()
         # Wait for the servers to finish stopping: their threads must not outlive the cluster.
         stopped = [self._server.stop(grace=None)]

@@ -14,13 +14,14 @@ import time
 from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import DeadlineExceededError
+from runtime.cluster.clients import OpensClients
 from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
 from runtime.server import Controller, controller_options, create_controller_server
 from runtime.worker.defaults import EXECUTION_DEADLINE_S
 from runtime.worker.distributed import free_port
 
 
-class ProcessCluster:
+class ProcessCluster(OpensClients):
     """A controller in this process and each host as a `pathways worker` subprocess.
 
     With `hosts_per_island` > 1 the hosts of each island join one JAX distributed system (host 0
@@ -139,6 +140,7 @@ class ProcessCluster:
 
     def close(self, grace: float = 5.0) -> None:
         withdraw_token(getattr(self, "token_file", None), self.credentials.token)
+        self.close_clients()
         self.controller.close()  # first: stopping workers is not a host loss to report
         # Host 0 of a multi-host island coordinates its JAX distributed system: the other hosts
         # abort (with a stack trace) when it goes first, so they stop first.

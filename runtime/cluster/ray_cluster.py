@@ -24,6 +24,7 @@ from typing import Any
 from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import DeadlineExceededError, FailedPreconditionError
+from runtime.cluster.clients import OpensClients
 from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
 from runtime.cluster.ray_connect import \
     start_local_ray  # noqa: F401  (imported from here by callers)
@@ -53,7 +54,7 @@ class _Island:
     failure: str = ""  # why its last restart failed, or why it is not restarted any more
 
 
-class RayCluster:
+class RayCluster(OpensClients):
     """A controller in this process and every island host as a Ray actor, gang-reserved per island.
 
     Same interface as ProcessCluster (`address`, `controller`, `credentials`, `close()`, context
@@ -364,6 +365,7 @@ class RayCluster:
             return
         self._closing.set()
         withdraw_token(self.token_file, self.credentials.token)
+        self.close_clients()
         if self._supervisor is not None:
             self._supervisor.join(timeout=5)
         if self.controller is not None:

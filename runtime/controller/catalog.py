@@ -75,7 +75,7 @@ class Catalog:
             record = self.resources.allocate(session_id, mesh_shape, axis_names, island,
                                              [(d.host, d.device) for d in devices])
             info = self.slice_info(record)
-            session.slices.add(record.slice_id)
+            self.sessions.record_slice(session, record.slice_id)
             scheduler = self._scheduler(record.island)
             scheduler.submit([pb.Instruction(define_slice=pb.DefineSliceInstruction(slice=info))])
         scheduler.flush(SLICE_FLUSH_TIMEOUT_S)
@@ -87,7 +87,7 @@ class Catalog:
             if slice_id not in session.slices:
                 raise NotFoundError(f"slice {slice_id} is not a slice of this session")
             record = self.resources.release(slice_id)
-            session.slices.discard(slice_id)
+            self.sessions.forget_slice(session, slice_id)
             self.planner.delete(session, sorted(self.planner.slice_arrays(slice_id)),
                                 strict=False)
             for executable_id in list(self._slice_executables.get(slice_id, ())):
@@ -143,8 +143,7 @@ class Catalog:
                 v.sharding.slice_id = request.slice_id
             self._executables[exe.executable_id] = exe
             self._executable_keys[key] = exe.executable_id
-            session.executables.add(exe.executable_id)
-            session.executable_bytes += nbytes
+            self.sessions.record_executable(session, exe.executable_id, nbytes)
             self._slice_executables.setdefault(request.slice_id, set()).add(exe.executable_id)
             self._scheduler(record.island).submit([pb.Instruction(load=pb.LoadInstruction(
                 executable_id=exe.executable_id, slice_id=request.slice_id,
@@ -161,8 +160,7 @@ class Catalog:
         self._executable_keys.pop(exe.key, None)
         session = self._sessions.get(exe.session_id)
         if session is not None:
-            session.executables.discard(executable_id)
-            session.executable_bytes -= exe.nbytes
+            self.sessions.forget_executable(session, executable_id, exe.nbytes)
         on_slice = self._slice_executables.get(exe.slice_id)
         if on_slice is not None:
             on_slice.discard(executable_id)

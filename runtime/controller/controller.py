@@ -30,6 +30,7 @@ from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto.admission import Admission
+from proto.config import SchedulerConfig, from_env
 from proto.errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError,
                           ResourceExhaustedError)
 from proto.leases import DEFAULT_SESSION_LEASE_S, SessionLeases
@@ -40,7 +41,7 @@ from runtime.controller.health import Health
 from runtime.controller.ordering import command_result
 from runtime.controller.placement import Placer
 from runtime.controller.planner import Planner
-from runtime.controller.sessions import Executable, Session
+from runtime.controller.sessions import Executable, Session, SessionLedger
 from runtime.controller.status import StatusReport
 from scheduler.gang import GangScheduler
 from scheduler.policy import check_weight, make_policy
@@ -62,16 +63,21 @@ class Controller(Catalog, Health, StatusReport):
     A session not heard from for `session_lease_s` seconds is ended as if it had disconnected,
     its arrays and slices freed (proto.leases; 0: sessions live until they disconnect).
     `limits` bound every request and what each session may hold (proto.limits).
+    `scheduler_config` is handed whole to each island's gang scheduler (default: SchedulerConfig
+    as this process's environment sets it).
     """
 
     def __init__(self, *, heartbeat: bool = True, policy: str = "fifo",
                  credentials: _auth.Credentials | None = None,
                  session_quota_bytes: int | None = None,
                  session_lease_s: float = DEFAULT_SESSION_LEASE_S,
-                 limits: _limits.Limits = _limits.DEFAULT) -> None:
+                 limits: _limits.Limits = _limits.DEFAULT,
+                 scheduler_config: SchedulerConfig | None = None) -> None:
         make_policy(policy)  # InvalidArgumentError for an unknown name
         self.policy = policy
         self.limits = limits
+        self.scheduler_config = (from_env(SchedulerConfig) if scheduler_config is None
+                                 else scheduler_config)
         self.credentials = credentials or _auth.Credentials()
         if session_quota_bytes is not None and session_quota_bytes < 0:
             raise InvalidArgumentError("the session quota cannot be negative")
@@ -89,7 +95,8 @@ class Controller(Catalog, Health, StatusReport):
         self.readiness = Readiness()
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, Session] = {}
-        self.planner = Planner(self)
+        self.sessions = SessionLedger(self)  # the one writer of what sessions hold
+        self.planner = Planner(self, self.sessions)
         self._executables: dict[int, Executable] = {}
         self._executable_keys: dict[tuple, int] = {}
         self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids

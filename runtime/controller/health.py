@@ -55,7 +55,8 @@ class Health:
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
                     open_channel=lambda address: _rpc.open_channel(address, self.credentials),
-                    readiness=self.readiness, input_wait_s=self.limits.input_wait_s)
+                    readiness=self.readiness, input_wait_s=self.limits.input_wait_s,
+                    config=self.scheduler_config)
                 self._schedulers[info.island] = scheduler
             # Dispatch, progress and heartbeat go to the host's control server: client traffic on
             # its main server cannot make them late (runtime.worker.worker).
@@ -81,7 +82,7 @@ class Health:
             if session is not None:
                 self.planner.delete(session, sorted(self.planner.slice_arrays(record.slice_id)),
                                     strict=False)
-                session.slices.discard(record.slice_id)
+                self.sessions.forget_slice(session, record.slice_id)
             self.resources.release(record.slice_id)
             for executable_id in list(self._slice_executables.get(record.slice_id, ())):
                 self._forget_executable(executable_id)

@@ -31,7 +31,7 @@ from runtime.controller.placement import Placement, Placer
 
 if TYPE_CHECKING:
     from runtime.controller.catalog import CatalogView
-    from runtime.controller.sessions import Session
+    from runtime.controller.sessions import Session, SessionUsage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,10 +86,12 @@ IDS_PER_DELETE = 1 << 16
 
 
 class Planner:
-    """Arrays and programs of all sessions; called with the controller's lock held."""
+    """Arrays and programs of all sessions; called with the controller's lock held. Reads the
+    session records it is given; what a session holds changes through `sessions` alone."""
 
-    def __init__(self, catalog: CatalogView) -> None:
+    def __init__(self, catalog: CatalogView, sessions: SessionUsage) -> None:
         self.catalog = catalog
+        self.sessions = sessions
         self.limits = catalog.limits
         self.arrays: dict[int, ArrayRecord] = {}
         self._by_slice: dict[int, set[int]] = {}  # slice id -> its live arrays
@@ -120,14 +122,12 @@ class Planner:
         """Records a new array of `nbytes` device bytes (check_room first)."""
         self.arrays[spec.array_id] = ArrayRecord(spec, island, session.session_id, nbytes)
         self._by_slice.setdefault(spec.sharding.slice_id, set()).add(spec.array_id)
-        session.arrays.add(spec.array_id)
-        session.nbytes += nbytes
+        self.sessions.record_array(session, spec.array_id, nbytes)
 
     def forget(self, session: Session, array_id: int) -> ArrayRecord | None:
-        session.arrays.discard(array_id)
         record = self.arrays.pop(array_id, None)
+        self.sessions.forget_array(session, array_id, 0 if record is None else record.nbytes)
         if record is not None:
-            session.nbytes -= record.nbytes
             on_slice = self._by_slice.get(record.spec.sharding.slice_id)
             if on_slice is not None:
                 on_slice.discard(array_id)
@@ -146,20 +146,8 @@ class Planner:
         """ResourceExhaustedError if `adding` more arrays would take the session past its array
         limit, or adding `nbytes` device bytes and dropping the arrays `freed` past its quota.
         Other sessions are unaffected: both count only this session's arrays."""
-        if len(session.arrays) + adding > self.limits.arrays_per_session:
-            raise ResourceExhaustedError(
-                f"session {session.session_id} would hold {len(session.arrays) + adding} arrays, "
-                f"over its limit of {self.limits.arrays_per_session}; delete arrays first")
-        quota = self.catalog.session_quota_bytes
-        if quota is None:
-            return
-        adding = nbytes
         freeing = sum(self.arrays[a].nbytes for a in freed if a in self.arrays)
-        total = session.nbytes + adding - freeing
-        if total > quota:
-            raise ResourceExhaustedError(
-                f"session {session.session_id} would hold {total} bytes of device memory, over "
-                f"its quota of {quota} bytes (it holds {session.nbytes}); delete arrays first")
+        self.sessions.check_room(session, adding, nbytes, freeing)
 
     @staticmethod
     def place_arrays(placer: Placer, specs: Sequence[pb.ArraySpec]) -> list[Placement]:
@@ -422,7 +410,7 @@ class Planner:
                                          f"{len(session.programs)} programs, its limit")
         program = dataclasses.replace(program, program_id=next(self._program_ids))
         self.programs[program.program_id] = program
-        session.programs.add(program.program_id)
+        self.sessions.record_program(session, program.program_id)
         return program.program_id
 
     def _run(self, session: Session, run: pb.RunProgramCommand, emit: Emitter
@@ -494,6 +482,5 @@ class Planner:
     def drop_session(self, session: Session) -> None:
         """Forgets a closing session's programs and deletes its arrays."""
         self.delete(session, sorted(session.arrays), strict=False)
-        for program_id in session.programs:
+        for program_id in self.sessions.forget_programs(session):
             self.programs.pop(program_id, None)
-        session.programs.clear()

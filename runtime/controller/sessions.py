@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from proto import access
 from proto import auth as _auth
+from proto import limits as _limits
 from proto import pathways_pb2 as pb
-from proto.errors import NotFoundError
+from proto.errors import NotFoundError, ResourceExhaustedError
 
 if TYPE_CHECKING:
     from runtime.controller.controller import Controller
@@ -74,3 +75,88 @@ def session_policy(controller: Controller) -> _auth.Authorize:
                                 f"its lease ran out, or the controller restarted): connect again")
         controller.leases.renew(session_id)  # any call of the session's renews its lease
     return authorize
+
+
+class Bounds(Protocol):
+    """What bounds a session's holdings (the controller's settings, read at each check)."""
+
+    limits: _limits.Limits
+    session_quota_bytes: int | None
+
+
+class SessionUsage(Protocol):
+    """What the planner (runtime.controller.planner) may do to session records: the arrays and
+    programs a session holds, and its device-memory quota. Only the sessions component changes
+    the records; the planner reads them."""
+
+    def check_room(self, session: Session, adding: int, nbytes: int, freeing: int = 0) -> None:
+        """ResourceExhaustedError if `adding` more arrays, or `nbytes` more device bytes less
+        `freeing`, would take the session past its array limit or quota."""
+
+    def record_array(self, session: Session, array_id: int, nbytes: int) -> None:
+        """The session holds a new array of `nbytes` device bytes."""
+
+    def forget_array(self, session: Session, array_id: int, nbytes: int) -> None:
+        """The session no longer holds the array (`nbytes`: what it counted; 0 if it was never
+        counted)."""
+
+    def record_program(self, session: Session, program_id: int) -> None:
+        """The session holds a new program."""
+
+    def forget_programs(self, session: Session) -> list[int]:
+        """Drops every program of the session; returns their ids."""
+
+
+class SessionLedger:
+    """The one writer of what sessions hold: arrays and programs with their quota accounting
+    (SessionUsage, for the planner), slices and executables (for the controller's catalog and
+    health); called with the controller's lock held."""
+
+    def __init__(self, bounds: Bounds) -> None:
+        self._bounds = bounds
+
+    def check_room(self, session: Session, adding: int, nbytes: int, freeing: int = 0) -> None:
+        limit = self._bounds.limits.arrays_per_session
+        if len(session.arrays) + adding > limit:
+            raise ResourceExhaustedError(
+                f"session {session.session_id} would hold {len(session.arrays) + adding} arrays, "
+                f"over its limit of {limit}; delete arrays first")
+        quota = self._bounds.session_quota_bytes
+        if quota is None:
+            return
+        total = session.nbytes + nbytes - freeing
+        if total > quota:
+            raise ResourceExhaustedError(
+                f"session {session.session_id} would hold {total} bytes of device memory, over "
+                f"its quota of {quota} bytes (it holds {session.nbytes}); delete arrays first")
+
+    def record_array(self, session: Session, array_id: int, nbytes: int) -> None:
+        session.arrays.add(array_id)
+        session.nbytes += nbytes
+
+    def forget_array(self, session: Session, array_id: int, nbytes: int) -> None:
+        session.arrays.discard(array_id)
+        session.nbytes -= nbytes
+
+    def record_program(self, session: Session, program_id: int) -> None:
+        session.programs.add(program_id)
+
+    def forget_programs(self, session: Session) -> list[int]:
+        program_ids = sorted(session.programs)
+        session.programs.clear()
+        return program_ids
+
+    def record_slice(self, session: Session, slice_id: int) -> None:
+        session.slices.add(slice_id)
+
+    def forget_slice(self, session: Session, slice_id: int) -> None:
+        session.slices.discard(slice_id)
+
+    def record_executable(self, session: Session, executable_id: int, nbytes: int) -> None:
+        """The session holds a new executable of `nbytes` serialized bytes."""
+        session.executables.add(executable_id)
+        session.executable_bytes += nbytes
+
+    def forget_executable(self, session: Session, executable_id: int, nbytes: int) -> None:
+        session.executables.discard(executable_id)
+        session.executable_bytes -= nbytes

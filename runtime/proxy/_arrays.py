@@ -149,7 +149,8 @@ def _read_block(session: Session, parent: RemoteArray, index: Index,
     nbytes = int(np.prod(_wire.shard_shape(index), dtype=np.int64)) * parent.dtype.itemsize
 
     def receive(stub):
-        chunks = stub.GetArray(request, timeout=request.timeout_s + transfer_deadline(nbytes))
+        chunks = stub.GetArray(request, timeout=request.timeout_s
+                                + transfer_deadline(nbytes, session.client.config))
         _, shards = _wire.assemble_chunks(chunks, parent.dtype)
         return shards[0].data
     return _worker_call(session.client, parent.slice, host, receive)

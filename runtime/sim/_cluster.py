@@ -20,6 +20,7 @@ from typing import IO
 from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import DeadlineExceededError, FailedPreconditionError
+from runtime.cluster.clients import OpensClients
 from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
 from runtime.cluster.process import PARENT_PID_ENV, kill_process_group
 from runtime.server import Controller, controller_options, create_controller_server
@@ -36,7 +37,7 @@ def default_processes(islands: int, hosts_per_island: int) -> int:
     return max(1, min(islands, math.ceil(islands * hosts_per_island / HOSTS_PER_PROCESS)))
 
 
-class SimCluster:
+class SimCluster(OpensClients):
     """A controller and `islands` simulated islands of `hosts_per_island` hosts x
     `devices_per_host` devices, in `processes` simulated processes (default: default_processes).
 
@@ -204,6 +205,7 @@ class SimCluster:
         """Stops the controller first (stopping hosts is no loss to report), then the hosts."""
         withdraw_token(self.token_file, self.credentials.token)
         self.token_file = None
+        self.close_clients()
         if self.controller is not None:
             self.controller.close()
         procs = [p for p in [self.controller_proc, *self.procs] if p is not None]
