@@ -36,6 +36,7 @@ from runtime.sim._cost import CostModel
 from runtime.sim._executable import Executable, Layout
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._signal import Signal
+from runtime.worker.dataplane import check_as_announced
 from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
 from runtime.worker.hang import diagnose
 from runtime.worker.intake import fresh_instructions, receive_order_free
@@ -339,12 +340,7 @@ class SimHost:
             await self.arrived.wait(self.arrived.version, deadline - time.monotonic())
         announced = self.announcements.claim(array_id, f"{self.island}.{self.host}")
         try:
-            if first.spec != announced:
-                raise InvalidArgumentError(
-                    f"array {array_id} was announced as {announced.dtype}"
-                    f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream "
-                    f"says {first.spec.dtype}{list(first.spec.shape)} on slice "
-                    f"{first.spec.sharding.slice_id}")
+            check_as_announced(first.spec, announced)
             return await self._store_put(first, rest, timeout)
         finally:
             self.announcements.release(array_id)

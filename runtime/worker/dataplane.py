@@ -45,12 +45,7 @@ class DataPlane:
             return 0
         announced = self._claim(array_id, min(timeout, ANNOUNCE_TIMEOUT_S))
         try:
-            if first.spec != announced:
-                raise InvalidArgumentError(
-                    f"array {array_id} was announced as {announced.dtype}"
-                    f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream "
-                    f"says {first.spec.dtype}{list(first.spec.shape)} on slice "
-                    f"{first.spec.sharding.slice_id}")
+            check_as_announced(first.spec, announced)
             return self._store_put(announced, first, chunks, timeout)
         finally:
             with self._cond:
@@ -186,6 +181,16 @@ class DataPlane:
             return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
                                            [(w, distinct[w]) for w in wanted]))
         return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted))
+
+
+def check_as_announced(given: pb.ArraySpec, announced: pb.ArraySpec) -> None:
+    """InvalidArgumentError unless a put's stream names its array as the controller announced it
+    (real and simulated hosts alike)."""
+    if given != announced:
+        raise InvalidArgumentError(
+            f"array {announced.array_id} was announced as {announced.dtype}"
+            f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream says "
+            f"{given.dtype}{list(given.shape)} on slice {given.sharding.slice_id}")
 
 
 def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,
