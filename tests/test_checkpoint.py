@@ -49,6 +49,7 @@ def test_a_directory_refuses_another_config_or_seed(tmp_path):
     CheckpointStore(tmp_path, CONFIG.replace(remat="full"), seed=0).close()
 
 
+@pytest.mark.slow
 def test_restore_a_2x2_checkpoint_onto_4x1_and_onto_two_pods(client, tmp_path):
     """A checkpoint written by one pod on a 2 x 2 (fsdp x model) mesh, restored onto one pod of
     4 x 1, continues bitwise as that pod continues from the in-memory state; restored onto two
