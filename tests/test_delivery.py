@@ -202,3 +202,24 @@ def test_a_dispatch_lost_with_the_old_link_reaches_the_host_on_its_new_link():
     finally:
         scheduler.close()
         server.stop(0)
+
+
+def test_work_completes_when_its_live_host_registers_again_mid_stream():
+    import numpy as np
+
+    import runtime
+
+    with runtime.LocalCluster(islands=1, devices_per_island=1) as cluster:
+        client = cluster.client()
+        try:
+            devices = client.slice({"d": 1}, island=0)
+            step = client.jit(lambda v: v + 1, devices)
+            x = client.put(np.zeros(4, np.float32), devices)
+            step(x).fetch(timeout=60)  # compiled
+            for i in range(1, 301):
+                x = step(x)
+                if i % 20 == 0:  # as after a silence: the same live host, a new link
+                    cluster.controller.register_host(cluster.workers[0].info())
+            np.testing.assert_array_equal(x.fetch(timeout=30), [300] * 4)
+        finally:
+            client.close()
