@@ -6,7 +6,9 @@ import time
 from concurrent import futures
 
 import grpc
+import numpy as np
 
+import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto.config import SchedulerConfig
@@ -205,10 +207,6 @@ def test_a_dispatch_lost_with_the_old_link_reaches_the_host_on_its_new_link():
 
 
 def test_work_completes_when_its_live_host_registers_again_mid_stream():
-    import numpy as np
-
-    import runtime
-
     with runtime.LocalCluster(islands=1, devices_per_island=1) as cluster:
         client = cluster.client()
         try:
