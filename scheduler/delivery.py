@@ -10,6 +10,8 @@ only a short window of work ordered ahead of the hosts, and to charge clients fo
 from __future__ import annotations
 
 import collections
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -50,6 +52,15 @@ class LinkEvents(Protocol):
         once per link, after the link has marked itself `failed` and dropped its queue."""
 
 
+def in_order(*runs: Sequence[pb.Instruction]) -> list[pb.Instruction]:
+    """Runs of instructions, each in sequence order, merged into one in order without repeats."""
+    merged: list[pb.Instruction] = []
+    for ins in heapq.merge(*runs, key=lambda ins: ins.sequence):
+        if not merged or ins.sequence != merged[-1].sequence:
+            merged.append(ins)
+    return merged
+
+
 class HostLink:
     """The ordered delivery of an island's instructions to one host, and its progress reports.
 
@@ -64,6 +75,9 @@ class HostLink:
         self.channel = events.open_channel(address)
         self.stub = pb_grpc.WorkerStub(self.channel)
         self.queue: collections.deque[pb.Instruction] = collections.deque()
+        # The batch of the Dispatch under way: kept until its reply says the host has it, so a
+        # link replacing this one can resend it (unacknowledged).
+        self._in_flight: list[pb.Instruction] = []
         self.acked = 0  # highest sequence the host has received
         self.executed = 0  # highest sequence the host has executed
         self.failed: str = ""
@@ -89,6 +103,15 @@ class HostLink:
         with self._cond:
             return len(self.queue)
 
+    def unacknowledged(self) -> list[pb.Instruction]:
+        """What was handed to this link and the host has not acknowledged receiving, in order:
+        the batch of a Dispatch whose reply has not come, then the queue. A link that replaces
+        this one for the same host sends these again (scheduler.gang's set_host), so nothing is
+        lost; the host skips what it already holds (runtime.worker.intake)."""
+        with self._cond:
+            return [ins for ins in itertools.chain(self._in_flight, self.queue)
+                    if ins.sequence > self.acked]
+
     def _send_loop(self) -> None:
         cond = self._cond
         while True:
@@ -106,6 +129,7 @@ class HostLink:
                         break
                     batch.append(self.queue.popleft())
                     size += ins_size
+                self._in_flight = batch
             request = pb.DispatchRequest(controller_id=self.events.controller_id,
                                          epoch=self.events.epoch, instructions=batch)
             try:
@@ -117,6 +141,8 @@ class HostLink:
                           if isinstance(err, grpc.RpcError) else "dispatch channel closed")
                 self._lost(reason)
                 return
+            with cond:
+                self._in_flight = []
             self.events.on_progress(self.host, reply.executed, reply.received)
 
     def _watch_loop(self) -> None:

@@ -38,7 +38,7 @@ from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLo
 from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from proto.config import SchedulerConfig, from_env
-from scheduler.delivery import HostLink
+from scheduler.delivery import HostLink, in_order
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
 from scheduler.progress import Progress
 from scheduler.readiness import Readiness
@@ -106,14 +106,19 @@ class GangScheduler(Progress):
 
     def set_host(self, host: int, address: str) -> None:
         """Connects a host; a host that joins late receives the island's order so far. A host that
-        re-registers clears the island's failure (its order starts afresh on the host)."""
+        re-registers clears the island's failure (its order starts afresh on the host). A live
+        host that registers again (it heard from no controller for a while) loses nothing: its
+        new link also sends, in order, what the old one held that the host had not acknowledged
+        (resends of what it holds it skips)."""
         with self.cond:
             old = self._links.pop(host, None)
-            link = self._link_factory(self, host, address)
-            link.send(self._history)
-            self._links[host] = link
+            resend: list[pb.Instruction] = []
             if old is not None:
-                old.close()
+                old.close()  # first: its sender hands nothing more to the host
+                resend = old.unacknowledged()
+            link = self._link_factory(self, host, address)
+            link.send(in_order(self._history, resend))
+            self._links[host] = link
             self._failure = None
             self._recompute_progress()
             self.cond.notify_all()

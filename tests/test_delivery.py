@@ -3,10 +3,14 @@ lost host takes one path: the link's report, the controller's health, the island
 
 import threading
 import time
+from concurrent import futures
 
 import grpc
+import numpy as np
 
+import runtime
 from proto import pathways_pb2 as pb
+from proto import pathways_pb2_grpc as pb_grpc
 from proto.config import SchedulerConfig
 from proto.errors import HostLostError
 from runtime.worker.distributed import free_port
@@ -102,3 +106,118 @@ def test_a_lost_link_of_a_host_the_health_does_not_know_still_fails_the_island()
         assert "progress stream lost: gone" in str(scheduler.failure)
     finally:
         scheduler.close()
+
+
+class _RecordingLink:
+    """A host's link that delivers nothing by itself: what it holds stays unacknowledged until
+    the test reports the host's receipt (scheduler.note_progress)."""
+
+    def __init__(self, scheduler, host, address):
+        self.host, self.address = host, address
+        self.sent, self.closed = [], False
+        self.acked = self.executed = 0
+        self.failed = ""
+
+    def send(self, ops):
+        self.sent.extend(ops)
+
+    def unacknowledged(self):
+        return [op for op in self.sent if op.sequence > self.acked]
+
+    def pending(self):
+        return len(self.unacknowledged())
+
+    def close(self):
+        self.closed = True
+
+    def join(self, timeout):
+        pass
+
+
+def _deletes(*array_ids):
+    return [pb.Instruction(delete=pb.DeleteInstruction(array_ids=[i])) for i in array_ids]
+
+
+def test_a_live_host_that_registers_again_gets_everything_it_had_not_acknowledged_in_order():
+    scheduler = GangScheduler(0, "controller", lambda *report: None,
+                              link_factory=_RecordingLink)
+    try:
+        scheduler.set_host(0, "fake:0")
+        define = pb.Instruction(define_slice=pb.DefineSliceInstruction(
+            slice=pb.SliceInfo(slice_id=7)))
+        assert scheduler.submit([define] + _deletes(1, 2, 3, 4)) == [1, 2, 3, 4, 5]
+        scheduler.note_progress(0, executed=2, received=3)  # the host holds #1-#3
+        old = scheduler._links[0]
+        scheduler.set_host(0, "fake:0")  # the same live host registers again
+        new = scheduler._links[0]
+        assert old.closed and new is not old
+        # The slice's definition (the history every joining host gets), then what the host had
+        # not acknowledged: each once, in order.
+        assert [op.sequence for op in new.sent] == [1, 4, 5]
+        scheduler.submit(_deletes(5))
+        assert [op.sequence for op in new.sent] == [1, 4, 5, 6]
+    finally:
+        scheduler.close()
+
+
+class _SlowHost(pb_grpc.WorkerServicer):
+    """A host's control server that records the instructions it receives; while `hold` is set,
+    a Dispatch waits, and one cancelled while it waits is not received (its message was lost)."""
+
+    def __init__(self):
+        self.received, self.hold, self.holding = [], threading.Event(), threading.Event()
+        self.lock = threading.Lock()
+
+    def Dispatch(self, request, context):
+        while self.hold.is_set() and context.is_active():
+            self.holding.set()
+            time.sleep(0.01)
+        if not context.is_active():
+            return pb.DispatchReply()
+        with self.lock:
+            held = {seq for seq in self.received}
+            self.received.extend(i.sequence for i in request.instructions
+                                 if i.sequence not in held)  # a resend is skipped
+            return pb.DispatchReply(received=max(self.received, default=0))
+
+    def WatchProgress(self, request, context):
+        return iter(())  # no reports: the link opens the stream again later
+
+
+def test_a_dispatch_lost_with_the_old_link_reaches_the_host_on_its_new_link():
+    host = _SlowHost()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_WorkerServicer_to_server(host, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    scheduler = GangScheduler(0, "controller", lambda *report: None)
+    try:
+        scheduler.set_host(0, address)
+        host.hold.set()
+        scheduler.submit(_deletes(1, 2))
+        assert host.holding.wait(30)  # #1-#2 are on the wire, unanswered
+        scheduler.submit(_deletes(3, 4))  # queued on the old link behind them
+        scheduler.set_host(0, address)  # the host registers again: the old link closes
+        host.hold.clear()
+        scheduler.flush(30)
+        assert host.received == [1, 2, 3, 4]
+    finally:
+        scheduler.close()
+        server.stop(0)
+
+
+def test_work_completes_when_its_live_host_registers_again_mid_stream():
+    with runtime.LocalCluster(islands=1, devices_per_island=1) as cluster:
+        client = cluster.client()
+        try:
+            devices = client.slice({"d": 1}, island=0)
+            step = client.jit(lambda v: v + 1, devices)
+            x = client.put(np.zeros(4, np.float32), devices)
+            step(x).fetch(timeout=60)  # compiled
+            for i in range(1, 301):
+                x = step(x)
+                if i % 20 == 0:  # as after a silence: the same live host, a new link
+                    cluster.controller.register_host(cluster.workers[0].info())
+            np.testing.assert_array_equal(x.fetch(timeout=30), [300] * 4)
+        finally:
+            client.close()

@@ -33,6 +33,9 @@ class FakeLink:
     def pending(self):
         return len(self.queue)
 
+    def unacknowledged(self):
+        return [op for op in self.queue if op.sequence > self.acked]
+
     def close(self):
         pass
 

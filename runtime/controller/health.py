@@ -95,36 +95,53 @@ class Health:
                     self._epochs[island])
 
     def _heartbeat_loop(self) -> None:
-        """Pings every host. A host whose process is gone refuses the connection: it is declared
-        lost after HEARTBEAT_MISSES refusals in a row (about a second). A host that answers late is
-        busy, not gone (a long compile, a starved process): it is declared lost only after
-        BUSY_HOST_TIMEOUT_S without any answer."""
+        """Pings every host each HEARTBEAT_INTERVAL_S (`_heartbeat_round`)."""
         refused: dict[tuple[int, int], int] = {}
         last_answer: dict[tuple[int, int], float] = {}
         while not self._stop.wait(HEARTBEAT_INTERVAL_S):
             with self._lock:
                 probes = dict(self._probes)
-            for key, (_, stub) in probes.items():
-                now = time.monotonic()
-                last_answer.setdefault(key, now)
-                try:
-                    reply = stub.Ping(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
-                except (grpc.RpcError, ValueError) as err:  # ValueError: channel replaced or closed
-                    if self._stop.is_set():
-                        return
-                    code = err.code() if isinstance(err, grpc.RpcError) else None
-                    refused[key] = refused.get(key, 0) + (code != grpc.StatusCode.DEADLINE_EXCEEDED)
-                    silent = now - last_answer[key]
-                    if refused[key] >= HEARTBEAT_MISSES or silent > BUSY_HOST_TIMEOUT_S:
-                        reason = (f"unreachable ({code.name if code else 'closed'})"
-                                  if refused[key] >= HEARTBEAT_MISSES
-                                  else f"no answer for {silent:.0f} s")
-                        self.report_host_lost(*key, reason)
-                    continue
-                refused[key], last_answer[key] = 0, now
-                scheduler = self._schedulers.get(key[0])
-                if scheduler is not None:
-                    scheduler.note_progress(key[1], reply.executed)
+            self._heartbeat_round(probes, refused, last_answer)
+
+    def _heartbeat_round(self, probes: dict, refused: dict[tuple[int, int], int],
+                         last_answer: dict[tuple[int, int], float]) -> None:
+        """Pings the hosts of `probes` ((island, host) -> (channel, stub)) all at once, then
+        reads their answers: a round takes one ping's deadline however many hosts are silent, so
+        the others hear from the controller well within their silence limit
+        (runtime.worker.membership). A host whose process is gone refuses the connection: it is
+        declared lost after HEARTBEAT_MISSES refusals in a row (about a second). A host that
+        answers late is busy, not gone (a long compile, a starved process): it is declared lost
+        only after BUSY_HOST_TIMEOUT_S without any answer. `refused` and `last_answer` carry
+        each host's record from one round to the next."""
+        now = time.monotonic()
+        calls = {}
+        for key, (_, stub) in probes.items():
+            last_answer.setdefault(key, now)
+            try:
+                calls[key] = stub.Ping.future(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
+            except ValueError as err:  # the channel was replaced or closed
+                calls[key] = err
+        for key, call in calls.items():
+            try:
+                if isinstance(call, ValueError):
+                    raise call
+                reply = call.result()
+            except (grpc.RpcError, grpc.FutureCancelledError, ValueError) as err:
+                if self._stop.is_set():
+                    return
+                code = err.code() if isinstance(err, grpc.RpcError) else None
+                refused[key] = refused.get(key, 0) + (code != grpc.StatusCode.DEADLINE_EXCEEDED)
+                silent = now - last_answer[key]
+                if refused[key] >= HEARTBEAT_MISSES or silent > BUSY_HOST_TIMEOUT_S:
+                    reason = (f"unreachable ({code.name if code else 'closed'})"
+                              if refused[key] >= HEARTBEAT_MISSES
+                              else f"no answer for {silent:.0f} s")
+                    self.report_host_lost(*key, reason)
+                continue
+            refused[key], last_answer[key] = 0, now
+            scheduler = self._schedulers.get(key[0])
+            if scheduler is not None:
+                scheduler.note_progress(key[1], reply.executed)
 
     def report_host_lost(self, island: int, host: int, reason: str) -> None:
         """Declares a host lost (heartbeat, dispatch failure, or a supervisor such as Ray's):

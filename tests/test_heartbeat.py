@@ -1,0 +1,126 @@
+"""The controller's heartbeat (runtime.controller.health): one round pings every host at once, so
+a silent host delays nobody else's ping; a host that refuses is still declared lost."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+
+from proto import pathways_pb2 as pb
+from runtime.controller.defaults import HEARTBEAT_MISSES
+from runtime.controller.health import Health
+
+
+class _Error(grpc.RpcError):
+    def __init__(self, code):
+        self._code = code
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._code.name
+
+
+class _Call:
+    """A Ping in flight; its answer is decided when it is read."""
+
+    def __init__(self, answer):
+        self._answer = answer
+
+    def result(self, timeout=None):
+        return self._answer()
+
+
+class _Ping:
+    """A host's Ping method, blocking or as a future: records that the host was pinged."""
+
+    def __init__(self, heartbeat, key, answer):
+        self.heartbeat, self.key, self.answer = heartbeat, key, answer
+
+    def __call__(self, request, timeout=None):
+        self.heartbeat.pinged.append(self.key)
+        return self.answer()
+
+    def future(self, request, timeout=None):
+        self.heartbeat.pinged.append(self.key)
+        return _Call(self.answer)
+
+
+class _Stub:
+    def __init__(self, ping):
+        self.Ping = ping
+
+
+class _Island:
+    def __init__(self):
+        self.progress = []
+
+    def note_progress(self, host, executed, *rest):
+        self.progress.append((host, executed))
+
+
+class _Heartbeat(Health):
+    """The state of a Controller the heartbeat reads, with hosts whose answers the test sets."""
+
+    def __init__(self, answers):
+        self._stop, self._lock = threading.Event(), threading.Lock()
+        self.island = _Island()
+        self._schedulers = {0: self.island}
+        self.pinged, self.lost = [], []
+        self._probes = {(0, host): (None, _Stub(_Ping(self, (0, host), answer)))
+                        for host, answer in enumerate(answers)}
+
+    def report_host_lost(self, island, host, reason):
+        self.lost.append((island, host, reason))
+
+    def run(self, timeout=30.0):
+        thread = threading.Thread(target=self._heartbeat_loop, daemon=True)
+        thread.start()
+        thread.join(timeout)
+        self._stop.set()
+        thread.join(5)
+        assert not thread.is_alive()
+
+
+def _answers(executed):
+    return lambda: pb.PingReply(executed=executed)
+
+
+def test_a_silent_host_delays_no_other_hosts_ping():
+    hosts = 16
+    seen_by_silent: list[set] = []
+
+    def silent():  # host 0 runs out its ping's deadline
+        seen_by_silent.append(set(heartbeat.pinged))
+        heartbeat._stop.set()
+        raise _Error(grpc.StatusCode.DEADLINE_EXCEEDED)
+
+    heartbeat = _Heartbeat([silent] + [_answers(7) for _ in range(hosts - 1)])
+    heartbeat.run()
+    # By the time host 0's ping ran out, every host had been pinged: a round costs one deadline,
+    # not one per silent host ahead in line.
+    assert seen_by_silent == [{(0, host) for host in range(hosts)}]
+    assert heartbeat.lost == []
+
+
+def test_a_host_that_refuses_is_declared_lost_and_the_others_report_progress():
+    def refuses():
+        raise _Error(grpc.StatusCode.UNAVAILABLE)
+
+    heartbeat = _Heartbeat([_answers(3), refuses, _answers(5)])
+    lost = threading.Event()
+    report = heartbeat.report_host_lost
+
+    def report_and_stop(island, host, reason):
+        report(island, host, reason)
+        lost.set()
+        heartbeat._stop.set()
+
+    heartbeat.report_host_lost = report_and_stop
+    heartbeat.run()
+    assert lost.is_set()
+    assert heartbeat.lost == [(0, 1, "unreachable (UNAVAILABLE)")]
+    assert heartbeat.pinged.count((0, 1)) == HEARTBEAT_MISSES
+    assert {(0, 3), (2, 5)} <= set(heartbeat.island.progress)
