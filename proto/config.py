@@ -6,7 +6,9 @@ variable PATHWAYS_<FIELD>, e.g. PATHWAYS_EXECUTION_DEADLINE_S=60); what a launch
 line sets explicitly. The launchers (LocalCluster, ProcessCluster, RayCluster, SimCluster) take a
 whole `ClusterConfig` and hand each process its part: in-process objects get the dataclass,
 subprocesses get it as environment variables (`to_env`), which their `from_env` reads back; so
-every option works with every launcher. The modules' own constants (runtime.worker.defaults,
+every option works with every launcher. Two processes outside a cluster's launchers have their
+own dataclass, read the same way: the IFRT proxy server (`ProxyConfig`) and the simulated hosts
+(`SimConfig`, with `pathways worker --platform sim`'s flags on top). The modules' own constants (runtime.worker.defaults,
 runtime.controller.defaults, scheduler.defaults, ...) are read from here too, with the
 environment's overrides (`from_env`, once at import), so a setting a launcher hands a subprocess
 reaches every module of it.
@@ -55,6 +57,17 @@ class WorkerConfig:
     transfer_timeout_s: float = 300.0  # streaming one array to another host
     max_get_timeout_s: float = 3600.0  # the longest wait a GetArray may ask for
     caller_check_s: float = 0.5  # how often a waiting read checks its caller is there
+    hang_watch_interval_s: float = 0.2  # how often the hang watchdog looks at the executor
+    peer_ping_timeout_s: float = 2.0  # the watchdog's pings to the slice's other hosts
+    pipeline_depth: int = 2  # executions without collectives in flight at once
+    timeline_length: int = 100_000  # executions a host remembers (GetTimeline)
+    distributed_init_timeout_s: float = 120.0  # joining the island's jax.distributed system
+    registration_silence_s: float = 3.0  # silence from every controller before registering again
+    registration_attempt_timeout_s: float = 5.0  # one registration attempt
+    registration_retry_s: float = 0.2  # pause between registration attempts
+    control_threads: int = 8  # the control server's threads (progress streams, dispatch, pings)
+    busy_window_s: float = 10.0  # the window of the pathways_device_busy_ratio gauge
+    switch_interval_s: float = 0.0002  # Python's thread switch interval in a worker process
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +89,7 @@ class SchedulerConfig:
     max_batch_bytes: int = 8 << 20
     progress_interval_s: float = 0.005  # least time between two progress reports of a host
     watch_retry_s: float = 0.2  # pause before re-opening a broken progress stream
+    idle_grace_s: float = 0.1  # a tenant idle for less keeps its place in the share policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +103,7 @@ class ClientConfig:
     stream_batch: int = 4096  # commands per Execute RPC of the command stream
     stream_pending: int = 16384  # commands queued before a caller waits
     renewals_per_lease: int = 4  # session lease renewals per lease
+    max_executable_bytes: int = 6 << 20  # largest serialized program (it travels in Dispatch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +114,12 @@ class ClusterConfig:
     worker: WorkerConfig = WorkerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     client: ClientConfig = ClientConfig()
-    startup_timeout_s: float = 120.0  # a launcher's wait for its hosts to register
+    startup_timeout_s: float = 120.0  # a launcher's wait for its hosts (or a proxy) to serve
+    stop_grace_s: float = 30.0  # after SIGINT/SIGTERM, a server's time to stop in order
+    gc_young_threshold: int = 20_000  # allocations between young collections (servers)
+    placement_timeout_s: float = 120.0  # reserving a Ray island's placement group
+    supervise_interval_s: float = 0.2  # how often the Ray supervisor looks for dead actors
+    max_host_restarts: int = 3  # restarts of a Ray island that lost a host
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ClusterConfig:
@@ -136,6 +156,66 @@ class ClusterConfig:
             else:
                 parts[owner] = dataclasses.replace(parts[owner], **{name: value})
         return dataclasses.replace(self, **parts, **own)
+
+
+@dataclasses.dataclass(frozen=True)
+class ProxyConfig:
+    """The IFRT proxy server's settings (`pathways proxy`, runtime.proxy)."""
+
+    proxy_connect_timeout_s: float = 30.0  # a JAX client's wait to connect to the proxy
+    proxy_later_threads: int = 16  # threads finishing asynchronous requests, per session
+    proxy_max_futures: int = 100_000  # futures a session remembers
+    proxy_analysis_cache: int = 64  # programs whose analysis is kept
+    proxy_analysis_devices: int = 8  # devices to compile on when the controller cannot say
+    proxy_read_timeout_s: float = 3600.0  # a read of an array's data
+    proxy_max_message_bytes: int = 256 << 20  # gRPC message limit of the proxy's server
+    host_buffer_lookup_timeout_s: float = 600.0  # a wait for a host buffer to be stored
+    host_buffer_chunk_bytes: int = 1 << 20  # bytes per message of a host buffer lookup
+    max_host_buffer_bytes: int = 1 << 36  # one host buffer
+    max_session_host_buffer_bytes: int = 1 << 37  # a session's host buffers together
+    max_failed_host_buffers: int = 1024  # failed host buffers remembered
+    max_mesh_candidates: int = 64  # device meshes tried when matching a sharding
+
+
+@dataclasses.dataclass(frozen=True)
+class SimConfig:
+    """How the simulated hosts of one process behave (runtime.sim).
+
+    A computation holds its devices for `fixed_seconds` when set, else for its per-device FLOPs
+    (XLA's cost analysis of the executable, runtime.sim._cost) divided by `flops_per_s`.
+    `data_limit_bytes` bounds the data an array may keep on a host (larger arrays are shapes only).
+    `execution_deadline_s` bounds how long a computation on a slice spanning hosts waits for the
+    slice's other hosts before it is reported hung (0: forever); `input_timeout_s` how long an
+    execution waits for its inputs (both as the worker's). Each host remembers its last
+    `timeline_length` executions (fewer than a real host: a process holds hundreds of hosts).
+    """
+
+    devices_per_host: int = 4
+    flops_per_s: float = 100e12  # one simulated device: about one accelerator chip of the paper's era
+    fixed_seconds: float | None = None
+    data_limit_bytes: int = 64 << 10
+    device_memory_bytes: int = 16 << 30  # what a device reports; nothing is allocated
+    execution_deadline_s: float = 30.0
+    input_timeout_s: float = 600.0
+    timeline_length: int = 20_000  # executions a host remembers (GetTimeline), per host
+    hosts_per_process: int = 256  # hosts one simulated process serves by default
+    registration_threads: int = 8  # registrations in flight at once
+    leave_threads: int = 32  # departures in flight at once
+
+    def __post_init__(self) -> None:
+        if self.devices_per_host <= 0:
+            raise ValueError("a simulated host needs at least one device")
+        if self.flops_per_s <= 0:
+            raise ValueError("flops_per_s must be positive")
+        if self.fixed_seconds is not None and self.fixed_seconds < 0:
+            raise ValueError("fixed_seconds cannot be negative")
+
+    @property
+    def device_kind(self) -> str:
+        """What `pathways status` shows as the devices' kind."""
+        if self.fixed_seconds is not None:
+            return f"sim ({self.fixed_seconds * 1e3:g} ms per computation)"
+        return f"sim ({self.flops_per_s:.3g} FLOP/s)"
 
 
 _PARTS = ("controller", "worker", "scheduler", "client")

@@ -28,11 +28,13 @@ from collections.abc import Callable
 import grpc
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, start_http_server
 
+from proto.config import WorkerConfig, from_env
+
 #: Buckets of latency histograms (seconds): 50 µs to 2 min.
 LATENCY_BUCKETS = (5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25,
                    0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0)
 #: The window over which `pathways_device_busy_ratio` is measured (seconds).
-BUSY_WINDOW_S = 10.0
+BUSY_WINDOW_S = from_env(WorkerConfig).busy_window_s
 
 HOST = ("island", "host")
 EXECUTIONS = Counter("pathways_executions", "Computations a host has executed.", HOST)

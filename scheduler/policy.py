@@ -24,10 +24,11 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Protocol
 
+from proto.config import SchedulerConfig, from_env
 from proto.errors import InvalidArgumentError
 
 #: A tenant idle for less than this keeps its place (see ProportionalSharePolicy).
-IDLE_GRACE_S = 0.1
+IDLE_GRACE_S = from_env(SchedulerConfig).idle_grace_s
 
 
 @dataclasses.dataclass(eq=False)

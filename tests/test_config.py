@@ -15,9 +15,22 @@ from proto.config import ClusterConfig, ControllerConfig, WorkerConfig
 
 def test_field_names_are_unique_across_the_parts():
     names = [f.name for cls in (config.ControllerConfig, config.WorkerConfig,
-                                config.SchedulerConfig, config.ClientConfig, ClusterConfig)
+                                config.SchedulerConfig, config.ClientConfig, ClusterConfig,
+                                config.ProxyConfig)
              for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
+    # A simulated host shares only the worker's own settings (one variable sets both).
+    shared = ({f.name for f in dataclasses.fields(config.SimConfig)} & set(names))
+    assert shared == {"execution_deadline_s", "input_timeout_s", "timeline_length"}
+
+
+def test_the_proxy_and_the_simulated_hosts_read_the_environment():
+    assert config.from_env(config.ProxyConfig, {"PATHWAYS_PROXY_MAX_FUTURES": "10"}
+                           ).proxy_max_futures == 10
+    sim = config.from_env(config.SimConfig, {"PATHWAYS_FLOPS_PER_S": "1e9",
+                                             "PATHWAYS_FIXED_SECONDS": "0.002"})
+    assert sim.flops_per_s == 1e9 and sim.fixed_seconds == 0.002
+    assert config.from_env(config.SimConfig, {}) == config.SimConfig()
 
 
 def test_the_environment_overrides_the_defaults_and_round_trips():

@@ -9,11 +9,13 @@ import math
 import signal
 import time
 
+from proto.config import ClusterConfig, WorkerConfig, from_env
+
 #: Python thread switch interval in worker processes (see cmd_worker).
-WORKER_SWITCH_INTERVAL_S = 0.0002
+WORKER_SWITCH_INTERVAL_S = from_env(WorkerConfig).switch_interval_s
 
 #: Allocations between young-generation collections in long-running processes (Python: 700).
-GC_YOUNG_THRESHOLD = 20_000
+GC_YOUNG_THRESHOLD = ClusterConfig.from_env().gc_young_threshold
 
 
 def quiet_collector() -> None:
@@ -28,7 +30,7 @@ def quiet_collector() -> None:
 
 #: After SIGINT or SIGTERM, how long a server process may take to stop in order before it is
 #: ended regardless (PATHWAYS_STOP_GRACE_S overrides it).
-STOP_GRACE_S = 30.0
+STOP_GRACE_S = ClusterConfig.from_env().stop_grace_s
 
 
 class Signalled:

@@ -11,11 +11,12 @@ import threading
 import time
 
 from proto import auth as _auth
+from proto.config import ClusterConfig, ProxyConfig, from_env
 
 #: Devices the proxy compiles programs on when it cannot ask the controller how many an island has.
-DEFAULT_ANALYSIS_DEVICES = 8
+DEFAULT_ANALYSIS_DEVICES = from_env(ProxyConfig).proxy_analysis_devices
 #: How long `spawn_proxy` waits for the proxy to serve.
-STARTUP_TIMEOUT_S = 120.0
+STARTUP_TIMEOUT_S = ClusterConfig.from_env().startup_timeout_s
 READY_LINE = "proxy listening on "
 
 

@@ -16,6 +16,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
+from proto.config import ClientConfig, from_env
 from proto.errors import InvalidArgumentError, ResourceExhaustedError
 from runtime.client import avals as _avals
 from runtime.client.array import RemoteArray
@@ -27,7 +28,7 @@ SpecTree = Any  # a PartitionSpec, None, or a pytree prefix of them
 
 #: Largest serialized program sent: it travels whole in the controller's Dispatch batches to the
 #: hosts, which are cut at about 8 MiB and must stay under gRPC's message limit (proto.wire).
-MAX_EXECUTABLE_BYTES = 6 << 20
+MAX_EXECUTABLE_BYTES = from_env(ClientConfig).max_executable_bytes
 
 
 def same_spec(a: PartitionSpec, b: PartitionSpec) -> bool:

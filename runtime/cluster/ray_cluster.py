@@ -35,13 +35,13 @@ from runtime.server import Controller, controller_options, create_controller_ser
 log = logging.getLogger(__name__)
 
 #: How long an island's placement group may take to be reserved before the cluster gives up.
-PLACEMENT_TIMEOUT_S = 120.0
+PLACEMENT_TIMEOUT_S = ClusterConfig.from_env().placement_timeout_s
 #: Ray placement strategies an island may use; "auto" picks PACK on one node, STRICT_SPREAD on more.
 PLACEMENT_STRATEGIES = ("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 #: How often the supervisor looks for actors that have died.
-SUPERVISE_INTERVAL_S = 0.2
+SUPERVISE_INTERVAL_S = ClusterConfig.from_env().supervise_interval_s
 #: How often each island may be restarted after it lost a host, unless told otherwise.
-MAX_HOST_RESTARTS = 3
+MAX_HOST_RESTARTS = ClusterConfig.from_env().max_host_restarts
 @dataclasses.dataclass
 class _Island:
     """An island's Ray side: its placement group and actors (one per host, in host order)."""

@@ -18,6 +18,7 @@ import numpy as np
 
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
+from proto.config import ProxyConfig, from_env
 from proto.errors import ArrayNotFoundError, DeadlineExceededError, PathwaysError
 from runtime.client.array import (RemoteArray, _host_groups, _worker_call, fetch_arrays,
                                   transfer_deadline)
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from runtime.proxy._session import Session
 
 #: Longest a read or a ready check waits for an array to be computed.
-READ_TIMEOUT_S = 3600.0
+READ_TIMEOUT_S = from_env(ProxyConfig).proxy_read_timeout_s
 
 
 @dataclasses.dataclass(eq=False)

@@ -15,6 +15,7 @@ from jax.extend import backend as jax_backend
 from jax.extend.backend import ifrt_proxy
 
 from proto import auth as _auth
+from proto.config import ProxyConfig, from_env
 from proto.errors import FailedPreconditionError
 from runtime.proxy._server import NAME_KEY, TOKEN_KEY, WEIGHT_KEY
 
@@ -22,7 +23,7 @@ PLATFORM = "proxy"
 #: jaxlib's client insists on ALTS credentials unless this is set; the proxy serves plain gRPC.
 INSECURE_ENV = "IFRT_PROXY_USE_INSECURE_GRPC_CREDENTIALS"
 #: Seconds the client keeps trying to reach the proxy before JAX reports the backend failed.
-CONNECTION_TIMEOUT_S = 30
+CONNECTION_TIMEOUT_S = int(from_env(ProxyConfig).proxy_connect_timeout_s)
 
 _options: dict = {}
 

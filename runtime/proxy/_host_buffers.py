@@ -11,17 +11,18 @@ from __future__ import annotations
 import threading
 import time
 
+from proto.config import ProxyConfig, from_env
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, InvalidArgumentError,
                           NotFoundError, PathwaysError, ResourceExhaustedError)
 
 #: How long a request waits for a host buffer the client has not finished sending.
-LOOKUP_TIMEOUT_S = 600.0
+LOOKUP_TIMEOUT_S = from_env(ProxyConfig).host_buffer_lookup_timeout_s
 #: Largest single host buffer accepted.
-MAX_BUFFER_BYTES = 1 << 36
+MAX_BUFFER_BYTES = from_env(ProxyConfig).max_host_buffer_bytes
 #: Most bytes of host buffers one session may hold at once.
-MAX_SESSION_BYTES = 1 << 37
+MAX_SESSION_BYTES = from_env(ProxyConfig).max_session_host_buffer_bytes
 #: Failed stores remembered per session.
-MAX_FAILED = 1024
+MAX_FAILED = from_env(ProxyConfig).max_failed_host_buffers
 
 
 class HostBufferStore:

@@ -24,6 +24,7 @@ from jax.sharding import PartitionSpec
 from proto import pathways_pb2 as pb
 from proto import stablehlo as _stablehlo
 from proto import wire as _wire
+from proto.config import ProxyConfig, from_env
 from proto.errors import FailedPreconditionError, InvalidArgumentError
 from proto.ifrt import types_pb2, xla_pb2
 from runtime.client.function import CompiledFunction
@@ -34,7 +35,7 @@ from runtime.proxy._status import UnimplementedError
 XLA_PROGRAM = "xla::ifrt::XlaProgram"
 XLA_COMPILE_OPTIONS = "xla::ifrt::XlaCompileOptions"
 #: Analyses kept for programs compiled again (by this or another session).
-ANALYSIS_CACHE = 64
+ANALYSIS_CACHE = from_env(ProxyConfig).proxy_analysis_cache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,7 @@ from concurrent import futures
 import grpc
 
 from proto import auth as _auth
+from proto.config import ProxyConfig, from_env
 from proto.errors import InvalidArgumentError, NotFoundError, PathwaysError
 from proto.ifrt import grpc_ifrt_service_pb2 as grpc_ifrt
 from proto.ifrt import grpc_ifrt_service_pb2_grpc as ifrt_grpc
@@ -43,9 +44,9 @@ STORE_METADATA_KEY = "ifrt-proxy-grpc-host-buffer-store-metadata-bin"
 #: Initialization-data keys the runtime reads (runtime.proxy.connect sets them).
 TOKEN_KEY, NAME_KEY, WEIGHT_KEY = "pathways_token", "pathways_name", "pathways_weight"
 #: Largest message accepted (a compile request carries the whole program).
-MAX_MESSAGE_BYTES = 256 << 20
+MAX_MESSAGE_BYTES = from_env(ProxyConfig).proxy_max_message_bytes
 #: Bytes per HostBufferLookup message.
-LOOKUP_CHUNK_BYTES = 1 << 20
+LOOKUP_CHUNK_BYTES = from_env(ProxyConfig).host_buffer_chunk_bytes
 
 
 class ProxyServer:

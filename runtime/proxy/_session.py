@@ -22,6 +22,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from proto.config import ProxyConfig, from_env
 from proto.errors import ExecutionError, FailedPreconditionError, NotFoundError, PathwaysError
 from proto.ifrt import ifrt_service_pb2 as ifrt
 from runtime.client.client import Client
@@ -35,9 +36,9 @@ log = logging.getLogger(__name__)
 #: Handles the server makes start here; the client makes those below (the IFRT proxy convention).
 SERVER_HANDLES_START = 1 << 48
 #: Threads per session for answers that wait (reads, ready checks, futures, compiles).
-LATER_THREADS = 16
+LATER_THREADS = from_env(ProxyConfig).proxy_later_threads
 #: Most futures remembered per session (a client need not check them all).
-MAX_FUTURES = 100_000
+MAX_FUTURES = from_env(ProxyConfig).proxy_max_futures
 
 
 @dataclasses.dataclass(frozen=True)

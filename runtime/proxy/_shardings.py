@@ -23,6 +23,7 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from proto.config import ProxyConfig, from_env
 from proto.errors import InvalidArgumentError
 from proto.ifrt import types_pb2, xla_pb2
 from runtime.proxy._status import UnimplementedError
@@ -32,7 +33,7 @@ SINGLE_DEVICE_SHARDING = "xla::ifrt::SingleDeviceSharding"
 CONCRETE_EVEN_SHARDING = "xla::ifrt::ConcreteEvenSharding"
 DEFAULT_MEMORY_KIND = "device"
 #: Most mesh orders tried before giving a sharding a slice of its own.
-MAX_MESH_CANDIDATES = 64
+MAX_MESH_CANDIDATES = from_env(ProxyConfig).max_mesh_candidates
 
 #: A block of an array: (start, stop) per dimension.
 Index = tuple[tuple[int, int], ...]

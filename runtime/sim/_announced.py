@@ -12,13 +12,14 @@ from __future__ import annotations
 import collections
 
 from proto import pathways_pb2 as pb
+from proto.config import WorkerConfig, from_env
 from proto.errors import FailedPreconditionError, PathwaysError
 from runtime.sim._arrays import SimStore
 from runtime.worker.defaults import MAX_FAILED_EARLY
 
 #: Arrivals kept for progress reports (a stream that falls further behind misses the oldest; the
 #: controller's gate then learns of them by the client's deadline instead).
-MAX_ARRIVALS = 65536
+MAX_ARRIVALS = from_env(WorkerConfig).arrivals_kept
 
 
 class Announcements:

@@ -18,7 +18,7 @@ import time
 from typing import IO
 
 from proto import auth as _auth
-from proto.config import ClusterConfig
+from proto.config import ClusterConfig, SimConfig, from_env
 from proto.errors import DeadlineExceededError, FailedPreconditionError
 from runtime.cluster.clients import OpensClients
 from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
@@ -28,7 +28,7 @@ from runtime.sim._config import DEFAULT_FLOPS_PER_S
 from runtime.sim._process import REGISTERED
 
 #: Hosts one simulated process serves by default (it may serve more: whole islands).
-HOSTS_PER_PROCESS = 256
+HOSTS_PER_PROCESS = from_env(SimConfig).hosts_per_process
 _LISTENING = re.compile(r"controller listening on (\S+)")
 
 

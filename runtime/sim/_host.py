@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
+from proto.config import WorkerConfig, from_env
 from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
                           InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.sim._announced import Announcements
@@ -46,8 +47,8 @@ log = logging.getLogger(__name__)
 
 _IDLE = ("idle",)
 #: How long a put waits for its slice's definition; longest wait a read may ask for.
-SLICE_TIMEOUT_S = 30.0
-MAX_GET_TIMEOUT_S = 3600.0
+SLICE_TIMEOUT_S = from_env(WorkerConfig).slice_timeout_s
+MAX_GET_TIMEOUT_S = from_env(WorkerConfig).max_get_timeout_s
 
 
 class SimHost:

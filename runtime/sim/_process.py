@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import resource
 import signal
@@ -25,6 +26,7 @@ from concurrent import futures
 import grpc
 
 from proto import auth as _auth
+from proto.config import from_env
 from proto.errors import PathwaysError
 from runtime.sim._config import DEFAULT_FLOPS_PER_S, SimConfig
 from runtime.sim._cost import CostModel
@@ -37,8 +39,8 @@ from runtime.worker import membership as _membership
 log = logging.getLogger(__name__)
 
 #: Registrations in flight at once (each one a blocking call on the pool), and departures.
-REGISTRATION_THREADS = 8
-LEAVE_THREADS = 32
+REGISTRATION_THREADS = from_env(SimConfig).registration_threads
+LEAVE_THREADS = from_env(SimConfig).leave_threads
 #: Line a process prints once every host it serves has registered (runtime.sim._cluster waits
 #: for it).
 REGISTERED = "sim: registered"
@@ -187,9 +189,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, devices_per_host: int) -> SimConfig:
     fixed = args.fixed_duration_ms
-    return SimConfig(devices_per_host=devices_per_host, flops_per_s=args.flops_per_s,
-                     fixed_seconds=None if fixed is None else fixed / 1e3,
-                     execution_deadline_s=args.execution_deadline)
+    # The environment's settings (PATHWAYS_<FIELD>), with the command line's on top.
+    return dataclasses.replace(from_env(SimConfig), devices_per_host=devices_per_host,
+                               flops_per_s=args.flops_per_s,
+                               fixed_seconds=None if fixed is None else fixed / 1e3,
+                               execution_deadline_s=args.execution_deadline)
 
 
 def run_worker(args: argparse.Namespace, credentials: _auth.Credentials,

@@ -22,6 +22,7 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
 from proto import wire as _wire
+from proto.config import WorkerConfig, from_env
 from proto.errors import PathwaysError
 from runtime.sim._arrays import SimArray, dataless_chunks
 
@@ -31,7 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Deadline for streaming one array to another host.
-TRANSFER_TIMEOUT_S = 300.0
+TRANSFER_TIMEOUT_S = from_env(WorkerConfig).transfer_timeout_s
 
 
 def aio_channel(address: str, credentials: _auth.Credentials) -> grpc.aio.Channel:

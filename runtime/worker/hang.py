@@ -23,6 +23,7 @@ import grpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
+from runtime.worker.defaults import SETTINGS as _WORKER
 
 if TYPE_CHECKING:
     from runtime.worker.worker import Worker
@@ -30,9 +31,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: How often the watchdog looks at the executor.
-WATCH_INTERVAL_S = 0.2
+WATCH_INTERVAL_S = _WORKER.hang_watch_interval_s
 #: Deadline of the pings to the slice's other hosts.
-PEER_TIMEOUT_S = 2.0
+PEER_TIMEOUT_S = _WORKER.peer_ping_timeout_s
 
 
 class HangWatchdog:

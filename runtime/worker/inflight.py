@@ -20,12 +20,13 @@ from collections.abc import Callable, Sequence
 import jax
 
 from proto.errors import ExecutionError
+from runtime.worker.defaults import SETTINGS as _WORKER
 from runtime.worker.store import ArrayStore
 
 #: Most executions without collectives in flight at once.
-PIPELINE_DEPTH = 2
+PIPELINE_DEPTH = _WORKER.pipeline_depth
 #: Executions kept in the timeline.
-TIMELINE_LENGTH = 100_000
+TIMELINE_LENGTH = _WORKER.timeline_length
 #: HLO operations that make an execution wait for other devices or processes.
 _COLLECTIVE_OPS = re.compile(r"\b(all-reduce|all-gather|all-to-all|collective-permute|"
                              r"reduce-scatter|collective-broadcast|send|recv)(-start|-done)?\(")

@@ -21,15 +21,16 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
+from runtime.worker.defaults import SETTINGS as _WORKER
 
 log = logging.getLogger(__name__)
 
 #: Silence from every controller after which a host registers again. Well above the controller's
 #: heartbeat interval (0.5 s), so a busy controller does not make its hosts re-register.
-SILENCE_S = 3.0
+SILENCE_S = _WORKER.registration_silence_s
 #: Deadline of one registration attempt, and pause between attempts.
-ATTEMPT_TIMEOUT_S = 5.0
-RETRY_PAUSE_S = 0.2
+ATTEMPT_TIMEOUT_S = _WORKER.registration_attempt_timeout_s
+RETRY_PAUSE_S = _WORKER.registration_retry_s
 
 
 def register(address: str, info: pb.HostInfo, credentials: _auth.Credentials | None = None,

@@ -19,6 +19,7 @@ from proto.errors import (ArrayNotFoundError, ExecutionError, InvalidArgumentErr
 from proto.servers import ServerGroup
 from runtime.metrics import CountingInterceptor
 from runtime.worker.defaults import MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S
+from runtime.worker.defaults import SETTINGS as _WORKER
 from runtime.worker.worker import Worker
 
 
@@ -100,7 +101,7 @@ HOST_METHODS = access.methods_requiring(access.WORKER, access.Credential.HOST)
 LIMITED_METHODS = ("PutArray", "GetArray", "GetTimeline")
 
 #: Threads of the control server: a few progress streams, dispatches and pings at a time.
-CONTROL_THREADS = 8
+CONTROL_THREADS = _WORKER.control_threads
 
 def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
                          max_workers: int = 64) -> tuple[ServerGroup, int]:
