@@ -61,7 +61,7 @@ class WorkerConfig:
     peer_ping_timeout_s: float = 2.0  # the watchdog's pings to the slice's other hosts
     pipeline_depth: int = 2  # executions without collectives in flight at once
     timeline_length: int = 100_000  # executions a host remembers (GetTimeline)
-    distributed_init_timeout_s: float = 120.0  # joining the island's jax.distributed system
+    distributed_init_timeout_s: int = 120  # joining the island's jax.distributed system (whole s)
     registration_silence_s: float = 3.0  # silence from every controller before registering again
     registration_attempt_timeout_s: float = 5.0  # one registration attempt
     registration_retry_s: float = 0.2  # pause between registration attempts

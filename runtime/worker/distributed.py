@@ -20,7 +20,7 @@ import jax
 from runtime.worker.defaults import SETTINGS as _WORKER
 
 #: How long a host waits for the island's other hosts to join the distributed system.
-INITIALIZE_TIMEOUT_S = _WORKER.distributed_init_timeout_s
+INITIALIZE_TIMEOUT_S = _WORKER.distributed_init_timeout_s  # whole seconds (JAX takes an int)
 
 
 def initialize_island(coordinator: str, num_hosts: int, host: int, platform: str = "cpu",
