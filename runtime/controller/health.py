@@ -55,7 +55,7 @@ class Health:
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
                     open_channel=lambda address: _rpc.open_channel(address, self.credentials),
-                    readiness=self.readiness, input_wait_s=self.limits.input_wait_s,
+                    readiness=self.readiness,
                     config=self.scheduler_config)
                 self._schedulers[info.island] = scheduler
             # Dispatch, progress and heartbeat go to the host's control server: client traffic on
