@@ -51,8 +51,8 @@ def test_compiled_programs_are_unloaded_with_their_last_session(cluster, bystand
     _wait_for(lambda: executables[1] not in worker._loaded, "the second session's unload")
     assert not keys & set(worker._compile_cache)
     assert len(worker._compile_cache) == before
-    assert not set(executables) & set(controller._executables)
-    history = controller.scheduler(0)._history
+    assert not set(executables) & set(controller.catalog._executables)
+    history = controller.catalog.scheduler(0)._history
     assert not [op for op in history if op.HasField("load") and op.load.slice_id in slices]
     assert not [op for op in history
                 if op.HasField("define_slice") and op.define_slice.slice.slice_id in slices]
@@ -101,7 +101,7 @@ def test_what_a_host_runs_for_others_is_hidden():
 
 
 def test_a_status_lists_slices_within_its_budget(cluster, bystander, monkeypatch):
-    monkeypatch.setattr(cluster.controller, "limits", dataclasses.replace(
+    monkeypatch.setattr(cluster.controller.status_report, "limits", dataclasses.replace(
         cluster.controller.limits, status_slice_bytes=1))
-    status = cluster.controller.status()
+    status = cluster.controller.status_report.status()
     assert not status.slices and status.slices_omitted >= 1
