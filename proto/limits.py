@@ -74,9 +74,6 @@ class Limits:
     #: A stream that waits this long for its client (the next chunk of a put, the client reading
     #: a fetch) is cancelled.
     stream_idle_s: float = 30.0
-    #: How long a computation may wait in its client's queue for inputs that do not exist yet (a
-    #: put not yet complete) when its request has no earlier deadline.
-    input_wait_s: float = 120.0
     #: Bytes of slice descriptions GetStatus lists at most (the rest are counted, not listed).
     status_slice_bytes: int = 8 << 20
 

@@ -97,7 +97,7 @@ class _StateCollector:
 
 
 def _controller_values(controller, values) -> None:
-    status = controller.status(ping_hosts=False)
+    status = controller.status_report.status(ping_hosts=False)
     values["pathways_sessions"][()] += status.sessions
     values["pathways_arrays"][()] += status.arrays
     values["pathways_slices"][()] += len(status.slices)

@@ -30,5 +30,5 @@ STALL_S = _DEFAULTS.stall_s
 #: Measurements kept for executions whose hosts have not reported yet.
 MAX_UNMEASURED = _DEFAULTS.max_unmeasured
 #: How long an instruction may wait at the head of its client's queue for inputs that do not exist
-#: yet, when its request has no earlier deadline (proto.limits.Limits.input_wait_s).
+#: yet, when its request has no earlier deadline.
 INPUT_WAIT_S = _DEFAULTS.input_wait_s

@@ -56,7 +56,7 @@ class GangScheduler(Progress):
                  policy: str | SchedulingPolicy = "fifo", window_s: float | None = None,
                  link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink,
                  epoch: int = 0, open_channel: Callable[[str], grpc.Channel] | None = None,
-                 readiness: Readiness | None = None, input_wait_s: float | None = None,
+                 readiness: Readiness | None = None,
                  config: SchedulerConfig | None = None) -> None:
         """`link_factory(scheduler, host, address)` connects a host (tests pass a fake);
         `open_channel(address)` opens the channel of a real link (with the cluster's credentials);
@@ -65,10 +65,9 @@ class GangScheduler(Progress):
         exist yet (shared by a controller's islands: a copy between islands is ready once its
         send is ordered on the source's). `config` is every setting of the scheduler and its
         links, whole (default: SchedulerConfig as this process's environment sets it);
-        `window_s` and `input_wait_s`, when given, override its fields of those names."""
+        `window_s`, when given, overrides its field of that name."""
         self.config = from_env(SchedulerConfig) if config is None else config
         window_s = self.config.window_s if window_s is None else window_s
-        input_wait_s = self.config.input_wait_s if input_wait_s is None else input_wait_s
         self.island, self.controller_id = island, controller_id
         self.epoch = epoch
         self.open_channel = open_channel or (
@@ -94,7 +93,7 @@ class GangScheduler(Progress):
         self._progress_at = time.monotonic()
         self._failure: PathwaysError | None = None
         self.readiness = readiness or Readiness()
-        self.input_wait_s = input_wait_s
+        self.input_wait_s = self.config.input_wait_s
         self._wake = threading.Event()  # some array became ready: admit what waited for it
         self.readiness.subscribe(self._wake.set)
         self._stopped = threading.Event()

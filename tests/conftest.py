@@ -72,7 +72,7 @@ class Bystander:
         np.testing.assert_array_equal(self.f(self.x).fetch(timeout=30), self.data + 1)
         fresh = self.client.put(self.data * 3, self.slice)
         np.testing.assert_array_equal(fresh.fetch(timeout=30), self.data * 3)
-        for status in (self.cluster.controller.status(), self.client.status()):
+        for status in (self.cluster.controller.status_report.status(), self.client.status()):
             assert status.hosts and all(h.state == "alive" for h in status.hosts), status.hosts
             assert all(not i.failure for i in status.islands), status.islands
 

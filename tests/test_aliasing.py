@@ -85,7 +85,7 @@ def test_failed_send_fails_its_destination_at_once_naming_source_and_cause(clust
                         sharding=pb.Sharding(slice_id=s1.slice_id, dims=[pb.DimSharding(axes=["d"])]))
     receiver.store.expect(dest.id)
     with receiver._cond:  # as the controller's Expect instruction announces it
-        receiver._announced[dest.id] = spec
+        receiver.announcements.announce([spec])
     doomed = jax.device_put(np.zeros(4, np.float32), sender.devices[0])
     doomed.delete()
     send = pb.SendInstruction(array_id=4242, destination=spec, destination_slice=s1.info)

@@ -110,7 +110,7 @@ def test_a_sessions_arrays_leave_its_hosts_when_it_ends(cluster, bystander):
     while _owned_on_host(worker, session_id) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert _owned_on_host(worker, session_id) == []
-    assert not [a for a in worker._announced if a >> _auth.ID_BITS == session_id]
+    assert not [a for a in worker.announcements.announced() if a >> _auth.ID_BITS == session_id]
     bystander.check()
 
 
@@ -127,7 +127,8 @@ def test_a_failure_that_overtakes_its_announcement_is_kept_for_it():
         worker.receive("controller", [])
         spec = pb.ArraySpec(array_id=77, dtype="float32", shape=[4],
                             sharding=pb.Sharding(slice_id=3))
-        assert worker.put(iter([pb.ArrayChunk(spec=spec, error="source island lost")])) == 0
+        failed = pb.ArrayChunk(spec=spec, error="source island lost")
+        assert worker.dataplane.put(iter([failed])) == 0
         assert not worker.store.contains(77)
         worker.receive("controller", [pb.Instruction(
             sequence=1, expect=pb.ExpectArrayInstruction(spec=spec))])
@@ -135,7 +136,7 @@ def test_a_failure_that_overtakes_its_announcement_is_kept_for_it():
             worker.store.get(77, 5.0)
         # A failure for an array that already holds its data changes nothing.
         worker.store.set(78, np.ones(4, np.float32), 16)
-        assert worker.put(iter([pb.ArrayChunk(spec=pb.ArraySpec(array_id=78),
+        assert worker.dataplane.put(iter([pb.ArrayChunk(spec=pb.ArraySpec(array_id=78),
                                               error="late")])) == 0
         np.testing.assert_array_equal(worker.store.get(78, 0.0), np.ones(4, np.float32))
     finally:

@@ -114,11 +114,12 @@ def test_scheduler_and_client_settings_given_in_process_reach_the_scheduler_and_
     import runtime
 
     settings = ClusterConfig().replace(window_s=0.2, stall_s=1.5, max_batch=7, rpc_timeout_s=7.5,
-                                       stream_batch=2, transfer_floor_s=40.0)
+                                       stream_batch=2, transfer_floor_s=40.0, input_wait_s=5.0)
     with runtime.LocalCluster(1, 1, heartbeat=False, config=settings) as cluster:
-        scheduler = cluster.controller.scheduler(0)
+        scheduler = cluster.controller.catalog.scheduler(0)
         assert scheduler.config == settings.scheduler
         assert scheduler.window_s == 0.2
+        assert scheduler.input_wait_s == 5.0  # not the request limits' (it used to be)
         client = cluster.client()
         assert client.config == settings.client
         assert client.timeout_s == 7.5  # the deadline of each of its controller calls

@@ -23,7 +23,7 @@ def rss_bytes() -> int:
 def wait_until_idle(client, cluster, island, timeout=30.0):
     """Waits until the island's host has run everything the controller has ordered so far."""
     client.sync()
-    target = cluster.controller._schedulers[island].sequence
+    target = cluster.controller.catalog._schedulers[island].sequence
     deadline = time.monotonic() + timeout
     while cluster.workers[island].executed < target:
         assert time.monotonic() < deadline, "the host did not drain its queue"
@@ -66,11 +66,11 @@ def test_program_traces_once_and_reruns_with_new_inputs(cluster, client):
 
     x = client.put(np.zeros(8, np.float32), s, P("d"))
     first = chain(x).fetch()
-    executables = len(cluster.controller._executables)
+    executables = len(cluster.controller.catalog._executables)
     loads = client.commands.batches
     out = chain(client.put(np.ones(8, np.float32), s, P("d")))
     assert chain.traces == 1
-    assert len(cluster.controller._executables) == executables  # nothing re-sent
+    assert len(cluster.controller.catalog._executables) == executables  # nothing re-sent
     assert client.commands.batches - loads <= 2
     want_first, want = np.zeros(8), np.ones(8)
     for _ in range(64):

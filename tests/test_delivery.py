@@ -217,7 +217,7 @@ def test_work_completes_when_its_live_host_registers_again_mid_stream():
             for i in range(1, 301):
                 x = step(x)
                 if i % 20 == 0:  # as after a silence: the same live host, a new link
-                    cluster.controller.register_host(cluster.workers[0].info())
+                    cluster.controller.health.register_host(cluster.workers[0].info())
             np.testing.assert_array_equal(x.fetch(timeout=30), [300] * 4)
         finally:
             client.close()

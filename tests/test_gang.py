@@ -175,7 +175,7 @@ def test_misordered_steps_hang_and_the_deadline_reports_it():
         np.testing.assert_array_equal(fb(xb).fetch(), 2)
         client.sync()
 
-        base = cluster.controller.scheduler(0).sequence
+        base = cluster.controller.catalog.scheduler(0).sequence
         out_a, out_b = client._new_id(), client._new_id()
 
         def execute(sequence, f, x, out):

@@ -91,7 +91,7 @@ def test_a_stalled_put_does_not_stop_the_island(cluster, bystander, attacker):
     assert result.error == "DeadlineExceededError", result
     assert f"input array {stalled.spec.array_id}" in result.message
     assert "does not exist yet" in result.message
-    assert all(not island.failure for island in cluster.controller.status().islands)
+    assert all(not island.failure for island in cluster.controller.status_report.status().islands)
     bystander.check()
 
 
@@ -148,10 +148,10 @@ def test_a_session_that_ends_drops_its_waiting_work(cluster, bystander):
     assert out and not thread.is_alive()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and any(
-            t.session_id == session_id for i in cluster.controller.status().islands
+            t.session_id == session_id for i in cluster.controller.status_report.status().islands
             for t in i.tenants):
         time.sleep(0.05)
-    assert not [t for i in cluster.controller.status().islands for t in i.tenants
+    assert not [t for i in cluster.controller.status_report.status().islands for t in i.tenants
                 if t.session_id == session_id]
     assert cluster.controller.readiness.blocking([stalled.spec.array_id]) is None
     bystander.check()

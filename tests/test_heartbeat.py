@@ -7,9 +7,13 @@ import threading
 
 import grpc
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
+from proto.config import SchedulerConfig
 from runtime.controller.defaults import HEARTBEAT_MISSES
 from runtime.controller.health import Health
+from scheduler.readiness import Readiness
+from scheduler.resources import ResourceManager
 
 
 class _Error(grpc.RpcError):
@@ -62,12 +66,16 @@ class _Island:
 
 
 class _Heartbeat(Health):
-    """The state of a Controller the heartbeat reads, with hosts whose answers the test sets."""
+    """A controller's Health (its heartbeat not started) whose hosts answer as the test sets;
+    the hosts it declares lost are recorded, not failed."""
 
     def __init__(self, answers):
-        self._stop, self._lock = threading.Event(), threading.Lock()
         self.island = _Island()
-        self._schedulers = {0: self.island}
+        super().__init__(threading.RLock(), ResourceManager(), {0: self.island},
+                         controller_id="controller", policy="fifo",
+                         credentials=_auth.Credentials(), readiness=Readiness(),
+                         scheduler_config=SchedulerConfig(), forget_island=lambda island: None,
+                         heartbeat=False)
         self.pinged, self.lost = [], []
         self._probes = {(0, host): (None, _Stub(_Ping(self, (0, host), answer)))
                         for host, answer in enumerate(answers)}

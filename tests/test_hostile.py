@@ -253,7 +253,7 @@ def test_every_controller_rpc_refuses_extreme_requests(cluster, bystander, attac
             bad.append(f"{method} ({len(raw)} bytes): {code.name}")
     assert not bad, "\n".join(bad)
     bystander.check()
-    assert cluster.controller.status().sessions >= 2
+    assert cluster.controller.status_report.status().sessions >= 2
 
 
 def test_every_worker_rpc_refuses_extreme_requests(cluster, bystander, attack):

@@ -40,7 +40,7 @@ def _start_client(address: str, token: str, mode: str) -> subprocess.Popen:
 
 def _held(cluster) -> tuple[int, int, int, int]:
     """(sessions, arrays, slices, bytes stored on the hosts)."""
-    status = cluster.controller.status()
+    status = cluster.controller.status_report.status()
     stored = sum(w.store.stats()[1] for w in cluster.workers)
     return status.sessions, status.arrays, len(status.slices), stored
 
@@ -69,7 +69,7 @@ def test_a_killed_client_is_freed_after_its_lease_and_a_live_idle_one_is_not(cap
             # Within the lease and the reaper's period; the deadline is generous for a loaded
             # machine, and far below "forever", which is what a killed client used to hold.
             _wait_until_freed(cluster, deadline_s=lease + 60)
-        assert cluster.controller.status().sessions_expired == 1
+        assert cluster.controller.status_report.status().sessions_expired == 1
         assert any("'doomed'" in r.message and "not heard from" in r.message
                    and "freeing 1 arrays and 1 slices" in r.message
                    for r in caplog.records)
@@ -81,7 +81,7 @@ def test_a_client_that_exits_without_closing_closes_itself():
         proc = _start_client(cluster.address, cluster.credentials.token, "exit")
         assert proc.wait(timeout=60) == 0
         _wait_until_freed(cluster, deadline_s=30)
-        assert cluster.controller.status().sessions_expired == 0
+        assert cluster.controller.status_report.status().sessions_expired == 0
 
 
 def test_the_lease_is_configurable_and_reported():

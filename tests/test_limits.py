@@ -259,6 +259,7 @@ def test_what_a_session_holds_is_bounded(cluster, bystander, attacker, monkeypat
     small = dataclasses.replace(LIMITS, arrays_per_session=3, executable_bytes_per_session=4096)
     monkeypatch.setattr(cluster.controller, "limits", small)
     monkeypatch.setattr(cluster.controller.planner, "limits", small)
+    monkeypatch.setattr(cluster.controller.catalog, "limits", small)
     s = attacker.slice({"d": 1}, island=0)
     attacker.put(np.zeros((3, 4), np.float32), s)
     attacker.put(np.zeros((2, 4), np.float32), s)

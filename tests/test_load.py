@@ -84,7 +84,7 @@ def _check_load(clients: int, programs: int) -> None:
         assert _drained(cluster) == (0, 0)
         grown = _rss_mib() - rss_before
         assert grown < 256, f"process memory grew by {grown:.0f} MiB"
-        assert cluster.controller.status().sessions == 0
+        assert cluster.controller.status_report.status().sessions == 0
         print(f"{clients} clients x {programs} programs: {took:.1f} s, "
               f"{clients * programs / took:.0f} programs/s, memory {grown:+.0f} MiB")
 

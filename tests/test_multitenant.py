@@ -214,7 +214,8 @@ def test_weighted_clients_share_an_island():
     """Two clients submit at once to one island; while both have work, the one with weight 3 gets
     about three times the device time."""
     with runtime.LocalCluster(islands=1, devices_per_island=2, policy="share") as local:
-        local.controller.scheduler(0).window_s = 0.005  # a few programs ahead, not all of them
+        # A few programs ahead, not all of them.
+        local.controller.catalog.scheduler(0).window_s = 0.005
         clients = [local.client("light", weight=1), local.client("heavy", weight=3)]
         steps = []
         for c in clients:
@@ -249,6 +250,6 @@ def test_weighted_clients_share_an_island():
         # Device time, not calls; about 3 (FIFO gives about 1). The bounds leave room for the
         # timing noise of 2 shared cores (one full-suite run measured outside 2.2-4.0).
         assert 2.0 < time_of[True] / time_of[False] < 4.5, time_of
-        status = local.controller.status().islands[0]
+        status = local.controller.status_report.status().islands[0]
         assert status.policy == "share"
         assert {t.client_name: t.weight for t in status.tenants} == {"light": 1, "heavy": 3}

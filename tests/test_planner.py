@@ -13,6 +13,7 @@ from proto import pathways_pb2 as pb
 from proto.errors import ResourceExhaustedError
 from runtime.controller.planner import Planner
 from runtime.controller.sessions import ID_BITS, Session, SessionLedger
+from scheduler.readiness import Readiness
 
 
 class FakeSessions:
@@ -70,7 +71,6 @@ class FakeCatalog:
     """The parts of CatalogView a delete needs; records what it orders per island."""
 
     limits = _limits.DEFAULT
-    session_quota_bytes = None
     resources = _Resources()
 
     def __init__(self) -> None:
@@ -81,6 +81,10 @@ class FakeCatalog:
             self.ordered.append((island, list(ops)))
             return _Ticket(len(ops))
         return order
+
+
+def _planner(catalog: FakeCatalog, sessions: FakeSessions) -> Planner:
+    return Planner(catalog, sessions, Readiness(), lambda source_island, island, spec: None)
 
 
 def _session() -> Session:
@@ -94,7 +98,7 @@ def _spec(array_id: int) -> pb.ArraySpec:
 
 def test_planner_changes_sessions_only_through_the_sessions_component():
     sessions, catalog, session = FakeSessions(), FakeCatalog(), _session()
-    planner = Planner(catalog, sessions)
+    planner = _planner(catalog, sessions)
     a, b = (3 << ID_BITS) + 1, (3 << ID_BITS) + 2
     planner.add(session, _spec(a), island=0, nbytes=100)
     planner.add(session, _spec(b), island=0, nbytes=60)
@@ -117,7 +121,7 @@ def test_planner_changes_sessions_only_through_the_sessions_component():
 
 def test_planner_programs_and_session_end_go_through_the_sessions_component():
     sessions, catalog, session = FakeSessions(), FakeCatalog(), _session()
-    planner = Planner(catalog, sessions)
+    planner = _planner(catalog, sessions)
     program = planner.plan_program(session, pb.RegisterProgramRequest(name="empty"))
     program_id = planner.add_program(session, program)
     assert ("record_program", 3, program_id) in sessions.calls
@@ -133,7 +137,7 @@ def test_planner_programs_and_session_end_go_through_the_sessions_component():
 
 def test_a_command_without_room_fails_alone():
     sessions, catalog, session = FakeSessions(room=False), FakeCatalog(), _session()
-    planner = Planner(catalog, sessions)
+    planner = _planner(catalog, sessions)
     with pytest.raises(ResourceExhaustedError, match="no room"):
         planner.check_room(session, 1, 1)
     assert not [c for c in sessions.calls if c[0] == "record_array"]

@@ -60,7 +60,7 @@ def _run_two_tenants(seconds: float, cluster_type=runtime.LocalCluster, size: in
         def watch() -> None:  # the tenants, while both sessions are open
             # The controller's own view: a client's status hides other clients' queues.
             while not stop.wait(0.25):
-                for island in cluster.controller.status(ping_hosts=False).islands:
+                for island in cluster.controller.status_report.status(ping_hosts=False).islands:
                     tenants = {t.client_name: t for t in island.tenants}
                     if {"light", "heavy"} <= set(tenants):
                         seen.update(tenants)

@@ -151,7 +151,7 @@ def test_ray_cluster_demands_its_token(ray_cluster):
     calls = [(ray_cluster.address,
               lambda ch: pb_grpc.ControllerStub(ch).GetStatus(pb.GetStatusRequest(), timeout=10))]
     calls += [(h.address, lambda ch: pb_grpc.WorkerStub(ch).Ping(pb.PingRequest(), timeout=10))
-              for h in ray_cluster.controller.status().hosts]
+              for h in ray_cluster.controller.status_report.status().hosts]
     assert len(calls) == 3
     for address, call in calls:
         for wrong in (None, token + "x"):

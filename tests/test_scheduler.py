@@ -131,7 +131,7 @@ def test_a_leaving_host_fails_queued_work_and_takes_no_new_slices():
         s = client.slice({"d": 2}, island=1)
         x = client.put(np.ones(2, np.float32), s, P("d"))
         worker = local.workers[1]
-        local.controller.unregister_host(1, 0, worker.address)
+        local.controller.health.unregister_host(1, 0, worker.address)
         assert [h.state for h in local.controller.resources.hosts()] == ["alive", "left"]
         with pytest.raises(HostLostError, match="left"):
             client.jit(lambda v: v * 2, s, in_specs=P("d"), out_specs=P("d"))(x).fetch()
@@ -140,7 +140,7 @@ def test_a_leaving_host_fails_queued_work_and_takes_no_new_slices():
         assert client.slice({"d": 2}).island == 0  # any island: the one still whole
         s.release()  # the registry forgets the departed host once nothing uses its island
         assert [(h.island, h.host) for h in local.controller.resources.hosts()] == [(0, 0)]
-        local.controller.register_host(worker.info())  # and it may join again
+        local.controller.health.register_host(worker.info())  # and it may join again
         again = client.slice({"d": 2}, island=1)
         y = client.put(np.arange(2, dtype=np.float32), again, P("d"))
         np.testing.assert_array_equal(y.fetch(), [0, 1])

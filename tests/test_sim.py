@@ -218,7 +218,7 @@ def test_misordered_steps_hang_and_the_deadline_reports_it(sim):
         fb(xb).fetch(timeout=30)
         client.sync()
 
-        base = sim.controller.scheduler(1).sequence
+        base = sim.controller.catalog.scheduler(1).sequence
         out_a, out_b = client._new_id(), client._new_id()
 
         def execute(sequence, f, x, out):

@@ -130,7 +130,8 @@ def test_the_controller_bounds_a_sessions_concurrent_calls(cluster, bystander):
     admission = cluster.controller.admission
     try:
         release = threading.Event()
-        original = cluster.controller.status
+        report = cluster.controller.status_report
+        original = report.status
         entered = threading.Semaphore(0)
 
         def slow_status(*args, **kwargs):
@@ -138,7 +139,7 @@ def test_the_controller_bounds_a_sessions_concurrent_calls(cluster, bystander):
             release.wait(30)
             return original(*args, **kwargs)
 
-        cluster.controller.status = slow_status
+        report.status = slow_status
         try:
             calls = [attacker.controller_stub.GetStatus.future(pb.GetStatusRequest(), timeout=60)
                      for _ in range(DEFAULT.calls_per_session + 4)]
@@ -151,7 +152,7 @@ def test_the_controller_bounds_a_sessions_concurrent_calls(cluster, bystander):
                 grpc.StatusCode.RESOURCE_EXHAUSTED] * 4
             assert admission.open_calls(attacker.session_id) == DEFAULT.calls_per_session
         finally:
-            cluster.controller.status = original
+            report.status = original
             release.set()
         assert all(_outcome(c) in (grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED)
                    for c in calls)
@@ -201,7 +202,7 @@ def test_a_host_with_every_thread_busy_keeps_its_heartbeat_and_dispatch():
                     time.sleep(0.05)
                 assert worker.executions > executed
                 time.sleep(2.5)  # five heartbeats
-                status = cluster.controller.status()
+                status = cluster.controller.status_report.status()
                 assert [h.state for h in status.hosts] == ["alive"]
                 assert "not answering" not in status.hosts[0].activity
                 assert not status.islands[0].failure

@@ -25,7 +25,7 @@ def _wait_for(condition, what: str, timeout: float = 30.0) -> None:
 def test_compiled_programs_are_unloaded_with_their_last_session(cluster, bystander):
     worker = cluster.workers[0]
     controller = cluster.controller
-    before = len(worker._compile_cache)
+    before = len(worker.executor._compile_cache)
 
     def scale(v):
         return v * 7.25 + 0.5  # a module no other test loads
@@ -40,19 +40,19 @@ def test_compiled_programs_are_unloaded_with_their_last_session(cluster, bystand
         clients.append(client)
         slices.append(s.slice_id)
         executables.append(f.lower(x).executable_id)
-    keys = {worker._loaded[e].cache_key for e in executables}
-    assert len(keys) == 1 and keys <= set(worker._compile_cache)
+    keys = {worker.executor._loaded[e].cache_key for e in executables}
+    assert len(keys) == 1 and keys <= set(worker.executor._compile_cache)
 
     clients[0].close()
-    _wait_for(lambda: executables[0] not in worker._loaded, "the first session's unload")
-    assert executables[1] in worker._loaded and keys <= set(worker._compile_cache)
+    _wait_for(lambda: executables[0] not in worker.executor._loaded, "the first session's unload")
+    assert executables[1] in worker.executor._loaded and keys <= set(worker.executor._compile_cache)
 
     clients[1].close()
-    _wait_for(lambda: executables[1] not in worker._loaded, "the second session's unload")
-    assert not keys & set(worker._compile_cache)
-    assert len(worker._compile_cache) == before
-    assert not set(executables) & set(controller._executables)
-    history = controller.scheduler(0)._history
+    _wait_for(lambda: executables[1] not in worker.executor._loaded, "the second session's unload")
+    assert not keys & set(worker.executor._compile_cache)
+    assert len(worker.executor._compile_cache) == before
+    assert not set(executables) & set(controller.catalog._executables)
+    history = controller.catalog.scheduler(0)._history
     assert not [op for op in history if op.HasField("load") and op.load.slice_id in slices]
     assert not [op for op in history
                 if op.HasField("define_slice") and op.define_slice.slice.slice_id in slices]
@@ -101,7 +101,7 @@ def test_what_a_host_runs_for_others_is_hidden():
 
 
 def test_a_status_lists_slices_within_its_budget(cluster, bystander, monkeypatch):
-    monkeypatch.setattr(cluster.controller, "limits", dataclasses.replace(
+    monkeypatch.setattr(cluster.controller.status_report, "limits", dataclasses.replace(
         cluster.controller.limits, status_slice_bytes=1))
-    status = cluster.controller.status()
+    status = cluster.controller.status_report.status()
     assert not status.slices and status.slices_omitted >= 1

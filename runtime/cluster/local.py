@@ -67,7 +67,7 @@ class LocalCluster(OpensClients):
             server, _ = create_worker_server(worker)
             self.workers.append(worker)
             self._worker_servers.append(server)
-            self.controller.register_host(worker.info())
+            self.controller.health.register_host(worker.info())
 
     def kill_worker(self, island: int) -> None:
         """Stops an island's worker server abruptly (fault injection for tests)."""

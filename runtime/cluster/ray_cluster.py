@@ -252,7 +252,7 @@ class RayCluster(OpensClients):
                     if replaced or self._closing.is_set():
                         continue
                     # Under the lock: the restart cannot register the island's new hosts first.
-                    self.controller.report_host_lost(island, host, reason)
+                    self.controller.health.report_host_lost(island, host, reason)
                     self._begin_restart(island, f"host {island}.{host}: {reason}")
 
     def _begin_restart(self, island: int, reason: str) -> None:
@@ -303,7 +303,7 @@ class RayCluster(OpensClients):
             _remove_group(group)
             if not self._closing.is_set():
                 for host in range(self.hosts_per_island):  # any of them that did register
-                    self.controller.report_host_lost(island, host, failure)
+                    self.controller.health.report_host_lost(island, host, failure)
         with self._lock:
             state.restarting, state.failure = False, failure
             self._lock.notify_all()

@@ -1,10 +1,12 @@
-"""The catalog of the controller: slices and executables, and which islands take work. A part of
-Controller (runtime.controller.controller); the planner sees it through `CatalogView`."""
+"""The catalog of the controller: slices and executables, and which islands take work. A component
+of Controller (runtime.controller.controller); the planner sees it through `CatalogView`."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import itertools
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import jax
@@ -13,22 +15,22 @@ from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import stablehlo as _stablehlo
 from proto import wire as _wire
-from proto.errors import HostLostError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from proto.errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
+                          NotFoundError, ResourceExhaustedError)
 from runtime.controller.defaults import SLICE_FLUSH_TIMEOUT_S
 from runtime.controller.placement import Placer
-from runtime.controller.sessions import Executable, Session
-from scheduler.readiness import Readiness
+from runtime.controller.sessions import Executable, Session, SessionLedger, find_session
+from scheduler.gang import GangScheduler
 from scheduler.resources import HostRecord, ResourceManager, SliceRecord
+from scheduler.tickets import OrderTicket
 
 
 class CatalogView(Protocol):
-    """What the planner (runtime.controller.planner) needs of the controller: the registry of
-    islands and slices, the arrays not yet produced, executables, islands' orders, transfers."""
+    """What the planner (runtime.controller.planner) needs of the catalog: the registry of
+    islands and slices, executables, the islands' orders, the request limits."""
 
     resources: ResourceManager
-    readiness: Readiness
     limits: _limits.Limits
-    session_quota_bytes: int | None
 
     def check_island(self, island: int) -> None:
         """HostLostError/FailedPreconditionError unless the island takes work."""
@@ -43,12 +45,51 @@ class CatalogView(Protocol):
                    hosts: Sequence[HostRecord] | None = None) -> pb.SliceInfo:
         """A slice as hosts and clients see it."""
 
-    def note_transfer(self, source_island: int, island: int, destination: pb.ArraySpec) -> None:
-        """Remembers an array another island expects from `source_island`."""
-
 
 class Catalog:
-    """Slices and executables for a Controller (a mixin: the state is the controller's)."""
+    """Slices and executables of a Controller, and the islands' schedulers as work finds them.
+
+    It shares the controller's lock (`lock`), its session records (`sessions`, written through
+    `ledger`) and its islands' schedulers (`schedulers`, which runtime.controller.health adds and
+    drops); `forget_slice_arrays(session, slice_id)` deletes the planner's arrays on a slice that
+    goes away."""
+
+    def __init__(self, lock: threading.RLock, resources: ResourceManager,
+                 schedulers: Mapping[int, GangScheduler], sessions: Mapping[int, Session],
+                 ledger: SessionLedger, limits: _limits.Limits,
+                 forget_slice_arrays: Callable[[Session, int], None]) -> None:
+        self._lock = lock
+        self.resources = resources
+        self._schedulers = schedulers
+        self._sessions = sessions
+        self.sessions = ledger
+        self.limits = limits
+        self._forget_slice_arrays = forget_slice_arrays
+        self._executables: dict[int, Executable] = {}
+        self._executable_keys: dict[tuple, int] = {}
+        self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
+        self._executable_ids = itertools.count(1)
+
+    def _session(self, session_id: int) -> Session:
+        return find_session(self._sessions, session_id)
+
+    def _scheduler(self, island: int) -> GangScheduler:
+        scheduler = self._schedulers.get(island)
+        if scheduler is None:
+            raise FailedPreconditionError(f"island {island} has no hosts")
+        return scheduler
+
+    def scheduler(self, island: int) -> GangScheduler:
+        """The gang scheduler of an island (FailedPreconditionError if it has no hosts)."""
+        with self._lock:
+            return self._scheduler(island)
+
+    def orderer(self, session: Session):
+        """Queues a session's instructions on an island: (island, ops) -> OrderTicket."""
+        def order(island: int, ops: list[pb.Instruction]) -> OrderTicket:
+            return self._scheduler(island).enqueue(session.session_id, ops,
+                                                   weight=session.weight, name=session.name)
+        return order
 
     def slice_info(self, record: SliceRecord,
                     hosts: Sequence[HostRecord] | None = None) -> pb.SliceInfo:
@@ -88,10 +129,9 @@ class Catalog:
                 raise NotFoundError(f"slice {slice_id} is not a slice of this session")
             record = self.resources.release(slice_id)
             self.sessions.forget_slice(session, slice_id)
-            self.planner.delete(session, sorted(self.planner.slice_arrays(slice_id)),
-                                strict=False)
+            self._forget_slice_arrays(session, slice_id)
             for executable_id in list(self._slice_executables.get(slice_id, ())):
-                self._forget_executable(executable_id)
+                self.forget_executable(executable_id)
             scheduler = self._schedulers.get(record.island)
             if scheduler and not self.resources.lost_host(record.island) and not scheduler.failure:
                 scheduler.enqueue(session_id, [pb.Instruction(  # after the session's queued work
@@ -152,7 +192,7 @@ class Catalog:
                 format=request.format, compile_options=request.compile_options))])
             return exe
 
-    def _forget_executable(self, executable_id: int) -> None:
+    def forget_executable(self, executable_id: int) -> None:
         """Drops an executable's bookkeeping (its slice is released, or its session ended)."""
         exe = self._executables.pop(executable_id, None)
         if exe is None:
@@ -166,6 +206,18 @@ class Catalog:
             on_slice.discard(executable_id)
             if not on_slice:
                 del self._slice_executables[exe.slice_id]
+
+    def forget_island(self, island: int) -> None:
+        """Forgets an island's slices, with their arrays and executables (called under the lock,
+        as its host registers again after a loss: runtime.controller.health)."""
+        for record in [r for r in self.resources.slices() if r.island == island]:
+            session = self._sessions.get(record.session_id)
+            if session is not None:
+                self._forget_slice_arrays(session, record.slice_id)
+                self.sessions.forget_slice(session, record.slice_id)
+            self.resources.release(record.slice_id)
+            for executable_id in list(self._slice_executables.get(record.slice_id, ())):
+                self.forget_executable(executable_id)
 
     def _owned_slice(self, session_id: int, slice_id: int) -> SliceRecord:
         record = self.resources.get_slice(slice_id)

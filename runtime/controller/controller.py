@@ -6,15 +6,16 @@ become instructions in the session's queue on their island; the island's gang sc
 (scheduler.GangScheduler) orders them by its policy (FIFO, or proportional share by the sessions'
 weights), and the reply goes back as soon as they are ordered, before they run.
 
-The controller's parts: sessions (here and runtime.controller.sessions), the catalog of slices and
-executables (runtime.controller.catalog), hosts and their loss (runtime.controller.health), status
-(runtime.controller.status), arrays and commands (runtime.controller.planner) and the gRPC face
-(runtime.controller.servicer).
+The controller is composed of parts, each built with what it needs and reached as an attribute:
+sessions (here and runtime.controller.sessions), the catalog of slices and executables
+(`catalog`: runtime.controller.catalog), hosts and their loss (`health`:
+runtime.controller.health), status (`status_report`: runtime.controller.status), arrays and
+commands (`planner`: runtime.controller.planner); the gRPC face (runtime.controller.servicer)
+calls the part that owns each call.
 """
 
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import secrets
@@ -23,36 +24,31 @@ import time
 import uuid
 from collections.abc import Sequence
 
-import grpc
-
 from proto import auth as _auth
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
-from proto import pathways_pb2_grpc as pb_grpc
 from proto.admission import Admission
 from proto.config import SchedulerConfig, from_env
-from proto.errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError,
-                          ResourceExhaustedError)
+from proto.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from proto.leases import DEFAULT_SESSION_LEASE_S, SessionLeases
 from runtime import metrics_state as _metrics_state
 from runtime.controller.catalog import Catalog
-from runtime.controller.defaults import BACKLOG_TIMEOUT_S, HEARTBEAT_INTERVAL_S, MAX_BACKLOG
+from runtime.controller.defaults import BACKLOG_TIMEOUT_S, MAX_BACKLOG
 from runtime.controller.health import Health
 from runtime.controller.ordering import command_result
 from runtime.controller.placement import Placer
 from runtime.controller.planner import Planner
-from runtime.controller.sessions import Executable, Session, SessionLedger
+from runtime.controller.sessions import Session, SessionLedger, find_session
 from runtime.controller.status import StatusReport
 from scheduler.gang import GangScheduler
 from scheduler.policy import check_weight, make_policy
 from scheduler.readiness import Readiness
 from scheduler.resources import ResourceManager
-from scheduler.tickets import OrderTicket
 
 log = logging.getLogger(__name__)
 
 
-class Controller(Catalog, Health, StatusReport):
+class Controller:
     """Controller state and logic, independent of gRPC. Instantiable: tests run several.
 
     `policy` is how each island's gang scheduler orders the work of several clients: "fifo"
@@ -86,31 +82,33 @@ class Controller(Catalog, Health, StatusReport):
         self.controller_id = secrets.token_hex(16)
         # Public: names things outside the runtime (Ray actors) after this incarnation.
         self.name_tag = uuid.uuid4().hex[:8]
-        self._epochs: dict[int, int] = {}  # island -> restarts under this controller
-        # source island -> (island, spec) of arrays other islands expect from it (report_host_lost)
-        self._incoming: dict[int, collections.deque] = {}
         self.resources = ResourceManager()
         # Arrays that do not exist yet (puts on their way, copies whose send is not ordered):
         # what reads them waits in its client's queue, not in an island's order.
         self.readiness = Readiness()
+        # Each island's gang scheduler: health adds and drops them, the catalog finds them.
         self._schedulers: dict[int, GangScheduler] = {}
         self._sessions: dict[int, Session] = {}
         self.sessions = SessionLedger(self)  # the one writer of what sessions hold
-        self.planner = Planner(self, self.sessions)
-        self._executables: dict[int, Executable] = {}
-        self._executable_keys: dict[tuple, int] = {}
-        self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
         self._session_ids = itertools.count(1)
-        self._executable_ids = itertools.count(1)
         self._lock = threading.RLock()
         self.admission: Admission | None = None  # its server's (create_controller_server)
-        self._stop = threading.Event()
-        self._probes: dict[tuple[int, int], tuple[grpc.Channel, pb_grpc.WorkerStub]] = {}
-        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                           name="heartbeat") if heartbeat else None
-        if self._heartbeat:
-            self._heartbeat.start()
+        self.catalog = Catalog(self._lock, self.resources, self._schedulers, self._sessions,
+                               self.sessions, limits,
+                               lambda session, slice_id: self.planner.forget_slice(session,
+                                                                                   slice_id))
+        self.health = Health(self._lock, self.resources, self._schedulers,
+                             controller_id=self.controller_id, policy=policy,
+                             credentials=self.credentials, readiness=self.readiness,
+                             scheduler_config=self.scheduler_config,
+                             forget_island=self.catalog.forget_island, heartbeat=heartbeat)
+        self.planner = Planner(self.catalog, self.sessions, self.readiness,
+                               self.health.note_transfer)
         self.leases = SessionLeases(session_lease_s, self._expire_session)
+        self.status_report = StatusReport(
+            self._lock, self.resources, self._schedulers, self._sessions, leases=self.leases,
+            array_count=lambda: self.planner.array_count, probes=self.health.probes,
+            slice_info=self.catalog.slice_info, limits=limits)
         _metrics_state.track(self, "controller")
 
     def connect(self, name: str, weight: float = 1.0) -> Session:
@@ -131,9 +129,9 @@ class Controller(Catalog, Health, StatusReport):
             session = self._session(session_id)
             self.planner.drop_session(session)
             for slice_id in sorted(session.slices):
-                self.release_slice(session_id, slice_id)
+                self.catalog.release_slice(session_id, slice_id)
             for executable_id in list(session.executables):
-                self._forget_executable(executable_id)
+                self.catalog.forget_executable(executable_id)
             del self._sessions[session_id]
             self.leases.end(session_id)
             for scheduler in self._schedulers.values():
@@ -212,42 +210,17 @@ class Controller(Catalog, Health, StatusReport):
             self.planner.delete(self._session(session_id), array_ids, strict=True)
 
     def _session(self, session_id: int) -> Session:
-        session = self._sessions.get(session_id)
-        if session is None:
-            raise NotFoundError(f"session {session_id} is unknown (connect first)")
-        return session
-
-    def _scheduler(self, island: int) -> GangScheduler:
-        scheduler = self._schedulers.get(island)
-        if scheduler is None:
-            raise FailedPreconditionError(f"island {island} has no hosts")
-        return scheduler
-
-    def scheduler(self, island: int) -> GangScheduler:
-        """The gang scheduler of an island (FailedPreconditionError if it has no hosts)."""
-        with self._lock:
-            return self._scheduler(island)
-
-    def orderer(self, session: Session):
-        """Queues a session's instructions on an island: (island, ops) -> OrderTicket."""
-        def order(island: int, ops: list[pb.Instruction]) -> OrderTicket:
-            return self._scheduler(island).enqueue(session.session_id, ops,
-                                                   weight=session.weight, name=session.name)
-        return order
+        return find_session(self._sessions, session_id)
 
     def close(self) -> None:
-        """Stops dispatch and the heartbeat; returns once the heartbeat thread has ended (a daemon
-        thread still inside a gRPC call at interpreter exit can abort the process)."""
-        self._stop.set()
+        """Stops dispatch and the heartbeat; returns once the heartbeat thread has ended
+        (Health.close)."""
+        self.health.close()
         _metrics_state.untrack(self)
         self.leases.close()
         if self.admission is not None:
             self.admission.stop()
-        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
-            self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
         with self._lock:
             schedulers = list(self._schedulers.values())
-            for channel, _ in self._probes.values():
-                channel.close()
         for scheduler in schedulers:  # outside the lock: their threads may take it to report
             scheduler.close()

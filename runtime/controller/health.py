@@ -1,6 +1,6 @@
 """Hosts joining, leaving and lost: registration, the heartbeat, and the one path a lost host's
 report takes (from the heartbeat, a host's link or a launcher, through `report_host_lost`) to fail
-the work of its island and the transfers other islands expect from it. A part of Controller
+the work of its island and the transfers other islands expect from it. A component of Controller
 (runtime.controller.controller)."""
 
 from __future__ import annotations
@@ -9,24 +9,73 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 
 import grpc
 
+from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
+from proto.config import SchedulerConfig
 from proto.errors import HostLostError, InvalidArgumentError
 from runtime.controller.defaults import (BUSY_HOST_TIMEOUT_S, HEARTBEAT_INTERVAL_S,
                                          HEARTBEAT_MISSES, MAX_INCOMING)
 from runtime.controller.sessions import is_address
 from scheduler.gang import GangScheduler
-from scheduler.resources import HostRecord
+from scheduler.readiness import Readiness
+from scheduler.resources import HostRecord, ResourceManager
 
 log = logging.getLogger(__name__)
 
 
 class Health:
-    """Host membership and loss for a Controller (a mixin: the state is the controller's)."""
+    """Host membership and loss for a Controller: the hosts' registry (`resources`), the probe
+    channel of each host and the heartbeat that pings them (unless not `heartbeat`), and each
+    island's gang scheduler, made when its first host registers (in `schedulers`, shared with the
+    controller's catalog, under the controller's `lock`): with `controller_id`, `policy`,
+    `readiness`, `scheduler_config`, and `credentials` for the channels to its hosts.
+    `forget_island(island)` drops the slices of an island restarted after a loss
+    (runtime.controller.catalog)."""
+
+    def __init__(self, lock: threading.RLock, resources: ResourceManager,
+                 schedulers: dict[int, GangScheduler], *, controller_id: str, policy: str,
+                 credentials: _auth.Credentials, readiness: Readiness,
+                 scheduler_config: SchedulerConfig, forget_island: Callable[[int], None],
+                 heartbeat: bool = True) -> None:
+        self._lock = lock
+        self.resources = resources
+        self._schedulers = schedulers
+        self.controller_id, self.policy = controller_id, policy
+        self.credentials = credentials
+        self.readiness = readiness
+        self.scheduler_config = scheduler_config
+        self._forget_island = forget_island
+        self._epochs: dict[int, int] = {}  # island -> restarts under this controller
+        # source island -> (island, spec) of arrays other islands expect from it (report_host_lost)
+        self._incoming: dict[int, collections.deque] = {}
+        self._probes: dict[tuple[int, int], tuple[grpc.Channel, pb_grpc.WorkerStub]] = {}
+        self._stop = threading.Event()
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                           name="heartbeat") if heartbeat else None
+        if self._heartbeat:
+            self._heartbeat.start()
+
+    def probes(self) -> dict[tuple[int, int], tuple[grpc.Channel, pb_grpc.WorkerStub]]:
+        """(island, host) -> (channel, stub) of each registered host's control server (a copy;
+        call with the lock held)."""
+        return dict(self._probes)
+
+    def close(self) -> None:
+        """Stops the heartbeat and closes the probe channels; returns once the heartbeat thread
+        has ended (a daemon thread still inside a gRPC call at interpreter exit can abort the
+        process)."""
+        self._stop.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join(timeout=2 * HEARTBEAT_INTERVAL_S + 1)
+        with self._lock:
+            for channel, _ in self._probes.values():
+                channel.close()
 
     def register_host(self, info: pb.HostInfo) -> None:
         """Adds a host (or replaces an earlier registration of its island and index).
@@ -55,7 +104,7 @@ class Health:
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
                     open_channel=lambda address: _rpc.open_channel(address, self.credentials),
-                    readiness=self.readiness, input_wait_s=self.limits.input_wait_s,
+                    readiness=self.readiness,
                     config=self.scheduler_config)
                 self._schedulers[info.island] = scheduler
             # Dispatch, progress and heartbeat go to the host's control server: client traffic on
@@ -77,15 +126,7 @@ class Health:
             scheduler.fail(HostLostError(f"island {island} was restarted"))
             scheduler.close(timeout=0)  # under the lock: its threads end on their own
         self._epochs[island] = self._epochs.get(island, 0) + 1
-        for record in [r for r in self.resources.slices() if r.island == island]:
-            session = self._sessions.get(record.session_id)
-            if session is not None:
-                self.planner.delete(session, sorted(self.planner.slice_arrays(record.slice_id)),
-                                    strict=False)
-                self.sessions.forget_slice(session, record.slice_id)
-            self.resources.release(record.slice_id)
-            for executable_id in list(self._slice_executables.get(record.slice_id, ())):
-                self._forget_executable(executable_id)
+        self._forget_island(island)
         for host in self.resources.island_hosts(island):
             probe = self._probes.pop((island, host.host), None)
             if probe is not None:

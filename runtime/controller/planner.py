@@ -32,6 +32,7 @@ from runtime.controller.placement import Placement, Placer
 if TYPE_CHECKING:
     from runtime.controller.catalog import CatalogView
     from runtime.controller.sessions import Session, SessionUsage
+    from scheduler.readiness import Readiness
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +88,17 @@ IDS_PER_DELETE = 1 << 16
 
 class Planner:
     """Arrays and programs of all sessions; called with the controller's lock held. Reads the
-    session records it is given; what a session holds changes through `sessions` alone."""
+    session records it is given; what a session holds changes through `sessions` alone.
+    `readiness` registers the arrays not produced yet (shared with the islands' schedulers);
+    `note_transfer(source_island, island, spec)` tells the controller's health which arrays an
+    island expects from another (runtime.controller.health: failed if their source is lost)."""
 
-    def __init__(self, catalog: CatalogView, sessions: SessionUsage) -> None:
+    def __init__(self, catalog: CatalogView, sessions: SessionUsage, readiness: Readiness,
+                 note_transfer: Callable[[int, int, pb.ArraySpec], None]) -> None:
         self.catalog = catalog
         self.sessions = sessions
+        self.readiness = readiness
+        self.note_transfer = note_transfer
         self.limits = catalog.limits
         self.arrays: dict[int, ArrayRecord] = {}
         self._by_slice: dict[int, set[int]] = {}  # slice id -> its live arrays
@@ -139,6 +146,11 @@ class Planner:
         """The live arrays on a slice (a copy)."""
         return set(self._by_slice.get(slice_id, ()))
 
+    def forget_slice(self, session: Session, slice_id: int) -> None:
+        """Deletes the session's arrays on a slice that goes away (released, or its island
+        restarted), after the work already ordered."""
+        self.delete(session, sorted(self.slice_arrays(slice_id)), strict=False)
+
     # -- what a session may hold ------------------------------------------------------------------
 
     def check_room(self, session: Session, adding: int, nbytes: int,
@@ -175,7 +187,7 @@ class Planner:
         self.check_room(session, len(specs), sum(p.total_bytes for p in placements))
         emit = Emitter()
         handles = []
-        readiness = self.catalog.readiness
+        readiness = self.readiness
         for spec, placement in zip(specs, placements):
             self.add(session, spec, placement.island, placement.total_bytes)
             # Until its hosts have it, what reads it waits in the session's queue.
@@ -323,9 +335,9 @@ class Planner:
             self.catalog.resources.get_slice(destination.sharding.slice_id))
         handle = emit.add(island, pb.Instruction(expect=pb.ExpectArrayInstruction(spec=destination)))
         # What reads the copy waits in its session's queue until the send is ordered.
-        self.catalog.readiness.expect_send(destination.array_id, island)
+        self.readiness.expect_send(destination.array_id, island)
         if island != source_island:
-            self.catalog.note_transfer(source_island, island, destination)
+            self.note_transfer(source_island, island, destination)
         emit.add(source_island, pb.Instruction(send=pb.SendInstruction(
             array_id=source_id, destination=destination, destination_slice=info,
             source_slice_id=source_slice)))

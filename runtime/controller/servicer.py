@@ -50,31 +50,32 @@ class ControllerServicer(pb_grpc.ControllerServicer):
         return pb.DisconnectReply()
 
     def RegisterHost(self, request, context):
-        self._call(context, self.controller.register_host, request.host)
+        self._call(context, self.controller.health.register_host, request.host)
         return pb.RegisterHostReply()
 
     def UnregisterHost(self, request, context):
-        self._call(context, self.controller.unregister_host, request.island, request.host,
+        self._call(context, self.controller.health.unregister_host, request.island, request.host,
                    request.address)
         return pb.UnregisterHostReply()
 
     def GetStatus(self, request, context):
         controller = self.controller
-        return controller.status(_visibility.viewer(context, controller.controller_id,
-                                                    controller.credentials.host_token))
+        return controller.status_report.status(_visibility.viewer(
+            context, controller.controller_id, controller.credentials.host_token))
 
     def CreateSlice(self, request, context):
-        info = self._call(context, self.controller.create_slice, request.session_id,
+        info = self._call(context, self.controller.catalog.create_slice, request.session_id,
                           list(request.mesh_shape), list(request.axis_names), request.island,
                           request.devices)
         return pb.CreateSliceReply(slice=info)
 
     def ReleaseSlice(self, request, context):
-        self._call(context, self.controller.release_slice, request.session_id, request.slice_id)
+        self._call(context, self.controller.catalog.release_slice, request.session_id,
+                   request.slice_id)
         return pb.ReleaseSliceReply()
 
     def LoadExecutable(self, request, context):
-        exe = self._call(context, self.controller.load_executable, request)
+        exe = self._call(context, self.controller.catalog.load_executable, request)
         return pb.LoadExecutableReply(executable_id=exe.executable_id,
                                       fingerprint=hashlib.sha256(request.serialized).hexdigest())
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 from proto import access
@@ -58,6 +59,14 @@ class Executable:
     def key(self) -> tuple:
         """Equal loads of one session on one slice share an executable."""
         return (self.session_id, self.slice_id, self.fingerprint, self.donated)
+
+def find_session(sessions: Mapping[int, Session], session_id: int) -> Session:
+    """The open session `session_id` (NotFoundError otherwise)."""
+    session = sessions.get(session_id)
+    if session is None:
+        raise NotFoundError(f"session {session_id} is unknown (connect first)")
+    return session
+
 
 def session_policy(controller: Controller) -> _auth.Authorize:
     """Session keys (proto.auth.session_policy) on the calls the access table marks SESSION

@@ -1,20 +1,42 @@
 """What `pathways status` shows: hosts (pinged now), slices within a byte budget, and each
-island's order and queues. A part of Controller (runtime.controller.controller)."""
+island's order and queues. A component of Controller (runtime.controller.controller)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Mapping, Sequence
 
 import grpc
 
+from proto import limits as _limits
 from proto import pathways_pb2 as pb
+from proto.leases import SessionLeases
 from runtime.controller import visibility as _visibility
 from runtime.controller.defaults import STATUS_PING_TIMEOUT_S
-from scheduler.resources import HostRecord, SliceRecord
+from scheduler.gang import GangScheduler
+from scheduler.resources import HostRecord, ResourceManager, SliceRecord
 
 
 class StatusReport:
-    """Status for a Controller (a mixin: the state is the controller's)."""
+    """Status for a Controller, read under its `lock` from what its parts hold: the open
+    `sessions` and their `leases`, `array_count()` (the planner's live arrays), the hosts in
+    `resources` and their probe channels (`probes()`: runtime.controller.health), the islands'
+    `schedulers`, and `slice_info` (runtime.controller.catalog); `limits` bound the slices
+    listed."""
+
+    def __init__(self, lock: threading.RLock, resources: ResourceManager,
+                 schedulers: Mapping[int, GangScheduler], sessions: Mapping, *,
+                 leases: SessionLeases, array_count: Callable[[], int], probes: Callable[[], dict],
+                 slice_info: Callable[..., pb.SliceInfo], limits: _limits.Limits) -> None:
+        self._lock = lock
+        self.resources = resources
+        self._schedulers = schedulers
+        self._sessions = sessions
+        self.leases = leases
+        self._array_count = array_count
+        self._probes = probes
+        self._slice_info = slice_info
+        self.limits = limits
 
     def status(self, viewer: int | None = None, ping_hosts: bool = True) -> pb.GetStatusReply:
         """Hosts (each pinged now, unless not `ping_hosts`: what it runs or waits for), slices,
@@ -24,10 +46,10 @@ class StatusReport:
         rest."""
         with self._lock:
             depth = {i: s.queue_depth() for i, s in self._schedulers.items()}
-            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=self.planner.array_count,
+            reply = pb.GetStatusReply(sessions=len(self._sessions), arrays=self._array_count(),
                                       session_lease_s=self.leases.lease_s,
                                       sessions_expired=self.leases.expired)
-            probes = dict(self._probes)
+            probes = self._probes()
             schedulers = sorted(self._schedulers.items())
         hosts = self.resources.hosts()
         self._list_slices(reply, [r for r in self.resources.slices()
@@ -73,7 +95,7 @@ class StatusReport:
             island = hosts.get(record.island)
             if island is None:
                 island = hosts[record.island] = self.resources.island_hosts(record.island)
-            info = self.slice_info(record, island)
+            info = self._slice_info(record, island)
             budget -= info.ByteSize()
             if budget < 0:
                 reply.slices_omitted += 1

@@ -28,17 +28,17 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
 from proto.config import WorkerConfig, from_env
-from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
+from proto.errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                           InvalidArgumentError, NotFoundError, PathwaysError)
-from runtime.sim._announced import Announcements
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
 from runtime.sim._config import SimConfig
 from runtime.sim._cost import CostModel
 from runtime.sim._executable import Executable, Layout
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._signal import Signal
-from runtime.worker.dataplane import check_as_announced
+from runtime.worker.announced import Announcements, check_as_announced
 from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
+from runtime.worker.executor import check_runnable, execution_error
 from runtime.worker.hang import diagnose
 from runtime.worker.intake import fresh_instructions, receive_order_free
 from runtime.worker.state import current_state, describe_activity
@@ -241,12 +241,7 @@ class SimHost:
         if exe is not None and exe.skip:
             return
         try:
-            if exe is None:
-                raise NotFoundError(f"executable {ex.executable_id} is not loaded on this host")
-            if exe.error is not None:
-                raise exe.error
-            if self.hang:
-                raise DeadlineExceededError(self.hang)
+            check_runnable(exe, ex.executable_id, self.hang)
             slice_id = exe.info.slice_id
             self._activity = ("waiting for inputs of", exe.name, sequence, ex.session_id,
                               time.monotonic(), slice_id)
@@ -259,15 +254,8 @@ class SimHost:
             end = start + exe.seconds
             await asyncio.sleep(max(0.0, end - time.time()))
         except Exception as exc:
-            name = exe.name if exe else f"executable {ex.executable_id}"
-            where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
-            if isinstance(exc, PathwaysError) and exc.origin != STORE:
-                error = exc  # an input's producer failed: its error names it; pass it on as is
-            elif isinstance(exc, PathwaysError):
-                error = type(exc)(f"{where}: {exc}")
-            else:
-                error = ExecutionError(f"{where} failed: {exc}")
-            self._fail_outputs(ex, error)
+            self._fail_outputs(ex, execution_error(exc, exe, ex.executable_id, sequence,
+                                                   f"{self.island}.{self.host}"))
             return
         self._device_free = end
         self.timeline.append((sequence, exe.name, received or picked, picked, start, end,
@@ -330,7 +318,7 @@ class SimHost:
     async def put(self, first: pb.ArrayChunk, rest: AsyncIterator[pb.ArrayChunk],
                   timeout: float = SLICE_TIMEOUT_S) -> int:
         """Stores an array streamed in (data kept only when small); returns the bytes received.
-        Only an array announced to this host, as announced, once (runtime.sim._announced)."""
+        Only an array announced to this host, as announced, once (runtime.worker.announced)."""
         array_id = first.spec.array_id
         if first.error:  # the sender's array failed, or its island was lost
             self.announcements.fail(array_id, ExecutionError(first.error))
@@ -369,10 +357,10 @@ class SimHost:
             raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
                                        f"the {len(local)} devices of this host")
         layout = Layout.of(spec.shape, spec.dtype, spec.sharding, info, self.host)
-        if self.announcements.arrived(spec.array_id):  # else deleted meanwhile: keep nothing
-            self.store.set(spec.array_id, SimArray(
-                layout.shape, layout.dtype, {index: data for index, _, data in received.shards},
-                time.time(), layout.nbytes))
+        if self.announcements.arrived(spec.array_id, lambda: self.store.set(  # else deleted
+                spec.array_id, SimArray(layout.shape, layout.dtype,
+                                        {index: data for index, _, data in received.shards},
+                                        time.time(), layout.nbytes))):
             self.progress.fire()
         return received.nbytes
 

@@ -1,16 +1,18 @@
 """The data plane of a host: puts of announced arrays (streamed in, or through shared-memory
-files) and reads of stored ones. A part of Worker (runtime.worker.worker), which holds the state
-these methods use: the store, the announcements and the arrival log."""
+files) and reads of stored ones. A component of Worker (runtime.worker.worker), built with what
+it uses of the host: its store, its announcements (runtime.worker.announced), its slices' meshes
+and the receipt of its island's order."""
 
 from __future__ import annotations
 
 import itertools
+import threading
 import time
 from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import Mesh, NamedSharding
 
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
@@ -18,12 +20,29 @@ from proto import shm as _shm
 from proto import wire as _wire
 from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
                           InvalidArgumentError, NotFoundError, PathwaysError)
-from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_FAILED_EARLY,
-                                     MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S)
+from runtime.worker.announced import Announcements, check_as_announced
+from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_GET_TIMEOUT_S,
+                                     SLICE_TIMEOUT_S)
+from runtime.worker.store import ArrayStore
 
 
 class DataPlane:
-    """Put and get for a Worker (a mixin: the state is the worker's)."""
+    """Put and get for host `island`.`host`: arrays go into and come out of `store`; a put must
+    have been announced (`announcements`, used under the host's condition `cond`, which is
+    notified as announcements come); `mesh(slice_id, timeout)` gives a slice's mesh once it is
+    defined, `wait_received(sequence, timeout, active)` waits for the island's order to reach a
+    sequence number (runtime.worker.worker)."""
+
+    def __init__(self, island: int, host: int, *, cond: threading.Condition, store: ArrayStore,
+                 announcements: Announcements,
+                 mesh: Callable[[int, float], tuple[Mesh, pb.SliceInfo]],
+                 wait_received: Callable[[int, float, Callable[[], bool]], None]) -> None:
+        self.island, self.host = island, host
+        self._cond = cond
+        self.store = store
+        self.announcements = announcements
+        self.mesh = mesh
+        self.wait_received = wait_received
 
     def put(self, chunks: Iterator[pb.ArrayChunk], timeout: float = SLICE_TIMEOUT_S) -> int:
         """Stores an array streamed in as chunks; returns the bytes received.
@@ -49,54 +68,33 @@ class DataPlane:
             return self._store_put(announced, first, chunks, timeout)
         finally:
             with self._cond:
-                self._receiving.discard(array_id)
+                self.announcements.release(array_id)
 
     def _fail_incoming(self, array_id: int, error: PathwaysError) -> None:
         """An announced array will not come: its entry fails (readers get `error`). One not
         announced yet (the announcement may still be on its way) fails on arrival; one that
         already holds its data, or was deleted, is left alone."""
         with self._cond:
-            if self._announced.pop(array_id, None) is not None:
-                self.store.fail(array_id, error, only_pending=True)
-                self._note_arrival(array_id)
-            elif not self.store.ready(array_id):
-                self._failed_early[array_id] = error
-                while len(self._failed_early) > MAX_FAILED_EARLY:
-                    self._failed_early.popitem(last=False)
+            self.announcements.fail(array_id, error)
 
     def _claim(self, array_id: int, timeout: float) -> pb.ArraySpec:
         """The announced spec of an array about to be put, once announced (waiting up to
         `timeout` s); no other stream may put it meanwhile."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while array_id not in self._announced:
+            while self.announcements.spec(array_id) is None:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise FailedPreconditionError(
-                        f"array {array_id} was not announced to host {self.island}.{self.host} "
-                        f"by the controller (declare arrays before putting them), or it already "
-                        f"holds its data")
+                    break  # claim says why
                 self._cond.wait(left)
-            if array_id in self._receiving:
-                raise FailedPreconditionError(f"array {array_id} is being put by another stream")
-            self._receiving.add(array_id)
-            return self._announced[array_id]
+            return self.announcements.claim(array_id, f"{self.island}.{self.host}")
 
     def _settle(self, array_id: int, store: Callable[[], None]) -> None:
         """Runs `store` for a claimed array unless it was deleted meanwhile; no longer announced
         afterwards (a second put is refused)."""
         with self._cond:
-            if self._announced.pop(array_id, None) is None:
+            if not self.announcements.arrived(array_id, store):
                 raise FailedPreconditionError(f"array {array_id} was deleted while it was put")
-            store()
-            self._note_arrival(array_id)
-
-    def _note_arrival(self, array_id: int) -> None:
-        """Logs that an announced array arrived or failed (under self._cond), for the progress
-        stream."""
-        self._arrivals_count += 1
-        self._arrivals.append((self._arrivals_count, array_id))
-        self._progress.set()
 
     def _store_put(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
                    chunks: Iterator[pb.ArrayChunk], timeout: float) -> int:
@@ -181,16 +179,6 @@ class DataPlane:
             return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
                                            [(w, distinct[w]) for w in wanted]))
         return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted))
-
-
-def check_as_announced(given: pb.ArraySpec, announced: pb.ArraySpec) -> None:
-    """InvalidArgumentError unless a put's stream names its array as the controller announced it
-    (real and simulated hosts alike)."""
-    if given != announced:
-        raise InvalidArgumentError(
-            f"array {announced.array_id} was announced as {announced.dtype}"
-            f"{list(announced.shape)} on slice {announced.sharding.slice_id}; the stream says "
-            f"{given.dtype}{list(given.shape)} on slice {given.sharding.slice_id}")
 
 
 def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,

@@ -1,35 +1,85 @@
 """The ordered executor of a host: applies the island's instructions strictly in sequence order
-on one thread. A part of Worker (runtime.worker.worker), whose state it uses; what it is doing is
-in the worker's ExecutorState (runtime.worker.state)."""
+on one thread. A component of Worker (runtime.worker.worker), built with what it uses of the
+host; what it is doing is in an ExecutorState (runtime.worker.state)."""
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections.abc import Callable, Mapping
+
+from jax.sharding import Mesh
 
 from proto import pathways_pb2 as pb
 from proto.errors import STORE, DeadlineExceededError, ExecutionError, NotFoundError, PathwaysError
 from runtime.worker.compile import Loaded, compile_export, compile_stablehlo, host_nbytes
-from runtime.worker.inflight import collective_free
-from runtime.worker.state import IDLE
-from runtime.worker.store import wait_all
+from runtime.worker.announced import Announcements
+from runtime.worker.inflight import InFlight, collective_free
+from runtime.worker.state import IDLE, ExecutorState
+from runtime.worker.store import ArrayStore, wait_all
+from runtime.worker.transfers import Transfers
 
 log = logging.getLogger(__name__)
 
 
 class Executor:
-    """The executor thread's work for a Worker (a mixin: the state is the worker's)."""
+    """The executor thread's work for host `island`.`host` (`run`, the thread's loop).
 
-    def _run(self) -> None:
+    `take()` waits for the next instruction of the island's order (None once the host stops);
+    `cond` is the host's condition, under which `pending` holds the instructions received and
+    not yet taken (`arrival`: when each execution among them arrived), and the slice tables
+    change: `slices` (slice id -> (mesh, info)), `foreign`
+    (slices with no device here), `executable_slices` (executable id -> slice id); `mesh(slice_id)`
+    gives a defined slice's mesh. Executions read and write `store`, wait up to `input_timeout_s`
+    for their inputs and run through `inflight`; deletes withdraw `announcements` and hand the
+    arrays to `reap` (freeing a buffer can wait); sends go to `transfers`. It writes `state`
+    (status, the progress stream and the hang watchdog read it) and sets `progress` as it moves
+    on."""
+
+    def __init__(self, island: int, host: int, *, take: Callable[[], pb.Instruction | None],
+                 cond: threading.Condition, pending: Mapping[int, pb.Instruction],
+                 arrival: dict[int, float],
+                 slices: dict[int, tuple[Mesh | None, pb.SliceInfo]], foreign: set[int],
+                 executable_slices: dict[int, int],
+                 mesh: Callable[[int], tuple[Mesh, pb.SliceInfo]], store: ArrayStore,
+                 announcements: Announcements, state: ExecutorState,
+                 progress: threading.Event, inflight: InFlight, transfers: Transfers,
+                 reap: Callable[[list], None], input_timeout_s: float) -> None:
+        self.island, self.host = island, host
+        self._take = take
+        self._cond, self._pending = cond, pending
+        self._slices, self._foreign = slices, foreign
+        self._executable_slices = executable_slices
+        self.mesh = mesh
+        self.store = store
+        self.announcements = announcements
+        self.state = state
+        self._progress = progress
+        self._inflight = inflight
+        self._transfers = transfers
+        self._reap = reap
+        self.input_timeout_s = input_timeout_s
+        self._arrival = arrival
+        self._loaded: dict[int, Loaded] = {}
+        self._compile_cache: dict[tuple, object] = {}
+
+    @property
+    def hang(self) -> str:
+        """The report of a computation that ran past its deadline ("" while none has)."""
+        return self.state.hang
+
+    def forget_loaded(self) -> None:
+        """A new order (the controller or the island restarted): its executables are gone
+        (compilations stay cached)."""
+        self._loaded.clear()
+
+    def run(self) -> None:
+        """Applies the island's order until the host stops."""
         while True:
-            with self._cond:
-                while self._next not in self._pending and not self._stopped:
-                    self._cond.wait(1.0)
-                if self._stopped:
-                    return
-                ins = self._pending.pop(self._next)
-                self._next += 1
-                self.state.instruction = ins
+            ins = self._take()
+            if ins is None:
+                return
             try:
                 self._apply(ins)
             except Exception:  # an executor must survive any one instruction
@@ -55,7 +105,7 @@ class Executor:
         doomed = []
         for array_id in ins.delete.array_ids:
             with self._cond:  # a put finishing now stores its array before or not at all
-                self._announced.pop(array_id, None)
+                self.announcements.forget(array_id)
                 if not self.store.contains(array_id):
                     continue
                 try:  # keep a reference: the reaper thread drops the last one
@@ -64,7 +114,7 @@ class Executor:
                     pass  # pending or failed: nothing to free
                 self.store.delete(array_id)
         if doomed:
-            self._reaper.put(doomed)
+            self._reap(doomed)
 
     def _apply_send(self, ins: pb.Instruction) -> None:
         self._transfers.send(ins.send, ins.sequence)
@@ -124,12 +174,7 @@ class Executor:
         if loaded is not None and loaded.skip:
             return
         try:
-            if loaded is None:
-                raise NotFoundError(f"executable {ex.executable_id} is not loaded on this host")
-            if loaded.error is not None:
-                raise loaded.error
-            if self.hang:
-                raise DeadlineExceededError(self.hang)
+            check_runnable(loaded, ex.executable_id, self.hang)
             self.state.activity = ("waiting for inputs of", loaded.name, sequence, ex.session_id,
                               time.monotonic(), loaded.slice_id)
             inputs = wait_all(self.store, ex.inputs, time.monotonic() + self.input_timeout_s)
@@ -149,16 +194,8 @@ class Executor:
                     out.block_until_ready()
                 self._inflight.record(record, time.time())
         except Exception as exc:
-            name = loaded.name if loaded else f"executable {ex.executable_id}"
-            where = f"{name} (#{sequence}) on host {self.island}.{self.host}"
-            if isinstance(exc, PathwaysError) and exc.origin != STORE:
-                error = exc  # an input's producer failed: its error names it; pass it on as is
-            elif isinstance(exc, PathwaysError):
-                error = type(exc)(f"{where}: {exc}")
-            else:
-                error = ExecutionError(f"{where} failed: {exc}")
-            for out in ex.outputs:
-                self.store.fail(out, error)
+            self.fail_outputs(ex, execution_error(exc, loaded, ex.executable_id, sequence,
+                                                   f"{self.island}.{self.host}"))
             return
         if self.hang:
             return  # reported hung meanwhile: its outputs already carry the report
@@ -167,7 +204,8 @@ class Executor:
         for position in loaded.donated:
             self.store.delete(ex.inputs[position])
 
-    def _fail_outputs(self, ex: pb.ExecuteInstruction, error: PathwaysError) -> None:
+    def fail_outputs(self, ex: pb.ExecuteInstruction, error: PathwaysError) -> None:
+        """The outputs of an execution fail with `error`."""
         for out in ex.outputs:
             self.store.fail(out, error)
 
@@ -186,8 +224,33 @@ class Executor:
             pending.append(stuck.execute)
         for ex in pending:
             if self._executable_slices.get(ex.executable_id) not in self._foreign:
-                self._fail_outputs(ex, error)
+                self.fail_outputs(ex, error)
         self._progress.set()
+
+
+def check_runnable(loaded, executable_id: int, hang: str) -> None:
+    """Raises why an execution cannot run: its executable (`loaded`, compile.Loaded or the
+    simulator's) is not loaded (NotFoundError) or failed to load (its error), or the host is hung
+    (DeadlineExceededError). Shared by real and simulated hosts (runtime.sim)."""
+    if loaded is None:
+        raise NotFoundError(f"executable {executable_id} is not loaded on this host")
+    if loaded.error is not None:
+        raise loaded.error
+    if hang:
+        raise DeadlineExceededError(hang)
+
+
+def execution_error(exc: Exception, loaded, executable_id: int, sequence: int,
+                    host: str) -> PathwaysError:
+    """The error the outputs of execution #`sequence` on `host` fail with, when `exc` stopped it
+    (shared by real and simulated hosts)."""
+    name = loaded.name if loaded else f"executable {executable_id}"
+    where = f"{name} (#{sequence}) on host {host}"
+    if isinstance(exc, PathwaysError) and exc.origin != STORE:
+        return exc  # an input's producer failed: its error names it; pass it on as is
+    if isinstance(exc, PathwaysError):
+        return type(exc)(f"{where}: {exc}")
+    return ExecutionError(f"{where} failed: {exc}")
 
 
 #: The executor's handler per kind of instruction it runs in order (`runs_in_order` in

@@ -62,7 +62,7 @@ class HangWatchdog:
             if worker.state.activity is not state:
                 continue  # it finished while we asked around
             if report:
-                worker.declare_hang(report)
+                worker.executor.declare_hang(report)
             elif self._slow != state:
                 self._slow = state
                 log.warning("host %d.%d: %s has run %.0f s, on every host of its slice",

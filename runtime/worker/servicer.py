@@ -40,7 +40,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def PutArray(self, request_iterator, context):
         try:
-            nbytes = self.worker.put(request_iterator, _time_left(context, SLICE_TIMEOUT_S))
+            nbytes = self.worker.dataplane.put(request_iterator,
+                                               _time_left(context, SLICE_TIMEOUT_S))
         except PathwaysError as exc:
             abort(context, exc)
         except (ValueError, TypeError) as exc:
@@ -54,8 +55,8 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def GetArray(self, request, context):
         try:
-            yield from self.worker.get(request, _time_left(context, MAX_GET_TIMEOUT_S),
-                                       context.is_active)
+            yield from self.worker.dataplane.get(
+                request, _time_left(context, MAX_GET_TIMEOUT_S), context.is_active)
         except PathwaysError as exc:
             abort(context, exc)
         except Exception as exc:  # reading the buffers failed: a runtime error, never UNKNOWN

@@ -16,15 +16,16 @@ that did wait in its collectives forever: past `execution_deadline_s` a watchdog
 other hosts where they are and fails the computation with a report naming who reached it and who
 did not (runtime.worker.hang).
 
-The host's parts: receipt of the order (here and runtime.worker.intake), the ordered executor
-(runtime.worker.executor, its state in runtime.worker.state), host-to-host transfers
-(runtime.worker.transfers), the data plane (runtime.worker.dataplane) and the gRPC face
-(runtime.worker.servicer).
+The host receives the order itself (here and runtime.worker.intake) and is composed of parts,
+each built with what it uses of the host and reached as an attribute: the ordered executor
+(`executor`: runtime.worker.executor, its state in runtime.worker.state), the announced puts
+(`announcements`: runtime.worker.announced), the data plane (`dataplane`:
+runtime.worker.dataplane) and host-to-host transfers (runtime.worker.transfers); the gRPC face
+(runtime.worker.servicer) calls the part that owns each call.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import queue
 import threading
@@ -43,10 +44,9 @@ from proto.errors import (DeadlineExceededError, FailedPreconditionError, Invali
                           NotFoundError, PathwaysError)
 from runtime import metrics_state as _metrics_state
 from runtime.metrics import HostMetrics
-from runtime.worker.compile import Loaded
+from runtime.worker.announced import Announcements
 from runtime.worker.dataplane import DataPlane
-from runtime.worker.defaults import (ARRIVALS_KEPT, CALLER_CHECK_S, EXECUTION_DEADLINE_S,
-                                     INPUT_TIMEOUT_S)
+from runtime.worker.defaults import CALLER_CHECK_S, EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S
 from runtime.worker.distributed import device_memory_bytes
 from runtime.worker.executor import Executor
 from runtime.worker.hang import HangWatchdog
@@ -60,8 +60,9 @@ from runtime.worker.transfers import Transfers
 log = logging.getLogger(__name__)
 
 
-class Worker(Executor, DataPlane):
-    """State and executor of one host. Instantiable: tests run several in one process.
+class Worker:
+    """One host: receives its island's order, which its `executor` applies; puts and gets go to
+    its `dataplane`. Instantiable: tests run several in one process.
 
     `island_devices` (hosts of a distributed island only): every host's devices indexed by host,
     as `runtime.worker.distributed.island_devices` gives them; `devices` is this host's entry.
@@ -90,22 +91,15 @@ class Worker(Executor, DataPlane):
         self.control_address = ""  # the control server's (create_worker_server)
         self.admission: Admission | None = None
         self.store = ArrayStore()
+        self._progress = threading.Event()  # set as the executor moves on (WatchProgress)
         # Arrays the controller announced (Expect) whose data may be put, and those being put now:
         # a put of anything else is refused, so every stored byte is one the controller knows of.
-        self._announced: dict[int, pb.ArraySpec] = {}
-        self._receiving: set[int] = set()
-        self._failed_early: collections.OrderedDict[int, PathwaysError] = (
-            collections.OrderedDict())  # failures that came before their announcement
-        # (number, array id) of announced arrays that arrived or failed, for WatchProgress.
-        self._arrivals: collections.deque[tuple[int, int]] = collections.deque(
-            maxlen=ARRIVALS_KEPT)
-        self._arrivals_count = 0
+        # Used under self._cond.
+        self.announcements = Announcements(self.store, on_arrival=self._progress.set)
         self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
         self._slices: dict[int, tuple[Mesh | None, pb.SliceInfo]] = {}
         self._foreign: set[int] = set()  # slices with no device on this host
         self._executable_slices: dict[int, int] = {}  # executable id -> slice id, on receipt
-        self._loaded: dict[int, Loaded] = {}
-        self._compile_cache: dict[tuple, object] = {}
         self._pending: dict[int, pb.Instruction] = {}
         self._received = 0
         self._next = 1
@@ -113,10 +107,12 @@ class Worker(Executor, DataPlane):
         self._epoch = 0  # of the island's order (runtime.controller.controller: island restarts)
         # What the executor is doing (read by status, the progress stream and the watchdog).
         self.state = ExecutorState()
-        self._progress = threading.Event()  # set as the executor moves on (WatchProgress)
         self._cond = threading.Condition()
         self._stopped = False
         self._transfers = Transfers(self)
+        self.dataplane = DataPlane(island, host, cond=self._cond, store=self.store,
+                                   announcements=self.announcements, mesh=self.mesh,
+                                   wait_received=self.wait_received)
         self.metrics = HostMetrics(island, host)
         self._inflight = InFlight(self.store, f"{island}.{host}", self._progress.set,
                                   on_record=self.metrics.execution)
@@ -125,8 +121,15 @@ class Worker(Executor, DataPlane):
         self._reaper: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=_reap, args=(self._reaper,), daemon=True,
                          name=f"reaper-{island}.{host}").start()
-        self._thread = threading.Thread(target=self._run, name=f"executor-{island}.{host}",
-                                        daemon=True)
+        self.executor = Executor(
+            island, host, take=self._take, cond=self._cond, pending=self._pending,
+            arrival=self._arrival, slices=self._slices, foreign=self._foreign,
+            executable_slices=self._executable_slices, mesh=self.mesh, store=self.store,
+            announcements=self.announcements, state=self.state, progress=self._progress,
+            inflight=self._inflight, transfers=self._transfers, reap=self._reaper.put,
+            input_timeout_s=input_timeout_s)
+        self._thread = threading.Thread(target=self.executor.run,
+                                        name=f"executor-{island}.{host}", daemon=True)
         self._thread.start()
         self._watchdog = HangWatchdog(self) if execution_deadline_s > 0 else None
         _metrics_state.track(self, "worker")
@@ -176,13 +179,7 @@ class Worker(Executor, DataPlane):
             fresh = fresh_instructions(instructions, self._next, self._pending)
         announced = receive_order_free(self, fresh, now)
         with self._cond:
-            for spec in announced:
-                early = self._failed_early.pop(spec.array_id, None)
-                if early is None:
-                    self._announced[spec.array_id] = spec
-                else:
-                    self.store.fail(spec.array_id, early)
-                    self._note_arrival(spec.array_id)
+            self.announcements.announce(announced)
             for _, ins in fresh:
                 self._pending[ins.sequence] = ins
                 self._received = max(self._received, ins.sequence)
@@ -198,15 +195,30 @@ class Worker(Executor, DataPlane):
         self._controller_id, self._epoch = controller_id, epoch
         self._pending.clear()
         self._received, self._next, self.state.executed = 0, 1, 0
-        self._announced.clear()
-        self._failed_early.clear()
-        self._arrivals.clear()  # ids repeat under a new controller
+        self.announcements.clear()
         self._arrival.clear()
         self._slices.clear()
         self._foreign.clear()
         self._executable_slices.clear()
-        self._loaded.clear()
+        self.executor.forget_loaded()
         self.store.clear()
+
+    def _take(self) -> pb.Instruction | None:
+        """The next instruction of the island's order, for the executor, once it has arrived
+        (None once the host stops)."""
+        with self._cond:
+            while self._next not in self._pending and not self._stopped:
+                self._cond.wait(1.0)
+            if self._stopped:
+                return None
+            ins = self._pending.pop(self._next)
+            self._next += 1
+            self.state.instruction = ins
+            return ins
+
+    def _fail_outputs(self, ex: pb.ExecuteInstruction, error: PathwaysError) -> None:
+        """Fails an execution's outputs (at receipt, on a hung host: runtime.worker.intake)."""
+        self.executor.fail_outputs(ex, error)
 
     def _define_slice(self, info: pb.SliceInfo) -> None:
         """Builds a slice's mesh: local devices, or global ones for a slice spanning hosts."""
@@ -303,16 +315,14 @@ class Worker(Executor, DataPlane):
             fresh = entries_after(timeline, reported)
             if fresh:
                 reported = fresh[-1][0]
-            arrived = entries_after(self._arrivals, arrivals_reported)
-            if arrived:
-                arrivals_reported = arrived[-1][0]
+            arrivals_reported, arrived = self.announcements.after(arrivals_reported)
             completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
                          for e in fresh]
             with self._cond:
                 received = self._received
             yield pb.WatchProgressReply(received=received, executed=self.executed,
                                         completed=completed, hang=self.hang,
-                                        arrived=[a for _, a in arrived])
+                                        arrived=arrived)
             if interval:
                 time.sleep(interval)
 
