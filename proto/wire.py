@@ -338,7 +338,7 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = No
                     and region.flags.c_contiguous):
                 buffer = region.reshape(-1).view(np.uint8)
             else:
-                buffer = _shm.aligned_empty((nbytes,), np.uint8)  # a device buffer may alias it
+                buffer = _shm.HOST_BUFFERS.empty((nbytes,), np.uint8)  # a device buffer may alias it
             filled = 0
             if chunk.shard.shared_file:
                 read_shared(chunk.shard.shared_file, buffer)
