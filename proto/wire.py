@@ -185,9 +185,10 @@ def shard_shape(index: Index) -> tuple[int, ...]:
 
 
 def iter_chunks(spec: pb.ArraySpec | None,
-                shards: Iterable[tuple[Index, Sequence[int], np.ndarray]]
+                shards: Iterable[tuple[Index, Sequence[int], np.ndarray]], parts: int = 0
                 ) -> Iterator[pb.ArrayChunk]:
-    """Chunk messages for shards given as (index, mesh positions, data); `spec` leads if given."""
+    """Chunk messages for shards given as (index, mesh positions, data); `spec` leads if given
+    (with `parts`: this stream is one of that many carrying a host's shards, ArrayChunk.parts)."""
     first = True
     for index, positions, data in shards:
         raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
@@ -199,6 +200,7 @@ def iter_chunks(spec: pb.ArraySpec | None,
             msg = pb.ArrayChunk(shard=header if offset == 0 else None, data=bytes(piece))
             if first and spec is not None:
                 msg.spec.CopyFrom(spec)
+                msg.parts = parts
             first = False
             yield msg
             offset += len(piece)

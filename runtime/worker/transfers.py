@@ -139,9 +139,9 @@ class Transfers:
                         for index, ps in groups if set(ps) & set(positions)]
                 if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S):
                     full = np.asarray(value) if full is None else full
-                    self._peer(address).PutArray(_wire.iter_chunks(dest, [
-                        (index, ps, full[_wire.as_slices(index)]) for index, ps in mine]),
-                        timeout=TRANSFER_TIMEOUT_S)
+                    _transfer.stream_put(self._peer(address), dest, [
+                        (index, ps, full[_wire.as_slices(index)]) for index, ps in mine],
+                        TRANSFER_TIMEOUT_S)
                 delivered.add(host)
             succeeded = True
         except Exception as exc:

@@ -52,6 +52,7 @@ from runtime.worker.executor import Executor
 from runtime.worker.hang import HangWatchdog
 from runtime.worker.inflight import InFlight
 from runtime.worker.intake import fresh_instructions, receive_order_free
+from runtime.worker.put_parts import PutParts
 from runtime.worker.state import (ExecutionRecord, ExecutorState, current_state,
                                   describe_activity, entries_after)
 from runtime.worker.store import ArrayStore
@@ -117,6 +118,7 @@ class Worker(Executor, DataPlane):
         self._cond = threading.Condition()
         self._stopped = False
         self._transfers = Transfers(self)
+        self._put_parts = PutParts(self)  # puts arriving in several streams
         self.metrics = HostMetrics(island, host)
         self._inflight = InFlight(self.store, f"{island}.{host}", self._progress.set,
                                   on_record=self.metrics.execution)
