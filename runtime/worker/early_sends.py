@@ -23,10 +23,13 @@ from typing import TYPE_CHECKING
 import jax
 
 from proto import pathways_pb2 as pb
+from proto.config import WorkerConfig, from_env
 
 if TYPE_CHECKING:
     from runtime.worker.transfers import Transfers
 
+#: Whether sends start early at all (PATHWAYS_EARLY_SENDS=0: each at its place in the order).
+ENABLED = bool(from_env(WorkerConfig).early_sends)
 #: Threads waiting for the sources of early sends (a wait holds one; a send that finds none free
 #: by the time the order reaches it is made in order).
 WAITING_THREADS = 8
@@ -44,6 +47,8 @@ class EarlySends:
     def start(self, send: pb.SendInstruction, sequence: int) -> None:
         """At receipt of a Send: starts waiting for its source when this host can make the send
         alone and the source's entry exists here (pending or stored)."""
+        if not ENABLED:
+            return
         worker = self._transfers._worker
         slices = getattr(worker, "_slices", {})
         source = slices.get(send.source_slice_id)
