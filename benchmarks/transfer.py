@@ -38,17 +38,22 @@ TARGETS = {"shm": 0.40, "stream": 0.20, "first_over_warm": 1.5}
 
 
 @contextlib.contextmanager
-def shared_memory_setting(value: str) -> Iterator[None]:
-    """PATHWAYS_SHARED_MEMORY=value for this process and the workers it starts meanwhile."""
-    before = os.environ.get("PATHWAYS_SHARED_MEMORY")
-    os.environ["PATHWAYS_SHARED_MEMORY"] = value
+def env_setting(name: str, value: str) -> Iterator[None]:
+    """Environment variable `name`=value for this process and the workers it starts meanwhile."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("PATHWAYS_SHARED_MEMORY", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["PATHWAYS_SHARED_MEMORY"] = before
+            os.environ[name] = before
+
+
+def shared_memory_setting(value: str):
+    """PATHWAYS_SHARED_MEMORY=value for this process and the workers it starts meanwhile."""
+    return env_setting("PATHWAYS_SHARED_MEMORY", value)
 
 
 def memcpy_seconds(source: np.ndarray, target: np.ndarray) -> float:
@@ -265,20 +270,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def early_sends_setting(value: str) -> Iterator[None]:
-    """PATHWAYS_EARLY_SENDS=value for the workers started meanwhile."""
-    before = os.environ.get("PATHWAYS_EARLY_SENDS")
-    os.environ["PATHWAYS_EARLY_SENDS"] = value
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("PATHWAYS_EARLY_SENDS", None)
-        else:
-            os.environ["PATHWAYS_EARLY_SENDS"] = before
-
-
 def measure_exchange(args: argparse.Namespace, out: pathlib.Path,
                      progress: Callable[[str], None]) -> dict[str, Any]:
     """The two-pod step's exchange (benchmarks.transfer_exchange), measured on two clusters at
@@ -290,7 +281,7 @@ def measure_exchange(args: argparse.Namespace, out: pathlib.Path,
     try:
         with shared_memory_setting("1"):
             for name, value in (("in_order", "0"), ("early", "1")):
-                with early_sends_setting(value):
+                with env_setting("PATHWAYS_EARLY_SENDS", value):
                     benches[name] = Bench(args, out / f"workers-exchange-{name}.log")
         exchanges: dict[str, Exchange] = {}
         for name, b in benches.items():  # the same computation on both
