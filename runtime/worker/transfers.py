@@ -1,7 +1,7 @@
 """Host-to-host transfers: a Send instruction captures its source at its place in the island's
-order, and a transfer thread streams it to each host of the destination slice (through
-shared-memory files to a host on the same machine), failing the destination at once when it
-cannot."""
+order (or earlier, once the source is stored: runtime.worker.early_sends), and a transfer thread
+streams it to each host of the destination slice (through a shared-memory segment to a host on
+the same machine, proto.transfer), failing the destination at once when it cannot."""
 
 from __future__ import annotations
 
