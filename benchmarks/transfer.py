@@ -38,17 +38,22 @@ TARGETS = {"shm": 0.40, "stream": 0.20, "first_over_warm": 1.5}
 
 
 @contextlib.contextmanager
-def shared_memory_setting(value: str) -> Iterator[None]:
-    """PATHWAYS_SHARED_MEMORY=value for this process and the workers it starts meanwhile."""
-    before = os.environ.get("PATHWAYS_SHARED_MEMORY")
-    os.environ["PATHWAYS_SHARED_MEMORY"] = value
+def env_setting(name: str, value: str) -> Iterator[None]:
+    """Environment variable `name`=value for this process and the workers it starts meanwhile."""
+    before = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if before is None:
-            os.environ.pop("PATHWAYS_SHARED_MEMORY", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["PATHWAYS_SHARED_MEMORY"] = before
+            os.environ[name] = before
+
+
+def shared_memory_setting(value: str):
+    """PATHWAYS_SHARED_MEMORY=value for this process and the workers it starts meanwhile."""
+    return env_setting("PATHWAYS_SHARED_MEMORY", value)
 
 
 def memcpy_seconds(source: np.ndarray, target: np.ndarray) -> float:
@@ -252,6 +257,9 @@ def run(args: argparse.Namespace) -> int:
                         progress(f"{path}: round {r + 1}/{args.rounds} done")
                 finally:
                     bench.close()
+        if args.exchange_mib > 0:
+            report["exchange"] = measure_exchange(args, out, progress)
+            write_json(json_path, report)
         report["targets_met"] = targets_met(report)
         report["palm_exchange"] = palm_exchange(report, args.palm_gradient_gib * (1 << 30),
                                                 args.palm_step_s)
@@ -260,6 +268,37 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(report))
     print(f"wrote {json_path}, {out / 'transfer.png'}")
     return 0
+
+
+def measure_exchange(args: argparse.Namespace, out: pathlib.Path,
+                     progress: Callable[[str], None]) -> dict[str, Any]:
+    """The two-pod step's exchange (benchmarks.transfer_exchange), measured on two clusters at
+    once (shared memory), sends in the island's order and sends started early, interleaved."""
+    from benchmarks.transfer_exchange import Exchange, summarize as summarize_exchange
+
+    benches: dict[str, Bench] = {}
+    results: dict[str, Any] = {"gradient_mib": args.exchange_mib, "busy_s": args.palm_step_s}
+    try:
+        with shared_memory_setting("1"):
+            for name, value in (("in_order", "0"), ("early", "1")):
+                with env_setting("PATHWAYS_EARLY_SENDS", value):
+                    benches[name] = Bench(args, out / f"workers-exchange-{name}.log")
+        exchanges: dict[str, Exchange] = {}
+        for name, b in benches.items():  # the same computation on both
+            iterations = next(iter(exchanges.values())).iterations if exchanges else None
+            exchanges[name] = Exchange(b, args.exchange_mib, args.palm_step_s, iterations)
+        rounds: dict[str, list] = {name: [] for name in exchanges}
+        for r in range(args.rounds):
+            for name, exchange in exchanges.items():
+                rounds[name].append(exchange.round())
+            progress(f"exchange: round {r + 1}/{args.rounds} done")
+        for name, exchange in exchanges.items():
+            results[name] = {"iterations": exchange.iterations, "rounds": rounds[name],
+                             "summary": summarize_exchange(rounds[name])}
+    finally:
+        for b in benches.values():
+            b.close()
+    return results
 
 
 def add_parser(bench: argparse._SubParsersAction) -> None:
@@ -282,6 +321,8 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
                         "parameters in bfloat16)")
     p.add_argument("--palm-step-s", type=float, default=0.5,
                    help="seconds of computation of that step (without the exchange)")
+    p.add_argument("--exchange-mib", type=float, default=256,
+                   help="gradient size of the measured two-pod step exchange (0: not measured)")
     p.set_defaults(func=run)
 
 

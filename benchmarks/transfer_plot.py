@@ -95,6 +95,17 @@ def format_table(report: dict[str, Any]) -> str:
                          f"({path}): {palm[path]['exchange_s']:.2f} s, "
                          f"{palm[path]['share_of_step']:.0%} of a step with "
                          f"{palm['compute_step_s']} s of computation")
+    exchange = report.get("exchange", {})
+    for name in ("in_order", "early"):
+        figures = exchange.get(name, {}).get("summary")
+        if figures:
+            share, serial = figures["share_of_step"], figures["serial_share"]
+            lines.append(
+                f"measured step exchange, {exchange['gradient_mib']:g} MiB of gradients, sends "
+                f"{name.replace('_', ' ')}: {share['median']:.0%} of the step "
+                f"({share['min']:.0%}-{share['max']:.0%}; step {figures['step_s']['median']:.2f} s,"
+                f" computations alone {figures['compute_s']['median']:.2f} s, copy alone "
+                f"{figures['copy_s']['median']:.2f} s: {serial['median']:.0%} if serial)")
     return "\n".join(lines)
 
 

@@ -55,6 +55,10 @@ class WorkerConfig:
     max_failed_early: int = 4096  # failures of incoming arrays kept until announced
     arrivals_kept: int = 1 << 16  # arrivals kept for the progress stream
     transfer_timeout_s: float = 300.0  # streaming one array to another host
+    host_buffer_pool_bytes: int = 1 << 30  # idle memory of freed device buffers kept for reuse
+    peer_segment_cache_bytes: int = 1 << 30  # peers' shared-memory segments kept mapped
+    peer_segment_check_s: float = 1.0  # how often those a peer no longer holds are unmapped
+    early_sends: int = 1  # 1: a send starts once its source is stored; 0: at its turn in the order
     max_get_timeout_s: float = 3600.0  # the longest wait a GetArray may ask for
     caller_check_s: float = 0.5  # how often a waiting read checks its caller is there
     hang_watch_interval_s: float = 0.2  # how often the hang watchdog looks at the executor

@@ -32,7 +32,8 @@ class InstructionKind:
     `executes`: device work (the scheduler estimates its cost and charges its tenant).
     `replayed`: kept in the island's history, which a host joining later receives first.
     `prepared_at_receipt`: a host does order-free work for it on arrival (entries for the arrays
-    it makes, meshes, which slice an executable runs on), before its turn.
+    it makes, meshes, which slice an executable runs on, sends that start once their source
+    exists), before its turn.
     `runs_in_order`: the host's executor applies it at its place in the order.
     `reads`: the arrays it reads (it waits until they exist or will).
     `slice_of`: the slice it concerns, for kinds dropped from the history with their slice.
@@ -57,7 +58,7 @@ KINDS: dict[str, InstructionKind] = {kind.name: kind for kind in (
                     reads=lambda ins: tuple(ins.execute.inputs)),
     InstructionKind("delete"),
     InstructionKind("expect", prepared_at_receipt=True, runs_in_order=False),
-    InstructionKind("send", reads=lambda ins: (ins.send.array_id,)),
+    InstructionKind("send", prepared_at_receipt=True, reads=lambda ins: (ins.send.array_id,)),
 )}
 
 

@@ -23,6 +23,7 @@ sender streams the bytes instead.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import mmap
@@ -31,11 +32,13 @@ import re
 import secrets
 import stat
 import threading
-import weakref
+import time
 from concurrent import futures
 
 import numpy as np
 
+from proto import buffers as _buffers
+from proto.config import WorkerConfig, from_env
 from proto.errors import FailedPreconditionError, InvalidArgumentError
 
 #: In the message of the error a receiver raises when it cannot open a segment (not a bad one):
@@ -52,7 +55,9 @@ def segments_available() -> bool:
 
 
 class _File:
-    """An anonymous shared-memory file of this process (its pages stay allocated while open)."""
+    """An anonymous shared-memory file of this process (its pages stay allocated while open),
+    mapped here once, for as long as it is open: mapping 256 MiB costs a fair part of a copy of
+    it, so a file reused from the pool is not mapped again."""
 
     def __init__(self, nbytes: int) -> None:
         self.nbytes = nbytes
@@ -61,6 +66,8 @@ class _File:
         try:
             os.ftruncate(self.fd, nbytes)
             os.posix_fallocate(self.fd, 0, nbytes)  # all pages in one call, not fault by fault
+            self.map = mmap.mmap(self.fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
         except BaseException:
             os.close(self.fd)
             raise
@@ -68,6 +75,8 @@ class _File:
 
     def close(self) -> None:
         if self.fd >= 0:
+            with contextlib.suppress(BufferError):  # a view still alive: unmapped with it
+                self.map.close()
             os.close(self.fd)
             self.fd = -1
 
@@ -122,55 +131,167 @@ class Segment:
     """A shared-memory file of this process mapped here, for one transfer.
 
     `reference` names it for a peer on this machine; `array(dtype, shape)` is a view of the
-    mapping. Afterwards `release()` gives the file back to its pool (the transfer succeeded, the
-    views are gone), `release_with_views()` gives it back once the last view made so far is gone
-    (a fetch's result), and `discard()` closes it (a peer may still be using it).
+    mapping. Afterwards `release()` gives the file back to its pool (the transfer succeeded; a
+    view still alive keeps the file out of the pool for good), `release_with_views()` gives it
+    back once the last view made so far is gone (a fetch's result), and `discard()` closes it (a
+    peer may still be using it).
     """
 
     def __init__(self, pool: SegmentPool, file: _File) -> None:
         self.pool, self._file = pool, file
         self.nbytes, self.reference = file.nbytes, file.reference
-        try:
-            self._map = mmap.mmap(file.fd, file.nbytes, flags=mmap.MAP_SHARED | _POPULATE,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
-            file.close()
-            raise
+        self._views = 0
+        self._give_when_unviewed = False
+        self._lock = threading.Lock()
 
     def array(self, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
         """The segment's bytes as a writable array of `shape` and `dtype` (no copy)."""
-        return np.frombuffer(self._map, dtype, count=math.prod(shape)).reshape(shape)
+        with self._lock:
+            self._views += 1
+        return _buffers.lease(self._file.map, self.nbytes, dtype, shape, self._view_gone)
+
+    def _view_gone(self) -> None:
+        with self._lock:
+            self._views -= 1
+            give = self._views == 0 and self._give_when_unviewed
+        if give:
+            self.pool.give(self._file)
 
     def release(self) -> None:
-        if self._unmap():
-            self.pool.give(self._file)
-        else:  # a view is still alive: the file cannot be reused under it
+        with self._lock:
+            viewed = self._views > 0
+        if viewed:  # a view is still alive: the file cannot be reused under it
             self._file.close()
+        else:
+            self.pool.give(self._file)
 
     def release_with_views(self) -> None:
-        # Every NumPy view of the mapping holds the mmap object: when it goes, so do they.
-        weakref.finalize(self._map, self.pool.give, self._file)
-        self._map = None  # the views alone keep it
+        with self._lock:
+            self._give_when_unviewed = True
+            give = self._views == 0
+        if give:
+            self.pool.give(self._file)
 
     def discard(self) -> None:
-        self._unmap()
         self._file.close()
-
-    def _unmap(self) -> bool:
-        try:
-            self._map.close()
-            return True
-        except BufferError:
-            return False
 
 
 #: Segments of this process (clients' puts and fetches, hosts' copies to hosts of this machine).
 #: PATHWAYS_SHARED_MEMORY_POOL_BYTES bounds the idle ones (default 1 GiB).
 POOL = SegmentPool(int(os.environ.get("PATHWAYS_SHARED_MEMORY_POOL_BYTES", 1 << 30)))
+_SETTINGS = from_env(WorkerConfig)
+#: Memory a host's device buffers alias, reused once the arrays they backed are freed.
+HOST_BUFFERS = _buffers.BufferPool(_SETTINGS.host_buffer_pool_bytes)
 
 
 def open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap.mmap:
-    """Maps a peer's segment `reference` of exactly `nbytes` bytes (read-only unless `writable`).
+    """Maps a peer's segment `reference` of exactly `nbytes` bytes (read-only unless `writable`),
+    or returns the mapping of it made before: peers reuse their segments, and mapping one again
+    costs a fair part of a copy of it. At most WorkerConfig.peer_segment_cache_bytes of mappings
+    are kept (least recently used first out).
+
+    InvalidArgumentError unless the reference has the form a Segment gives and names a regular
+    file of this user exactly `nbytes` long; FailedPreconditionError (with SEGMENT_UNREACHABLE)
+    when it cannot be opened or is not a memfd of the name it gives: the peer's /proc is out of
+    reach (another machine or PID namespace), or the peer is gone.
+    """
+    return _PEER_MAPS.get(reference, nbytes, writable)
+
+
+class _PeerMappings:
+    """Mappings of peers' segments, by reference (unique: its name is 128 random bits), kept up
+    to `max_bytes`, and only while their peer holds them: every `check_s` seconds those whose
+    file the peer no longer holds open (closed, or the peer is gone, SIGKILLed say) are dropped,
+    so a peer's memory is not kept alive here. A mapping dropped while a view of it is alive goes
+    with its last view."""
+
+    def __init__(self, max_bytes: int, check_s: float) -> None:
+        self.max_bytes, self.check_s = max_bytes, check_s
+        self._checker: threading.Thread | None = None
+        self._maps: collections.OrderedDict[tuple[str, bool], mmap.mmap] = (
+            collections.OrderedDict())
+        self._sizes: dict[tuple[str, bool], int] = {}
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, reference: str, nbytes: int, writable: bool) -> mmap.mmap:
+        key = (reference, writable)
+        with self._lock:
+            mapping = self._maps.get(key)
+            if mapping is not None and mapping.closed:  # its user closed it: map it again
+                del self._maps[key]
+                self._bytes -= self._sizes.pop(key)
+                mapping = None
+            if mapping is not None:
+                self._maps.move_to_end(key)
+                size = self._sizes[key]
+        if mapping is not None:
+            if size != nbytes:
+                raise InvalidArgumentError(f"shared-memory segment {reference!r} holds "
+                                           f"{size} bytes, the array {nbytes}")
+            return mapping
+        mapping = _open_segment(reference, nbytes, writable=writable)
+        if nbytes > self.max_bytes:
+            return mapping
+        evicted = []
+        with self._lock:
+            if key not in self._maps:
+                self._maps[key], self._sizes[key] = mapping, nbytes
+                self._bytes += nbytes
+            if self._checker is None:
+                self._checker = threading.Thread(target=self._check, daemon=True,
+                                                 name="peer-segments")
+                self._checker.start()
+            while self._bytes > self.max_bytes:
+                old_key, old = self._maps.popitem(last=False)
+                self._bytes -= self._sizes.pop(old_key)
+                evicted.append(old)
+        for old in evicted:
+            with contextlib.suppress(BufferError):
+                old.close()
+        return mapping
+
+    def clear(self) -> None:
+        """Drops every mapping kept."""
+        self._drop(lambda key: True)
+
+    def _drop(self, which) -> None:
+        with self._lock:
+            keys = [key for key in self._maps if which(key)]
+            maps = [self._maps.pop(key) for key in keys]
+            self._bytes -= sum(self._sizes.pop(key) for key in keys)
+        for mapping in maps:
+            with contextlib.suppress(BufferError):
+                mapping.close()
+
+    def _check(self) -> None:
+        """Drops, every `check_s` s, mappings of files their peer no longer holds; ends when
+        nothing is mapped (the next mapping starts it again)."""
+        while True:
+            time.sleep(self.check_s)
+            self._drop(lambda key: not _held_by_peer(key[0]))
+            with self._lock:
+                if not self._maps:
+                    self._checker = None
+                    return
+
+
+def _held_by_peer(reference: str) -> bool:
+    """Whether the process a segment reference names still holds that file at that descriptor."""
+    pid, fd, name = reference.split("/")
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}") == f"/memfd:{name} (deleted)"
+    except OSError:
+        return False
+
+
+_PEER_MAPS = _PeerMappings(_SETTINGS.peer_segment_cache_bytes,
+                            _SETTINGS.peer_segment_check_s)
+
+
+def _open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap.mmap:
+    """Maps a peer's segment `reference` of exactly `nbytes` bytes (read-only unless `writable`);
+    see `open_segment`.
 
     InvalidArgumentError unless the reference has the form a Segment gives and names a regular
     file of this user exactly `nbytes` long; FailedPreconditionError (with SEGMENT_UNREACHABLE)
@@ -211,9 +332,9 @@ def open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap
 
 
 class OpenSegments:
-    """Peer segments a receiver maps while it copies from or into them; each reference is mapped
-    once however many shards it holds. Leaving the block drops the mappings (one still viewed is
-    unmapped with its last view: copy out of the views before, the peer reuses its segments)."""
+    """Peer segments a receiver maps while it copies from or into them (each reference is mapped
+    once however many shards it holds, and kept mapped for the next transfer: `open_segment`).
+    Copy out of the views before leaving the block: the peer reuses its segments."""
 
     def __init__(self, *, writable: bool = False) -> None:
         self._writable = writable
@@ -235,9 +356,6 @@ class OpenSegments:
         return view
 
     def close(self) -> None:
-        for mapping in self._maps.values():
-            with contextlib.suppress(BufferError):  # a view still alive: unmapped with it
-                mapping.close()
         self._maps.clear()
 
     def __enter__(self) -> OpenSegments:
@@ -277,28 +395,15 @@ def device_copy(data: np.ndarray, *, take: bool) -> np.ndarray:
     instead of copying them. With `take` (the caller hands over `data`: nothing else refers to its
     memory, and no other device gets it) a writable `data` is itself made read-only; anything else
     (a view of a peer's segment, whose pages the peer reuses; a second device's shard) is copied
-    once into fresh memory of this process."""
+    once into memory of this process that no other array uses (warm memory of HOST_BUFFERS, when
+    an array of that size was freed before)."""
     if take and data.flags.writeable:
         data.flags.writeable = False
         return data
-    copy = aligned_empty(data.shape, data.dtype)
+    copy = HOST_BUFFERS.empty(data.shape, data.dtype)
     copy_into(copy, data)
     copy.flags.writeable = False
     return copy
-
-
-#: Alignment JAX's CPU client needs to alias host memory rather than copy it.
-DEVICE_ALIGNMENT = 64
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised array starting on a DEVICE_ALIGNMENT boundary (NumPy's own allocations
-    guarantee 16 bytes), so that a device buffer may alias it."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + DEVICE_ALIGNMENT, np.uint8)
-    start = -raw.ctypes.data % DEVICE_ALIGNMENT
-    return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
 #: Copies of at least this many bytes are split over COPY_THREADS threads (NumPy copies without

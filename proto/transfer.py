@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 import threading
+import weakref
 from collections.abc import Callable, Sequence
 from concurrent import futures
 
@@ -89,7 +90,7 @@ def put_jobs(client, value: np.ndarray, spec: pb.ArraySpec, vslice,
             segment = None
 
     def streamed(stub, shards, nbytes):
-        return stub.PutArray(_wire.iter_chunks(spec, shards), timeout=deadline(nbytes))
+        return stream_put(stub, spec, shards, deadline(nbytes))
 
     def put_host(stub, host, groups):
         shards = [(index, ps, value[_wire.as_slices(index)]) for index, ps in groups]
@@ -111,6 +112,51 @@ def put_jobs(client, value: np.ndarray, spec: pb.ArraySpec, vslice,
         for job in jobs:
             job.add_done_callback(countdown.tick)
     return jobs
+
+
+#: What a host that takes a put in one stream only says to one in several (ArrayChunk.parts).
+ONE_STREAM_ONLY = "this host takes a put in one stream"
+_ONE_STREAM: weakref.WeakSet = weakref.WeakSet()
+
+#: A host's shards of a put stream in parallel, one stream per shard (at most this many), once
+#: they hold at least PARALLEL_STREAM_BYTES in all.
+MAX_PUT_STREAMS = 8
+PARALLEL_STREAM_BYTES = 4 << 20
+
+
+def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float) -> None:
+    """Puts a host's shards ((index, mesh positions, data) triples) of an array over gRPC: one
+    stream per shard (up to MAX_PUT_STREAMS, ArrayChunk.parts), all at once, so that a sharded
+    array's bytes use several connections' worth of threads; one stream when they are few or
+    small. Raises the first stream's error (the host fails the others with it)."""
+    nbytes = sum(data.nbytes for _, _, data in shards)
+    parts = min(len(shards), MAX_PUT_STREAMS)
+    if parts < 2 or nbytes < PARALLEL_STREAM_BYTES or stub in _ONE_STREAM:
+        stub.PutArray(_wire.iter_chunks(spec, shards), timeout=timeout)
+        return
+    groups = [shards[i::parts] for i in range(parts)]
+    errors: list[BaseException] = []
+
+    def one(group) -> None:
+        try:
+            stub.PutArray(_wire.iter_chunks(spec, group, parts), timeout=timeout)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            errors.append(exc)
+
+    # Threads of their own, not a bounded pool: the host holds each stream until all arrive.
+    threads = [threading.Thread(target=one, args=(g,), name="put-stream", daemon=True)
+               for g in groups[1:]]
+    for thread in threads:
+        thread.start()
+    one(groups[0])
+    for thread in threads:
+        thread.join()  # each stream carries its RPC's deadline
+    if errors:
+        if all(ONE_STREAM_ONLY in str(_mapped(e)) for e in errors) and len(errors) == parts:
+            _ONE_STREAM.add(stub)  # a host that takes puts in one stream only (simulated)
+            stub.PutArray(_wire.iter_chunks(spec, shards), timeout=timeout)
+            return
+        raise errors[0]
 
 
 def _put_through(stub, address: str, spec: pb.ArraySpec, groups, segment: _shm.Segment,

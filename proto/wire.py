@@ -3,20 +3,15 @@
 An array travels as a stream of `ArrayChunk` messages: the array's spec, then for each distinct
 shard a header (its index in the global array and the mesh positions that hold it) followed by its
 raw bytes cut into chunks small enough for gRPC's message limit. Replicated shards travel once per
-host, not once per device. Between hosts of one machine a shard's bytes may instead lie in a file of
-the shared-memory directory, named in its header (`shared_chunks`): one copy in, one copy out,
-instead of a dozen through protobuf and the loopback socket.
+host, not once per device. Between processes of one machine a shard's bytes may instead lie in a
+shared-memory segment of the sender (proto.shm), named in its header (`shared_array`): the header
+alone travels.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
-import os
-import re
-import secrets
-import stat
 from collections.abc import Iterable, Iterator, Sequence
 
 import ml_dtypes
@@ -35,10 +30,6 @@ GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
-
-#: Memory-backed directory for same-machine shard files; PATHWAYS_SHARED_MEMORY=0 turns them off.
-SHARED_DIR = "/dev/shm"
-_SHARED_NAME = re.compile(r"pathways-[0-9a-f]{32}")
 
 _DTYPES: dict[str, np.dtype] = {
     name: np.dtype(name)
@@ -194,9 +185,10 @@ def shard_shape(index: Index) -> tuple[int, ...]:
 
 
 def iter_chunks(spec: pb.ArraySpec | None,
-                shards: Iterable[tuple[Index, Sequence[int], np.ndarray]]
+                shards: Iterable[tuple[Index, Sequence[int], np.ndarray]], parts: int = 0
                 ) -> Iterator[pb.ArrayChunk]:
-    """Chunk messages for shards given as (index, mesh positions, data); `spec` leads if given."""
+    """Chunk messages for shards given as (index, mesh positions, data); `spec` leads if given
+    (with `parts`: this stream is one of that many carrying a host's shards, ArrayChunk.parts)."""
     first = True
     for index, positions, data in shards:
         raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
@@ -208,77 +200,12 @@ def iter_chunks(spec: pb.ArraySpec | None,
             msg = pb.ArrayChunk(shard=header if offset == 0 else None, data=bytes(piece))
             if first and spec is not None:
                 msg.spec.CopyFrom(spec)
+                msg.parts = parts
             first = False
             yield msg
             offset += len(piece)
             if offset >= raw.nbytes:
                 break
-
-
-def shared_memory_available() -> bool:
-    """Whether shards may travel through files of SHARED_DIR (a writable directory, not disabled
-    by PATHWAYS_SHARED_MEMORY=0). Only for a peer on this machine: the caller checks that."""
-    return (os.environ.get("PATHWAYS_SHARED_MEMORY", "1") != "0"
-            and os.access(SHARED_DIR, os.W_OK | os.X_OK))
-
-
-@contextlib.contextmanager
-def shared_chunks(spec: pb.ArraySpec | None,
-                  shards: Iterable[tuple[Index, Sequence[int], np.ndarray]]
-                  ) -> Iterator[list[pb.ArrayChunk]]:
-    """Chunk messages (one per shard, `spec` on the first) whose bytes lie in new files of
-    SHARED_DIR, readable by this user only; the files are removed when the block exits, so the
-    receiver must have read them by then (a PutArray call has, once it returns). Raises OSError
-    when the directory cannot take them (full, say): the caller streams instead."""
-    paths: list[str] = []
-    try:
-        messages = []
-        for index, positions, data in shards:
-            raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-            name = f"pathways-{secrets.token_hex(16)}"
-            path = os.path.join(SHARED_DIR, name)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-            paths.append(path)
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
-            header = pb.ShardHeader(index=index_to_proto(index), nbytes=raw.nbytes,
-                                    mesh_positions=positions, shared_file=name)
-            message = pb.ArrayChunk(shard=header)
-            if not messages and spec is not None:
-                message.spec.CopyFrom(spec)
-            messages.append(message)
-        yield messages
-    finally:
-        for path in paths:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-
-
-def read_shared(name: str, buffer: np.ndarray) -> None:
-    """Fills `buffer` (uint8) from shard file `name` of SHARED_DIR. InvalidArgumentError unless
-    the name is one `shared_chunks` makes and the file is a regular file of this user holding
-    exactly the buffer's bytes (a peer cannot make a host read anything else)."""
-    if not _SHARED_NAME.fullmatch(name):
-        raise InvalidArgumentError(f"shared shard file {name!r} is not a runtime shard file")
-    try:
-        fd = os.open(os.path.join(SHARED_DIR, name), os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError as exc:
-        raise InvalidArgumentError(f"shared shard file {name!r} cannot be opened: "
-                                   f"{exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
-            raise InvalidArgumentError(f"shared shard file {name!r} is not a regular file of "
-                                       f"this user")
-        if info.st_size != buffer.nbytes:
-            raise InvalidArgumentError(f"shared shard file {name!r} holds {info.st_size} bytes, "
-                                       f"the shard {buffer.nbytes}")
-        view, filled = memoryview(buffer), 0
-        while filled < buffer.nbytes:
-            n = f.readinto(view[filled:])
-            if not n:
-                raise InvalidArgumentError(f"shared shard file {name!r} was truncated")
-            filled += n
 
 
 @dataclasses.dataclass
@@ -325,6 +252,9 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = No
                 raise InvalidArgumentError(
                     f"shard header says {chunk.shard.nbytes} bytes, shape {sshape} of {dtype} "
                     f"is {nbytes}")
+            if chunk.shard.shared_file:
+                raise InvalidArgumentError("shard files (ShardHeader.shared_file) are not "
+                                           "accepted: shared memory travels as segments")
             if chunk.shard.shared_array:
                 if segments is None or spec is None or chunk.data:
                     raise InvalidArgumentError("shared-memory shards are not accepted here")
@@ -338,11 +268,8 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = No
                     and region.flags.c_contiguous):
                 buffer = region.reshape(-1).view(np.uint8)
             else:
-                buffer = _shm.aligned_empty((nbytes,), np.uint8)  # a device buffer may alias it
+                buffer = _shm.HOST_BUFFERS.empty((nbytes,), np.uint8)  # a device buffer may alias it
             filled = 0
-            if chunk.shard.shared_file:
-                read_shared(chunk.shard.shared_file, buffer)
-                filled = nbytes
             shards.append(ReceivedShard(index, list(chunk.shard.mesh_positions),
                                         buffer.view(dtype).reshape(sshape)))
         elif buffer is None:

@@ -137,12 +137,9 @@ async def receive_shards(first: pb.ArrayChunk, rest: AsyncIterator[pb.ArrayChunk
             buffer = bytearray() if declared <= keep_bytes and expected == full else None
             shards.append((index, list(chunk.shard.mesh_positions), None))
             if chunk.shard.shared_file:
-                if buffer is not None:
-                    data = np.empty(full, np.uint8)
-                    _wire.read_shared(chunk.shard.shared_file, data)
-                    buffer += data.tobytes()
-                received = expected
-            elif chunk.shard.shared_array:  # its region of a sender's segment (proto.shm)
+                raise InvalidArgumentError("shard files (ShardHeader.shared_file) are not "
+                                           "accepted: shared memory travels as segments")
+            if chunk.shard.shared_array:  # its region of a sender's segment (proto.shm)
                 if buffer is not None:
                     with _shm.OpenSegments() as segments:
                         whole = segments.array(chunk.shard.shared_array, dtype, shape)

@@ -26,6 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from proto import auth as _auth
 from proto import pathways_pb2 as pb
+from proto import transfer as _transfer
 from proto import wire as _wire
 from proto.config import WorkerConfig, from_env
 from proto.errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
@@ -324,6 +325,8 @@ class SimHost:
             self.announcements.fail(array_id, ExecutionError(first.error))
             self.progress.fire()
             return 0
+        if first.parts > 1:  # the sender puts it again in one stream
+            raise FailedPreconditionError(_transfer.ONE_STREAM_ONLY)
         deadline = time.monotonic() + min(timeout, ANNOUNCE_TIMEOUT_S)
         while self.announcements.spec(array_id) is None and time.monotonic() < deadline:
             await self.arrived.wait(self.arrived.version, deadline - time.monotonic())

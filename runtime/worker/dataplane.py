@@ -23,6 +23,7 @@ from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPr
 from runtime.worker.announced import Announcements, check_as_announced
 from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_GET_TIMEOUT_S,
                                      SLICE_TIMEOUT_S)
+from runtime.worker.put_parts import PutParts
 from runtime.worker.store import ArrayStore
 
 
@@ -43,6 +44,7 @@ class DataPlane:
         self.announcements = announcements
         self.mesh = mesh
         self.wait_received = wait_received
+        self._put_parts = PutParts(self)  # puts arriving in several streams
 
     def put(self, chunks: Iterator[pb.ArrayChunk], timeout: float = SLICE_TIMEOUT_S) -> int:
         """Stores an array streamed in as chunks; returns the bytes received.
@@ -62,13 +64,19 @@ class DataPlane:
         if first.error:  # the sender's array failed, or (from the controller) its island was lost
             self._fail_incoming(array_id, ExecutionError(first.error))
             return 0
+        if first.parts > 1:  # one of several streams of this host's shards
+            return self._put_parts.put(first, chunks, timeout)
         announced = self._claim(array_id, min(timeout, ANNOUNCE_TIMEOUT_S))
         try:
             check_as_announced(first.spec, announced)
             return self._store_put(announced, first, chunks, timeout)
         finally:
-            with self._cond:
-                self.announcements.release(array_id)
+            self._release(array_id)
+
+    def _release(self, array_id: int) -> None:
+        """A claimed put is over: the array may be claimed again unless it was stored."""
+        with self._cond:
+            self.announcements.release(array_id)
 
     def _fail_incoming(self, array_id: int, error: PathwaysError) -> None:
         """An announced array will not come: its entry fails (readers get `error`). One not
@@ -98,23 +106,36 @@ class DataPlane:
 
     def _store_put(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
                    chunks: Iterator[pb.ArrayChunk], timeout: float) -> int:
+        with _shm.OpenSegments() as segments:
+            return self._place_put(spec, *self._receive_shards(spec, first, chunks, timeout,
+                                                               segments))
+
+    def _receive_shards(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
+                        chunks: Iterator[pb.ArrayChunk], timeout: float,
+                        segments: _shm.OpenSegments) -> tuple:
+        """(mesh, slice info, the sharding's shards, the shards of a put's stream), once the
+        array's slice is defined here (waiting up to `timeout` s)."""
         mesh, info = self.mesh(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
         shape = tuple(spec.shape)
         expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
                                                                   tuple(info.axis_names)),
                                            spec.sharding))
-        with _shm.OpenSegments() as segments:
-            return self._place_put(spec, mesh, info, expected, _wire.assemble_chunks(
-                _at_most_shards(itertools.chain([first], chunks), len(expected), spec.array_id),
-                segments=segments)[1])
+        return mesh, info, expected, _wire.assemble_chunks(
+            _at_most_shards(itertools.chain([first], chunks), len(expected), spec.array_id),
+            segments=segments)[1]
 
     def _place_put(self, spec: pb.ArraySpec, mesh, info: pb.SliceInfo, expected: dict,
                    shards: list[_wire.ReceivedShard]) -> int:
         """Copies a put's shards onto this host's devices (before their segments close) and
         stores the array."""
-        shape = tuple(spec.shape)
+        self._store_placed(spec, mesh, info, self._place_shards(spec, mesh, info, expected,
+                                                                shards))
+        return sum(s.data.nbytes for s in shards)
+
+    def _place_shards(self, spec: pb.ArraySpec, mesh, info: pb.SliceInfo, expected: dict,
+                      shards: list[_wire.ReceivedShard]) -> dict[int, jax.Array]:
+        """Copies shards onto this host's devices: mesh position -> its device buffer."""
         flat_devices = mesh.devices.reshape(-1)
-        local = [p for p, d in enumerate(info.devices) if d.host == self.host]
         placed: dict[int, jax.Array] = {}
         for shard in shards:
             if expected.get(shard.index) is None:
@@ -131,6 +152,13 @@ class DataPlane:
                 placed[position] = jax.device_put(_shm.device_copy(shard.data, take=i == 0),
                                                   flat_devices[position])
         jax.block_until_ready(list(placed.values()))
+        return placed
+
+    def _store_placed(self, spec: pb.ArraySpec, mesh, info: pb.SliceInfo,
+                      placed: dict[int, jax.Array]) -> None:
+        """Stores a put's array once its shards are on every device of this host."""
+        shape = tuple(spec.shape)
+        local = [p for p, d in enumerate(info.devices) if d.host == self.host]
         if len(placed) != len(local):
             raise InvalidArgumentError(f"array {spec.array_id}: got shards for {len(placed)} of "
                                        f"the {len(local)} devices of this host")
@@ -140,7 +168,6 @@ class DataPlane:
                                                          [placed[p] for p in local])
         self._settle(spec.array_id, lambda: self.store.set(
             spec.array_id, value, sum(placed[p].nbytes for p in placed)))
-        return sum(s.data.nbytes for s in shards)
 
     def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S,
             active: Callable[[], bool] = lambda: True) -> Iterator[pb.ArrayChunk]:

@@ -63,7 +63,13 @@ def _receive_expect(host, ins: pb.Instruction, now: float, announced: list) -> N
         announced.append(ins.expect.spec)
 
 
+def _receive_send(host, ins: pb.Instruction, now: float, announced: list) -> None:
+    transfers = getattr(host, "_transfers", None)  # simulated hosts send in order
+    if transfers is not None:
+        transfers.early.start(ins.send, ins.sequence)
+
+
 #: The order-free work at receipt, per kind of instruction (those `prepared_at_receipt` in
 #: proto.instructions.KINDS).
 _AT_RECEIPT = {"execute": _receive_execute, "define_slice": _receive_define_slice,
-               "load": _receive_load, "expect": _receive_expect}
+               "load": _receive_load, "expect": _receive_expect, "send": _receive_send}

@@ -1,7 +1,7 @@
 """Host-to-host transfers: a Send instruction captures its source at its place in the island's
-order, and a transfer thread streams it to each host of the destination slice (through
-shared-memory files to a host on the same machine), failing the destination at once when it
-cannot."""
+order (or earlier, once the source is stored: runtime.worker.early_sends), and a transfer thread
+streams it to each host of the destination slice (through a shared-memory segment to a host on
+the same machine, proto.transfer), failing the destination at once when it cannot."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from proto import transfer as _transfer
 from proto import wire as _wire
 from proto.errors import ExecutionError
 from runtime.worker.defaults import SLICE_TIMEOUT_S, TRANSFER_TIMEOUT_S
+from runtime.worker.early_sends import EarlySends
 from runtime.worker.pins import SendPins
 
 if TYPE_CHECKING:
@@ -46,6 +47,7 @@ class Transfers:
         self._pool = futures.ThreadPoolExecutor(
             max_workers=4, thread_name_prefix=f"send-{worker.island}.{worker.host}")
         self.pins = SendPins()  # sources captured by sends, not yet streamed
+        self.early = EarlySends(self)  # sends started at receipt
 
     def send(self, send: pb.SendInstruction, sequence: int) -> None:
         """Captures the source at this place in the island's order; streams it on a transfer thread.
@@ -58,6 +60,8 @@ class Transfers:
         """
         if send.source_slice_id in self._worker._foreign:
             return  # another host of the island holds the array
+        if self.early.claim(sequence):
+            return  # started at receipt (runtime.worker.early_sends), and captured
         try:
             value = self._worker.store.get(send.array_id, self._worker.input_timeout_s)
             if not value.is_fully_addressable:
@@ -70,15 +74,20 @@ class Transfers:
                 self._worker.store.set(send.destination.array_id,
                                jax.device_put(value, sharding, may_alias=False))
                 return
-            if isinstance(value, jax.Array):
-                self.pins.pin(value)
-            try:
-                self._pool.submit(self._stream, value, send)
-            except RuntimeError:  # the host is stopping
-                self.pins.unpin(value)
-                raise
+            self.submit_stream(value, send)
         except Exception as exc:
             self._fail_destination(send, exc, set())
+
+    def submit_stream(self, value: jax.Array | np.ndarray, send: pb.SendInstruction) -> None:
+        """Streams a captured source on a transfer thread, holding it (runtime.worker.pins)
+        until then. RuntimeError when the host is stopping."""
+        if isinstance(value, jax.Array):
+            self.pins.pin(value)
+        try:
+            self._pool.submit(self._stream, value, send)
+        except RuntimeError:  # the host is stopping
+            self.pins.unpin(value)
+            raise
 
     def _is_local_copy(self, send: pb.SendInstruction) -> bool:
         """Whether the destination lies entirely on this host's devices."""
@@ -130,9 +139,9 @@ class Transfers:
                         for index, ps in groups if set(ps) & set(positions)]
                 if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S):
                     full = np.asarray(value) if full is None else full
-                    self._peer(address).PutArray(_wire.iter_chunks(dest, [
-                        (index, ps, full[_wire.as_slices(index)]) for index, ps in mine]),
-                        timeout=TRANSFER_TIMEOUT_S)
+                    _transfer.stream_put(self._peer(address), dest, [
+                        (index, ps, full[_wire.as_slices(index)]) for index, ps in mine],
+                        TRANSFER_TIMEOUT_S)
                 delivered.add(host)
             succeeded = True
         except Exception as exc:
@@ -180,6 +189,7 @@ class Transfers:
         """Cancels queued sends and waits (at most `wait_s`) for those streaming: threads still
         inside gRPC or XLA when the interpreter exits can abort the process, and every call of
         theirs has a deadline."""
+        self.early.stop()
         self._pool.shutdown(wait=False, cancel_futures=True)
         deadline = time.monotonic() + wait_s
         for thread in list(getattr(self._pool, "_threads", ())):

@@ -1,0 +1,95 @@
+"""Warm memory for array bytes: buffers handed out as NumPy arrays and taken back, pages and all,
+once the last view of them is gone.
+
+A copy into memory the process has never touched runs at a fraction of a copy into memory it has
+(every page is faulted in and zeroed on the way: 2-3 times memcpy's time on this kind of machine,
+even with huge pages). A host copies every shard a put or a copy brings into memory its device
+buffer then aliases, so that memory comes from here: when the device buffer is freed (JAX drops
+its reference to the array it aliased), the buffer goes back to the pool and the next shard of
+that size is copied into pages already in place.
+
+`lease(owner, nbytes)` is the mechanism both this pool and shared-memory segments (proto.shm) use
+to know when the views of a buffer are gone: the views are made over a fresh ctypes object that
+exports `owner`'s bytes, NumPy keeps that object as the views' base, and a finalizer on it runs
+when the last view goes, whoever held it (a device buffer, a fetch's caller).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import threading
+import weakref
+from collections.abc import Callable
+
+import numpy as np
+
+#: Alignment JAX's CPU client needs to alias host memory rather than copy it.
+DEVICE_ALIGNMENT = 64
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised array starting on a DEVICE_ALIGNMENT boundary (NumPy's own allocations
+    guarantee 16 bytes), so that a device buffer may alias it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + DEVICE_ALIGNMENT, np.uint8)
+    start = -raw.ctypes.data % DEVICE_ALIGNMENT
+    return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def lease(owner, nbytes: int, dtype: np.dtype, shape: tuple[int, ...],
+          on_free: Callable[[], None] | None = None) -> np.ndarray:
+    """A writable array of `shape` and `dtype` over the first bytes of `owner` (any writable
+    buffer of at least `nbytes` bytes). `on_free` runs once this array and every view made of it
+    are gone (from whichever thread drops the last one)."""
+    exporter = (ctypes.c_char * nbytes).from_buffer(owner)
+    if on_free is not None:
+        weakref.finalize(exporter, on_free)
+    return np.frombuffer(exporter, dtype, count=math.prod(shape)).reshape(shape)
+
+
+class BufferPool:
+    """Aligned host buffers of past arrays kept for reuse, at most `max_idle_bytes` of them idle.
+
+    `empty(shape, dtype)` is `aligned_empty`, but from a buffer of the same size that an array no
+    longer uses, when there is one; the buffer returns here when the array it backs, and every
+    view of it, is gone. Arrays under `min_bytes` are allocated plainly (their pages are few)."""
+
+    def __init__(self, max_idle_bytes: int, min_bytes: int = 1 << 20) -> None:
+        self.max_idle_bytes, self.min_bytes = max_idle_bytes, min_bytes
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._idle_bytes = 0
+        self._lock = threading.Lock()
+
+    def empty(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An uninitialised, DEVICE_ALIGNMENT-aligned array that nothing else refers to."""
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < self.min_bytes or self.max_idle_bytes <= 0:
+            return aligned_empty(shape, dtype)
+        with self._lock:
+            free = self._free.get(nbytes)
+            raw = free.pop() if free else None
+            if raw is not None:
+                self._idle_bytes -= nbytes
+        if raw is None:
+            raw = aligned_empty((nbytes,), np.uint8)
+        return lease(raw, nbytes, dtype, shape, lambda: self._give(raw))
+
+    def _give(self, raw: np.ndarray) -> None:
+        with self._lock:
+            if self._idle_bytes + raw.nbytes <= self.max_idle_bytes:
+                self._free.setdefault(raw.nbytes, []).append(raw)
+                self._idle_bytes += raw.nbytes
+
+    @property
+    def idle_bytes(self) -> int:
+        """Bytes of buffers waiting for reuse."""
+        return self._idle_bytes
+
+    def clear(self) -> None:
+        """Lets every idle buffer go."""
+        with self._lock:
+            self._free.clear()
+            self._idle_bytes = 0

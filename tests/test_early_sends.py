@@ -1,0 +1,99 @@
+"""Island-to-island copies overlap with computation: a copy starts once its source is produced,
+not when the island's order reaches it (runtime.worker.early_sends), and the receiving island's
+computations wait only for the arrays they read."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import runtime
+
+HOOK_S = 120  # the longest the test hook holds an island's order (a failing test ends sooner)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with runtime.LocalCluster(islands=2, devices_per_island=2) as c:
+        yield c
+
+
+def hold_the_order(v):
+    return v * 3
+
+
+def produce(v):
+    return v * 2 + 1
+
+
+class OrderHold:
+    """A test hook on island 0's host: executions of `hold_the_order` block its executor (and
+    with it the island's order) until `release` is set."""
+
+    def __init__(self, worker) -> None:
+        self.executor = worker.executor
+        self.held, self.release = threading.Event(), threading.Event()
+        self._real = self.executor._execute
+
+    def __enter__(self) -> OrderHold:
+        def execute(sequence, ex, received):
+            loaded = self.executor._loaded.get(ex.executable_id)
+            if loaded is not None and "hold_the_order" in loaded.name:
+                self.held.set()
+                self.release.wait(HOOK_S)
+            return self._real(sequence, ex, received)
+
+        self.executor._execute = execute
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release.set()
+        del self.executor._execute
+
+
+def _setup(cluster):
+    client = cluster.client()
+    s0, s1 = client.slice({"d": 2}, island=0), client.slice({"d": 2}, island=1)
+    make, hold = client.jit(produce, s0), client.jit(hold_the_order, s0)
+    x = client.put(np.arange(4096, dtype=np.float32), s0, P("d"))
+    make(x).to(s1).fetch(), hold(x).fetch()  # compiled and loaded everywhere
+    return client, s1, make, hold, x
+
+
+def test_a_copy_completes_while_an_unrelated_computation_holds_the_order(cluster):
+    client, s1, make, hold, x = _setup(cluster)
+    try:
+        with OrderHold(cluster.workers[0]) as hook:
+            y = make(x)
+            blocked = hold(x)  # ahead of the copy in island 0's order, held by the hook
+            moved = y.to(s1)  # the copy: its source is ready before `blocked` starts
+            assert hook.held.wait(60), "the hook never held the order"
+            got = moved.fetch(timeout=60)
+            assert not hook.release.is_set()  # the order is still held
+            np.testing.assert_array_equal(got, np.arange(4096, dtype=np.float32) * 2 + 1)
+            # The receiving island computes on the copy meanwhile: it waits only for what it reads.
+            after = client.jit(lambda v: v - 1, s1)(moved)
+            np.testing.assert_array_equal(after.fetch(timeout=60),
+                                          np.arange(4096, dtype=np.float32) * 2)
+        np.testing.assert_array_equal(blocked.fetch(timeout=60),
+                                      np.arange(4096, dtype=np.float32) * 3)
+    finally:
+        client.close()
+
+
+def test_a_copy_of_the_held_computations_output_waits_for_it(cluster):
+    client, s1, make, hold, x = _setup(cluster)
+    try:
+        with OrderHold(cluster.workers[0]) as hook:
+            held = hold(x)
+            moved = held.to(s1)  # started at receipt: waits for its source, which is held
+            assert hook.held.wait(60)
+            assert not cluster.workers[1].store.ready(moved.id)
+            hook.release.set()
+            np.testing.assert_array_equal(moved.fetch(timeout=60),
+                                          np.arange(4096, dtype=np.float32) * 3)
+    finally:
+        client.close()
