@@ -75,6 +75,7 @@ class SchedulerConfig:
     max_batch: int = 1024  # instructions per Dispatch RPC
     max_batch_bytes: int = 8 << 20
     progress_interval_s: float = 0.005  # least time between two progress reports of a host
+    latency_window_s: float = 60.0  # dispatch latency percentiles of `pathways status` cover this
     watch_retry_s: float = 0.2  # pause before re-opening a broken progress stream
 
 

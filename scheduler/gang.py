@@ -39,6 +39,7 @@ from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from proto.config import SchedulerConfig, from_env
 from scheduler.delivery import HostLink, in_order
+from scheduler.latency import StageLatency
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
 from scheduler.progress import Progress
 from scheduler.readiness import Readiness
@@ -93,6 +94,7 @@ class GangScheduler(Progress):
         self._executed = 0  # highest sequence every host has executed
         self._progress_at = time.monotonic()
         self._failure: PathwaysError | None = None
+        self.latency = StageLatency(self.config.latency_window_s)
         self.readiness = readiness or Readiness()
         self.input_wait_s = input_wait_s
         self._wake = threading.Event()  # some array became ready: admit what waited for it
@@ -260,6 +262,7 @@ class GangScheduler(Progress):
             self._inflight.append((sequence, cost))
             self._outstanding_s += cost
             self._unmeasured[sequence] = (tenant, executable, cost)
+            self.latency.ordered(sequence, item.queued_at)
             if len(self._unmeasured) > self.config.max_unmeasured:
                 self._unmeasured.popitem(last=False)
             self.policy.charge(tenant, cost)
@@ -460,6 +463,7 @@ class GangScheduler(Progress):
             return pb.IslandStatus(
                 island=self.island, sequence=self._sequence, policy=self.policy.name,
                 failure=str(failure) if failure else "", outstanding_s=self._outstanding_s,
+                latency=self.latency.percentiles(),
                 tenants=[pb.TenantStatus(session_id=t.session_id, client_name=t.name,
                                          weight=t.weight, queued=len(t.queue), ordered=t.ordered,
                                          device_seconds=t.device_seconds)

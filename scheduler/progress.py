@@ -50,6 +50,7 @@ class Progress:
             link.executed = max(link.executed, executed)
             for done in completed:
                 self._measure(done.sequence, done.seconds)
+            self.latency.started(completed)
             if hang and self._failure is None:
                 self._fail(DeadlineExceededError(hang))
             self._recompute_progress()
@@ -69,6 +70,7 @@ class Progress:
     def _recompute_progress(self) -> None:
         if not self._links:
             return
+        self.latency.received_up_to(min(link.acked for link in self._links.values()))
         executed = min(link.executed for link in self._links.values())
         if executed > self._executed:
             self._executed = executed

@@ -425,9 +425,11 @@ class SimHost:
             if fresh:
                 reported = fresh[0][0]
             arrivals_reported, arrived = self.announcements.after(arrivals_reported)
+            now = time.time()
             yield pb.WatchProgressReply(
                 received=self._received, executed=self.executed, hang=self.hang, arrived=arrived,
-                completed=[pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
+                completed=[pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4],
+                                                 started_ago_s=now - e[4])
                            for e in reversed(fresh)])
             if interval:
                 await asyncio.sleep(interval)

@@ -306,8 +306,9 @@ class Worker(Executor, DataPlane):
             arrived = entries_after(self._arrivals, arrivals_reported)
             if arrived:
                 arrivals_reported = arrived[-1][0]
-            completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
-                         for e in fresh]
+            now = time.time()
+            completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4],
+                                               started_ago_s=now - e[4]) for e in fresh]
             with self._cond:
                 received = self._received
             yield pb.WatchProgressReply(received=received, executed=self.executed,
