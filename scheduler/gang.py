@@ -34,10 +34,11 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
-                          PathwaysError, ResourceExhaustedError)
+                          PathwaysError)
 from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from proto.config import SchedulerConfig, from_env
+from scheduler.coalesce import ProgressCoalescer
 from scheduler.delivery import HostLink, in_order
 from scheduler.latency import StageLatency
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
@@ -56,11 +57,13 @@ class GangScheduler(Progress):
                  on_host_failure: Callable[[int, int, str], None], *,
                  policy: str | SchedulingPolicy = "fifo", window_s: float | None = None,
                  link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink,
-                 epoch: int = 0, open_channel: Callable[[str], grpc.Channel] | None = None,
+                 epoch: int = 0, open_channel: Callable[[str], grpc.aio.Channel] | None = None,
+                 channel_metadata: Sequence[tuple[str, str]] = (),
                  readiness: Readiness | None = None, input_wait_s: float | None = None,
                  config: SchedulerConfig | None = None) -> None:
         """`link_factory(scheduler, host, address)` connects a host (tests pass a fake);
-        `open_channel(address)` opens the channel of a real link (with the cluster's credentials);
+        `open_channel(address)` opens the asyncio channel of a real link (with the cluster's TLS;
+        on the link loop) and `channel_metadata` goes with its calls (the cluster's tokens);
         `epoch` numbers the island's incarnations under this controller (hosts reset when it
         changes: the island was restarted); `readiness` is the registry of arrays that do not
         exist yet (shared by a controller's islands: a copy between islands is ready once its
@@ -73,7 +76,9 @@ class GangScheduler(Progress):
         self.island, self.controller_id = island, controller_id
         self.epoch = epoch
         self.open_channel = open_channel or (
-            lambda address: grpc.insecure_channel(address, options=GRPC_OPTIONS))
+            lambda address: grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+        self.channel_metadata = tuple(channel_metadata)
+        self.reports = ProgressCoalescer(self.note_reports)  # the links' reports, per loop turn
         self._link_factory = link_factory
         self.on_host_failure = on_host_failure
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
@@ -361,7 +366,6 @@ class GangScheduler(Progress):
                     self._deliver(batch)
                     self._progress_at = time.monotonic()
 
-
     # -- failures ---------------------------------------------------------------------------------
 
     def fail(self, error: PathwaysError) -> None:
@@ -417,39 +421,6 @@ class GangScheduler(Progress):
         """The last sequence number given out."""
         with self.cond:
             return self._sequence
-
-    def flush(self, timeout: float) -> None:
-        """Waits until every host has received everything ordered so far."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            target = self._sequence
-            while True:
-                self._raise_if_failed()
-                if all(link.acked >= target for link in self._links.values()):
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    slow = [h for h, link in self._links.items() if link.acked < target]
-                    raise DeadlineExceededError(
-                        f"island {self.island}: hosts {slow} did not receive instructions "
-                        f"up to #{target} within {timeout:.1f} s")
-                self.cond.wait(left)
-
-    def wait_backlog(self, limit: int, timeout: float) -> None:
-        """Waits while the slowest host is more than `limit` instructions behind the order, so a
-        client that outruns its island waits instead of filling the hosts' memory."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self._links and self._sequence - min(
-                    link.executed for link in self._links.values()) > limit:
-                if self._failure is not None or self._link_failure() is not None:
-                    return  # nothing more runs there: work for it fails when it is planned
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ResourceExhaustedError(
-                        f"island {self.island} is more than {limit} instructions behind after "
-                        f"{timeout:.0f} s")
-                self.cond.wait(min(left, 0.1))
 
     def queue_depth(self) -> dict[int, int]:
         """Instructions ordered but not yet sent, per host."""

@@ -8,7 +8,8 @@ Every time is the controller's own monotonic clock, so no host's clock enters: a
 long ago an execution started (`CompletedExecution.started_ago_s`) and the start is placed that
 long before the report's arrival (later than the truth by the report's one-way delay, never
 earlier). "Last host received" is when the acknowledgement of the last host arrived (a Dispatch
-reply or a progress report): also the controller's view, a one-way delay late.
+reply or a progress report): also the controller's view, a one-way delay late, so it is taken no
+later than the start (a host receives a computation before it starts it).
 
 The stage names match `pathways bench dispatch` and `pathways bench scale`
 (benchmarks.scale_measure), whose "submit" is the client's; here it is the controller's receipt.
@@ -111,7 +112,10 @@ class StageLatency:
         now = time.monotonic() if now is None else now
         with self._lock:
             self._trim(now)
-            rows = [(r.submitted, r.ordered, r.received, r.started) for r in self._records]
+            # Every host received a computation before it started it, so the last receipt is no
+            # later than the last start, whatever the acknowledgement's delay on the way.
+            rows = [(r.submitted, r.ordered, r.received if r.started is None or r.received is None
+                     else min(r.received, r.started), r.started) for r in self._records]
         fields = {"submitted": 0, "ordered": 1, "received": 2, "started": 3}
         out = []
         for name, begin, end in STAGES:

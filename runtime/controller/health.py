@@ -6,6 +6,7 @@ the work of its island and the transfers other islands expect from it. A part of
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -54,7 +55,8 @@ class Health:
                 scheduler = GangScheduler(
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
-                    open_channel=lambda address: _rpc.open_channel(address, self.credentials),
+                    open_channel=lambda address: _rpc.open_aio_channel(address, self.credentials),
+                    channel_metadata=_rpc.credential_metadata(self.credentials),
                     readiness=self.readiness, input_wait_s=self.limits.input_wait_s,
                     config=self.scheduler_config)
                 self._schedulers[info.island] = scheduler
@@ -118,7 +120,7 @@ class Health:
         for key, (_, stub) in probes.items():
             last_answer.setdefault(key, now)
             try:
-                calls[key] = stub.Ping.future(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
+                calls[key] = self._ping(key, stub)
             except ValueError as err:  # the channel was replaced or closed
                 calls[key] = err
         for key, call in calls.items():
@@ -126,7 +128,8 @@ class Health:
                 if isinstance(call, ValueError):
                     raise call
                 reply = call.result()
-            except (grpc.RpcError, grpc.FutureCancelledError, ValueError) as err:
+            except (grpc.RpcError, grpc.FutureCancelledError, ValueError,
+                    concurrent.futures.CancelledError) as err:
                 if self._stop.is_set():
                     return
                 code = err.code() if isinstance(err, grpc.RpcError) else None
@@ -142,6 +145,16 @@ class Health:
             scheduler = self._schedulers.get(key[0])
             if scheduler is not None:
                 scheduler.note_progress(key[1], reply.executed)
+
+    def _ping(self, key: tuple[int, int], stub):
+        """A heartbeat's ping of a host: through its island's link (on the link loop, no thread
+        of its own; answered without a call when the host's link heard from it within the
+        interval: scheduler.delivery), or on the probe's channel for a host without a link."""
+        scheduler = self._schedulers.get(key[0])
+        call = None if scheduler is None else scheduler.ping(
+            key[1], HEARTBEAT_INTERVAL_S, fresh_s=HEARTBEAT_INTERVAL_S)
+        return call if call is not None else stub.Ping.future(pb.PingRequest(),
+                                                              timeout=HEARTBEAT_INTERVAL_S)
 
     def report_host_lost(self, island: int, host: int, reason: str) -> None:
         """Declares a host lost (heartbeat, dispatch failure, or a supervisor such as Ray's):

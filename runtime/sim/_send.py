@@ -34,30 +34,12 @@ log = logging.getLogger(__name__)
 TRANSFER_TIMEOUT_S = 300.0
 
 
-def aio_channel(address: str, credentials: _auth.Credentials) -> grpc.aio.Channel:
-    """An asyncio channel to a runtime server, with TLS when the credentials have it."""
-    options = _rpc.channel_options(credentials)
-    if credentials.tls is not None:
-        return grpc.aio.secure_channel(address, credentials.tls.channel_credentials(), options)
-    return grpc.aio.insecure_channel(address, options=options)
-
-
-def host_metadata(credentials: _auth.Credentials) -> list[tuple[str, str]]:
-    """The metadata a host presents to its peers: the cluster token and the host token."""
-    metadata = []
-    if credentials.token:
-        metadata.append((_auth.TOKEN_KEY, credentials.token))
-    if credentials.host_token:
-        metadata.append((_auth.HOST_TOKEN_KEY, credentials.host_token))
-    return metadata
-
-
 class Transfers:
     """Sends arrays out of one process's simulated hosts; one channel per destination host."""
 
     def __init__(self, credentials: _auth.Credentials) -> None:
         self.credentials = credentials
-        self._metadata = host_metadata(credentials)
+        self._metadata = _rpc.credential_metadata(credentials)
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
         self._streams: set[asyncio.Task] = set()
 
@@ -114,7 +96,7 @@ class Transfers:
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = aio_channel(address, self.credentials)
+            channel = _rpc.open_aio_channel(address, self.credentials)
             entry = self._channels[address] = (channel, pb_grpc.WorkerStub(channel))
         return entry[1]
 
