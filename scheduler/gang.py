@@ -451,7 +451,8 @@ class GangScheduler(Progress):
             links = list(self._links.values())
             for link in links:
                 link.close()
-            self._fail(FailedPreconditionError(f"island {self.island}'s scheduler is closed"))
+            if self._failure is None:  # an island that failed keeps its reason
+                self._fail(FailedPreconditionError(f"island {self.island}'s scheduler is closed"))
             self.cond.notify_all()
         deadline = time.monotonic() + timeout
         if self._pump is not threading.current_thread():

@@ -37,6 +37,20 @@ class Progress:
             link = self._links.get(host)
         return None if link is None else link.ping(timeout, fresh_s)
 
+    def order_gap(self, host: int, received: int) -> str:
+        """Why a host that registers again holding the island's order only up to `received`
+        cannot go on, or "": it had acknowledged more (its process is new, and the controller
+        keeps only the history of slices and loads to replay, not the order's other
+        instructions, so it would wait for ever for the missing ones)."""
+        with self.cond:
+            link = self._links.get(host)
+            acked = 0 if link is None else link.acked
+        if received >= acked:
+            return ""
+        return (f"it registered again holding the island's order up to #{received}, after "
+                f"acknowledging up to #{acked} (its process restarted): the instructions in "
+                f"between are gone, so the island restarts")
+
     def note_progress(self, host: int, executed: int, received: int = 0,
                       completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
                       arrived: Sequence[int] = ()) -> None:

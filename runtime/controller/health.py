@@ -34,7 +34,9 @@ class Health:
 
         A host registering on an island that lost one restarts the island: its slices (and the
         arrays and executables on them) are dropped and its order starts afresh (a new epoch), so
-        a restarted island starts empty. Sessions that used it get NotFoundError for them."""
+        a restarted island starts empty. Sessions that used it get NotFoundError for them. A
+        host whose process restarted unnoticed (it holds less of the order than it had
+        acknowledged) is first declared lost, with that reason: its island restarts too."""
         if (info.island < 0 or info.host < 0 or info.num_devices <= 0
                 or not is_address(info.address)
                 or (info.control_address and not is_address(info.control_address))):
@@ -47,6 +49,10 @@ class Health:
                             info.device_memory_bytes, info.distributed_hosts,
                             ray_node=info.ray_node)
         with self._lock:
+            scheduler = self._schedulers.get(info.island)
+            gap = "" if scheduler is None else scheduler.order_gap(info.host, info.received)
+            if gap:  # a restarted process: its island restarts too (below)
+                self.report_host_lost(info.island, info.host, gap)
             if self.resources.lost_host(info.island) is not None:
                 self._restart_island(info.island)
             self.resources.register_host(record)
