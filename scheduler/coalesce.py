@@ -24,6 +24,7 @@ class HostReport:
     completed: list[pb.CompletedExecution] = dataclasses.field(default_factory=list)
     hang: str = ""
     arrived: list[int] = dataclasses.field(default_factory=list)
+    contacted: bool = False  # it answered a Dispatch (forwarded to it: scheduler.fanout)
 
     def merge(self, later: HostReport) -> None:
         """Folds a later report of the same host into this one."""
@@ -32,6 +33,7 @@ class HostReport:
         self.completed.extend(later.completed)
         self.arrived.extend(later.arrived)
         self.hang = later.hang or self.hang
+        self.contacted = self.contacted or later.contacted
 
 
 class ProgressCoalescer:

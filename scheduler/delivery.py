@@ -17,7 +17,6 @@ import asyncio
 import collections
 import concurrent.futures
 import heapq
-import itertools
 import logging
 import threading
 import time
@@ -84,6 +83,11 @@ class HostLink:
         self.loop = loop or LinkLoop.shared()
         self._metadata = tuple(getattr(events, "channel_metadata", ()))
         self.queue: collections.deque[pb.Instruction] = collections.deque()
+        # Reached through another host (scheduler.fanout): what the island sends meanwhile is
+        # kept here, not dispatched, until the host acknowledges it.
+        self.relayed = False
+        self._relayed: collections.deque[pb.Instruction] = collections.deque()
+        self.forward: list[pb.ForwardTarget] = []  # the subtrees a Dispatch of this link reaches
         # The batch of the Dispatch under way: kept until its reply says the host has it, so a
         # link replacing this one can resend it (unacknowledged).
         self._in_flight: list[pb.Instruction] = []
@@ -105,7 +109,37 @@ class HostLink:
         with self._lock:
             if self.failed or self.closed:
                 return
+            if self.relayed:
+                relayed = self._relayed
+                relayed.extend(ops)
+                while relayed and relayed[0].sequence <= self.acked:
+                    relayed.popleft()
+                return
             self.queue.extend(ops)
+            if self._woken:
+                return
+            self._woken = True
+        self.loop.call(self._wake_sender)
+
+    def idle(self) -> bool:
+        """Whether nothing handed to this link directly waits for the host's acknowledgement."""
+        with self._lock:
+            return not self.queue and not self._in_flight
+
+    def route(self, forward: list[pb.ForwardTarget] | None) -> None:
+        """How the island's order reaches this host from now on (scheduler.fanout): by this
+        link's Dispatch, which forwards to `forward`'s subtrees; or (None) through another host.
+        A host taken out of the tree gets, directly, what it has not acknowledged."""
+        with self._lock:
+            if forward is None:
+                self.relayed, self.forward = True, []
+                return
+            self.forward = list(forward)
+            if not self.relayed:
+                return
+            self.relayed = False
+            self.queue.extend(ins for ins in self._relayed if ins.sequence > self.acked)
+            self._relayed.clear()
             if self._woken:
                 return
             self._woken = True
@@ -120,7 +154,7 @@ class HostLink:
     def pending(self) -> int:
         """Instructions queued for the host and not dispatched yet."""
         with self._lock:
-            return len(self.queue)
+            return len(self.queue) + sum(ins.sequence > self.acked for ins in self._relayed)
 
     def unacknowledged(self) -> list[pb.Instruction]:
         """What was handed to this link and the host has not acknowledged receiving, in order:
@@ -128,7 +162,7 @@ class HostLink:
         this one for the same host sends these again (scheduler.gang's set_host), so nothing is
         lost; the host skips what it already holds (runtime.worker.intake)."""
         with self._lock:
-            return [ins for ins in itertools.chain(self._in_flight, self.queue)
+            return [ins for ins in in_order(self._in_flight, self.queue, self._relayed)
                     if ins.sequence > self.acked]
 
     def ping(self, timeout: float, fresh_s: float = 0.0) -> concurrent.futures.Future:
@@ -180,11 +214,11 @@ class HostLink:
                 batch.append(self.queue.popleft())
                 size += ins_size
             self._in_flight = batch
-            return batch
+            return batch, self.forward
 
     async def _send_loop(self) -> None:
         while not self.closed and not self.failed:
-            batch = self._next_batch()
+            batch, forward = self._next_batch()
             if not batch:
                 self._wake.clear()
                 if self.pending() or self.closed or self.failed:
@@ -192,7 +226,8 @@ class HostLink:
                 await self._wake.wait()
                 continue
             request = pb.DispatchRequest(controller_id=self.events.controller_id,
-                                         epoch=self.events.epoch, instructions=batch)
+                                         epoch=self.events.epoch, instructions=batch,
+                                         forward=forward)
             try:
                 reply = await self._stub.Dispatch(request, timeout=self.config.dispatch_timeout_s,
                                                   metadata=self._metadata)
@@ -204,6 +239,18 @@ class HostLink:
                 self._in_flight = []
             self.dispatched_at = time.monotonic()
             self._report(HostReport(self.host, reply.executed, reply.received))
+            for position in reply.forwarded:
+                self._forwarded(position)
+
+    def _forwarded(self, position: pb.HostPosition) -> None:
+        """A host below this one in the fan-out tree: where it stands, or that it was lost."""
+        if not position.error:
+            self._report(HostReport(position.host, position.executed, position.received,
+                                    contacted=True))
+        elif not position.error.startswith("not reached"):  # its own call failed
+            self.events.on_link_lost(position.host, f"not reached through the fan-out tree "
+                                                    f"from host {self.island}.{self.host}: "
+                                                    f"{position.error}")
 
     async def _watch_loop(self) -> None:
         request = pb.WatchProgressRequest(min_interval_s=self.config.progress_interval_s)

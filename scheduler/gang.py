@@ -39,6 +39,7 @@ from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from proto.config import SchedulerConfig, from_env
 from scheduler.coalesce import ProgressCoalescer
+from scheduler import fanout
 from scheduler.delivery import HostLink, in_order
 from scheduler.latency import StageLatency
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
@@ -126,6 +127,7 @@ class GangScheduler(Progress):
             link = self._link_factory(self, host, address)
             link.send(in_order(self._history, resend))
             self._links[host] = link
+            self._route()
             self._failure = None
             self._recompute_progress()
             self.cond.notify_all()
@@ -136,8 +138,13 @@ class GangScheduler(Progress):
             link = self._links.pop(host, None)
             if link is not None:
                 link.close()
+                self._route()
             self._recompute_progress()
             self.cond.notify_all()
+
+    def _route(self) -> None:
+        """The island's fan-out tree over its links that are caught up (scheduler.fanout)."""
+        fanout.apply(self._links, self.config.fanout, self.config.fanout_min_hosts)
 
     # -- ordering ---------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 
 from proto import pathways_pb2 as pb
-from proto.errors import DeadlineExceededError, ResourceExhaustedError
+from proto.errors import DeadlineExceededError, HostLostError, ResourceExhaustedError
 from scheduler.coalesce import HostReport
 
 
@@ -25,9 +25,8 @@ class Progress:
         self.on_host_failure(self.island, host, reason)
         with self.cond:
             if self._failure is None:
-                failure = self._link_failure()
-                if failure is not None:
-                    self._fail(failure)
+                self._fail(self._link_failure() or HostLostError(
+                    f"island {self.island}: host {self.island}.{host} was lost: {reason}"))
 
     def ping(self, host: int, timeout: float, fresh_s: float = 0.0
              ) -> concurrent.futures.Future | None:
@@ -77,6 +76,8 @@ class Progress:
                     link.acked = report.received
                     acked = True
                 link.executed = max(link.executed, report.executed)
+                if report.contacted:  # a Dispatch reached it through the fan-out tree
+                    link.dispatched_at = time.monotonic()
                 for done in report.completed:
                     self._measure(done.sequence, done.seconds)
                 self.latency.started(report.completed)

@@ -21,6 +21,7 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
+from runtime.worker import forward as _forward
 from proto import wire as _wire
 from proto.errors import PathwaysError
 from runtime.sim._arrays import SimArray, dataless_chunks
@@ -92,6 +93,24 @@ class Transfers:
                         err.code().name)
         except Exception:  # the receiver's execution times out and reports it
             log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
+
+    async def forward(self, request: pb.DispatchRequest, timeout: float
+                      ) -> list[pb.HostPosition]:
+        """Passes a Dispatch on down the island's fan-out tree (runtime.worker.forward), to
+        every target at once; the positions of every host below, or why one was not reached."""
+        deadline = max(0.01, timeout - _forward.REPLY_MARGIN_S)
+
+        async def one(target: pb.ForwardTarget) -> list[pb.HostPosition]:
+            try:
+                reply = await self._stub(target.address).Dispatch(
+                    _forward.forwarded_request(request, target), timeout=deadline,
+                    metadata=self._metadata)
+            except grpc.RpcError as err:
+                return _forward.positions(target, None, _forward.describe_error(err, target))
+            return _forward.positions(target, reply)
+
+        results = await asyncio.gather(*(one(target) for target in request.forward))
+        return [position for result in results for position in result]
 
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
         entry = self._channels.get(address)
