@@ -129,17 +129,17 @@ class HostLink:
     def route(self, forward: list[pb.ForwardTarget] | None) -> None:
         """How the island's order reaches this host from now on (scheduler.fanout): by this
         link's Dispatch, which forwards to `forward`'s subtrees; or (None) through another host.
-        A host taken out of the tree gets, directly, what it has not acknowledged."""
+        What the tree was to bring the host and it has not acknowledged comes directly (the old
+        tree may never bring it: its parent may have been taken out of the tree before passing
+        it on, and its new parent may have passed it on before the host was below it)."""
         with self._lock:
-            if forward is None:
-                self.relayed, self.forward = True, []
-                return
-            self.forward = list(forward)
-            if not self.relayed:
-                return
-            self.relayed = False
-            self.queue.extend(ins for ins in self._relayed if ins.sequence > self.acked)
+            self.relayed = forward is None
+            self.forward = [] if forward is None else list(forward)
+            catch_up = [ins for ins in self._relayed if ins.sequence > self.acked]
             self._relayed.clear()
+            if not catch_up:
+                return
+            self.queue.extend(catch_up)
             if self._woken:
                 return
             self._woken = True

@@ -100,3 +100,46 @@ def test_a_host_the_tree_cannot_reach_fails_its_island_with_its_name():
                 x.fetch(timeout=30)
         message = str(lost.value)
         assert f"host 0.{HOSTS - 1}" in message and "fan-out tree" in message, message
+
+
+class _IdleLoop:
+    """A link loop that runs nothing: the link's own bookkeeping alone."""
+
+    def submit(self, coroutine):
+        coroutine.close()
+
+    def call(self, fn, *args):
+        pass
+
+
+class _Events:
+    island, controller_id, epoch, channel_metadata = 0, "controller", 0, ()
+    config = ClusterConfig().scheduler
+
+
+def _ops(*sequences):
+    return [pb.Instruction(sequence=q, delete=pb.DeleteInstruction(array_ids=[q]))
+            for q in sequences]
+
+
+def test_a_new_tree_sends_a_relayed_host_directly_what_it_has_not_acknowledged():
+    """The old parent may have been taken out of the tree before passing a batch on, and the
+    new one may have passed it on before the host was below it: at every change of the tree a
+    relayed host gets, directly, what it has not acknowledged; later batches come by the tree."""
+    from scheduler.delivery import HostLink
+
+    link = HostLink(_Events(), 5, "nowhere:1", loop=_IdleLoop())
+    link.route(None)
+    link.send(_ops(1, 2, 3))
+    assert link._next_batch() == ([], [])  # relayed: nothing of its own to send
+    assert [op.sequence for op in link.unacknowledged()] == [1, 2, 3]
+    link.acked = 1
+    link.route(None)  # the tree changed; the host is still relayed
+    batch, forward = link._next_batch()
+    assert [op.sequence for op in batch] == [2, 3] and forward == []
+    link.send(_ops(4))  # by the tree
+    assert link._next_batch() == ([], [])
+    target = pb.ForwardTarget(host=6, address="a:6")
+    link.route([target])  # now a root: #4 directly, forwarded below it
+    batch, forward = link._next_batch()
+    assert [op.sequence for op in batch] == [4] and list(forward) == [target]
