@@ -115,6 +115,12 @@ class HostLink:
                 while relayed and relayed[0].sequence <= self.acked:
                     relayed.popleft()
                 return
+        self._queue_direct(ops)
+
+    def _queue_direct(self, ops: Sequence[pb.Instruction]) -> None:
+        """Queues instructions for this link's own Dispatch and wakes its sender (once per
+        burst: the wake-up is one call onto the loop however many sends came meanwhile)."""
+        with self._lock:
             self.queue.extend(ops)
             if self._woken:
                 return
@@ -137,13 +143,8 @@ class HostLink:
             self.forward = [] if forward is None else list(forward)
             catch_up = [ins for ins in self._relayed if ins.sequence > self.acked]
             self._relayed.clear()
-            if not catch_up:
-                return
-            self.queue.extend(catch_up)
-            if self._woken:
-                return
-            self._woken = True
-        self.loop.call(self._wake_sender)
+        if catch_up:
+            self._queue_direct(catch_up)
 
     def _wake_sender(self) -> None:
         with self._lock:

@@ -87,6 +87,7 @@ class GangScheduler(Progress):
         self.cond = threading.Condition()
         self.closed = False
         self._links: dict[int, HostLink] = {}
+        self._incarnations: dict[int, str] = {}  # each host's process, as it registered
         self._sequence = 0
         self._history: list[pb.Instruction] = []  # replayed to a host that (re)joins
         self._tenants: dict[int, Tenant] = {}
@@ -112,7 +113,7 @@ class GangScheduler(Progress):
 
     # -- hosts ------------------------------------------------------------------------------------
 
-    def set_host(self, host: int, address: str) -> None:
+    def set_host(self, host: int, address: str, incarnation: str = "") -> None:
         """Connects a host; a host that joins late receives the island's order so far. A host that
         re-registers clears the island's failure (its order starts afresh on the host). A live
         host that registers again (it heard from no controller for a while) loses nothing: its
@@ -127,6 +128,7 @@ class GangScheduler(Progress):
             link = self._link_factory(self, host, address)
             link.send(in_order(self._history, resend))
             self._links[host] = link
+            self._incarnations[host] = incarnation
             self._route()
             self._failure = None
             self._recompute_progress()

@@ -36,15 +36,18 @@ class Progress:
             link = self._links.get(host)
         return None if link is None else link.ping(timeout, fresh_s)
 
-    def order_gap(self, host: int, received: int) -> str:
-        """Why a host that registers again holding the island's order only up to `received`
-        cannot go on, or "": it had acknowledged more (its process is new, and the controller
-        keeps only the history of slices and loads to replay, not the order's other
-        instructions, so it would wait for ever for the missing ones)."""
+    def order_gap(self, host: int, received: int, incarnation: str) -> str:
+        """Why a host that registers again from a new process (`incarnation` differs from its
+        last registration's) holding the island's order only up to `received` cannot go on, or
+        "": it had acknowledged more, and the controller keeps only the history of slices and
+        loads to replay, not the order's other instructions, so it would wait for ever for the
+        missing ones. (The same process registering again keeps what it holds, whatever it
+        reports: its report may be older than its last acknowledgement.)"""
         with self.cond:
             link = self._links.get(host)
             acked = 0 if link is None else link.acked
-        if received >= acked:
+            known = self._incarnations.get(host, "")
+        if not known or not incarnation or incarnation == known or received >= acked:
             return ""
         return (f"it registered again holding the island's order up to #{received}, after "
                 f"acknowledging up to #{acked} (its process restarted): the instructions in "

@@ -70,31 +70,28 @@ def check_status_latency(address, status, computations):
     assert all(set(row) == {"stage", "count", "p50_ms", "p99_ms"} for row in stages)
 
 
+def twenty_calls_then_status(cluster, devices):
+    """Twenty calls on a slice of the island's devices, then the controller's status."""
+    with cluster.client() as client:
+        s = client.slice({"d": devices})
+        x = client.put(np.ones(devices, np.float32), s, P("d"))
+        f = client.jit(lambda v: v * 2 + 1, s, in_specs=P("d"), out_specs=P("d"))
+        for _ in range(20):
+            x = f(x)
+        x.fetch(timeout=60)
+        client.sync()
+        return client.status()
+
+
 def test_status_shows_dispatch_latency_on_a_real_island():
     with runtime.ProcessCluster(islands=1, hosts_per_island=2, devices_per_host=1) as cluster:
         with cluster.client() as client:
-            status = client.status()
-            assert all(row.count == 0 for row in status.islands[0].latency)
-            s = client.slice({"d": 2})
-            x = client.put(np.ones(2, np.float32), s, P("d"))
-            f = client.jit(lambda v: v * 2 + 1, s, in_specs=P("d"), out_specs=P("d"))
-            for _ in range(20):
-                x = f(x)
-            x.fetch(timeout=60)
-            client.sync()
-            check_status_latency(cluster.address, client.status(), 20)
+            assert all(row.count == 0 for row in client.status().islands[0].latency)
+        check_status_latency(cluster.address, twenty_calls_then_status(cluster, 2), 20)
 
 
 def test_status_shows_dispatch_latency_on_simulated_hosts():
     from runtime.sim import SimCluster
 
     with SimCluster(islands=1, hosts_per_island=8, devices_per_host=1) as cluster:
-        with cluster.client() as client:
-            s = client.slice({"d": 8})
-            x = client.put(np.ones(8, np.float32), s, P("d"))
-            f = client.jit(lambda v: v * 2 + 1, s, in_specs=P("d"), out_specs=P("d"))
-            for _ in range(20):
-                x = f(x)
-            x.fetch(timeout=60)
-            client.sync()
-            check_status_latency(cluster.address, client.status(), 20)
+        check_status_latency(cluster.address, twenty_calls_then_status(cluster, 8), 20)

@@ -50,7 +50,8 @@ class Health:
                             ray_node=info.ray_node)
         with self._lock:
             scheduler = self._schedulers.get(info.island)
-            gap = "" if scheduler is None else scheduler.order_gap(info.host, info.received)
+            gap = "" if scheduler is None else scheduler.order_gap(info.host, info.received,
+                                                                   info.incarnation)
             if gap:  # a restarted process: its island restarts too (below)
                 self.report_host_lost(info.island, info.host, gap)
             if self.resources.lost_host(info.island) is not None:
@@ -69,7 +70,7 @@ class Health:
             # Dispatch, progress and heartbeat go to the host's control server: client traffic on
             # its main server cannot make them late (runtime.worker.worker).
             control = info.control_address or info.address
-            scheduler.set_host(info.host, control)
+            scheduler.set_host(info.host, control, info.incarnation)
             old = self._probes.pop((info.island, info.host), None)
             channel = _rpc.open_channel(control, self.credentials)
             self._probes[(info.island, info.host)] = (channel, pb_grpc.WorkerStub(channel))

@@ -29,6 +29,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -77,6 +78,7 @@ class Worker(Executor, DataPlane):
         self.island, self.host = island, host
         self.limits = limits
         # Presented to peer hosts; the worker's server demands the same (create_worker_server).
+        self.incarnation = uuid.uuid4().hex  # this host object's: tells a restart apart
         self.credentials = credentials or _auth.Credentials()
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
         self.input_timeout_s = input_timeout_s
@@ -277,7 +279,7 @@ class Worker(Executor, DataPlane):
                            current_name=state[1] if len(state) > 1 else "",
                            current_state=current_state(state),
                            ray_node=self.ray_node,
-                           control_address=self.control_address)
+                           control_address=self.control_address, incarnation=self.incarnation)
 
     @property
     def activity(self) -> str:
