@@ -140,7 +140,10 @@ class Health:
                 if self._stop.is_set():
                     return
                 code = err.code() if isinstance(err, grpc.RpcError) else None
-                refused[key] = refused.get(key, 0) + (code != grpc.StatusCode.DEADLINE_EXCEEDED)
+                # A closed channel or link is one the host's new registration replaced: no
+                # refusal of the host's.
+                refused[key] = refused.get(key, 0) + (
+                    code is not None and code != grpc.StatusCode.DEADLINE_EXCEEDED)
                 silent = now - last_answer[key]
                 if refused[key] >= HEARTBEAT_MISSES or silent > BUSY_HOST_TIMEOUT_S:
                     reason = (f"unreachable ({code.name if code else 'closed'})"
@@ -153,15 +156,15 @@ class Health:
             if scheduler is not None:
                 scheduler.note_progress(key[1], reply.executed)
 
-    def _ping(self, key: tuple[int, int], stub):
-        """A heartbeat's ping of a host: through its island's link (on the link loop, no thread
-        of its own; answered without a call when the host's link heard from it within the
-        interval: scheduler.delivery), or on the probe's channel for a host without a link."""
+    def _ping(self, key: tuple[int, int], stub, timeout: float = HEARTBEAT_INTERVAL_S,
+              fresh_s: float = HEARTBEAT_INTERVAL_S):
+        """A ping of a host (the heartbeat's, or the status's with `fresh_s` 0): through its
+        island's link (on the link loop, no thread of its own; answered without a call when the
+        host answered a Dispatch within `fresh_s`: scheduler.delivery), or on the probe's
+        channel for a host without a link."""
         scheduler = self._schedulers.get(key[0])
-        call = None if scheduler is None else scheduler.ping(
-            key[1], HEARTBEAT_INTERVAL_S, fresh_s=HEARTBEAT_INTERVAL_S)
-        return call if call is not None else stub.Ping.future(pb.PingRequest(),
-                                                              timeout=HEARTBEAT_INTERVAL_S)
+        call = None if scheduler is None else scheduler.ping(key[1], timeout, fresh_s=fresh_s)
+        return call if call is not None else stub.Ping.future(pb.PingRequest(), timeout=timeout)
 
     def report_host_lost(self, island: int, host: int, reason: str) -> None:
         """Declares a host lost (heartbeat, dispatch failure, or a supervisor such as Ray's):

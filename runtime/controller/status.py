@@ -32,7 +32,7 @@ class StatusReport:
         hosts = self.resources.hosts()
         self._list_slices(reply, [r for r in self.resources.slices()
                                   if viewer is None or r.session_id == viewer])
-        pings = {key: stub.Ping.future(pb.PingRequest(), timeout=STATUS_PING_TIMEOUT_S)
+        pings = {key: self._ping(key, stub, STATUS_PING_TIMEOUT_S, fresh_s=0.0)
                  for key, (_, stub) in probes.items()
                  if ping_hosts and any((h.island, h.host) == key and h.alive for h in hosts)}
         for h in hosts:
