@@ -87,6 +87,7 @@ class HostLink:
         # kept here, not dispatched, until the host acknowledges it.
         self.relayed = False
         self._relayed: collections.deque[pb.Instruction] = collections.deque()
+        self._relayed_at: collections.deque[float] = collections.deque()  # when each came
         self.forward: list[pb.ForwardTarget] = []  # the subtrees a Dispatch of this link reaches
         # The batch of the Dispatch under way: kept until its reply says the host has it, so a
         # link replacing this one can resend it (unacknowledged).
@@ -110,10 +111,9 @@ class HostLink:
             if self.failed or self.closed:
                 return
             if self.relayed:
-                relayed = self._relayed
-                relayed.extend(ops)
-                while relayed and relayed[0].sequence <= self.acked:
-                    relayed.popleft()
+                self._relayed.extend(ops)
+                self._relayed_at.extend([time.monotonic()] * len(ops))
+                self._trim_relayed()
                 return
         self._queue_direct(ops)
 
@@ -141,10 +141,38 @@ class HostLink:
         with self._lock:
             self.relayed = forward is None
             self.forward = [] if forward is None else list(forward)
-            catch_up = [ins for ins in self._relayed if ins.sequence > self.acked]
-            self._relayed.clear()
+            catch_up = self._take_relayed()
         if catch_up:
             self._queue_direct(catch_up)
+
+    def _trim_relayed(self) -> None:
+        """Forgets what the host acknowledged of what the tree was to bring it (lock held)."""
+        while self._relayed and self._relayed[0].sequence <= self.acked:
+            self._relayed.popleft()
+            self._relayed_at.popleft()
+
+    def _take_relayed(self) -> list[pb.Instruction]:
+        """What the tree was to bring the host and it has not acknowledged (lock held)."""
+        self._trim_relayed()
+        taken = list(self._relayed)
+        self._relayed.clear()
+        self._relayed_at.clear()
+        return taken
+
+    def check_relayed(self) -> None:
+        """Sends directly what the tree was to bring the host and it has not acknowledged within
+        `relay_timeout_s`: whatever went wrong on the way (a change of the tree mid-batch), the
+        host gets it late, never never. Called with each heartbeat."""
+        with self._lock:
+            self._trim_relayed()
+            if not self._relayed or (time.monotonic() - self._relayed_at[0]
+                                     < self.config.relay_timeout_s):
+                return
+            catch_up = self._take_relayed()
+        log.warning("host %d.%d: %d instructions from #%d did not come through the fan-out "
+                    "tree within %.1f s; sending them directly", self.island, self.host,
+                    len(catch_up), catch_up[0].sequence, self.config.relay_timeout_s)
+        self._queue_direct(catch_up)
 
     def _wake_sender(self) -> None:
         with self._lock:
@@ -170,7 +198,9 @@ class HostLink:
         """The host's answer to a heartbeat, as a future of a PingReply (or of the RPC's error):
         a Ping RPC on the loop; or, when a Dispatch call was answered within `fresh_s` seconds,
         that answer (no call: a host busy with the order pays no heartbeat, and counts the
-        Dispatch as the controller's contact)."""
+        Dispatch as the controller's contact). Checks what the tree was to bring the host
+        (`check_relayed`)."""
+        self.check_relayed()
         if fresh_s and time.monotonic() - self.dispatched_at < fresh_s:
             answered: concurrent.futures.Future = concurrent.futures.Future()
             answered.set_result(pb.PingReply(executed=self.executed))

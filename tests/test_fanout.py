@@ -143,3 +143,23 @@ def test_a_new_tree_sends_a_relayed_host_directly_what_it_has_not_acknowledged()
     link.route([target])  # now a root: #4 directly, forwarded below it
     batch, forward = link._next_batch()
     assert [op.sequence for op in batch] == [4] and list(forward) == [target]
+
+
+def test_what_the_tree_did_not_bring_in_time_goes_directly():
+    from scheduler.delivery import HostLink
+
+    class Events(_Events):
+        config = ClusterConfig().replace(relay_timeout_s=0.0).scheduler
+
+    link = HostLink(Events(), 5, "nowhere:1", loop=_IdleLoop())
+    link.route(None)
+    link.send(_ops(1, 2, 3))
+    link.acked = 1
+    link.check_relayed()  # #2 and #3 are overdue (a timeout of 0)
+    batch, _ = link._next_batch()
+    assert [op.sequence for op in batch] == [2, 3]
+    link.send(_ops(4))
+    Events.config = ClusterConfig().replace(relay_timeout_s=60.0).scheduler
+    link.config = Events.config
+    link.check_relayed()  # not overdue: it stays with the tree
+    assert link._next_batch() == ([], [])
