@@ -216,7 +216,9 @@ class HostLink:
         try:
             return await self._stub.Ping(pb.PingRequest(), timeout=timeout,
                                          metadata=self._metadata)
-        except grpc.aio.UsageError:  # the link closed its channel meanwhile
+        except (grpc.aio.UsageError, asyncio.CancelledError):
+            # The link closed its channel meanwhile (the host registered again): a closed
+            # channel cancels the calls on it.
             raise ValueError("the link is closed") from None
 
     # -- on the loop ------------------------------------------------------------------------------
