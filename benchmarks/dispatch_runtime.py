@@ -96,25 +96,21 @@ class RuntimeSystem:
         return self._timed(self._function("step", k), n_computations)
 
     def latency_probe(self, rounds: int) -> dict:
-        """Dispatch latency per stage without a backlog, as `pathways bench scale` measures it
-        (benchmarks.scale_measure.latencies: client submit -> ordered -> the host received the
-        computation -> it started; p50 and p99 in ms): `rounds` OpByOp calls, one at a time."""
-        from benchmarks.scale_measure import latencies, read_timelines
-        from benchmarks.scale_workload import Submission
+        """Dispatch latency per stage without a backlog, by `pathways bench scale`'s own probe
+        (benchmarks.scale_workload.probe_latencies: client submit -> ordered -> the host
+        received the computation -> it started; p50 and p99 in ms): `rounds` OpByOp calls, one
+        at a time."""
+        from benchmarks.scale_workload import Chain, probe_latencies
 
         fn = self._function("step")
-        since = time.time()
-        submissions = []
-        x = self._x
-        for _ in range(rounds):
-            submitted = time.time()
-            x = fn(x, self._w)
-            submissions.append(Submission(self.slice.island, submitted, x, x._ticket))
-            x.fetch()
-        self._x = x
-        timelines = read_timelines({self.slice.island: list(self.slice.info.host_addresses)},
-                                   self.client.credentials, since)
-        return latencies(submissions, timelines)
+        chain = Chain(self.slice.island, self.slice, self._x, run=lambda x: fn(x, self._w),
+                      addresses=list(self.slice.info.host_addresses))
+        deadline = time.monotonic() + RPC_TIMEOUT_S * max(1, rounds)
+        result, error = probe_latencies([chain], rounds, deadline, self.client.credentials)
+        self._x = chain.x
+        if error is not None:
+            raise error
+        return result
 
     def state(self) -> np.ndarray:
         return self._x.fetch()

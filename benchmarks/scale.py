@@ -162,8 +162,9 @@ def sim_health(log_dir: pathlib.Path) -> dict[str, float]:
 def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> dict:
     """One point: prepares the shape's functions, drives every island's chain for --point-s
     seconds and measures (benchmarks.scale_measure)."""
-    from benchmarks.scale_measure import latencies, point_figures, process_stats, read_timelines
-    from benchmarks.scale_workload import drive, matrix_size, outstanding_units, prepare, probe
+    from benchmarks.scale_measure import point_figures, process_stats, read_timelines
+    from benchmarks.scale_workload import (drive, matrix_size, outstanding_units, prepare,
+                                           probe_latencies)
 
     n = matrix_size(duration_ms / 1e3, args.flops_per_s)
     record: dict[str, Any] = {"hosts": cluster.islands * cluster.hosts_per_island,
@@ -211,11 +212,9 @@ def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> 
         record.update(point_figures(submissions, timelines, per_execution))
     if error is None:  # dispatch latency without the load: one unit per island at a time
         rounds = max(1, min(args.probe_rounds, math.floor(args.probe_s / unit_s)))
-        probed, error = probe(chains, rounds, deadline)
-        if probed:
-            timelines = read_timelines(addresses, cluster.credentials,
-                                       min(s.submitted for s in probed))
-            record["latency_ms"] = latencies(probed, timelines)
+        probed, error = probe_latencies(chains, rounds, deadline, cluster.credentials)
+        if probed is not None:
+            record["latency_ms"] = probed
             record["probe_rounds"] = rounds
         if error is not None:
             record["error"] = f"probe incomplete within the point's budget: {error}"

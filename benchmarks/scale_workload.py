@@ -160,6 +160,21 @@ def probe(chains: Sequence[Chain], rounds: int, deadline: float
     return submissions, None
 
 
+def probe_latencies(chains: Sequence[Chain], rounds: int, deadline: float, credentials
+                    ) -> tuple[dict | None, PathwaysError | None]:
+    """`probe`, then its per-stage latencies from the hosts' timelines
+    (benchmarks.scale_measure.latencies; None if nothing was submitted), and the probe's error.
+    The one probe of `pathways bench scale` and `pathways bench dispatch`."""
+    from benchmarks.scale_measure import latencies, read_timelines
+
+    probed, error = probe(chains, rounds, deadline)
+    if not probed:
+        return None, error
+    timelines = read_timelines({c.island: c.addresses for c in chains}, credentials,
+                               min(s.submitted for s in probed))
+    return latencies(probed, timelines), error
+
+
 def outstanding_units(duration_s: float, per_unit: int, backlog_s: float = 0.2,
                       most: int = 512) -> int:
     """Units each island may have waiting to be ordered: about `backlog_s` of device work."""

@@ -91,7 +91,11 @@ class SchedulerConfig:
     dispatch_timeout_s: float = 10.0  # one Dispatch RPC
     max_batch: int = 1024  # instructions per Dispatch RPC
     max_batch_bytes: int = 8 << 20
+    fanout: int = 8  # hosts the controller dispatches an island's batch to; each forwards to as many
+    fanout_min_hosts: int = 16  # smaller islands get a Dispatch per host (scheduler.fanout)
+    relay_timeout_s: float = 2.0  # not acknowledged through the tree this long: sent directly
     progress_interval_s: float = 0.005  # least time between two progress reports of a host
+    latency_window_s: float = 60.0  # dispatch latency percentiles of `pathways status` cover this
     watch_retry_s: float = 0.2  # pause before re-opening a broken progress stream
     idle_grace_s: float = 0.1  # a tenant idle for less keeps its place in the share policy
 

@@ -92,6 +92,27 @@ def open_channel(address: str, credentials: _auth.Credentials | None = None,
     return grpc.intercept_channel(channel, _MetadataInterceptor(lambda: [*fixed, *extra()]))
 
 
+def open_aio_channel(address: str, credentials: _auth.Credentials | None = None
+                     ) -> grpc.aio.Channel:
+    """An asyncio channel to a runtime server, with TLS when the credentials have it (its calls
+    carry `credential_metadata(credentials)` themselves). Call on the event loop that uses it."""
+    credentials = credentials or _auth.Credentials()
+    options = channel_options(credentials)
+    if credentials.tls is not None:
+        return grpc.aio.secure_channel(address, credentials.tls.channel_credentials(), options)
+    return grpc.aio.insecure_channel(address, options=options)
+
+
+def credential_metadata(credentials: _auth.Credentials | None) -> list[tuple[str, str]]:
+    """The metadata a call presents for `credentials`: the cluster token and the host token."""
+    metadata = []
+    if credentials is not None and credentials.token:
+        metadata.append((_auth.TOKEN_KEY, credentials.token))
+    if credentials is not None and credentials.host_token:
+        metadata.append((_auth.HOST_TOKEN_KEY, credentials.host_token))
+    return metadata
+
+
 class _CallDetails(grpc.ClientCallDetails):
     def __init__(self, details: grpc.ClientCallDetails, metadata: list) -> None:
         self.method, self.timeout = details.method, details.timeout

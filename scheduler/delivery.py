@@ -1,17 +1,22 @@
 """Delivery of an island's order to one host, and the host's progress back to the scheduler.
 
-Each host of an island has a `HostLink` with two threads: a sender that batches the instructions
-queued for the host into Dispatch RPCs (a burst of calls costs one round trip per batch, not per
-call), and a watcher on the host's WatchProgress stream, which reports how far the host has
-executed the order and how long each execution took. The gang scheduler uses that feedback to keep
-only a short window of work ordered ahead of the hosts, and to charge clients for device time.
+Each host of an island has a `HostLink`: two coroutines on the process's one link loop
+(scheduler.link_loop, grpc.aio), not threads of its own. A sender batches the instructions queued
+for the host into Dispatch RPCs (a burst of calls costs one round trip per batch, not per call);
+a watcher reads the host's WatchProgress stream, which reports how far the host has executed the
+order and how long each execution took. The reports of an island's links are coalesced per loop
+turn (scheduler.coalesce) before the gang scheduler sees them; it uses them to keep only a short
+window of work ordered ahead of the hosts, and to charge clients for device time. A link also
+answers the controller's heartbeat (`ping`): from what it heard from the host lately, or with a
+Ping RPC of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
+import concurrent.futures
 import heapq
-import itertools
 import logging
 import threading
 import time
@@ -23,6 +28,8 @@ import grpc
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto.config import SchedulerConfig
+from scheduler.coalesce import HostReport, ProgressCoalescer
+from scheduler.link_loop import LinkLoop
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +45,13 @@ class LinkEvents(Protocol):
     # travels alone; progress_interval_s: least time between two progress reports, those in
     # between coalesced; watch_retry_s: pause before re-opening a broken progress stream).
     config: SchedulerConfig
+    # The island's progress reports, coalesced per loop turn (scheduler.coalesce).
+    reports: ProgressCoalescer
+    # Metadata of every call to a host (the cluster's credentials).
+    channel_metadata: Sequence[tuple[str, str]]
 
-    def open_channel(self, address: str) -> grpc.Channel:
-        """A channel to the host, with the cluster's credentials."""
-
-    def on_progress(self, host: int, executed: int, received: int = 0,
-                    completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
-                    arrived: Sequence[int] = ()) -> None:
-        """The host has received and executed the order this far (see GangScheduler)."""
+    def open_channel(self, address: str) -> grpc.aio.Channel:
+        """An asyncio channel to the host (called on the link loop), with the cluster's TLS."""
 
     def on_link_lost(self, host: int, reason: str) -> None:
         """The host cannot be reached (a dispatch failed, its progress stream broke): reported
@@ -64,17 +70,25 @@ def in_order(*runs: Sequence[pb.Instruction]) -> list[pb.Instruction]:
 class HostLink:
     """The ordered delivery of an island's instructions to one host, and its progress reports.
 
-    The scheduler hands it instructions (`send`) and reads `acked`, `executed` (which it updates
-    from the reports) and `failed`; the link's queue and threads are guarded by its own lock, and
-    it reports through `events` (LinkEvents) only, never touching the scheduler's state."""
+    The scheduler hands it instructions (`send`, from any thread, never waiting) and reads
+    `acked`, `executed` (which it updates from the reports) and `failed`; the link's queue is
+    guarded by its own lock, and it reports through `events` (LinkEvents) only, never touching
+    the scheduler's state."""
 
-    def __init__(self, events: LinkEvents, host: int, address: str) -> None:
+    def __init__(self, events: LinkEvents, host: int, address: str,
+                 loop: LinkLoop | None = None) -> None:
         self.events, self.host, self.address = events, host, address
         self.island = events.island
         self.config = events.config
-        self.channel = events.open_channel(address)
-        self.stub = pb_grpc.WorkerStub(self.channel)
+        self.loop = loop or LinkLoop.shared()
+        self._metadata = tuple(getattr(events, "channel_metadata", ()))
         self.queue: collections.deque[pb.Instruction] = collections.deque()
+        # Reached through another host (scheduler.fanout): what the island sends meanwhile is
+        # kept here, not dispatched, until the host acknowledges it.
+        self.relayed = False
+        self._relayed: collections.deque[pb.Instruction] = collections.deque()
+        self._relayed_at: collections.deque[float] = collections.deque()  # when each came
+        self.forward: list[pb.ForwardTarget] = []  # the subtrees a Dispatch of this link reaches
         # The batch of the Dispatch under way: kept until its reply says the host has it, so a
         # link replacing this one can resend it (unacknowledged).
         self._in_flight: list[pb.Instruction] = []
@@ -82,79 +96,206 @@ class HostLink:
         self.executed = 0  # highest sequence the host has executed
         self.failed: str = ""
         self.closed = False
-        self._cond = threading.Condition()
-        self._watch_call = None
-        self._sender = threading.Thread(target=self._send_loop, daemon=True,
-                                        name=f"dispatch-{self.island}.{host}")
-        self._watcher = threading.Thread(target=self._watch_loop, daemon=True,
-                                         name=f"progress-{self.island}.{host}")
-        self._sender.start()
-        self._watcher.start()
+        # time.monotonic() of the last Dispatch reply: a contact both sides count as a heartbeat
+        # (the host counts the call: runtime.worker.membership).
+        self.dispatched_at = 0.0
+        self._lock = threading.Lock()
+        self._woken = False  # a wake-up of the sender is on its way to the loop
+        self._wake: asyncio.Event | None = None
+        self._stub: pb_grpc.WorkerStub | None = None
+        self._done = self.loop.submit(self._run())
 
     def send(self, ops: Sequence[pb.Instruction]) -> None:
         """Queues instructions for the host, in order (dropped once the link has failed)."""
-        with self._cond:
-            if not self.failed:
-                self.queue.extend(ops)
-                self._cond.notify_all()
+        with self._lock:
+            if self.failed or self.closed:
+                return
+            if self.relayed:
+                self._relayed.extend(ops)
+                self._relayed_at.extend([time.monotonic()] * len(ops))
+                self._trim_relayed()
+                return
+        self._queue_direct(ops)
+
+    def _queue_direct(self, ops: Sequence[pb.Instruction]) -> None:
+        """Queues instructions for this link's own Dispatch and wakes its sender (once per
+        burst: the wake-up is one call onto the loop however many sends came meanwhile)."""
+        with self._lock:
+            self.queue.extend(ops)
+            if self._woken:
+                return
+            self._woken = True
+        self.loop.call(self._wake_sender)
+
+    def idle(self) -> bool:
+        """Whether nothing handed to this link directly waits for the host's acknowledgement."""
+        with self._lock:
+            return not self.queue and not self._in_flight
+
+    def route(self, forward: list[pb.ForwardTarget] | None) -> None:
+        """How the island's order reaches this host from now on (scheduler.fanout): by this
+        link's Dispatch, which forwards to `forward`'s subtrees; or (None) through another host.
+        What the tree was to bring the host and it has not acknowledged comes directly (the old
+        tree may never bring it: its parent may have been taken out of the tree before passing
+        it on, and its new parent may have passed it on before the host was below it)."""
+        with self._lock:
+            self.relayed = forward is None
+            self.forward = [] if forward is None else list(forward)
+            catch_up = self._take_relayed()
+        if catch_up:
+            self._queue_direct(catch_up)
+
+    def _trim_relayed(self) -> None:
+        """Forgets what the host acknowledged of what the tree was to bring it (lock held)."""
+        while self._relayed and self._relayed[0].sequence <= self.acked:
+            self._relayed.popleft()
+            self._relayed_at.popleft()
+
+    def _take_relayed(self) -> list[pb.Instruction]:
+        """What the tree was to bring the host and it has not acknowledged (lock held)."""
+        self._trim_relayed()
+        taken = list(self._relayed)
+        self._relayed.clear()
+        self._relayed_at.clear()
+        return taken
+
+    def check_relayed(self) -> None:
+        """Sends directly what the tree was to bring the host and it has not acknowledged within
+        `relay_timeout_s`: whatever went wrong on the way (a change of the tree mid-batch), the
+        host gets it late, never never. Called with each heartbeat."""
+        with self._lock:
+            self._trim_relayed()
+            if not self._relayed or (time.monotonic() - self._relayed_at[0]
+                                     < self.config.relay_timeout_s):
+                return
+            catch_up = self._take_relayed()
+        log.warning("host %d.%d: %d instructions from #%d did not come through the fan-out "
+                    "tree within %.1f s; sending them directly", self.island, self.host,
+                    len(catch_up), catch_up[0].sequence, self.config.relay_timeout_s)
+        self._queue_direct(catch_up)
+
+    def _wake_sender(self) -> None:
+        with self._lock:
+            self._woken = False
+        if self._wake is not None:
+            self._wake.set()
 
     def pending(self) -> int:
         """Instructions queued for the host and not dispatched yet."""
-        with self._cond:
-            return len(self.queue)
+        with self._lock:
+            return len(self.queue) + sum(ins.sequence > self.acked for ins in self._relayed)
 
     def unacknowledged(self) -> list[pb.Instruction]:
         """What was handed to this link and the host has not acknowledged receiving, in order:
         the batch of a Dispatch whose reply has not come, then the queue. A link that replaces
         this one for the same host sends these again (scheduler.gang's set_host), so nothing is
         lost; the host skips what it already holds (runtime.worker.intake)."""
-        with self._cond:
-            return [ins for ins in itertools.chain(self._in_flight, self.queue)
+        with self._lock:
+            return [ins for ins in in_order(self._in_flight, self.queue, self._relayed)
                     if ins.sequence > self.acked]
 
-    def _send_loop(self) -> None:
-        cond = self._cond
-        while True:
-            with cond:
-                while not self.queue and not self.closed:
-                    cond.wait()
-                if self.closed:
-                    return
-                batch, size = [], 0
-                while self.queue and len(batch) < self.config.max_batch:
-                    # A large instruction (a load, up to proto.limits' bound) travels alone
-                    # rather than push a batch past the message limit.
-                    ins_size = self.queue[0].ByteSize()
-                    if batch and size + ins_size > self.config.max_batch_bytes:
-                        break
-                    batch.append(self.queue.popleft())
-                    size += ins_size
-                self._in_flight = batch
-            request = pb.DispatchRequest(controller_id=self.events.controller_id,
-                                         epoch=self.events.epoch, instructions=batch)
-            try:
-                reply = self.stub.Dispatch(request, timeout=self.config.dispatch_timeout_s)
-            except (grpc.RpcError, ValueError) as err:  # ValueError: channel closed meanwhile
-                if self.closed:
-                    return
-                reason = (f"dispatch failed: {err.code().name}: {err.details()}"
-                          if isinstance(err, grpc.RpcError) else "dispatch channel closed")
-                self._lost(reason)
-                return
-            with cond:
-                self._in_flight = []
-            self.events.on_progress(self.host, reply.executed, reply.received)
+    def ping(self, timeout: float, fresh_s: float = 0.0) -> concurrent.futures.Future:
+        """The host's answer to a heartbeat, as a future of a PingReply (or of the RPC's error):
+        a Ping RPC on the loop; or, when a Dispatch call was answered within `fresh_s` seconds,
+        that answer (no call: a host busy with the order pays no heartbeat, and counts the
+        Dispatch as the controller's contact). Checks what the tree was to bring the host
+        (`check_relayed`)."""
+        self.check_relayed()
+        if fresh_s and time.monotonic() - self.dispatched_at < fresh_s:
+            answered: concurrent.futures.Future = concurrent.futures.Future()
+            answered.set_result(pb.PingReply(executed=self.executed))
+            return answered
+        return self.loop.submit(self._ping(timeout))
 
-    def _watch_loop(self) -> None:
+    async def _ping(self, timeout: float) -> pb.PingReply:
+        deadline = time.monotonic() + timeout
+        while self._stub is None and time.monotonic() < deadline:  # the link is just starting
+            await asyncio.sleep(0.01)
+        if self._stub is None or self.closed:
+            raise ValueError("the link is closed")
+        try:
+            return await self._stub.Ping(pb.PingRequest(), timeout=timeout,
+                                         metadata=self._metadata)
+        except (grpc.aio.UsageError, asyncio.CancelledError):
+            # The link closed its channel meanwhile (the host registered again): a closed
+            # channel cancels the calls on it.
+            raise ValueError("the link is closed") from None
+
+    # -- on the loop ------------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        self._wake = asyncio.Event()
+        channel = self.events.open_channel(self.address)
+        self._stub = pb_grpc.WorkerStub(channel)
+        watcher = asyncio.ensure_future(self._watch_loop())
+        try:
+            await self._send_loop()  # until the link is closed or lost
+        finally:
+            watcher.cancel()
+            await asyncio.gather(watcher, return_exceptions=True)
+            await channel.close()
+
+    def _next_batch(self) -> list[pb.Instruction]:
+        with self._lock:
+            batch, size = [], 0
+            while self.queue and len(batch) < self.config.max_batch:
+                # A large instruction (a load, up to proto.limits' bound) travels alone rather
+                # than push a batch past the message limit.
+                ins_size = self.queue[0].ByteSize()
+                if batch and size + ins_size > self.config.max_batch_bytes:
+                    break
+                batch.append(self.queue.popleft())
+                size += ins_size
+            self._in_flight = batch
+            return batch, self.forward
+
+    async def _send_loop(self) -> None:
+        while not self.closed and not self.failed:
+            batch, forward = self._next_batch()
+            if not batch:
+                self._wake.clear()
+                if self.pending() or self.closed or self.failed:
+                    continue
+                await self._wake.wait()
+                continue
+            request = pb.DispatchRequest(controller_id=self.events.controller_id,
+                                         epoch=self.events.epoch, instructions=batch,
+                                         forward=forward)
+            try:
+                reply = await self._stub.Dispatch(request, timeout=self.config.dispatch_timeout_s,
+                                                  metadata=self._metadata)
+            except grpc.RpcError as err:
+                if not self.closed:
+                    self._lost(f"dispatch failed: {err.code().name}: {err.details()}")
+                return
+            with self._lock:
+                self._in_flight = []
+            self.dispatched_at = time.monotonic()
+            self._report(HostReport(self.host, reply.executed, reply.received))
+            for position in reply.forwarded:
+                self._forwarded(position)
+
+    def _forwarded(self, position: pb.HostPosition) -> None:
+        """A host below this one in the fan-out tree: where it stands, or that it was lost."""
+        if not position.error:
+            self._report(HostReport(position.host, position.executed, position.received,
+                                    contacted=True))
+        elif not position.error.startswith("not reached"):  # its own call failed
+            self.events.on_link_lost(position.host, f"not reached through the fan-out tree "
+                                                    f"from host {self.island}.{self.host}: "
+                                                    f"{position.error}")
+
+    async def _watch_loop(self) -> None:
         request = pb.WatchProgressRequest(min_interval_s=self.config.progress_interval_s)
         opened = False
         while not self.closed:
             try:
-                self._watch_call = self.stub.WatchProgress(request)
-                for reply in self._watch_call:
+                call = self._stub.WatchProgress(request, metadata=self._metadata)
+                async for reply in call:
                     opened = True
-                    self.events.on_progress(self.host, reply.executed, reply.received,
-                                            reply.completed, reply.hang, reply.arrived)
+                    self._report(HostReport(self.host, reply.executed, reply.received,
+                                            list(reply.completed), reply.hang,
+                                            list(reply.arrived)))
             except grpc.RpcError as err:
                 if self.closed or err.code() == grpc.StatusCode.CANCELLED:
                     return
@@ -165,35 +306,32 @@ class HostLink:
                     return
                 log.debug("progress stream of host %d.%d: %s", self.island, self.host,
                           err.code().name)
-            except ValueError:  # the channel was closed
-                return
-            with self._cond:
-                if not self.closed:
-                    self._cond.wait(self.config.watch_retry_s)
+            await asyncio.sleep(self.config.watch_retry_s)
+
+    def _report(self, report: HostReport) -> None:
+        if not self.closed:
+            self.events.reports.add(report)
 
     def _lost(self, reason: str) -> None:
         """Marks the link failed (once) and reports it: the one path of a lost link."""
-        with self._cond:
+        with self._lock:
             if self.failed:
                 return
             self.failed = reason
             self.queue.clear()
-            self._cond.notify_all()
+        self._wake.set()  # the sender ends
         self.events.on_link_lost(self.host, reason)
 
+    # -- ending -----------------------------------------------------------------------------------
+
     def close(self) -> None:
-        """Stops both threads."""
-        with self._cond:
+        """Stops the link's coroutines (returns at once; `join` waits for them)."""
+        with self._lock:
             self.closed = True
-            self._cond.notify_all()
-        call = self._watch_call
-        if call is not None:
-            call.cancel()
-        self.channel.close()
+        self.loop.call(self._wake_sender)
 
     def join(self, timeout: float) -> None:
-        """Waits (up to `timeout` seconds) for both threads to end, after close()."""
-        deadline = time.monotonic() + timeout
-        for thread in (self._sender, self._watcher):
-            if thread is not threading.current_thread():
-                thread.join(max(0.0, deadline - time.monotonic()))
+        """Waits (up to `timeout` seconds) for the link's coroutines to end, after close()."""
+        if self.loop.on_loop():
+            return
+        concurrent.futures.wait([self._done], timeout=max(0.0, timeout))

@@ -34,11 +34,14 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
-                          PathwaysError, ResourceExhaustedError)
+                          PathwaysError)
 from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from proto.config import SchedulerConfig, from_env
+from scheduler.coalesce import ProgressCoalescer
+from scheduler import fanout
 from scheduler.delivery import HostLink, in_order
+from scheduler.latency import StageLatency
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
 from scheduler.progress import Progress
 from scheduler.readiness import Readiness
@@ -55,11 +58,13 @@ class GangScheduler(Progress):
                  on_host_failure: Callable[[int, int, str], None], *,
                  policy: str | SchedulingPolicy = "fifo", window_s: float | None = None,
                  link_factory: Callable[[GangScheduler, int, str], HostLink] = HostLink,
-                 epoch: int = 0, open_channel: Callable[[str], grpc.Channel] | None = None,
+                 epoch: int = 0, open_channel: Callable[[str], grpc.aio.Channel] | None = None,
+                 channel_metadata: Sequence[tuple[str, str]] = (),
                  readiness: Readiness | None = None,
                  config: SchedulerConfig | None = None) -> None:
         """`link_factory(scheduler, host, address)` connects a host (tests pass a fake);
-        `open_channel(address)` opens the channel of a real link (with the cluster's credentials);
+        `open_channel(address)` opens the asyncio channel of a real link (with the cluster's TLS;
+        on the link loop) and `channel_metadata` goes with its calls (the cluster's tokens);
         `epoch` numbers the island's incarnations under this controller (hosts reset when it
         changes: the island was restarted); `readiness` is the registry of arrays that do not
         exist yet (shared by a controller's islands: a copy between islands is ready once its
@@ -71,7 +76,9 @@ class GangScheduler(Progress):
         self.island, self.controller_id = island, controller_id
         self.epoch = epoch
         self.open_channel = open_channel or (
-            lambda address: grpc.insecure_channel(address, options=GRPC_OPTIONS))
+            lambda address: grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+        self.channel_metadata = tuple(channel_metadata)
+        self.reports = ProgressCoalescer(self.note_reports)  # the links' reports, per loop turn
         self._link_factory = link_factory
         self.on_host_failure = on_host_failure
         self.policy = make_policy(policy) if isinstance(policy, str) else policy
@@ -79,6 +86,7 @@ class GangScheduler(Progress):
         self.cond = threading.Condition()
         self.closed = False
         self._links: dict[int, HostLink] = {}
+        self._incarnations: dict[int, str] = {}  # each host's process, as it registered
         self._sequence = 0
         self._history: list[pb.Instruction] = []  # replayed to a host that (re)joins
         self._tenants: dict[int, Tenant] = {}
@@ -92,6 +100,7 @@ class GangScheduler(Progress):
         self._executed = 0  # highest sequence every host has executed
         self._progress_at = time.monotonic()
         self._failure: PathwaysError | None = None
+        self.latency = StageLatency(self.config.latency_window_s)
         self.readiness = readiness or Readiness()
         self.input_wait_s = self.config.input_wait_s
         self._wake = threading.Event()  # some array became ready: admit what waited for it
@@ -103,7 +112,7 @@ class GangScheduler(Progress):
 
     # -- hosts ------------------------------------------------------------------------------------
 
-    def set_host(self, host: int, address: str) -> None:
+    def set_host(self, host: int, address: str, incarnation: str = "") -> None:
         """Connects a host; a host that joins late receives the island's order so far. A host that
         re-registers clears the island's failure (its order starts afresh on the host). A live
         host that registers again (it heard from no controller for a while) loses nothing: its
@@ -118,6 +127,8 @@ class GangScheduler(Progress):
             link = self._link_factory(self, host, address)
             link.send(in_order(self._history, resend))
             self._links[host] = link
+            self._incarnations[host] = incarnation
+            self._route()
             self._failure = None
             self._recompute_progress()
             self.cond.notify_all()
@@ -128,8 +139,13 @@ class GangScheduler(Progress):
             link = self._links.pop(host, None)
             if link is not None:
                 link.close()
+                self._route()
             self._recompute_progress()
             self.cond.notify_all()
+
+    def _route(self) -> None:
+        """The island's fan-out tree over its links that are caught up (scheduler.fanout)."""
+        fanout.apply(self._links, self.config.fanout, self.config.fanout_min_hosts)
 
     # -- ordering ---------------------------------------------------------------------------------
 
@@ -259,6 +275,7 @@ class GangScheduler(Progress):
             self._inflight.append((sequence, cost))
             self._outstanding_s += cost
             self._unmeasured[sequence] = (tenant, executable, cost)
+            self.latency.ordered(sequence, item.queued_at)
             if len(self._unmeasured) > self.config.max_unmeasured:
                 self._unmeasured.popitem(last=False)
             self.policy.charge(tenant, cost)
@@ -357,7 +374,6 @@ class GangScheduler(Progress):
                     self._deliver(batch)
                     self._progress_at = time.monotonic()
 
-
     # -- failures ---------------------------------------------------------------------------------
 
     def fail(self, error: PathwaysError) -> None:
@@ -414,39 +430,6 @@ class GangScheduler(Progress):
         with self.cond:
             return self._sequence
 
-    def flush(self, timeout: float) -> None:
-        """Waits until every host has received everything ordered so far."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            target = self._sequence
-            while True:
-                self._raise_if_failed()
-                if all(link.acked >= target for link in self._links.values()):
-                    return
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    slow = [h for h, link in self._links.items() if link.acked < target]
-                    raise DeadlineExceededError(
-                        f"island {self.island}: hosts {slow} did not receive instructions "
-                        f"up to #{target} within {timeout:.1f} s")
-                self.cond.wait(left)
-
-    def wait_backlog(self, limit: int, timeout: float) -> None:
-        """Waits while the slowest host is more than `limit` instructions behind the order, so a
-        client that outruns its island waits instead of filling the hosts' memory."""
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self._links and self._sequence - min(
-                    link.executed for link in self._links.values()) > limit:
-                if self._failure is not None or self._link_failure() is not None:
-                    return  # nothing more runs there: work for it fails when it is planned
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ResourceExhaustedError(
-                        f"island {self.island} is more than {limit} instructions behind after "
-                        f"{timeout:.0f} s")
-                self.cond.wait(min(left, 0.1))
-
     def queue_depth(self) -> dict[int, int]:
         """Instructions ordered but not yet sent, per host."""
         with self.cond:
@@ -459,6 +442,7 @@ class GangScheduler(Progress):
             return pb.IslandStatus(
                 island=self.island, sequence=self._sequence, policy=self.policy.name,
                 failure=str(failure) if failure else "", outstanding_s=self._outstanding_s,
+                latency=self.latency.percentiles(),
                 tenants=[pb.TenantStatus(session_id=t.session_id, client_name=t.name,
                                          weight=t.weight, queued=len(t.queue), ordered=t.ordered,
                                          device_seconds=t.device_seconds)
@@ -475,7 +459,8 @@ class GangScheduler(Progress):
             links = list(self._links.values())
             for link in links:
                 link.close()
-            self._fail(FailedPreconditionError(f"island {self.island}'s scheduler is closed"))
+            if self._failure is None:  # an island that failed keeps its reason
+                self._fail(FailedPreconditionError(f"island {self.island}'s scheduler is closed"))
             self.cond.notify_all()
         deadline = time.monotonic() + timeout
         if self._pump is not threading.current_thread():

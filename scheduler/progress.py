@@ -1,24 +1,21 @@
 """What hosts report back to the gang scheduler through their links (scheduler.delivery's
-LinkEvents): how far each has received and executed the order, the measured durations that refine
-cost estimates and charge tenants, and a link's loss. A part of GangScheduler (scheduler.gang)."""
+LinkEvents, coalesced per island: scheduler.coalesce): how far each has received and executed
+the order, the measured durations that refine cost estimates and charge tenants, a link's loss,
+and the heartbeat's pings. A part of GangScheduler (scheduler.gang)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import time
 from collections.abc import Sequence
 
 from proto import pathways_pb2 as pb
-from proto.errors import DeadlineExceededError
+from proto.errors import DeadlineExceededError, HostLostError, ResourceExhaustedError
+from scheduler.coalesce import HostReport
 
 
 class Progress:
     """Progress accounting for a GangScheduler (a mixin: the state is the scheduler's)."""
-
-    def on_progress(self, host: int, executed: int, received: int = 0,
-                    completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
-                    arrived: Sequence[int] = ()) -> None:
-        """A link's progress report (scheduler.delivery.LinkEvents): see note_progress."""
-        self.note_progress(host, executed, received, completed, hang, arrived)
 
     def on_link_lost(self, host: int, reason: str) -> None:
         """A link found its host unreachable (scheduler.delivery.LinkEvents). The host's loss
@@ -28,30 +25,69 @@ class Progress:
         self.on_host_failure(self.island, host, reason)
         with self.cond:
             if self._failure is None:
-                failure = self._link_failure()
-                if failure is not None:
-                    self._fail(failure)
+                self._fail(self._link_failure() or HostLostError(
+                    f"island {self.island}: host {self.island}.{host} was lost: {reason}"))
+
+    def ping(self, host: int, timeout: float, fresh_s: float = 0.0
+             ) -> concurrent.futures.Future | None:
+        """A heartbeat's ping of a host through its link (scheduler.delivery.HostLink.ping: no
+        call when the host was heard from within `fresh_s`), or None for a host without one."""
+        with self.cond:
+            link = self._links.get(host)
+        return None if link is None else link.ping(timeout, fresh_s)
+
+    def order_gap(self, host: int, received: int, incarnation: str) -> str:
+        """Why a host that registers again from a new process (`incarnation` differs from its
+        last registration's) holding the island's order only up to `received` cannot go on, or
+        "": it had acknowledged more, and the controller keeps only the history of slices and
+        loads to replay, not the order's other instructions, so it would wait for ever for the
+        missing ones. (The same process registering again keeps what it holds, whatever it
+        reports: its report may be older than its last acknowledgement.)"""
+        with self.cond:
+            link = self._links.get(host)
+            acked = 0 if link is None else link.acked
+            known = self._incarnations.get(host, "")
+        if not known or not incarnation or incarnation == known or received >= acked:
+            return ""
+        return (f"it registered again holding the island's order up to #{received}, after "
+                f"acknowledging up to #{acked} (its process restarted): the instructions in "
+                f"between are gone, so the island restarts")
 
     def note_progress(self, host: int, executed: int, received: int = 0,
                       completed: Sequence[pb.CompletedExecution] = (), hang: str = "",
                       arrived: Sequence[int] = ()) -> None:
-        """Records how far a host has received and executed the order (from acks, progress
-        reports and pings), the measured durations of its executions, and the arrays whose data
-        reached it (or failed to)."""
-        if arrived:
-            self.readiness.arrived(self.island, host, arrived)
+        """Records how far a host has received and executed the order (from a ping, or a test
+        standing in for a link): one report of `note_reports`."""
+        self.note_reports([HostReport(host, executed, received, list(completed), hang,
+                                      list(arrived))])
+
+    def note_reports(self, reports: Sequence[HostReport]) -> None:
+        """Records how far hosts have received and executed the order (their links' reports,
+        coalesced per turn of the link loop: scheduler.coalesce), the measured durations of
+        their executions, and the arrays whose data reached them (or failed to); then finds the
+        slowest host and refills the window once for them all."""
+        for report in reports:
+            if report.arrived:
+                self.readiness.arrived(self.island, report.host, report.arrived)
         with self.cond:
-            link = self._links.get(host)
-            if link is None:
-                return
-            if received > link.acked:  # flush() waits on this
-                link.acked = received
+            acked = False
+            for report in reports:
+                link = self._links.get(report.host)
+                if link is None:
+                    continue
+                if report.received > link.acked:  # flush() waits on this
+                    link.acked = report.received
+                    acked = True
+                link.executed = max(link.executed, report.executed)
+                if report.contacted:  # a Dispatch reached it through the fan-out tree
+                    link.dispatched_at = time.monotonic()
+                for done in report.completed:
+                    self._measure(done.sequence, done.seconds)
+                self.latency.started(report.completed)
+                if report.hang and self._failure is None:
+                    self._fail(DeadlineExceededError(report.hang))
+            if acked:
                 self.cond.notify_all()
-            link.executed = max(link.executed, executed)
-            for done in completed:
-                self._measure(done.sequence, done.seconds)
-            if hang and self._failure is None:
-                self._fail(DeadlineExceededError(hang))
             self._recompute_progress()
             self._admit()
 
@@ -69,6 +105,7 @@ class Progress:
     def _recompute_progress(self) -> None:
         if not self._links:
             return
+        self.latency.received_up_to(min(link.acked for link in self._links.values()))
         executed = min(link.executed for link in self._links.values())
         if executed > self._executed:
             self._executed = executed
@@ -77,3 +114,36 @@ class Progress:
                 self._outstanding_s -= self._inflight.popleft()[1]
             if not self._inflight:
                 self._outstanding_s = 0.0
+
+    def flush(self, timeout: float) -> None:
+        """Waits until every host has received everything ordered so far."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            target = self._sequence
+            while True:
+                self._raise_if_failed()
+                if all(link.acked >= target for link in self._links.values()):
+                    return
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    slow = [h for h, link in self._links.items() if link.acked < target]
+                    raise DeadlineExceededError(
+                        f"island {self.island}: hosts {slow} did not receive instructions "
+                        f"up to #{target} within {timeout:.1f} s")
+                self.cond.wait(left)
+
+    def wait_backlog(self, limit: int, timeout: float) -> None:
+        """Waits while the slowest host is more than `limit` instructions behind the order, so a
+        client that outruns its island waits instead of filling the hosts' memory."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self._links and self._sequence - min(
+                    link.executed for link in self._links.values()) > limit:
+                if self._failure is not None or self._link_failure() is not None:
+                    return  # nothing more runs there: work for it fails when it is planned
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ResourceExhaustedError(
+                        f"island {self.island} is more than {limit} instructions behind after "
+                        f"{timeout:.0f} s")
+                self.cond.wait(min(left, 0.1))

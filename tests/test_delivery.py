@@ -1,12 +1,14 @@
 """A host's link reports to its scheduler through LinkEvents only (scheduler.delivery), and a
 lost host takes one path: the link's report, the controller's health, the island's failure."""
 
+import asyncio
 import threading
 import time
 from concurrent import futures
 
 import grpc
 import numpy as np
+import pytest
 
 import runtime
 from proto import pathways_pb2 as pb
@@ -15,7 +17,9 @@ from proto.config import SchedulerConfig
 from proto.errors import HostLostError
 from runtime.worker.distributed import free_port
 from scheduler import GangScheduler
+from scheduler.coalesce import HostReport, ProgressCoalescer
 from scheduler.delivery import HostLink
+from scheduler.link_loop import LinkLoop
 
 
 class Events:
@@ -24,15 +28,16 @@ class Events:
     island, controller_id, epoch = 0, "controller", 0
     config = SchedulerConfig()
 
+    channel_metadata = ()
+
     def __init__(self):
         self.lost, self.progress = [], []
         self.reported = threading.Event()
+        self.reports = ProgressCoalescer(lambda reports: self.progress.extend(
+            (r.host, r.executed, r.received) for r in reports))
 
     def open_channel(self, address):
-        return grpc.insecure_channel(address)
-
-    def on_progress(self, host, executed, received=0, completed=(), hang="", arrived=()):
-        self.progress.append((host, executed, received))
+        return grpc.aio.insecure_channel(address)
 
     def on_link_lost(self, host, reason):
         self.lost.append((host, reason))
@@ -221,3 +226,54 @@ def test_work_completes_when_its_live_host_registers_again_mid_stream():
             np.testing.assert_array_equal(x.fetch(timeout=30), [300] * 4)
         finally:
             client.close()
+
+
+def test_reports_of_one_loop_turn_reach_the_scheduler_as_one_batch_merged_per_host():
+    batches = []
+    coalescer = ProgressCoalescer(batches.append)
+    loop = LinkLoop.shared()
+
+    def report_all():
+        for host in range(64):
+            coalescer.add(HostReport(host, executed=1, received=2))
+        coalescer.add(HostReport(3, executed=4, received=5,
+                                 completed=[pb.CompletedExecution(sequence=4)], arrived=[9]))
+
+    loop.call(report_all)
+    loop.submit(asyncio.sleep(0.05)).result(10)
+    assert len(batches) == 1 and coalescer.reports == 65
+    (batch,) = batches
+    assert sorted(r.host for r in batch) == list(range(64))
+    merged = next(r for r in batch if r.host == 3)
+    assert (merged.executed, merged.received, merged.arrived) == (4, 5, [9])
+    assert [c.sequence for c in merged.completed] == [4]
+
+
+def test_a_heartbeat_costs_no_call_to_a_host_that_answered_a_dispatch_lately():
+    events = Events()
+    link = HostLink(events, 3, f"127.0.0.1:{free_port()}")  # nothing listens there
+    try:
+        with pytest.raises(grpc.RpcError) as failed:  # no dispatch yet: a real Ping, refused
+            link.ping(timeout=5, fresh_s=1.0).result(10)
+        assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
+        link.executed, link.dispatched_at = 7, time.monotonic()
+        assert link.ping(timeout=5, fresh_s=1.0).result(0).executed == 7  # answered at once
+        with pytest.raises(grpc.RpcError):
+            link.ping(timeout=5).result(10)  # without freshness allowed, a real Ping
+    finally:
+        link.close()
+        link.join(5)
+
+
+def test_links_to_many_hosts_share_one_thread():
+    before = threading.active_count()
+    scheduler = GangScheduler(0, "controller", lambda *report: None)
+    try:
+        for host in range(64):  # nothing listens there: each link retries its progress stream
+            scheduler.set_host(host, f"127.0.0.1:{free_port()}")
+        time.sleep(0.5)
+        assert threading.active_count() - before <= 3  # the pump, the link loop (if new)
+        assert not [t.name for t in threading.enumerate()
+                    if t.name.startswith(("dispatch-", "progress-"))]
+    finally:
+        scheduler.close()

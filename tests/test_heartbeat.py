@@ -64,6 +64,9 @@ class _Island:
     def note_progress(self, host, executed, *rest):
         self.progress.append((host, executed))
 
+    def ping(self, host, timeout, fresh_s=0.0):
+        return None  # no link to the host: the heartbeat pings on its probe's channel
+
 
 class _Heartbeat(Health):
     """A controller's Health (its heartbeat not started) whose hosts answer as the test sets;
@@ -132,3 +135,19 @@ def test_a_host_that_refuses_is_declared_lost_and_the_others_report_progress():
     assert heartbeat.lost == [(0, 1, "unreachable (UNAVAILABLE)")]
     assert heartbeat.pinged.count((0, 1)) == HEARTBEAT_MISSES
     assert {(0, 3), (2, 5)} <= set(heartbeat.island.progress)
+
+
+def test_a_ping_on_a_link_replaced_meanwhile_is_no_refusal():
+    """A host that registered again while its ping was on the way: the old link or channel is
+    closed (ValueError). That says nothing of the host, which must not be declared lost."""
+    rounds = []
+
+    def replaced():
+        rounds.append(1)
+        if len(rounds) > 2 * HEARTBEAT_MISSES:
+            heartbeat._stop.set()
+        raise ValueError("the link is closed")
+
+    heartbeat = _Heartbeat([replaced, _answers(4)])
+    heartbeat.run()
+    assert len(rounds) > 2 * HEARTBEAT_MISSES and heartbeat.lost == []

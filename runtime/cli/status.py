@@ -54,6 +54,18 @@ def _operator_status(address: str, credentials, timeout: float):
         channel.close()
 
 
+def format_latency(latency) -> list[str]:
+    """An island's dispatch latency per stage (IslandStatus.latency) as text lines: none when no
+    computation was ordered in the window."""
+    rows = [row for row in latency if row.count]
+    if not rows:
+        return []
+    stages = ", ".join(f"{row.stage.replace('_to_', ' -> ').replace('_', ' ')} "
+                       f"{row.p50_ms:.2f} / {row.p99_ms:.2f}" for row in rows)
+    return [f"  dispatch latency, last minute, p50 / p99 ms ({rows[0].count} computations): "
+            f"{stages}"]
+
+
 def format_status(address: str, status) -> str:
     """`pathways status` as text: per island its order, its hosts (what each runs or waits for)
     and the client queues in front of it; then the slices."""
@@ -71,6 +83,8 @@ def format_status(address: str, status) -> str:
         lines.append(head)
         if order is not None and order.failure:
             lines.append(f"  FAILED: {order.failure}")
+        if order is not None:
+            lines.extend(format_latency(order.latency))
         lines.append(f"  {'island':>6} {'host':>4}  {'address':<21} {'backend':<7} {'platform':<8} "
                      f"{'devices':>7} {'GiB/dev':>7} {'received':>8} {'executed':>8} "
                      f"{'queued':>6}  state")

@@ -108,6 +108,7 @@ class Controller:
         self.status_report = StatusReport(
             self._lock, self.resources, self._schedulers, self._sessions, leases=self.leases,
             array_count=lambda: self.planner.array_count, probes=self.health.probes,
+            ping=self.health.ping,
             slice_info=self.catalog.slice_info, limits=limits)
         _metrics_state.track(self, "controller")
 

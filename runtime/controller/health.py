@@ -6,6 +6,7 @@ the work of its island and the transfers other islands expect from it. A compone
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import logging
 import threading
 import time
@@ -82,7 +83,9 @@ class Health:
 
         A host registering on an island that lost one restarts the island: its slices (and the
         arrays and executables on them) are dropped and its order starts afresh (a new epoch), so
-        a restarted island starts empty. Sessions that used it get NotFoundError for them."""
+        a restarted island starts empty. Sessions that used it get NotFoundError for them. A
+        host whose process restarted unnoticed (it holds less of the order than it had
+        acknowledged) is first declared lost, with that reason: its island restarts too."""
         if (info.island < 0 or info.host < 0 or info.num_devices <= 0
                 or not is_address(info.address)
                 or (info.control_address and not is_address(info.control_address))):
@@ -95,6 +98,11 @@ class Health:
                             info.device_memory_bytes, info.distributed_hosts,
                             ray_node=info.ray_node)
         with self._lock:
+            scheduler = self._schedulers.get(info.island)
+            gap = "" if scheduler is None else scheduler.order_gap(info.host, info.received,
+                                                                   info.incarnation)
+            if gap:  # a restarted process: its island restarts too (below)
+                self.report_host_lost(info.island, info.host, gap)
             if self.resources.lost_host(info.island) is not None:
                 self._restart_island(info.island)
             self.resources.register_host(record)
@@ -103,14 +111,15 @@ class Health:
                 scheduler = GangScheduler(
                     info.island, self.controller_id, self.report_host_lost, policy=self.policy,
                     epoch=self._epochs.get(info.island, 0),
-                    open_channel=lambda address: _rpc.open_channel(address, self.credentials),
+                    open_channel=lambda address: _rpc.open_aio_channel(address, self.credentials),
+                    channel_metadata=_rpc.credential_metadata(self.credentials),
                     readiness=self.readiness,
                     config=self.scheduler_config)
                 self._schedulers[info.island] = scheduler
             # Dispatch, progress and heartbeat go to the host's control server: client traffic on
             # its main server cannot make them late (runtime.worker.worker).
             control = info.control_address or info.address
-            scheduler.set_host(info.host, control)
+            scheduler.set_host(info.host, control, info.incarnation)
             old = self._probes.pop((info.island, info.host), None)
             channel = _rpc.open_channel(control, self.credentials)
             self._probes[(info.island, info.host)] = (channel, pb_grpc.WorkerStub(channel))
@@ -159,7 +168,7 @@ class Health:
         for key, (_, stub) in probes.items():
             last_answer.setdefault(key, now)
             try:
-                calls[key] = stub.Ping.future(pb.PingRequest(), timeout=HEARTBEAT_INTERVAL_S)
+                calls[key] = self.ping(key, stub)
             except ValueError as err:  # the channel was replaced or closed
                 calls[key] = err
         for key, call in calls.items():
@@ -167,11 +176,15 @@ class Health:
                 if isinstance(call, ValueError):
                     raise call
                 reply = call.result()
-            except (grpc.RpcError, grpc.FutureCancelledError, ValueError) as err:
+            except (grpc.RpcError, grpc.FutureCancelledError, ValueError,
+                    concurrent.futures.CancelledError) as err:
                 if self._stop.is_set():
                     return
                 code = err.code() if isinstance(err, grpc.RpcError) else None
-                refused[key] = refused.get(key, 0) + (code != grpc.StatusCode.DEADLINE_EXCEEDED)
+                # A closed channel or link is one the host's new registration replaced: no
+                # refusal of the host's.
+                refused[key] = refused.get(key, 0) + (
+                    code is not None and code != grpc.StatusCode.DEADLINE_EXCEEDED)
                 silent = now - last_answer[key]
                 if refused[key] >= HEARTBEAT_MISSES or silent > BUSY_HOST_TIMEOUT_S:
                     reason = (f"unreachable ({code.name if code else 'closed'})"
@@ -183,6 +196,16 @@ class Health:
             scheduler = self._schedulers.get(key[0])
             if scheduler is not None:
                 scheduler.note_progress(key[1], reply.executed)
+
+    def ping(self, key: tuple[int, int], stub, timeout: float = HEARTBEAT_INTERVAL_S,
+              fresh_s: float = HEARTBEAT_INTERVAL_S):
+        """A ping of a host (the heartbeat's, or the status's with `fresh_s` 0): through its
+        island's link (on the link loop, no thread of its own; answered without a call when the
+        host answered a Dispatch within `fresh_s`: scheduler.delivery), or on the probe's
+        channel for a host without a link."""
+        scheduler = self._schedulers.get(key[0])
+        call = None if scheduler is None else scheduler.ping(key[1], timeout, fresh_s=fresh_s)
+        return call if call is not None else stub.Ping.future(pb.PingRequest(), timeout=timeout)
 
     def report_host_lost(self, island: int, host: int, reason: str) -> None:
         """Declares a host lost (heartbeat, dispatch failure, or a supervisor such as Ray's):

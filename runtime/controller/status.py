@@ -20,13 +20,14 @@ from scheduler.resources import HostRecord, ResourceManager, SliceRecord
 class StatusReport:
     """Status for a Controller, read under its `lock` from what its parts hold: the open
     `sessions` and their `leases`, `array_count()` (the planner's live arrays), the hosts in
-    `resources` and their probe channels (`probes()`: runtime.controller.health), the islands'
-    `schedulers`, and `slice_info` (runtime.controller.catalog); `limits` bound the slices
-    listed."""
+    `resources` and their probe channels (`probes()`, pinged with `ping`:
+    runtime.controller.health), the islands' `schedulers`, and `slice_info`
+    (runtime.controller.catalog); `limits` bound the slices listed."""
 
     def __init__(self, lock: threading.RLock, resources: ResourceManager,
                  schedulers: Mapping[int, GangScheduler], sessions: Mapping, *,
                  leases: SessionLeases, array_count: Callable[[], int], probes: Callable[[], dict],
+                 ping: Callable[..., object],
                  slice_info: Callable[..., pb.SliceInfo], limits: _limits.Limits) -> None:
         self._lock = lock
         self.resources = resources
@@ -35,6 +36,7 @@ class StatusReport:
         self.leases = leases
         self._array_count = array_count
         self._probes = probes
+        self._ping = ping
         self._slice_info = slice_info
         self.limits = limits
 
@@ -54,7 +56,7 @@ class StatusReport:
         hosts = self.resources.hosts()
         self._list_slices(reply, [r for r in self.resources.slices()
                                   if viewer is None or r.session_id == viewer])
-        pings = {key: stub.Ping.future(pb.PingRequest(), timeout=STATUS_PING_TIMEOUT_S)
+        pings = {key: self._ping(key, stub, STATUS_PING_TIMEOUT_S, fresh_s=0.0)
                  for key, (_, stub) in probes.items()
                  if ping_hosts and any((h.island, h.host) == key and h.alive for h in hosts)}
         for h in hosts:

@@ -22,6 +22,7 @@ import asyncio
 import collections
 import logging
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from proto import auth as _auth
@@ -70,6 +71,7 @@ class SimHost:
         self.execution_deadline_s = config.execution_deadline_s  # read by runtime.worker.hang.diagnose
         self.address = ""
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
+        self.incarnation = uuid.uuid4().hex  # a new one in a restarted process
         self.store = SimStore()
         self.timeline: collections.deque[tuple] = collections.deque(maxlen=config.timeline_length)
         self.executions = 0
@@ -392,7 +394,7 @@ class SimHost:
             activity=self.activity, device_memory_bytes=self.config.device_memory_bytes,
             distributed_hosts=self.island_size if self.island_size > 1 else 0,
             received=self._received, executed=self.executed, hang=self.hang,
-            current_sequence=state[2] if len(state) > 2 else 0,
+            incarnation=self.incarnation, current_sequence=state[2] if len(state) > 2 else 0,
             current_name=state[1] if len(state) > 1 else "", current_state=current_state(state))
 
     @property
@@ -417,9 +419,11 @@ class SimHost:
             if fresh:
                 reported = fresh[0][0]
             arrivals_reported, arrived = self.announcements.after(arrivals_reported)
+            now = time.time()
             yield pb.WatchProgressReply(
                 received=self._received, executed=self.executed, hang=self.hang, arrived=arrived,
-                completed=[pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
+                completed=[pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4],
+                                                 started_ago_s=now - e[4])
                            for e in reversed(fresh)])
             if interval:
                 await asyncio.sleep(interval)

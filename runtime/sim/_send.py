@@ -21,6 +21,7 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
+from runtime.worker import forward as _forward
 from proto import wire as _wire
 from proto.config import WorkerConfig, from_env
 from proto.errors import PathwaysError
@@ -35,30 +36,12 @@ log = logging.getLogger(__name__)
 TRANSFER_TIMEOUT_S = from_env(WorkerConfig).transfer_timeout_s
 
 
-def aio_channel(address: str, credentials: _auth.Credentials) -> grpc.aio.Channel:
-    """An asyncio channel to a runtime server, with TLS when the credentials have it."""
-    options = _rpc.channel_options(credentials)
-    if credentials.tls is not None:
-        return grpc.aio.secure_channel(address, credentials.tls.channel_credentials(), options)
-    return grpc.aio.insecure_channel(address, options=options)
-
-
-def host_metadata(credentials: _auth.Credentials) -> list[tuple[str, str]]:
-    """The metadata a host presents to its peers: the cluster token and the host token."""
-    metadata = []
-    if credentials.token:
-        metadata.append((_auth.TOKEN_KEY, credentials.token))
-    if credentials.host_token:
-        metadata.append((_auth.HOST_TOKEN_KEY, credentials.host_token))
-    return metadata
-
-
 class Transfers:
     """Sends arrays out of one process's simulated hosts; one channel per destination host."""
 
     def __init__(self, credentials: _auth.Credentials) -> None:
         self.credentials = credentials
-        self._metadata = host_metadata(credentials)
+        self._metadata = _rpc.credential_metadata(credentials)
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
         self._streams: set[asyncio.Task] = set()
 
@@ -112,10 +95,28 @@ class Transfers:
         except Exception:  # the receiver's execution times out and reports it
             log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
 
+    async def forward(self, request: pb.DispatchRequest, timeout: float
+                      ) -> list[pb.HostPosition]:
+        """Passes a Dispatch on down the island's fan-out tree (runtime.worker.forward), to
+        every target at once; the positions of every host below, or why one was not reached."""
+        deadline = max(0.01, timeout - _forward.REPLY_MARGIN_S)
+
+        async def one(target: pb.ForwardTarget) -> list[pb.HostPosition]:
+            try:
+                reply = await self._stub(target.address).Dispatch(
+                    _forward.forwarded_request(request, target), timeout=deadline,
+                    metadata=self._metadata)
+            except grpc.RpcError as err:
+                return _forward.positions(target, None, _forward.describe_error(err, target))
+            return _forward.positions(target, reply)
+
+        results = await asyncio.gather(*(one(target) for target in request.forward))
+        return [position for result in results for position in result]
+
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
         entry = self._channels.get(address)
         if entry is None:
-            channel = aio_channel(address, self.credentials)
+            channel = _rpc.open_aio_channel(address, self.credentials)
             entry = self._channels[address] = (channel, pb_grpc.WorkerStub(channel))
         return entry[1]
 

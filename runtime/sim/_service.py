@@ -67,7 +67,11 @@ class _Calls:
     async def Dispatch(self, request: pb.DispatchRequest, context) -> pb.DispatchReply:
         self.host.last_contact = time.monotonic()
         received = self.host.receive(request.controller_id, request.instructions, request.epoch)
-        return pb.DispatchReply(received=received, executed=self.host.executed)
+        forwarded = []
+        if request.forward and self.host.transfers is not None:  # the island's fan-out tree
+            forwarded = await self.host.transfers.forward(request, _time_left(context, 10.0))
+        return pb.DispatchReply(received=received, executed=self.host.executed,
+                                forwarded=forwarded)
 
     async def Ping(self, request: pb.PingRequest, context, is_host: bool) -> pb.PingReply:
         if is_host:

@@ -30,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
@@ -78,6 +79,7 @@ class Worker:
         self.island, self.host = island, host
         self.limits = limits
         # Presented to peer hosts; the worker's server demands the same (create_worker_server).
+        self.incarnation = uuid.uuid4().hex  # this host object's: tells a restart apart
         self.credentials = credentials or _auth.Credentials()
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
         self.input_timeout_s = input_timeout_s
@@ -289,7 +291,7 @@ class Worker:
                            current_name=state[1] if len(state) > 1 else "",
                            current_state=current_state(state),
                            ray_node=self.ray_node,
-                           control_address=self.control_address)
+                           control_address=self.control_address, incarnation=self.incarnation)
 
     @property
     def activity(self) -> str:
@@ -316,8 +318,9 @@ class Worker:
             if fresh:
                 reported = fresh[-1][0]
             arrivals_reported, arrived = self.announcements.after(arrivals_reported)
-            completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4])
-                         for e in fresh]
+            now = time.time()
+            completed = [pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4],
+                                               started_ago_s=now - e[4]) for e in fresh]
             with self._cond:
                 received = self._received
             yield pb.WatchProgressReply(received=received, executed=self.executed,
