@@ -38,6 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 import grpc
 
 from proto.access import CONTROLLER, REQUIRED, WORKER, Credential
+from proto.config import WorkerConfig, from_env
 from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError, PathwaysError,
                           PermissionDeniedError, UnauthenticatedError)
 
@@ -434,7 +435,7 @@ def session_policy(secret: Callable[[], str]) -> Authorize:
 
 #: How long a host waits for a new controller's first dispatch when a session key does not check
 #: out: after a controller restart, a client of the new one can reach a host before it does.
-NEW_CONTROLLER_WAIT_S = 2.0
+NEW_CONTROLLER_WAIT_S = from_env(WorkerConfig).new_controller_wait_s
 
 
 def array_owner_policy(secret: Callable[[], str],

@@ -8,10 +8,11 @@ whole `ClusterConfig` and hand each process its part: in-process objects get the
 subprocesses get it as environment variables (`to_env`), which their `from_env` reads back; so
 every option works with every launcher. Two processes outside a cluster's launchers have their
 own dataclass, read the same way: the IFRT proxy server (`ProxyConfig`) and the simulated hosts
-(`SimConfig`, with `pathways worker --platform sim`'s flags on top). The modules' own constants (runtime.worker.defaults,
-runtime.controller.defaults, scheduler.defaults, ...) are read from here too, with the
-environment's overrides (`from_env`, once at import), so a setting a launcher hands a subprocess
-reaches every module of it.
+(`SimConfig`, with `pathways worker --platform sim`'s flags on top). The modules' own constants
+(runtime.worker.defaults, runtime.controller.defaults, scheduler.defaults, ...) are read from
+here too, with the environment's overrides (`from_env`, once at import), so a setting a launcher
+hands a subprocess reaches every module of it. tests/test_config.py checks that no module keeps a
+setting as a number of its own.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ class WorkerConfig:
     control_threads: int = 8  # the control server's threads (progress streams, dispatch, pings)
     busy_window_s: float = 10.0  # the window of the pathways_device_busy_ratio gauge
     switch_interval_s: float = 0.0002  # Python's thread switch interval in a worker process
+    new_controller_wait_s: float = 2.0  # an unknown session key: wait for a new controller
+    forward_reply_margin_s: float = 0.05  # kept back from a forwarded Dispatch's deadline
+    early_send_threads: int = 8  # threads waiting for the sources of early sends
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +95,7 @@ class SchedulerConfig:
     dispatch_timeout_s: float = 10.0  # one Dispatch RPC
     max_batch: int = 1024  # instructions per Dispatch RPC
     max_batch_bytes: int = 8 << 20
-    fanout: int = 8  # hosts the controller dispatches an island's batch to; each forwards to as many
+    fanout: int = 8  # hosts the controller sends an island's batch to; each forwards to as many
     fanout_min_hosts: int = 16  # smaller islands get a Dispatch per host (scheduler.fanout)
     relay_timeout_s: float = 2.0  # not acknowledged through the tree this long: sent directly
     progress_interval_s: float = 0.005  # least time between two progress reports of a host
@@ -199,7 +203,7 @@ class SimConfig:
     """
 
     devices_per_host: int = 4
-    flops_per_s: float = 100e12  # one simulated device: about one accelerator chip of the paper's era
+    flops_per_s: float = 100e12  # one simulated device: about one accelerator chip of its era
     fixed_seconds: float | None = None
     data_limit_bytes: int = 64 << 10
     device_memory_bytes: int = 16 << 30  # what a device reports; nothing is allocated

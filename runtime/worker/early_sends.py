@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 ENABLED = bool(from_env(WorkerConfig).early_sends)
 #: Threads waiting for the sources of early sends (a wait holds one; a send that finds none free
 #: by the time the order reaches it is made in order).
-WAITING_THREADS = 8
+WAITING_THREADS = from_env(WorkerConfig).early_send_threads
 
 
 class EarlySends:

@@ -19,9 +19,10 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
+from runtime.worker.defaults import SETTINGS as _WORKER
 
 #: Time kept back from a forwarded call's deadline for this host's own reply.
-REPLY_MARGIN_S = 0.05
+REPLY_MARGIN_S = _WORKER.forward_reply_margin_s
 
 
 def forwarded_request(request: pb.DispatchRequest, target: pb.ForwardTarget
