@@ -56,9 +56,6 @@ class WorkerConfig:
     max_failed_early: int = 4096  # failures of incoming arrays kept until announced
     arrivals_kept: int = 1 << 16  # arrivals kept for the progress stream
     transfer_timeout_s: float = 300.0  # streaming one array to another host
-    host_buffer_pool_bytes: int = 1 << 30  # idle memory of freed device buffers kept for reuse
-    peer_segment_cache_bytes: int = 1 << 30  # peers' shared-memory segments kept mapped
-    peer_segment_check_s: float = 1.0  # how often those a peer no longer holds are unmapped
     early_sends: int = 1  # 1: a send starts once its source is stored; 0: at its turn in the order
     max_get_timeout_s: float = 3600.0  # the longest wait a GetArray may ask for
     caller_check_s: float = 0.5  # how often a waiting read checks its caller is there
@@ -119,6 +116,21 @@ class ClientConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """How array bytes move (proto.wire, proto.shm, proto.transfer): the same in clients and hosts,
+    which are both ends of puts, fetches and copies."""
+
+    chunk_bytes: int = 2 << 20  # array data per stream message (well under gRPC's 4 MiB default)
+    max_put_streams: int = 8  # streams of one host's shards of a put or copy, at most
+    parallel_stream_bytes: int = 4 << 20  # least bytes of a host's shards streamed in parallel
+    stream_threads: int = 8  # threads streaming the second and later shards of a fetch
+    parallel_copy_bytes: int = 8 << 20  # least bytes of a copy split over threads
+    host_buffer_pool_bytes: int = 1 << 30  # idle memory of freed device buffers kept for reuse
+    peer_segment_cache_bytes: int = 1 << 30  # peers' shared-memory segments kept mapped
+    peer_segment_check_s: float = 1.0  # how often those a peer no longer holds are unmapped
+
+
+@dataclasses.dataclass(frozen=True)
 class ClusterConfig:
     """The settings of every process of a cluster."""
 
@@ -126,6 +138,7 @@ class ClusterConfig:
     worker: WorkerConfig = WorkerConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     client: ClientConfig = ClientConfig()
+    transfer: TransferConfig = TransferConfig()
     startup_timeout_s: float = 120.0  # a launcher's wait for its hosts (or a proxy) to serve
     stop_grace_s: float = 30.0  # after SIGINT/SIGTERM, a server's time to stop in order
     gc_young_threshold: int = 20_000  # allocations between young collections (servers)
@@ -144,7 +157,8 @@ class ClusterConfig:
     def to_env(self) -> dict[str, str]:
         """Every field that differs from its default, as the variables `from_env` reads."""
         env: dict[str, str] = {}
-        for part in (self, self.controller, self.worker, self.scheduler, self.client):
+        for part in (self, self.controller, self.worker, self.scheduler, self.client,
+                     self.transfer):
             default = type(part)()
             for f in dataclasses.fields(part):
                 value = getattr(part, f.name)
@@ -230,9 +244,9 @@ class SimConfig:
         return f"sim ({self.flops_per_s:.3g} FLOP/s)"
 
 
-_PARTS = ("controller", "worker", "scheduler", "client")
+_PARTS = ("controller", "worker", "scheduler", "client", "transfer")
 _OWNER = {f.name: part for part, cls in zip(_PARTS, (ControllerConfig, WorkerConfig,
-                                                    SchedulerConfig, ClientConfig))
+                                                    SchedulerConfig, ClientConfig, TransferConfig))
           for f in dataclasses.fields(cls)}
 
 T = typing.TypeVar("T")

@@ -38,7 +38,7 @@ from concurrent import futures
 import numpy as np
 
 from proto import buffers as _buffers
-from proto.config import WorkerConfig, from_env
+from proto.config import TransferConfig, from_env
 from proto.errors import FailedPreconditionError, InvalidArgumentError
 
 #: In the message of the error a receiver raises when it cannot open a segment (not a bad one):
@@ -179,7 +179,7 @@ class Segment:
 #: Segments of this process (clients' puts and fetches, hosts' copies to hosts of this machine).
 #: PATHWAYS_SHARED_MEMORY_POOL_BYTES bounds the idle ones (default 1 GiB).
 POOL = SegmentPool(int(os.environ.get("PATHWAYS_SHARED_MEMORY_POOL_BYTES", 1 << 30)))
-_SETTINGS = from_env(WorkerConfig)
+_SETTINGS = from_env(TransferConfig)
 #: Memory a host's device buffers alias, reused once the arrays they backed are freed.
 HOST_BUFFERS = _buffers.BufferPool(_SETTINGS.host_buffer_pool_bytes)
 
@@ -187,7 +187,7 @@ HOST_BUFFERS = _buffers.BufferPool(_SETTINGS.host_buffer_pool_bytes)
 def open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap.mmap:
     """Maps a peer's segment `reference` of exactly `nbytes` bytes (read-only unless `writable`),
     or returns the mapping of it made before: peers reuse their segments, and mapping one again
-    costs a fair part of a copy of it. At most WorkerConfig.peer_segment_cache_bytes of mappings
+    costs a fair part of a copy of it. At most TransferConfig.peer_segment_cache_bytes of mappings
     are kept (least recently used first out).
 
     InvalidArgumentError unless the reference has the form a Segment gives and names a regular
@@ -408,7 +408,7 @@ def device_copy(data: np.ndarray, *, take: bool) -> np.ndarray:
 
 #: Copies of at least this many bytes are split over COPY_THREADS threads (NumPy copies without
 #: the GIL): one core copies at well under the memory's bandwidth.
-PARALLEL_COPY_BYTES = 8 << 20
+PARALLEL_COPY_BYTES = _SETTINGS.parallel_copy_bytes
 COPY_THREADS = max(1, min(8, os.cpu_count() or 1))
 _copiers: futures.ThreadPoolExecutor | None = None
 _copiers_lock = threading.Lock()

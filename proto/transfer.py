@@ -28,6 +28,7 @@ from proto import pathways_pb2 as pb
 from proto import rpc as _rpc
 from proto import shm as _shm
 from proto import wire as _wire
+from proto.config import TransferConfig, from_env
 from proto.errors import InvalidArgumentError, from_rpc_error
 
 
@@ -118,10 +119,12 @@ def put_jobs(client, value: np.ndarray, spec: pb.ArraySpec, vslice,
 ONE_STREAM_ONLY = "this host takes a put in one stream"
 _ONE_STREAM: weakref.WeakSet = weakref.WeakSet()
 
+_SETTINGS = from_env(TransferConfig)
+
 #: A host's shards of a put stream in parallel, one stream per shard (at most this many), once
 #: they hold at least PARALLEL_STREAM_BYTES in all.
-MAX_PUT_STREAMS = 8
-PARALLEL_STREAM_BYTES = 4 << 20
+MAX_PUT_STREAMS = _SETTINGS.max_put_streams
+PARALLEL_STREAM_BYTES = _SETTINGS.parallel_stream_bytes
 
 
 def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float) -> None:
@@ -329,7 +332,7 @@ class FetchTarget:
 
 
 #: Threads streaming the second and later shards of a host's part of a fetch.
-STREAM_THREADS = 8
+STREAM_THREADS = _SETTINGS.stream_threads
 _stream_pool: futures.ThreadPoolExecutor | None = None
 
 

@@ -20,10 +20,11 @@ from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import shm as _shm
+from proto.config import TransferConfig, from_env
 from proto.errors import InvalidArgumentError
 
 #: Bytes of array data per message; well under gRPC's default 4 MiB limit.
-CHUNK_BYTES = 2 << 20
+CHUNK_BYTES = from_env(TransferConfig).chunk_bytes
 #: Message size limit the runtime's servers and channels accept (a chunk plus its headers).
 MAX_MESSAGE_BYTES = 16 << 20
 GRPC_OPTIONS = [

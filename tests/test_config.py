@@ -1,9 +1,11 @@
 """Every tunable in one place (proto.config): defaults, environment overrides, and launchers that
 hand the whole configuration to every process."""
 
+import ast
 import dataclasses
 import inspect
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -16,7 +18,7 @@ from proto.config import ClusterConfig, ControllerConfig, WorkerConfig
 def test_field_names_are_unique_across_the_parts():
     names = [f.name for cls in (config.ControllerConfig, config.WorkerConfig,
                                 config.SchedulerConfig, config.ClientConfig, ClusterConfig,
-                                config.ProxyConfig)
+                                config.TransferConfig, config.ProxyConfig)
              for f in dataclasses.fields(cls)]
     assert len(names) == len(set(names))
     # A simulated host shares only the worker's own settings (one variable sets both).
@@ -126,3 +128,50 @@ def test_scheduler_and_client_settings_given_in_process_reach_the_scheduler_and_
         s = client.slice({"d": 1}, island=0)
         x = client.put(np.arange(4, dtype=np.float32), s)
         assert np.array_equal(x.fetch(), np.arange(4, dtype=np.float32))
+
+
+#: Module constants that are facts, not choices: protocol versions and bounds of the wire format,
+#: sizes fixed by security or by JAX, and the granularity of internal bookkeeping. Every other
+#: number a module names is a setting and lives in proto/config.py.
+FACTS = {
+    "proto/admission.py": {"ANONYMOUS"},
+    "proto/auth.py": {"ID_BITS", "TOKEN_BYTES"},
+    "proto/buffers.py": {"DEVICE_ALIGNMENT"},
+    "proto/wire.py": {"MAX_MESSAGE_BYTES", "MAX_RANK"},
+    "scheduler/resources.py": {"MAX_MESH_RANK"},
+    "runtime/controller/ordering.py": {"INSTRUCTIONS_PER_PIECE", "RESULT_MESSAGE_CHARS"},
+    "runtime/controller/placement.py": {"MAX_ARRAY_BYTES"},
+    "runtime/controller/planner.py": {"IDS_PER_DELETE"},
+    "runtime/proxy/_server.py": {"PROTOCOL_VERSION", "SERDES_VERSION"},
+    "runtime/proxy/_session.py": {"SERVER_HANDLES_START"},
+}
+
+
+def _is_number(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return isinstance(node.value, (int, float)) and not isinstance(node.value, bool)
+    if isinstance(node, ast.BinOp):
+        return _is_number(node.left) and _is_number(node.right)
+    return isinstance(node, ast.UnaryOp) and _is_number(node.operand)
+
+
+def test_no_module_hides_a_setting_in_a_number():
+    root = pathlib.Path(__file__).resolve().parent.parent
+    found = {}
+    for package in ("proto", "scheduler", "runtime"):
+        for path in sorted((root / package).rglob("*.py")):
+            name = path.relative_to(root).as_posix()
+            if name == "proto/config.py" or path.name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            for node in ast.parse(path.read_text()).body:
+                if isinstance(node, ast.Assign):
+                    targets, value = node.targets, node.value
+                elif isinstance(node, ast.AnnAssign) and node.value is not None:
+                    targets, value = [node.target], node.value
+                else:
+                    continue
+                for target in targets:
+                    if (isinstance(target, ast.Name) and target.id.isupper()
+                            and _is_number(value) and target.id not in FACTS.get(name, ())):
+                        found.setdefault(name, []).append(target.id)
+    assert not found, f"settings outside proto/config.py: {found}"
