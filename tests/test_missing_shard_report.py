@@ -6,6 +6,7 @@ went wrong."""
 from __future__ import annotations
 
 import threading
+from types import SimpleNamespace
 
 import jax
 import numpy as np
@@ -58,3 +59,59 @@ def test_the_layout_names_each_device_and_its_block_and_the_origin_is_formatted_
     assert store.origin(9) == "output 1 of f (executable 5, #12)"
     store.fail(9, NotFoundError("gone"))
     assert store.origin(9) == "" and store.origin(10) == ""
+
+
+class _LazyShards:
+    """A stored array whose shard list, like jaxlib's (built lazily, not thread-safe: two threads
+    building it at once got a list short or doubled), must not be listed by two threads at once.
+    Each lister waits (up to 1 s) for a second one to come in, and records it if one does."""
+
+    shape = (8,)
+    dtype = np.dtype(np.float32)
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._inside = 0
+        self._second = threading.Event()
+        self.overlapped = False
+
+    @property
+    def addressable_shards(self):
+        with self._lock:
+            self._inside += 1
+            if self._inside > 1:
+                self.overlapped = True
+                self._second.set()
+        self._second.wait(1.0)
+        with self._lock:
+            self._inside -= 1
+        return [SimpleNamespace(index=(slice(start, start + 4),), device=SimpleNamespace(id=i),
+                                data=np.full(4, i, np.float32))
+                for i, start in enumerate((0, 4))]
+
+
+def test_concurrent_reads_of_two_shards_list_the_stored_array_one_at_a_time():
+    """What the conformance test's plain-JAX reads do: one read per distinct shard, at once."""
+    store = ArrayStore()
+    value = _LazyShards()
+    store.set(11, value, nbytes=32)
+    plane = _plane(store)
+    start = threading.Barrier(2)
+    got, errors = {}, []
+
+    def read(block):
+        start.wait()
+        try:
+            request = pb.GetArrayRequest(array_id=11, timeout_s=5.0,
+                                         shards=[_wire.index_to_proto(block)])
+            got[block] = list(plane.get(request))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read, args=(b,)) for b in (((0, 4),), ((4, 8),))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert not errors and set(got) == {((0, 4),), ((4, 8),)}
+    assert not value.overlapped, "two reads listed the array's shards at the same time"
