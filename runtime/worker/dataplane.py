@@ -24,7 +24,7 @@ from runtime.worker.announced import Announcements, check_as_announced
 from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_GET_TIMEOUT_S,
                                      SLICE_TIMEOUT_S)
 from runtime.worker.put_parts import PutParts
-from runtime.worker.store import ArrayStore
+from runtime.worker.store import ArrayStore, addressable_blocks, describe_layout
 
 
 class DataPlane:
@@ -167,7 +167,8 @@ class DataPlane:
         value = jax.make_array_from_single_device_arrays(shape, sharding,
                                                          [placed[p] for p in local])
         self._settle(spec.array_id, lambda: self.store.set(
-            spec.array_id, value, sum(placed[p].nbytes for p in placed)))
+            spec.array_id, value, sum(placed[p].nbytes for p in placed),
+            ("a put on slice {}", spec.sharding.slice_id)))
 
     def get(self, request: pb.GetArrayRequest, limit: float = MAX_GET_TIMEOUT_S,
             active: Callable[[], bool] = lambda: True) -> Iterator[pb.ArrayChunk]:
@@ -193,15 +194,15 @@ class DataPlane:
             value.block_until_ready()
             return iter(())
         distinct: dict[_wire.Index, jax.Array] = {}
-        for shard in value.addressable_shards:
-            index = tuple((s.start or 0, value.shape[d] if s.stop is None else s.stop)
-                          for d, s in enumerate(shard.index))
-            distinct.setdefault(index, shard.data)
+        for index, _, data in addressable_blocks(value):  # not value.addressable_shards: racy
+            distinct.setdefault(index, data)
         wanted = [_wire.index_from_proto(i) for i in request.shards] or list(distinct)
         missing = [w for w in wanted if w not in distinct]
         if missing:
             raise NotFoundError(f"array {request.array_id}: shard {missing[0]} is not on this host "
-                                f"(it holds {sorted(distinct)} of {value.dtype}{list(value.shape)})")
+                                f"(it holds {sorted(distinct)} of {value.dtype}{list(value.shape)}"
+                                f", stored by {self.store.origin(request.array_id) or '?'}: "
+                                f"{describe_layout(value)})")
         if request.shared_array:  # the caller's segment on this machine: copy straight into it
             return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
                                            [(w, distinct[w]) for w in wanted]))

@@ -199,8 +199,10 @@ class Executor:
             return
         if self.hang:
             return  # reported hung meanwhile: its outputs already carry the report
-        for array_id, value, nbytes in zip(ex.outputs, outputs, loaded.out_nbytes):
-            self.store.set(array_id, value, nbytes)
+        for i, (array_id, value, nbytes) in enumerate(zip(ex.outputs, outputs,
+                                                          loaded.out_nbytes)):
+            self.store.set(array_id, value, nbytes, ("output {} of {} (executable {}, #{})", i,
+                                                     loaded.name, ex.executable_id, sequence))
         for position in loaded.donated:
             self.store.delete(ex.inputs[position])
 

@@ -12,19 +12,21 @@ import threading
 import time
 
 import jax
+from jax.sharding import NamedSharding
 
 from proto.errors import (STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
                           PathwaysError)
 
 
 class _Entry:
-    __slots__ = ("ready", "value", "error", "nbytes")
+    __slots__ = ("ready", "value", "error", "nbytes", "origin")
 
     def __init__(self) -> None:
         self.ready = False
         self.value: jax.Array | None = None
         self.error: PathwaysError | None = None
         self.nbytes = 0
+        self.origin: tuple = ()  # what stored the value: a format string and its arguments
 
 
 class ArrayStore:
@@ -51,11 +53,14 @@ class ArrayStore:
         if self._waiters:
             self._cond.notify_all()
 
-    def set(self, array_id: int, value: jax.Array, nbytes: int | None = None) -> None:
+    def set(self, array_id: int, value: jax.Array, nbytes: int | None = None,
+            origin: tuple = ()) -> None:
         """Fulfils an entry (creating it if needed); readers waiting on it wake up.
 
         `nbytes` is what the array occupies on this host's devices; computed from its shards when
         not given (slower: the executor passes figures it knows from the output specs).
+        `origin` says what stored it: a format string and its arguments (formatted only when an
+        error names it: `origin`).
         """
         if nbytes is None:
             nbytes = local_nbytes(value)
@@ -66,6 +71,7 @@ class ArrayStore:
             elif entry.ready:
                 self._nbytes -= entry.nbytes
             entry.value, entry.error, entry.nbytes = value, None, nbytes
+            entry.origin = origin
             self._nbytes += nbytes
             self._settle(entry)
 
@@ -78,7 +84,7 @@ class ArrayStore:
                 return
             if entry.ready:
                 self._nbytes -= entry.nbytes
-            entry.value, entry.error, entry.nbytes = None, error, 0
+            entry.value, entry.error, entry.nbytes, entry.origin = None, error, 0, ()
             self._settle(entry)
 
     def get(self, array_id: int, timeout: float) -> jax.Array:
@@ -112,6 +118,14 @@ class ArrayStore:
         if entry.error is not None:
             raise entry.error
         return entry.value
+
+    def origin(self, array_id: int) -> str:
+        """What stored the array ("" when unknown or not stored)."""
+        with self._cond:
+            entry = self._entries.get(array_id)
+            if entry is None or not entry.origin:
+                return ""
+            return entry.origin[0].format(*entry.origin[1:])
 
     def contains(self, array_id: int) -> bool:
         with self._cond:
@@ -151,6 +165,38 @@ class ArrayStore:
 def local_nbytes(value: jax.Array) -> int:
     """Bytes an array occupies on this process's devices (replicas counted)."""
     return sum(s.data.nbytes for s in value.addressable_shards)
+
+
+#: jaxlib builds an array's list of per-device arrays (behind `addressable_shards`) lazily, and
+#: threads doing so at once can get it short or doubled (jax 0.10: two concurrent reads of two
+#: shards of a new array on a host, one found a single shard and refused the other); so a host
+#: lists an array's shards one thread at a time.
+_SHARDS_LOCK = threading.Lock()
+
+
+def addressable_blocks(value: jax.Array) -> list[tuple[tuple[tuple[int, int], ...], jax.Device,
+                                                       jax.Array]]:
+    """(block as (start, stop) per dimension, device, data) of each of the array's shards on this
+    process's devices; safe to call from several threads at once."""
+    with _SHARDS_LOCK:
+        return [(tuple((s.start or 0, n if s.stop is None else s.stop)
+                       for s, n in zip(shard.index, value.shape)), shard.device, shard.data)
+                for shard in value.addressable_shards]
+
+
+def describe_layout(value: jax.Array) -> str:
+    """How an array lies on this host's devices: its sharding (a NamedSharding's spec, mesh shape
+    and mesh devices by id) and each addressable shard's device and block. For errors about a
+    shard the array lacks: it says whether the sharding or the buffers disagree with the caller."""
+    sharding = value.sharding
+    if isinstance(sharding, NamedSharding):
+        mesh = sharding.mesh
+        where = (f"{sharding.spec} over mesh {dict(mesh.shape)} of devices "
+                 f"{[d.id for d in mesh.devices.flat]}")
+    else:
+        where = str(sharding)
+    blocks = [f"{device.id}: {block}" for block, device, _ in addressable_blocks(value)]
+    return f"{where}; shards by device {{{', '.join(blocks)}}}"
 
 
 def wait_all(store: ArrayStore, ids, deadline: float) -> list[jax.Array]:

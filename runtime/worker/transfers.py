@@ -72,7 +72,8 @@ class Transfers:
                 mesh, _ = self._worker.mesh(send.destination.sharding.slice_id, SLICE_TIMEOUT_S)
                 sharding = NamedSharding(mesh, _wire.spec_from_proto(send.destination.sharding))
                 self._worker.store.set(send.destination.array_id,
-                               jax.device_put(value, sharding, may_alias=False))
+                               jax.device_put(value, sharding, may_alias=False), None,
+                               ("a copy of array {} (#{})", send.array_id, sequence))
                 return
             self.submit_stream(value, send)
         except Exception as exc:
