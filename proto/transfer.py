@@ -216,12 +216,10 @@ def segment_holding(value) -> _shm.Segment:
             _shm.copy_into(whole, value)
         else:
             done = set()
-            for shard in value.addressable_shards:
-                region = tuple(slice(*s.indices(d)[:2]) for s, d in zip(shard.index, value.shape))
-                key = tuple((r.start, r.stop) for r in region)
-                if key not in done:
-                    done.add(key)
-                    _shm.copy_into(whole[(*region, ...)], shard.data)
+            for block, _, data in _wire.addressable_blocks(value):
+                if block not in done:
+                    done.add(block)
+                    _shm.copy_into(whole[(*(slice(a, b) for a, b in block), ...)], data)
         del whole
     except BaseException:
         segment.discard()

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 
+import jax
 import ml_dtypes
 import numpy as np
 from jax.sharding import PartitionSpec
@@ -283,3 +285,20 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = No
     if buffer is not None and filled != buffer.nbytes:
         raise InvalidArgumentError(f"shard truncated: {filled} of {buffer.nbytes} bytes")
     return spec, shards
+
+
+#: jaxlib builds an array's list of per-device arrays (behind `addressable_shards`) lazily, and
+#: threads doing so at once can get it short or doubled (jax 0.10: two concurrent reads of two
+#: shards of a new array on a host, one found a single shard and refused the other); so a host
+#: lists an array's shards one thread at a time.
+_SHARDS_LOCK = threading.Lock()
+
+
+def addressable_blocks(value: jax.Array) -> list[tuple[Index, jax.Device, jax.Array]]:
+    """(block as (start, stop) per dimension, device, data) of each of the array's shards on this
+    process's devices; safe to call from several threads at once (clients, hosts and their
+    transfer threads all list shards through here)."""
+    with _SHARDS_LOCK:
+        return [(tuple((s.start or 0, n if s.stop is None else s.stop)
+                       for s, n in zip(shard.index, value.shape)), shard.device, shard.data)
+                for shard in value.addressable_shards]

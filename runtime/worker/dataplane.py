@@ -24,7 +24,7 @@ from runtime.worker.announced import Announcements, check_as_announced
 from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_GET_TIMEOUT_S,
                                      SLICE_TIMEOUT_S)
 from runtime.worker.put_parts import PutParts
-from runtime.worker.store import ArrayStore, addressable_blocks, describe_layout
+from runtime.worker.store import ArrayStore, describe_layout
 
 
 class DataPlane:
@@ -194,7 +194,7 @@ class DataPlane:
             value.block_until_ready()
             return iter(())
         distinct: dict[_wire.Index, jax.Array] = {}
-        for index, _, data in addressable_blocks(value):  # not value.addressable_shards: racy
+        for index, _, data in _wire.addressable_blocks(value):  # not value.addressable_shards: racy
             distinct.setdefault(index, data)
         wanted = [_wire.index_from_proto(i) for i in request.shards] or list(distinct)
         missing = [w for w in wanted if w not in distinct]

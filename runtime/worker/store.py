@@ -14,6 +14,7 @@ import time
 import jax
 from jax.sharding import NamedSharding
 
+from proto import wire as _wire
 from proto.errors import (STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
                           PathwaysError)
 
@@ -164,24 +165,7 @@ class ArrayStore:
 
 def local_nbytes(value: jax.Array) -> int:
     """Bytes an array occupies on this process's devices (replicas counted)."""
-    return sum(s.data.nbytes for s in value.addressable_shards)
-
-
-#: jaxlib builds an array's list of per-device arrays (behind `addressable_shards`) lazily, and
-#: threads doing so at once can get it short or doubled (jax 0.10: two concurrent reads of two
-#: shards of a new array on a host, one found a single shard and refused the other); so a host
-#: lists an array's shards one thread at a time.
-_SHARDS_LOCK = threading.Lock()
-
-
-def addressable_blocks(value: jax.Array) -> list[tuple[tuple[tuple[int, int], ...], jax.Device,
-                                                       jax.Array]]:
-    """(block as (start, stop) per dimension, device, data) of each of the array's shards on this
-    process's devices; safe to call from several threads at once."""
-    with _SHARDS_LOCK:
-        return [(tuple((s.start or 0, n if s.stop is None else s.stop)
-                       for s, n in zip(shard.index, value.shape)), shard.device, shard.data)
-                for shard in value.addressable_shards]
+    return sum(data.nbytes for _, _, data in _wire.addressable_blocks(value))
 
 
 def describe_layout(value: jax.Array) -> str:
@@ -195,7 +179,7 @@ def describe_layout(value: jax.Array) -> str:
                  f"{[d.id for d in mesh.devices.flat]}")
     else:
         where = str(sharding)
-    blocks = [f"{device.id}: {block}" for block, device, _ in addressable_blocks(value)]
+    blocks = [f"{device.id}: {block}" for block, device, _ in _wire.addressable_blocks(value)]
     return f"{where}; shards by device {{{', '.join(blocks)}}}"
 
 

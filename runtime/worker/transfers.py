@@ -213,7 +213,7 @@ def _held_by(value: jax.Array, devices: Sequence[jax.Device]
         return None
 
     def assemble() -> np.ndarray:
-        local = {shard.device: shard.data for shard in value.addressable_shards}
+        local = {device: data for _, device, data in _wire.addressable_blocks(value)}
         whole = np.empty(value.shape, value.dtype)
         for bounds, device in parts.items():
             whole[tuple(slice(a, b) for a, b in bounds)] = np.asarray(local[device])
