@@ -9,13 +9,15 @@ import math
 import signal
 import time
 
-from proto.config import ClusterConfig, WorkerConfig, from_env
+from proto.config import ClusterConfig
+
+_SETTINGS = ClusterConfig.from_env()
 
 #: Python thread switch interval in worker processes (see cmd_worker).
-WORKER_SWITCH_INTERVAL_S = from_env(WorkerConfig).switch_interval_s
+WORKER_SWITCH_INTERVAL_S = _SETTINGS.worker.switch_interval_s
 
 #: Allocations between young-generation collections in long-running processes (Python: 700).
-GC_YOUNG_THRESHOLD = ClusterConfig.from_env().gc_young_threshold
+GC_YOUNG_THRESHOLD = _SETTINGS.gc_young_threshold
 
 
 def quiet_collector() -> None:
@@ -30,7 +32,7 @@ def quiet_collector() -> None:
 
 #: After SIGINT or SIGTERM, how long a server process may take to stop in order before it is
 #: ended regardless (PATHWAYS_STOP_GRACE_S overrides it).
-STOP_GRACE_S = ClusterConfig.from_env().stop_grace_s
+STOP_GRACE_S = _SETTINGS.stop_grace_s
 
 
 class Signalled:

@@ -34,14 +34,16 @@ from runtime.server import Controller, controller_options, create_controller_ser
 
 log = logging.getLogger(__name__)
 
+_SETTINGS = ClusterConfig.from_env()
+
 #: How long an island's placement group may take to be reserved before the cluster gives up.
-PLACEMENT_TIMEOUT_S = ClusterConfig.from_env().placement_timeout_s
+PLACEMENT_TIMEOUT_S = _SETTINGS.placement_timeout_s
 #: Ray placement strategies an island may use; "auto" picks PACK on one node, STRICT_SPREAD on more.
 PLACEMENT_STRATEGIES = ("auto", "PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 #: How often the supervisor looks for actors that have died.
-SUPERVISE_INTERVAL_S = ClusterConfig.from_env().supervise_interval_s
+SUPERVISE_INTERVAL_S = _SETTINGS.supervise_interval_s
 #: How often each island may be restarted after it lost a host, unless told otherwise.
-MAX_HOST_RESTARTS = ClusterConfig.from_env().max_host_restarts
+MAX_HOST_RESTARTS = _SETTINGS.max_host_restarts
 @dataclasses.dataclass
 class _Island:
     """An island's Ray side: its placement group and actors (one per host, in host order)."""

@@ -16,13 +16,15 @@ from proto.errors import (DeadlineExceededError, FailedPreconditionError, Invali
                           NotFoundError, PathwaysError, ResourceExhaustedError)
 
 #: How long a request waits for a host buffer the client has not finished sending.
-LOOKUP_TIMEOUT_S = from_env(ProxyConfig).host_buffer_lookup_timeout_s
+_SETTINGS = from_env(ProxyConfig)
+
+LOOKUP_TIMEOUT_S = _SETTINGS.host_buffer_lookup_timeout_s
 #: Largest single host buffer accepted.
-MAX_BUFFER_BYTES = from_env(ProxyConfig).max_host_buffer_bytes
+MAX_BUFFER_BYTES = _SETTINGS.max_host_buffer_bytes
 #: Most bytes of host buffers one session may hold at once.
-MAX_SESSION_BYTES = from_env(ProxyConfig).max_session_host_buffer_bytes
+MAX_SESSION_BYTES = _SETTINGS.max_session_host_buffer_bytes
 #: Failed stores remembered per session.
-MAX_FAILED = from_env(ProxyConfig).max_failed_host_buffers
+MAX_FAILED = _SETTINGS.max_failed_host_buffers
 
 
 class HostBufferStore:

@@ -43,10 +43,11 @@ SESSION_METADATA_KEY = "ifrt-proxy-grpc-ifrt-session-metadata-bin"
 STORE_METADATA_KEY = "ifrt-proxy-grpc-host-buffer-store-metadata-bin"
 #: Initialization-data keys the runtime reads (runtime.proxy.connect sets them).
 TOKEN_KEY, NAME_KEY, WEIGHT_KEY = "pathways_token", "pathways_name", "pathways_weight"
+_SETTINGS = from_env(ProxyConfig)
 #: Largest message accepted (a compile request carries the whole program).
-MAX_MESSAGE_BYTES = from_env(ProxyConfig).proxy_max_message_bytes
+MAX_MESSAGE_BYTES = _SETTINGS.proxy_max_message_bytes
 #: Bytes per HostBufferLookup message.
-LOOKUP_CHUNK_BYTES = from_env(ProxyConfig).host_buffer_chunk_bytes
+LOOKUP_CHUNK_BYTES = _SETTINGS.host_buffer_chunk_bytes
 
 
 class ProxyServer:

@@ -35,10 +35,11 @@ log = logging.getLogger(__name__)
 
 #: Handles the server makes start here; the client makes those below (the IFRT proxy convention).
 SERVER_HANDLES_START = 1 << 48
+_SETTINGS = from_env(ProxyConfig)
 #: Threads per session for answers that wait (reads, ready checks, futures, compiles).
-LATER_THREADS = from_env(ProxyConfig).proxy_later_threads
+LATER_THREADS = _SETTINGS.proxy_later_threads
 #: Most futures remembered per session (a client need not check them all).
-MAX_FUTURES = from_env(ProxyConfig).proxy_max_futures
+MAX_FUTURES = _SETTINGS.proxy_max_futures
 
 
 @dataclasses.dataclass(frozen=True)

@@ -29,7 +29,6 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import transfer as _transfer
 from proto import wire as _wire
-from proto.config import WorkerConfig, from_env
 from proto.errors import (DeadlineExceededError, ExecutionError, FailedPreconditionError,
                           InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.sim._arrays import SimArray, SimStore, receive_shards
@@ -39,7 +38,7 @@ from runtime.sim._executable import Executable, Layout
 from runtime.sim._rendezvous import Rendezvous
 from runtime.sim._signal import Signal
 from runtime.worker.announced import Announcements, check_as_announced
-from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S
+from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S, MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S
 from runtime.worker.executor import check_runnable, execution_error
 from runtime.worker.hang import diagnose
 from runtime.worker.intake import fresh_instructions, receive_order_free
@@ -48,9 +47,6 @@ from runtime.worker.state import current_state, describe_activity
 log = logging.getLogger(__name__)
 
 _IDLE = ("idle",)
-#: How long a put waits for its slice's definition; longest wait a read may ask for.
-SLICE_TIMEOUT_S = from_env(WorkerConfig).slice_timeout_s
-MAX_GET_TIMEOUT_S = from_env(WorkerConfig).max_get_timeout_s
 
 
 class SimHost:

@@ -21,19 +21,17 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
-from runtime.worker import forward as _forward
 from proto import wire as _wire
-from proto.config import WorkerConfig, from_env
 from proto.errors import PathwaysError
 from runtime.sim._arrays import SimArray, dataless_chunks
+from runtime.worker import forward as _forward
+from runtime.worker.defaults import TRANSFER_TIMEOUT_S
 
 if TYPE_CHECKING:
     from runtime.sim._host import SimHost
 
 log = logging.getLogger(__name__)
 
-#: Deadline for streaming one array to another host.
-TRANSFER_TIMEOUT_S = from_env(WorkerConfig).transfer_timeout_s
 
 
 class Transfers:

@@ -23,16 +23,16 @@ from typing import TYPE_CHECKING
 import jax
 
 from proto import pathways_pb2 as pb
-from proto.config import WorkerConfig, from_env
+from runtime.worker.defaults import SETTINGS
 
 if TYPE_CHECKING:
     from runtime.worker.transfers import Transfers
 
 #: Whether sends start early at all (PATHWAYS_EARLY_SENDS=0: each at its place in the order).
-ENABLED = bool(from_env(WorkerConfig).early_sends)
+ENABLED = bool(SETTINGS.early_sends)
 #: Threads waiting for the sources of early sends (a wait holds one; a send that finds none free
 #: by the time the order reaches it is made in order).
-WAITING_THREADS = from_env(WorkerConfig).early_send_threads
+WAITING_THREADS = SETTINGS.early_send_threads
 
 
 class EarlySends:
