@@ -4,15 +4,12 @@ computations wait only for the arrays they read."""
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
 import runtime
-
-HOOK_S = 120  # the longest the test hook holds an island's order (a failing test ends sooner)
+from hooks import OrderHold
 
 
 @pytest.fixture(scope="module")
@@ -29,31 +26,6 @@ def produce(v):
     return v * 2 + 1
 
 
-class OrderHold:
-    """A test hook on island 0's host: executions of `hold_the_order` block its executor (and
-    with it the island's order) until `release` is set."""
-
-    def __init__(self, worker) -> None:
-        self.executor = worker.executor
-        self.held, self.release = threading.Event(), threading.Event()
-        self._real = self.executor._execute
-
-    def __enter__(self) -> OrderHold:
-        def execute(sequence, ex, received):
-            loaded = self.executor._loaded.get(ex.executable_id)
-            if loaded is not None and "hold_the_order" in loaded.name:
-                self.held.set()
-                self.release.wait(HOOK_S)
-            return self._real(sequence, ex, received)
-
-        self.executor._execute = execute
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release.set()
-        del self.executor._execute
-
-
 def _setup(cluster):
     client = cluster.client()
     s0, s1 = client.slice({"d": 2}, island=0), client.slice({"d": 2}, island=1)
@@ -66,7 +38,7 @@ def _setup(cluster):
 def test_a_copy_completes_while_an_unrelated_computation_holds_the_order(cluster):
     client, s1, make, hold, x = _setup(cluster)
     try:
-        with OrderHold(cluster.workers[0]) as hook:
+        with OrderHold(cluster.workers[0], "hold_the_order") as hook:
             y = make(x)
             blocked = hold(x)  # ahead of the copy in island 0's order, held by the hook
             moved = y.to(s1)  # the copy: its source is ready before `blocked` starts
@@ -87,7 +59,7 @@ def test_a_copy_completes_while_an_unrelated_computation_holds_the_order(cluster
 def test_a_copy_of_the_held_computations_output_waits_for_it(cluster):
     client, s1, make, hold, x = _setup(cluster)
     try:
-        with OrderHold(cluster.workers[0]) as hook:
+        with OrderHold(cluster.workers[0], "hold_the_order") as hook:
             held = hold(x)
             moved = held.to(s1)  # started at receipt: waits for its source, which is held
             assert hook.held.wait(60)
