@@ -413,14 +413,16 @@ class GangScheduler(Progress):
         return None
 
     def _raise_if_failed(self) -> None:
-        if self.closed:
-            raise FailedPreconditionError(f"island {self.island}'s scheduler is closed")
-        if self._failure is None:
+        # A scheduler closed by its island's restart keeps the failure that caused it (a lost
+        # host, named): a request that reached it during the restart gets that, not "closed".
+        if self._failure is None and not self.closed:
             failure = self._link_failure()
             if failure is not None:
                 self._fail(failure)
         if self._failure is not None:
             raise type(self._failure)(str(self._failure))
+        if self.closed:
+            raise FailedPreconditionError(f"island {self.island}'s scheduler is closed")
 
     # -- queries ----------------------------------------------------------------------------------
 

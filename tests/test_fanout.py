@@ -82,8 +82,11 @@ def test_an_island_in_a_tree_runs_its_order_on_every_host():
 
 
 def test_a_host_the_tree_cannot_reach_fails_its_island_with_its_name():
+    # The other hosts must not register again meanwhile (they do after 3 s without a call from
+    # the controller, which a loaded machine can cause): that would restart the island, and host
+    # 15 would come back from its real address.
     with SimCluster(islands=1, hosts_per_island=HOSTS, devices_per_host=1,
-                    config=config()) as sim:
+                    config=config().replace(registration_silence_s=120)) as sim:
         controller = sim.controller
         (last,) = [h for h in controller.resources.island_hosts(0) if h.host == HOSTS - 1]
         # Host 15 registers again from an address where nothing listens (before the island has
@@ -98,8 +101,10 @@ def test_a_host_the_tree_cannot_reach_fails_its_island_with_its_name():
                 s = client.slice({"d": HOSTS})
                 x = client.put(np.zeros(HOSTS, np.float32), s, P("d"))
                 x.fetch(timeout=30)
+        # Named by the tree ("not reached through the fan-out tree") or, when the tree is slower
+        # than SchedulerConfig.relay_timeout_s on a loaded machine, by the direct send after it.
         message = str(lost.value)
-        assert f"host 0.{HOSTS - 1}" in message and "fan-out tree" in message, message
+        assert f"host 0.{HOSTS - 1} ({dead})" in message, message
 
 
 class _IdleLoop:
