@@ -42,6 +42,7 @@ class ControllerConfig:
     backlog_timeout_s: float = 120.0  # how long commands wait for it to catch up
     order_deadline_margin_s: float = 2.0  # ordered at once this long before a client's deadline
     max_incoming: int = 4096  # cross-island transfers remembered per source island
+    max_dropped_remembered: int = 4096  # slices/executables an island restart dropped, told why
     status_ping_timeout_s: float = 1.0
 
 

@@ -14,6 +14,7 @@ slices, and a host that left is forgotten once no slice uses its island.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import math
@@ -21,6 +22,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from proto.config import ControllerConfig
 from proto.errors import InvalidArgumentError, NotFoundError, SliceUnavailableError
 
 #: Refuse meshes with more axes than this (hostile input).
@@ -88,9 +90,13 @@ def validate_mesh(mesh_shape: Sequence[int], axis_names: Sequence[str]) -> None:
 class ResourceManager:
     """Registry of islands, hosts and slices; thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, dropped_remembered: int = ControllerConfig.max_dropped_remembered) -> None:
         self._hosts: dict[tuple[int, int], HostRecord] = {}
         self._slices: dict[int, SliceRecord] = {}
+        # slice id -> why it was released for its owner (an island restart), the latest few: a
+        # client that still uses it learns why it is gone, not merely that it is unknown.
+        self._dropped: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._dropped_remembered = dropped_remembered
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -149,6 +155,10 @@ class ResourceManager:
     def get_slice(self, slice_id: int) -> SliceRecord:
         with self._lock:
             record = self._slices.get(slice_id)
+            why = self._dropped.get(slice_id) if record is None else None
+        if why is not None:
+            raise NotFoundError(f"slice {slice_id} is unknown: {why}, which dropped it (make a "
+                                f"new slice)")
         if record is None:
             raise NotFoundError(f"slice {slice_id} is unknown or was released")
         return record
@@ -222,9 +232,15 @@ class ResourceManager:
             self._slices[record.slice_id] = record
             return record
 
-    def release(self, slice_id: int) -> SliceRecord:
+    def release(self, slice_id: int, why: str = "") -> SliceRecord:
+        """Frees a slice; `why`, if given, is told to whoever uses it later (its owner did not
+        release it: an island restart did)."""
         with self._lock:
             record = self._slices.pop(slice_id, None)
+            if why and record is not None:
+                self._dropped[slice_id] = why
+                while len(self._dropped) > self._dropped_remembered:
+                    self._dropped.popitem(last=False)
             self._prune()
         if record is None:
             raise NotFoundError(f"slice {slice_id} is unknown or was released")

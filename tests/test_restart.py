@@ -40,8 +40,15 @@ def test_a_host_whose_process_restarted_unnoticed_restarts_its_island_with_a_cle
             assert isinstance(failure, HostLostError)
             assert "its process restarted" in str(failure) and "island restarts" in str(failure)
             assert controller._schedulers[0] is not old  # a fresh order, a new epoch
-            with pytest.raises((NotFoundError, HostLostError)):
-                f(x).fetch(timeout=30)  # the restarted island holds neither slice nor arrays
+            # The restarted island holds neither slice nor executables nor arrays; what the
+            # client still holds is refused, saying why it is gone.
+            with pytest.raises(NotFoundError, match=r"island 0 restarted \(epoch 1\) after "
+                                                    r"host 0\.0 .* was lost, which dropped it "
+                                                    r"\(compile the function again\)"):
+                f(x).fetch(timeout=30)
+            with pytest.raises(NotFoundError, match=r"slice \d+ is unknown: island 0 restarted "
+                                                    r".*\(make a new slice\)"):
+                client.put(np.ones(2, np.float32), f.vslice, P("d")).fetch(timeout=30)
             s2 = client.slice({"d": 2})  # and it takes new work
             y = client.put(np.ones(2, np.float32), s2, P("d"))
             g = client.jit(lambda v: v * 3, s2, in_specs=P("d"), out_specs=P("d"))

@@ -3,6 +3,7 @@ of Controller (runtime.controller.controller); the planner sees it through `Cata
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import threading
@@ -17,7 +18,7 @@ from proto import stablehlo as _stablehlo
 from proto import wire as _wire
 from proto.errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                           NotFoundError, ResourceExhaustedError)
-from runtime.controller.defaults import SLICE_FLUSH_TIMEOUT_S
+from runtime.controller.defaults import DROPPED_REMEMBERED, SLICE_FLUSH_TIMEOUT_S
 from runtime.controller.placement import Placer
 from runtime.controller.sessions import Executable, Session, SessionLedger, find_session
 from scheduler.gang import GangScheduler
@@ -69,6 +70,8 @@ class Catalog:
         self._executable_keys: dict[tuple, int] = {}
         self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
         self._executable_ids = itertools.count(1)
+        # executable id -> why an island restart dropped it (the latest few; slices: resources)
+        self._dropped: collections.OrderedDict[int, str] = collections.OrderedDict()
 
     def _session(self, session_id: int) -> Session:
         return find_session(self._sessions, session_id)
@@ -207,15 +210,21 @@ class Catalog:
             if not on_slice:
                 del self._slice_executables[exe.slice_id]
 
-    def forget_island(self, island: int) -> None:
+    def forget_island(self, island: int, why: str = "") -> None:
         """Forgets an island's slices, with their arrays and executables (called under the lock,
-        as its host registers again after a loss: runtime.controller.health)."""
+        as its host registers again after a loss: runtime.controller.health); `why` is told to
+        whoever uses one of them later."""
+        why = why or f"island {island} restarted"
         for record in [r for r in self.resources.slices() if r.island == island]:
+            for executable_id in self._slice_executables.get(record.slice_id, ()):
+                self._dropped[executable_id] = why
+                while len(self._dropped) > DROPPED_REMEMBERED:
+                    self._dropped.popitem(last=False)
             session = self._sessions.get(record.session_id)
             if session is not None:
                 self._forget_slice_arrays(session, record.slice_id)
                 self.sessions.forget_slice(session, record.slice_id)
-            self.resources.release(record.slice_id)
+            self.resources.release(record.slice_id, why)
             for executable_id in list(self._slice_executables.get(record.slice_id, ())):
                 self.forget_executable(executable_id)
 
@@ -227,7 +236,13 @@ class Catalog:
 
     def executable(self, session: Session, executable_id: int) -> Executable:
         exe = self._executables.get(executable_id)
-        if exe is None or exe.session_id != session.session_id:
+        if exe is None and executable_id in self._dropped:
+            raise NotFoundError(f"executable {executable_id} is unknown: "
+                                f"{self._dropped[executable_id]}, which dropped it (compile the "
+                                f"function again)")
+        if exe is None:
+            raise NotFoundError(f"executable {executable_id} is unknown")
+        if exe.session_id != session.session_id:
             raise NotFoundError(f"executable {executable_id} is unknown")
         return exe
 

@@ -33,7 +33,7 @@ from proto.errors import InvalidArgumentError, NotFoundError, ResourceExhaustedE
 from proto.leases import DEFAULT_SESSION_LEASE_S, SessionLeases
 from runtime import metrics_state as _metrics_state
 from runtime.controller.catalog import Catalog
-from runtime.controller.defaults import BACKLOG_TIMEOUT_S, MAX_BACKLOG
+from runtime.controller.defaults import BACKLOG_TIMEOUT_S, DROPPED_REMEMBERED, MAX_BACKLOG
 from runtime.controller.health import Health
 from runtime.controller.ordering import command_result
 from runtime.controller.placement import Placer
@@ -82,7 +82,7 @@ class Controller:
         self.controller_id = secrets.token_hex(16)
         # Public: names things outside the runtime (Ray actors) after this incarnation.
         self.name_tag = uuid.uuid4().hex[:8]
-        self.resources = ResourceManager()
+        self.resources = ResourceManager(DROPPED_REMEMBERED)
         # Arrays that do not exist yet (puts on their way, copies whose send is not ordered):
         # what reads them waits in its client's queue, not in an island's order.
         self.readiness = Readiness()

@@ -27,5 +27,9 @@ ORDER_DEADLINE_MARGIN_S = _DEFAULTS.order_deadline_margin_s
 #: Most cross-island transfers remembered per source island (to fail them if it is lost).
 MAX_INCOMING = _DEFAULTS.max_incoming
 
+#: Most slices and executables remembered as dropped by an island restart (to say why they are
+#: gone when a client uses one).
+DROPPED_REMEMBERED = _DEFAULTS.max_dropped_remembered
+
 #: Deadline of the pings `status` sends to every host.
 STATUS_PING_TIMEOUT_S = _DEFAULTS.status_ping_timeout_s

@@ -36,13 +36,13 @@ class Health:
     island's gang scheduler, made when its first host registers (in `schedulers`, shared with the
     controller's catalog, under the controller's `lock`): with `controller_id`, `policy`,
     `readiness`, `scheduler_config`, and `credentials` for the channels to its hosts.
-    `forget_island(island)` drops the slices of an island restarted after a loss
+    `forget_island(island, why)` drops the slices of an island restarted after a loss
     (runtime.controller.catalog)."""
 
     def __init__(self, lock: threading.RLock, resources: ResourceManager,
                  schedulers: dict[int, GangScheduler], *, controller_id: str, policy: str,
                  credentials: _auth.Credentials, readiness: Readiness,
-                 scheduler_config: SchedulerConfig, forget_island: Callable[[int], None],
+                 scheduler_config: SchedulerConfig, forget_island: Callable[[int, str], None],
                  heartbeat: bool = True) -> None:
         self._lock = lock
         self.resources = resources
@@ -135,7 +135,9 @@ class Health:
             scheduler.fail(HostLostError(f"island {island} was restarted"))
             scheduler.close(timeout=0)  # under the lock: its threads end on their own
         self._epochs[island] = self._epochs.get(island, 0) + 1
-        self._forget_island(island)
+        lost = self.resources.lost_host(island)
+        self._forget_island(island, f"island {island} restarted (epoch {self._epochs[island]})"
+                            + (f" after {lost.describe()} was lost" if lost else ""))
         for host in self.resources.island_hosts(island):
             probe = self._probes.pop((island, host.host), None)
             if probe is not None:
