@@ -28,6 +28,7 @@ from proto import pathways_pb2 as pb
 from proto import rpc as _rpc
 from proto import shm as _shm
 from proto import wire as _wire
+from proto.chunk_codec import FramedWorkerStub
 from proto.config import TransferConfig, from_env
 from proto.errors import InvalidArgumentError, from_rpc_error
 
@@ -134,15 +135,17 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
     small. Raises the first stream's error (the host fails the others with it)."""
     nbytes = sum(data.nbytes for _, _, data in shards)
     parts = min(len(shards), MAX_PUT_STREAMS)
+    # A stub that encodes chunks itself sends views of the shards (proto.chunk_codec).
+    views = isinstance(stub, FramedWorkerStub)
     if parts < 2 or nbytes < PARALLEL_STREAM_BYTES or stub in _ONE_STREAM:
-        stub.PutArray(_wire.iter_chunks(spec, shards), timeout=timeout)
+        stub.PutArray(_wire.iter_chunks(spec, shards, views=views), timeout=timeout)
         return
     groups = [shards[i::parts] for i in range(parts)]
     errors: list[BaseException] = []
 
     def one(group) -> None:
         try:
-            stub.PutArray(_wire.iter_chunks(spec, group, parts), timeout=timeout)
+            stub.PutArray(_wire.iter_chunks(spec, group, parts, views=views), timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
 
@@ -157,7 +160,7 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
     if errors:
         if all(ONE_STREAM_ONLY in str(_mapped(e)) for e in errors) and len(errors) == parts:
             _ONE_STREAM.add(stub)  # a host that takes puts in one stream only (simulated)
-            stub.PutArray(_wire.iter_chunks(spec, shards), timeout=timeout)
+            stub.PutArray(_wire.iter_chunks(spec, shards, views=views), timeout=timeout)
             return
         raise errors[0]
 

@@ -20,6 +20,7 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
 from proto import wire as _wire
+from proto.chunk_codec import FramedWorkerStub
 from proto.config import ClientConfig, from_env
 from proto.errors import (ControllerUnavailableError, InvalidArgumentError, PathwaysError,
                           translate_rpc_error)
@@ -183,7 +184,8 @@ class Client:
             if stub is None:
                 channel = _rpc.open_channel(address, self.credentials, self._call_metadata)
                 self._worker_channels.append(channel)
-                stub = self._workers[address] = pb_grpc.WorkerStub(channel)
+                # Array bytes travel without protobuf copying them (proto.chunk_codec).
+                stub = self._workers[address] = FramedWorkerStub(channel)
             return stub
 
     def _new_id(self) -> int:

@@ -24,6 +24,7 @@ from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
 from proto import transfer as _transfer
 from proto import wire as _wire
+from proto.chunk_codec import FramedWorkerStub
 from proto.errors import ExecutionError
 from runtime.worker.defaults import SLICE_TIMEOUT_S, TRANSFER_TIMEOUT_S
 from runtime.worker.early_sends import EarlySends
@@ -183,7 +184,7 @@ class Transfers:
             stub = self._peers.get(address)
             if stub is None:
                 channel = _rpc.open_channel(address, self._worker.credentials)
-                stub = self._peers[address] = pb_grpc.WorkerStub(channel)
+                stub = self._peers[address] = FramedWorkerStub(channel)
             return stub
 
     def stop(self, wait_s: float) -> None:
