@@ -18,6 +18,7 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto import heap as _heap
 from proto import rpc as _rpc
 from proto import wire as _wire
 from proto.chunk_codec import FramedWorkerStub
@@ -154,6 +155,7 @@ class Client:
         self._worker_channels: list[grpc.Channel] = []
         self.transfer_pool = futures.ThreadPoolExecutor(max_workers=16,
                                                         thread_name_prefix="transfer")
+        _heap.keep_freed_memory_as_configured()  # streamed fetches reuse freed memory
         self._tracing_state = threading.local()
         self.commands = CommandStream(self)
         self._keepalive = (KeepAlive(self.controller_stub, self.session_id, self.lease_s, address,

@@ -12,6 +12,7 @@ from proto import auth as _auth
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto import heap as _heap
 from proto import rpc as _rpc
 from proto.chunk_codec import add_worker_servicer
 from proto.admission import Admission, Chain
@@ -125,6 +126,7 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
     the credentials have it."""
     credentials = worker.credentials
     host = address.rsplit(":", 1)[0]
+    _heap.keep_freed_memory_as_configured()  # stream messages reuse freed memory
 
     def guard(host_methods):
         return CountingInterceptor(_auth.ServerGuard(
