@@ -165,6 +165,29 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
         raise errors[0]
 
 
+class Regions:
+    """Regions of an array (a NumPy array, or a JAX array all of whose shards are on this host)
+    as NumPy arrays, for streaming: a region that is one of the array's shards is a view of its
+    device buffer (no copy); any other is cut from the whole array, gathered once."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+        self._whole: np.ndarray | None = value if isinstance(value, np.ndarray) else None
+        self._blocks: dict[_wire.Index, object] = {}
+        if self._whole is None:
+            for block, _, data in _wire.addressable_blocks(value):
+                self._blocks.setdefault(block, data)
+
+    def get(self, index: _wire.Index) -> np.ndarray:
+        """The region `index` ((start, stop) per dimension) of the array."""
+        block = self._blocks.get(index)
+        if block is not None:
+            return np.asarray(block)
+        if self._whole is None:
+            self._whole = np.asarray(self.value)
+        return self._whole[_wire.as_slices(index)]
+
+
 def _put_through(stub, address: str, spec: pb.ArraySpec, groups, segment: _shm.Segment,
                  timeout: float) -> bool:
     """Puts shards ((index, mesh positions) pairs) held in `segment` on the host at `address`;
@@ -267,8 +290,9 @@ class FetchTarget:
                 self.segment = _shm.POOL.take(nbytes)
             except OSError as exc:
                 log.info("no shared-memory segment for a fetch of %d bytes (%s)", nbytes, exc)
+        # Streamed: into warm memory of a past fetch (a fresh array's pages fault in on the way).
         self.value = (self.segment.array(dtype, shape) if self.segment is not None
-                      else np.empty(shape, dtype))
+                      else _shm.HOST_BUFFERS.empty(shape, dtype))
 
     def request(self, request: pb.GetArrayRequest, address: str) -> pb.GetArrayRequest:
         """`request` asking the host at `address` to write into the segment, when there is one."""
