@@ -163,6 +163,9 @@ def add_worker_servicer(servicer: pb_grpc.WorkerServicer, server: grpc.Server) -
     collected = _Handlers()
     pb_grpc.add_WorkerServicer_to_server(servicer, collected)
     handlers = collected.handlers
+    if "PutArray" not in handlers or "GetArray" not in handlers:
+        raise RuntimeError("proto/pathways_pb2_grpc.py registers no method handlers: regenerate "
+                           "it (python -m proto.regenerate) with grpcio-tools >= 1.85")
     handlers["PutArray"] = handlers["PutArray"]._replace(request_deserializer=decode)
     handlers["GetArray"] = handlers["GetArray"]._replace(response_serializer=encode)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
