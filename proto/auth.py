@@ -335,6 +335,8 @@ def _refusal(handler, code: grpc.StatusCode, message: str, name: str):
 def _parse(deserializer, raw: bytes, context, method: str, screen=None):
     try:
         request = deserializer(raw) if deserializer is not None else raw
+    except PathwaysError as exc:  # a parser that says what is wrong (proto.chunk_codec)
+        _abort(context, exc.code, f"{method}: {exc}", type(exc).__name__)
     except Exception as exc:  # protobuf's DecodeError, or anything a corrupt message provokes
         _abort(context, grpc.StatusCode.INVALID_ARGUMENT,
                f"{method}: request is not a valid message ({type(exc).__name__})",

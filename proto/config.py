@@ -129,6 +129,9 @@ class TransferConfig:
     host_buffer_pool_bytes: int = 1 << 30  # idle memory of freed device buffers kept for reuse
     peer_segment_cache_bytes: int = 1 << 30  # peers' shared-memory segments kept mapped
     peer_segment_check_s: float = 1.0  # how often those a peer no longer holds are unmapped
+    # Freed memory malloc keeps for the next stream message (proto.heap; 0: malloc's default)
+    malloc_trim_threshold_bytes: int = 512 << 20
+    malloc_mmap_threshold_bytes: int = 32 << 20  # larger blocks are fresh mappings
 
 
 @dataclasses.dataclass(frozen=True)

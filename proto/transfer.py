@@ -28,6 +28,7 @@ from proto import pathways_pb2 as pb
 from proto import rpc as _rpc
 from proto import shm as _shm
 from proto import wire as _wire
+from proto.chunk_codec import FramedWorkerStub
 from proto.config import TransferConfig, from_env
 from proto.errors import InvalidArgumentError, from_rpc_error
 
@@ -134,15 +135,17 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
     small. Raises the first stream's error (the host fails the others with it)."""
     nbytes = sum(data.nbytes for _, _, data in shards)
     parts = min(len(shards), MAX_PUT_STREAMS)
+    # A stub that encodes chunks itself sends views of the shards (proto.chunk_codec).
+    views = isinstance(stub, FramedWorkerStub)
     if parts < 2 or nbytes < PARALLEL_STREAM_BYTES or stub in _ONE_STREAM:
-        stub.PutArray(_wire.iter_chunks(spec, shards), timeout=timeout)
+        stub.PutArray(_wire.iter_chunks(spec, shards, views=views), timeout=timeout)
         return
     groups = [shards[i::parts] for i in range(parts)]
     errors: list[BaseException] = []
 
     def one(group) -> None:
         try:
-            stub.PutArray(_wire.iter_chunks(spec, group, parts), timeout=timeout)
+            stub.PutArray(_wire.iter_chunks(spec, group, parts, views=views), timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
 
@@ -157,9 +160,32 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
     if errors:
         if all(ONE_STREAM_ONLY in str(_mapped(e)) for e in errors) and len(errors) == parts:
             _ONE_STREAM.add(stub)  # a host that takes puts in one stream only (simulated)
-            stub.PutArray(_wire.iter_chunks(spec, shards), timeout=timeout)
+            stub.PutArray(_wire.iter_chunks(spec, shards, views=views), timeout=timeout)
             return
         raise errors[0]
+
+
+class Regions:
+    """Regions of an array (a NumPy array, or a JAX array all of whose shards are on this host)
+    as NumPy arrays, for streaming: a region that is one of the array's shards is a view of its
+    device buffer (no copy); any other is cut from the whole array, gathered once."""
+
+    def __init__(self, value) -> None:
+        self.value = value
+        self._whole: np.ndarray | None = value if isinstance(value, np.ndarray) else None
+        self._blocks: dict[_wire.Index, object] = {}
+        if self._whole is None:
+            for block, _, data in _wire.addressable_blocks(value):
+                self._blocks.setdefault(block, data)
+
+    def get(self, index: _wire.Index) -> np.ndarray:
+        """The region `index` ((start, stop) per dimension) of the array."""
+        block = self._blocks.get(index)
+        if block is not None:
+            return np.asarray(block)
+        if self._whole is None:
+            self._whole = np.asarray(self.value)
+        return self._whole[_wire.as_slices(index)]
 
 
 def _put_through(stub, address: str, spec: pb.ArraySpec, groups, segment: _shm.Segment,
@@ -264,8 +290,9 @@ class FetchTarget:
                 self.segment = _shm.POOL.take(nbytes)
             except OSError as exc:
                 log.info("no shared-memory segment for a fetch of %d bytes (%s)", nbytes, exc)
+        # Streamed: into warm memory of a past fetch (a fresh array's pages fault in on the way).
         self.value = (self.segment.array(dtype, shape) if self.segment is not None
-                      else np.empty(shape, dtype))
+                      else _shm.HOST_BUFFERS.empty(shape, dtype))
 
     def request(self, request: pb.GetArrayRequest, address: str) -> pb.GetArrayRequest:
         """`request` asking the host at `address` to write into the segment, when there is one."""

@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec
 
 from proto import pathways_pb2 as pb
 from proto import shm as _shm
+from proto.chunk_codec import DataChunk
 from proto.config import TransferConfig, from_env
 from proto.errors import InvalidArgumentError
 
@@ -188,10 +189,13 @@ def shard_shape(index: Index) -> tuple[int, ...]:
 
 
 def iter_chunks(spec: pb.ArraySpec | None,
-                shards: Iterable[tuple[Index, Sequence[int], np.ndarray]], parts: int = 0
-                ) -> Iterator[pb.ArrayChunk]:
+                shards: Iterable[tuple[Index, Sequence[int], np.ndarray]], parts: int = 0, *,
+                views: bool = False) -> Iterator[pb.ArrayChunk | DataChunk]:
     """Chunk messages for shards given as (index, mesh positions, data); `spec` leads if given
-    (with `parts`: this stream is one of that many carrying a host's shards, ArrayChunk.parts)."""
+    (with `parts`: this stream is one of that many carrying a host's shards, ArrayChunk.parts).
+    With `views`, each message is a proto.chunk_codec.DataChunk whose data is a view of the
+    shard's bytes (for stubs and servers that send through proto.chunk_codec: no copy here);
+    otherwise an ArrayChunk holding a copy of them."""
     first = True
     for index, positions, data in shards:
         raw = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
@@ -200,12 +204,16 @@ def iter_chunks(spec: pb.ArraySpec | None,
         offset = 0
         while True:
             piece = raw[offset:offset + CHUNK_BYTES]
-            msg = pb.ArrayChunk(shard=header if offset == 0 else None, data=bytes(piece))
+            head = pb.ArrayChunk(shard=header if offset == 0 else None)
             if first and spec is not None:
-                msg.spec.CopyFrom(spec)
-                msg.parts = parts
+                head.spec.CopyFrom(spec)
+                head.parts = parts
             first = False
-            yield msg
+            if views:
+                yield DataChunk(head, piece)
+            else:
+                head.data = bytes(piece)
+                yield head
             offset += len(piece)
             if offset >= raw.nbytes:
                 break
@@ -220,7 +228,7 @@ class ReceivedShard:
     data: np.ndarray
 
 
-def assemble_chunks(chunks: Iterable[pb.ArrayChunk], dtype: np.dtype | None = None,
+def assemble_chunks(chunks: Iterable[pb.ArrayChunk | DataChunk], dtype: np.dtype | None = None,
                     segments: _shm.OpenSegments | None = None, target: np.ndarray | None = None
                     ) -> tuple[pb.ArraySpec | None, list[ReceivedShard]]:
     """Reassembles shards from a chunk stream, checking sizes; returns (spec or None, shards).

@@ -137,6 +137,8 @@ FACTS = {
     "proto/admission.py": {"ANONYMOUS"},
     "proto/auth.py": {"ID_BITS", "TOKEN_BYTES"},
     "proto/buffers.py": {"DEVICE_ALIGNMENT"},
+    "proto/chunk_codec.py": {"_LENGTH_DELIMITED"},  # protobuf's wire type
+    "proto/heap.py": {"M_TRIM_THRESHOLD", "M_MMAP_THRESHOLD", "MAX_MMAP_THRESHOLD", "_INT_MAX"},
     "proto/wire.py": {"MAX_MESSAGE_BYTES", "MAX_RANK"},
     "scheduler/resources.py": {"MAX_MESH_RANK"},
     "runtime/controller/ordering.py": {"INSTRUCTIONS_PER_PIECE", "RESULT_MESSAGE_CHARS"},

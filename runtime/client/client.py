@@ -18,8 +18,10 @@ from jax.sharding import AbstractMesh, PartitionSpec
 from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto import heap as _heap
 from proto import rpc as _rpc
 from proto import wire as _wire
+from proto.chunk_codec import FramedWorkerStub
 from proto.config import ClientConfig, from_env
 from proto.errors import (ControllerUnavailableError, InvalidArgumentError, PathwaysError,
                           translate_rpc_error)
@@ -153,6 +155,7 @@ class Client:
         self._worker_channels: list[grpc.Channel] = []
         self.transfer_pool = futures.ThreadPoolExecutor(max_workers=16,
                                                         thread_name_prefix="transfer")
+        _heap.keep_freed_memory_as_configured()  # streamed fetches reuse freed memory
         self._tracing_state = threading.local()
         self.commands = CommandStream(self)
         self._keepalive = (KeepAlive(self.controller_stub, self.session_id, self.lease_s, address,
@@ -183,7 +186,8 @@ class Client:
             if stub is None:
                 channel = _rpc.open_channel(address, self.credentials, self._call_metadata)
                 self._worker_channels.append(channel)
-                stub = self._workers[address] = pb_grpc.WorkerStub(channel)
+                # Array bytes travel without protobuf copying them (proto.chunk_codec).
+                stub = self._workers[address] = FramedWorkerStub(channel)
             return stub
 
     def _new_id(self) -> int:

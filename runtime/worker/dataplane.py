@@ -206,7 +206,9 @@ class DataPlane:
         if request.shared_array:  # the caller's segment on this machine: copy straight into it
             return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
                                            [(w, distinct[w]) for w in wanted]))
-        return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted))
+        # Views of the buffers: the server encodes them without copying (proto.chunk_codec).
+        return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted),
+                                 views=True)
 
 
 def _at_most_shards(chunks: Iterator[pb.ArrayChunk], most: int,

@@ -12,7 +12,9 @@ from proto import auth as _auth
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
+from proto import heap as _heap
 from proto import rpc as _rpc
+from proto.chunk_codec import add_worker_servicer
 from proto.admission import Admission, Chain
 from proto.errors import (ArrayNotFoundError, ExecutionError, InvalidArgumentError, PathwaysError,
                           abort)
@@ -124,6 +126,7 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
     the credentials have it."""
     credentials = worker.credentials
     host = address.rsplit(":", 1)[0]
+    _heap.keep_freed_memory_as_configured()  # stream messages reuse freed memory
 
     def guard(host_methods):
         return CountingInterceptor(_auth.ServerGuard(
@@ -135,7 +138,7 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
     servicer = WorkerServicer(worker)
 
     def add(server):
-        pb_grpc.add_WorkerServicer_to_server(servicer, server)
+        add_worker_servicer(servicer, server)  # array bytes uncopied by protobuf
 
     admission = Admission(f"host {worker.island}.{worker.host}", LIMITED_METHODS, worker.limits,
                           lambda: worker.controller_id, credentials.host_token,

@@ -24,6 +24,7 @@ from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
 from proto import transfer as _transfer
 from proto import wire as _wire
+from proto.chunk_codec import FramedWorkerStub
 from proto.errors import ExecutionError
 from runtime.worker.defaults import SLICE_TIMEOUT_S, TRANSFER_TIMEOUT_S
 from runtime.worker.early_sends import EarlySends
@@ -129,7 +130,7 @@ class Transfers:
         delivered: set[int] = set()
         sender, succeeded = _transfer.SegmentSender(value), False  # hosts of this machine
         try:
-            full = None
+            regions = None
             for host, address in enumerate(info.host_addresses):
                 positions = [p for p, d in enumerate(info.devices) if d.host == host]
                 if not positions:
@@ -139,9 +140,9 @@ class Transfers:
                 mine = [(index, [p for p in ps if p in positions])
                         for index, ps in groups if set(ps) & set(positions)]
                 if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S):
-                    full = np.asarray(value) if full is None else full
+                    regions = regions or _transfer.Regions(value)
                     _transfer.stream_put(self._peer(address), dest, [
-                        (index, ps, full[_wire.as_slices(index)]) for index, ps in mine],
+                        (index, ps, regions.get(index)) for index, ps in mine],
                         TRANSFER_TIMEOUT_S)
                 delivered.add(host)
             succeeded = True
@@ -183,7 +184,7 @@ class Transfers:
             stub = self._peers.get(address)
             if stub is None:
                 channel = _rpc.open_channel(address, self._worker.credentials)
-                stub = self._peers[address] = pb_grpc.WorkerStub(channel)
+                stub = self._peers[address] = FramedWorkerStub(channel)
             return stub
 
     def stop(self, wait_s: float) -> None:
