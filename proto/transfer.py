@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import secrets
 import threading
 import weakref
 from collections.abc import Callable, Sequence
@@ -142,10 +143,12 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
         return
     groups = [shards[i::parts] for i in range(parts)]
     errors: list[BaseException] = []
+    put = secrets.randbits(63) + 1  # the streams of this put, told from any other (ArrayChunk.put)
 
     def one(group) -> None:
         try:
-            stub.PutArray(_wire.iter_chunks(spec, group, parts, views=views), timeout=timeout)
+            stub.PutArray(_wire.iter_chunks(spec, group, parts, put=put, views=views),
+                          timeout=timeout)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller
             errors.append(exc)
 

@@ -190,9 +190,10 @@ def shard_shape(index: Index) -> tuple[int, ...]:
 
 def iter_chunks(spec: pb.ArraySpec | None,
                 shards: Iterable[tuple[Index, Sequence[int], np.ndarray]], parts: int = 0, *,
-                views: bool = False) -> Iterator[pb.ArrayChunk | DataChunk]:
+                put: int = 0, views: bool = False) -> Iterator[pb.ArrayChunk | DataChunk]:
     """Chunk messages for shards given as (index, mesh positions, data); `spec` leads if given
-    (with `parts`: this stream is one of that many carrying a host's shards, ArrayChunk.parts).
+    (with `parts`: this stream is one of that many carrying a host's shards, ArrayChunk.parts, of
+    the put numbered `put`, ArrayChunk.put).
     With `views`, each message is a proto.chunk_codec.DataChunk whose data is a view of the
     shard's bytes (for stubs and servers that send through proto.chunk_codec: no copy here);
     otherwise an ArrayChunk holding a copy of them."""
@@ -207,7 +208,7 @@ def iter_chunks(spec: pb.ArraySpec | None,
             head = pb.ArrayChunk(shard=header if offset == 0 else None)
             if first and spec is not None:
                 head.spec.CopyFrom(spec)
-                head.parts = parts
+                head.parts, head.put = parts, put
             first = False
             if views:
                 yield DataChunk(head, piece)

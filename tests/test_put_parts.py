@@ -4,6 +4,9 @@ keeping it announced for a put that does."""
 
 from __future__ import annotations
 
+import threading
+import time
+
 import grpc
 import numpy as np
 import pytest
@@ -62,30 +65,63 @@ def test_parts_that_do_not_add_up_are_refused_and_the_array_may_be_put_again(clu
     stub = client.worker_stub(s.info.host_addresses[0])
     first, second = _shards(x, 2)
 
-    def stream(shards, parts, timeout=120):
-        return stub.PutArray.future(_wire.iter_chunks(spec, shards, parts), timeout=timeout)
+    def stream(shards, parts, put, timeout=120):
+        return stub.PutArray.future(_wire.iter_chunks(spec, shards, parts, put=put),
+                                    timeout=timeout)
 
     # One of two parts never comes: the put fails at its deadline, nothing is stored.
     with pytest.raises(grpc.RpcError) as info:
-        stream([first], 2, timeout=3).result()
+        stream([first], 2, put=1, timeout=3).result()
     assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     # The same shard twice: refused, by both streams, long before their deadlines.
-    calls = [stream([first], 2), stream([first], 2)]
-    codes = set()
+    calls = [stream([first], 2, put=2), stream([first], 2, put=2)]
     for call in calls:
         with pytest.raises(grpc.RpcError) as info:
             call.result()
-        codes.add(info.value.code())
-    assert grpc.StatusCode.INVALID_ARGUMENT in codes
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
     # Streams that disagree on the number of parts: refused.
-    calls = [stream([first], 2), stream([second], 3)]
+    calls = [stream([first], 2, put=3), stream([second], 3, put=3)]
     for call in calls:
         with pytest.raises(grpc.RpcError):
             call.result()
+    # Two puts of one part each: they add up, but are not one put; neither stores the array.
+    calls = [stream([first], 2, put=5, timeout=3), stream([second], 2, put=6, timeout=3)]
+    for call in calls:
+        with pytest.raises(grpc.RpcError) as info:
+            call.result()
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
     assert not cluster.workers[0].store.ready(spec.array_id)
     # Still announced and empty: a put that adds up stores it.
-    calls = [stream([first], 2), stream([second], 2)]
+    calls = [stream([first], 2, put=4), stream([second], 2, put=4)]
     assert sum(call.result(timeout=30).nbytes for call in calls) == x.nbytes
+    stored = cluster.workers[0].store.get(spec.array_id, 10)
+    assert np.asarray(stored).tobytes() == x.tobytes()
+
+
+def test_a_put_after_a_failed_one_does_not_join_it(cluster, client, monkeypatch):
+    """The failed put's streams may still be finishing on the host when the client, past its
+    deadline, puts again: the new streams start a put of their own, not join the failed one."""
+    s = client.slice({"x": 2}, island=0)
+    x = np.arange(2 * 1024 * 1024, dtype=np.float32).reshape(2048, 1024)
+    spec = _announce(client, s, x.shape)
+    stub = client.worker_stub(s.info.host_addresses[0])
+    first, second = _shards(x, 2)
+    real, finishing = _put_parts.PutParts._finish, threading.Event()
+
+    def late_finish(self, array_id, record, deadline):
+        finishing.set()
+        time.sleep(2)  # the failed put's record outlives its deadline a while
+        real(self, array_id, record, deadline)
+
+    monkeypatch.setattr(_put_parts.PutParts, "_finish", late_finish)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.PutArray(_wire.iter_chunks(spec, [first], 2, put=1), timeout=3)
+    assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert finishing.wait(30)
+    monkeypatch.setattr(_put_parts.PutParts, "_finish", real)
+    calls = [stub.PutArray.future(_wire.iter_chunks(spec, [shard], 2, put=2), timeout=120)
+             for shard in (first, second)]
+    assert sum(call.result(timeout=120).nbytes for call in calls) == x.nbytes
     stored = cluster.workers[0].store.get(spec.array_id, 10)
     assert np.asarray(stored).tobytes() == x.tobytes()
 
