@@ -112,6 +112,7 @@ class ClientConfig:
     transfer_bytes_per_s: float = 50e6  # the slowest transfer rate a deadline allows for
     stream_batch: int = 4096  # commands per Execute RPC of the command stream
     stream_pending: int = 16384  # commands queued before a caller waits
+    stream_poll_s: float = 0.5  # how often the sender looks for arrays garbage collection dropped
     renewals_per_lease: int = 4  # session lease renewals per lease
     max_executable_bytes: int = 6 << 20  # largest serialized program (it travels in Dispatch)
 

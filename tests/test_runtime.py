@@ -3,6 +3,9 @@
 The checks size their slices from the island they run on, so tests/test_ray.py runs the same ones
 on Ray-placed islands of 2 devices (these islands have 4)."""
 
+import dataclasses
+import time
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -146,3 +149,24 @@ def test_status_lists_islands_hosts_and_devices(cluster, client):
     assert {(h.island, h.host) for h in status.hosts} == {(0, 0), (1, 0)}
     assert all(h.num_devices == 4 and h.platform == "cpu" and h.state == "alive"
                for h in status.hosts)
+
+
+def test_an_explicit_delete_is_sent_at_once_not_at_the_next_poll(cluster):
+    """RemoteArray.delete wakes the command stream's sender: the array (and the host memory it
+    holds, which the next put would take warm) is freed without waiting for the sender's poll for
+    arrays dropped by garbage collection (ClientConfig.stream_poll_s, 0.5 s by default)."""
+    client = runtime.Client(cluster.address, credentials=cluster.credentials,
+                            config=dataclasses.replace(cluster.config.client, stream_poll_s=600))
+    try:
+        s = client.slice({"x": 2}, island=0)
+        remote = client.put(np.arange(1024, dtype=np.float32), s, P())
+        store = cluster.workers[0].store
+        assert store.contains(remote.id)
+        time.sleep(0.1)  # the sender is idle, waiting for work (or the 600 s poll)
+        remote.delete()
+        deadline = time.monotonic() + 60
+        while store.contains(remote.id) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not store.contains(remote.id)
+    finally:
+        client.close()

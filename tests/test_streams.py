@@ -221,13 +221,20 @@ def test_waiting_fetches_count_against_their_sessions_allowance(cluster, bystand
         (spec,) = _declare(attacker, s, 1)
         stub = attacker.worker_stub(s.info.host_addresses[0])
         request = pb.GetArrayRequest(array_id=spec.array_id, timeout_s=60)
-        waiting = [stub.GetArray(request, timeout=60) for _ in range(DEFAULT.streams_per_session)]
         admission = cluster.workers[0].admission
+        # The calls of earlier tests' sessions on this shared host may still be ending on a
+        # loaded machine; while the host is full, new calls would be refused, not left waiting.
+        deadline = time.monotonic() + 120
+        while admission.open_calls() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not admission.open_calls(), "earlier tests' calls still open on the host"
+        waiting = [stub.GetArray(request, timeout=60) for _ in range(DEFAULT.streams_per_session)]
         deadline = time.monotonic() + 120  # a starved machine is slow to start 16 calls
         while (admission.open_calls(attacker.session_id) < DEFAULT.streams_per_session
                and time.monotonic() < deadline):
             time.sleep(0.05)
-        assert admission.open_calls(attacker.session_id) == DEFAULT.streams_per_session
+        ended = [(c.code(), c.details()) for c in waiting if c.done()]
+        assert admission.open_calls(attacker.session_id) == DEFAULT.streams_per_session, ended
         with pytest.raises(grpc.RpcError) as info:
             next(stub.GetArray(request, timeout=10))
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -141,7 +141,7 @@ class RemoteArray:
         run. Returns at once."""
         self.check_alive()
         self._deleted = True
-        self._client.commands.drop(self.id)
+        self._client.commands.drop(self.id, wake=True)
 
     def _mark_consumed(self) -> None:
         """The array was donated to a call: the handle is dead, the controller already knows."""

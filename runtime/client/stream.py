@@ -55,6 +55,7 @@ class CommandStream:
         self._client = client
         self._max_batch = client.config.stream_batch
         self._max_pending = client.config.stream_pending
+        self._poll_s = client.config.stream_poll_s
         self._cond = threading.Condition()
         self._queue: collections.deque[tuple[pb.Command, Ticket, Sequence[RemoteArray]]] = (
             collections.deque())
@@ -81,9 +82,15 @@ class CommandStream:
             self._cond.notify_all()
         return ticket
 
-    def drop(self, array_id: int) -> None:
-        """Frees an array after everything queued so far; safe to call from `__del__`."""
+    def drop(self, array_id: int, *, wake: bool = False) -> None:
+        """Frees an array after everything queued so far. Without `wake` (from `__del__`, where
+        taking a lock could deadlock) the sender finds it within `stream_poll_s`; with it (an
+        explicit delete) the sender sends it at once: the array's memory on its hosts (shared
+        memory a next put takes warm, proto.shm) comes back that much sooner."""
         self._dropped.append(array_id)
+        if wake:
+            with self._cond:
+                self._cond.notify_all()
 
     def sync(self, timeout: float) -> None:
         """Waits until every queued command is ordered; raises the first rejection since the last
@@ -106,7 +113,7 @@ class CommandStream:
         delete always follows the commands that read its array."""
         with self._cond:
             while not (self._queue or self._dropped or self._closed):
-                self._cond.wait(0.5)
+                self._cond.wait(self._poll_s)
             batch = [self._queue.popleft() for _ in range(min(len(self._queue), self._max_batch))]
             dropped = [self._dropped.popleft() for _ in range(len(self._dropped))]
             if dropped:
