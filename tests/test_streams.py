@@ -228,6 +228,11 @@ def test_waiting_fetches_count_against_their_sessions_allowance(cluster, bystand
         while admission.open_calls() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not admission.open_calls(), "earlier tests' calls still open on the host"
+        # The array's announcement reaches the host through the island's order, after
+        # RegisterArrays returns; a fetch that came first would be refused (NOT_FOUND), not wait.
+        announced = cluster.workers[0].dataplane.announcements
+        while announced.spec(spec.array_id) is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         waiting = [stub.GetArray(request, timeout=60) for _ in range(DEFAULT.streams_per_session)]
         deadline = time.monotonic() + 120  # a starved machine is slow to start 16 calls
         while (admission.open_calls(attacker.session_id) < DEFAULT.streams_per_session
