@@ -33,6 +33,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from proto import pathways_pb2 as pb
+from proto.bounded import Latest
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
                           PathwaysError)
 from proto.instructions import kind_of
@@ -94,8 +95,8 @@ class GangScheduler(Progress):
         # Ordered executions not yet executed by every host: (sequence, estimate).
         self._inflight: collections.deque[tuple[int, float]] = collections.deque()
         self._outstanding_s = 0.0
-        self._unmeasured: collections.OrderedDict[int, tuple[Tenant, int, float]] = (
-            collections.OrderedDict())
+        self._unmeasured: Latest[int, tuple[Tenant, int, float]] = Latest(
+            self.config.max_unmeasured)
         self._costs: dict[int, float] = {}  # executable id -> estimated seconds
         self._executed = 0  # highest sequence every host has executed
         self._progress_at = time.monotonic()
@@ -276,8 +277,6 @@ class GangScheduler(Progress):
             self._outstanding_s += cost
             self._unmeasured[sequence] = (tenant, executable, cost)
             self.latency.ordered(sequence, item.queued_at)
-            if len(self._unmeasured) > self.config.max_unmeasured:
-                self._unmeasured.popitem(last=False)
             self.policy.charge(tenant, cost)
         ticket = item.ticket
         ticket.sequences[item.index] = item.op.sequence

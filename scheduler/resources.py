@@ -14,7 +14,6 @@ slices, and a host that left is forgotten once no slice uses its island.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import math
@@ -22,6 +21,7 @@ import threading
 import time
 from collections.abc import Sequence
 
+from proto.bounded import Latest
 from proto.config import ControllerConfig
 from proto.errors import InvalidArgumentError, NotFoundError, SliceUnavailableError
 
@@ -95,8 +95,7 @@ class ResourceManager:
         self._slices: dict[int, SliceRecord] = {}
         # slice id -> why it was released for its owner (an island restart), the latest few: a
         # client that still uses it learns why it is gone, not merely that it is unknown.
-        self._dropped: collections.OrderedDict[int, str] = collections.OrderedDict()
-        self._dropped_remembered = dropped_remembered
+        self._dropped: Latest[int, str] = Latest(dropped_remembered)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
 
@@ -239,8 +238,6 @@ class ResourceManager:
             record = self._slices.pop(slice_id, None)
             if why and record is not None:
                 self._dropped[slice_id] = why
-                while len(self._dropped) > self._dropped_remembered:
-                    self._dropped.popitem(last=False)
             self._prune()
         if record is None:
             raise NotFoundError(f"slice {slice_id} is unknown or was released")

@@ -3,7 +3,6 @@ of Controller (runtime.controller.controller); the planner sees it through `Cata
 
 from __future__ import annotations
 
-import collections
 import hashlib
 import itertools
 import threading
@@ -16,6 +15,7 @@ from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import stablehlo as _stablehlo
 from proto import wire as _wire
+from proto.bounded import Latest
 from proto.errors import (FailedPreconditionError, HostLostError, InvalidArgumentError,
                           NotFoundError, ResourceExhaustedError)
 from runtime.controller.defaults import DROPPED_REMEMBERED, SLICE_FLUSH_TIMEOUT_S
@@ -71,7 +71,7 @@ class Catalog:
         self._slice_executables: dict[int, set[int]] = {}  # slice id -> executable ids
         self._executable_ids = itertools.count(1)
         # executable id -> why an island restart dropped it (the latest few; slices: resources)
-        self._dropped: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._dropped: Latest[int, str] = Latest(DROPPED_REMEMBERED)
 
     def _session(self, session_id: int) -> Session:
         return find_session(self._sessions, session_id)
@@ -216,16 +216,13 @@ class Catalog:
         whoever uses one of them later."""
         why = why or f"island {island} restarted"
         for record in [r for r in self.resources.slices() if r.island == island]:
-            for executable_id in self._slice_executables.get(record.slice_id, ()):
-                self._dropped[executable_id] = why
-                while len(self._dropped) > DROPPED_REMEMBERED:
-                    self._dropped.popitem(last=False)
             session = self._sessions.get(record.session_id)
             if session is not None:
                 self._forget_slice_arrays(session, record.slice_id)
                 self.sessions.forget_slice(session, record.slice_id)
             self.resources.release(record.slice_id, why)
             for executable_id in list(self._slice_executables.get(record.slice_id, ())):
+                self._dropped[executable_id] = why
                 self.forget_executable(executable_id)
 
     def _owned_slice(self, session_id: int, slice_id: int) -> SliceRecord:
@@ -240,9 +237,7 @@ class Catalog:
             raise NotFoundError(f"executable {executable_id} is unknown: "
                                 f"{self._dropped[executable_id]}, which dropped it (compile the "
                                 f"function again)")
-        if exe is None:
-            raise NotFoundError(f"executable {executable_id} is unknown")
-        if exe.session_id != session.session_id:
+        if exe is None or exe.session_id != session.session_id:
             raise NotFoundError(f"executable {executable_id} is unknown")
         return exe
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from proto import pathways_pb2 as pb
+from proto.bounded import Latest
 from proto.errors import FailedPreconditionError, InvalidArgumentError, PathwaysError
 from runtime.worker.defaults import ARRIVALS_KEPT, MAX_FAILED_EARLY
 from runtime.worker.state import entries_after
@@ -52,8 +53,7 @@ class Announcements:
         self._on_arrival = on_arrival
         self._announced: dict[int, pb.ArraySpec] = {}
         self._receiving: set[int] = set()
-        self._failed_early: collections.OrderedDict[int, PathwaysError] = (
-            collections.OrderedDict())
+        self._failed_early: Latest[int, PathwaysError] = Latest(MAX_FAILED_EARLY)
         # (number, array id) of announced arrays that arrived or failed, for WatchProgress.
         self._arrivals: collections.deque[tuple[int, int]] = collections.deque(maxlen=kept)
         self._count = 0
@@ -110,8 +110,6 @@ class Announcements:
             self._note(array_id)
         elif not self._store.ready(array_id):
             self._failed_early[array_id] = error
-            while len(self._failed_early) > MAX_FAILED_EARLY:
-                self._failed_early.popitem(last=False)
 
     def forget(self, array_id: int) -> None:
         """The array was deleted: a put still to come is refused."""

@@ -6,10 +6,10 @@ The first stream of a put to arrive claims the array (the announcement, as a sin
 does: runtime.worker.dataplane); the others of the same put (ArrayChunk.put) join that claim. A
 put that follows another of the same array (made again after it failed, while its streams are
 still finishing here) claims the array once the earlier one has let it go. Each stream copies its
-shards onto their devices, then waits for the rest; the stream that brings the last shards stores the array. Every
-stream answers with the outcome of the whole put: all succeed, or all fail with the first error
-(a bad shard, a shard sent twice, a stream missing past the deadline), and the array stays
-announced and empty, so a new put of it may follow. Nothing outlives the streams.
+shards onto their devices, then waits for the rest; the stream that brings the last shards stores
+the array. Every stream answers with the outcome of the whole put: all succeed, or all fail with
+the first error (a bad shard, a shard sent twice, a stream missing past the deadline), and the
+array stays announced and empty, so a new put of it may follow. Nothing outlives the streams.
 """
 
 from __future__ import annotations
