@@ -176,10 +176,7 @@ class Regions:
     def __init__(self, value) -> None:
         self.value = value
         self._whole: np.ndarray | None = value if isinstance(value, np.ndarray) else None
-        self._blocks: dict[_wire.Index, object] = {}
-        if self._whole is None:
-            for block, _, data in _wire.addressable_blocks(value):
-                self._blocks.setdefault(block, data)
+        self._blocks = {} if self._whole is not None else _wire.distinct_blocks(value)
 
     def get(self, index: _wire.Index) -> np.ndarray:
         """The region `index` ((start, stop) per dimension) of the array."""
@@ -244,11 +241,8 @@ def segment_holding(value) -> _shm.Segment:
         if isinstance(value, np.ndarray):
             _shm.copy_into(whole, value)
         else:
-            done = set()
-            for block, _, data in _wire.addressable_blocks(value):
-                if block not in done:
-                    done.add(block)
-                    _shm.copy_into(whole[(*(slice(a, b) for a, b in block), ...)], data)
+            for block, data in _wire.distinct_blocks(value).items():
+                _shm.copy_into(whole[(*(slice(a, b) for a, b in block), ...)], data)
         del whole
     except BaseException:
         segment.discard()

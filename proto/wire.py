@@ -311,3 +311,12 @@ def addressable_blocks(value: jax.Array) -> list[tuple[Index, jax.Device, jax.Ar
         return [(tuple((s.start or 0, n if s.stop is None else s.stop)
                        for s, n in zip(shard.index, value.shape)), shard.device, shard.data)
                 for shard in value.addressable_shards]
+
+
+def distinct_blocks(value: jax.Array) -> dict[Index, jax.Array]:
+    """Each block of the array held on this process's devices, once (a replicated block's first
+    copy), by its (start, stop) per dimension."""
+    blocks: dict[Index, jax.Array] = {}
+    for block, _, data in addressable_blocks(value):
+        blocks.setdefault(block, data)
+    return blocks

@@ -193,9 +193,7 @@ class DataPlane:
         if request.ready_only:
             value.block_until_ready()
             return iter(())
-        distinct: dict[_wire.Index, jax.Array] = {}
-        for index, _, data in _wire.addressable_blocks(value):  # not value.addressable_shards: racy
-            distinct.setdefault(index, data)
+        distinct = _wire.distinct_blocks(value)  # not value.addressable_shards: racy
         wanted = [_wire.index_from_proto(i) for i in request.shards] or list(distinct)
         missing = [w for w in wanted if w not in distinct]
         if missing:
