@@ -82,6 +82,8 @@ class SchedulerConfig:
 
     window_s: float = 0.05  # estimated device seconds ordered ahead of the slowest host
     refill_below: float = 0.5  # the fraction of the window below which it is refilled
+    window_trips: float = 2.0  # the window covers at least this many trips of the order to the
+    max_window_s: float = 1.0  # island's last host (ordered -> received), up to max_window_s
     max_outstanding: int = 4096  # executions ordered ahead, whatever their estimates
     min_outstanding: int = 2
     default_cost_s: float = 1e-3  # estimate of an executable not measured yet
@@ -97,6 +99,7 @@ class SchedulerConfig:
     fanout_min_hosts: int = 16  # smaller islands get a Dispatch per host (scheduler.fanout)
     relay_timeout_s: float = 2.0  # not acknowledged through the tree this long: sent directly
     progress_interval_s: float = 0.005  # least time between two progress reports of a host
+    progress_idle_s: float = 1.0  # most time between two (idle hosts: one report, no Ping)
     latency_window_s: float = 60.0  # dispatch latency percentiles of `pathways status` cover this
     watch_retry_s: float = 0.2  # pause before re-opening a broken progress stream
     idle_grace_s: float = 0.1  # a tenant idle for less keeps its place in the share policy

@@ -88,6 +88,14 @@ def check_seconds(value: float, what: str, most: float = math.inf) -> float:
     return min(value, most)
 
 
+def report_intervals(request) -> tuple[float, float]:
+    """A WatchProgressRequest's (least, most) seconds between two progress reports: at most 1 s
+    and 10 s, an idle interval of 0 meaning 1 s, and none under 50 ms."""
+    least = check_seconds(request.min_interval_s, "min_interval_s", 1.0)
+    idle = check_seconds(request.idle_interval_s, "idle_interval_s", 10.0) or 1.0
+    return least, max(idle, 0.05, least)
+
+
 # -- field checks ---------------------------------------------------------------------------------
 
 

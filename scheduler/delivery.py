@@ -7,8 +7,9 @@ a watcher reads the host's WatchProgress stream, which reports how far the host 
 order and how long each execution took. The reports of an island's links are coalesced per loop
 turn (scheduler.coalesce) before the gang scheduler sees them; it uses them to keep only a short
 window of work ordered ahead of the hosts, and to charge clients for device time. A link also
-answers the controller's heartbeat (`ping`): from what it heard from the host lately, or with a
-Ping RPC of its own.
+answers the controller's heartbeat (`ping`): from what it heard from the host lately (a Dispatch
+reply, a progress report: an idle host reports every `progress_idle_s`, so it costs no Ping), or
+with a Ping RPC of its own.
 """
 
 from __future__ import annotations
@@ -96,9 +97,10 @@ class HostLink:
         self.executed = 0  # highest sequence the host has executed
         self.failed: str = ""
         self.closed = False
-        # time.monotonic() of the last Dispatch reply: a contact both sides count as a heartbeat
-        # (the host counts the call: runtime.worker.membership).
-        self.dispatched_at = 0.0
+        # time.monotonic() of the host's last Dispatch reply or progress report: a contact both
+        # sides count as a heartbeat (the host counts the call, or the report taken:
+        # runtime.worker.membership).
+        self.heard_at = 0.0
         self._lock = threading.Lock()
         self._woken = False  # a wake-up of the sender is on its way to the loop
         self._wake: asyncio.Event | None = None
@@ -196,12 +198,12 @@ class HostLink:
 
     def ping(self, timeout: float, fresh_s: float = 0.0) -> concurrent.futures.Future:
         """The host's answer to a heartbeat, as a future of a PingReply (or of the RPC's error):
-        a Ping RPC on the loop; or, when a Dispatch call was answered within `fresh_s` seconds,
-        that answer (no call: a host busy with the order pays no heartbeat, and counts the
-        Dispatch as the controller's contact). Checks what the tree was to bring the host
-        (`check_relayed`)."""
+        a Ping RPC on the loop; or, when the host was heard from (a Dispatch reply, a progress
+        report) within `fresh_s` plus its idle report interval, what it said (no call: a host
+        pays no heartbeat while it gets work or reports, and counts either as the controller's
+        contact). Checks what the tree was to bring the host (`check_relayed`)."""
         self.check_relayed()
-        if fresh_s and time.monotonic() - self.dispatched_at < fresh_s:
+        if fresh_s and time.monotonic() - self.heard_at < fresh_s + self.config.progress_idle_s:
             answered: concurrent.futures.Future = concurrent.futures.Future()
             answered.set_result(pb.PingReply(executed=self.executed))
             return answered
@@ -270,7 +272,7 @@ class HostLink:
                 return
             with self._lock:
                 self._in_flight = []
-            self.dispatched_at = time.monotonic()
+            self.heard_at = time.monotonic()
             self._report(HostReport(self.host, reply.executed, reply.received))
             for position in reply.forwarded:
                 self._forwarded(position)
@@ -286,13 +288,15 @@ class HostLink:
                                                     f"{position.error}")
 
     async def _watch_loop(self) -> None:
-        request = pb.WatchProgressRequest(min_interval_s=self.config.progress_interval_s)
+        request = pb.WatchProgressRequest(min_interval_s=self.config.progress_interval_s,
+                                          idle_interval_s=self.config.progress_idle_s)
         opened = False
         while not self.closed:
             try:
                 call = self._stub.WatchProgress(request, metadata=self._metadata)
                 async for reply in call:
                     opened = True
+                    self.heard_at = time.monotonic()
                     self._report(HostReport(self.host, reply.executed, reply.received,
                                             list(reply.completed), reply.hang,
                                             list(reply.arrived)))

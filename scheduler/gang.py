@@ -8,8 +8,9 @@ interleaving of clients.
 In front of the order sit per-client queues (`Tenant`s): a client's instructions wait there, in the
 client's own order, until a scheduling policy (FIFO or proportional share, scheduler.policy)
 gives them their place. Only a short window of device work (`window_s` of estimated execution
-time) is ordered ahead of the slowest host, so the policy decides close to when work runs, and a
-client submitting as fast as it can waits for its turn instead of flooding the hosts. Hosts report
+time, or two trips of the order to the island's last host where that takes longer) is ordered
+ahead of the slowest host, so the policy decides close to when work runs, and a client submitting
+as fast as it can waits for its turn instead of flooding the hosts. Hosts report
 each execution's duration (scheduler.delivery), which refines the estimates and charges each
 client its measured device time. Instructions that cost no device time (array declarations,
 deletes, sends, loads) are ordered as soon as they reach the head of their queue.
@@ -95,6 +96,7 @@ class GangScheduler(Progress):
         # Ordered executions not yet executed by every host: (sequence, estimate).
         self._inflight: collections.deque[tuple[int, float]] = collections.deque()
         self._outstanding_s = 0.0
+        self._trip_s = 0.0  # smoothed time from ordered to received by the island's last host
         self._unmeasured: Latest[int, tuple[Tenant, int, float]] = Latest(
             self.config.max_unmeasured)
         self._costs: dict[int, float] = {}  # executable id -> estimated seconds
@@ -288,9 +290,18 @@ class GangScheduler(Progress):
             if tenant.closing:
                 self._tenants.pop(tenant.session_id, None)
 
+    @property
+    def window(self) -> float:
+        """Estimated device seconds ordered ahead of the slowest host now: `window_s`, or more
+        while the order takes longer than that to reach the island's last host (a window shorter
+        than the trip leaves the devices idle between refills; many hosts and busy ones make the
+        trip long), up to `max_window_s`."""
+        trips = self.config.window_trips * self._trip_s
+        return max(self.window_s, min(trips, self.config.max_window_s))
+
     def _window_full(self) -> bool:
         ahead, config = len(self._inflight), self.config
-        return ahead >= config.min_outstanding and (self._outstanding_s >= self.window_s
+        return ahead >= config.min_outstanding and (self._outstanding_s >= self.window
                                                     or ahead >= config.max_outstanding)
 
     def _admit(self) -> None:
@@ -299,7 +310,7 @@ class GangScheduler(Progress):
             return
         batch: list[pb.Instruction] = []
         refill = (len(self._inflight) < self.config.min_outstanding
-                  or self._outstanding_s < self.window_s * self.config.refill_below)
+                  or self._outstanding_s < self.window * self.config.refill_below)
         while True:
             for tenant in list(self._tenants.values()):
                 while tenant.queue and not tenant.queue[0].executes and self._ready(tenant):

@@ -73,15 +73,21 @@ class StageLatency:
             self._by_sequence[sequence] = record
             self._trim(now)
 
-    def received_up_to(self, sequence: int, now: float | None = None) -> None:
-        """Every host of the island has acknowledged receiving the order up to `sequence`."""
+    def received_up_to(self, sequence: int, now: float | None = None) -> float | None:
+        """Every host of the island has acknowledged receiving the order up to `sequence`.
+        Returns the longest time from ordered to received of the computations this receipt
+        covers (seconds), or None when it covers none."""
         with self._lock:
             if sequence <= self._received:
-                return
+                return None
             self._received = sequence
             now = time.monotonic() if now is None else now
+            longest = None
             while self._unreceived and self._unreceived[0].sequence <= sequence:
-                self._unreceived.popleft().received = now
+                record = self._unreceived.popleft()
+                record.received = now
+                longest = max(longest or 0.0, now - record.ordered)
+            return longest
 
     def started(self, completed: Iterable[pb.CompletedExecution], now: float | None = None
                 ) -> None:

@@ -80,7 +80,7 @@ class Progress:
                     acked = True
                 link.executed = max(link.executed, report.executed)
                 if report.contacted:  # a Dispatch reached it through the fan-out tree
-                    link.dispatched_at = time.monotonic()
+                    link.heard_at = time.monotonic()
                 for done in report.completed:
                     self._measure(done.sequence, done.seconds)
                 self.latency.started(report.completed)
@@ -105,7 +105,9 @@ class Progress:
     def _recompute_progress(self) -> None:
         if not self._links:
             return
-        self.latency.received_up_to(min(link.acked for link in self._links.values()))
+        trip = self.latency.received_up_to(min(link.acked for link in self._links.values()))
+        if trip is not None:
+            self._trip_s += self.config.cost_smoothing * (trip - self._trip_s)
         executed = min(link.executed for link in self._links.values())
         if executed > self._executed:
             self._executed = executed

@@ -256,7 +256,7 @@ def test_a_heartbeat_costs_no_call_to_a_host_that_answered_a_dispatch_lately():
         with pytest.raises(grpc.RpcError) as failed:  # no dispatch yet: a real Ping, refused
             link.ping(timeout=5, fresh_s=1.0).result(10)
         assert failed.value.code() == grpc.StatusCode.UNAVAILABLE
-        link.executed, link.dispatched_at = 7, time.monotonic()
+        link.executed, link.heard_at = 7, time.monotonic()
         assert link.ping(timeout=5, fresh_s=1.0).result(0).executed == 7  # answered at once
         with pytest.raises(grpc.RpcError):
             link.ping(timeout=5).result(10)  # without freshness allowed, a real Ping

@@ -4,6 +4,7 @@ a silent host delays nobody else's ping; a host that refuses is still declared l
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 
@@ -151,3 +152,31 @@ def test_a_ping_on_a_link_replaced_meanwhile_is_no_refusal():
     heartbeat = _Heartbeat([replaced, _answers(4)])
     heartbeat.run()
     assert len(rounds) > 2 * HEARTBEAT_MISSES and heartbeat.lost == []
+
+
+def test_an_idle_host_with_a_progress_stream_is_not_pinged_and_hears_the_controller(monkeypatch):
+    """An idle host's progress stream reports every `progress_idle_s`; the controller counts each
+    report as the host's answer to its heartbeat (no Ping RPC), and the host counts the stream
+    as the controller's contact (it does not register again)."""
+    import runtime
+    from runtime.worker import servicer as worker_servicer
+
+    pinged = []
+    ping = worker_servicer.WorkerServicer.Ping
+
+    def counted(self, request, context):
+        pinged.append(time.monotonic())
+        return ping(self, request, context)
+
+    monkeypatch.setattr(worker_servicer.WorkerServicer, "Ping", counted)
+    with runtime.LocalCluster(islands=1, devices_per_island=2) as cluster:
+        worker = cluster.workers[0]
+        time.sleep(1.0)  # the links and their progress streams open
+        start = time.monotonic()
+        pinged.clear()
+        oldest_contact = 0.0
+        while time.monotonic() - start < 3.0:  # six heartbeat intervals, idle
+            oldest_contact = max(oldest_contact, time.monotonic() - worker.last_contact)
+            time.sleep(0.05)
+        assert pinged == []
+        assert oldest_contact < 1.5  # one idle report a second, each a contact

@@ -156,6 +156,33 @@ def test_window_holds_work_back_and_the_policy_orders_it():
     assert status.tenants[1].device_seconds == pytest.approx(0.3)
 
 
+def test_the_window_grows_to_cover_a_slow_trip_to_the_hosts(monkeypatch):
+    """Where the order takes longer to reach the island's last host than the window holds, the
+    window covers two trips (so the devices do not idle between refills), up to max_window_s."""
+    scheduler, link = gang(policy="fifo", window_s=0.01)
+    clock = [1000.0]
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    scheduler.enqueue(1, calls(1, 30000))
+
+    def trips(seconds, rounds):
+        for _ in range(rounds):  # each ordered batch reaches the host `seconds` later, then runs
+            clock[0] += seconds
+            sent = list(link.queue)
+            link.queue.clear()
+            last = sent[-1].sequence
+            scheduler.note_progress(0, last, last, [pb.CompletedExecution(
+                sequence=ins.sequence, seconds=1e-3) for ins in sent])
+        return len(link.queue)
+
+    assert trips(0.001, 30) <= 12 and scheduler.window == pytest.approx(0.01)
+    ahead = trips(0.1, 25)  # 100 ms trips: ~200 ms of 1 ms executions ahead
+    assert scheduler.window == pytest.approx(0.2, rel=0.05) and 150 <= ahead <= 210
+    trips(5.0, 10)  # far slower than max_window_s allows
+    assert scheduler.window == pytest.approx(scheduler.config.max_window_s)
+    trips(0.001, 40)  # fast again: back to window_s
+    assert scheduler.window == pytest.approx(0.01, abs=1e-3)
+
+
 def test_free_instructions_pass_without_waiting_for_the_window():
     scheduler, link = gang(window_s=0.001)
     scheduler.enqueue(1, calls(1, 5))

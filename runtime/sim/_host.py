@@ -26,6 +26,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
 from proto import auth as _auth
+from proto import limits as _limits
 from proto import pathways_pb2 as pb
 from proto import transfer as _transfer
 from proto import wire as _wire
@@ -279,8 +280,9 @@ class SimHost:
         deadline = self.config.execution_deadline_s
         slow_logged = False
         while True:
-            done, _ = await asyncio.wait({started}, timeout=deadline if deadline > 0 else None)
-            if done:
+            if not started.done():
+                await asyncio.wait({started}, timeout=deadline if deadline > 0 else None)
+            if started.done():
                 return started.result()
             report = await asyncio.to_thread(diagnose, self, self._activity, exe.info)
             if started.done():
@@ -398,15 +400,17 @@ class SimHost:
         """What the executor is doing, as a real host says it (runtime.worker.worker)."""
         return describe_activity(self._activity, self.hang)
 
-    async def watch_progress(self, min_interval_s: float) -> AsyncIterator[pb.WatchProgressReply]:
+    async def watch_progress(self, request: pb.WatchProgressRequest
+                             ) -> AsyncIterator[pb.WatchProgressReply]:
         """Progress reports: one as the executor moves on, at most one per `min_interval_s`, with
-        the executions completed since the previous one; one a second when idle."""
-        interval = min(max(min_interval_s, 0.0), 1.0)
+        the executions completed since the previous one; one per `idle_interval_s` when idle.
+        Each report taken counts as the controller's contact, as a real host counts it."""
+        interval, idle = _limits.report_intervals(request)
         reported = self.timeline[-1][0] if self.timeline else 0
         arrivals_reported = 0  # every arrival still kept: the controller ignores old ones
         seen = self.progress.version
         while not self._stopped:
-            seen = await self.progress.wait(seen, 1.0)
+            seen = await self.progress.wait(seen, idle)
             fresh = []
             for entry in reversed(self.timeline):
                 if entry[0] <= reported:
@@ -421,14 +425,20 @@ class SimHost:
                 completed=[pb.CompletedExecution(sequence=e[0], seconds=e[5] - e[4],
                                                  started_ago_s=now - e[4])
                            for e in reversed(fresh)])
+            self.last_contact = time.monotonic()
             if interval:
                 await asyncio.sleep(interval)
 
     def events(self, since: float = 0.0) -> list[pb.ExecutionEvent]:
         """Executions that ended after `since` (GetTimeline)."""
+        recent = []
+        for e in reversed(self.timeline):  # newest first: a poll reads only what is new
+            if e[5] <= since:
+                break
+            recent.append(e)
         return [pb.ExecutionEvent(sequence=e[0], name=e[1], received=e[2], picked=e[3],
                                   start=e[4], end=e[5], devices=e[6], session_id=e[7])
-                for e in self.timeline if e[5] > since]
+                for e in reversed(recent)]
 
     def stop(self) -> None:
         """Stops the executor; every wait on this host's arrays fails at once."""

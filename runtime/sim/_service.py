@@ -160,7 +160,7 @@ class _Handlers(grpc.GenericRpcHandler):
                         for reply in replies:
                             yield reply
                     else:
-                        async for reply in self.host.watch_progress(request.min_interval_s):
+                        async for reply in self.host.watch_progress(request):
                             yield reply
                 except (PathwaysError, *_STRAY) as exc:
                     await _fail(context, exc, method)

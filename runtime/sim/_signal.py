@@ -10,26 +10,42 @@ class Signal:
 
     A waiter passes the version it last saw: it returns at once when the signal has fired since,
     so a firing between two waits is never lost (an asyncio.Event cleared after a wake-up loses
-    the firings that come before the clear).
+    the firings that come before the clear). A wait is a bare future and a timer on the loop (no
+    task per wait, as asyncio.wait_for makes): many simulated hosts wait on one loop.
     """
 
     def __init__(self) -> None:
         self.version = 0
-        self._event: asyncio.Event | None = None
+        self._waiters: list[asyncio.Future] = []
 
     def fire(self) -> None:
         self.version += 1
-        if self._event is not None:
-            self._event.set()
-            self._event = None
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
 
     async def wait(self, seen: int, timeout: float) -> int:
         """Waits until the signal fires after version `seen`, or `timeout` s; returns the version."""
         if self.version == seen and timeout > 0:
-            if self._event is None:
-                self._event = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            timer = loop.call_later(timeout, _wake, waiter)
             try:
-                await asyncio.wait_for(self._event.wait(), timeout)
-            except asyncio.TimeoutError:
-                pass
+                await waiter
+            finally:
+                timer.cancel()
+                if not waiter.done():  # cancelled: nobody will fire it
+                    waiter.cancel()
+                if self.version == seen:  # timed out or cancelled: not in the next firing
+                    try:
+                        self._waiters.remove(waiter)
+                    except ValueError:
+                        pass
         return self.version
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

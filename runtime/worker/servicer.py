@@ -83,7 +83,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def WatchProgress(self, request, context):
         try:
-            yield from self.worker.watch_progress(request.min_interval_s, context.is_active)
+            yield from self.worker.watch_progress(request, context.is_active)
         except PathwaysError as exc:
             abort(context, exc)
 

@@ -303,16 +303,18 @@ class Worker:
         """The executor's state: (what, name, sequence, session, since, slice id), or ("idle",)."""
         return self.state.activity
 
-    def watch_progress(self, min_interval_s: float, active) -> Iterator[pb.WatchProgressReply]:
+    def watch_progress(self, request: pb.WatchProgressRequest, active
+                       ) -> Iterator[pb.WatchProgressReply]:
         """Progress reports while `active()`: one as the executor moves on, at most one per
-        `min_interval_s`, with the executions completed since the previous one; one a second
-        when idle, so the stream stays alive."""
-        interval = _limits.check_seconds(min_interval_s, "min_interval_s", 1.0)
+        `min_interval_s`, with the executions completed since the previous one; one per
+        `idle_interval_s` when idle. The stream is the controller's: each report it takes counts
+        as the controller's contact (runtime.worker.membership), as a Ping would."""
+        interval, idle = _limits.report_intervals(request)
         timeline = self._inflight.timeline
         reported = timeline[-1][0] if timeline else 0  # last sequence reported
         arrivals_reported = 0  # every arrival still kept: the controller ignores old ones
         while active() and not self._stopped:
-            self._progress.wait(1.0)
+            self._progress.wait(idle)
             self._progress.clear()
             fresh = entries_after(timeline, reported)
             if fresh:
@@ -326,6 +328,7 @@ class Worker:
             yield pb.WatchProgressReply(received=received, executed=self.executed,
                                         completed=completed, hang=self.hang,
                                         arrived=arrived)
+            self.last_contact = time.monotonic()
             if interval:
                 time.sleep(interval)
 
