@@ -101,6 +101,9 @@ class HostLink:
         # sides count as a heartbeat (the host counts the call, or the report taken:
         # runtime.worker.membership).
         self.heard_at = 0.0
+        # Least time between two of the host's progress reports (its island's scheduler sets
+        # it); a change re-opens the stream at the host's next report.
+        self.report_interval_s = self.config.progress_interval_s
         self._lock = threading.Lock()
         self._woken = False  # a wake-up of the sender is on its way to the loop
         self._wake: asyncio.Event | None = None
@@ -288,10 +291,11 @@ class HostLink:
                                                     f"{position.error}")
 
     async def _watch_loop(self) -> None:
-        request = pb.WatchProgressRequest(min_interval_s=self.config.progress_interval_s,
-                                          idle_interval_s=self.config.progress_idle_s)
         opened = False
         while not self.closed:
+            interval = self.report_interval_s
+            request = pb.WatchProgressRequest(min_interval_s=interval,
+                                              idle_interval_s=self.config.progress_idle_s)
             try:
                 call = self._stub.WatchProgress(request, metadata=self._metadata)
                 async for reply in call:
@@ -300,6 +304,12 @@ class HostLink:
                     self._report(HostReport(self.host, reply.executed, reply.received,
                                             list(reply.completed), reply.hang,
                                             list(reply.arrived)))
+                    if self.report_interval_s != interval:  # the island grew or shrank
+                        call.cancel()
+                        break
+                else:
+                    await asyncio.sleep(self.config.watch_retry_s)  # the host ended the stream
+                continue
             except grpc.RpcError as err:
                 if self.closed or err.code() == grpc.StatusCode.CANCELLED:
                     return

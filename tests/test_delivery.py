@@ -277,3 +277,50 @@ def test_links_to_many_hosts_share_one_thread():
                     if t.name.startswith(("dispatch-", "progress-"))]
     finally:
         scheduler.close()
+
+
+class _ReportingHost(pb_grpc.WorkerServicer):
+    """A host's control server whose progress streams report every 20 ms, recording the least
+    interval each stream asked for."""
+
+    def __init__(self):
+        self.asked = []
+
+    def WatchProgress(self, request, context):
+        self.asked.append(request.min_interval_s)
+        while context.is_active():
+            yield pb.WatchProgressReply()
+            time.sleep(0.02)
+
+
+def test_a_big_island_asks_each_host_for_fewer_reports_and_its_links_reopen_their_streams():
+    rate = SchedulerConfig().progress_island_rate
+    base = SchedulerConfig().progress_interval_s
+    scheduler = GangScheduler(0, "controller", lambda *report: None)
+    try:
+        assert scheduler.report_interval == base  # one host
+        scheduler._links = dict.fromkeys(range(int(rate * base) * 4))
+        assert scheduler.report_interval == pytest.approx(4 * base)  # 4x the hosts: 1/4 each
+        scheduler._links = dict.fromkeys(range(int(rate * base) * 4 + 1))
+        assert scheduler.report_interval == pytest.approx(8 * base)  # powers of two only
+    finally:
+        scheduler._links = {}
+        scheduler.close()
+    host = _ReportingHost()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_WorkerServicer_to_server(host, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    link = HostLink(Events(), 0, address)
+    try:
+        deadline = time.monotonic() + 30
+        while not host.asked and time.monotonic() < deadline:
+            time.sleep(0.01)
+        link.report_interval_s = 0.04  # the island grew
+        while len(host.asked) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert host.asked[:2] == [base, 0.04]
+    finally:
+        link.close()
+        link.join(5)
+        server.stop(0)
