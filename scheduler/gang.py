@@ -27,7 +27,6 @@ from __future__ import annotations
 import collections
 import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -154,16 +153,6 @@ class GangScheduler(Progress):
         for link in self._links.values():
             if hasattr(link, "report_interval_s"):  # a real link (tests pass fakes)
                 link.report_interval_s = self.report_interval
-
-    @property
-    def report_interval(self) -> float:
-        """Least seconds between two progress reports of a host: `progress_interval_s`, or a
-        power of two times it on a big island, so its hosts together send at most
-        `progress_island_rate` a second (every report costs the controller the same; the
-        scheduler needs the slowest host's). Powers of two: the streams re-open at few sizes."""
-        base = self.config.progress_interval_s
-        wanted = len(self._links) / self.config.progress_island_rate
-        return base * 2 ** max(0, math.ceil(math.log2(wanted / base))) if wanted > base else base
 
     # -- ordering ---------------------------------------------------------------------------------
 
@@ -304,15 +293,6 @@ class GangScheduler(Progress):
             tenant.idle_since = time.monotonic()
             if tenant.closing:
                 self._tenants.pop(tenant.session_id, None)
-
-    @property
-    def window(self) -> float:
-        """Estimated device seconds ordered ahead of the slowest host now: `window_s`, or more
-        while the order takes longer than that to reach the island's last host and its report to
-        come back (a window shorter than the trip leaves the devices idle between refills; many
-        hosts and busy ones make the trip long), up to `max_window_s`."""
-        trips = self.config.window_trips * self._trip_s + self.report_interval
-        return max(self.window_s, min(trips, self.config.max_window_s))
 
     def _window_full(self) -> bool:
         ahead, config = len(self._inflight), self.config

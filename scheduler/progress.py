@@ -1,11 +1,13 @@
 """What hosts report back to the gang scheduler through their links (scheduler.delivery's
 LinkEvents, coalesced per island: scheduler.coalesce): how far each has received and executed
 the order, the measured durations that refine cost estimates and charge tenants, a link's loss,
-and the heartbeat's pings. A part of GangScheduler (scheduler.gang)."""
+and the heartbeat's pings; and what follows from them: how much work the window holds ahead of
+the hosts, and how often each host reports. A part of GangScheduler (scheduler.gang)."""
 
 from __future__ import annotations
 
 import concurrent.futures
+import math
 import time
 from collections.abc import Sequence
 
@@ -16,6 +18,25 @@ from scheduler.coalesce import HostReport
 
 class Progress:
     """Progress accounting for a GangScheduler (a mixin: the state is the scheduler's)."""
+
+    @property
+    def window(self) -> float:
+        """Estimated device seconds ordered ahead of the slowest host now: `window_s`, or more
+        while the order takes longer than that to reach the island's last host and its report to
+        come back (a window shorter than the trip leaves the devices idle between refills; many
+        hosts and busy ones make the trip long), up to `max_window_s`."""
+        trips = self.config.window_trips * self._trip_s + self.report_interval
+        return max(self.window_s, min(trips, self.config.max_window_s))
+
+    @property
+    def report_interval(self) -> float:
+        """Least seconds between two progress reports of a host: `progress_interval_s`, or a
+        power of two times it on a big island, so its hosts together send at most
+        `progress_island_rate` a second (every report costs the controller the same; the
+        scheduler needs the slowest host's). Powers of two: the streams re-open at few sizes."""
+        base = self.config.progress_interval_s
+        wanted = len(self._links) / self.config.progress_island_rate
+        return base * 2 ** max(0, math.ceil(math.log2(wanted / base))) if wanted > base else base
 
     def on_link_lost(self, host: int, reason: str) -> None:
         """A link found its host unreachable (scheduler.delivery.LinkEvents). The host's loss
