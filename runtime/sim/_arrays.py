@@ -28,6 +28,7 @@ from proto import shm as _shm
 from proto import wire as _wire
 from proto.errors import (STORE, ArrayNotFoundError, DeadlineExceededError, InvalidArgumentError,
                           PathwaysError)
+from runtime.sim._signal import wait_done
 
 
 @dataclasses.dataclass
@@ -215,8 +216,8 @@ class SimStore:
         if not entry.ready:
             if entry.waiter is None:
                 entry.waiter = asyncio.get_running_loop().create_future()
-            done, _ = await asyncio.wait({entry.waiter}, timeout=max(0.0, timeout))
-            if not done:
+            await wait_done(entry.waiter, max(0.0, timeout))
+            if not entry.waiter.done():
                 raise DeadlineExceededError(f"array {array_id} was not produced within "
                                             f"{timeout:.1f} s", origin=STORE)
         if entry.error is not None:

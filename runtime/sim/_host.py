@@ -37,7 +37,7 @@ from runtime.sim._config import SimConfig
 from runtime.sim._cost import CostModel
 from runtime.sim._executable import Executable, Layout
 from runtime.sim._rendezvous import Rendezvous
-from runtime.sim._signal import Signal
+from runtime.sim._signal import Signal, wait_done
 from runtime.worker.announced import Announcements, check_as_announced
 from runtime.worker.defaults import ANNOUNCE_TIMEOUT_S, MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S
 from runtime.worker.executor import check_runnable, execution_error
@@ -250,9 +250,13 @@ class SimHost:
             ready = max([received or picked, self._device_free, *(v.ready_at for v in inputs)])
             self._activity = ("running", exe.name, sequence, ex.session_id, time.monotonic(),
                               slice_id)
-            start = await self._meet(sequence, ex, exe, ready) if len(exe.hosts) > 1 else ready
-            end = start + exe.seconds
-            await asyncio.sleep(max(0.0, end - time.time()))
+            if len(exe.hosts) > 1:  # returns when the computation has ended on every host
+                start = await self._meet(sequence, ex, exe, ready)
+                end = start + exe.seconds
+            else:
+                start, end = ready, ready + exe.seconds
+                if end > time.time():
+                    await asyncio.sleep(end - time.time())
         except Exception as exc:
             self._fail_outputs(ex, execution_error(exc, exe, ex.executable_id, sequence,
                                                    f"{self.island}.{self.host}"))
@@ -271,17 +275,18 @@ class SimHost:
 
     async def _meet(self, sequence: int, ex: pb.ExecuteInstruction, exe: Executable,
                     ready: float) -> float:
-        """The simulated start of a computation spanning hosts: when the slice's last host gets
-        there. Past the execution deadline, asks the slice's other hosts where they are
+        """The simulated start of a computation spanning hosts (when the slice's last host gets
+        there), returned once the computation has ended. Past the execution deadline (plus the
+        computation's duration), asks the slice's other hosts where they are
         (runtime.worker.hang.diagnose) and declares this host hung if some never reached it; it then
         stays stuck here, as a real host stays stuck in a collective."""
         place = (self._controller_id, self._epoch, sequence, ex.executable_id)
-        started = self.rendezvous.arrive(place, self.host, ready, exe.hosts)
+        started = self.rendezvous.arrive(place, self.host, ready, exe.hosts, exe.seconds)
         deadline = self.config.execution_deadline_s
         slow_logged = False
         while True:
             if not started.done():
-                await asyncio.wait({started}, timeout=deadline if deadline > 0 else None)
+                await wait_done(started, deadline + exe.seconds if deadline > 0 else None)
             if started.done():
                 return started.result()
             report = await asyncio.to_thread(diagnose, self, self._activity, exe.info)

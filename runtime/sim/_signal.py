@@ -49,3 +49,19 @@ class Signal:
 def _wake(waiter: asyncio.Future) -> None:
     if not waiter.done():
         waiter.set_result(None)
+
+
+async def wait_done(future: asyncio.Future, timeout: float | None) -> None:
+    """Waits until `future` is done or `timeout` s have passed (None: no limit), without
+    cancelling it (others may await it too); cheaper than asyncio.wait on one future."""
+    if future.done():
+        return
+    loop = asyncio.get_running_loop()
+    waiter = loop.create_future()
+    future.add_done_callback(lambda _: _wake(waiter))
+    timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+    try:
+        await waiter
+    finally:
+        if timer is not None:
+            timer.cancel()
