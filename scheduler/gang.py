@@ -96,7 +96,9 @@ class GangScheduler(Progress):
         # Ordered executions not yet executed by every host: (sequence, estimate).
         self._inflight: collections.deque[tuple[int, float]] = collections.deque()
         self._outstanding_s = 0.0
-        self._trip_s = 0.0  # smoothed time from ordered to received by the island's last host
+        # The latest times from ordered to received by the island's last host.
+        self._trips: collections.deque[float] = collections.deque(
+            maxlen=self.config.window_trip_samples)
         self._unmeasured: Latest[int, tuple[Tenant, int, float]] = Latest(
             self.config.max_unmeasured)
         self._costs: dict[int, float] = {}  # executable id -> estimated seconds

@@ -24,8 +24,12 @@ class Progress:
         """Estimated device seconds ordered ahead of the slowest host now: `window_s`, or more
         while the order takes longer than that to reach the island's last host and its report to
         come back (a window shorter than the trip leaves the devices idle between refills; many
-        hosts and busy ones make the trip long), up to `max_window_s`."""
-        trips = self.config.window_trips * self._trip_s + self.report_interval
+        hosts and busy ones make the trip long), up to `max_window_s`. The trip is the shortest
+        of the latest `window_trip_samples`: what the way takes, not the queues on it, which a
+        longer window would only lengthen (an overloaded island would grow its window without
+        end)."""
+        trip = min(self._trips, default=0.0)
+        trips = self.config.window_trips * trip + self.report_interval
         return max(self.window_s, min(trips, self.config.max_window_s))
 
     @property
@@ -128,7 +132,7 @@ class Progress:
             return
         trip = self.latency.received_up_to(min(link.acked for link in self._links.values()))
         if trip is not None:
-            self._trip_s += self.config.cost_smoothing * (trip - self._trip_s)
+            self._trips.append(trip)
         executed = min(link.executed for link in self._links.values())
         if executed > self._executed:
             self._executed = executed
