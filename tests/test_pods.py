@@ -12,6 +12,7 @@ import pytest
 
 from model.checkpoint import CheckpointStore
 from model.config import get_config
+from model.optimizer import AdafactorConfig
 from model.pods import PodTrainer, TrainSettings
 
 CONFIG = get_config("palm-tiny", n_layers=1, seq_len=32)
@@ -20,6 +21,18 @@ STEPS = 4
 
 def leaves(tree):
     return jax.tree.leaves(tree)
+
+
+def assert_close_but_for_rounding_flips(a, b):
+    """Parameters of two runs whose gradients were summed in another order: equal to rounding,
+    but for the few elements whose gradient sat at rounding noise, where Adafactor's update
+    (about lr x the parameter's RMS, whatever the gradient's size) may go either way: at most
+    0.1% of them, each within STEPS such updates each way."""
+    far = ~np.isclose(a, b, rtol=1e-4, atol=1e-6)
+    assert far.mean() <= 1e-3, f"{far.sum()} of {far.size} elements differ"
+    bound = 2 * STEPS * AdafactorConfig().peak_learning_rate * max(
+        float(np.sqrt(np.mean(np.square(a, dtype=np.float64)))), 1e-3)
+    assert np.all(np.abs(a - b)[far] <= bound), np.abs(a - b)[far].max()
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +65,7 @@ def test_two_islands_match_one_island_with_the_same_global_batch(cluster, two_is
         single = one.run(STEPS)
         np.testing.assert_allclose([r.loss for r in single], [r.loss for r in results], rtol=1e-5)
         for a, b in zip(leaves(one.fetch_state(0)[0]), leaves(trainer.fetch_state(0)[0])):
-            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+            assert_close_but_for_rounding_flips(a, b)
         assert results[-1].loss < results[0].loss  # and it learns
     finally:
         client.close()
