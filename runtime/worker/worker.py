@@ -291,7 +291,8 @@ class Worker:
                            current_name=state[1] if len(state) > 1 else "",
                            current_state=current_state(state),
                            ray_node=self.ray_node,
-                           control_address=self.control_address, incarnation=self.incarnation)
+                           control_address=self.control_address, incarnation=self.incarnation,
+                           data_port=self.dataplane.bulk.port if self.dataplane.bulk else 0)
 
     @property
     def activity(self) -> str:
