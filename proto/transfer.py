@@ -135,7 +135,7 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
     once, so that a sharded array's bytes use several connections' worth of threads; one stream
     when they are few or small. Raises the first stream's error (the host fails the others)."""
     nbytes = sum(data.nbytes for _, _, data in shards)
-    if nbytes >= _bulk.SETTINGS.bulk_min_bytes:
+    if nbytes and nbytes >= _bulk.SETTINGS.bulk_min_bytes:  # 0 bytes: nothing to connect for
         port = _bulk.data_port(stub, address, timeout)
         if port:
             try:
@@ -326,7 +326,8 @@ class FetchTarget:
                 request = pb.GetArrayRequest(array_id=request.array_id, shards=request.shards,
                                              timeout_s=request.timeout_s,
                                              after_sequence=request.after_sequence)
-        if self._bulk_nbytes(request) >= _bulk.SETTINGS.bulk_min_bytes:
+        nbytes = self._bulk_nbytes(request)
+        if nbytes and nbytes >= _bulk.SETTINGS.bulk_min_bytes:  # 0 bytes: nothing to connect for
             port = _bulk.data_port(stub, address, timeout)
             if port:
                 try:
