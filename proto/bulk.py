@@ -121,9 +121,16 @@ def host_of(address: str) -> str:
 
 def connect(address: str, port: int, deadline: float) -> socket.socket:
     """A tuned connection to `port` on the host of the gRPC `address`."""
-    sock = socket.create_connection((host_of(address), port),
-                                    timeout=max(0.001, deadline - time.monotonic()))
-    tune(sock)
+    host = host_of(address)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        tune(sock)  # before connecting: the handshake sizes the window from it
+        sock.settimeout(max(0.001, deadline - time.monotonic()))
+        sock.connect((host, port))
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 

@@ -59,9 +59,15 @@ class BulkListener:
 
     def __init__(self, host: str, config: TransferConfig = _bulk.SETTINGS) -> None:
         self.config = config
-        self._sock = socket.create_server((host.strip("[]"), 0), backlog=128,
-                                          family=socket.AF_INET6 if ":" in host
-                                          else socket.AF_INET)
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:  # buffer sizes set before listen() reach the accepted connections' handshakes
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            _bulk.tune(self._sock, config.bulk_socket_buffer_bytes)
+            self._sock.bind((host.strip("[]"), 0))
+            self._sock.listen(128)
+        except BaseException:
+            self._sock.close()
+            raise
         self.port = self._sock.getsockname()[1]
         self._cond = threading.Condition()
         self._live: list[_Slot] = []
