@@ -7,9 +7,13 @@ segment of this process (proto.shm) and sends each host only its shards' headers
 hosts copy their shards from the mapping into their device buffers. A fetch hands the hosts one
 segment as long as the array; each copies its shards from its device buffers into their regions,
 and the result is a NumPy array over the mapping. Everything else (another machine,
-PATHWAYS_SHARED_MEMORY=0, empty arrays, a host that cannot reach this process's /proc) streams the
-bytes over gRPC, all hosts at once: a put one stream per host, a fetch one stream per shard
-(assembled in place in the result where the shard's region of it is contiguous).
+PATHWAYS_SHARED_MEMORY=0, a host that cannot reach this process's /proc) moves the bytes over the
+hosts' bulk channel (proto.bulk: plain TCP, one connection per shard, gRPC carrying only the
+shards' headers and tickets), all hosts at once, straight between the sockets and the arrays.
+Empty and small transfers (TransferConfig.bulk_min_bytes), hosts without a bulk port (simulated
+ones) and a port that refuses connections (nothing sent yet) stream the bytes inside gRPC
+messages instead: a put one stream per host (or per shard: ArrayChunk.parts), a fetch one stream
+per shard (assembled in place in the result where the shard's region of it is contiguous).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""The data plane of a host: puts of announced arrays (streamed in, or through shared-memory
-files) and reads of stored ones. A component of Worker (runtime.worker.worker), built with what
+"""The data plane of a host: puts of announced arrays (streamed in, through shared-memory
+segments or over the bulk channel: runtime.worker.bulk) and reads of stored ones. A component of Worker (runtime.worker.worker), built with what
 it uses of the host: its store, its announcements (runtime.worker.announced), its slices' meshes
 and the receipt of its island's order."""
 
