@@ -264,3 +264,30 @@ def test_a_sharded_array_moves_one_connection_per_shard(client, bulk_everything,
     assert len(connections) == 8  # the fetch: the same
     moved = put.to(s1, P(None, "x"))  # host to host, columns: non-contiguous regions
     assert moved.fetch().tobytes() == x.tobytes()
+
+
+def test_a_host_without_a_data_port_gets_the_grpc_stream(client, bulk_everything, monkeypatch):
+    s = client.slice({"x": 2}, island=0)
+    used = []
+    real = _bulk.put
+    monkeypatch.setattr(_bulk, "put", lambda *a, **k: used.append(a) or real(*a, **k))
+    for address in s.info.host_addresses:  # as a simulated host answers Ping: no port
+        monkeypatch.setitem(_bulk._PORTS, address, 0)
+    x = np.arange(1 << 16, dtype=np.float32)
+    assert np.array_equal(client.put(x, s, P("x")).fetch(), x)
+    assert used == []
+
+
+def test_a_port_that_refuses_connections_falls_back_to_the_stream_and_is_asked_again(
+        client, bulk_everything, monkeypatch):
+    s = client.slice({"x": 2}, island=0)
+    closed = socket.create_server(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there any more (a restarted host's old port)
+    for address in s.info.host_addresses:
+        monkeypatch.setitem(_bulk._PORTS, address, dead_port)
+    x = np.arange(1 << 16, dtype=np.float32)
+    put = client.put(x, s, P("x"))
+    assert all(_bulk._PORTS.get(a) != dead_port for a in s.info.host_addresses)  # forgotten
+    assert np.array_equal(put.fetch(), x)  # over the channel again, its port asked anew
+    assert all(_bulk._PORTS.get(a, 0) > 0 for a in s.info.host_addresses)
