@@ -291,3 +291,26 @@ def test_a_port_that_refuses_connections_falls_back_to_the_stream_and_is_asked_a
     assert all(_bulk._PORTS.get(a) != dead_port for a in s.info.host_addresses)  # forgotten
     assert np.array_equal(put.fetch(), x)  # over the channel again, its port asked anew
     assert all(_bulk._PORTS.get(a, 0) > 0 for a in s.info.host_addresses)
+
+
+def test_a_deleted_arrays_memory_goes_back_to_the_pool_without_a_garbage_collection(
+        client, bulk_everything):
+    """The next put of that size lands in warm memory (proto.buffers): jaxlib drops the
+    references its freed buffers held only when asked, which the host's reaper does."""
+    import gc
+
+    from proto import shm as _shm
+
+    s = client.slice({"x": 2}, island=0)
+    x = np.ones((2, 3 << 20), np.float32)  # a 12 MiB shard per device: none of the pool's yet
+    gc.disable()
+    try:
+        put = client.put(x, s, P("x"))
+        idle = _shm.HOST_BUFFERS.idle_bytes
+        put.delete()
+        deadline = time.monotonic() + 10
+        while _shm.HOST_BUFFERS.idle_bytes < idle + x.nbytes and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _shm.HOST_BUFFERS.idle_bytes >= idle + x.nbytes
+    finally:
+        gc.enable()

@@ -1,7 +1,7 @@
 """The data plane of a host: puts of announced arrays (streamed in, through shared-memory
-segments or over the bulk channel: runtime.worker.bulk) and reads of stored ones. A component of Worker (runtime.worker.worker), built with what
-it uses of the host: its store, its announcements (runtime.worker.announced), its slices' meshes
-and the receipt of its island's order."""
+segments or over the bulk channel: runtime.worker.bulk) and reads of stored ones. A component of
+Worker (runtime.worker.worker), built with what it uses of the host: its store, its announcements
+(runtime.worker.announced), its slices' meshes and the receipt of its island's order."""
 
 from __future__ import annotations
 
