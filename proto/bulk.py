@@ -23,7 +23,8 @@ the wire; no Python object is ever decoded from it. A ticket is good for one con
 deadline; the host closes any connection presenting a ticket it does not hold, one already used
 or expired, or the wrong byte count, and the transfer's gRPC call reports it. Transfers smaller
 than TransferConfig.bulk_min_bytes, and hosts that advertise no port (simulated ones), stream over
-gRPC as before (proto.transfer).
+gRPC as before (proto.transfer); so do all transfers of a cluster with TLS, whose hosts open no
+bulk channel (its bytes are not encrypted).
 """
 
 from __future__ import annotations

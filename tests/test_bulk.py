@@ -314,3 +314,29 @@ def test_a_deleted_arrays_memory_goes_back_to_the_pool_without_a_garbage_collect
         assert _shm.HOST_BUFFERS.idle_bytes >= idle + x.nbytes
     finally:
         gc.enable()
+
+
+def test_a_host_with_tls_opens_no_bulk_channel(tmp_path):
+    """Its array bytes stay inside the encrypted gRPC streams."""
+    import subprocess
+
+    import jax
+
+    from proto import auth as _auth
+    from runtime.worker.servicer import create_worker_server
+    from runtime.worker.worker import Worker
+
+    key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
+                    "-out", cert, "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    credentials = _auth.Credentials(_auth.generate_token(), _auth.TLSConfig(cert=cert, key=key),
+                                    _auth.generate_token())
+    worker = Worker(9, 0, jax.devices()[:1], credentials=credentials)
+    servers, _ = create_worker_server(worker, "127.0.0.1:0")
+    try:
+        assert worker.dataplane.bulk is None and worker.info().data_port == 0
+    finally:
+        servers.stop(None)
+        worker.stop()

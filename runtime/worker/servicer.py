@@ -162,7 +162,8 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
         server.stop(None)
         raise
     servers = [server, control]
-    if _TRANSFER.bulk_channel:  # array bytes over plain TCP (proto.bulk)
+    # Array bytes over plain TCP (proto.bulk); not beside TLS, whose bytes must stay encrypted.
+    if _TRANSFER.bulk_channel and credentials.tls is None:
         try:
             worker.dataplane.bulk = BulkListener(host, _TRANSFER)
             servers.append(worker.dataplane.bulk)
