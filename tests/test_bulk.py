@@ -27,7 +27,7 @@ from runtime.worker.bulk import BulkListener
 
 @pytest.fixture
 def listener():
-    config = dataclasses.replace(TransferConfig(), bulk_header_s=0.5, bulk_ticket_s=2.0)
+    config = dataclasses.replace(TransferConfig(), bulk_header_s=1.5, bulk_ticket_s=3.0)
     running = BulkListener("127.0.0.1", config)
     yield running
     running.stop()
@@ -73,7 +73,7 @@ def test_a_wrong_ticket_is_closed_and_the_listener_keeps_serving(listener):
     incoming, ticket, buffer = _expect(listener, 16)
     with incoming:
         wrong = bytes(b ^ 1 for b in ticket)  # one bit off
-        assert _closed_within(_present(listener.port, wrong, 16), 3.0)
+        assert _closed_within(_present(listener.port, wrong, 16), 6.0)
         assert _closed_within(_present(listener.port, ticket, 16, magic=b"HTTP"), 3.0)
         sock = _present(listener.port, ticket, 16)  # the real one still works
         sock.sendall(b"x" * 16)
@@ -91,7 +91,7 @@ def test_a_used_ticket_is_refused_at_once(listener):
         sock.close()
     started = time.monotonic()
     assert _closed_within(_present(listener.port, ticket, 4), 3.0)
-    assert time.monotonic() - started < 0.4  # known as used: no wait for it to be registered
+    assert time.monotonic() - started < 1.0  # known as used: no bulk_header_s wait for it
 
 
 @pytest.mark.parametrize("announced", [99, 101, 0])
@@ -125,7 +125,7 @@ def test_no_connection_fails_by_the_ticket_lifetime(listener):
     with pytest.raises(DeadlineExceededError, match="no connection presented its ticket"):
         with incoming:
             incoming.wait()
-    assert time.monotonic() - started < 5.0  # bulk_ticket_s, not the call's 30 s
+    assert time.monotonic() - started < 15.0  # bulk_ticket_s (3 s), not the call's 30 s
 
 
 def test_a_peer_closing_mid_transfer_fails_it(listener):
