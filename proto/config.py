@@ -139,6 +139,16 @@ class TransferConfig:
     # Freed memory malloc keeps for the next stream message (proto.heap; 0: malloc's default)
     malloc_trim_threshold_bytes: int = 512 << 20
     malloc_mmap_threshold_bytes: int = 32 << 20  # larger blocks are fresh mappings
+    # The bulk channel (proto.bulk: array bytes over plain TCP, gRPC carrying only the control)
+    bulk_channel: int = 1  # 0: hosts open none, and every transfer streams over gRPC
+    bulk_min_bytes: int = 1 << 20  # smaller transfers (per host) stream over gRPC
+    # SO_SNDBUF/SO_RCVBUF of its connections (the kernel doubles it): the window of a 10 GB/s
+    # link with 100 us round trips. Larger ones moved loopback bytes at half the rate (they spill
+    # out of the caches): 1.5-2 GiB/s at 2-8 MiB against 3-4 GiB/s at 128-512 KiB, 2 connections
+    bulk_socket_buffer_bytes: int = 512 << 10
+    bulk_ticket_s: float = 30.0  # a ticket's lifetime: its connection must present it by then
+    bulk_header_s: float = 5.0  # a connection's time to present a ticket its host then knows
+    bulk_max_connections: int = 256  # connections a host serves at once (more are closed)
 
 
 @dataclasses.dataclass(frozen=True)

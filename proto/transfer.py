@@ -7,9 +7,13 @@ segment of this process (proto.shm) and sends each host only its shards' headers
 hosts copy their shards from the mapping into their device buffers. A fetch hands the hosts one
 segment as long as the array; each copies its shards from its device buffers into their regions,
 and the result is a NumPy array over the mapping. Everything else (another machine,
-PATHWAYS_SHARED_MEMORY=0, empty arrays, a host that cannot reach this process's /proc) streams the
-bytes over gRPC, all hosts at once: a put one stream per host, a fetch one stream per shard
-(assembled in place in the result where the shard's region of it is contiguous).
+PATHWAYS_SHARED_MEMORY=0, a host that cannot reach this process's /proc) moves the bytes over the
+hosts' bulk channel (proto.bulk: plain TCP, one connection per shard, gRPC carrying only the
+shards' headers and tickets), all hosts at once, straight between the sockets and the arrays.
+Empty and small transfers (TransferConfig.bulk_min_bytes), hosts without a bulk port (simulated
+ones) and a port that refuses connections (nothing sent yet) stream the bytes inside gRPC
+messages instead: a put one stream per host (or per shard: ArrayChunk.parts), a fetch one stream
+per shard (assembled in place in the result where the shard's region of it is contiguous).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from concurrent import futures
 
 import numpy as np
 
+from proto import bulk as _bulk
 from proto import pathways_pb2 as pb
 from proto import rpc as _rpc
 from proto import shm as _shm
@@ -92,16 +97,13 @@ def put_jobs(client, value: np.ndarray, spec: pb.ArraySpec, vslice,
                 segment.discard()
             segment = None
 
-    def streamed(stub, shards, nbytes):
-        return stream_put(stub, spec, shards, deadline(nbytes))
-
     def put_host(stub, host, groups):
         shards = [(index, ps, value[_wire.as_slices(index)]) for index, ps in groups]
         nbytes = sum(s[2].nbytes for s in shards)
         if segment is not None and addresses[host] not in _UNREACHABLE:
             if _put_through(stub, addresses[host], spec, groups, segment, deadline(nbytes)):
                 return None
-        return streamed(stub, shards, nbytes)
+        return stream_put(stub, spec, shards, deadline(nbytes), address=addresses[host])
 
     jobs = [client.transfer_pool.submit(call, client, vslice, host,
                                 lambda stub, h=host, g=groups: put_host(stub, h, g))
@@ -129,12 +131,22 @@ MAX_PUT_STREAMS = _SETTINGS.max_put_streams
 PARALLEL_STREAM_BYTES = _SETTINGS.parallel_stream_bytes
 
 
-def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float) -> None:
-    """Puts a host's shards ((index, mesh positions, data) triples) of an array over gRPC: one
-    stream per shard (up to MAX_PUT_STREAMS, ArrayChunk.parts), all at once, so that a sharded
-    array's bytes use several connections' worth of threads; one stream when they are few or
-    small. Raises the first stream's error (the host fails the others with it)."""
+def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float, *,
+               address: str = "") -> None:
+    """Puts a host's shards ((index, mesh positions, data) triples) of an array on the host at
+    `address`: over its bulk channel (proto.bulk) when it has one and they are big enough;
+    otherwise over gRPC, one stream per shard (up to MAX_PUT_STREAMS, ArrayChunk.parts), all at
+    once, so that a sharded array's bytes use several connections' worth of threads; one stream
+    when they are few or small. Raises the first stream's error (the host fails the others)."""
     nbytes = sum(data.nbytes for _, _, data in shards)
+    if nbytes and nbytes >= _bulk.SETTINGS.bulk_min_bytes:  # 0 bytes: nothing to connect for
+        port = _bulk.data_port(stub, address, timeout)
+        if port:
+            try:
+                _bulk.put(stub, address, port, spec, shards, timeout)
+                return
+            except _bulk.Unreachable as exc:
+                log.info("bulk channel unreachable (%s): streaming", exc)
     parts = min(len(shards), MAX_PUT_STREAMS)
     # A stub that encodes chunks itself sends views of the shards (proto.chunk_codec).
     views = isinstance(stub, FramedWorkerStub)
@@ -318,7 +330,23 @@ class FetchTarget:
                 request = pb.GetArrayRequest(array_id=request.array_id, shards=request.shards,
                                              timeout_s=request.timeout_s,
                                              after_sequence=request.after_sequence)
+        nbytes = self._bulk_nbytes(request)
+        if nbytes and nbytes >= _bulk.SETTINGS.bulk_min_bytes:  # 0 bytes: nothing to connect for
+            port = _bulk.data_port(stub, address, timeout)
+            if port:
+                try:
+                    _bulk.fetch(stub, address, port, request, self.value, timeout)
+                    return
+                except _bulk.Unreachable as exc:
+                    log.info("bulk channel unreachable (%s): streaming", exc)
         self._stream(stub, request, timeout)
+
+    def _bulk_nbytes(self, request: pb.GetArrayRequest) -> int:
+        """The bytes a read asks for (all of `value`'s when it names no shards)."""
+        if not request.shards:
+            return self.value.nbytes
+        return sum(math.prod(_wire.shard_shape(_wire.index_from_proto(i)))
+                   for i in request.shards) * self.value.itemsize
 
     def _stream(self, stub, request: pb.GetArrayRequest, timeout: float) -> None:
         """Streams the shards: the first shard alone (that read waits for the array to be

@@ -230,14 +230,16 @@ class ReceivedShard:
 
 
 def assemble_chunks(chunks: Iterable[pb.ArrayChunk | DataChunk], dtype: np.dtype | None = None,
-                    segments: _shm.OpenSegments | None = None, target: np.ndarray | None = None
-                    ) -> tuple[pb.ArraySpec | None, list[ReceivedShard]]:
+                    segments: _shm.OpenSegments | None = None, target: np.ndarray | None = None,
+                    bulk=None) -> tuple[pb.ArraySpec | None, list[ReceivedShard]]:
     """Reassembles shards from a chunk stream, checking sizes; returns (spec or None, shards).
 
     With `segments`, a shard may lie in a peer's shared-memory segment (ShardHeader.shared_array):
     its data is then a read-only view of its region there, valid while `segments` is open. With
     `target` (the whole array being read), a shard whose region of it is contiguous is assembled
-    in place there: its data is that region."""
+    in place there: its data is that region. With `bulk` (a host's runtime.worker.bulk.Incoming),
+    a shard's bytes may come over the bulk channel (ShardHeader.bulk_ticket): its data is the
+    buffer `bulk.expect(ticket, nbytes)` gives, filled once `bulk.wait()` returns."""
     spec: pb.ArraySpec | None = None
     shards: list[ReceivedShard] = []
     buffer: np.ndarray | None = None
@@ -273,6 +275,14 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk | DataChunk], dtype: np.dtype
                 whole = segments.array(chunk.shard.shared_array, dtype, tuple(spec.shape))
                 shards.append(ReceivedShard(index, list(chunk.shard.mesh_positions),
                                             whole[(*as_slices(index), ...)]))
+                buffer, filled = None, 0  # data chunks may not follow it
+                continue
+            if chunk.shard.bulk_ticket:
+                if bulk is None or spec is None or chunk.data:
+                    raise InvalidArgumentError("bulk-channel shards are not accepted here")
+                raw = bulk.expect(chunk.shard.bulk_ticket, nbytes)
+                shards.append(ReceivedShard(index, list(chunk.shard.mesh_positions),
+                                            raw.view(dtype).reshape(sshape)))
                 buffer, filled = None, 0  # data chunks may not follow it
                 continue
             region = None if target is None else target[(*as_slices(index), ...)]

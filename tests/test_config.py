@@ -137,6 +137,7 @@ FACTS = {
     "proto/admission.py": {"ANONYMOUS"},
     "proto/auth.py": {"ID_BITS", "TOKEN_BYTES"},
     "proto/buffers.py": {"DEVICE_ALIGNMENT"},
+    "proto/bulk.py": {"TICKET_BYTES"},  # a ticket's length on the wire (128 random bits)
     "proto/chunk_codec.py": {"_LENGTH_DELIMITED"},  # protobuf's wire type
     "proto/heap.py": {"M_TRIM_THRESHOLD", "M_MMAP_THRESHOLD", "MAX_MMAP_THRESHOLD", "_INT_MAX"},
     "proto/wire.py": {"MAX_MESSAGE_BYTES", "MAX_RANK"},

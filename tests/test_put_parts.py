@@ -4,6 +4,7 @@ keeping it announced for a put that does."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from proto import bulk as _bulk
 from proto import pathways_pb2 as pb
 from proto import transfer as _transfer
 from proto import wire as _wire
@@ -20,8 +22,10 @@ from runtime.worker import put_parts as _put_parts
 
 @pytest.fixture
 def streams_only(monkeypatch):
-    """The stream path, counting the streams hosts take as parts of a put."""
+    """The gRPC stream path (no bulk channel), counting the streams hosts take as parts of a
+    put."""
     monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "0")
+    monkeypatch.setattr(_bulk, "SETTINGS", dataclasses.replace(_bulk.SETTINGS, bulk_channel=0))
     parts: list[int] = []
     real = _put_parts.PutParts.put
 

@@ -4,6 +4,7 @@ that are what they claim to be, and a SIGKILLed client leaves no shared memory b
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import signal
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from proto import bulk as _bulk
 from proto import pathways_pb2 as pb
 from proto import shm as _shm
 from proto import transfer as _transfer
@@ -27,10 +29,22 @@ from proto.errors import FailedPreconditionError, InvalidArgumentError
 from runtime.client.array import RemoteArray, put_arrays
 
 
-@pytest.fixture(params=["shared-memory", "stream"])
+#: The bulk channel's puts and reads ("put", "fetch") in the current test (the `path` fixture).
+BULK_USED: list[str] = []
+
+
+@pytest.fixture(params=["shared-memory", "stream", "bulk"])
 def path(request, monkeypatch):
-    """The transfer path under test; yields the sizes of the segments taken meanwhile."""
+    """The transfer path under test (shared memory, gRPC streams, or the bulk channel for every
+    size); yields the sizes of the segments taken meanwhile."""
     monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "1" if request.param == "shared-memory" else "0")
+    monkeypatch.setattr(_bulk, "SETTINGS", dataclasses.replace(
+        _bulk.SETTINGS, bulk_channel=int(request.param == "bulk"), bulk_min_bytes=0))
+    BULK_USED.clear()
+    for name in ("put", "fetch"):
+        real_bulk = getattr(_bulk, name)
+        monkeypatch.setattr(_bulk, name, lambda *a, real_bulk=real_bulk, name=name, **k: (
+            BULK_USED.append(name), real_bulk(*a, **k))[1])
     taken: list[int] = []
     real = _shm.POOL.take
     monkeypatch.setattr(_shm.POOL, "take", lambda nbytes: taken.append(nbytes) or real(nbytes))
@@ -77,7 +91,11 @@ def test_put_fetch_and_island_copy_are_bit_exact(client, path, case):
     moved = put.to(s1)
     again = moved.fetch()
     assert again.shape == want.shape and _bits(again) == _bits(want)
-    if name == "stream" or want.nbytes == 0:
+    if name == "bulk" and want.nbytes:  # the put, the copy and both fetches: over TCP
+        assert BULK_USED.count("put") >= 2 and BULK_USED.count("fetch") >= 2
+    else:
+        assert BULK_USED == []
+    if name != "shared-memory" or want.nbytes == 0:
         assert taken == []  # nothing went through shared memory
     else:  # the put, the fetches and the host-to-host copy each went through a segment
         assert len(taken) >= 4 and set(taken) == {want.nbytes}

@@ -1,10 +1,11 @@
-"""The data plane of a host: puts of announced arrays (streamed in, or through shared-memory
-files) and reads of stored ones. A component of Worker (runtime.worker.worker), built with what
-it uses of the host: its store, its announcements (runtime.worker.announced), its slices' meshes
-and the receipt of its island's order."""
+"""The data plane of a host: puts of announced arrays (streamed in, through shared-memory
+segments or over the bulk channel: runtime.worker.bulk) and reads of stored ones. A component of
+Worker (runtime.worker.worker), built with what it uses of the host: its store, its announcements
+(runtime.worker.announced), its slices' meshes and the receipt of its island's order."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -21,6 +22,7 @@ from proto import wire as _wire
 from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
                           InvalidArgumentError, NotFoundError, PathwaysError)
 from runtime.worker.announced import Announcements, check_as_announced
+from runtime.worker.bulk import BulkListener, Incoming
 from runtime.worker.defaults import (ANNOUNCE_TIMEOUT_S, CALLER_CHECK_S, MAX_GET_TIMEOUT_S,
                                      SLICE_TIMEOUT_S)
 from runtime.worker.put_parts import PutParts
@@ -45,6 +47,7 @@ class DataPlane:
         self.mesh = mesh
         self.wait_received = wait_received
         self._put_parts = PutParts(self)  # puts arriving in several streams
+        self.bulk: BulkListener | None = None  # the host's bulk channel (create_worker_server)
 
     def put(self, chunks: Iterator[pb.ArrayChunk], timeout: float = SLICE_TIMEOUT_S) -> int:
         """Stores an array streamed in as chunks; returns the bytes received.
@@ -106,23 +109,29 @@ class DataPlane:
 
     def _store_put(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
                    chunks: Iterator[pb.ArrayChunk], timeout: float) -> int:
-        with _shm.OpenSegments() as segments:
+        with _shm.OpenSegments() as segments, contextlib.ExitStack() as stack:
+            bulk = None if self.bulk is None else stack.enter_context(self.bulk.incoming(
+                time.monotonic() + timeout, f"a put of array {spec.array_id}"))
             return self._place_put(spec, *self._receive_shards(spec, first, chunks, timeout,
-                                                               segments))
+                                                               segments, bulk))
 
     def _receive_shards(self, spec: pb.ArraySpec, first: pb.ArrayChunk,
                         chunks: Iterator[pb.ArrayChunk], timeout: float,
-                        segments: _shm.OpenSegments) -> tuple:
+                        segments: _shm.OpenSegments, bulk: Incoming | None = None) -> tuple:
         """(mesh, slice info, the sharding's shards, the shards of a put's stream), once the
-        array's slice is defined here (waiting up to `timeout` s)."""
+        array's slice is defined here (waiting up to `timeout` s) and the shards sent over the
+        bulk channel arrived."""
         mesh, info = self.mesh(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
         shape = tuple(spec.shape)
         expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
                                                                   tuple(info.axis_names)),
                                            spec.sharding))
-        return mesh, info, expected, _wire.assemble_chunks(
+        shards = _wire.assemble_chunks(
             _at_most_shards(itertools.chain([first], chunks), len(expected), spec.array_id),
-            segments=segments)[1]
+            segments=segments, bulk=bulk)[1]
+        if bulk is not None:
+            bulk.wait()
+        return mesh, info, expected, shards
 
     def _place_put(self, spec: pb.ArraySpec, mesh, info: pb.SliceInfo, expected: dict,
                    shards: list[_wire.ReceivedShard]) -> int:
@@ -177,6 +186,7 @@ class DataPlane:
         `active()` says the caller is gone: a cancelled read does not hold its thread)."""
         timeout = min(_limits.check_seconds(request.timeout_s, "timeout_s", MAX_GET_TIMEOUT_S),
                       max(limit, 0.0))
+        call_deadline = time.monotonic() + max(limit, 0.0)
         deadline = time.monotonic() + timeout
         self.wait_received(request.after_sequence, timeout, active)
         while True:
@@ -204,6 +214,12 @@ class DataPlane:
         if request.shared_array:  # the caller's segment on this machine: copy straight into it
             return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
                                            [(w, distinct[w]) for w in wanted]))
+        if request.bulk:  # the caller reads the bytes from the bulk channel
+            if self.bulk is None:
+                raise FailedPreconditionError(f"host {self.island}.{self.host} has no bulk "
+                                              f"channel")
+            return self.bulk.serve_read(request.array_id, [(w, distinct[w]) for w in wanted],
+                                        call_deadline, active)
         # Views of the buffers: the server encodes them without copying (proto.chunk_codec).
         return _wire.iter_chunks(None, ((w, (), np.asarray(distinct[w])) for w in wanted),
                                  views=True)

@@ -3,6 +3,7 @@ peer hosts, one (with threads of its own) for the controller's control traffic."
 
 from __future__ import annotations
 
+import logging
 import time
 
 import grpc
@@ -16,12 +17,14 @@ from proto import heap as _heap
 from proto import rpc as _rpc
 from proto.chunk_codec import add_worker_servicer
 from proto.admission import Admission, Chain
+from proto.config import TransferConfig, from_env
 from proto.errors import (ArrayNotFoundError, ExecutionError, InvalidArgumentError, PathwaysError,
                           abort)
 from proto.servers import ServerGroup
 from runtime.metrics import CountingInterceptor
 from runtime.worker.defaults import MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S
 from runtime.worker.defaults import SETTINGS as _WORKER
+from runtime.worker.bulk import BulkListener
 from runtime.worker.forward import Forwarder
 from runtime.worker.worker import Worker
 
@@ -108,6 +111,9 @@ HOST_METHODS = access.methods_requiring(access.WORKER, access.Credential.HOST)
 #: (proto.admission).
 LIMITED_METHODS = ("PutArray", "GetArray", "GetTimeline")
 
+log = logging.getLogger(__name__)
+_TRANSFER = from_env(TransferConfig)
+
 #: Threads of the control server: a few progress streams, dispatches and pings at a time.
 CONTROL_THREADS = _WORKER.control_threads
 
@@ -155,6 +161,15 @@ def create_worker_server(worker: Worker, address: str = "127.0.0.1:0", *,
     except BaseException:
         server.stop(None)
         raise
+    servers = [server, control]
+    # Array bytes over plain TCP (proto.bulk); not beside TLS, whose bytes must stay encrypted.
+    if _TRANSFER.bulk_channel and credentials.tls is None:
+        try:
+            worker.dataplane.bulk = BulkListener(host, _TRANSFER)
+            servers.append(worker.dataplane.bulk)
+        except OSError as exc:
+            log.warning("host %d.%d: no bulk channel on %s (%s): transfers stream over gRPC",
+                        worker.island, worker.host, host, exc)
     worker.address = f"{host}:{port}"
     worker.control_address = f"{host}:{control_port}"
-    return ServerGroup([server, control]), port
+    return ServerGroup(servers), port

@@ -143,7 +143,7 @@ class Transfers:
                     regions = regions or _transfer.Regions(value)
                     _transfer.stream_put(self._peer(address), dest, [
                         (index, ps, regions.get(index)) for index, ps in mine],
-                        TRANSFER_TIMEOUT_S)
+                        TRANSFER_TIMEOUT_S, address=address)
                 delivered.add(host)
             succeeded = True
         except Exception as exc:

@@ -291,7 +291,8 @@ class Worker:
                            current_name=state[1] if len(state) > 1 else "",
                            current_state=current_state(state),
                            ray_node=self.ray_node,
-                           control_address=self.control_address, incarnation=self.incarnation)
+                           control_address=self.control_address, incarnation=self.incarnation,
+                           data_port=self.dataplane.bulk.port if self.dataplane.bulk else 0)
 
     @property
     def activity(self) -> str:
@@ -357,6 +358,21 @@ class Worker:
 
 
 def _reap(doomed: queue.SimpleQueue) -> None:
-    """Drops the arrays put on `doomed` (None stops it)."""
+    """Drops the arrays put on `doomed` (None stops it), then has JAX let go of the host memory
+    their device buffers aliased: it queues those references and drops them only when asked (or
+    at Python's next garbage collection, which a server may not run for long), and until then
+    that memory cannot go back to the pool of warm buffers (proto.buffers) for the next put."""
+    collect = _jax_collect_garbage()
     while doomed.get() is not None:
-        pass
+        if doomed.empty():
+            collect()
+
+
+def _jax_collect_garbage() -> Callable[[], None]:
+    """jaxlib's own release of the Python references its freed buffers held (what its hook on
+    Python's garbage collector calls); a no-op where this jaxlib has none."""
+    try:
+        from jax._src.lib import _jax
+        return _jax.collect_garbage
+    except (ImportError, AttributeError):
+        return lambda: None
