@@ -4,14 +4,13 @@ bytes that do not parse."""
 from __future__ import annotations
 
 import os
-import shutil
 import stat
-import subprocess
 from concurrent import futures
 
 import grpc
 import pytest
 
+from certs import needs_openssl, self_signed
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import auth as _auth
@@ -114,13 +113,9 @@ def test_loopback_addresses():
     assert not _rpc.is_loopback("0.0.0.0:5") and not _rpc.is_loopback("10.0.0.1:5")
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@needs_openssl
 def test_tls_with_token(tmp_path):
-    key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                    "-out", cert, "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    key, cert = self_signed(tmp_path)
     token = _auth.generate_token()
     controller = Controller(heartbeat=False)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2),

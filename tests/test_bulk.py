@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from certs import needs_openssl, self_signed
 from proto import bulk as _bulk
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
@@ -316,21 +317,16 @@ def test_a_deleted_arrays_memory_goes_back_to_the_pool_without_a_garbage_collect
         gc.enable()
 
 
+@needs_openssl
 def test_a_host_with_tls_opens_no_bulk_channel(tmp_path):
     """Its array bytes stay inside the encrypted gRPC streams."""
-    import subprocess
-
     import jax
 
     from proto import auth as _auth
     from runtime.worker.servicer import create_worker_server
     from runtime.worker.worker import Worker
 
-    key, cert = str(tmp_path / "key.pem"), str(tmp_path / "cert.pem")
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key,
-                    "-out", cert, "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    key, cert = self_signed(tmp_path)
     credentials = _auth.Credentials(_auth.generate_token(), _auth.TLSConfig(cert=cert, key=key),
                                     _auth.generate_token())
     worker = Worker(9, 0, jax.devices()[:1], credentials=credentials)
