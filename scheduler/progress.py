@@ -28,8 +28,9 @@ class Progress:
         of the latest `window_trip_samples`: what the way takes, not the queues on it, which a
         longer window would only lengthen (an overloaded island would grow its window without
         end)."""
-        trip = min(self._trips, default=0.0)
-        trips = self.config.window_trips * trip + self.report_interval
+        if not self._trips:  # no trip measured yet (no host has acknowledged work)
+            return self.window_s
+        trips = self.config.window_trips * min(self._trips) + self.report_interval
         return max(self.window_s, min(trips, self.config.max_window_s))
 
     @property
