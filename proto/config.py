@@ -84,7 +84,7 @@ class SchedulerConfig:
     refill_below: float = 0.5  # the fraction of the window below which it is refilled
     window_trips: float = 2.0  # the window covers at least this many trips of the order to the
     max_window_s: float = 0.5  # island's last host (ordered -> received), up to max_window_s
-    window_trip_samples: int = 32  # the trip: the shortest of this many latest
+    window_trip_samples: int = 32  # the trip: the median of this many latest
     max_outstanding: int = 4096  # executions ordered ahead, whatever their estimates
     min_outstanding: int = 2
     default_cost_s: float = 1e-3  # estimate of an executable not measured yet

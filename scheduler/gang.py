@@ -99,6 +99,7 @@ class GangScheduler(Progress):
         # The latest times from ordered to received by the island's last host.
         self._trips: collections.deque[float] = collections.deque(
             maxlen=self.config.window_trip_samples)
+        self._trip_s = 0.0  # their median
         self._unmeasured: Latest[int, tuple[Tenant, int, float]] = Latest(
             self.config.max_unmeasured)
         self._costs: dict[int, float] = {}  # executable id -> estimated seconds

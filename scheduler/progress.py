@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import math
+import statistics
 import time
 from collections.abc import Sequence
 
@@ -24,13 +25,12 @@ class Progress:
         """Estimated device seconds ordered ahead of the slowest host now: `window_s`, or more
         while the order takes longer than that to reach the island's last host and its report to
         come back (a window shorter than the trip leaves the devices idle between refills; many
-        hosts and busy ones make the trip long), up to `max_window_s`. The trip is the shortest
-        of the latest `window_trip_samples`: what the way takes, not the queues on it, which a
-        longer window would only lengthen (an overloaded island would grow its window without
-        end)."""
-        if not self._trips:  # no trip measured yet (no host has acknowledged work)
+        hosts and busy ones make the trip long), up to `max_window_s`. The trip is the median of
+        the latest `window_trip_samples`: neither the odd batch that found every queue empty
+        nor the one stuck behind a stall."""
+        if not self._trip_s:  # no trip measured yet (no host has acknowledged work)
             return self.window_s
-        trips = self.config.window_trips * min(self._trips) + self.report_interval
+        trips = self.config.window_trips * self._trip_s + self.report_interval
         return max(self.window_s, min(trips, self.config.max_window_s))
 
     @property
@@ -134,6 +134,7 @@ class Progress:
         trip = self.latency.received_up_to(min(link.acked for link in self._links.values()))
         if trip is not None:
             self._trips.append(trip)
+            self._trip_s = statistics.median(self._trips)
         executed = min(link.executed for link in self._links.values())
         if executed > self._executed:
             self._executed = executed
