@@ -120,11 +120,15 @@ def host_of(address: str) -> str:
     return address.rsplit(":", 1)[0].strip("[]")
 
 
+def family(host: str) -> socket.AddressFamily:
+    """The socket family of a host name or literal address (IPv6 literals hold a colon)."""
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 def connect(address: str, port: int, deadline: float) -> socket.socket:
     """A tuned connection to `port` on the host of the gRPC `address`."""
     host = host_of(address)
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family(host), socket.SOCK_STREAM)
     try:
         tune(sock)  # before connecting: the handshake sizes the window from it
         sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -165,6 +169,24 @@ def forget(address: str) -> None:
 
 class Unreachable(Exception):
     """A connection to a host's bulk port could not be opened (nothing was sent): stream."""
+
+
+def moved(stub, address: str, nbytes: int, timeout: float, move: Callable[[int], None]) -> bool:
+    """Whether `move(port)` (`put` or `fetch`) carried a transfer of `nbytes` over the bulk
+    channel of the host at `address`. False, nothing sent, where the gRPC stream must carry it:
+    fewer than bulk_min_bytes (0: nothing to connect for), a host without a port, a port that
+    refuses connections."""
+    if not nbytes or nbytes < SETTINGS.bulk_min_bytes:
+        return False
+    port = data_port(stub, address, timeout)
+    if not port:
+        return False
+    try:
+        move(port)
+    except Unreachable as exc:
+        log.info("bulk channel unreachable (%s): streaming", exc)
+        return False
+    return True
 
 
 class _Jobs:
@@ -271,8 +293,7 @@ def fetch(stub, address: str, port: int, request: pb.GetArrayRequest, target: np
                 raise InvalidArgumentError(f"host {address} answered a bulk read of array "
                                            f"{request.array_id} with something else")
             index = _wire.index_from_proto(chunk.shard.index)
-            if len(index) != target.ndim or not all(
-                    0 <= a <= b <= d for (a, b), d in zip(index, target.shape)):
+            if not _wire.index_inside(index, target.shape):
                 raise InvalidArgumentError(f"host {address} sent shard {index}, outside the "
                                            f"array's shape {target.shape}")
             region = target[(*_wire.as_slices(index), ...)]
@@ -286,13 +307,11 @@ def fetch(stub, address: str, port: int, request: pb.GetArrayRequest, target: np
             def receive(sock=sock, region=region, ticket=ticket, nbytes=nbytes) -> None:
                 what = f"a read of array {request.array_id} from {address}"
                 send_exact(sock, memoryview(HEADER.pack(MAGIC, ticket, nbytes)), deadline, what)
-                if region.flags.c_contiguous:
-                    recv_exact(sock, memoryview(region.reshape(-1).view(np.uint8)), deadline,
-                               what)
-                else:
-                    buffer = np.empty(region.shape, target.dtype)
-                    recv_exact(sock, memoryview(buffer.reshape(-1).view(np.uint8)), deadline,
-                               what)
+                # Straight into the result where its region is contiguous, else through a buffer.
+                buffer = (region if region.flags.c_contiguous
+                          else np.empty(region.shape, target.dtype))
+                recv_exact(sock, memoryview(buffer.reshape(-1).view(np.uint8)), deadline, what)
+                if buffer is not region:
                     region[...] = buffer
             jobs.start(sock, receive)
         if wanted and got != wanted:

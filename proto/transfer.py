@@ -139,14 +139,9 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
     once, so that a sharded array's bytes use several connections' worth of threads; one stream
     when they are few or small. Raises the first stream's error (the host fails the others)."""
     nbytes = sum(data.nbytes for _, _, data in shards)
-    if nbytes and nbytes >= _bulk.SETTINGS.bulk_min_bytes:  # 0 bytes: nothing to connect for
-        port = _bulk.data_port(stub, address, timeout)
-        if port:
-            try:
-                _bulk.put(stub, address, port, spec, shards, timeout)
-                return
-            except _bulk.Unreachable as exc:
-                log.info("bulk channel unreachable (%s): streaming", exc)
+    if _bulk.moved(stub, address, nbytes, timeout,
+                   lambda port: _bulk.put(stub, address, port, spec, shards, timeout)):
+        return
     parts = min(len(shards), MAX_PUT_STREAMS)
     # A stub that encodes chunks itself sends views of the shards (proto.chunk_codec).
     views = isinstance(stub, FramedWorkerStub)
@@ -330,16 +325,10 @@ class FetchTarget:
                 request = pb.GetArrayRequest(array_id=request.array_id, shards=request.shards,
                                              timeout_s=request.timeout_s,
                                              after_sequence=request.after_sequence)
-        nbytes = self._bulk_nbytes(request)
-        if nbytes and nbytes >= _bulk.SETTINGS.bulk_min_bytes:  # 0 bytes: nothing to connect for
-            port = _bulk.data_port(stub, address, timeout)
-            if port:
-                try:
-                    _bulk.fetch(stub, address, port, request, self.value, timeout)
-                    return
-                except _bulk.Unreachable as exc:
-                    log.info("bulk channel unreachable (%s): streaming", exc)
-        self._stream(stub, request, timeout)
+        if not _bulk.moved(stub, address, self._bulk_nbytes(request), timeout,
+                           lambda port: _bulk.fetch(stub, address, port, request, self.value,
+                                                    timeout)):
+            self._stream(stub, request, timeout)
 
     def _bulk_nbytes(self, request: pb.GetArrayRequest) -> int:
         """The bytes a read asks for (all of `value`'s when it names no shards)."""

@@ -184,6 +184,11 @@ def index_from_proto(index: pb.ShardIndex) -> Index:
     return tuple((int(a), int(b)) for a, b in zip(index.start, index.stop))
 
 
+def index_inside(index: Index, shape: Sequence[int]) -> bool:
+    """Whether `index` ((start, stop) per dimension) is a region of an array of `shape`."""
+    return len(index) == len(shape) and all(0 <= a <= b <= d for (a, b), d in zip(index, shape))
+
+
 def shard_shape(index: Index) -> tuple[int, ...]:
     return tuple(b - a for a, b in index)
 
@@ -255,8 +260,7 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk | DataChunk], dtype: np.dtype
             if dtype is None:
                 raise InvalidArgumentError("array stream does not start with its spec")
             index = index_from_proto(chunk.shard.index)
-            if spec is not None and (len(index) != len(spec.shape) or not all(
-                    0 <= a <= b <= d for (a, b), d in zip(index, spec.shape))):
+            if spec is not None and not index_inside(index, spec.shape):
                 # Checked before anything is allocated: a hostile header cannot ask for memory.
                 raise InvalidArgumentError(f"shard {index} lies outside the array's shape "
                                            f"{tuple(spec.shape)}")

@@ -59,7 +59,7 @@ class BulkListener:
 
     def __init__(self, host: str, config: TransferConfig = _bulk.SETTINGS) -> None:
         self.config = config
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        self._sock = socket.socket(_bulk.family(host))
         try:  # buffer sizes set before listen() reach the accepted connections' handshakes
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             _bulk.tune(self._sock, config.bulk_socket_buffer_bytes)
