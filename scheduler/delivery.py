@@ -296,6 +296,7 @@ class HostLink:
             interval = self.report_interval_s
             request = pb.WatchProgressRequest(min_interval_s=interval,
                                               idle_interval_s=self.config.progress_idle_s)
+            reopen = False  # at once, with the island's new report interval
             try:
                 call = self._stub.WatchProgress(request, metadata=self._metadata)
                 async for reply in call:
@@ -306,10 +307,8 @@ class HostLink:
                                             list(reply.arrived)))
                     if self.report_interval_s != interval:  # the island grew or shrank
                         call.cancel()
+                        reopen = True
                         break
-                else:
-                    await asyncio.sleep(self.config.watch_retry_s)  # the host ended the stream
-                continue
             except grpc.RpcError as err:
                 if self.closed or err.code() == grpc.StatusCode.CANCELLED:
                     return
@@ -320,7 +319,8 @@ class HostLink:
                     return
                 log.debug("progress stream of host %d.%d: %s", self.island, self.host,
                           err.code().name)
-            await asyncio.sleep(self.config.watch_retry_s)
+            if not reopen:
+                await asyncio.sleep(self.config.watch_retry_s)
 
     def _report(self, report: HostReport) -> None:
         if not self.closed:
