@@ -7,9 +7,8 @@ computation registers at a meeting point named by the island's order (controller
 epoch, sequence number) and the computation (executable id), and the computation starts when the
 last host of the slice has arrived, on every host at the same simulated time; the meeting ends,
 waking every host of it at once, when the computation does (one timer per computation, not one
-per host). Hosts that reach the
-same place of the order with different computations (an order broken from outside) meet nobody:
-they wait until their hang is reported (runtime.sim._host).
+per host). Hosts that reach the same place of the order with different computations (an order
+broken from outside) meet nobody: they wait until their hang is reported (runtime.sim._host).
 
 The hosts of an island live in one process (runtime.sim._process), so a meeting is a future on
 their shared event loop.
@@ -21,6 +20,8 @@ import asyncio
 import dataclasses
 import time
 from collections.abc import Hashable
+
+from runtime.sim._signal import settle
 
 
 @dataclasses.dataclass
@@ -54,9 +55,9 @@ class Rendezvous:
             start = max(meeting.ready.values())
             delay = start + meeting.seconds - time.time()
             if delay > 0:
-                asyncio.get_running_loop().call_later(delay, _settle, meeting.started, start)
+                asyncio.get_running_loop().call_later(delay, settle, meeting.started, start)
             else:
-                _settle(meeting.started, start)
+                settle(meeting.started, start)
         return meeting.started
 
     def arrived(self, place: Hashable) -> list[int]:
@@ -70,8 +71,3 @@ class Rendezvous:
             meeting.ready.pop(host, None)
             if not meeting.ready:
                 del self._meetings[place]
-
-
-def _settle(started: asyncio.Future, start: float) -> None:
-    if not started.done():
-        started.set_result(start)

@@ -22,8 +22,7 @@ class Signal:
         self.version += 1
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
+            settle(waiter)
 
     async def wait(self, seen: int, timeout: float) -> int:
         """Waits until the signal fires after version `seen`, or `timeout` s; returns the version."""
@@ -31,24 +30,20 @@ class Signal:
             loop = asyncio.get_running_loop()
             waiter = loop.create_future()
             self._waiters.append(waiter)
-            timer = loop.call_later(timeout, _wake, waiter)
+            timer = loop.call_later(timeout, settle, waiter)
             try:
-                await waiter
+                await waiter  # a cancelled wait cancels `waiter` with it
             finally:
                 timer.cancel()
-                if not waiter.done():  # cancelled: nobody will fire it
-                    waiter.cancel()
-                if self.version == seen:  # timed out or cancelled: not in the next firing
-                    try:
-                        self._waiters.remove(waiter)
-                    except ValueError:
-                        pass
+                if self.version == seen:  # timed out or cancelled: not taken by a firing
+                    self._waiters.remove(waiter)
         return self.version
 
 
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
+def settle(future: asyncio.Future, value: object = None) -> None:
+    """Sets `future`'s result unless it is done already (woken, timed out or cancelled)."""
+    if not future.done():
+        future.set_result(value)
 
 
 async def wait_done(future: asyncio.Future, timeout: float | None) -> None:
@@ -58,10 +53,15 @@ async def wait_done(future: asyncio.Future, timeout: float | None) -> None:
         return
     loop = asyncio.get_running_loop()
     waiter = loop.create_future()
-    future.add_done_callback(lambda _: _wake(waiter))
-    timer = None if timeout is None else loop.call_later(timeout, _wake, waiter)
+
+    def wake(_: asyncio.Future) -> None:
+        settle(waiter)
+
+    future.add_done_callback(wake)
+    timer = None if timeout is None else loop.call_later(timeout, settle, waiter)
     try:
         await waiter
     finally:
+        future.remove_done_callback(wake)
         if timer is not None:
             timer.cancel()
