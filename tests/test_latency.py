@@ -2,6 +2,7 @@
 status` shows it on a real island and on a simulated one."""
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -70,17 +71,25 @@ def check_status_latency(address, status, computations):
     assert all(set(row) == {"stage", "count", "p50_ms", "p99_ms"} for row in stages)
 
 
-def twenty_calls_then_status(cluster, devices):
-    """Twenty calls on a slice of the island's devices, then the controller's status."""
+def twenty_calls_then_status(cluster, devices, calls=20, deadline_s=60.0):
+    """Twenty calls on a slice of the island's devices, then the controller's status once every
+    stage has counted them: a host reports its starts in its next progress report, which may
+    still be on its way when the fetch of the last result returns."""
     with cluster.client() as client:
         s = client.slice({"d": devices})
         x = client.put(np.ones(devices, np.float32), s, P("d"))
         f = client.jit(lambda v: v * 2 + 1, s, in_specs=P("d"), out_specs=P("d"))
-        for _ in range(20):
+        for _ in range(calls):
             x = f(x)
         x.fetch(timeout=60)
         client.sync()
-        return client.status()
+        deadline = time.monotonic() + deadline_s
+        while True:
+            status = client.status()
+            if (all(row.count >= calls for row in status.islands[0].latency)
+                    or time.monotonic() > deadline):
+                return status
+            time.sleep(0.05)
 
 
 def test_status_shows_dispatch_latency_on_a_real_island():
