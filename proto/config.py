@@ -72,7 +72,7 @@ class WorkerConfig:
     busy_window_s: float = 10.0  # the window of the pathways_device_busy_ratio gauge
     switch_interval_s: float = 0.0002  # Python's thread switch interval in a worker process
     new_controller_wait_s: float = 2.0  # an unknown session key: wait for a new controller
-    forward_reply_margin_s: float = 0.05  # kept back from a forwarded Dispatch's deadline
+    forward_merge_bytes: int = 8 << 20  # most bytes a fan-out relay merges into one call
     early_send_threads: int = 8  # threads waiting for the sources of early sends
 
 

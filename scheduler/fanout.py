@@ -3,15 +3,18 @@ per batch instead of one per host.
 
 With `SchedulerConfig.fanout` = k and at least `fanout_min_hosts` hosts, the island's hosts, in
 index order, form a k-ary tree: the controller dispatches each batch to the first k hosts (the
-roots), and the host at position i forwards it to those at positions k(i+1) .. k(i+1)+k-1 before
-it replies (runtime.worker.forward), its reply carrying where every host below it stands. Every
-host still receives the same instructions (the request is passed on unchanged) and executes them
-in sequence order, so the island runs one order as before; only the way there changes.
+roots), and the host at position i forwards it to those at positions k(i+1) .. k(i+1)+k-1
+(runtime.worker.forward). A host replies without waiting for the hosts below it (one forwarded
+call in flight per host below, later batches merged behind it), so a slow subtree holds up only
+itself; where the hosts below stand comes back with a later reply and in their own progress
+reports. Every host still receives the same instructions, in order, and executes them in
+sequence order, so the island runs one order as before; only the way there changes.
 
 A host the tree does not reach (its forwarded call failed) is reported lost by the link of its
 root, with the reason, and its island fails: never a hang. Each other host's link keeps what was
-sent through the tree until the host acknowledges it, so when the tree changes (a host joins or
-leaves), nothing is lost: a host taken out of the tree gets the rest directly.
+sent through the tree until the host acknowledges it: what the tree has not brought within
+`relay_timeout_s` goes directly, and when the tree changes (a host joins or leaves) nothing is
+lost: a host taken out of the tree gets the rest directly.
 """
 
 from __future__ import annotations

@@ -81,6 +81,24 @@ def test_an_island_in_a_tree_runs_its_order_on_every_host():
             assert all(h.received == sequence and h.executed == sequence for h in status.hosts)
 
 
+def test_real_hosts_forward_the_order_through_the_tree():
+    """Worker processes in a tree of fan-out 1 (a chain: the controller dispatches to host 0,
+    which forwards to 1, which forwards to 2): every host runs the whole order."""
+    hosts = 3
+    with runtime.ProcessCluster(islands=1, hosts_per_island=hosts, devices_per_host=1,
+                                config=config(fanout=1).replace(fanout_min_hosts=2)) as cluster:
+        with cluster.client() as client:
+            s = client.slice({"d": hosts})
+            x = client.put(np.arange(hosts, dtype=np.float32), s, P("d"))
+            f = client.jit(lambda v: v * 2, s, in_specs=P("d"), out_specs=P("d"))
+            for _ in range(10):
+                x = f(x)
+            np.testing.assert_array_equal(x.fetch(timeout=60),
+                                          np.arange(hosts, dtype=np.float32) * 1024)
+            links = cluster.controller.catalog.scheduler(0)._links
+            assert [links[h].relayed for h in range(hosts)] == [False, True, True]
+
+
 def test_a_host_the_tree_cannot_reach_fails_its_island_with_its_name():
     # The other hosts must not register again meanwhile (they do after 3 s without a call from
     # the controller, which a loaded machine can cause): that would restart the island, and host
@@ -168,3 +186,113 @@ def test_what_the_tree_did_not_bring_in_time_goes_directly():
     link.config = Events.config
     link.check_relayed()  # not overdue: it stays with the tree
     assert link._next_batch() == ([], [])
+
+
+# -- relays: a host's forwarding does not wait for the hosts below it (runtime.worker.forward) --
+
+
+def _request(*sequences, controller="c", epoch=0, forward=()):
+    return pb.DispatchRequest(controller_id=controller, epoch=epoch, instructions=_ops(*sequences),
+                              forward=list(forward))
+
+
+class _Calls:
+    """A `start` for relays whose calls end only when the test says so."""
+
+    def __init__(self):
+        self.started = []  # (request, done)
+
+    def __call__(self, request, target, timeout, done):
+        self.started.append((request, done))
+
+    def sequences(self, index):
+        return [ins.sequence for ins in self.started[index][0].instructions]
+
+
+def test_a_relay_keeps_one_call_in_flight_and_merges_what_waits():
+    from runtime.worker.forward import Relay
+
+    calls = _Calls()
+    relay = Relay(calls)
+    child = pb.ForwardTarget(host=9, address="a:9")
+    target = pb.ForwardTarget(host=3, address="a:3", forward=[child])
+    relay.pass_on(_request(1, 2), target, 5.0)
+    relay.pass_on(_request(3), target, 5.0)  # the first call has not ended: they wait
+    relay.pass_on(_request(2, 3, 4), target, 5.0)  # a resend overlapping what waits: once each
+    relay.pass_on(_request(5, controller="other"), target, 5.0)  # another order: on its own
+    assert len(calls.started) == 1 and calls.sequences(0) == [1, 2]
+    assert list(calls.started[0][0].forward) == [child]  # the target's own subtree
+    assert relay.take_positions() == []
+    calls.started[0][1](pb.DispatchReply(received=2, executed=1), "")
+    assert len(calls.started) == 2 and calls.sequences(1) == [2, 3, 4]  # in order
+    [position] = relay.take_positions()
+    assert (position.host, position.received, position.executed) == (3, 2, 1)
+    assert relay.take_positions() == []  # each found once
+    calls.started[1][1](None, "forwarding the order to host 3 (a:3) failed: UNAVAILABLE")
+    assert len(calls.started) == 2  # what waited behind the failure is dropped
+    failed = relay.take_positions()
+    assert [(p.host, p.error.split(":")[0]) for p in failed] == [
+        (3, "forwarding the order to host 3 (a"), (9, "not reached")]
+    relay.pass_on(_request(6), target, 5.0)  # later batches start afresh
+    assert len(calls.started) == 3 and calls.sequences(2) == [6]
+
+
+def test_a_relay_that_cannot_start_a_call_reports_the_host():
+    from runtime.worker.forward import Relay
+
+    def start(request, target, timeout, done):
+        raise ValueError("Cannot invoke RPC on closed channel!")
+
+    relay = Relay(start)
+    relay.pass_on(_request(1), pb.ForwardTarget(host=4, address="a:4"), 5.0)
+    relay.pass_on(_request(2), pb.ForwardTarget(host=4, address="a:4"), 5.0)  # not stuck busy
+    errors = [p.error for p in relay.take_positions()]
+    assert len(errors) == 2 and all("host 4 (a:4)" in e and "closed channel" in e for e in errors)
+
+
+def test_a_slow_host_below_holds_neither_the_reply_nor_the_next_batch():
+    """A real host's Forwarder against a host whose Dispatch blocks: forward() returns at once;
+    the next batches wait merged behind the call under way and go as one call when it ends;
+    what the calls found comes back with a later forward()."""
+    import threading
+    import time
+
+    import grpc
+    from concurrent import futures
+
+    from proto import pathways_pb2_grpc as pb_grpc
+    from runtime.worker.forward import Forwarder
+
+    release, received = threading.Event(), []
+
+    class Slow(pb_grpc.WorkerServicer):
+        def Dispatch(self, request, context):
+            received.append([ins.sequence for ins in request.instructions])
+            release.wait(30)
+            return pb.DispatchReply(received=request.instructions[-1].sequence)
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_WorkerServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    forwarder = Forwarder(None)
+    target = pb.ForwardTarget(host=1, address=f"127.0.0.1:{port}")
+    try:
+        began = time.monotonic()
+        for first in (1, 3, 5):
+            assert forwarder.forward(_request(first, first + 1, forward=[target]), 30.0) == []
+        assert time.monotonic() - began < 5.0  # not 30 s: nobody waits for the slow host
+        deadline = time.monotonic() + 10
+        while not received and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert received == [[1, 2]]  # one call in flight
+        release.set()
+        found = []
+        while len(found) < 2 and time.monotonic() < deadline:
+            found += forwarder.forward(_request(forward=()), 30.0)  # a Dispatch of its own
+            time.sleep(0.01)
+        assert received == [[1, 2], [3, 4, 5, 6]]  # what waited, merged into one call
+        assert [(p.host, p.received, p.error) for p in found] == [(1, 2, ""), (1, 6, "")]
+    finally:
+        forwarder.close()
+        server.stop(None)

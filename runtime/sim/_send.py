@@ -41,7 +41,8 @@ class Transfers:
         self.credentials = credentials
         self._metadata = _rpc.credential_metadata(credentials)
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
-        self._streams: set[asyncio.Task] = set()
+        self._streams: set[asyncio.Task] = set()  # sends and forwarded calls under way
+        self._relays: dict[tuple[int, int], _forward.Relays] = {}  # per forwarding host
 
     async def send(self, host: SimHost, send: pb.SendInstruction) -> None:
         """Takes up a send in the island's order: pins the source (waiting for its producer) and
@@ -93,23 +94,34 @@ class Transfers:
         except Exception:  # the receiver's execution times out and reports it
             log.exception("%s to slice %d failed", what, dest.sharding.slice_id)
 
-    async def forward(self, request: pb.DispatchRequest, timeout: float
-                      ) -> list[pb.HostPosition]:
-        """Passes a Dispatch on down the island's fan-out tree (runtime.worker.forward), to
-        every target at once; the positions of every host below, or why one was not reached."""
-        deadline = max(0.01, timeout - _forward.REPLY_MARGIN_S)
+    def forward(self, host: SimHost, request: pb.DispatchRequest, timeout: float
+                ) -> list[pb.HostPosition]:
+        """Passes a Dispatch `host` received on down the island's fan-out tree
+        (runtime.worker.forward) and returns at once: what its relays' calls found since."""
+        relays = self._relays.get((host.island, host.host))
+        if relays is None:
+            if not request.forward:
+                return []
+            relays = self._relays[host.island, host.host] = _forward.Relays(self._start_forward)
+        return relays.forward(request, timeout)
 
-        async def one(target: pb.ForwardTarget) -> list[pb.HostPosition]:
+    def _start_forward(self, request: pb.DispatchRequest, target: pb.ForwardTarget,
+                       timeout: float, done: _forward.Done) -> None:
+        async def call() -> None:
             try:
                 reply = await self._stub(target.address).Dispatch(
-                    _forward.forwarded_request(request, target), timeout=deadline,
-                    metadata=self._metadata)
+                    request, timeout=timeout, metadata=self._metadata)
             except grpc.RpcError as err:
-                return _forward.positions(target, None, _forward.describe_error(err, target))
-            return _forward.positions(target, reply)
+                done(None, _forward.describe_error(err, target))
+                return
+            except asyncio.CancelledError:  # the process is stopping
+                done(None, _forward.describe_error(RuntimeError("cancelled"), target))
+                raise
+            done(reply, "")
 
-        results = await asyncio.gather(*(one(target) for target in request.forward))
-        return [position for result in results for position in result]
+        task = asyncio.get_running_loop().create_task(call())
+        self._streams.add(task)
+        task.add_done_callback(self._streams.discard)
 
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
         entry = self._channels.get(address)

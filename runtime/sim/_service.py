@@ -68,8 +68,8 @@ class _Calls:
         self.host.last_contact = time.monotonic()
         received = self.host.receive(request.controller_id, request.instructions, request.epoch)
         forwarded = []
-        if request.forward and self.host.transfers is not None:  # the island's fan-out tree
-            forwarded = await self.host.transfers.forward(request, _time_left(context, 10.0))
+        if self.host.transfers is not None:  # the island's fan-out tree
+            forwarded = self.host.transfers.forward(self.host, request, _time_left(context, 10.0))
         return pb.DispatchReply(received=received, executed=self.host.executed,
                                 forwarded=forwarded)
 

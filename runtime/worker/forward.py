@@ -1,17 +1,27 @@
 """Forwarding a Dispatch down the island's fan-out tree (scheduler/fanout.py): the controller sends
 each batch of the island's order to a few hosts, and each passes the same request on to the hosts
-its `forward` list names (with their own lists), then replies with where every host of its
-subtree stands, or which one it could not reach. So the order reaches an island of n hosts with a
+its `forward` list names (with their own lists). So the order reaches an island of n hosts with a
 few controller messages instead of n, and every host still gets the same instructions.
 
-Shared by real hosts (`Forwarder`, gRPC futures) and simulated ones (runtime.sim, asyncio): the
-request and reply pieces here, the calls in each.
+A host replies to its Dispatch as soon as it has taken the batch in and handed it to its relays,
+without waiting for the hosts below it: a slow subtree holds neither this host's next batch nor
+its other subtrees. Each `Relay` (one per host below) keeps at most one forwarded call in flight,
+so batches arrive in order, and merges what arrives meanwhile into one request (a subtree that
+fell behind catches up in one call). What the calls found, where each host below stands or which
+one could not be reached, goes back up with this host's next reply (`DispatchReply.forwarded`);
+the hosts' own progress reports tell the controller the same, and a host the tree does not bring
+a batch in time gets it from the controller directly (scheduler.delivery), so a lost reply never
+hangs the island.
+
+Shared by real hosts (`Forwarder`, gRPC futures) and simulated ones (runtime.sim, asyncio): they
+differ only in how a call is started (`Forwarder.start`).
 """
 
 from __future__ import annotations
 
+import collections
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
@@ -21,15 +31,11 @@ from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
 from runtime.worker.defaults import SETTINGS as _WORKER
 
-#: Time kept back from a forwarded call's deadline for this host's own reply.
-REPLY_MARGIN_S = _WORKER.forward_reply_margin_s
+#: Most bytes of instructions a relay merges into one forwarded request.
+MERGE_BYTES = _WORKER.forward_merge_bytes
 
-
-def forwarded_request(request: pb.DispatchRequest, target: pb.ForwardTarget
-                      ) -> pb.DispatchRequest:
-    """The request passed on to `target`: the same instructions, its own subtree."""
-    return pb.DispatchRequest(controller_id=request.controller_id, epoch=request.epoch,
-                              instructions=request.instructions, forward=target.forward)
+#: Called once when a forwarded call ends: its reply, or (None, why it failed).
+Done = Callable[[pb.DispatchReply | None, str], None]
 
 
 def subtree(target: pb.ForwardTarget) -> list[int]:
@@ -52,20 +58,130 @@ def positions(target: pb.ForwardTarget, reply: pb.DispatchReply | None, error: s
             *reply.forwarded]
 
 
-def describe_error(err: grpc.RpcError, target: pb.ForwardTarget) -> str:
+def describe_error(err: grpc.RpcError | Exception, target: pb.ForwardTarget) -> str:
     """A forwarded call's failure, naming the host."""
-    return (f"forwarding the order to host {target.host} ({target.address}) failed: "
-            f"{err.code().name}: {err.details()}")
+    if isinstance(err, grpc.RpcError):
+        err = f"{err.code().name}: {err.details()}"
+    return f"forwarding the order to host {target.host} ({target.address}) failed: {err}"
+
+
+class _Batch:
+    """Instructions waiting to be forwarded to one host, for one controller and epoch."""
+
+    def __init__(self, request: pb.DispatchRequest) -> None:
+        self.controller_id, self.epoch = request.controller_id, request.epoch
+        self.instructions = list(request.instructions)
+        self.nbytes = request.ByteSize()
+
+    def absorb(self, request: pb.DispatchRequest) -> bool:
+        """Takes a later request in (in sequence order, without repeats) if it belongs to the
+        same order and the sum stays under MERGE_BYTES; False if it must travel on its own."""
+        nbytes = request.ByteSize()
+        if (request.controller_id != self.controller_id or request.epoch != self.epoch
+                or self.nbytes + nbytes > MERGE_BYTES):
+            return False
+        later = request.instructions
+        if later and self.instructions and later[0].sequence <= self.instructions[-1].sequence:
+            by_sequence = {ins.sequence: ins for ins in self.instructions}
+            by_sequence.update((ins.sequence, ins) for ins in later)  # a resend: once each
+            self.instructions = [by_sequence[q] for q in sorted(by_sequence)]
+        else:
+            self.instructions.extend(later)
+        self.nbytes += nbytes
+        return True
+
+    def request(self, target: pb.ForwardTarget) -> pb.DispatchRequest:
+        return pb.DispatchRequest(controller_id=self.controller_id, epoch=self.epoch,
+                                  instructions=self.instructions, forward=target.forward)
+
+
+class Relay:
+    """The order's way from this host to one host below it: one forwarded call at a time, in
+    order; what comes meanwhile waits, merged. `start(request, target, timeout, done)` begins a
+    call and calls `done` once when it ends (on any thread)."""
+
+    def __init__(self, start: Callable[[pb.DispatchRequest, pb.ForwardTarget, float, Done], None]
+                 ) -> None:
+        self._start = start
+        self._lock = threading.Lock()
+        self._waiting: collections.deque[list] = collections.deque()  # [batch, target, timeout]
+        self._busy = False
+        self._positions: list[pb.HostPosition] = []
+
+    def pass_on(self, request: pb.DispatchRequest, target: pb.ForwardTarget,
+                timeout: float) -> None:
+        """Forwards `request` to `target` (with `target`'s own subtree) after what is waiting."""
+        with self._lock:
+            last = self._waiting[-1] if self._waiting else None
+            if last is not None and last[0].absorb(request):
+                last[1], last[2] = target, timeout  # the latest subtree and deadline
+            else:
+                self._waiting.append([_Batch(request), target, timeout])
+            if self._busy:
+                return
+            self._busy = True
+            batch, target, timeout = self._waiting.popleft()
+        self._send(batch, target, timeout)
+
+    def _send(self, batch: _Batch, target: pb.ForwardTarget, timeout: float) -> None:
+        def done(reply: pb.DispatchReply | None, error: str) -> None:
+            self._done(target, reply, error)
+
+        try:
+            self._start(batch.request(target), target, timeout, done)
+        except Exception as exc:  # e.g. its channel was closed
+            done(None, describe_error(exc, target))
+
+    def _done(self, target: pb.ForwardTarget, reply: pb.DispatchReply | None,
+              error: str) -> None:
+        with self._lock:
+            self._positions.extend(positions(target, reply, error))
+            if error:  # the controller fails the island on it; later batches start afresh
+                self._waiting.clear()
+            if not self._waiting:
+                self._busy = False
+                return
+            batch, target, timeout = self._waiting.popleft()
+        self._send(batch, target, timeout)
+
+    def take_positions(self) -> list[pb.HostPosition]:
+        """What the calls ended since the last take found (each host below, or its failure)."""
+        with self._lock:
+            taken, self._positions = self._positions, []
+            return taken
+
+
+class Relays:
+    """This host's relays, one per host below it (by address), and what they found."""
+
+    def __init__(self, start: Callable[[pb.DispatchRequest, pb.ForwardTarget, float, Done], None]
+                 ) -> None:
+        self._start = start
+        self._relays: dict[str, Relay] = {}
+        self._lock = threading.Lock()
+
+    def forward(self, request: pb.DispatchRequest, timeout: float) -> list[pb.HostPosition]:
+        """Passes `request` on to each host of its `forward` list (returns at once); the
+        positions every relay's calls found since the last Dispatch."""
+        targets: Sequence[pb.ForwardTarget] = request.forward
+        with self._lock:
+            relays = [self._relays.setdefault(target.address, Relay(self._start))
+                      for target in targets]
+            every = list(self._relays.values())
+        for relay, target in zip(relays, targets):
+            relay.pass_on(request, target, timeout)
+        return [position for relay in every for position in relay.take_positions()]
 
 
 class Forwarder:
-    """Passes Dispatch requests on to other hosts of the island (a real host's side); one
-    channel per target, kept."""
+    """Passes Dispatch requests on to other hosts of the island (a real host's side): a relay
+    per host below, its calls gRPC futures; one channel per host, kept until `close`."""
 
     def __init__(self, credentials: _auth.Credentials | None) -> None:
         self.credentials = credentials
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.WorkerStub]] = {}
         self._lock = threading.Lock()
+        self._relays = Relays(self.start)
 
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
         with self._lock:
@@ -75,37 +191,28 @@ class Forwarder:
                 entry = self._stubs[address] = (channel, pb_grpc.WorkerStub(channel))
             return entry[1]
 
+    def start(self, request: pb.DispatchRequest, target: pb.ForwardTarget, timeout: float,
+              done: Done) -> None:
+        """Starts one forwarded call; `done` runs on gRPC's thread when it ends."""
+        call = self._stub(target.address).Dispatch.future(request, timeout=timeout)
+
+        def finished(call: grpc.Future) -> None:
+            try:
+                reply = call.result()
+            except (grpc.RpcError, grpc.FutureCancelledError) as err:
+                done(None, describe_error(err, target))
+                return
+            done(reply, "")
+
+        call.add_done_callback(finished)
+
     def forward(self, request: pb.DispatchRequest, timeout: float) -> list[pb.HostPosition]:
-        """Sends `request` to every target of its `forward` list at once and waits (up to
-        `timeout` less a margin) for their replies: the positions of every host below."""
-        targets: Sequence[pb.ForwardTarget] = request.forward
-        if not targets:
-            return []
-        deadline = max(0.01, timeout - REPLY_MARGIN_S)
-        calls = []
-        for target in targets:
-            try:
-                calls.append(self._stub(target.address).Dispatch.future(
-                    forwarded_request(request, target), timeout=deadline))
-            except ValueError as err:  # its channel was closed
-                calls.append(err)
-        out: list[pb.HostPosition] = []
-        for target, call in zip(targets, calls):
-            try:
-                if isinstance(call, ValueError):
-                    raise call
-                out.extend(positions(target, call.result()))
-            except grpc.RpcError as err:
-                out.extend(positions(target, None, describe_error(err, target)))
-            except ValueError as err:
-                out.extend(positions(target, None, f"forwarding the order to host "
-                                                   f"{target.host} failed: {err}"))
-        return out
+        """See Relays.forward (a request without a `forward` list only collects positions)."""
+        return self._relays.forward(request, timeout)
 
     def close(self) -> None:
-        """Closes the channels."""
+        """Closes the channels (calls on them end as cancelled)."""
         with self._lock:
             stubs, self._stubs = self._stubs, {}
         for channel, _ in stubs.values():
             channel.close()
-

@@ -25,7 +25,6 @@ from runtime.metrics import CountingInterceptor
 from runtime.worker.defaults import MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S
 from runtime.worker.defaults import SETTINGS as _WORKER
 from runtime.worker.bulk import BulkListener
-from runtime.worker.forward import Forwarder
 from runtime.worker.worker import Worker
 
 
@@ -34,7 +33,6 @@ class WorkerServicer(pb_grpc.WorkerServicer):
 
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
-        self._forwarder = Forwarder(worker.credentials)  # the island's fan-out tree
 
     def Dispatch(self, request, context):
         self.worker.last_contact = time.monotonic()
@@ -43,8 +41,7 @@ class WorkerServicer(pb_grpc.WorkerServicer):
                                            request.epoch)
         except PathwaysError as exc:
             abort(context, exc)
-        forwarded = (self._forwarder.forward(request, _time_left(context, SLICE_TIMEOUT_S))
-                     if request.forward else ())
+        forwarded = self.worker.forwarder.forward(request, _time_left(context, SLICE_TIMEOUT_S))
         return pb.DispatchReply(received=received, executed=self.worker.executed,
                                 forwarded=forwarded)
 

@@ -50,6 +50,7 @@ from runtime.worker.dataplane import DataPlane
 from runtime.worker.defaults import CALLER_CHECK_S, EXECUTION_DEADLINE_S, INPUT_TIMEOUT_S
 from runtime.worker.distributed import device_memory_bytes
 from runtime.worker.executor import Executor
+from runtime.worker.forward import Forwarder
 from runtime.worker.hang import HangWatchdog
 from runtime.worker.inflight import InFlight
 from runtime.worker.intake import fresh_instructions, receive_order_free
@@ -81,6 +82,7 @@ class Worker:
         # Presented to peer hosts; the worker's server demands the same (create_worker_server).
         self.incarnation = uuid.uuid4().hex  # this host object's: tells a restart apart
         self.credentials = credentials or _auth.Credentials()
+        self.forwarder = Forwarder(self.credentials)  # the island's fan-out tree
         self.last_contact = time.monotonic()  # of the controller's last ping or dispatch
         self.input_timeout_s = input_timeout_s
         self.execution_deadline_s = execution_deadline_s
@@ -355,6 +357,7 @@ class Worker:
         self.store.clear()
         self._thread.join(timeout=wait_s)
         self._transfers.stop(wait_s)
+        self.forwarder.close()
 
 
 def _reap(doomed: queue.SimpleQueue) -> None:
