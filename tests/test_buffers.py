@@ -5,10 +5,12 @@ and a host keeps a peer's segment mapped only while the peer holds it."""
 from __future__ import annotations
 
 import gc
+import mmap
 import time
 
 import jax
 import numpy as np
+import pytest
 
 from proto import buffers as _buffers
 from proto import shm as _shm
@@ -60,6 +62,35 @@ def test_a_host_buffer_aliased_by_a_device_comes_back_when_the_device_buffer_is_
         assert float(on_device[-1]) == MIB // 4 - 1
     del on_device
     assert _wait_for(lambda: pool.idle_bytes == MIB)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) << 10
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MAP_POPULATE"), reason="MAP_POPULATE is Linux's")
+def test_a_fresh_pool_buffer_has_its_pages_in_place_before_the_first_copy():
+    """The kernel faults a new buffer's pages in at allocation (one call), not the first copy
+    into it (a trap per page): the process's resident memory grows by the buffer before it is
+    written; np.empty's does not."""
+    nbytes = 64 * MIB
+    before = _resident_bytes()
+    plain = np.empty(nbytes, np.uint8)
+    assert _resident_bytes() - before < nbytes // 2
+    del plain
+    before = _resident_bytes()
+    pool = _buffers.BufferPool(max_idle_bytes=nbytes, min_bytes=MIB)
+    fresh = pool.empty((nbytes // 4,), np.float32)
+    assert _resident_bytes() - before >= nbytes * 0.9
+    assert fresh.ctypes.data % mmap.PAGESIZE == 0 and fresh.flags.writeable
+    fresh[:] = 1.5
+    fresh.flags.writeable = False
+    on_device = jax.device_put(fresh, jax.devices()[0])  # aliased or copied, the same values
+    np.testing.assert_array_equal(np.asarray(on_device), np.full(nbytes // 4, 1.5, np.float32))
 
 
 def test_the_full_pool_lets_buffers_go():

@@ -181,10 +181,13 @@ class Forwarder:
         self.credentials = credentials
         self._stubs: dict[str, tuple[grpc.Channel, pb_grpc.WorkerStub]] = {}
         self._lock = threading.Lock()
+        self._closed = False
         self._relays = Relays(self.start)
 
     def _stub(self, address: str) -> pb_grpc.WorkerStub:
         with self._lock:
+            if self._closed:  # the host is stopping: no new channel
+                raise ValueError("the host is stopping")
             entry = self._stubs.get(address)
             if entry is None:
                 channel = _rpc.open_channel(address, self.credentials)
@@ -213,6 +216,7 @@ class Forwarder:
     def close(self) -> None:
         """Closes the channels (calls on them end as cancelled)."""
         with self._lock:
+            self._closed = True
             stubs, self._stubs = self._stubs, {}
         for channel, _ in stubs.values():
             channel.close()
