@@ -211,6 +211,47 @@ def test_a_dispatch_lost_with_the_old_link_reaches_the_host_on_its_new_link():
         server.stop(0)
 
 
+def _numbered(*sequences):
+    return [pb.Instruction(sequence=q, delete=pb.DeleteInstruction(array_ids=[q]))
+            for q in sequences]
+
+
+def test_a_relayed_link_waits_after_a_direct_catch_up_while_the_tree_owes_its_host_more():
+    """A relayed host gets a catch-up directly; instructions the tree is to bring it arrive
+    meanwhile. Once the catch-up is answered the link's sender must wait for its own queue, not
+    loop on what the tree owes (it spun the whole link loop: every host of the controller went
+    without dispatches, a 75 s stall in `pathways bench scale` at 1,024 hosts under load)."""
+    host = _SlowHost()
+    server = grpc.server(futures.ThreadPoolExecutor(4))
+    pb_grpc.add_WorkerServicer_to_server(host, server)
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+
+    class Overdue(Events):
+        config = SchedulerConfig(relay_timeout_s=0.0)  # every relayed instruction is overdue
+
+    loop = LinkLoop("test-links")  # not the shared loop: a spin must not freeze other tests
+    link = HostLink(Overdue(), 0, address, loop=loop)
+    try:
+        link.route(None)  # reached through another host
+        link.send(_numbered(1, 2))
+        host.hold.set()
+        link.check_relayed()  # #1-#2 overdue: sent directly
+        assert host.holding.wait(30)
+        link.send(_numbered(3))  # the tree's, not acknowledged
+        host.hold.clear()
+        deadline = time.monotonic() + 30
+        while host.received != [1, 2] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert host.received == [1, 2]
+        time.sleep(0.2)  # the sender is past the reply
+        loop.submit(asyncio.sleep(0)).result(timeout=5)  # the loop still turns
+        assert link.pending() == 1  # #3 is still the tree's
+    finally:
+        link.close()
+        server.stop(0)
+
+
 def test_work_completes_when_its_live_host_registers_again_mid_stream():
     with runtime.LocalCluster(islands=1, devices_per_island=1) as cluster:
         client = cluster.client()
