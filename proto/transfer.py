@@ -184,14 +184,16 @@ class Regions:
         self.value = value
         self._whole: np.ndarray | None = value if isinstance(value, np.ndarray) else None
         self._blocks = {} if self._whole is not None else _wire.distinct_blocks(value)
+        self._lock = threading.Lock()  # the whole is gathered once, whichever thread asks
 
     def get(self, index: _wire.Index) -> np.ndarray:
         """The region `index` ((start, stop) per dimension) of the array."""
         block = self._blocks.get(index)
         if block is not None:
             return np.asarray(block)
-        if self._whole is None:
-            self._whole = np.asarray(self.value)
+        with self._lock:
+            if self._whole is None:
+                self._whole = np.asarray(self.value)
         return self._whole[_wire.as_slices(index)]
 
 
@@ -218,18 +220,23 @@ class SegmentSender:
     def __init__(self, value) -> None:
         self.value = value
         self.segment: _shm.Segment | None = None
+        self._failed = False  # no segment could be made: stream to every host
+        self._lock = threading.Lock()  # hosts are sent to from several threads at once
 
     def send(self, stub, address: str, spec: pb.ArraySpec, groups, timeout: float) -> bool:
         """Puts shards ((index, mesh positions) pairs) of the array on the host at `address`
         through the segment; False when that path is not open."""
         if not self.value.nbytes or not _segments_reach([address]):
             return False
-        if self.segment is None:
-            try:
-                self.segment = segment_holding(self.value)
-            except OSError as exc:
-                log.info("no shared-memory segment for a copy of %d bytes (%s)",
-                         self.value.nbytes, exc)
+        with self._lock:
+            if self.segment is None and not self._failed:
+                try:
+                    self.segment = segment_holding(self.value)
+                except OSError as exc:
+                    log.info("no shared-memory segment for a copy of %d bytes (%s)",
+                             self.value.nbytes, exc)
+                    self._failed = True
+            if self.segment is None:
                 return False
         return _put_through(stub, address, spec, groups, self.segment, timeout)
 

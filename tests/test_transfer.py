@@ -323,3 +323,41 @@ def test_a_sigkilled_host_leaves_no_shared_memory_behind():
         finally:
             proc.kill()
             proc.wait(30)
+
+
+def test_a_copy_streams_to_every_destination_host_at_once(monkeypatch):
+    """A host copying an array to a slice over two hosts sends to both at once (each its own
+    shards): neither host's stream waits for the other's; one that fails fails only its own."""
+    import threading
+    from types import SimpleNamespace
+
+    from runtime.worker import transfers as _transfers
+
+    both_in_flight = threading.Barrier(2, timeout=10)
+    streamed = {}
+
+    def stream_put(stub, dest, shards, timeout, address):
+        streamed[address] = [index for index, _, _ in shards]
+        both_in_flight.wait()  # BrokenBarrierError (the copy fails) if they come one by one
+        if address == "b:2":
+            raise RuntimeError("host b:2 refused it")
+
+    monkeypatch.setattr(_transfers._transfer, "stream_put", stream_put)
+    worker = SimpleNamespace(island=0, host=0, address="a:1", credentials=None, _foreign=set())
+    transfers = _transfers.Transfers(worker)
+    told = []
+    monkeypatch.setattr(transfers, "_peer", lambda address: SimpleNamespace(
+        PutArray=lambda chunks, timeout: told.append((address, list(chunks)[0].error))))
+    info = pb.SliceInfo(slice_id=7, island=1, mesh_shape=[3], axis_names=["x"],
+                        devices=[pb.SliceDevice(host=0), pb.SliceDevice(host=0),
+                                 pb.SliceDevice(host=1)],
+                        host_addresses=["b:1", "b:2"])
+    spec = pb.ArraySpec(array_id=5, dtype="float32", shape=[6],
+                        sharding=pb.Sharding(slice_id=7, dims=[pb.DimSharding(axes=["x"])]))
+    try:
+        transfers._stream(np.arange(6, dtype=np.float32),
+                          pb.SendInstruction(array_id=4, destination=spec, destination_slice=info))
+    finally:
+        transfers.stop(5)
+    assert streamed == {"b:1": [((0, 2),), ((2, 4),)], "b:2": [((4, 6),)]}
+    assert len(told) == 1 and told[0][0] == "b:2" and "refused it" in told[0][1]

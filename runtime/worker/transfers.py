@@ -1,7 +1,8 @@
 """Host-to-host transfers: a Send instruction captures its source at its place in the island's
 order (or earlier, once the source is stored: runtime.worker.early_sends), and a transfer thread
-streams it to each host of the destination slice (through a shared-memory segment to a host on
-the same machine, proto.transfer), failing the destination at once when it cannot."""
+streams it to the hosts of the destination slice, to all of them at once (through a shared-memory
+segment to a host on the same machine, proto.transfer), failing the destination at once when it
+cannot."""
 
 from __future__ import annotations
 
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
     from runtime.worker.worker import Worker
 
 log = logging.getLogger(__name__)
+
+#: Most destination hosts one copy streams to at once.
+MAX_PARALLEL_HOSTS = 8
 
 
 class Transfers:
@@ -125,31 +129,53 @@ class Transfers:
         return np.asarray(replicated.addressable_data(0))
 
     def _stream(self, value: jax.Array | np.ndarray, send: pb.SendInstruction) -> None:
-        """Streams a captured source to each host of the destination slice, then lets it go."""
+        """Streams a captured source to the hosts of the destination slice, to all at once (each
+        its own shards, over its own link), then lets it go."""
         dest, info = send.destination, send.destination_slice
+        groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
+            tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
+        targets = []  # (host, address, its (index, mesh positions) shards)
+        for host, address in enumerate(info.host_addresses):
+            positions = {p for p, d in enumerate(info.devices) if d.host == host}
+            if positions:
+                targets.append((host, address, [(index, [p for p in ps if p in positions])
+                                                for index, ps in groups
+                                                if positions.intersection(ps)]))
         delivered: set[int] = set()
-        sender, succeeded = _transfer.SegmentSender(value), False  # hosts of this machine
-        try:
-            regions = None
-            for host, address in enumerate(info.host_addresses):
-                positions = [p for p, d in enumerate(info.devices) if d.host == host]
-                if not positions:
-                    continue
-                groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
-                    tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
-                mine = [(index, [p for p in ps if p in positions])
-                        for index, ps in groups if set(ps) & set(positions)]
-                if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S):
-                    regions = regions or _transfer.Regions(value)
-                    _transfer.stream_put(self._peer(address), dest, [
-                        (index, ps, regions.get(index)) for index, ps in mine],
-                        TRANSFER_TIMEOUT_S, address=address)
+        sender = _transfer.SegmentSender(value)  # hosts of this machine
+        regions: list[_transfer.Regions] = []  # the others': made once, by the first to stream
+
+        def deliver(host: int, address: str, mine) -> None:
+            if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S):
+                with self._lock:
+                    if not regions:
+                        regions.append(_transfer.Regions(value))
+                _transfer.stream_put(self._peer(address), dest, [
+                    (index, ps, regions[0].get(index)) for index, ps in mine],
+                    TRANSFER_TIMEOUT_S, address=address)
+            with self._lock:
                 delivered.add(host)
-            succeeded = True
+
+        failure: Exception | None = None
+        try:
+            if len(targets) == 1:
+                deliver(*targets[0])
+            else:
+                with futures.ThreadPoolExecutor(
+                        max_workers=min(len(targets), MAX_PARALLEL_HOSTS),
+                        thread_name_prefix=f"send-{self._worker.island}.{self._worker.host}-to"
+                ) as pool:
+                    calls = [pool.submit(deliver, *target) for target in targets]
+                for call in calls:
+                    if call.exception() is not None and failure is None:
+                        failure = call.exception()
         except Exception as exc:
-            self._fail_destination(send, exc, delivered)
+            failure = exc
+        try:
+            if failure is not None:
+                self._fail_destination(send, failure, delivered)
         finally:
-            sender.close(succeeded)
+            sender.close(failure is None)
             if isinstance(value, jax.Array):
                 self.pins.unpin(value)
 
