@@ -238,11 +238,12 @@ def _open(address: str, port: int, count: int, deadline: float) -> list[socket.s
 
 
 def put(stub, address: str, port: int, spec: pb.ArraySpec, shards: Sequence[tuple],
-        timeout: float) -> None:
+        timeout: float, part: tuple[int, int] = (0, 0)) -> None:
     """Puts a host's shards ((index, mesh positions, data) triples) of an array over its bulk
-    channel, all shards at once on connections of their own; PutArray carries their headers and
-    answers once the host stored the array. Raises Unreachable (nothing sent) when the host's
-    port cannot be reached."""
+    channel, all shards at once on connections of their own; PutArray carries their headers
+    (with `part` = (parts, put) when they are one part of a put several senders make:
+    proto.transfer.stream_put) and answers once the host stored the array. Raises Unreachable
+    (nothing sent) when the host's port cannot be reached."""
     deadline = time.monotonic() + timeout
     views = [raw_bytes(data) for _, _, data in shards]
     sockets = _open(address, port, len(shards), deadline)
@@ -254,6 +255,7 @@ def put(stub, address: str, port: int, spec: pb.ArraySpec, shards: Sequence[tupl
             bulk_ticket=ticket))
         if not headers:
             chunk.spec.CopyFrom(spec)
+            _wire.mark_part(chunk, part)
         headers.append(chunk)
     jobs = _Jobs()
     for sock, view, ticket in zip(sockets, views, tickets):

@@ -132,19 +132,25 @@ PARALLEL_STREAM_BYTES = _SETTINGS.parallel_stream_bytes
 
 
 def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float, *,
-               address: str = "") -> None:
+               address: str = "", part: tuple[int, int] = (0, 0)) -> None:
     """Puts a host's shards ((index, mesh positions, data) triples) of an array on the host at
     `address`: over its bulk channel (proto.bulk) when it has one and they are big enough;
     otherwise over gRPC, one stream per shard (up to MAX_PUT_STREAMS, ArrayChunk.parts), all at
     once, so that a sharded array's bytes use several connections' worth of threads; one stream
-    when they are few or small. Raises the first stream's error (the host fails the others)."""
+    when they are few or small. With `part` = (parts, put), these shards are one part of a put
+    other senders make the rest of (runtime.worker.copy_plan): one stream, so marked. Raises the
+    first stream's error (the host fails the others)."""
     nbytes = sum(data.nbytes for _, _, data in shards)
     if _bulk.moved(stub, address, nbytes, timeout,
-                   lambda port: _bulk.put(stub, address, port, spec, shards, timeout)):
+                   lambda port: _bulk.put(stub, address, port, spec, shards, timeout, part)):
         return
-    parts = min(len(shards), MAX_PUT_STREAMS)
     # A stub that encodes chunks itself sends views of the shards (proto.chunk_codec).
     views = isinstance(stub, FramedWorkerStub)
+    if part[0] > 1:
+        stub.PutArray(_wire.iter_chunks(spec, shards, part[0], put=part[1], views=views),
+                      timeout=timeout)
+        return
+    parts = min(len(shards), MAX_PUT_STREAMS)
     if parts < 2 or nbytes < PARALLEL_STREAM_BYTES or stub in _ONE_STREAM:
         stub.PutArray(_wire.iter_chunks(spec, shards, views=views), timeout=timeout)
         return
@@ -198,11 +204,12 @@ class Regions:
 
 
 def _put_through(stub, address: str, spec: pb.ArraySpec, groups, segment: _shm.Segment,
-                 timeout: float) -> bool:
+                 timeout: float, part: tuple[int, int] = (0, 0)) -> bool:
     """Puts shards ((index, mesh positions) pairs) held in `segment` on the host at `address`;
     False (nothing stored) when that host cannot open segments of this process."""
     try:
-        stub.PutArray(iter(_shared_headers(spec, groups, segment.reference)), timeout=timeout)
+        stub.PutArray(iter(_shared_headers(spec, groups, segment.reference, part)),
+                      timeout=timeout)
         return True
     except Exception as exc:
         mapped = _mapped(exc)
@@ -223,9 +230,11 @@ class SegmentSender:
         self._failed = False  # no segment could be made: stream to every host
         self._lock = threading.Lock()  # hosts are sent to from several threads at once
 
-    def send(self, stub, address: str, spec: pb.ArraySpec, groups, timeout: float) -> bool:
+    def send(self, stub, address: str, spec: pb.ArraySpec, groups, timeout: float,
+             part: tuple[int, int] = (0, 0)) -> bool:
         """Puts shards ((index, mesh positions) pairs) of the array on the host at `address`
-        through the segment; False when that path is not open."""
+        through the segment (as one `part` of a put, see stream_put); False when that path is
+        not open. Only the blocks this host holds are written into the segment."""
         if not self.value.nbytes or not _segments_reach([address]):
             return False
         with self._lock:
@@ -238,7 +247,7 @@ class SegmentSender:
                     self._failed = True
             if self.segment is None:
                 return False
-        return _put_through(stub, address, spec, groups, self.segment, timeout)
+        return _put_through(stub, address, spec, groups, self.segment, timeout, part)
 
     def close(self, succeeded: bool) -> None:
         if self.segment is not None:
@@ -273,9 +282,10 @@ def _mapped(exc: BaseException) -> BaseException:
     return exc
 
 
-def _shared_headers(spec: pb.ArraySpec, shards, reference: str) -> list[pb.ArrayChunk]:
+def _shared_headers(spec: pb.ArraySpec, shards, reference: str,
+                    part: tuple[int, int] = (0, 0)) -> list[pb.ArrayChunk]:
     """One message per shard ((index, mesh positions) pairs) naming its region of the segment;
-    `spec` on the first."""
+    `spec` (and `part`, see stream_put) on the first."""
     itemsize = _wire.dtype_from_name(spec.dtype).itemsize
     messages = []
     for index, positions in shards:
@@ -285,6 +295,7 @@ def _shared_headers(spec: pb.ArraySpec, shards, reference: str) -> list[pb.Array
         message = pb.ArrayChunk(shard=header)
         if not messages:
             message.spec.CopyFrom(spec)
+            _wire.mark_part(message, part)
         messages.append(message)
     return messages
 

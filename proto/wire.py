@@ -193,6 +193,13 @@ def shard_shape(index: Index) -> tuple[int, ...]:
     return tuple(b - a for a, b in index)
 
 
+def mark_part(first: pb.ArrayChunk, part: tuple[int, int]) -> None:
+    """Marks a put's first message as one of `part` = (parts, put) streams of one put
+    (ArrayChunk.parts, ArrayChunk.put); (0, 0) or one part: a put of its own."""
+    if part[0] > 1:
+        first.parts, first.put = part
+
+
 def iter_chunks(spec: pb.ArraySpec | None,
                 shards: Iterable[tuple[Index, Sequence[int], np.ndarray]], parts: int = 0, *,
                 put: int = 0, views: bool = False) -> Iterator[pb.ArrayChunk | DataChunk]:

@@ -71,8 +71,9 @@ def test_a_slice_spans_the_hosts_of_an_island(island):
 
 
 def test_transfers_to_and_from_a_multi_host_slice(island):
-    """Copies into a slice spanning both hosts, and out of it: its hosts first gather the array
-    with a collective at the copy's place in the island's order, then the first one sends it."""
+    """Copies into a slice spanning both hosts, and out of it: each host sends the blocks it holds
+    when they are the destination's shards; otherwise its hosts first gather the array with a
+    collective at the copy's place in the island's order, then the first one sends it."""
     with runtime.Client(island.address) as client:
         wide = client.slice({"d": 4})
         narrow = client.slice({"d": 2})  # one host's two devices
@@ -88,6 +89,14 @@ def test_transfers_to_and_from_a_multi_host_slice(island):
         # Replicated over the hosts: the first host's own shards make the whole, no gathering.
         np.testing.assert_array_equal(again.to(narrow, P("d")).fetch(), x * 2)
         np.testing.assert_array_equal(doubled.to(narrow, P("d")).fetch(), x * 2)
+        # Every destination shard is a block one host holds: each host sends its own, no gather
+        # (runtime.worker.copy_plan); interleaved, each destination host gets one shard from
+        # each source host, as one put in two parts.
+        interleaved = client.slice({"d": 4}, island=0, devices=[(0, 0), (1, 0), (0, 1), (1, 1)])
+        np.testing.assert_array_equal(doubled.to(wide, P("d")).fetch(), x * 2)
+        mixed = doubled.to(interleaved, P("d"))
+        np.testing.assert_array_equal(mixed.fetch(), x * 2)
+        np.testing.assert_array_equal(mixed.to(wide, P("d")).fetch(), x * 2)
 
 
 def run_clients(cluster, clients, steps):

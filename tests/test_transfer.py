@@ -336,7 +336,7 @@ def test_a_copy_streams_to_every_destination_host_at_once(monkeypatch):
     both_in_flight = threading.Barrier(2, timeout=10)
     streamed = {}
 
-    def stream_put(stub, dest, shards, timeout, address):
+    def stream_put(stub, dest, shards, timeout, address, part):
         streamed[address] = [index for index, _, _ in shards]
         both_in_flight.wait()  # BrokenBarrierError (the copy fails) if they come one by one
         if address == "b:2":

@@ -27,6 +27,7 @@ from proto import transfer as _transfer
 from proto import wire as _wire
 from proto.chunk_codec import FramedWorkerStub
 from proto.errors import ExecutionError
+from runtime.worker import copy_plan
 from runtime.worker.defaults import SLICE_TIMEOUT_S, TRANSFER_TIMEOUT_S
 from runtime.worker.early_sends import EarlySends
 from runtime.worker.pins import SendPins
@@ -70,6 +71,10 @@ class Transfers:
         try:
             value = self._worker.store.get(send.array_id, self._worker.input_timeout_s)
             if not value.is_fully_addressable:
+                direct = self._direct(value, send, sequence)
+                if direct is not None:  # each source host sends its own blocks
+                    self.submit_stream(value, send, direct)
+                    return
                 value = self._gather(value, send, sequence)
                 if value is None:
                     return  # the slice's first host sends it
@@ -84,13 +89,16 @@ class Transfers:
         except Exception as exc:
             self._fail_destination(send, exc, set())
 
-    def submit_stream(self, value: jax.Array | np.ndarray, send: pb.SendInstruction) -> None:
+    def submit_stream(self, value: jax.Array | np.ndarray, send: pb.SendInstruction,
+                      direct: tuple[copy_plan.Shares, int] | None = None) -> None:
         """Streams a captured source on a transfer thread, holding it (runtime.worker.pins)
-        until then. RuntimeError when the host is stopping."""
+        until then: all of it, or (`direct`: the shares of a copy from several hosts and its
+        put id, runtime.worker.copy_plan) this host's share. RuntimeError when the host is
+        stopping."""
         if isinstance(value, jax.Array):
             self.pins.pin(value)
         try:
-            self._pool.submit(self._stream, value, send)
+            self._pool.submit(self._stream, value, send, direct)
         except RuntimeError:  # the host is stopping
             self.pins.unpin(value)
             raise
@@ -128,38 +136,63 @@ class Transfers:
             return None
         return np.asarray(replicated.addressable_data(0))
 
-    def _stream(self, value: jax.Array | np.ndarray, send: pb.SendInstruction) -> None:
+    def _direct(self, value: jax.Array, send: pb.SendInstruction, sequence: int
+                ) -> tuple[copy_plan.Shares, int] | None:
+        """Who sends what of an array on several hosts, when no gather is needed
+        (runtime.worker.copy_plan), with the copy's put id; None when the array must be
+        gathered first. Every host of the source slice decides the same."""
+        mesh, info = self._worker.mesh(send.source_slice_id)
+        sharding = value.sharding
+        if not isinstance(sharding, NamedSharding) or sharding.mesh != mesh:
+            return None
+        shares = copy_plan.direct_shares(
+            value.shape, _wire.spec_to_proto(send.source_slice_id, sharding.spec), info,
+            send.destination.sharding, send.destination_slice)
+        return None if shares is None else (shares, copy_plan.put_id(send, sequence))
+
+    def _stream(self, value: jax.Array | np.ndarray, send: pb.SendInstruction,
+                direct: tuple[copy_plan.Shares, int] | None = None) -> None:
         """Streams a captured source to the hosts of the destination slice, to all at once (each
-        its own shards, over its own link), then lets it go."""
+        its own shards, over its own link), then lets it go. With `direct`, only this host's
+        share, each destination host's shards as one part of a put from several hosts."""
         dest, info = send.destination, send.destination_slice
-        groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
-            tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
-        targets = []  # (host, address, its (index, mesh positions) shards)
-        for host, address in enumerate(info.host_addresses):
-            positions = {p for p, d in enumerate(info.devices) if d.host == host}
-            if positions:
-                targets.append((host, address, [(index, [p for p in ps if p in positions])
-                                                for index, ps in groups
-                                                if positions.intersection(ps)]))
+        targets = []  # (host, address, its (index, mesh positions) shards, (parts, put))
+        if direct is not None:
+            shares, put = direct
+            for host, senders in sorted(shares.items()):
+                if self._worker.host in senders:
+                    targets.append((host, info.host_addresses[host],
+                                    senders[self._worker.host], (len(senders), put)))
+        else:
+            groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
+                tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
+            for host, address in enumerate(info.host_addresses):
+                positions = {p for p, d in enumerate(info.devices) if d.host == host}
+                if positions:
+                    targets.append((host, address, [(index, [p for p in ps if p in positions])
+                                                    for index, ps in groups
+                                                    if positions.intersection(ps)], (0, 0)))
         delivered: set[int] = set()
         sender = _transfer.SegmentSender(value)  # hosts of this machine
         regions: list[_transfer.Regions] = []  # the others': made once, by the first to stream
 
-        def deliver(host: int, address: str, mine) -> None:
-            if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S):
+        def deliver(host: int, address: str, mine, part: tuple[int, int]) -> None:
+            if not sender.send(self._peer(address), address, dest, mine, TRANSFER_TIMEOUT_S,
+                               part):
                 with self._lock:
                     if not regions:
                         regions.append(_transfer.Regions(value))
                 _transfer.stream_put(self._peer(address), dest, [
                     (index, ps, regions[0].get(index)) for index, ps in mine],
-                    TRANSFER_TIMEOUT_S, address=address)
+                    TRANSFER_TIMEOUT_S, address=address, part=part)
             with self._lock:
                 delivered.add(host)
 
         failure: Exception | None = None
         try:
-            if len(targets) == 1:
-                deliver(*targets[0])
+            if len(targets) <= 1:
+                for target in targets:
+                    deliver(*target)
             else:
                 with futures.ThreadPoolExecutor(
                         max_workers=min(len(targets), MAX_PARALLEL_HOSTS),
