@@ -74,6 +74,7 @@ class WorkerConfig:
     new_controller_wait_s: float = 2.0  # an unknown session key: wait for a new controller
     forward_merge_bytes: int = 8 << 20  # most bytes a fan-out relay merges into one call
     early_send_threads: int = 8  # threads waiting for the sources of early sends
+    copy_parallel_hosts: int = 8  # destination hosts one copy streams to at once
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,10 +8,13 @@ in the store and captures it the moment its producer stores it; the executor, re
 at its place in the order, only makes sure the capture is done (`claim`) before it applies
 anything later (which might donate or delete the source).
 
-Only sends the host can make alone start early: the source on a slice of this host's devices only
-(a source spanning hosts is gathered by a computation with collectives, at its place in the order)
-and a destination on other hosts (a copy onto this host's own devices is made in order). Anything
-else, or a send whose capture had not begun when the order reached it, takes the in-order path.
+Only sends the host can make alone start early: the source on this host's devices, or spread
+over several hosts with each sending its own blocks (runtime.worker.copy_plan; a source that must
+be gathered first is gathered by a computation with collectives, at its place in the order), and a
+destination on other hosts (a copy onto this host's own devices is made in order). Anything else,
+or a send whose capture had not begun when the order reached it, takes the in-order path, which
+for a gather-free copy sends the same blocks under the same put id, so the hosts of a source
+slice may take either path.
 """
 
 from __future__ import annotations
@@ -54,27 +57,31 @@ class EarlySends:
         source = slices.get(send.source_slice_id)
         if source is None or source[0] is None:
             return  # unknown here, or another host's slice
-        if any(d.host != worker.host for d in source[1].devices):
-            return  # spans hosts: gathered in order
         if self._transfers._is_local_copy(send) or not worker.store.contains(send.array_id):
             return
         with self._lock:
             if sequence in self._jobs:
                 return
             try:
-                self._jobs[sequence] = self._pool.submit(self._capture, send)
+                self._jobs[sequence] = self._pool.submit(self._capture, send, sequence)
             except RuntimeError:  # stopping
                 pass
 
-    def _capture(self, send: pb.SendInstruction) -> None:
-        """Waits for the source and hands it to a transfer thread (pinned); fails the destination
-        if the source fails."""
+    def _capture(self, send: pb.SendInstruction, sequence: int) -> None:
+        """Waits for the source and hands it (or, spread over hosts, this host's share of it) to
+        a transfer thread (pinned); fails the destination if the source fails."""
         worker = self._transfers._worker
         try:
             value = worker.store.get(send.array_id, worker.input_timeout_s)
-            if not isinstance(value, jax.Array) or not value.is_fully_addressable:
+            if not isinstance(value, jax.Array):
                 raise _InOrder()
-            self._transfers.submit_stream(value, send)
+            if value.is_fully_addressable:
+                self._transfers.submit_stream(value, send)
+                return
+            direct = self._transfers._direct(value, send, sequence)
+            if direct is None:
+                raise _InOrder()  # gathered by a collective, in order
+            self._transfers.submit_stream(value, send, direct)
         except _InOrder:
             raise
         except Exception as exc:

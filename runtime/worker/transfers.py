@@ -28,6 +28,7 @@ from proto import wire as _wire
 from proto.chunk_codec import FramedWorkerStub
 from proto.errors import ExecutionError
 from runtime.worker import copy_plan
+from runtime.worker.defaults import SETTINGS as _WORKER
 from runtime.worker.defaults import SLICE_TIMEOUT_S, TRANSFER_TIMEOUT_S
 from runtime.worker.early_sends import EarlySends
 from runtime.worker.pins import SendPins
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Most destination hosts one copy streams to at once.
-MAX_PARALLEL_HOSTS = 8
+MAX_PARALLEL_HOSTS = _WORKER.copy_parallel_hosts
 
 
 class Transfers:
