@@ -69,3 +69,16 @@ def test_a_copy_of_the_held_computations_output_waits_for_it(cluster):
                                           np.arange(4096, dtype=np.float32) * 3)
     finally:
         client.close()
+
+
+def test_a_new_order_forgets_the_early_sends_of_the_old_one():
+    """Sequence numbers start again with a new controller or island epoch: an early send of the
+    old order must not be claimed by the new order's instruction of the same number."""
+    with runtime.LocalCluster(islands=1, devices_per_island=1) as own:
+        worker = own.workers[0]
+        early = worker._transfers.early
+        waiting = early._pool.submit(lambda: None)  # as a capture started at receipt
+        with early._lock:
+            early._jobs[987654] = waiting
+        worker.receive("another-controller", [], epoch=0)  # the order starts afresh here
+        assert not early.claim(987654)  # forgotten: the new #987654 is made in order

@@ -53,9 +53,7 @@ class EarlySends:
         if not ENABLED:
             return
         worker = self._transfers._worker
-        slices = getattr(worker, "_slices", {})
-        source = slices.get(send.source_slice_id)
-        if source is None or source[0] is None:
+        if not worker.holds_slice(send.source_slice_id):
             return  # unknown here, or another host's slice
         if self._transfers._is_local_copy(send) or not worker.store.contains(send.array_id):
             return

@@ -158,6 +158,11 @@ class Worker:
         """The incarnation of the controller whose order this host runs ("" before the first)."""
         return self._controller_id
 
+    def holds_slice(self, slice_id: int) -> bool:
+        """Whether a slice is defined here and has devices on this host."""
+        entry = self._slices.get(slice_id)
+        return entry is not None and entry[0] is not None
+
     def slice_info(self, slice_id: int) -> pb.SliceInfo | None:
         """The definition of a slice this host has received (None: not defined here)."""
         entry = self._slices.get(slice_id)
@@ -205,6 +210,7 @@ class Worker:
         self._foreign.clear()
         self._executable_slices.clear()
         self.executor.forget_loaded()
+        self._transfers.early.clear()  # its sequence numbers were the old order's
         self.store.clear()
 
     def _take(self) -> pb.Instruction | None:
