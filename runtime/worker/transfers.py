@@ -156,23 +156,7 @@ class Transfers:
         """Streams a captured source to the hosts of the destination slice, to all at once (each
         its own shards, over its own link), then lets it go. With `direct`, only this host's
         share, each destination host's shards as one part of a put from several hosts."""
-        dest, info = send.destination, send.destination_slice
-        targets = []  # (host, address, its (index, mesh positions) shards, (parts, put))
-        if direct is not None:
-            shares, put = direct
-            for host, senders in sorted(shares.items()):
-                if self._worker.host in senders:
-                    targets.append((host, info.host_addresses[host],
-                                    senders[self._worker.host], (len(senders), put)))
-        else:
-            groups = _wire.shard_groups(dest.shape, _wire.MeshShape(
-                tuple(info.mesh_shape), tuple(info.axis_names)), dest.sharding)
-            for host, address in enumerate(info.host_addresses):
-                positions = {p for p, d in enumerate(info.devices) if d.host == host}
-                if positions:
-                    targets.append((host, address, [(index, [p for p in ps if p in positions])
-                                                    for index, ps in groups
-                                                    if positions.intersection(ps)], (0, 0)))
+        dest = send.destination
         delivered: set[int] = set()
         sender = _transfer.SegmentSender(value)  # hosts of this machine
         regions: list[_transfer.Regions] = []  # the others': made once, by the first to stream
@@ -191,6 +175,7 @@ class Transfers:
 
         failure: Exception | None = None
         try:
+            targets = self._targets(send, direct)
             if len(targets) <= 1:
                 for target in targets:
                     deliver(*target)
@@ -212,6 +197,27 @@ class Transfers:
             sender.close(failure is None)
             if isinstance(value, jax.Array):
                 self.pins.unpin(value)
+
+    def _targets(self, send: pb.SendInstruction, direct: tuple[copy_plan.Shares, int] | None
+                 ) -> list[tuple[int, str, list, tuple[int, int]]]:
+        """The destination hosts this host sends to: (host, address, its (index, mesh positions)
+        shards, (parts, put) of the put they are part of, or (0, 0): all of it)."""
+        info = send.destination_slice
+        if direct is not None:
+            shares, put = direct
+            return [(host, info.host_addresses[host], senders[self._worker.host],
+                     (len(senders), put))
+                    for host, senders in sorted(shares.items()) if self._worker.host in senders]
+        groups = _wire.shard_groups(send.destination.shape, _wire.MeshShape(
+            tuple(info.mesh_shape), tuple(info.axis_names)), send.destination.sharding)
+        targets = []
+        for host, address in enumerate(info.host_addresses):
+            positions = {p for p, d in enumerate(info.devices) if d.host == host}
+            if positions:
+                targets.append((host, address, [(index, [p for p in ps if p in positions])
+                                                for index, ps in groups
+                                                if positions.intersection(ps)], (0, 0)))
+        return targets
 
     def _fail_destination(self, send: pb.SendInstruction, cause: Exception,
                           delivered: set[int]) -> None:
