@@ -68,15 +68,15 @@ def describe_error(err: grpc.RpcError | Exception, target: pb.ForwardTarget) -> 
 class _Batch:
     """Instructions waiting to be forwarded to one host, for one controller and epoch."""
 
-    def __init__(self, request: pb.DispatchRequest) -> None:
+    def __init__(self, request: pb.DispatchRequest, nbytes: int) -> None:
         self.controller_id, self.epoch = request.controller_id, request.epoch
         self.instructions = list(request.instructions)
-        self.nbytes = request.ByteSize()
+        self.nbytes = nbytes
 
-    def absorb(self, request: pb.DispatchRequest) -> bool:
-        """Takes a later request in (in sequence order, without repeats) if it belongs to the
-        same order and the sum stays under MERGE_BYTES; False if it must travel on its own."""
-        nbytes = request.ByteSize()
+    def absorb(self, request: pb.DispatchRequest, nbytes: int) -> bool:
+        """Takes a later request (of `nbytes`) in, in sequence order and without repeats, if it
+        belongs to the same order and the sum stays under MERGE_BYTES; False if it must travel
+        on its own."""
         if (request.controller_id != self.controller_id or request.epoch != self.epoch
                 or self.nbytes + nbytes > MERGE_BYTES):
             return False
@@ -109,14 +109,16 @@ class Relay:
         self._positions: list[pb.HostPosition] = []
 
     def pass_on(self, request: pb.DispatchRequest, target: pb.ForwardTarget,
-                timeout: float) -> None:
-        """Forwards `request` to `target` (with `target`'s own subtree) after what is waiting."""
+                timeout: float, nbytes: int | None = None) -> None:
+        """Forwards `request` (of `nbytes`, its ByteSize) to `target` (with `target`'s own
+        subtree) after what is waiting."""
+        nbytes = request.ByteSize() if nbytes is None else nbytes
         with self._lock:
             last = self._waiting[-1] if self._waiting else None
-            if last is not None and last[0].absorb(request):
+            if last is not None and last[0].absorb(request, nbytes):
                 last[1], last[2] = target, timeout  # the latest subtree and deadline
             else:
-                self._waiting.append([_Batch(request), target, timeout])
+                self._waiting.append([_Batch(request, nbytes), target, timeout])
             if self._busy:
                 return
             self._busy = True
@@ -165,11 +167,16 @@ class Relays:
         positions every relay's calls found since the last Dispatch."""
         targets: Sequence[pb.ForwardTarget] = request.forward
         with self._lock:
-            relays = [self._relays.setdefault(target.address, Relay(self._start))
-                      for target in targets]
+            relays = []
+            for target in targets:
+                relay = self._relays.get(target.address)
+                if relay is None:
+                    relay = self._relays[target.address] = Relay(self._start)
+                relays.append(relay)
             every = list(self._relays.values())
+        nbytes = request.ByteSize() if targets else 0  # measured once for all of them
         for relay, target in zip(relays, targets):
-            relay.pass_on(request, target, timeout)
+            relay.pass_on(request, target, timeout, nbytes)
         return [position for relay in every for position in relay.take_positions()]
 
 
