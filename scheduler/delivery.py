@@ -259,11 +259,10 @@ class HostLink:
             batch, forward = self._next_batch()
             if not batch:
                 self._wake.clear()
-                # Only this link's own queue wakes it: what the tree is to bring the host (in
-                # `pending`) is not the sender's to send, and looping on it would spin the loop.
-                with self._lock:
-                    queued = bool(self.queue)
-                if queued or self.closed or self.failed:
+                # Only this link's own queue keeps it going (`idle`: no batch is in flight
+                # here): what the tree is to bring the host (in `pending`) is not the sender's
+                # to send, and looping on it would spin the loop.
+                if not self.idle() or self.closed or self.failed:
                     continue
                 await self._wake.wait()
                 continue
