@@ -296,3 +296,46 @@ def test_a_slow_host_below_holds_neither_the_reply_nor_the_next_batch():
     finally:
         forwarder.close()
         server.stop(None)
+
+
+def test_simulated_hosts_of_one_process_pass_the_tree_on_in_memory():
+    """A simulated host hands a batch to the hosts below it that live in its own process without
+    a gRPC call (hundreds of them in one process would queue behind each other on one core); a
+    host elsewhere is still called over gRPC, and its failure comes back up the tree."""
+    import asyncio
+    import socket
+
+    from runtime.sim import SimConfig, SimIslands
+
+    with socket.socket() as s:  # no controller: the hosts are driven by hand
+        s.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{s.getsockname()[1]}"
+
+    async def scenario():
+        sim = SimIslands(nobody, [0], 4, SimConfig(devices_per_host=1))
+        await sim.start()
+        try:
+            h = sim.hosts
+            leaf = pb.ForwardTarget(host=3, address=h[3].address)
+            gone = pb.ForwardTarget(host=9, address=nobody)
+            request = pb.DispatchRequest(
+                controller_id="c", instructions=_ops(1, 2), forward=[
+                    pb.ForwardTarget(host=1, address=h[1].address, forward=[leaf]),
+                    pb.ForwardTarget(host=2, address=h[2].address), gone])
+            first = h[0].dispatch(request, timeout=5.0)
+            assert first.received == 2 and list(first.forwarded) == []  # it did not wait
+            positions = {}
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                later = h[0].dispatch(pb.DispatchRequest(controller_id="c"), timeout=5.0)
+                positions.update({p.host: p for p in later.forwarded})
+                if {1, 2, 9} <= positions.keys():
+                    break
+            assert [host._received for host in h] == [2, 2, 2, 2]  # host 3: two hops down
+            assert positions[1].received == 2 and positions[2].received == 2
+            assert nobody in positions[9].error
+            assert set(sim._transfers._channels) == {nobody}  # gRPC only to the host elsewhere
+        finally:
+            await sim.stop(unregister=False)
+
+    asyncio.run(scenario())

@@ -114,6 +114,21 @@ class SimHost:
         self.arrived.fire()
         return self._received
 
+    def dispatch(self, request: pb.DispatchRequest, timeout: float) -> pb.DispatchReply:
+        """A Dispatch: takes the batch in, passes it on down the island's fan-out tree (returns
+        at once, `timeout` s for each forwarded call) and answers where this host stands."""
+        self.last_contact = time.monotonic()
+        received = self.receive(request.controller_id, request.instructions, request.epoch)
+        forwarded = []
+        if self.transfers is not None:
+            forwarded = self.transfers.forward(self, request, timeout)
+        return pb.DispatchReply(received=received, executed=self.executed, forwarded=forwarded)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether `stop` was called: the host answers nothing more."""
+        return self._stopped
+
     def _reset(self, controller_id: str, epoch: int) -> None:
         """A new controller incarnation or island epoch: the order starts afresh."""
         if self._controller_id:

@@ -89,6 +89,7 @@ class SimIslands:
             port = self.port + i if self.port else 0
             server, _ = await start_sim_server(host, f"{self.bind}:{port}", self.credentials)
             self.servers.append(server)
+            self._transfers.local[host.address] = host
             host.start()
 
     async def register(self, timeout: float = 60.0) -> None:

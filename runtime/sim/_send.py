@@ -5,6 +5,9 @@ producer, and streamed host to host over the Worker service's PutArray, never th
 controller. The source slice's first host sends. An array with data (a small put) travels as data,
 gathered from the slice's hosts (all in this process: a simulated island lives in one process);
 any other array travels as shapes only (runtime.sim._arrays).
+
+The island's fan-out tree (runtime.worker.forward) goes through here too: a Dispatch passed on to
+a host of this process is handed over in memory, to any other host over gRPC.
 """
 
 from __future__ import annotations
@@ -43,6 +46,8 @@ class Transfers:
         self._channels: dict[str, tuple[grpc.aio.Channel, pb_grpc.WorkerStub]] = {}
         self._streams: set[asyncio.Task] = set()  # sends and forwarded calls under way
         self._relays: dict[tuple[int, int], _forward.Relays] = {}  # per forwarding host
+        #: This process's hosts by address: the fan-out tree reaches them in memory.
+        self.local: dict[str, SimHost] = {}
 
     async def send(self, host: SimHost, send: pb.SendInstruction) -> None:
         """Takes up a send in the island's order: pins the source (waiting for its producer) and
@@ -107,6 +112,23 @@ class Transfers:
 
     def _start_forward(self, request: pb.DispatchRequest, target: pb.ForwardTarget,
                        timeout: float, done: _forward.Done) -> None:
+        """Starts one forwarded Dispatch: in memory, on the loop's next turn, to a running host
+        of this process (real hosts forward over gRPC, each from its own cores: in one process
+        of hundreds of simulated hosts those calls would queue behind each other on one core, a
+        delay no real island has); over gRPC to any other."""
+        local = self.local.get(target.address)
+        if local is not None and not local.stopped:
+            def deliver() -> None:
+                try:
+                    reply = local.dispatch(request, timeout)
+                except Exception as exc:  # what the gRPC handler would have answered with
+                    done(None, _forward.describe_error(exc, target))
+                    return
+                done(reply, "")
+
+            asyncio.get_running_loop().call_soon(deliver)
+            return
+
         async def call() -> None:
             try:
                 reply = await self._stub(target.address).Dispatch(

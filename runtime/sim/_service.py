@@ -65,13 +65,7 @@ class _Calls:
         self.host = host
 
     async def Dispatch(self, request: pb.DispatchRequest, context) -> pb.DispatchReply:
-        self.host.last_contact = time.monotonic()
-        received = self.host.receive(request.controller_id, request.instructions, request.epoch)
-        forwarded = []
-        if self.host.transfers is not None:  # the island's fan-out tree
-            forwarded = self.host.transfers.forward(self.host, request, _time_left(context, 10.0))
-        return pb.DispatchReply(received=received, executed=self.host.executed,
-                                forwarded=forwarded)
+        return self.host.dispatch(request, _time_left(context, 10.0))
 
     async def Ping(self, request: pb.PingRequest, context, is_host: bool) -> pb.PingReply:
         if is_host:
