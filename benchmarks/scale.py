@@ -236,7 +236,8 @@ def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> 
 
 
 def break_evens(points: list[dict]) -> list[dict]:
-    """Per host count and shape: where device busy first reaches BREAK_EVEN_BUSY."""
+    """Per host count and shape: where device busy first reaches BREAK_EVEN_BUSY, over the
+    point's whole window and in the steady state (benchmarks.scale_measure)."""
     from benchmarks.scale_measure import crossing
 
     out = []
@@ -246,8 +247,10 @@ def break_evens(points: list[dict]) -> list[dict]:
                      and p.get("busy") is not None]
             if curve:
                 durations = [p.get("computation_ms") or p["target_ms"] for p in curve]
+                steady = [p.get("busy_steady") for p in curve]
                 out.append({"hosts": hosts, "shape": shape,
-                            **crossing(durations, [p["busy"] for p in curve], BREAK_EVEN_BUSY)})
+                            **crossing(durations, [p["busy"] for p in curve], BREAK_EVEN_BUSY),
+                            "steady": crossing(durations, steady, BREAK_EVEN_BUSY)})
     return out
 
 
@@ -362,7 +365,9 @@ def _one_line(point: dict) -> str:
                f"{point.get('error', 'no computations')}"
     cpu = point["controller"]["cpu_s_per_computation"]
     return (f"  {point['hosts']} hosts {point['shape']} {point['target_ms']:g} ms: busy "
-            f"{point['busy']:.3f}, {point['computations_per_s']:.0f} computations/s, controller "
+            f"{point['busy']:.3f} (steady {point.get('busy_steady') or float('nan'):.3f}, "
+            f"start-up {point.get('startup_ms') or float('nan'):.0f} ms), "
+            f"{point['computations_per_s']:.0f} computations/s, controller "
             f"{cpu * 1e3 if cpu else float('nan'):.3f} ms CPU per computation"
             + (f" ({point['error']})" if point.get("error") else ""))
 

@@ -3,6 +3,11 @@ client's submissions and the controller process's own accounting.
 
 - Device busy: per host, the simulated device time inside the point's window (first submission to
   last computation's end) over the window, averaged over every host.
+- Steady busy: the same, per island from the moment every host of it has started its first
+  computation to the island's last end: the devices' use once the order flows, without the
+  first trip of the order to the island's hosts (the start-up, `startup_ms`: the latest island's)
+  or the wait of islands that finished early for the last one. A short point (--point-s) at many
+  hosts spends a visible part of its window on those two.
 - Computations/s: computations completed in the window over the window, all islands together.
 - Controller CPU per computation: the controller process's user + system CPU seconds (from
   /proc, so it must run in a process of its own) over the point, per computation.
@@ -94,6 +99,16 @@ def point_figures(submissions: Sequence, timelines: dict[int, list[list[pb.Execu
     window = max(t_end - t0, 1e-9)
     busy = [sum(min(e.end, t_end) - max(e.start, t0) for e in host) / window
             for hosts in events.values() for host in hosts]
+    steady, startup = [], []
+    for hosts in events.values():  # each island from the moment all its hosts are under way
+        firsts = [min(e.start for e in host) for host in hosts if host]
+        if len(firsts) < len(hosts) or not firsts:
+            continue
+        begin, end = max(firsts), max(e.end for host in hosts for e in host)
+        startup.append(begin - t0)
+        if end > begin:
+            steady += [sum(min(e.end, end) - max(e.start, begin) for e in host
+                           if e.end > begin) / (end - begin) for host in hosts]
     executions = sum(len(hosts[0]) for hosts in events.values() if hosts)
     durations = [e.end - e.start for hosts in events.values() for e in hosts[0]]
     figures = {
@@ -101,6 +116,8 @@ def point_figures(submissions: Sequence, timelines: dict[int, list[list[pb.Execu
         "window_s": window,
         "busy": statistics.fmean(busy),
         "busy_min": min(busy),
+        "busy_steady": statistics.fmean(steady) if steady else None,
+        "startup_ms": max(startup) * 1e3 if startup else None,
         "computations_per_s": executions * per_execution / window,
         "computation_ms": (statistics.median(durations) / per_execution * 1e3 if durations
                            else None),

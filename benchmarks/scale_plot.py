@@ -97,7 +97,8 @@ def format_table(report: dict) -> str:
     """The sweep as text: a row per point, then clusters and break-evens."""
     rows = ["latency (ms, p50/p99) of a probe: one command per island at a time; each stage's own "
             "length",
-            f"{'hosts':>5} {'shape':<8} {'ms':>6} {'busy':>6} {'comp/s':>9} {'ctl ms/comp':>11} "
+            f"{'hosts':>5} {'shape':<8} {'ms':>6} {'busy':>6} {'steady':>6} {'comp/s':>9} "
+            f"{'ctl ms/comp':>11} "
             f"{'submit->ordered':>16} {'ordered->last recv':>19} {'last recv->start':>17}"]
     for p in report["points"]:
         died = (f" [the controller exited with {p['controller_exit_code']}]"
@@ -113,7 +114,8 @@ def format_table(report: dict) -> str:
             return f"{value['p50']:.2f}/{value['p99']:.2f}" if value else "-"
         cpu = p["controller"].get("cpu_s_per_computation")
         rows.append(f"{p['hosts']:>5} {p['shape']:<8} {p.get('computation_ms') or 0:>6.3g} "
-                    f"{p['busy']:>6.3f} {p['computations_per_s']:>9.1f} "
+                    f"{p['busy']:>6.3f} {p.get('busy_steady') or float('nan'):>6.3f} "
+                    f"{p['computations_per_s']:>9.1f} "
                     f"{cpu * 1e3 if cpu else float('nan'):>11.3f} {pair('submit_to_ordered'):>16} "
                     f"{pair('ordered_to_last_received'):>19} {pair('last_received_to_start'):>17}"
                     + (" *" if p.get("error") else "") + died)
@@ -133,10 +135,13 @@ def format_table(report: dict) -> str:
                            f"to {health['longest_loop_stall_s']:.2f} s" if health else "")
                         + (f"; {c['error']}" if c.get("error") else "")
                         + (f"; {c['gave_up']}" if c.get("gave_up") else ""))
+    def shown(b: dict) -> str:
+        return (f"{b['interpolated_ms']:.3g} ms (smallest measured {b['smallest_measured_ms']:g} "
+                f"ms)" if b.get("interpolated_ms") is not None else "not reached")
+
     for b in report["break_even"]:
-        shown = (f"{b['interpolated_ms']:.3g} ms (smallest measured {b['smallest_measured_ms']:g} "
-                 f"ms)" if b["interpolated_ms"] is not None else "not reached")
-        rows.append(f"break-even {b['hosts']} hosts {b['shape']}: {shown}")
+        rows.append(f"break-even {b['hosts']} hosts {b['shape']}: {shown(b)}; steady state "
+                    f"{shown(b.get('steady') or {})}")
     return "\n".join(rows)
 
 

@@ -175,9 +175,14 @@ def probe_latencies(chains: Sequence[Chain], rounds: int, deadline: float, crede
     return latencies(probed, timelines), error
 
 
-def outstanding_units(duration_s: float, per_unit: int, backlog_s: float = 0.2,
+def outstanding_units(duration_s: float, per_unit: int, backlog_s: float = 1.0,
                       most: int = 512) -> int:
-    """Units each island may have waiting to be ordered: about `backlog_s` of device work."""
+    """Units each island may have waiting to be ordered: about `backlog_s` of device work. One
+    client drives every island through one command stream, and an Execute RPC is answered once
+    all its commands are ordered, each by its own island's window: an island whose answers wait
+    on another island's window needs that much queued at the controller meanwhile (with 0.2 s,
+    eight 64-host islands at 30 ms computations got their batches 0.2-0.4 s apart and idled
+    between them)."""
     return max(2, min(most, math.ceil(backlog_s / max(duration_s * per_unit, 1e-9))))
 
 

@@ -83,8 +83,11 @@ class SchedulerConfig:
 
     window_s: float = 0.05  # estimated device seconds ordered ahead of the slowest host
     refill_below: float = 0.5  # the fraction of the window below which it is refilled
-    window_trips: float = 2.0  # the window covers at least this many trips of the order to the
-    max_window_s: float = 0.5  # island's last host (ordered -> received), up to max_window_s
+    # The window covers at least this many trips of the order to the island's last host (ordered
+    # -> received), up to max_window_s: it is refilled at half (refill_below), and the slowest
+    # host's place is known only from its reports, which lag by their interval and own trip.
+    window_trips: float = 4.0
+    max_window_s: float = 0.5
     window_trip_samples: int = 32  # the trip: the median of this many latest
     max_outstanding: int = 4096  # executions ordered ahead, whatever their estimates
     min_outstanding: int = 2

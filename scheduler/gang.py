@@ -8,7 +8,7 @@ interleaving of clients.
 In front of the order sit per-client queues (`Tenant`s): a client's instructions wait there, in the
 client's own order, until a scheduling policy (FIFO or proportional share, scheduler.policy)
 gives them their place. Only a short window of device work (`window_s` of estimated execution
-time, or two trips of the order to the island's last host where that takes longer) is ordered
+time, or four trips of the order to the island's last host where that takes longer) is ordered
 ahead of the slowest host, so the policy decides close to when work runs, and a client submitting
 as fast as it can waits for its turn instead of flooding the hosts. Hosts report
 each execution's duration (scheduler.delivery), which refines the estimates and charges each

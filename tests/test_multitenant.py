@@ -158,12 +158,12 @@ def test_window_holds_work_back_and_the_policy_orders_it():
 
 def test_the_window_grows_to_cover_a_slow_trip_to_the_hosts(monkeypatch):
     """Where the order takes longer to reach the island's last host than the window holds, the
-    window covers two trips and a report (so the devices do not idle between refills), up to
-    max_window_s; the trip is the median of the latest ones."""
+    window covers `window_trips` trips and a report (so the devices do not idle between
+    refills), up to max_window_s; the trip is the median of the latest ones."""
     scheduler, link = gang(policy="fifo", window_s=0.01)
     clock = [1000.0]
     monkeypatch.setattr(time, "monotonic", lambda: clock[0])
-    scheduler.enqueue(1, calls(1, 30000))
+    scheduler.enqueue(1, calls(1, 60000))
 
     def trips(seconds, rounds):
         for _ in range(rounds):  # each ordered batch reaches the host `seconds` later, then runs
@@ -176,9 +176,10 @@ def test_the_window_grows_to_cover_a_slow_trip_to_the_hosts(monkeypatch):
         return len(link.queue)
 
     assert trips(0.001, 30) <= 12 and scheduler.window == pytest.approx(0.01)
-    ahead = trips(0.1, 40)  # 100 ms trips: ~200 ms of 1 ms executions ahead
-    report = scheduler.report_interval
-    assert scheduler.window == pytest.approx(0.2 + report) and 150 <= ahead <= 210 + 1e3 * report
+    ahead = trips(0.1, 40)  # 100 ms trips: window_trips of them, of 1 ms executions, ahead
+    report, covered = scheduler.report_interval, scheduler.config.window_trips * 0.1
+    assert scheduler.window == pytest.approx(covered + report)
+    assert 1e3 * (covered - 0.05) <= ahead <= 1e3 * (covered + 0.01 + report)
     trips(5.0, 33)  # far slower than max_window_s allows
     assert scheduler.window == pytest.approx(scheduler.config.max_window_s)
     trips(0.001, 1)  # one fast trip: the odd one out, not the way's length

@@ -46,6 +46,21 @@ def test_busy_throughput_and_latency_of_two_hosts():
     assert "submit_to_ordered" not in figures["loaded_latency_ms"]
 
 
+def test_steady_busy_leaves_out_the_first_trip_and_the_wait_for_other_islands():
+    """Island 0 starts 0.5 s after the first submission and runs back to back to 3.0 s; island
+    1 starts at once, idles 0.5 s in the middle and ends at 2.0 s. The whole window (0 -> 3 s)
+    counts island 0's start-up and island 1's wait for island 0; the steady state counts each
+    island from its last host's first start to its own end."""
+    island0 = [[event(1, 0.4, 0.5, 1.75), event(2, 0.4, 1.75, 3.0)],
+               [event(1, 0.4, 0.5, 1.75), event(2, 0.4, 1.75, 3.0)]]
+    island1 = [[event(1, 0.0, 0.0, 1.0), event(2, 1.5, 1.5, 2.0)]]
+    figures = point_figures([submission(0, 0.0, 1, 0.0), submission(1, 0.0, 1, 0.0)],
+                            {0: island0, 1: island1}, per_execution=1)
+    assert figures["busy"] == pytest.approx((2.5 + 2.5 + 1.5) / 3 / 3.0)
+    assert figures["busy_steady"] == pytest.approx((1.0 + 1.0 + 1.5 / 2.0) / 3)
+    assert figures["startup_ms"] == pytest.approx(500)
+
+
 def test_a_program_is_timed_by_its_first_execution():
     """Two chained programs of three executions each (#1-#3, #4-#6): each command's latency is
     that of its first execution."""
