@@ -62,8 +62,8 @@ class _Island:
     def __init__(self):
         self.progress = []
 
-    def note_progress(self, host, executed, *rest):
-        self.progress.append((host, executed))
+    def note_reports(self, reports):
+        self.progress.extend((r.host, r.executed) for r in reports)
 
     def ping(self, host, timeout, fresh_s=0.0):
         return None  # no link to the host: the heartbeat pings on its probe's channel

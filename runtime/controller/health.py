@@ -23,6 +23,7 @@ from proto.errors import HostLostError, InvalidArgumentError
 from runtime.controller.defaults import (BUSY_HOST_TIMEOUT_S, HEARTBEAT_INTERVAL_S,
                                          HEARTBEAT_MISSES, MAX_INCOMING)
 from runtime.controller.sessions import is_address
+from scheduler.coalesce import HostReport
 from scheduler.gang import GangScheduler
 from scheduler.readiness import Readiness
 from scheduler.resources import HostRecord, ResourceManager
@@ -164,9 +165,11 @@ class Health:
         declared lost after HEARTBEAT_MISSES refusals in a row (about a second). A host that
         answers late is busy, not gone (a long compile, a starved process): it is declared lost
         only after BUSY_HOST_TIMEOUT_S without any answer. `refused` and `last_answer` carry
-        each host's record from one round to the next."""
+        each host's record from one round to the next. The positions the answers carry reach
+        each island's scheduler in one batch (one lock, one look for the slowest host)."""
         now = time.monotonic()
         calls = {}
+        positions: dict[int, list[HostReport]] = collections.defaultdict(list)
         for key, (_, stub) in probes.items():
             last_answer.setdefault(key, now)
             try:
@@ -195,9 +198,11 @@ class Health:
                     self.report_host_lost(*key, reason)
                 continue
             refused[key], last_answer[key] = 0, now
-            scheduler = self._schedulers.get(key[0])
+            positions[key[0]].append(HostReport(key[1], reply.executed))
+        for island, reports in positions.items():
+            scheduler = self._schedulers.get(island)
             if scheduler is not None:
-                scheduler.note_progress(key[1], reply.executed)
+                scheduler.note_reports(reports)
 
     def ping(self, key: tuple[int, int], stub, timeout: float = HEARTBEAT_INTERVAL_S,
               fresh_s: float = HEARTBEAT_INTERVAL_S):
