@@ -159,7 +159,7 @@ def sim_health(log_dir: pathlib.Path) -> dict[str, float]:
     return {"re_registrations": registrations, "longest_loop_stall_s": stall}
 
 
-def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> dict:
+def run_point(args, cluster, chains, shape: str, duration_ms: float) -> dict:
     """One point: prepares the shape's functions, drives every island's chain for --point-s
     seconds and measures (benchmarks.scale_measure)."""
     from benchmarks.scale_measure import point_figures, process_stats, read_timelines
@@ -174,7 +174,7 @@ def run_point(args, client, cluster, chains, shape: str, duration_ms: float) -> 
     began = time.monotonic()
     deadline = began + args.point_budget_s
     try:
-        per_unit, per_execution = prepare(client, chains, shape, n)
+        per_unit, per_execution = prepare(chains, shape, n)
     except Exception as exc:
         record["error"] = f"preparing: {type(exc).__name__}: {exc}"
         record["fatal"] = True
@@ -312,16 +312,21 @@ def run(args: argparse.Namespace) -> int:
                           f"{record['controller_idle']['threads']} threads, "
                           f"{record['controller_idle']['rss_bytes'] / 2**20:.0f} MiB, "
                           f"{record['controller_idle']['cpu_fraction']:.0%} of a core")
-                client = None
+                clients = []
                 try:
-                    client = runtime.Client(cluster.address, name="bench-scale",
-                                            credentials=cluster.credentials)
-                    chains = initial_chains(client, cluster.islands,
+                    # A client (session) per island, as independent jobs would be: one client's
+                    # Execute is answered once every island has ordered its commands, which
+                    # would tie the islands' pace together (benchmarks.scale_workload).
+                    for island in range(cluster.islands):
+                        clients.append(runtime.Client(cluster.address,
+                                                      name=f"bench-scale-{island}",
+                                                      credentials=cluster.credentials))
+                    chains = initial_chains(clients,
                                             cluster.hosts_per_island * cluster.devices_per_host)
                     while todo:
                         shape, duration = todo.pop(0)
                         bar.set_description(f"{hosts} hosts {shape} {duration:g} ms")
-                        point = run_point(args, client, cluster, chains, shape, duration)
+                        point = run_point(args, cluster, chains, shape, duration)
                         report["points"].append(point)
                         save()
                         bar.update(1)
@@ -344,7 +349,7 @@ def run(args: argparse.Namespace) -> int:
                     bar.update(len(todo))
                     todo = []
                 finally:
-                    if client is not None:
+                    for client in clients:
                         client.close()
                     cluster.close()
                     record["sim_health"] = sim_health(out / "logs" / f"hosts-{hosts}-{attempt}")

@@ -9,7 +9,8 @@ so on simulated devices (runtime.sim: FLOPs from XLA's cost analysis over a set 
 computation's duration. Nothing needs data: the matrix is a broadcast of the input. The Fused
 program is unrolled, as XLA's cost analysis counts a loop body once.
 
-One chain runs on each island, on a slice of all its devices, all islands at once.
+One chain runs on each island, on a slice of all its devices, all islands at once, each driven
+by a client of its own.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ class Chain:
     addresses: Sequence[str] = ()
 
 
-def prepare(client, chains: Sequence[Chain], shape: str, n: int,
+def prepare(chains: Sequence[Chain], shape: str, n: int,
             length: int = PROGRAM_LENGTH) -> tuple[int, int]:
     """Binds each chain's unit of work for `shape`; returns (computations per unit, computations
     per execution: `length` for Fused, else 1). Loads the executables on the hosts (their costs
@@ -77,7 +78,7 @@ def prepare(client, chains: Sequence[Chain], shape: str, n: int,
     if shape not in SHAPES:
         raise ValueError(f"unknown program shape {shape!r}; expected one of {SHAPES}")
     for chain in chains:
-        mesh = chain.vslice.mesh
+        mesh, client = chain.vslice.mesh, chain.vslice.client
         if shape == "fused":
             chain.run = client.jit(make_fused(mesh, n, length), chain.vslice, in_specs=SPEC,
                                    out_specs=SPEC, name=f"fused{length}_n{n}").lower(chain.x)
@@ -94,9 +95,9 @@ def prepare(client, chains: Sequence[Chain], shape: str, n: int,
             chain.run = client.program(chained, name=f"chain{length}_n{n}")
     # Everything queued so far (the loads) is done once a trivial call after it is.
     for chain in chains:
-        chain.x = client.jit(lambda v: v, chain.vslice, in_specs=SPEC, out_specs=SPEC,
-                             name="warmup")(chain.x)
-    client.fetch([chain.x for chain in chains], timeout=600)
+        chain.x = chain.vslice.client.jit(lambda v: v, chain.vslice, in_specs=SPEC,
+                                          out_specs=SPEC, name="warmup")(chain.x)
+    fetch_all(chains, time.monotonic() + 600)
     return (1 if shape == "opbyop" else length), (length if shape == "fused" else 1)
 
 
@@ -134,8 +135,7 @@ def drive(chains: Sequence[Chain], seconds: float, outstanding: int, deadline: f
             queue.append(ticket)
             submissions.append(Submission(chain.island, now, chain.x, ticket))
     try:
-        chains[0].vslice.client.fetch([chain.x for chain in chains],
-                                      timeout=max(0.0, deadline - time.monotonic()))
+        fetch_all(chains, deadline)
     except PathwaysError as exc:
         return submissions, exc
     return submissions, None
@@ -146,18 +146,27 @@ def probe(chains: Sequence[Chain], rounds: int, deadline: float
     """Dispatch latency without a backlog: `rounds` times, one unit on every island at once,
     then a wait until they are all done (until `deadline`, time.monotonic(), at the latest)."""
     submissions: list[Submission] = []
-    client = chains[0].vslice.client
     for _ in range(rounds):
         for chain in chains:
             now = time.time()
             chain.x = chain.run(chain.x)
             submissions.append(Submission(chain.island, now, chain.x, chain.x._ticket))
         try:
-            client.fetch([chain.x for chain in chains],
-                         timeout=max(0.0, deadline - time.monotonic()))
+            fetch_all(chains, deadline)
         except PathwaysError as exc:
             return submissions, exc
     return submissions, None
+
+
+def fetch_all(chains: Sequence[Chain], deadline: float) -> None:
+    """Waits for every chain's current value, each client's in one fetch, until `deadline`
+    (time.monotonic()) at the latest."""
+    by_client: dict[int, list[Chain]] = {}
+    for chain in chains:
+        by_client.setdefault(id(chain.vslice.client), []).append(chain)
+    for group in by_client.values():
+        group[0].vslice.client.fetch([chain.x for chain in group],
+                                     timeout=max(0.0, deadline - time.monotonic()))
 
 
 def probe_latencies(chains: Sequence[Chain], rounds: int, deadline: float, credentials
@@ -177,19 +186,19 @@ def probe_latencies(chains: Sequence[Chain], rounds: int, deadline: float, crede
 
 def outstanding_units(duration_s: float, per_unit: int, backlog_s: float = 1.0,
                       most: int = 512) -> int:
-    """Units each island may have waiting to be ordered: about `backlog_s` of device work. One
-    client drives every island through one command stream, and an Execute RPC is answered once
-    all its commands are ordered, each by its own island's window: an island whose answers wait
-    on another island's window needs that much queued at the controller meanwhile (with 0.2 s,
-    eight 64-host islands at 30 ms computations got their batches 0.2-0.4 s apart and idled
-    between them)."""
+    """Units each island may have waiting to be ordered: about `backlog_s` of device work. A
+    client's Execute RPC is answered once all its commands are ordered, by the island's window,
+    and its next waits for that answer: the island needs that much queued at the controller
+    meanwhile (with 0.2 s, eight 64-host islands at 30 ms computations driven by one client got
+    their batches 0.2-0.4 s apart and idled between them)."""
     return max(2, min(most, math.ceil(backlog_s / max(duration_s * per_unit, 1e-9))))
 
 
-def initial_chains(client, islands: int, devices_per_island: int) -> list[Chain]:
-    """A slice of all its devices on every island, and the chain's first value on it."""
+def initial_chains(clients: Sequence, devices_per_island: int) -> list[Chain]:
+    """A slice of all its devices on every island, and the chain's first value on it: island i
+    is driven by `clients[i]` (one client may be given several times)."""
     chains = []
-    for island in range(islands):
+    for island, client in enumerate(clients):
         vslice = client.slice({AXIS: devices_per_island}, island=island)
         x = client.put(np.zeros(devices_per_island, np.float32), vslice, SPEC)
         chains.append(Chain(island, vslice, x, addresses=list(vslice.info.host_addresses)))
