@@ -138,6 +138,13 @@ def as_slices(index: Index) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in index)
 
 
+def slice_shard_groups(shape: Sequence[int], info: pb.SliceInfo, sharding: pb.Sharding
+                       ) -> list[tuple[Index, list[int]]]:
+    """`shard_groups` over the mesh of a slice's definition (its mesh_shape and axis_names)."""
+    return shard_groups(shape, MeshShape(tuple(info.mesh_shape), tuple(info.axis_names)),
+                        sharding)
+
+
 def shard_groups(shape: Sequence[int], mesh: MeshShape, sharding: pb.Sharding
                  ) -> list[tuple[Index, list[int]]]:
     """Distinct shards of an array: (index, mesh positions holding it), in mesh order.

@@ -31,8 +31,7 @@ class Layout:
         shape = _wire.check_shape(shape)
         local = {p for p, d in enumerate(info.devices) if d.host == host}
         indices, nbytes = [], 0
-        for index, positions in _wire.shard_groups(shape, _wire.MeshShape(
-                tuple(info.mesh_shape), tuple(info.axis_names)), sharding):
+        for index, positions in _wire.slice_shard_groups(shape, info, sharding):
             here = len(local.intersection(positions))
             if here:
                 indices.append(index)

@@ -362,8 +362,7 @@ class SimHost:
         received = await receive_shards(first, rest, self.config.data_limit_bytes)
         spec = received.spec
         info = await self.slice_info(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
-        expected = dict(_wire.shard_groups(spec.shape, _wire.MeshShape(
-            tuple(info.mesh_shape), tuple(info.axis_names)), spec.sharding))
+        expected = dict(_wire.slice_shard_groups(spec.shape, info, spec.sharding))
         local = {p for p, d in enumerate(info.devices) if d.host == self.host}
         placed: set[int] = set()
         for index, positions, _ in received.shards:

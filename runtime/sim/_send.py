@@ -27,6 +27,7 @@ from proto import rpc as _rpc
 from proto import wire as _wire
 from proto.errors import PathwaysError
 from runtime.sim._arrays import SimArray, dataless_chunks
+from runtime.worker import copy_plan
 from runtime.worker import forward as _forward
 from runtime.worker.defaults import TRANSFER_TIMEOUT_S
 
@@ -76,18 +77,14 @@ class Transfers:
         dest, info = send.destination, send.destination_slice
         what = f"transfer of array {send.array_id} from host {host.island}.{host.host}"
         try:
-            groups = [] if error is not None else _wire.shard_groups(
-                dest.shape, _wire.MeshShape(tuple(info.mesh_shape), tuple(info.axis_names)),
-                dest.sharding)
-            for target, address in enumerate(info.host_addresses):
-                positions = {p for p, d in enumerate(info.devices) if d.host == target}
-                if not positions:
-                    continue
-                if error is not None:
+            targets = ([(address, None) for host, address in enumerate(info.host_addresses)
+                        if any(d.host == host for d in info.devices)] if error is not None else
+                       [(address, mine) for _, address, mine in
+                        copy_plan.whole_shares(dest.shape, info, dest.sharding)])
+            for address, mine in targets:
+                if mine is None:
                     chunks = [pb.ArrayChunk(spec=dest, error=f"{what} failed: {error}")]
                 else:
-                    mine = [(index, [p for p in ps if p in positions]) for index, ps in groups
-                            if positions.intersection(ps)]
                     chunks = (list(_wire.iter_chunks(dest, [(index, ps, whole[_wire.as_slices(
                         index)]) for index, ps in mine])) if whole is not None
                         else dataless_chunks(dest, mine))

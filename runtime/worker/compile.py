@@ -36,8 +36,7 @@ class Loaded:
 def host_nbytes(value: pb.ValueSpec, info: pb.SliceInfo, host: int) -> int:
     """Bytes a value of this spec occupies on one host's devices of the slice."""
     shape = tuple(value.shape)
-    groups = _wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
-                                                       tuple(info.axis_names)), value.sharding)
+    groups = _wire.slice_shard_groups(shape, info, value.sharding)
     itemsize = _wire.dtype_from_name(value.dtype).itemsize
     on_host = {p for p, d in enumerate(info.devices) if d.host == host}
     return sum(int(np.prod(_wire.shard_shape(index), dtype=np.int64)) * itemsize

@@ -24,10 +24,20 @@ from proto import wire as _wire
 Shares = dict[int, dict[int, list[tuple[_wire.Index, list[int]]]]]
 
 
-def _groups(shape: Sequence[int], info: pb.SliceInfo, sharding: pb.Sharding
-            ) -> list[tuple[_wire.Index, list[int]]]:
-    return _wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
-                                                     tuple(info.axis_names)), sharding)
+def whole_shares(shape: Sequence[int], info: pb.SliceInfo, sharding: pb.Sharding
+                 ) -> list[tuple[int, str, list[tuple[_wire.Index, list[int]]]]]:
+    """The shards of an array sent whole (from one host) to the slice `info` under `sharding`:
+    per destination host with devices of the slice, (host, address, its (index, mesh positions)
+    shards)."""
+    groups = _wire.slice_shard_groups(shape, info, sharding)
+    shares = []
+    for host, address in enumerate(info.host_addresses):
+        positions = {p for p, d in enumerate(info.devices) if d.host == host}
+        if positions:
+            shares.append((host, address, [(index, [p for p in ps if p in positions])
+                                           for index, ps in groups
+                                           if positions.intersection(ps)]))
+    return shares
 
 
 def direct_shares(shape: Sequence[int], source: pb.Sharding, source_info: pb.SliceInfo,
@@ -36,10 +46,10 @@ def direct_shares(shape: Sequence[int], source: pb.Sharding, source_info: pb.Sli
     block any source host holds whole. A block several source hosts hold (replicated) is sent by
     the lowest of them."""
     holder: dict[_wire.Index, int] = {}
-    for index, positions in _groups(shape, source_info, source):
+    for index, positions in _wire.slice_shard_groups(shape, source_info, source):
         holder[index] = min(source_info.devices[p].host for p in positions)
     shares: Shares = {}
-    for index, positions in _groups(shape, dest_info, dest):
+    for index, positions in _wire.slice_shard_groups(shape, dest_info, dest):
         sender = holder.get(index)
         if sender is None:
             return None

@@ -123,9 +123,7 @@ class DataPlane:
         bulk channel arrived."""
         mesh, info = self.mesh(spec.sharding.slice_id, min(timeout, SLICE_TIMEOUT_S))
         shape = tuple(spec.shape)
-        expected = dict(_wire.shard_groups(shape, _wire.MeshShape(tuple(info.mesh_shape),
-                                                                  tuple(info.axis_names)),
-                                           spec.sharding))
+        expected = dict(_wire.slice_shard_groups(shape, info, spec.sharding))
         shards = _wire.assemble_chunks(
             _at_most_shards(itertools.chain([first], chunks), len(expected), spec.array_id),
             segments=segments, bulk=bulk)[1]

@@ -208,16 +208,8 @@ class Transfers:
             return [(host, info.host_addresses[host], senders[self._worker.host],
                      (len(senders), put))
                     for host, senders in sorted(shares.items()) if self._worker.host in senders]
-        groups = _wire.shard_groups(send.destination.shape, _wire.MeshShape(
-            tuple(info.mesh_shape), tuple(info.axis_names)), send.destination.sharding)
-        targets = []
-        for host, address in enumerate(info.host_addresses):
-            positions = {p for p, d in enumerate(info.devices) if d.host == host}
-            if positions:
-                targets.append((host, address, [(index, [p for p in ps if p in positions])
-                                                for index, ps in groups
-                                                if positions.intersection(ps)], (0, 0)))
-        return targets
+        return [(host, address, mine, (0, 0)) for host, address, mine in
+                copy_plan.whole_shares(send.destination.shape, info, send.destination.sharding)]
 
     def _fail_destination(self, send: pb.SendInstruction, cause: Exception,
                           delivered: set[int]) -> None:
