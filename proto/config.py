@@ -140,6 +140,16 @@ class TransferConfig:
     host_buffer_pool_bytes: int = 1 << 30  # idle memory of freed device buffers kept for reuse
     peer_segment_cache_bytes: int = 1 << 30  # peers' shared-memory segments kept mapped
     peer_segment_check_s: float = 1.0  # how often those a peer no longer holds are unmapped
+    # Memory faulted in as a process starts (proto.shm.reserve_memory), for the buffers of its
+    # first transfers, which would otherwise fault fresh pages in on their way: a client's as it
+    # connects (fetch results), a host's as it starts (the device buffers of puts and copies)
+    client_reserve_bytes: int = 256 << 20
+    host_reserve_bytes: int = 256 << 20
+    reserve_wait_s: float = 10.0  # a transfer's wait for a reserve still being made
+    # Puts, fetches and copies between processes of this machine: the receiver reads the shards
+    # straight from the sender's memory, or a host writes them straight into the caller's
+    # (proto.cma); 0: through shared-memory segments, one copy more
+    process_memory_reads: int = 1
     # Freed memory malloc keeps for the next stream message (proto.heap; 0: malloc's default)
     malloc_trim_threshold_bytes: int = 512 << 20
     malloc_mmap_threshold_bytes: int = 32 << 20  # larger blocks are fresh mappings

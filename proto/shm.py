@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import mmap
 import os
@@ -44,6 +45,7 @@ from proto.errors import FailedPreconditionError, InvalidArgumentError
 #: In the message of the error a receiver raises when it cannot open a segment (not a bad one):
 #: the sender then streams the bytes instead.
 SEGMENT_UNREACHABLE = "shared-memory segment unreachable"
+log = logging.getLogger(__name__)
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 _REFERENCE = re.compile(r"([1-9][0-9]{0,9})/([0-9]{1,9})/(pathways-[0-9a-f]{32})")
 
@@ -180,8 +182,27 @@ class Segment:
 #: PATHWAYS_SHARED_MEMORY_POOL_BYTES bounds the idle ones (default 1 GiB).
 POOL = SegmentPool(int(os.environ.get("PATHWAYS_SHARED_MEMORY_POOL_BYTES", 1 << 30)))
 _SETTINGS = from_env(TransferConfig)
-#: Memory a host's device buffers alias, reused once the arrays they backed are freed.
+#: Memory a host's device buffers alias, reused once the arrays they backed are freed (and a
+#: client's fetch results, once they are dropped).
 HOST_BUFFERS = _buffers.BufferPool(_SETTINGS.host_buffer_pool_bytes)
+_reserved = False  # HOST_BUFFERS' reserve was asked for in this process
+_reserved_lock = threading.Lock()
+
+
+def reserve_memory(nbytes: int) -> None:
+    """Faults in `nbytes` for HOST_BUFFERS now, once per process (BufferPool.reserve): memory for
+    the process's first transfers, made ready before them as XLA reserves device memory when it
+    starts. Later calls return at once (a transfer that needs the reserve waits for it). Without
+    the memory, the process goes on without a reserve."""
+    global _reserved
+    with _reserved_lock:
+        if nbytes <= 0 or _reserved:
+            return
+        _reserved = True
+    try:
+        HOST_BUFFERS.reserve(nbytes, _SETTINGS.reserve_wait_s)
+    except OSError as exc:
+        log.warning("no reserve of %d bytes for transfers (%s)", nbytes, exc)
 
 
 def open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap.mmap:
@@ -291,13 +312,24 @@ _PEER_MAPS = _PeerMappings(_SETTINGS.peer_segment_cache_bytes,
 
 def _open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mmap.mmap:
     """Maps a peer's segment `reference` of exactly `nbytes` bytes (read-only unless `writable`);
-    see `open_segment`.
+    see `open_segment` for the errors."""
+    local, size = open_peer_file(reference, writable=writable)
+    try:
+        if size != nbytes:
+            raise InvalidArgumentError(f"shared-memory segment {reference!r} holds "
+                                       f"{size} bytes, the array {nbytes}")
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        return mmap.mmap(local, nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
+    finally:
+        os.close(local)
 
-    InvalidArgumentError unless the reference has the form a Segment gives and names a regular
-    file of this user exactly `nbytes` long; FailedPreconditionError (with SEGMENT_UNREACHABLE)
-    when it cannot be opened or is not a memfd of the name it gives: the peer's /proc is out of
-    reach (another machine or PID namespace), or the peer is gone.
-    """
+
+def open_peer_file(reference: str, *, writable: bool = False) -> tuple[int, int]:
+    """Opens the file a peer's segment reference names: (a descriptor of it, which the caller
+    closes; its size). InvalidArgumentError unless the reference has the form a Segment gives and
+    names a regular file of this user; FailedPreconditionError (with SEGMENT_UNREACHABLE) when
+    it cannot be opened or is not a memfd of the name it gives: the peer's /proc is out of reach
+    (another machine or PID namespace), or the peer is gone."""
     match = _REFERENCE.fullmatch(reference)
     if match is None:
         raise InvalidArgumentError(f"shared-memory segment {reference!r} is not a runtime segment "
@@ -322,13 +354,10 @@ def _open_segment(reference: str, nbytes: int, *, writable: bool = False) -> mma
         if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
             raise InvalidArgumentError(f"shared-memory segment {reference!r} is not a regular "
                                        f"file of this user")
-        if info.st_size != nbytes:
-            raise InvalidArgumentError(f"shared-memory segment {reference!r} holds "
-                                       f"{info.st_size} bytes, the array {nbytes}")
-        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
-        return mmap.mmap(local, nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
-    finally:
+    except BaseException:
         os.close(local)
+        raise
+    return local, info.st_size
 
 
 class OpenSegments:
@@ -422,12 +451,17 @@ def copy_into(target: np.ndarray, source) -> None:
     if target.nbytes < PARALLEL_COPY_BYTES or parts < 2 or source.shape != target.shape:
         np.copyto(target, source)
         return
+    bounds = [rows * i // parts for i in range(parts + 1)]
+    jobs = [copiers().submit(np.copyto, target[a:b], source[a:b])
+            for a, b in zip(bounds, bounds[1:])]
+    for job in jobs:
+        job.result()
+
+
+def copiers() -> futures.ThreadPoolExecutor:
+    """The COPY_THREADS threads big copies are split over (made on first use)."""
     global _copiers
     with _copiers_lock:
         if _copiers is None:
             _copiers = futures.ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="copy")
-    bounds = [rows * i // parts for i in range(parts + 1)]
-    jobs = [_copiers.submit(np.copyto, target[a:b], source[a:b])
-            for a, b in zip(bounds, bounds[1:])]
-    for job in jobs:
-        job.result()
+        return _copiers

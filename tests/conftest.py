@@ -3,6 +3,10 @@
 import os
 
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# No transfer reserve (proto.shm.reserve_memory): every test cluster's host processes would fault
+# in 256 MiB each as they start. tests/test_cma.py turns it on where it is what is tested.
+os.environ.setdefault("PATHWAYS_CLIENT_RESERVE_BYTES", "0")
+os.environ.setdefault("PATHWAYS_HOST_RESERVE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import mmap
+import threading
 import time
 
 import jax
@@ -148,3 +149,59 @@ def test_peer_mappings_beyond_the_bound_are_dropped_oldest_first():
         peers.clear()
         for s in segments:
             s.discard()
+
+
+def test_buffers_are_carved_from_the_reserve_before_any_is_made_afresh():
+    pool = _buffers.BufferPool(max_idle_bytes=1, min_bytes=MIB)  # keeps no fresh buffer idle
+    pool.reserve(4 * MIB + 100)
+    assert pool.reserved_bytes == 4 * MIB + 100
+    first = pool.empty((MIB // 4,), np.float32)
+    second = pool.empty((MIB + 8,), np.uint8)
+    assert first.ctypes.data % mmap.PAGESIZE == 0 and second.ctypes.data % mmap.PAGESIZE == 0
+    assert second.ctypes.data == first.ctypes.data + MIB  # carved one after the other
+    left = 4 * MIB + 100 - MIB - (-(-(MIB + 8) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    assert pool.reserved_bytes == left
+    address = first.ctypes.data
+    del first
+    # Back for reuse whatever max_idle_bytes (its memory is held anyway), not counted as idle.
+    assert _wait_for(lambda: pool.empty((MIB,), np.uint8).ctypes.data == address)
+    assert pool.idle_bytes == 0
+    big = pool.empty((8 * MIB,), np.uint8)  # more than is left: made afresh
+    assert pool.reserved_bytes == left and big.nbytes == 8 * MIB
+    pool.clear()
+    assert pool.reserved_bytes == 0
+
+
+def test_a_buffer_waits_for_a_reserve_being_made_rather_than_fault_in_its_own(monkeypatch):
+    pool = _buffers.BufferPool(max_idle_bytes=8 * MIB, min_bytes=MIB)
+    release = threading.Event()
+    real = _buffers.populated_empty
+
+    def slow(nbytes):
+        release.wait(30)
+        return real(nbytes)
+
+    monkeypatch.setattr(_buffers, "populated_empty", slow)
+    maker = threading.Thread(target=pool.reserve, args=(4 * MIB,))
+    maker.start()
+    assert _wait_for(lambda: pool._reserving == 4 * MIB)
+    got = []
+    taker = threading.Thread(target=lambda: got.append(pool.empty((MIB,), np.uint8)))
+    taker.start()
+    time.sleep(0.2)
+    assert not got  # waiting for the reserve
+    release.set()
+    maker.join(30)
+    taker.join(30)
+    assert got and pool.reserved_bytes == 3 * MIB  # carved from it
+
+
+def test_a_process_reserves_once(monkeypatch):
+    pool = _buffers.BufferPool(max_idle_bytes=8 * MIB)
+    monkeypatch.setattr(_shm, "HOST_BUFFERS", pool)
+    monkeypatch.setattr(_shm, "_reserved", False)
+    _shm.reserve_memory(0)  # nothing asked: nothing reserved, and a later call still may
+    assert pool.reserved_bytes == 0
+    _shm.reserve_memory(2 * MIB)
+    _shm.reserve_memory(2 * MIB)  # a second client or host of the process
+    assert pool.reserved_bytes == 2 * MIB

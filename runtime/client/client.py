@@ -20,9 +20,10 @@ from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import heap as _heap
 from proto import rpc as _rpc
+from proto import shm as _shm
 from proto import wire as _wire
 from proto.chunk_codec import FramedWorkerStub
-from proto.config import ClientConfig, from_env
+from proto.config import ClientConfig, TransferConfig, from_env
 from proto.errors import (ControllerUnavailableError, InvalidArgumentError, PathwaysError,
                           translate_rpc_error)
 from proto.leases import KeepAlive
@@ -148,6 +149,8 @@ class Client:
                                                  f"controller (a worker's address?)") from None
             raise
         self.session_id, self._session_key = reply.session_id, reply.session_key
+        # Memory for this process's first fetches, faulted in now rather than on their way.
+        _shm.reserve_memory(from_env(TransferConfig).client_reserve_bytes)
         self.lease_s = reply.lease_s  # 0: the controller keeps sessions without renewals
         self._ids = itertools.count(reply.id_base + 1)
         self._id_lock = threading.Lock()

@@ -40,7 +40,9 @@ from jax.sharding import Mesh
 from proto import auth as _auth
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
+from proto import shm as _shm
 from proto.admission import Admission
+from proto.config import TransferConfig, from_env
 from proto.errors import (DeadlineExceededError, FailedPreconditionError, InvalidArgumentError,
                           NotFoundError, PathwaysError)
 from runtime import metrics_state as _metrics_state
@@ -89,6 +91,9 @@ class Worker:
         self.devices = list(devices)
         self.island_devices = [list(d) for d in island_devices] if island_devices else None
         self.memory_bytes = device_memory_bytes(self.devices)
+        # Memory for the device buffers of this process's first puts and copies, faulted in now
+        # rather than on their way.
+        _shm.reserve_memory(from_env(TransferConfig).host_reserve_bytes)
         self.platform, self.backend = platform, backend
         self.ray_node = ""  # the Ray node of a host placed by Ray (runtime.cluster.ray_host)
         self.address = ""
