@@ -1,15 +1,21 @@
-"""Array bytes between a process and hosts: shared-memory segments on this machine, streams otherwise.
+"""Array bytes between a process and hosts: by address or through shared-memory segments on this
+machine, streams otherwise.
 
-Used by the client (puts, fetches) and by hosts (copies to another slice's hosts: SegmentSender).
+Used by the client (puts, fetches) and by hosts (copies to another slice's hosts: LocalSender).
 
-A put of an array whose hosts all listen on a loopback address copies the array once into a
-segment of this process (proto.shm) and sends each host only its shards' headers naming it; the
-hosts copy their shards from the mapping into their device buffers. A fetch hands the hosts one
-segment as long as the array; each copies its shards from its device buffers into their regions,
-and the result is a NumPy array over the mapping. Everything else (another machine,
-PATHWAYS_SHARED_MEMORY=0, a host that cannot reach this process's /proc) moves the bytes over the
-hosts' bulk channel (proto.bulk: plain TCP, one connection per shard, gRPC carrying only the
-shards' headers and tickets), all hosts at once, straight between the sockets and the arrays.
+On this machine (every host of the transfer listens on a loopback address), bytes move by
+address (proto.cma, one copy): a put sends each host only its shards' headers, naming where each
+lies in this process's memory, and the host reads them from there straight into the memory its
+device buffers take over; a fetch names where the result lies in this process's memory, and each
+host writes its shards from its device buffers straight into their regions there; a host's copy
+to a host of this machine names where the shards lie in its device buffers. Where a shard is not
+one contiguous run of the array's bytes (cut across rows), or the kernel does not let a host
+reach this process's memory, the array goes through a segment of this process (proto.shm)
+instead: a put copies it in once and the hosts copy their shards out of its mapping; a fetch's
+hosts write into it and the result is a NumPy array over the mapping. Everything else (another
+machine, PATHWAYS_SHARED_MEMORY=0, a host that cannot reach this process's /proc) moves the bytes
+over the hosts' bulk channel (proto.bulk: plain TCP, one connection per shard, gRPC carrying only
+the shards' headers and tickets), all hosts at once, straight between the sockets and the arrays.
 Empty and small transfers (TransferConfig.bulk_min_bytes), hosts without a bulk port (simulated
 ones) and a port that refuses connections (nothing sent yet) stream the bytes inside gRPC
 messages instead: a put one stream per host (or per shard: ArrayChunk.parts), a fetch one stream
@@ -30,37 +36,16 @@ from concurrent import futures
 import numpy as np
 
 from proto import bulk as _bulk
+from proto import cma as _cma
 from proto import pathways_pb2 as pb
-from proto import rpc as _rpc
+from proto import same_host as _same_host
 from proto import shm as _shm
 from proto import wire as _wire
 from proto.chunk_codec import FramedWorkerStub
 from proto.config import TransferConfig, from_env
-from proto.errors import InvalidArgumentError, from_rpc_error
 
 
 log = logging.getLogger(__name__)
-
-#: Hosts (addresses) that could not open a segment of this process: streamed to from then on.
-_UNREACHABLE: set[str] = set()
-_UNREACHABLE_LOCK = threading.Lock()
-
-
-def _segments_reach(addresses: Sequence[str]) -> bool:
-    """Whether segments of this process may carry an array to or from all of these hosts."""
-    if not _shm.segments_available():
-        return False
-    with _UNREACHABLE_LOCK:
-        return all(_rpc.is_loopback(a) and a not in _UNREACHABLE for a in addresses)
-
-
-def _mark_unreachable(address: str, exc: BaseException) -> None:
-    with _UNREACHABLE_LOCK:
-        if address not in _UNREACHABLE:
-            log.info("host %s cannot open this process's shared memory (%s): streaming to it",
-                     address, exc)
-            _UNREACHABLE.add(address)
-
 
 class _Countdown:
     """Runs `done` once `count` jobs have called `tick` (closing a segment after its last put)."""
@@ -84,10 +69,14 @@ def put_jobs(client, value: np.ndarray, spec: pb.ArraySpec, vslice,
     """Starts putting `value` on the hosts of `host_groups` (host -> its distinct shards) of
     `vslice` (a runtime.client VirtualSlice), on `client.transfer_pool`; returns a job per host.
     `call(client, vslice, host, fn)` runs fn on the host's stub, mapping errors;
-    `deadline(nbytes)` is an RPC's deadline."""
+    `deadline(nbytes)` is an RPC's deadline. `value` must not change until the jobs are done
+    (hosts of this machine may read it where it lies)."""
     addresses = {host: vslice.info.host_addresses[host] for host in host_groups}
+    local = _same_host.segments_reach(list(addresses.values()))
+    regions = (_same_host.direct_regions(value, host_groups) if local and _cma.available()
+               else None)
     segment = None
-    if value.nbytes and _segments_reach(list(addresses.values())):
+    if regions is None and value.nbytes and local:
         try:
             segment = _shm.POOL.take(value.nbytes)
             _shm.copy_into(segment.array(value.dtype, value.shape), value)
@@ -100,10 +89,14 @@ def put_jobs(client, value: np.ndarray, spec: pb.ArraySpec, vslice,
     def put_host(stub, host, groups):
         shards = [(index, ps, value[_wire.as_slices(index)]) for index, ps in groups]
         nbytes = sum(s[2].nbytes for s in shards)
-        if segment is not None and addresses[host] not in _UNREACHABLE:
-            if _put_through(stub, addresses[host], spec, groups, segment, deadline(nbytes)):
+        address = addresses[host]
+        if regions is not None and address not in _same_host.NOT_READABLE:
+            if _same_host.put_direct(stub, address, spec, groups, regions, deadline(nbytes)):
                 return None
-        return stream_put(stub, spec, shards, deadline(nbytes), address=addresses[host])
+        if segment is not None and address not in _same_host.UNREACHABLE:
+            if _same_host.put_through(stub, address, spec, groups, segment, deadline(nbytes)):
+                return None
+        return stream_put(stub, spec, shards, deadline(nbytes), address=address)
 
     jobs = [client.transfer_pool.submit(call, client, vslice, host,
                                 lambda stub, h=host, g=groups: put_host(stub, h, g))
@@ -174,7 +167,8 @@ def stream_put(stub, spec: pb.ArraySpec, shards: Sequence[tuple], timeout: float
     for thread in threads:
         thread.join()  # each stream carries its RPC's deadline
     if errors:
-        if all(ONE_STREAM_ONLY in str(_mapped(e)) for e in errors) and len(errors) == parts:
+        if len(errors) == parts and all(
+                ONE_STREAM_ONLY in str(_same_host.runtime_error(e)) for e in errors):
             _ONE_STREAM.add(stub)  # a host that takes puts in one stream only (simulated)
             stub.PutArray(_wire.iter_chunks(spec, shards, views=views), timeout=timeout)
             return
@@ -203,143 +197,60 @@ class Regions:
         return self._whole[_wire.as_slices(index)]
 
 
-def _put_through(stub, address: str, spec: pb.ArraySpec, groups, segment: _shm.Segment,
-                 timeout: float, part: tuple[int, int] = (0, 0)) -> bool:
-    """Puts shards ((index, mesh positions) pairs) held in `segment` on the host at `address`;
-    False (nothing stored) when that host cannot open segments of this process."""
-    try:
-        stub.PutArray(iter(_shared_headers(spec, groups, segment.reference, part)),
-                      timeout=timeout)
-        return True
-    except Exception as exc:
-        mapped = _mapped(exc)
-        if not _shm.is_unreachable(mapped):
-            raise
-        _mark_unreachable(address, mapped)
-        return False
-
-
-class SegmentSender:
-    """A host's copy of one array to hosts of another slice: to those on this machine through one
-    segment holding the array (filled once, straight from the device buffers, when the first such
-    host is sent to); `send` says False for the others (the caller streams to them)."""
-
-    def __init__(self, value) -> None:
-        self.value = value
-        self.segment: _shm.Segment | None = None
-        self._failed = False  # no segment could be made: stream to every host
-        self._lock = threading.Lock()  # hosts are sent to from several threads at once
-
-    def send(self, stub, address: str, spec: pb.ArraySpec, groups, timeout: float,
-             part: tuple[int, int] = (0, 0)) -> bool:
-        """Puts shards ((index, mesh positions) pairs) of the array on the host at `address`
-        through the segment (as one `part` of a put, see stream_put); False when that path is
-        not open. Only the blocks this host holds are written into the segment."""
-        if not self.value.nbytes or not _segments_reach([address]):
-            return False
-        with self._lock:
-            if self.segment is None and not self._failed:
-                try:
-                    self.segment = segment_holding(self.value)
-                except OSError as exc:
-                    log.info("no shared-memory segment for a copy of %d bytes (%s)",
-                             self.value.nbytes, exc)
-                    self._failed = True
-            if self.segment is None:
-                return False
-        return _put_through(stub, address, spec, groups, self.segment, timeout, part)
-
-    def close(self, succeeded: bool) -> None:
-        if self.segment is not None:
-            self.segment.release() if succeeded else self.segment.discard()
-
-
-def segment_holding(value) -> _shm.Segment:
-    """A segment of the pool holding `value` (a NumPy array, or a JAX array all of whose shards
-    are on this host: each distinct shard copied once, straight from its device buffer)."""
-    dtype = np.dtype(value.dtype)
-    segment = _shm.POOL.take(value.nbytes)
-    try:
-        whole = segment.array(dtype, tuple(value.shape))
-        if isinstance(value, np.ndarray):
-            _shm.copy_into(whole, value)
-        else:
-            for block, data in _wire.distinct_blocks(value).items():
-                _shm.copy_into(whole[(*(slice(a, b) for a, b in block), ...)], data)
-        del whole
-    except BaseException:
-        segment.discard()
-        raise
-    return segment
-
-
-def _mapped(exc: BaseException) -> BaseException:
-    """The runtime error a gRPC error stands for (itself otherwise)."""
-    import grpc
-
-    if isinstance(exc, grpc.RpcError):
-        return from_rpc_error(exc) or exc
-    return exc
-
-
-def _shared_headers(spec: pb.ArraySpec, shards, reference: str,
-                    part: tuple[int, int] = (0, 0)) -> list[pb.ArrayChunk]:
-    """One message per shard ((index, mesh positions) pairs) naming its region of the segment;
-    `spec` (and `part`, see stream_put) on the first."""
-    itemsize = _wire.dtype_from_name(spec.dtype).itemsize
-    messages = []
-    for index, positions in shards:
-        nbytes = math.prod(_wire.shard_shape(index)) * itemsize
-        header = pb.ShardHeader(index=_wire.index_to_proto(index), nbytes=nbytes,
-                                mesh_positions=positions, shared_array=reference)
-        message = pb.ArrayChunk(shard=header)
-        if not messages:
-            message.spec.CopyFrom(spec)
-            _wire.mark_part(message, part)
-        messages.append(message)
-    return messages
-
-
 class FetchTarget:
-    """Where a fetch of one array lands: a segment of this process the hosts write into (on this
-    machine) or a NumPy array filled from streams; `value` is the array either way."""
+    """Where a fetch of one array lands, `value` either way: memory of this process the hosts
+    write into by address (on this machine, proto.cma, when every shard's region is contiguous),
+    else a segment of this process they write into (on this machine), else a NumPy array filled
+    from streams. `indices`: the shards the fetch will ask for."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, addresses: Sequence[str]) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, addresses: Sequence[str],
+                 indices: Sequence[_wire.Index] = ()) -> None:
         self.segment = None
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes and _segments_reach(addresses):
+        local = bool(nbytes) and _same_host.segments_reach(addresses)
+        self._direct = local and _cma.available() and all(
+            _wire.contiguous_offset(shape, i, dtype.itemsize) is not None for i in indices)
+        if local and not self._direct:
             try:
                 self.segment = _shm.POOL.take(nbytes)
             except OSError as exc:
                 log.info("no shared-memory segment for a fetch of %d bytes (%s)", nbytes, exc)
-        # Streamed: into warm memory of a past fetch (a fresh array's pages fault in on the way).
+        # Otherwise into warm memory: a past fetch's, or the reserve (proto.shm.reserve_memory).
         self.value = (self.segment.array(dtype, shape) if self.segment is not None
                       else _shm.HOST_BUFFERS.empty(shape, dtype))
 
     def request(self, request: pb.GetArrayRequest, address: str) -> pb.GetArrayRequest:
-        """`request` asking the host at `address` to write into the segment, when there is one."""
-        if self.segment is not None and address not in _UNREACHABLE:
+        """`request` asking the host at `address` to write into `value` by address, or into the
+        segment, when it can."""
+        if self._direct and address not in _same_host.NOT_READABLE:
+            request.process_address = self.value.ctypes.data
+            request.process_segment = _cma.identity()
+        elif self.segment is not None and address not in _same_host.UNREACHABLE:
             request.shared_array = self.segment.reference
         return request
 
     def receive(self, stub, request: pb.GetArrayRequest, address: str, timeout: float) -> None:
         """Reads the requested shards from a host into `value` (streaming them if the host cannot
-        reach the segment)."""
-        if request.shared_array:
+        reach this process's memory or segment)."""
+        if request.process_address or request.shared_array:
             try:
                 chunks = stub.GetArray(request, timeout=timeout)
                 first = next(chunks, None)
-                if first is None or first.shard.shared_array:
-                    _check_headers(itertools.chain([first] if first else [], chunks), request)
+                if first is None or first.shard.shared_array or first.shard.process_address:
+                    _same_host.check_headers(
+                        itertools.chain([first] if first else [], chunks), request)
                     return
-                # A host that does not write into segments (a simulated one) streams instead.
+                # A host that does not write into memory of ours (a simulated one) streams.
                 self._assemble(itertools.chain([first], chunks))
                 return
             except Exception as exc:
-                mapped = _mapped(exc)
-                if not _shm.is_unreachable(mapped):
+                mapped = _same_host.runtime_error(exc)
+                if request.process_address and _cma.is_unreachable(mapped):
+                    _same_host.mark_not_readable(address, mapped)
+                elif request.shared_array and _shm.is_unreachable(mapped):
+                    _same_host.mark_unreachable(address, mapped)
+                else:
                     raise
-                _mark_unreachable(address, mapped)
                 request = pb.GetArrayRequest(array_id=request.array_id, shards=request.shards,
                                              timeout_s=request.timeout_s,
                                              after_sequence=request.after_sequence)
@@ -391,25 +302,13 @@ class FetchTarget:
 #: Threads streaming the second and later shards of a host's part of a fetch.
 STREAM_THREADS = _SETTINGS.stream_threads
 _stream_pool: futures.ThreadPoolExecutor | None = None
+_stream_pool_lock = threading.Lock()
 
 
 def _streams() -> futures.ThreadPoolExecutor:
     global _stream_pool
-    with _UNREACHABLE_LOCK:
+    with _stream_pool_lock:
         if _stream_pool is None:
             _stream_pool = futures.ThreadPoolExecutor(STREAM_THREADS,
                                                       thread_name_prefix="shard-stream")
         return _stream_pool
-
-
-def _check_headers(chunks, request: pb.GetArrayRequest) -> None:
-    """A host's reply to a read through a segment: a header per shard asked for, no data."""
-    wanted = {_wire.index_from_proto(i) for i in request.shards}
-    written = set()
-    for chunk in chunks:
-        if chunk.data or not chunk.HasField("shard") or (
-                chunk.shard.shared_array != request.shared_array):
-            raise InvalidArgumentError("a host answered a shared-memory read with data")
-        written.add(_wire.index_from_proto(chunk.shard.index))
-    if wanted and written != wanted:
-        raise InvalidArgumentError(f"a host wrote shards {sorted(written)} of {sorted(wanted)}")

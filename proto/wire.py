@@ -4,8 +4,9 @@ An array travels as a stream of `ArrayChunk` messages: the array's spec, then fo
 shard a header (its index in the global array and the mesh positions that hold it) followed by its
 raw bytes cut into chunks small enough for gRPC's message limit. Replicated shards travel once per
 host, not once per device. Between processes of one machine a shard's bytes may instead lie in a
-shared-memory segment of the sender (proto.shm), named in its header (`shared_array`): the header
-alone travels.
+shared-memory segment of the sender (proto.shm), named in its header (`shared_array`), or in the
+sender's own memory, which the receiver reads (proto.cma, `process_address`): the header alone
+travels.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import ml_dtypes
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from proto import cma as _cma
 from proto import pathways_pb2 as pb
 from proto import shm as _shm
 from proto.chunk_codec import DataChunk
@@ -138,6 +140,20 @@ def as_slices(index: Index) -> tuple[slice, ...]:
     return tuple(slice(a, b) for a, b in index)
 
 
+def contiguous_offset(shape: Sequence[int], index: Index, itemsize: int) -> int | None:
+    """The byte offset of region `index` in a row-major array of `shape`, when the region is
+    one contiguous run of its bytes (whole trailing dimensions behind a run of one row, as a
+    shard cut along leading axes is); None otherwise."""
+    offset, stride, partial = 0, itemsize, False
+    for (start, stop), n in reversed(list(zip(index, shape))):
+        if partial and stop - start > 1:
+            return None  # a dimension cut before this one: the rows are apart
+        partial = partial or (start, stop) != (0, n)
+        offset += start * stride
+        stride *= n
+    return offset
+
+
 def slice_shard_groups(shape: Sequence[int], info: pb.SliceInfo, sharding: pb.Sharding
                        ) -> list[tuple[Index, list[int]]]:
     """`shard_groups` over the mesh of a slice's definition (its mesh_shape and axis_names)."""
@@ -254,7 +270,9 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk | DataChunk], dtype: np.dtype
     """Reassembles shards from a chunk stream, checking sizes; returns (spec or None, shards).
 
     With `segments`, a shard may lie in a peer's shared-memory segment (ShardHeader.shared_array):
-    its data is then a read-only view of its region there, valid while `segments` is open. With
+    its data is then a read-only view of its region there, valid while `segments` is open; or in
+    the memory of a peer on this machine (ShardHeader.process_address): its data is then read from
+    there (proto.cma) into memory of this process a device buffer may take. With
     `target` (the whole array being read), a shard whose region of it is contiguous is assembled
     in place there: its data is that region. With `bulk` (a host's runtime.worker.bulk.Incoming),
     a shard's bytes may come over the bulk channel (ShardHeader.bulk_ticket): its data is the
@@ -287,6 +305,15 @@ def assemble_chunks(chunks: Iterable[pb.ArrayChunk | DataChunk], dtype: np.dtype
             if chunk.shard.shared_file:
                 raise InvalidArgumentError("shard files (ShardHeader.shared_file) are not "
                                            "accepted: shared memory travels as segments")
+            if chunk.shard.process_address:
+                if segments is None or spec is None or chunk.data:
+                    raise InvalidArgumentError("shards in the sender's memory are not accepted "
+                                               "here")
+                data = _shm.HOST_BUFFERS.empty(sshape, dtype)  # a device buffer may alias it
+                _cma.read(chunk.shard.process_segment, chunk.shard.process_address, data)
+                shards.append(ReceivedShard(index, list(chunk.shard.mesh_positions), data))
+                buffer, filled = None, 0  # data chunks may not follow it
+                continue
             if chunk.shard.shared_array:
                 if segments is None or spec is None or chunk.data:
                     raise InvalidArgumentError("shared-memory shards are not accepted here")

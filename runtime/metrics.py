@@ -67,9 +67,10 @@ _STAGES = {("controller", "Execute"): "order", ("worker", "Dispatch"): "receive"
 #: Calls that move array bytes: method -> (direction, bytes of a reply or streamed chunk).
 _BYTES: dict[str, tuple[str, Callable[[object], int]]] = {
     "PutArray": ("in", lambda reply: reply.nbytes),
-    # A shard written into the caller's shared memory (proto.shm) comes as its header alone.
+    # A shard written into the caller's shared memory (proto.shm) or straight into its memory
+    # (proto.cma) comes as its header alone.
     "GetArray": ("out", lambda chunk: len(chunk.data) or (
-        chunk.shard.nbytes if chunk.shard.shared_array else 0)),
+        chunk.shard.nbytes if chunk.shard.shared_array or chunk.shard.process_address else 0)),
 }
 
 

@@ -11,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 import runtime
 from proto import shm as _shm
-from proto import transfer as _transfer
+from proto import same_host as _same_host
 from proto import wire as _wire
 
 
@@ -103,15 +103,17 @@ def test_program_across_two_islands_with_transfer(client):
     (P(), P("d")),                # replicated -> sharded along one axis
     (P("x"), P(None, "d")),       # sharded rows -> sharded columns
 ])
-@pytest.mark.parametrize("shared_memory", [True, False], ids=["shared-memory", "streamed"])
-def test_cross_island_transfer_between_mesh_shapes(client, monkeypatch, src_spec, dst_spec,
-                                                   shared_memory):
-    """Both ways bytes move between hosts of one machine: a shared-memory segment, or chunks
-    streamed over gRPC (as between machines)."""
+@pytest.mark.parametrize("way", ["process-memory", "shared-memory", "streamed"])
+def test_cross_island_transfer_between_mesh_shapes(client, monkeypatch, src_spec, dst_spec, way):
+    """Every way bytes move between hosts of one machine: by address (where the shards are
+    whole blocks of the source's), a shared-memory segment, or chunks streamed over gRPC (as
+    between machines)."""
+    shared_memory = way != "streamed"
     monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "1" if shared_memory else "0")
+    monkeypatch.setenv("PATHWAYS_PROCESS_MEMORY_READS", "1" if way == "process-memory" else "0")
     used = []
-    real = _transfer.segment_holding
-    monkeypatch.setattr(_transfer, "segment_holding", lambda *a: used.append(1) or real(*a))
+    real = _same_host.segment_holding
+    monkeypatch.setattr(_same_host, "segment_holding", lambda *a: used.append(1) or real(*a))
     s0 = client.slice((2, 2), ("x", "y"), island=0)
     s1 = client.slice({"d": 4}, island=1)
     x = np.arange(128, dtype=np.int32).reshape(8, 16)
@@ -120,7 +122,8 @@ def test_cross_island_transfer_between_mesh_shapes(client, monkeypatch, src_spec
     np.testing.assert_array_equal(moved.fetch(), x)
     back = moved.to(s0, P("y", "x"))  # and back, to a third layout
     np.testing.assert_array_equal(back.fetch(), x)
-    assert bool(used) == (shared_memory and _shm.segments_available())
+    if way != "process-memory":
+        assert bool(used) == (shared_memory and _shm.segments_available())
 
 
 def test_call_with_input_on_another_island_moves_it(client):

@@ -21,9 +21,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from proto import bulk as _bulk
+from proto import cma as _cma
 from proto import pathways_pb2 as pb
 from proto import shm as _shm
-from proto import transfer as _transfer
+from proto import same_host as _same_host
 from proto import wire as _wire
 from proto.errors import FailedPreconditionError, InvalidArgumentError
 from runtime.client.array import RemoteArray, put_arrays
@@ -33,11 +34,24 @@ from runtime.client.array import RemoteArray, put_arrays
 BULK_USED: list[str] = []
 
 
-@pytest.fixture(params=["shared-memory", "stream", "bulk"])
+#: Reads from and writes into another process's memory (proto.cma) in the current test.
+MOVED: list[str] = []
+
+
+@pytest.fixture(params=["process-memory", "shared-memory", "stream", "bulk"])
 def path(request, monkeypatch):
-    """The transfer path under test (shared memory, gRPC streams, or the bulk channel for every
-    size); yields the sizes of the segments taken meanwhile."""
-    monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "1" if request.param == "shared-memory" else "0")
+    """The transfer path under test (on this machine by address, or through shared-memory
+    segments; gRPC streams, or the bulk channel for every size); yields the sizes of the segments
+    taken meanwhile."""
+    local = request.param in ("process-memory", "shared-memory")
+    monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "1" if local else "0")
+    monkeypatch.setenv("PATHWAYS_PROCESS_MEMORY_READS",
+                       "1" if request.param == "process-memory" else "0")
+    MOVED.clear()
+    for name in ("read", "write_regions"):
+        real_move = getattr(_cma, name)
+        monkeypatch.setattr(_cma, name, lambda *a, real_move=real_move, name=name, **k: (
+            MOVED.append(name), real_move(*a, **k))[1])
     monkeypatch.setattr(_bulk, "SETTINGS", dataclasses.replace(
         _bulk.SETTINGS, bulk_channel=int(request.param == "bulk"), bulk_min_bytes=0))
     BULK_USED.clear()
@@ -95,10 +109,20 @@ def test_put_fetch_and_island_copy_are_bit_exact(client, path, case):
         assert BULK_USED.count("put") >= 2 and BULK_USED.count("fetch") >= 2
     else:
         assert BULK_USED == []
-    if name != "shared-memory" or want.nbytes == 0:
-        assert taken == []  # nothing went through shared memory
+    if name == "process-memory" and want.nbytes:
+        # The put, the fetches and the copy by address where each shard lies in one piece (the
+        # copy's source shards always do: device buffers); through a segment otherwise.
+        rows = spec in (P(), P("x"))  # shards of whole rows
+        put_direct = rows and (x.flags.c_contiguous or not x.dtype.isnative)
+        assert MOVED.count("read") >= 1 + put_direct
+        assert MOVED.count("write_regions") >= (2 if rows else 0)
+        segments = (not put_direct) + 2 * (not rows)
+        assert len(taken) >= segments and set(taken) <= {want.nbytes}
+        assert segments or taken == []
+    elif name != "shared-memory" or want.nbytes == 0:
+        assert taken == [] and MOVED == []  # nothing went through shared memory
     else:  # the put, the fetches and the host-to-host copy each went through a segment
-        assert len(taken) >= 4 and set(taken) == {want.nbytes}
+        assert len(taken) >= 4 and set(taken) == {want.nbytes} and MOVED == []
 
 
 def test_a_fetched_array_is_writable_and_outlives_the_client(cluster, path):
@@ -190,21 +214,33 @@ def test_a_host_refuses_segments_that_are_not_the_announced_array(client):
     assert np.array_equal(handle.fetch(), x)
 
 
-def test_a_host_that_cannot_open_segments_gets_the_stream(client, monkeypatch):
+#: Ways a host of this machine can fail to reach the client's bytes: (PATHWAYS_PROCESS_MEMORY_READS,
+#: the module and function refusing, the error it raises, the set the client marks the host in).
+REFUSALS = {
+    "segment": ("0", _shm, "open_segment", _shm.SEGMENT_UNREACHABLE, "UNREACHABLE"),  # PID ns
+    "memory": ("1", _cma, "_move", _cma.MEMORY_UNREACHABLE, "NOT_READABLE"),  # user, Yama
+}
+
+
+@pytest.mark.parametrize("refusal", list(REFUSALS))
+def test_a_host_that_cannot_reach_the_clients_bytes_gets_them_another_way(client, monkeypatch,
+                                                                          refusal):
+    reads, module, function, message, marked = REFUSALS[refusal]
     monkeypatch.setenv("PATHWAYS_SHARED_MEMORY", "1")
-    monkeypatch.setattr(_transfer, "_UNREACHABLE", set())
+    monkeypatch.setenv("PATHWAYS_PROCESS_MEMORY_READS", reads)
+    monkeypatch.setattr(_same_host, marked, set())
     refused = []
 
-    def unreachable(reference, nbytes, *, writable=False):  # as in another PID namespace
-        refused.append(reference)
-        raise FailedPreconditionError(f"{_shm.SEGMENT_UNREACHABLE}: (test)")
+    def refuse(*args, **kwargs):
+        refused.append(args)
+        raise FailedPreconditionError(f"{message}: (test)")
 
-    monkeypatch.setattr(_shm, "open_segment", unreachable)
+    monkeypatch.setattr(module, function, refuse)
     s = client.slice({"x": 2}, island=0)
     x = np.arange(1000, dtype=np.float32).reshape(10, 100)
     assert np.array_equal(client.put(x, s, P("x")).fetch(), x)
-    assert len(refused) == 1  # the put tried once; it and the fetch then streamed
-    assert s.info.host_addresses[0] in _transfer._UNREACHABLE
+    assert len(refused) == 1  # the put tried once; it and the fetch then went another way
+    assert s.info.host_addresses[0] in getattr(_same_host, marked)
 
 
 _KILLED_CLIENT = textwrap.dedent("""

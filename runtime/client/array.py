@@ -213,7 +213,8 @@ def fetch_arrays(client: Client, arrays: Sequence[RemoteArray], timeout: float |
         sharding = _wire.spec_to_proto(array.slice.slice_id, array.spec)
         groups_of = _host_groups(array.data_shape, array.slice, sharding)
         addresses = {host: array.slice.info.host_addresses[host] for host in groups_of}
-        out = _transfer.FetchTarget(array.data_shape, array.data_dtype, list(addresses.values()))
+        out = _transfer.FetchTarget(array.data_shape, array.data_dtype, list(addresses.values()),
+                                    [index for groups in groups_of.values() for index, _ in groups])
         outputs.append(out)
         for host, groups in groups_of.items():
             indices = [index for index, _ in groups]

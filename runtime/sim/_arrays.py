@@ -23,6 +23,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 
 import numpy as np
 
+from proto import cma as _cma
 from proto import pathways_pb2 as pb
 from proto import shm as _shm
 from proto import wire as _wire
@@ -140,6 +141,12 @@ async def receive_shards(first: pb.ArrayChunk, rest: AsyncIterator[pb.ArrayChunk
             if chunk.shard.shared_file:
                 raise InvalidArgumentError("shard files (ShardHeader.shared_file) are not "
                                            "accepted: shared memory travels as segments")
+            if chunk.shard.process_address:  # in the sender's memory (proto.cma)
+                if buffer is not None:
+                    data = np.empty(_wire.shard_shape(index), dtype)
+                    _cma.read(chunk.shard.process_segment, chunk.shard.process_address, data)
+                    buffer += data.tobytes()
+                received = expected
             if chunk.shard.shared_array:  # its region of a sender's segment (proto.shm)
                 if buffer is not None:
                     with _shm.OpenSegments() as segments:

@@ -17,6 +17,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from proto import limits as _limits
 from proto import pathways_pb2 as pb
+from proto import cma as _cma
 from proto import shm as _shm
 from proto import wire as _wire
 from proto.errors import (STORE, DeadlineExceededError, ExecutionError, FailedPreconditionError,
@@ -209,6 +210,10 @@ class DataPlane:
                                 f"(it holds {sorted(distinct)} of {value.dtype}{list(value.shape)}"
                                 f", stored by {self.store.origin(request.array_id) or '?'}: "
                                 f"{describe_layout(value)})")
+        if request.process_address:  # the caller's memory on this machine: write straight into it
+            return iter(_cma.write_regions(request.process_segment, request.process_address,
+                                           value.shape, value.dtype,
+                                           [(w, distinct[w]) for w in wanted]))
         if request.shared_array:  # the caller's segment on this machine: copy straight into it
             return iter(_shm.write_regions(request.shared_array, value.shape, value.dtype,
                                            [(w, distinct[w]) for w in wanted]))

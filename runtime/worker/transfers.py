@@ -1,7 +1,8 @@
 """Host-to-host transfers: a Send instruction captures its source at its place in the island's
 order (or earlier, once the source is stored: runtime.worker.early_sends), and a transfer thread
-streams it to the hosts of the destination slice, to all of them at once (through a shared-memory
-segment to a host on the same machine, proto.transfer), failing the destination at once when it
+streams it to the hosts of the destination slice, to all of them at once (a host on the same
+machine reads it from this one's memory, or through a shared-memory segment: proto.transfer),
+failing the destination at once when it
 cannot."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto import rpc as _rpc
+from proto import same_host as _same_host
 from proto import transfer as _transfer
 from proto import wire as _wire
 from proto.chunk_codec import FramedWorkerStub
@@ -158,7 +160,7 @@ class Transfers:
         share, each destination host's shards as one part of a put from several hosts."""
         dest = send.destination
         delivered: set[int] = set()
-        sender = _transfer.SegmentSender(value)  # hosts of this machine
+        sender = _same_host.LocalSender(value)  # hosts of this machine
         regions: list[_transfer.Regions] = []  # the others': made once, by the first to stream
 
         def deliver(host: int, address: str, mine, part: tuple[int, int]) -> None:
