@@ -105,8 +105,11 @@ class SchedulerConfig:
     relay_timeout_s: float = 2.0  # not acknowledged through the tree this long: sent directly
     progress_interval_s: float = 0.005  # least time between two progress reports of a host
     progress_idle_s: float = 1.0  # most time between two (idle hosts: one report, no Ping)
-    progress_island_rate: float = 3200.0  # most reports/s of an island's hosts together (a big
-    # island's hosts each report less often than progress_interval_s: 64 hosts, every 20 ms)
+    # Most reports/s of an island's hosts together: a big island's hosts each report less often
+    # than progress_interval_s (64 hosts: every 160 ms; 16: 40 ms). Every report costs the
+    # controller about the same, and it needs only the slowest host's place: at 3200, 512
+    # simulated hosts' reports took 0.74 of a core of the controller's two (RESULTS.md)
+    progress_island_rate: float = 400.0
     latency_window_s: float = 60.0  # dispatch latency percentiles of `pathways status` cover this
     watch_retry_s: float = 0.2  # pause before re-opening a broken progress stream
     idle_grace_s: float = 0.1  # a tenant idle for less keeps its place in the share policy

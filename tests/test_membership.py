@@ -55,3 +55,24 @@ def test_registration_carries_credentials():
     assert env[_auth.HOST_TOKEN_ENV] == credentials.host_token
     assert credentials.token not in repr(credentials)
     assert credentials.host_token not in repr(credentials)
+
+
+def test_an_arrival_is_reported_at_once_not_after_the_streams_interval():
+    from proto import pathways_pb2 as pb
+
+    worker = Worker(0, 0, jax.devices()[:1])
+    try:
+        reports = worker.watch_progress(pb.WatchProgressRequest(min_interval_s=1.0),
+                                        lambda: True)
+        worker.report_soon()
+        next(reports)  # the first report; the stream now waits its interval before the next
+        worker.report_soon()  # an array's data arrived (or a hang): the controller waits on it
+        started = time.monotonic()
+        next(reports)
+        assert time.monotonic() - started < 0.95  # without it, at least the 1 s interval
+        started = time.monotonic()
+        worker._progress.set()  # the executor moved on: that waits out the interval
+        next(reports)
+        assert time.monotonic() - started >= 0.9
+    finally:
+        worker.stop()

@@ -63,6 +63,7 @@ class HangWatchdog:
                 continue  # it finished while we asked around
             if report:
                 worker.executor.declare_hang(report)
+                worker.report_soon()
             elif self._slow != state:
                 self._slow = state
                 log.warning("host %d.%d: %s has run %.0f s, on every host of its slice",

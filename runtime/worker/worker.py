@@ -104,7 +104,10 @@ class Worker:
         # Arrays the controller announced (Expect) whose data may be put, and those being put now:
         # a put of anything else is refused, so every stored byte is one the controller knows of.
         # Used under self._cond.
-        self.announcements = Announcements(self.store, on_arrival=self._progress.set)
+        # A report that should not wait out the stream's interval (an array's data arrived: work
+        # for it waits in its client's queue until the controller hears; a hang).
+        self._report_now = threading.Event()
+        self.announcements = Announcements(self.store, on_arrival=self.report_soon)
         self._arrival: dict[int, float] = {}  # sequence -> time.time() of receipt
         self._slices: dict[int, tuple[Mesh | None, pb.SliceInfo]] = {}
         self._foreign: set[int] = set()  # slices with no device on this host
@@ -317,12 +320,19 @@ class Worker:
         """The executor's state: (what, name, sequence, session, since, slice id), or ("idle",)."""
         return self.state.activity
 
+    def report_soon(self) -> None:
+        """Sends the next progress report now, not after the stream's interval (an arrival, a
+        hang: what the controller waits on rather than merely counts)."""
+        self._report_now.set()
+        self._progress.set()
+
     def watch_progress(self, request: pb.WatchProgressRequest, active
                        ) -> Iterator[pb.WatchProgressReply]:
         """Progress reports while `active()`: one as the executor moves on, at most one per
-        `min_interval_s`, with the executions completed since the previous one; one per
-        `idle_interval_s` when idle. The stream is the controller's: each report it takes counts
-        as the controller's contact (runtime.worker.membership), as a Ping would."""
+        `min_interval_s` (sooner after `report_soon`), with the executions completed since the
+        previous one; one per `idle_interval_s` when idle. The stream is the controller's: each
+        report it takes counts as the controller's contact (runtime.worker.membership), as a Ping
+        would."""
         interval, idle = _limits.report_intervals(request)
         timeline = self._inflight.timeline
         reported = timeline[-1][0] if timeline else 0  # last sequence reported
@@ -330,6 +340,7 @@ class Worker:
         while active() and not self._stopped:
             self._progress.wait(idle)
             self._progress.clear()
+            self._report_now.clear()
             fresh = entries_after(timeline, reported)
             if fresh:
                 reported = fresh[-1][0]
@@ -344,7 +355,7 @@ class Worker:
                                         arrived=arrived)
             self.last_contact = time.monotonic()
             if interval:
-                time.sleep(interval)
+                self._report_now.wait(interval)
 
     @property
     def timeline(self) -> list[ExecutionRecord]:
@@ -358,6 +369,7 @@ class Worker:
             self._stopped = True
             self._cond.notify_all()
         self._progress.set()
+        self._report_now.set()
         self._reaper.put(None)
         if self.admission is not None:
             self.admission.stop()
