@@ -216,6 +216,11 @@ def run_point(args, cluster, chains, shape: str, duration_ms: float) -> dict:
         if probed is not None:
             record["latency_ms"] = probed
             record["probe_rounds"] = rounds
+        if error is None and len(chains) > 1:  # and with one unit in the whole cluster at a time
+            alone, error = probe_latencies(chains, max(1, rounds // len(chains)), deadline,
+                                           cluster.credentials, alone=True)
+            if alone is not None:
+                record["lone_latency_ms"] = alone
         if error is not None:
             record["error"] = f"probe incomplete within the point's budget: {error}"
             record["fatal"] = True

@@ -96,10 +96,12 @@ def plot_scale(report: dict, out: pathlib.Path) -> None:
 def format_table(report: dict) -> str:
     """The sweep as text: a row per point, then clusters and break-evens."""
     rows = ["latency (ms, p50/p99) of a probe: one command per island at a time; each stage's own "
-            "length",
+            "length; last column: submit -> last host received with one command in the whole "
+            "cluster at a time",
             f"{'hosts':>5} {'shape':<8} {'ms':>6} {'busy':>6} {'steady':>6} {'comp/s':>9} "
             f"{'ctl ms/comp':>11} "
-            f"{'submit->ordered':>16} {'ordered->last recv':>19} {'last recv->start':>17}"]
+            f"{'submit->ordered':>16} {'ordered->last recv':>19} {'last recv->start':>17} "
+            f"{'alone':>13}"]
     for p in report["points"]:
         died = (f" [the controller exited with {p['controller_exit_code']}]"
                 if p.get("controller_exit_code") is not None else "")
@@ -107,17 +109,16 @@ def format_table(report: dict) -> str:
             rows.append(f"{p['hosts']:>5} {p['shape']:<8} {p['target_ms']:>6g}  "
                         f"{p.get('error', 'no computations')}{died}")
             continue
-        lat = p.get("latency_ms") or {}
-
-        def pair(key: str) -> str:
-            value = lat.get(key)
+        def pair(key: str, figures: str = "latency_ms") -> str:
+            value = (p.get(figures) or {}).get(key)
             return f"{value['p50']:.2f}/{value['p99']:.2f}" if value else "-"
         cpu = p["controller"].get("cpu_s_per_computation")
         rows.append(f"{p['hosts']:>5} {p['shape']:<8} {p.get('computation_ms') or 0:>6.3g} "
                     f"{p['busy']:>6.3f} {p.get('busy_steady') or float('nan'):>6.3f} "
                     f"{p['computations_per_s']:>9.1f} "
                     f"{cpu * 1e3 if cpu else float('nan'):>11.3f} {pair('submit_to_ordered'):>16} "
-                    f"{pair('ordered_to_last_received'):>19} {pair('last_received_to_start'):>17}"
+                    f"{pair('ordered_to_last_received'):>19} {pair('last_received_to_start'):>17} "
+                    f"{pair('submit_to_last_received', 'lone_latency_ms'):>13}"
                     + (" *" if p.get("error") else "") + died)
     for c in report["clusters"]:
         if c.get("error") and not c.get("controller_idle"):

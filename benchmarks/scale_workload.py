@@ -141,20 +141,24 @@ def drive(chains: Sequence[Chain], seconds: float, outstanding: int, deadline: f
     return submissions, None
 
 
-def probe(chains: Sequence[Chain], rounds: int, deadline: float
+def probe(chains: Sequence[Chain], rounds: int, deadline: float, *, alone: bool = False
           ) -> tuple[list[Submission], PathwaysError | None]:
     """Dispatch latency without a backlog: `rounds` times, one unit on every island at once,
-    then a wait until they are all done (until `deadline`, time.monotonic(), at the latest)."""
+    then a wait until they are all done (until `deadline`, time.monotonic(), at the latest).
+    With `alone`, one unit in the whole cluster at a time instead, island after island (each
+    round a unit per island, waited for before the next)."""
     submissions: list[Submission] = []
+    groups = [[chain] for chain in chains] if alone else [list(chains)]
     for _ in range(rounds):
-        for chain in chains:
-            now = time.time()
-            chain.x = chain.run(chain.x)
-            submissions.append(Submission(chain.island, now, chain.x, chain.x._ticket))
-        try:
-            fetch_all(chains, deadline)
-        except PathwaysError as exc:
-            return submissions, exc
+        for group in groups:
+            for chain in group:
+                now = time.time()
+                chain.x = chain.run(chain.x)
+                submissions.append(Submission(chain.island, now, chain.x, chain.x._ticket))
+            try:
+                fetch_all(group, deadline)
+            except PathwaysError as exc:
+                return submissions, exc
     return submissions, None
 
 
@@ -169,14 +173,14 @@ def fetch_all(chains: Sequence[Chain], deadline: float) -> None:
                                      timeout=max(0.0, deadline - time.monotonic()))
 
 
-def probe_latencies(chains: Sequence[Chain], rounds: int, deadline: float, credentials
-                    ) -> tuple[dict | None, PathwaysError | None]:
+def probe_latencies(chains: Sequence[Chain], rounds: int, deadline: float, credentials, *,
+                    alone: bool = False) -> tuple[dict | None, PathwaysError | None]:
     """`probe`, then its per-stage latencies from the hosts' timelines
     (benchmarks.scale_measure.latencies; None if nothing was submitted), and the probe's error.
-    The one probe of `pathways bench scale` and `pathways bench dispatch`."""
+    The probe of `pathways bench scale` (both ways) and `pathways bench dispatch`."""
     from benchmarks.scale_measure import latencies, read_timelines
 
-    probed, error = probe(chains, rounds, deadline)
+    probed, error = probe(chains, rounds, deadline, alone=alone)
     if not probed:
         return None, error
     timelines = read_timelines({c.island: c.addresses for c in chains}, credentials,

@@ -1,6 +1,7 @@
 """The figures of `pathways bench scale` from synthetic timelines: busy, throughput, per-stage
 latency, the break-even crossing, the island layout and the sizes of the workload."""
 
+import time
 import types
 
 import jax
@@ -8,7 +9,7 @@ import pytest
 
 from benchmarks.scale import layout
 from benchmarks.scale_measure import crossing, latencies, point_figures, process_stats
-from benchmarks.scale_workload import make_fused, make_step, matrix_size
+from benchmarks.scale_workload import Chain, make_fused, make_step, matrix_size, probe
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
 from runtime.sim import per_device_flops
@@ -125,3 +126,29 @@ def test_the_workload_takes_its_duration_on_simulated_devices(duration_ms):
                        / flops_per_s)
     assert seconds[0] == pytest.approx(duration_ms / 1e3, rel=0.02)
     assert seconds[1] == pytest.approx(4 * seconds[0], rel=1e-3)
+
+
+@pytest.mark.parametrize("alone", [False, True])
+def test_the_probe_waits_for_every_island_or_for_each(alone):
+    """The probe's rounds: one unit on every island, then one wait for them all; or, `alone`,
+    one unit in the whole cluster at a time (submitted only once the one before is done)."""
+    events = []
+
+    class Client:
+        def fetch(self, values, timeout):
+            events.append(("fetch", sorted(v.island for v in values)))
+
+    class Value:
+        def __init__(self, island):
+            self.island, self._ticket = island, None
+
+    client = types.SimpleNamespace(client=Client())
+    chains = [Chain(i, client, Value(i)) for i in range(3)]
+    for chain in chains:
+        chain.run = lambda x, i=chain.island: events.append(("run", i)) or Value(i)
+    submissions, error = probe(chains, 2, time.monotonic() + 30, alone=alone)
+    assert error is None and [s.island for s in submissions] == [0, 1, 2] * 2
+    if alone:
+        assert events == [e for i in (0, 1, 2) for e in (("run", i), ("fetch", [i]))] * 2
+    else:
+        assert events == [("run", 0), ("run", 1), ("run", 2), ("fetch", [0, 1, 2])] * 2
