@@ -79,10 +79,11 @@ def available() -> bool:
 
 def identity() -> str:
     """The reference of this process's identity segment (made on first use, kept for the
-    process's life): what a peer opens to know whose memory a header names."""
+    process's life; a forked child makes its own): what a peer opens to know whose memory a
+    header names."""
     global _identity
     with _identity_lock:
-        if _identity is None:
+        if _identity is None or not _identity.reference.startswith(f"{os.getpid()}/"):
             _identity = _shm.SegmentPool(0).take(1)  # never given back
         return _identity.reference
 

@@ -171,3 +171,22 @@ def test_identity_is_one_segment_for_the_process_life():
     local, size = _shm.open_peer_file(_cma.identity())
     os.close(local)
     assert size == 1
+
+
+@pytest.mark.filterwarnings("ignore:os.fork:RuntimeWarning")  # the child only writes and exits
+def test_a_forked_child_names_an_identity_of_its_own():
+    parent = _cma.identity()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its identity must name itself, not the parent
+        try:
+            os.write(write, _cma.identity().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = pipe.read()
+    os.waitpid(pid, 0)
+    assert child.startswith(f"{pid}/") and child != parent
+    assert _cma.identity() == parent
+
