@@ -2,12 +2,14 @@
 
 Puts, fetches and island-to-island copies of float32 arrays (1 MiB to 1 GiB, sharded over a slice's
 devices and replicated) through the client API, against a cluster whose hosts are `pathways worker`
-subprocesses (runtime.ProcessCluster, as `pathways up` runs them): once with shared memory between
-processes of this machine (the default), once with it turned off (PATHWAYS_SHARED_MEMORY=0: every
-byte goes through the gRPC stream, as between machines). The machine is shared and busy, so every
-figure is also given as a ratio to a NumPy copy of the same bytes timed right before it in the same
-round (interleaved rounds; medians with their spread). The first put and fetch of each cluster are
-timed on their own (cold: nothing allocated, nothing compiled) and compared to the warm median.
+subprocesses (runtime.ProcessCluster, as `pathways up` runs them): once with the paths between
+processes of this machine (the default, "shm": by address, proto.cma, or through shared-memory
+segments), once with them turned off (PATHWAYS_SHARED_MEMORY=0: every byte goes through the
+stream, as between machines). The machine is shared and busy, so every figure is also given as a
+ratio to a NumPy copy of the same bytes timed right before it in the same round (interleaved
+rounds; medians with their spread). The first put and fetch of each cluster are timed on their
+own (cold: nothing compiled, only the memory the processes reserved at start faulted in) and
+compared to the warm median.
 
 Writes DIR/transfer.json after every round and DIR/transfer.png at the end
 (benchmarks.transfer_plot).
