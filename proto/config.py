@@ -100,7 +100,12 @@ class SchedulerConfig:
     dispatch_timeout_s: float = 10.0  # one Dispatch RPC
     max_batch: int = 1024  # instructions per Dispatch RPC
     max_batch_bytes: int = 8 << 20
-    fanout: int = 8  # hosts the controller sends an island's batch to; each forwards to as many
+    # The fan-out tree (scheduler.fanout): the controller sends an island's batch to
+    # `fanout_roots` hosts, and each host forwards it to `fanout` more. One root: one controller
+    # message per island per batch, as Pathways sends one per sharded computation; at 64 hosts
+    # in 16 islands, 8 roots made the last host's receipt 3-5 ms later (benchmarks/RESULTS.md).
+    fanout_roots: int = 1
+    fanout: int = 8
     fanout_min_hosts: int = 16  # smaller islands get a Dispatch per host (scheduler.fanout)
     relay_timeout_s: float = 2.0  # not acknowledged through the tree this long: sent directly
     progress_interval_s: float = 0.005  # least time between two progress reports of a host

@@ -1,10 +1,12 @@
 """The fan-out tree of an island: how its order reaches its hosts with a few controller messages
 per batch instead of one per host.
 
-With `SchedulerConfig.fanout` = k and at least `fanout_min_hosts` hosts, the island's hosts, in
-index order, form a k-ary tree: the controller dispatches each batch to the first k hosts (the
-roots), and the host at position i forwards it to those at positions k(i+1) .. k(i+1)+k-1
-(runtime.worker.forward). A host replies without waiting for the hosts below it (one forwarded
+With `SchedulerConfig.fanout_roots` = r, `fanout` = k and at least `fanout_min_hosts` hosts, the
+island's hosts, in index order, form r k-ary trees: the controller dispatches each batch to the
+first r hosts (the roots), and the host at position i forwards it to those at positions
+r + k i .. r + k i + k - 1 (runtime.worker.forward). With one root (the default) the controller
+sends one message per island per batch, whatever the island's size; the order reaches 64 hosts
+in three levels (1, 8, 55). A host replies without waiting for the hosts below it (one forwarded
 call in flight per host below, later batches merged behind it), so a slow subtree holds up only
 itself; where the hosts below stand comes back with a later reply and in their own progress
 reports. Every host still receives the same instructions, in order, and executes them in
@@ -24,13 +26,15 @@ from collections.abc import Mapping, Sequence
 from proto import pathways_pb2 as pb
 
 
-def plan(hosts: Sequence[tuple[int, str]], fanout: int
+def plan(hosts: Sequence[tuple[int, str]], fanout: int, roots: int = 1
          ) -> dict[int, list[pb.ForwardTarget] | None]:
     """Per host (index -> control address, in index order): the subtrees it forwards to if the
-    controller dispatches to it (a root; maybe an empty list), or None if it is reached through
-    another host. `fanout` < 1 or one host: every host is a root without subtrees."""
+    controller dispatches to it (one of the first `roots`; maybe an empty list), or None if it is
+    reached through another host. `fanout` < 1 or one host: every host is a root without
+    subtrees."""
     if fanout < 1 or len(hosts) <= 1:
         return {host: [] for host, _ in hosts}
+    roots = max(1, roots)
 
     def target(position: int) -> pb.ForwardTarget:
         host, address = hosts[position]
@@ -38,16 +42,16 @@ def plan(hosts: Sequence[tuple[int, str]], fanout: int
                                 forward=[target(c) for c in children(position)])
 
     def children(position: int) -> range:
-        first = fanout * (position + 1)
+        first = roots + fanout * position
         return range(first, min(first + fanout, len(hosts)))
 
     routes: dict[int, list[pb.ForwardTarget] | None] = {host: None for host, _ in hosts}
-    for position in range(min(fanout, len(hosts))):
+    for position in range(min(roots, len(hosts))):
         routes[hosts[position][0]] = [target(c) for c in children(position)]
     return routes
 
 
-def apply(links: Mapping[int, object], fanout: int, min_hosts: int) -> None:
+def apply(links: Mapping[int, object], fanout: int, min_hosts: int, roots: int = 1) -> None:
     """Routes an island's links (scheduler.delivery.HostLink, by host index) by `plan`: a tree
     when at least `min_hosts` of them can join it, else a direct Dispatch to each. A link joins
     only when it is caught up (nothing of its own waits for an acknowledgement: a host that
@@ -56,6 +60,6 @@ def apply(links: Mapping[int, object], fanout: int, min_hosts: int) -> None:
     routable = {host: link for host, link in links.items() if hasattr(link, "route")}
     tree = sorted((host, link.address) for host, link in routable.items()
                   if not link.failed and link.idle())
-    routes = plan(tree, fanout if len(tree) >= max(min_hosts, 2) else 0)
+    routes = plan(tree, fanout if len(tree) >= max(min_hosts, 2) else 0, roots)
     for host, link in routable.items():
         link.route(routes.get(host, []))

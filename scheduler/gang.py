@@ -104,6 +104,7 @@ class GangScheduler(Progress):
             self.config.max_unmeasured)
         self._costs: dict[int, float] = {}  # executable id -> estimated seconds
         self._executed = 0  # highest sequence every host has executed
+        self._slowest = 0  # what the slowest host has executed, as last computed
         self._progress_at = time.monotonic()
         self._failure: PathwaysError | None = None
         self.latency = StageLatency(self.config.latency_window_s)
@@ -152,7 +153,8 @@ class GangScheduler(Progress):
     def _route(self) -> None:
         """The island's fan-out tree over its links that are caught up (scheduler.fanout), and
         how often each host reports progress (`report_interval`)."""
-        fanout.apply(self._links, self.config.fanout, self.config.fanout_min_hosts)
+        fanout.apply(self._links, self.config.fanout, self.config.fanout_min_hosts,
+                     self.config.fanout_roots)
         for link in self._links.values():
             if hasattr(link, "report_interval_s"):  # a real link (tests pass fakes)
                 link.report_interval_s = self.report_interval

@@ -14,7 +14,7 @@ import runtime
 from proto import pathways_pb2 as pb
 from proto import pathways_pb2_grpc as pb_grpc
 from proto.config import SchedulerConfig
-from proto.errors import HostLostError
+from proto.errors import HostLostError, ResourceExhaustedError
 from runtime.worker.distributed import free_port
 from scheduler import GangScheduler
 from scheduler.coalesce import HostReport, ProgressCoalescer
@@ -161,6 +161,30 @@ def test_a_live_host_that_registers_again_gets_everything_it_had_not_acknowledge
         assert [op.sequence for op in new.sent] == [1, 4, 5]
         scheduler.submit(_deletes(5))
         assert [op.sequence for op in new.sent] == [1, 4, 5, 6]
+    finally:
+        scheduler.close()
+
+
+def test_a_client_waits_while_the_slowest_host_is_too_far_behind_and_goes_on_once_it_catches_up():
+    scheduler = GangScheduler(0, "controller", lambda *report: None,
+                              link_factory=_RecordingLink)
+    try:
+        scheduler.set_host(0, "fake:0")
+        scheduler.set_host(1, "fake:1")
+        scheduler.submit(_deletes(*range(1, 11)))  # #1-#10 ordered, nothing executed yet
+        scheduler.wait_backlog(limit=20, timeout=0.0)  # well within the limit: no wait at all
+        with pytest.raises(ResourceExhaustedError, match="more than 8 instructions behind"):
+            scheduler.wait_backlog(limit=8, timeout=0.2)
+        scheduler.note_progress(0, executed=10, received=10)
+        with pytest.raises(ResourceExhaustedError):  # host 1 is the slowest: still #0
+            scheduler.wait_backlog(limit=8, timeout=0.2)
+        caught_up = threading.Timer(0.1, scheduler.note_progress, (1,), {"executed": 5,
+                                                                       "received": 10})
+        caught_up.start()
+        began = time.monotonic()
+        scheduler.wait_backlog(limit=8, timeout=30)  # returns once host 1 is 5 behind
+        assert time.monotonic() - began < 29
+        caught_up.join()
     finally:
         scheduler.close()
 

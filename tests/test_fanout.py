@@ -22,13 +22,31 @@ def reached(targets):
     return [host for target in targets for host in subtree(target)]
 
 
-@pytest.mark.parametrize("hosts,fanout", [(1, 4), (5, 8), (16, 4), (64, 8), (100, 3)])
-def test_the_tree_reaches_every_host_once(hosts, fanout):
-    routes = plan([(h, f"a:{h}") for h in range(hosts)], fanout)
-    roots = [h for h, forward in routes.items() if forward is not None]
-    assert roots == list(range(min(fanout, hosts)))
-    everyone = roots + [h for root in roots for h in reached(routes[root])]
+def depth(target, level=1):
+    return max([level, *(depth(child, level + 1) for child in target.forward)])
+
+
+@pytest.mark.parametrize("hosts,fanout,roots", [(1, 4, 1), (5, 8, 1), (16, 4, 1), (64, 8, 1),
+                                                (100, 3, 1), (16, 4, 4), (64, 8, 8), (7, 2, 3)])
+def test_the_tree_reaches_every_host_once(hosts, fanout, roots):
+    routes = plan([(h, f"a:{h}") for h in range(hosts)], fanout, roots)
+    dispatched = [h for h, forward in routes.items() if forward is not None]
+    assert dispatched == list(range(min(roots, hosts)))  # the controller's messages per batch
+    everyone = dispatched + [h for root in dispatched for h in reached(routes[root])]
     assert sorted(everyone) == list(range(hosts))
+    # No host forwards to more than `fanout`, and the levels grow by `fanout` each.
+    targets = [t for root in dispatched for t in routes[root]]
+    assert all(len(routes[root]) <= fanout for root in dispatched)
+    while targets:
+        assert all(len(t.forward) <= fanout for t in targets)
+        targets = [child for t in targets for child in t.forward]
+
+
+def test_one_root_reaches_64_hosts_in_three_levels():
+    routes = plan([(h, f"a:{h}") for h in range(64)], fanout=8, roots=1)
+    assert [h for h, forward in routes.items() if forward is not None] == [0]
+    assert [t.host for t in routes[0]] == list(range(1, 9))
+    assert max(depth(t) for t in routes[0]) == 2  # below the root: 8, then 55
 
 
 def test_no_tree_below_its_size_or_for_a_link_that_is_not_caught_up():
@@ -59,13 +77,15 @@ def test_a_failed_forward_names_the_host_and_the_ones_below_it():
     assert failed[1].error.startswith("not reached")
 
 
-def config(fanout=4):
-    return ClusterConfig.from_env().replace(fanout=fanout, fanout_min_hosts=HOSTS)
+def config(fanout=4, roots=1):
+    return ClusterConfig.from_env().replace(fanout=fanout, fanout_roots=roots,
+                                            fanout_min_hosts=HOSTS)
 
 
-def test_an_island_in_a_tree_runs_its_order_on_every_host():
+@pytest.mark.parametrize("roots", [1, 4])
+def test_an_island_in_a_tree_runs_its_order_on_every_host(roots):
     with SimCluster(islands=1, hosts_per_island=HOSTS, devices_per_host=1,
-                    config=config()) as sim:
+                    config=config(roots=roots)) as sim:
         with sim.client() as client:
             s = client.slice({"d": HOSTS})
             x = client.put(np.arange(HOSTS, dtype=np.float32), s, P("d"))
@@ -75,7 +95,7 @@ def test_an_island_in_a_tree_runs_its_order_on_every_host():
             x.fetch(timeout=60)
             client.sync()
             links = sim.controller.catalog.scheduler(0)._links
-            assert sum(link.relayed for link in links.values()) == HOSTS - 4
+            assert sum(link.relayed for link in links.values()) == HOSTS - roots
             sequence = sim.controller.catalog.scheduler(0).sequence
             status = client.status()
             assert all(h.received == sequence and h.executed == sequence for h in status.hosts)
