@@ -206,11 +206,17 @@ class HostLink:
         pays no heartbeat while it gets work or reports, and counts either as the controller's
         contact). Checks what the tree was to bring the host (`check_relayed`)."""
         self.check_relayed()
-        if fresh_s and time.monotonic() - self.heard_at < fresh_s + self.config.progress_idle_s:
+        if self.heard_lately(fresh_s):
             answered: concurrent.futures.Future = concurrent.futures.Future()
             answered.set_result(pb.PingReply(executed=self.executed))
             return answered
         return self.loop.submit(self._ping(timeout))
+
+    def heard_lately(self, fresh_s: float) -> bool:
+        """Whether the host was heard from (a Dispatch reply, a progress report) within
+        `fresh_s` (0: never) plus its idle report interval: then it needs no Ping."""
+        return bool(fresh_s) and (time.monotonic() - self.heard_at
+                                  < fresh_s + self.config.progress_idle_s)
 
     async def _ping(self, timeout: float) -> pb.PingReply:
         deadline = time.monotonic() + timeout

@@ -61,6 +61,10 @@ class _Stub:
 class _Island:
     def __init__(self):
         self.progress = []
+        self.heard = set()  # hosts the island heard from lately
+
+    def heard_lately(self, fresh_s):
+        return set(self.heard)
 
     def note_reports(self, reports):
         self.progress.extend((r.host, r.executed) for r in reports)
@@ -180,3 +184,24 @@ def test_an_idle_host_with_a_progress_stream_is_not_pinged_and_hears_the_control
             time.sleep(0.05)
         assert pinged == []
         assert oldest_contact < 1.5  # one idle report a second, each a contact
+
+
+def test_a_host_heard_from_lately_costs_the_heartbeat_no_call_and_is_never_declared_lost():
+    def refuses():
+        raise _Error(grpc.StatusCode.UNAVAILABLE)
+
+    heartbeat = _Heartbeat([refuses, refuses])
+    heartbeat.island.heard = {1}  # host 1 answered a Dispatch or reported within the interval
+    lost = threading.Event()
+    report = heartbeat.report_host_lost
+
+    def report_and_stop(island, host, reason):
+        report(island, host, reason)
+        lost.set()
+        heartbeat._stop.set()
+
+    heartbeat.report_host_lost = report_and_stop
+    heartbeat.run()
+    assert lost.is_set()
+    assert heartbeat.lost == [(0, 0, "unreachable (UNAVAILABLE)")]
+    assert (0, 1) not in heartbeat.pinged

@@ -158,8 +158,8 @@ class Health:
 
     def _heartbeat_round(self, probes: dict, refused: dict[tuple[int, int], int],
                          last_answer: dict[tuple[int, int], float]) -> None:
-        """Pings the hosts of `probes` ((island, host) -> (channel, stub)) all at once, then
-        reads their answers: a round takes one ping's deadline however many hosts are silent, so
+        """Pings the hosts of `probes` ((island, host) -> (channel, stub)) all at once, but for
+        those their island heard from lately (they count as answered), then reads the answers: a round takes one ping's deadline however many hosts are silent, so
         the others hear from the controller well within their silence limit
         (runtime.worker.membership). A host whose process is gone refuses the connection: it is
         declared lost after HEARTBEAT_MISSES refusals in a row (about a second). A host that
@@ -170,8 +170,13 @@ class Health:
         now = time.monotonic()
         calls = {}
         positions: dict[int, list[HostReport]] = collections.defaultdict(list)
+        heard = {island: scheduler.heard_lately(HEARTBEAT_INTERVAL_S)
+                 for island, scheduler in list(self._schedulers.items())}
         for key, (_, stub) in probes.items():
             last_answer.setdefault(key, now)
+            if key[1] in heard.get(key[0], ()):  # it answered a Dispatch or reported lately
+                refused[key], last_answer[key] = 0, now
+                continue
             try:
                 calls[key] = self.ping(key, stub)
             except ValueError as err:  # the channel was replaced or closed
