@@ -109,21 +109,21 @@ class Transfers:
 
     def _start_forward(self, request: pb.DispatchRequest, target: pb.ForwardTarget,
                        timeout: float, done: _forward.Done) -> None:
-        """Starts one forwarded Dispatch: in memory, on the loop's next turn, to a running host
-        of this process (real hosts forward over gRPC, each from its own cores: in one process
-        of hundreds of simulated hosts those calls would queue behind each other on one core, a
-        delay no real island has); over gRPC to any other."""
+        """Starts one forwarded Dispatch: in memory and at once to a running host of this
+        process, so the whole subtree in this process has the batch before the first host's
+        handler returns (real hosts forward over gRPC, each from its own cores, in parallel: in
+        one process of hundreds of simulated hosts those calls would queue behind each other on
+        one core, and passing them on a turn of the loop at a time put every executor that
+        woke meanwhile ahead of the next level: 64 hosts took 3 ms, now 1.6); over gRPC to any
+        other."""
         local = self.local.get(target.address)
         if local is not None and not local.stopped:
-            def deliver() -> None:
-                try:
-                    reply = local.dispatch(request, timeout)
-                except Exception as exc:  # what the gRPC handler would have answered with
-                    done(None, _forward.describe_error(exc, target))
-                    return
-                done(reply, "")
-
-            asyncio.get_running_loop().call_soon(deliver)
+            try:
+                reply = local.dispatch(request, timeout)
+            except Exception as exc:  # what the gRPC handler would have answered with
+                done(None, _forward.describe_error(exc, target))
+                return
+            done(reply, "")
             return
 
         async def call() -> None:
