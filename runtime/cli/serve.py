@@ -88,7 +88,9 @@ def cmd_controller(args: argparse.Namespace) -> int:
     if credentials.token is None:
         print("warning: no token (--token-file, $PATHWAYS_TOKEN): calls are not authenticated",
               file=sys.stderr)
-    controller = Controller(credentials=credentials, **controller_options(_config(args)))
+    config = _config(args)
+    sys.setswitchinterval(config.controller.controller_switch_interval_s)
+    controller = Controller(credentials=credentials, **controller_options(config))
     server, port = create_controller_server(controller, f"{args.bind}:{args.port}")
     start_metrics(args, "controller")
     quiet_collector()
@@ -104,6 +106,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
     start_metrics(args, "controller")  # first: a port in use stops everything before it starts
+    sys.setswitchinterval(_config(args).controller.controller_switch_interval_s)  # it holds one
     if args.platform == "sim":
         from runtime.sim import SimCluster
 
