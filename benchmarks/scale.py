@@ -29,6 +29,9 @@ from benchmarks.dispatch_baselines import SHAPES
 HOSTS = (4, 16, 64, 256, 1024)
 DURATIONS_MS = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
 BREAK_EVEN_BUSY = 0.95
+#: Commands the lone probe (one in the whole cluster at a time) sends in all, about: enough for
+#: its p99 to be more than the largest of a few (16 islands: 13 rounds, 208 commands).
+LONE_COMMANDS = 200
 
 
 def layout(hosts: int, most_per_island: int) -> tuple[int, int]:
@@ -212,15 +215,18 @@ def run_point(args, cluster, chains, shape: str, duration_ms: float) -> dict:
         record.update(point_figures(submissions, timelines, per_execution))
     if error is None:  # dispatch latency without the load: one unit per island at a time
         rounds = max(1, min(args.probe_rounds, math.floor(args.probe_s / unit_s)))
-        probed, error = probe_latencies(chains, rounds, deadline, cluster.credentials)
+        probed, error = probe_latencies(chains, rounds, deadline, cluster.credentials,
+                                        unit_s=unit_s)
         if probed is not None:
             record["latency_ms"] = probed
             record["probe_rounds"] = rounds
         if error is None and len(chains) > 1:  # and with one unit in the whole cluster at a time
-            alone, error = probe_latencies(chains, max(1, rounds // len(chains)), deadline,
-                                           cluster.credentials, alone=True)
+            lone_rounds = max(1, min(rounds, math.ceil(LONE_COMMANDS / len(chains))))
+            alone, error = probe_latencies(chains, lone_rounds, deadline, cluster.credentials,
+                                           alone=True, unit_s=unit_s)
             if alone is not None:
                 record["lone_latency_ms"] = alone
+                record["lone_probe_rounds"] = lone_rounds
         if error is not None:
             record["error"] = f"probe incomplete within the point's budget: {error}"
             record["fatal"] = True
@@ -399,7 +405,7 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
                    help="speed of a simulated device (sets the matrix size of each duration)")
     p.add_argument("--point-s", type=float, default=3.0,
                    help="seconds of submission per point (then the backlog drains)")
-    p.add_argument("--point-budget-s", type=float, default=90.0,
+    p.add_argument("--point-budget-s", type=float, default=180.0,
                    help="most seconds a point may take, drain included; past it the point is "
                         "recorded as incomplete and the cluster restarted")
     p.add_argument("--probe-s", type=float, default=2.0,

@@ -3,6 +3,7 @@ latency, the break-even crossing, the island layout and the sizes of the workloa
 
 import time
 import types
+import unittest.mock
 
 import jax
 import pytest
@@ -131,24 +132,41 @@ def test_the_workload_takes_its_duration_on_simulated_devices(duration_ms):
 @pytest.mark.parametrize("alone", [False, True])
 def test_the_probe_waits_for_every_island_or_for_each(alone):
     """The probe's rounds: one unit on every island, then one wait for them all; or, `alone`,
-    one unit in the whole cluster at a time (submitted only once the one before is done)."""
+    one unit in the whole cluster at a time (submitted only once the one before is done). The
+    results are read only once the controller has ordered every unit of the round and their
+    device time has passed."""
     events = []
 
     class Client:
         def fetch(self, values, timeout):
             events.append(("fetch", sorted(v.island for v in values)))
 
+    class Ticket:
+        def __init__(self, island):
+            self.island = island
+            self.done = types.SimpleNamespace(wait=self.wait)
+
+        def wait(self, timeout):
+            events.append(("ordered", self.island))
+            return True
+
     class Value:
         def __init__(self, island):
-            self.island, self._ticket = island, None
+            self.island, self._ticket = island, Ticket(island)
 
     client = types.SimpleNamespace(client=Client())
     chains = [Chain(i, client, Value(i)) for i in range(3)]
     for chain in chains:
         chain.run = lambda x, i=chain.island: events.append(("run", i)) or Value(i)
-    submissions, error = probe(chains, 2, time.monotonic() + 30, alone=alone)
+    sleeps = []
+    with unittest.mock.patch("time.sleep", sleeps.append):
+        submissions, error = probe(chains, 2, time.monotonic() + 30, alone=alone, unit_s=0.01)
     assert error is None and [s.island for s in submissions] == [0, 1, 2] * 2
     if alone:
-        assert events == [e for i in (0, 1, 2) for e in (("run", i), ("fetch", [i]))] * 2
+        assert events == [e for i in (0, 1, 2) for e in (
+            ("run", i), ("ordered", i), ("fetch", [i]))] * 2
+        assert sleeps == [0.01] * 6
     else:
-        assert events == [("run", 0), ("run", 1), ("run", 2), ("fetch", [0, 1, 2])] * 2
+        assert events == [("run", 0), ("run", 1), ("run", 2), ("ordered", 0), ("ordered", 1),
+                          ("ordered", 2), ("fetch", [0, 1, 2])] * 2
+        assert sleeps == [0.01] * 2
