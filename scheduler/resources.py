@@ -92,6 +92,9 @@ class ResourceManager:
 
     def __init__(self, dropped_remembered: int = ControllerConfig.max_dropped_remembered) -> None:
         self._hosts: dict[tuple[int, int], HostRecord] = {}
+        # The hosts not alive (lost, or departed and not yet forgotten): every command checks
+        # its island for one (lost_host), which must not cost a look at every host.
+        self._lost: set[tuple[int, int]] = set()
         self._slices: dict[int, SliceRecord] = {}
         # slice id -> why it was released for its owner (an island restart), the latest few: a
         # client that still uses it learns why it is gone, not merely that it is unknown.
@@ -105,7 +108,12 @@ class ResourceManager:
         if record.island < 0 or record.host < 0 or record.num_devices <= 0:
             raise InvalidArgumentError("a host needs island >= 0, host >= 0 and num_devices > 0")
         with self._lock:
-            self._hosts[(record.island, record.host)] = record
+            key = (record.island, record.host)
+            self._hosts[key] = record
+            if record.alive:
+                self._lost.discard(key)
+            else:
+                self._lost.add(key)
 
     def remove_host(self, island: int, host: int, address: str = "") -> HostRecord | None:
         """A host leaves: it takes no more work, its island takes no new slices, and it is
@@ -117,6 +125,7 @@ class ResourceManager:
                 return None
             record.alive, record.left = False, True
             record.lost_reason = record.lost_reason or "left the cluster"
+            self._lost.add((island, host))
             self._prune()
             return record
 
@@ -127,6 +136,7 @@ class ResourceManager:
             if record is None or not record.alive:
                 return None
             record.alive, record.lost_reason = False, reason
+            self._lost.add((island, host))
             return record
 
     def hosts(self) -> list[HostRecord]:
@@ -137,8 +147,10 @@ class ResourceManager:
         return [h for h in self.hosts() if h.island == island]
 
     def lost_host(self, island: int) -> HostRecord | None:
-        """A lost (or departed) host of the island, if any."""
-        return next((h for h in self.island_hosts(island) if not h.alive), None)
+        """A lost (or departed) host of the island, if any (the lowest-numbered)."""
+        with self._lock:
+            lost = [self._hosts[key] for key in self._lost if key[0] == island]
+        return min(lost, key=lambda h: h.host, default=None)
 
     def island_memory(self) -> dict[int, int]:
         """Total device memory per island, in bytes."""
@@ -248,6 +260,7 @@ class ResourceManager:
         used = {s.island for s in self._slices.values()}
         for key in [k for k, h in self._hosts.items() if h.left and h.island not in used]:
             del self._hosts[key]
+            self._lost.discard(key)
 
     def _device_load(self) -> dict[tuple[int, int, int], int]:
         """Live slices per (island, host, device)."""

@@ -84,6 +84,7 @@ def test_hosts_that_leave_and_join_update_the_registry():
     assert rm.allocate(2, (4,), ("x",)).island == 0  # new slices go elsewhere
     rm.release(s.slice_id)
     assert [(h.island, h.host) for h in rm.hosts()] == [(0, 0)]  # forgotten once unused
+    assert rm.lost_host(1) is None
     rm.register_host(host(1, 0))  # a host joins (again)
     assert rm.allocate(3, (4,), ("x",), island=1).island == 1
     with pytest.raises(NotFoundError):
@@ -91,13 +92,18 @@ def test_hosts_that_leave_and_join_update_the_registry():
 
 
 def test_lost_host_blocks_new_slices_until_it_registers_again():
-    rm = registry(host(0, 0), host(0, 1))
+    rm = registry(host(0, 0), host(0, 1), host(0, 2), host(1, 0))
+    assert rm.lost_host(0) is None
+    rm.mark_lost(0, 2, "no heartbeat")
     rm.mark_lost(0, 1, "no heartbeat")
     assert rm.hosts()[1].state == "lost: no heartbeat"
+    assert rm.lost_host(0).host == 1 and rm.lost_host(1) is None  # the lowest-numbered
     with pytest.raises(SliceUnavailableError, match="lost"):
-        rm.allocate(1, (1,), ("x",))
+        rm.allocate(1, (1,), ("x",), island=0)
     rm.register_host(host(0, 1))
-    assert rm.allocate(1, (1,), ("x",)).island == 0
+    rm.register_host(host(0, 2))
+    assert rm.lost_host(0) is None
+    assert rm.allocate(1, (1,), ("x",), island=0).island == 0
 
 
 def test_disconnect_releases_slices_and_arrays(cluster):
