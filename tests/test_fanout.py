@@ -320,9 +320,9 @@ def test_a_slow_host_below_holds_neither_the_reply_nor_the_next_batch():
 
 def test_simulated_hosts_of_one_process_pass_the_tree_on_in_memory():
     """A simulated host hands a batch to the hosts below it that live in its own process without
-    a gRPC call and at once (hundreds of them in one process would queue behind each other on
-    one core); a host elsewhere is still called over gRPC, and its failure comes back up the
-    tree."""
+    a gRPC call (hundreds of them in one process would queue behind each other on one core), the
+    whole subtree in one turn of the loop after its reply; a host elsewhere is still called over
+    gRPC, and its failure comes back up the tree."""
     import asyncio
     import socket
 
@@ -344,11 +344,10 @@ def test_simulated_hosts_of_one_process_pass_the_tree_on_in_memory():
                     pb.ForwardTarget(host=1, address=h[1].address, forward=[leaf]),
                     pb.ForwardTarget(host=2, address=h[2].address), gone])
             first = h[0].dispatch(request, timeout=5.0)
-            # The hosts below in this process have the batch before the reply (their positions
-            # come back with it); the reply does not wait for the host called over gRPC.
-            assert first.received == 2
-            assert sorted(p.host for p in first.forwarded) == [1, 2, 3]
-            positions = {p.host: p for p in first.forwarded}
+            assert first.received == 2 and list(first.forwarded) == []  # it did not wait
+            await asyncio.sleep(0)  # one turn of the loop: the whole subtree in this process
+            assert [host._received for host in h] == [2, 2, 2, 2]
+            positions = {}
             for _ in range(200):
                 await asyncio.sleep(0.01)
                 later = h[0].dispatch(pb.DispatchRequest(controller_id="c"), timeout=5.0)
