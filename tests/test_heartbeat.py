@@ -121,11 +121,12 @@ def test_a_silent_host_delays_no_other_hosts_ping():
     assert heartbeat.lost == []
 
 
-def test_a_host_that_refuses_is_declared_lost_and_the_others_report_progress():
-    def refuses():
-        raise _Error(grpc.StatusCode.UNAVAILABLE)
+def _refuses():
+    raise _Error(grpc.StatusCode.UNAVAILABLE)
 
-    heartbeat = _Heartbeat([_answers(3), refuses, _answers(5)])
+
+def _run_until_a_loss(heartbeat: _Heartbeat) -> bool:
+    """Runs the heartbeat until it declares a host lost; whether it did."""
     lost = threading.Event()
     report = heartbeat.report_host_lost
 
@@ -136,7 +137,12 @@ def test_a_host_that_refuses_is_declared_lost_and_the_others_report_progress():
 
     heartbeat.report_host_lost = report_and_stop
     heartbeat.run()
-    assert lost.is_set()
+    return lost.is_set()
+
+
+def test_a_host_that_refuses_is_declared_lost_and_the_others_report_progress():
+    heartbeat = _Heartbeat([_answers(3), _refuses, _answers(5)])
+    assert _run_until_a_loss(heartbeat)
     assert heartbeat.lost == [(0, 1, "unreachable (UNAVAILABLE)")]
     assert heartbeat.pinged.count((0, 1)) == HEARTBEAT_MISSES
     assert {(0, 3), (2, 5)} <= set(heartbeat.island.progress)
@@ -187,21 +193,8 @@ def test_an_idle_host_with_a_progress_stream_is_not_pinged_and_hears_the_control
 
 
 def test_a_host_heard_from_lately_costs_the_heartbeat_no_call_and_is_never_declared_lost():
-    def refuses():
-        raise _Error(grpc.StatusCode.UNAVAILABLE)
-
-    heartbeat = _Heartbeat([refuses, refuses])
+    heartbeat = _Heartbeat([_refuses, _refuses])
     heartbeat.island.heard = {1}  # host 1 answered a Dispatch or reported within the interval
-    lost = threading.Event()
-    report = heartbeat.report_host_lost
-
-    def report_and_stop(island, host, reason):
-        report(island, host, reason)
-        lost.set()
-        heartbeat._stop.set()
-
-    heartbeat.report_host_lost = report_and_stop
-    heartbeat.run()
-    assert lost.is_set()
+    assert _run_until_a_loss(heartbeat)
     assert heartbeat.lost == [(0, 0, "unreachable (UNAVAILABLE)")]
     assert (0, 1) not in heartbeat.pinged
