@@ -204,8 +204,8 @@ class HostLink:
         a Ping RPC on the loop; or, when the host was heard from (a Dispatch reply, a progress
         report) within `fresh_s` plus its idle report interval, what it said (no call: a host
         pays no heartbeat while it gets work or reports, and counts either as the controller's
-        contact). Checks what the tree was to bring the host (`check_relayed`)."""
-        self.check_relayed()
+        contact). The heartbeat checks what the tree was to bring the host first
+        (`check_relayed`, through scheduler.progress's heard_lately)."""
         if self.heard_lately(fresh_s):
             answered: concurrent.futures.Future = concurrent.futures.Future()
             answered.set_result(pb.PingReply(executed=self.executed))

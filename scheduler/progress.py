@@ -66,7 +66,7 @@ class Progress:
         """The island's hosts heard from lately (HostLink.heard_lately): the heartbeat makes no
         call to them, nor a future or a report each (at 1,024 hosts that was 10-15 ms of the
         controller's Python twice a second, which commands arriving meanwhile waited behind).
-        Checks what the tree was to bring every host (HostLink.check_relayed), as a ping does."""
+        Checks what the tree was to bring every host (HostLink.check_relayed), once a round."""
         with self.cond:
             links = list(self._links.items())
         heard = set()

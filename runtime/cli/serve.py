@@ -106,7 +106,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
     devices_per_host = args.devices_per_host or max(1, args.devices_per_island // args.hosts_per_island)
     start_metrics(args, "controller")  # first: a port in use stops everything before it starts
-    sys.setswitchinterval(_config(args).controller.controller_switch_interval_s)  # it holds one
+    config = _config(args)
+    sys.setswitchinterval(config.controller.controller_switch_interval_s)  # it holds one
     if args.platform == "sim":
         from runtime.sim import SimCluster
 
@@ -118,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         cluster = SimCluster(args.islands, args.hosts_per_island, devices_per_host,
                              processes=args.sim_processes or None, flops_per_s=args.flops_per_s,
                              fixed_duration_s=None if fixed is None else fixed / 1e3,
-                             port=args.port, host=args.bind, config=_config(args))
+                             port=args.port, host=args.bind, config=config)
         backend = (f"simulated hosts in {len(cluster.procs)} processes (registered in "
                    f"{cluster.registration_s:.1f} s)")
     elif args.ray is None:
@@ -129,7 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
             tls = _auth.TLSConfig(ca=args.tls_ca or "", cert=args.tls_cert, key=args.tls_key or "")
         cluster = ProcessCluster(args.islands, args.hosts_per_island, devices_per_host,
                                  port=args.port, host=args.bind, platform=args.platform,
-                                 credentials=_auth.Credentials.generate(tls), config=_config(args),
+                                 credentials=_auth.Credentials.generate(tls), config=config,
                                  worker_metrics_port=(None if args.metrics_port is None else
                                                       args.metrics_port and args.metrics_port + 1))
         backend = "local processes"
@@ -145,7 +146,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                              placement_strategy=args.placement_strategy, port=args.port,
                              host=args.bind, platform=args.platform,
                              max_host_restarts=args.max_host_restarts,
-                             credentials=_auth.Credentials.generate(), config=_config(args))
+                             credentials=_auth.Credentials.generate(), config=config)
         backend = (f"Ray actors ({cluster.placement_strategy}, "
                    f"{'local Ray instance' if not args.ray else 'Ray at ' + args.ray})")
     # The clients' token, readable by this user only (the cluster published it for this

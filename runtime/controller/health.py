@@ -159,8 +159,9 @@ class Health:
     def _heartbeat_round(self, probes: dict, refused: dict[tuple[int, int], int],
                          last_answer: dict[tuple[int, int], float]) -> None:
         """Pings the hosts of `probes` ((island, host) -> (channel, stub)) all at once, but for
-        those their island heard from lately (they count as answered), then reads the answers: a round takes one ping's deadline however many hosts are silent, so
-        the others hear from the controller well within their silence limit
+        those their island heard from lately (they count as answered), then reads the answers:
+        a round takes one ping's deadline however many hosts are silent, so the others hear
+        from the controller well within their silence limit
         (runtime.worker.membership). A host whose process is gone refuses the connection: it is
         declared lost after HEARTBEAT_MISSES refusals in a row (about a second). A host that
         answers late is busy, not gone (a long compile, a starved process): it is declared lost
