@@ -440,29 +440,51 @@ def session_policy(secret: Callable[[], str]) -> Authorize:
 NEW_CONTROLLER_WAIT_S = from_env(WorkerConfig).new_controller_wait_s
 
 
-def array_owner_policy(secret: Callable[[], str],
-                       wait_s: float = NEW_CONTROLLER_WAIT_S) -> Authorize:
-    """A host's policy: a call the access table (proto.access) marks ARRAY_OWNER (reading or
-    writing an array) needs the key of the session that owns its id (or the host token: a peer
-    host moving it). A key that does not check out with the current
-    secret is checked again once the secret changes (a new controller's first dispatch), for up to
-    `wait_s` seconds."""
-    import time
+class ArrayOwnerPolicy:
+    """A host's policy (an Authorize): a call the access table (proto.access) marks ARRAY_OWNER
+    (reading or writing an array) needs the key of the session that owns its id (or the host
+    token: a peer host moving it). A key that does not check out with the current secret is
+    checked again once the secret changes (a new controller's first dispatch), for up to
+    `wait_s` seconds: only that case waits (`at_once` says which)."""
 
-    def authorize(method: str, request, key: str | None, is_host: bool) -> None:
+    def __init__(self, secret: Callable[[], str], wait_s: float = NEW_CONTROLLER_WAIT_S
+                 ) -> None:
+        self.secret, self.wait_s = secret, wait_s
+
+    def at_once(self, method: str, request, key: str | None, is_host: bool) -> bool:
+        """Whether the call is allowed without waiting (an event loop's handler need not leave
+        the loop for it)."""
         if is_host or REQUIRED[WORKER].get(method) is not Credential.ARRAY_OWNER:
+            return True
+        return check_session_key(self.secret(), key or "") == _owner(method, request)
+
+    def __call__(self, method: str, request, key: str | None, is_host: bool) -> None:
+        import time
+
+        if self.at_once(method, request, key, is_host):
             return
-        array_id = request.spec.array_id if method == "PutArray" else request.array_id
-        owner = array_id >> ID_BITS
-        current = secret()
-        if check_session_key(current, key or "") == owner:
-            return
+        owner, current = _owner(method, request), self.secret()
         if key and check_session_key(current, key) is None and is_earlier_controller_key(
                 current, key):
-            deadline = time.monotonic() + wait_s
-            while time.monotonic() < deadline and secret() == current:
+            deadline = time.monotonic() + self.wait_s
+            while time.monotonic() < deadline and self.secret() == current:
                 time.sleep(0.01)
-            if check_session_key(secret(), key) == owner:
+            if check_session_key(self.secret(), key) == owner:
                 return
-        raise PermissionDeniedError(f"{method}: array {array_id} belongs to another session")
-    return authorize
+        raise PermissionDeniedError(f"{method}: array {_array_id(method, request)} belongs to "
+                                    f"another session")
+
+
+def _array_id(method: str, request) -> int:
+    return request.spec.array_id if method == "PutArray" else request.array_id
+
+
+def _owner(method: str, request) -> int:
+    """The session that owns the array a GetArray or PutArray names (its id's high bits)."""
+    return _array_id(method, request) >> ID_BITS
+
+
+def array_owner_policy(secret: Callable[[], str],
+                       wait_s: float = NEW_CONTROLLER_WAIT_S) -> ArrayOwnerPolicy:
+    """The policy of a host whose controller's secret `secret()` returns (ArrayOwnerPolicy)."""
+    return ArrayOwnerPolicy(secret, wait_s)

@@ -358,6 +358,22 @@ def test_simulated_hosts_of_one_process_pass_the_tree_on_in_memory():
             assert positions[1].received == 2 and positions[2].received == 2
             assert nobody in positions[9].error
             assert set(sim._transfers._channels) == {nobody}  # gRPC only to the host elsewhere
+
+            # Deeper down: a host of this process with a host elsewhere below it calls that one
+            # itself; the others below it still get the batch in memory.
+            deeper = pb.DispatchRequest(controller_id="c", instructions=_ops(3), forward=[
+                pb.ForwardTarget(host=1, address=h[1].address, forward=[
+                    pb.ForwardTarget(host=3, address=h[3].address),
+                    pb.ForwardTarget(host=8, address=nobody)])])
+            positions = {}
+            for _ in range(200):
+                reply = h[0].dispatch(deeper, timeout=5.0)
+                positions.update({p.host: p for p in reply.forwarded})
+                if 8 in positions:
+                    break
+                await asyncio.sleep(0.01)
+            assert h[1]._received == 3 and h[3]._received == 3
+            assert positions[3].received == 3 and nobody in positions[8].error
         finally:
             await sim.stop(unregister=False)
 

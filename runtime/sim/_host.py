@@ -114,11 +114,17 @@ class SimHost:
         self.arrived.fire()
         return self._received
 
+    def take(self, controller_id: str, instructions: Sequence[pb.Instruction], epoch: int
+             ) -> int:
+        """A batch of the island's order from the controller, directly or through the fan-out
+        tree (it counts as the controller's contact): `receive`."""
+        self.last_contact = time.monotonic()
+        return self.receive(controller_id, instructions, epoch)
+
     def dispatch(self, request: pb.DispatchRequest, timeout: float) -> pb.DispatchReply:
         """A Dispatch: takes the batch in, passes it on down the island's fan-out tree (returns
         at once, `timeout` s for each forwarded call) and answers where this host stands."""
-        self.last_contact = time.monotonic()
-        received = self.receive(request.controller_id, request.instructions, request.epoch)
+        received = self.take(request.controller_id, request.instructions, request.epoch)
         forwarded = []
         if self.transfers is not None:
             forwarded = self.transfers.forward(self, request, timeout)

@@ -19,7 +19,7 @@ from proto import auth as _auth
 from proto import pathways_pb2 as pb
 from proto import rpc as _rpc
 from proto import wire as _wire
-from proto.errors import (ERROR_KEY, FailedPreconditionError, InvalidArgumentError, PathwaysError,
+from proto.errors import (ERROR_KEY, InvalidArgumentError, PathwaysError,
                           PermissionDeniedError, UnauthenticatedError)
 from proto.ports import SERVER_OPTIONS, bind_failed
 from runtime.sim._host import MAX_GET_TIMEOUT_S, SLICE_TIMEOUT_S, SimHost
@@ -116,7 +116,7 @@ class _Handlers(grpc.GenericRpcHandler):
                              InvalidArgumentError.__name__)
 
         async def authorize(request, context) -> None:
-            if is_host or method not in ("GetArray", "PutArray"):
+            if self._authorize.at_once(method, request, key, is_host):
                 return
             try:  # may wait for a new controller's first dispatch: off the event loop
                 await asyncio.to_thread(self._authorize, method, request, key, is_host)
