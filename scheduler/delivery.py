@@ -31,6 +31,7 @@ from proto import pathways_pb2_grpc as pb_grpc
 from proto.config import SchedulerConfig
 from scheduler.coalesce import HostReport, ProgressCoalescer
 from scheduler.link_loop import LinkLoop
+from scheduler.relaylog import RelayLog
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,13 @@ class HostLink:
         self._metadata = tuple(getattr(events, "channel_metadata", ()))
         self.queue: collections.deque[pb.Instruction] = collections.deque()
         # Reached through another host (scheduler.fanout): what the island sends meanwhile is
-        # kept here, not dispatched, until the host acknowledges it.
+        # the tree's to bring, kept in the island's relay log (its scheduler's; a link of its
+        # own otherwise) and not dispatched, until the host acknowledges it. The tree owes
+        # the host what came after `_floor`: what came before, it got directly.
         self.relayed = False
-        self._relayed: collections.deque[pb.Instruction] = collections.deque()
-        self._relayed_at: collections.deque[float] = collections.deque()  # when each came
+        log = getattr(events, "relay_log", None)
+        self._log: RelayLog = RelayLog() if log is None else log
+        self._floor = 0
         self.forward: list[pb.ForwardTarget] = []  # the subtrees a Dispatch of this link reaches
         # The batch of the Dispatch under way: kept until its reply says the host has it, so a
         # link replacing this one can resend it (unacknowledged).
@@ -111,14 +115,14 @@ class HostLink:
         self._done = self.loop.submit(self._run())
 
     def send(self, ops: Sequence[pb.Instruction]) -> None:
-        """Queues instructions for the host, in order (dropped once the link has failed)."""
+        """Queues instructions for the host, in order (dropped once the link has failed). A
+        relayed host's go to the relay log, which the island's scheduler fills once for all its
+        relayed hosts (it sends to its direct links only)."""
         with self._lock:
             if self.failed or self.closed:
                 return
             if self.relayed:
-                self._relayed.extend(ops)
-                self._relayed_at.extend([time.monotonic()] * len(ops))
-                self._trim_relayed()
+                self._log.append(ops)
                 return
         self._queue_direct(ops)
 
@@ -144,24 +148,28 @@ class HostLink:
         tree may never bring it: its parent may have been taken out of the tree before passing
         it on, and its new parent may have passed it on before the host was below it)."""
         with self._lock:
+            catch_up = self._take_relayed() if self.relayed else []
+            self._floor = self._log.last  # the tree owes the host only what comes from now on
             self.relayed = forward is None
             self.forward = [] if forward is None else list(forward)
-            catch_up = self._take_relayed()
         if catch_up:
             self._queue_direct(catch_up)
 
-    def _trim_relayed(self) -> None:
-        """Forgets what the host acknowledged of what the tree was to bring it (lock held)."""
-        while self._relayed and self._relayed[0].sequence <= self.acked:
-            self._relayed.popleft()
-            self._relayed_at.popleft()
+    def relay_position(self) -> int | None:
+        """The sequence up to which the tree owes a relayed host nothing more (what it
+        acknowledged, or got directly); None when the host is not relayed."""
+        with self._lock:
+            return max(self.acked, self._floor) if self.relayed else None
+
+    def _owed(self) -> list[pb.Instruction]:
+        """What the tree was to bring the host and it has not acknowledged (lock held)."""
+        return self._log.after(max(self.acked, self._floor)) if self.relayed else []
 
     def _take_relayed(self) -> list[pb.Instruction]:
-        """What the tree was to bring the host and it has not acknowledged (lock held)."""
-        self._trim_relayed()
-        taken = list(self._relayed)
-        self._relayed.clear()
-        self._relayed_at.clear()
+        """`_owed`, which the host is from now on to get directly (lock held)."""
+        taken = self._owed()
+        if taken:
+            self._floor = taken[-1].sequence
         return taken
 
     def check_relayed(self) -> None:
@@ -169,9 +177,10 @@ class HostLink:
         `relay_timeout_s`: whatever went wrong on the way (a change of the tree mid-batch), the
         host gets it late, never never. Called with each heartbeat."""
         with self._lock:
-            self._trim_relayed()
-            if not self._relayed or (time.monotonic() - self._relayed_at[0]
-                                     < self.config.relay_timeout_s):
+            if not self.relayed:
+                return
+            since = self._log.waiting_since(max(self.acked, self._floor))
+            if since is None or time.monotonic() - since < self.config.relay_timeout_s:
                 return
             catch_up = self._take_relayed()
         log.warning("host %d.%d: %d instructions from #%d did not come through the fan-out "
@@ -188,7 +197,8 @@ class HostLink:
     def pending(self) -> int:
         """Instructions queued for the host and not dispatched yet."""
         with self._lock:
-            return len(self.queue) + sum(ins.sequence > self.acked for ins in self._relayed)
+            owed = (self._log.count_after(max(self.acked, self._floor)) if self.relayed else 0)
+            return len(self.queue) + owed
 
     def unacknowledged(self) -> list[pb.Instruction]:
         """What was handed to this link and the host has not acknowledged receiving, in order:
@@ -196,7 +206,7 @@ class HostLink:
         this one for the same host sends these again (scheduler.gang's set_host), so nothing is
         lost; the host skips what it already holds (runtime.worker.intake)."""
         with self._lock:
-            return [ins for ins in in_order(self._in_flight, self.queue, self._relayed)
+            return [ins for ins in in_order(self._in_flight, self.queue, self._owed())
                     if ins.sequence > self.acked]
 
     def ping(self, timeout: float, fresh_s: float = 0.0) -> concurrent.futures.Future:

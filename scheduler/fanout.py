@@ -51,15 +51,17 @@ def plan(hosts: Sequence[tuple[int, str]], fanout: int, roots: int = 1
     return routes
 
 
-def apply(links: Mapping[int, object], fanout: int, min_hosts: int, roots: int = 1) -> None:
+def apply(links: Mapping[int, object], fanout: int, min_hosts: int, roots: int = 1) -> list:
     """Routes an island's links (scheduler.delivery.HostLink, by host index) by `plan`: a tree
     when at least `min_hosts` of them can join it, else a direct Dispatch to each. A link joins
     only when it is caught up (nothing of its own waits for an acknowledgement: a host that
     just joined first gets the history directly) and has not failed; the others get their own
-    Dispatch, as do links without routes (a test's)."""
+    Dispatch, as do links without routes (a test's). Returns the links not relayed: those the
+    scheduler hands the order to."""
     routable = {host: link for host, link in links.items() if hasattr(link, "route")}
     tree = sorted((host, link.address) for host, link in routable.items()
                   if not link.failed and link.idle())
     routes = plan(tree, fanout if len(tree) >= max(min_hosts, 2) else 0, roots)
     for host, link in routable.items():
         link.route(routes.get(host, []))
+    return [link for link in links.values() if not getattr(link, "relayed", False)]

@@ -47,6 +47,7 @@ from scheduler.latency import StageLatency
 from scheduler.policy import SchedulingPolicy, Tenant, check_weight, make_policy
 from scheduler.progress import Progress
 from scheduler.readiness import Readiness
+from scheduler.relaylog import RelayLog
 from scheduler.tickets import OrderTicket, Queued
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,8 @@ class GangScheduler(Progress):
         self.cond = threading.Condition()
         self.closed = False
         self._links: dict[int, HostLink] = {}
+        self._direct: list[HostLink] = []  # those not relayed: the relay log has it for those
+        self.relay_log = RelayLog()
         self._incarnations: dict[int, str] = {}  # each host's process, as it registered
         self._sequence = 0
         self._history: list[pb.Instruction] = []  # replayed to a host that (re)joins
@@ -153,8 +156,8 @@ class GangScheduler(Progress):
     def _route(self) -> None:
         """The island's fan-out tree over its links that are caught up (scheduler.fanout), and
         how often each host reports progress (`report_interval`)."""
-        fanout.apply(self._links, self.config.fanout, self.config.fanout_min_hosts,
-                     self.config.fanout_roots)
+        self._direct = fanout.apply(self._links, self.config.fanout,
+                                    self.config.fanout_min_hosts, self.config.fanout_roots)
         for link in self._links.values():
             if hasattr(link, "report_interval_s"):  # a real link (tests pass fakes)
                 link.report_interval_s = self.report_interval
@@ -236,9 +239,12 @@ class GangScheduler(Progress):
         self._history = [op for op in self._history if kind_of(op).slice_of(op) != slice_id]
 
     def _deliver(self, ops: Sequence[pb.Instruction]) -> None:
-        for link in self._links.values():
+        """To the direct links, and once to the relay log for the others: O(roots), not O(hosts)."""
+        for link in self._direct:
             if not link.failed:
                 link.send(ops)
+        if len(self._direct) < len(self._links):
+            self._relay(ops)
 
     def _blocking(self, item: Queued) -> int | None:
         """An input of `item` that does not exist yet and nothing ordered produces, or None."""

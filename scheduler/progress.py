@@ -74,7 +74,24 @@ class Progress:
             link.check_relayed()
             if link.heard_lately(fresh_s):
                 heard.add(host)
+        self.trim_relay_log()
         return heard
+
+    def _relay(self, ops) -> None:
+        """Keeps `ops` for the hosts the tree relays (lock held), trimming the log now and
+        then (RelayLog.full)."""
+        self.relay_log.append(ops)
+        if self.relay_log.full():
+            self.trim_relay_log()
+
+    def trim_relay_log(self) -> None:
+        """Forgets what every relayed host has acknowledged (or got directly) of the relay
+        log (scheduler.relaylog)."""
+        with self.cond:
+            links = list(self._links.values())
+        owed = [p for p in (getattr(link, "relay_position", lambda: None)() for link in links)
+                if p is not None]
+        self.relay_log.trim(min(owed) if owed else self.relay_log.last, len(links))
 
     def order_gap(self, host: int, received: int, incarnation: str) -> str:
         """Why a host that registers again from a new process (`incarnation` differs from its

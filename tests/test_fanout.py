@@ -2,6 +2,8 @@
 hosts and they forward it to the rest (runtime.worker.forward); every host still gets the whole
 order, and a host the tree cannot reach fails its island with a clear error, never a hang."""
 
+import collections
+
 import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
@@ -153,6 +155,9 @@ class _IdleLoop:
 
     def call(self, fn, *args):
         pass
+
+    def on_loop(self):  # nothing to wait for when the link closes
+        return True
 
 
 class _Events:
@@ -378,3 +383,60 @@ def test_simulated_hosts_of_one_process_pass_the_tree_on_in_memory():
             await sim.stop(unregister=False)
 
     asyncio.run(scenario())
+
+
+def test_the_relay_log_keeps_the_order_once_until_every_relayed_host_has_it():
+    from scheduler.relaylog import RelayLog
+
+    log = RelayLog()
+    log.append(_ops(1, 2, 3))
+    log.append(_ops(2, 3, 4))  # a repeat: kept once
+    assert [op.sequence for op in log.after(1)] == [2, 3, 4] and log.count_after(3) == 1
+    assert log.waiting_since(4) is None and log.waiting_since(0) is not None
+    log.trim(2, hosts=1)
+    assert [op.sequence for op in log.after(0)] == [3, 4] and log.last == 4
+    assert not log.full()  # trimmed just now: full again past twice its length
+    log.append(_ops(5, 6, 7))
+    assert log.full()
+
+
+def test_an_island_hands_its_order_to_the_roots_and_once_to_the_relay_log():
+    """With a tree, each batch goes to the root's link and once into the island's relay log,
+    not onto every relayed host's link; each relayed link still knows what the tree owes its
+    host, and what every relayed host acknowledged leaves the log."""
+    from scheduler.delivery import HostLink
+    from scheduler.gang import GangScheduler
+
+    config = ClusterConfig().scheduler
+    sent = collections.Counter()
+
+    class Link(HostLink):
+        def __init__(self, scheduler, host, address):
+            super().__init__(scheduler, host, address, loop=_IdleLoop())
+
+        def send(self, ops):
+            sent[self.host] += 1
+            super().send(ops)
+
+    scheduler = GangScheduler(0, "controller", lambda *report: None, link_factory=Link,
+                              config=config)
+    try:
+        hosts = config.fanout_min_hosts + 8
+        for host in range(hosts):
+            scheduler.set_host(host, f"a:{host}")
+        links = scheduler._links
+        assert [h for h in range(hosts) if not links[h].relayed] == [0]
+        sent.clear()
+        ordered = scheduler.submit(_ops(0, 0)) + scheduler.submit(_ops(0))  # numbered here
+        assert dict(sent) == {0: 2}  # the root only
+        last = links[hosts - 1]
+        assert [op.sequence for op in last.unacknowledged()] == ordered
+        assert last.pending() == 3
+        for link in links.values():
+            link.acked = ordered[1]
+        links[1].acked = ordered[0]
+        scheduler.trim_relay_log()
+        assert [op.sequence for op in scheduler.relay_log.after(0)] == ordered[1:]
+        assert [op.sequence for op in last.unacknowledged()] == ordered[2:]
+    finally:
+        scheduler.close()
