@@ -157,9 +157,12 @@ class HostLink:
 
     def relay_position(self) -> int | None:
         """The sequence up to which the tree owes a relayed host nothing more (what it
-        acknowledged, or got directly); None when the host is not relayed."""
+        acknowledged, or got directly); None when the host is not relayed, or its link failed
+        or closed (it is owed nothing: the relay log need not keep anything for it)."""
         with self._lock:
-            return max(self.acked, self._floor) if self.relayed else None
+            if not self.relayed or self.failed or self.closed:
+                return None
+            return max(self.acked, self._floor)
 
     def _owed(self) -> list[pb.Instruction]:
         """What the tree was to bring the host and it has not acknowledged (lock held)."""
