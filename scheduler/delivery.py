@@ -117,7 +117,8 @@ class HostLink:
     def send(self, ops: Sequence[pb.Instruction]) -> None:
         """Queues instructions for the host, in order (dropped once the link has failed). A
         relayed host's go to the relay log, which the island's scheduler fills once for all its
-        relayed hosts (it sends to its direct links only)."""
+        relayed hosts (it sends to its direct links only): with a scheduler's shared log,
+        what goes there is owed to each of them."""
         with self._lock:
             if self.failed or self.closed:
                 return
@@ -157,12 +158,10 @@ class HostLink:
 
     def relay_position(self) -> int | None:
         """The sequence up to which the tree owes a relayed host nothing more (what it
-        acknowledged, or got directly); None when the host is not relayed, or its link failed
-        or closed (it is owed nothing: the relay log need not keep anything for it)."""
+        acknowledged, or got directly); None when the host is not relayed. A failed link's
+        host is still owed the rest (its `unacknowledged` is resent if it registers again)."""
         with self._lock:
-            if not self.relayed or self.failed or self.closed:
-                return None
-            return max(self.acked, self._floor)
+            return max(self.acked, self._floor) if self.relayed else None
 
     def _owed(self) -> list[pb.Instruction]:
         """What the tree was to bring the host and it has not acknowledged (lock held)."""

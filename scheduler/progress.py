@@ -77,7 +77,7 @@ class Progress:
         self.trim_relay_log()
         return heard
 
-    def _relay(self, ops) -> None:
+    def _relay(self, ops: Sequence[pb.Instruction]) -> None:
         """Keeps `ops` for the hosts the tree relays (lock held), trimming the log now and
         then (RelayLog.full)."""
         self.relay_log.append(ops)
@@ -86,12 +86,13 @@ class Progress:
 
     def trim_relay_log(self) -> None:
         """Forgets what every relayed host has acknowledged (or got directly) of the relay
-        log (scheduler.relaylog)."""
+        log (scheduler.relaylog). Under the island's lock, as a link's joining or leaving the
+        tree and a delivery are: a trim between reading the links and the log would drop what
+        a host that joined the tree meanwhile, or one registering again, is owed."""
         with self.cond:
-            links = list(self._links.values())
-        owed = [p for p in (getattr(link, "relay_position", lambda: None)() for link in links)
-                if p is not None]
-        self.relay_log.trim(min(owed) if owed else self.relay_log.last, len(links))
+            owed = [p for p in (getattr(link, "relay_position", lambda: None)()
+                                for link in self._links.values()) if p is not None]
+            self.relay_log.trim(min(owed) if owed else self.relay_log.last, len(self._links))
 
     def order_gap(self, host: int, received: int, incarnation: str) -> str:
         """Why a host that registers again from a new process (`incarnation` differs from its

@@ -4,7 +4,7 @@ host's link (at 64 hosts that was 63 appends per instruction under the island's 
 command's way). Each relayed link (scheduler.delivery.HostLink) reads the part it is owed: what
 came after its floor (before it, the host got the order directly) and after what it has
 acknowledged; that part goes directly when the tree changes or does not bring it in time.
-Trimmed to what some relayed host has not acknowledged."""
+The log keeps only what some relayed host still lacks."""
 
 from __future__ import annotations
 
@@ -64,10 +64,10 @@ class RelayLog:
             return self._times[i] if i < len(self._times) else None
 
     def trim(self, sequence: int, hosts: int = 0) -> None:
-        """Forgets the instructions at or below `sequence`, `hosts` relayed hosts having told
-        what they owe: `full` says so again once the log has doubled (and holds more than four
-        instructions per host), so that looking at every host stays rare per instruction
-        however far behind one of them is."""
+        """Forgets the instructions at or below `sequence` (what every relayed host of an
+        island of `hosts` has): `full` says it is time again once the log has doubled and holds
+        more than four instructions per host, so that looking at every host stays rare per
+        instruction however far behind one of them is."""
         with self._lock:
             i = bisect.bisect_right(self._sequences, sequence)
             del self._sequences[:i], self._ops[:i], self._times[:i]
