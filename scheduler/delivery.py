@@ -90,8 +90,8 @@ class HostLink:
         # own otherwise) and not dispatched, until the host acknowledges it. The tree owes
         # the host what came after `_floor`: what came before, it got directly.
         self.relayed = False
-        log = getattr(events, "relay_log", None)
-        self._log: RelayLog = RelayLog() if log is None else log
+        shared = getattr(events, "relay_log", None)
+        self._log: RelayLog = RelayLog() if shared is None else shared
         self._floor = 0
         self.forward: list[pb.ForwardTarget] = []  # the subtrees a Dispatch of this link reaches
         # The batch of the Dispatch under way: kept until its reply says the host has it, so a
@@ -161,11 +161,15 @@ class HostLink:
         acknowledged, or got directly); None when the host is not relayed. A failed link's
         host is still owed the rest (its `unacknowledged` is resent if it registers again)."""
         with self._lock:
-            return max(self.acked, self._floor) if self.relayed else None
+            return self._owed_after() if self.relayed else None
+
+    def _owed_after(self) -> int:
+        """The sequence after which what the relay log holds is owed to the host (lock held)."""
+        return max(self.acked, self._floor)
 
     def _owed(self) -> list[pb.Instruction]:
         """What the tree was to bring the host and it has not acknowledged (lock held)."""
-        return self._log.after(max(self.acked, self._floor)) if self.relayed else []
+        return self._log.after(self._owed_after()) if self.relayed else []
 
     def _take_relayed(self) -> list[pb.Instruction]:
         """`_owed`, which the host is from now on to get directly (lock held)."""
@@ -181,7 +185,7 @@ class HostLink:
         with self._lock:
             if not self.relayed:
                 return
-            since = self._log.waiting_since(max(self.acked, self._floor))
+            since = self._log.waiting_since(self._owed_after())
             if since is None or time.monotonic() - since < self.config.relay_timeout_s:
                 return
             catch_up = self._take_relayed()
@@ -199,7 +203,7 @@ class HostLink:
     def pending(self) -> int:
         """Instructions queued for the host and not dispatched yet."""
         with self._lock:
-            owed = (self._log.count_after(max(self.acked, self._floor)) if self.relayed else 0)
+            owed = self._log.count_after(self._owed_after()) if self.relayed else 0
             return len(self.queue) + owed
 
     def unacknowledged(self) -> list[pb.Instruction]:

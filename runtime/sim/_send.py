@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -125,11 +126,8 @@ class Transfers:
         if elsewhere and relays is None:
             relays = self._relays[key] = _forward.Relays(self._start_forward)
         if relays is not None:  # also collects what its calls found since
-            if here:
-                request = pb.DispatchRequest(controller_id=request.controller_id,
-                                             epoch=request.epoch,
-                                             instructions=request.instructions, forward=elsewhere)
-            found += relays.forward(request, timeout)
+            found += relays.forward(_with_forward(request, elsewhere) if here else request,
+                                    timeout)
         return found
 
     def _running(self, target: pb.ForwardTarget) -> bool:
@@ -159,9 +157,7 @@ class Transfers:
             if all(self._running(t) for t in below):
                 targets.extend(below)
             else:
-                found.extend(self.forward(host, pb.DispatchRequest(
-                    controller_id=request.controller_id, epoch=request.epoch,
-                    instructions=request.instructions, forward=below), timeout))
+                found.extend(self.forward(host, _with_forward(request, below), timeout))
 
     def _start_forward(self, request: pb.DispatchRequest, target: pb.ForwardTarget,
                        timeout: float, done: _forward.Done) -> None:
@@ -195,6 +191,13 @@ class Transfers:
         for channel, _ in self._channels.values():
             await channel.close()
         self._channels.clear()
+
+
+def _with_forward(request: pb.DispatchRequest, forward: Sequence[pb.ForwardTarget]
+                  ) -> pb.DispatchRequest:
+    """`request`'s batch, to be passed on to `forward`'s subtrees instead of its own."""
+    return pb.DispatchRequest(controller_id=request.controller_id, epoch=request.epoch,
+                              instructions=request.instructions, forward=forward)
 
 
 async def _gather(host: SimHost, array_id: int, value: SimArray, hosts: list[int]
