@@ -95,6 +95,7 @@ def start_cluster(args, hosts: int, out: pathlib.Path, attempt: int = 1) -> tupl
         cluster.start()
         record["registration_s"] = cluster.registration_s
         record["sim_processes"] = len(cluster.procs)
+        record["pinned"] = pin_cluster(cluster, getattr(args, "cpus", None))
         pid = cluster.controller_pid
         before = process_stats(pid)
         try:  # an idle cluster: what heartbeats and progress streams cost
@@ -114,6 +115,21 @@ def start_cluster(args, hosts: int, out: pathlib.Path, attempt: int = 1) -> tupl
         return None, record
     record["controller_during_startup"] = watch.stop()
     return cluster, record
+
+
+def pin_cluster(cluster, cpus: tuple[set[int], set[int]] | None) -> dict | None:
+    """With --controller-cpus, the controller process on CPUs of its own and the simulated
+    processes and this one on the rest (benchmarks.scale_measure.pin_process), as on a cluster
+    where the controller has a machine of its own; what was pinned where."""
+    from benchmarks.scale_measure import pin_process
+
+    if cpus is None:
+        return None
+    controller, rest = cpus
+    threads = pin_process(cluster.controller_pid, controller)
+    others = sum(pin_process(pid, rest) for pid in [p.pid for p in cluster.procs] + [os.getpid()])
+    return {"controller_cpus": sorted(controller), "other_cpus": sorted(rest),
+            "controller_threads": threads, "other_threads": others}
 
 
 def ping_round(cluster) -> dict[str, float]:
@@ -287,10 +303,17 @@ def run(args: argparse.Namespace) -> int:
             print(f"error: unknown shape {shape!r} (choose from {', '.join(SHAPES)})",
                   file=sys.stderr)
             return 2
+    from benchmarks.scale_measure import parse_cpus, split_cpus
+    try:
+        args.cpus = (split_cpus(parse_cpus(args.controller_cpus)) if args.controller_cpus
+                     else None)
+    except ValueError as exc:
+        print(f"error: --controller-cpus {args.controller_cpus}: {exc}", file=sys.stderr)
+        return 2
     report: dict[str, Any] = {
         "command": " ".join(["pathways", "bench", "scale", *sys.argv[3:]]) if sys.argv[1:3] == [
             "bench", "scale"] else " ".join(sys.argv),
-        "config": {k: v for k, v in vars(args).items() if k != "func"},
+        "config": {k: v for k, v in vars(args).items() if k not in ("func", "cpus")},
         "machine": {"cpus": os.cpu_count(), "load_average_start": os.getloadavg()},
         "clusters": [], "points": [], "break_even": []}
 
@@ -424,6 +447,11 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
                    help="seconds an idle cluster is watched after start-up")
     p.add_argument("--sim-processes", type=int, default=0,
                    help="simulated processes per cluster (0: about 256 hosts each)")
+    p.add_argument("--controller-cpus", default="",
+                   help="CPUs for the controller process alone, e.g. 0 or 0-1 (Linux): the "
+                        "simulated hosts and the benchmark get the others, as on a cluster where "
+                        "the controller has a machine of its own (default: every process shares "
+                        "every CPU)")
     p.set_defaults(func=run)
 
 

@@ -58,6 +58,52 @@ def process_stats(pid: int) -> dict[str, float]:
     return stats
 
 
+def parse_cpus(text: str) -> set[int]:
+    """CPUs given as "0", "0,1" or "0-3,6" (for --controller-cpus)."""
+    cpus: set[int] = set()
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        try:
+            low, high = int(first), int(last or first)
+        except ValueError:
+            raise ValueError(f"{part!r} is not a CPU number or range (e.g. 0 or 0-3)") from None
+        if low < 0 or high < low:
+            raise ValueError(f"{part!r} is not a CPU range (e.g. 0-3)")
+        cpus.update(range(low, high + 1))
+    if not cpus:
+        raise ValueError("no CPU given")
+    return cpus
+
+
+def split_cpus(controller: set[int]) -> tuple[set[int], set[int]]:
+    """(the controller's CPUs, the others') out of the CPUs this process may use: the controller
+    gets `controller`, the simulated hosts and the benchmark itself the rest."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise ValueError("this platform cannot pin processes to CPUs")
+    usable = os.sched_getaffinity(0)
+    if not controller <= usable:
+        raise ValueError(f"CPUs {sorted(controller - usable)} are not among this process's "
+                         f"CPUs {sorted(usable)}")
+    rest = usable - controller
+    if not rest:
+        raise ValueError(f"CPUs {sorted(controller)} leave no CPU of {sorted(usable)} for the "
+                         f"simulated hosts")
+    return controller, rest
+
+
+def pin_process(pid: int, cpus: set[int]) -> int:
+    """Pins every thread of process `pid` to `cpus` (threads it starts later inherit it from
+    the thread that starts them); returns how many threads were pinned."""
+    pinned = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+            pinned += 1
+        except (ProcessLookupError, FileNotFoundError):  # the thread ended meanwhile
+            pass
+    return pinned
+
+
 def read_timelines(addresses: dict[int, Sequence[str]], credentials: _auth.Credentials,
                    since: float, timeout: float = 60.0) -> dict[int, list[list[pb.ExecutionEvent]]]:
     """Per island, per host (by index): the executions that ended after `since`."""

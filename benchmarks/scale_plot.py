@@ -134,6 +134,8 @@ def format_table(report: dict) -> str:
                         + (f"; pinging every host took {ping['seconds']:.2f} s" if ping else "")
                         + (f"; {health['re_registrations']:.0f} re-registrations, loop stalls up "
                            f"to {health['longest_loop_stall_s']:.2f} s" if health else "")
+                        + (f"; controller alone on CPUs {c['pinned']['controller_cpus']}"
+                           if c.get("pinned") else "")
                         + (f"; {c['error']}" if c.get("error") else "")
                         + (f"; {c['gave_up']}" if c.get("gave_up") else ""))
     def shown(b: dict) -> str:

@@ -1,6 +1,9 @@
 """The figures of `pathways bench scale` from synthetic timelines: busy, throughput, per-stage
 latency, the break-even crossing, the island layout and the sizes of the workload."""
 
+import os
+import subprocess
+import sys
 import time
 import types
 import unittest.mock
@@ -9,7 +12,8 @@ import jax
 import pytest
 
 from benchmarks.scale import layout
-from benchmarks.scale_measure import crossing, latencies, point_figures, process_stats
+from benchmarks.scale_measure import (crossing, latencies, parse_cpus, pin_process,
+                                      point_figures, process_stats, split_cpus)
 from benchmarks.scale_workload import Chain, make_fused, make_step, matrix_size, probe
 from proto import pathways_pb2 as pb
 from proto import wire as _wire
@@ -170,3 +174,43 @@ def test_the_probe_waits_for_every_island_or_for_each(alone):
         assert events == [("run", 0), ("run", 1), ("run", 2), ("ordered", 0), ("ordered", 1),
                           ("ordered", 2), ("fetch", [0, 1, 2])] * 2
         assert sleeps == [0.01] * 2
+
+
+def test_controller_cpus_are_parsed_and_must_leave_some_for_the_rest():
+    assert parse_cpus("0") == {0}
+    assert parse_cpus("0-2,5") == {0, 1, 2, 5}
+    for bad in ("", "a", "3-1", "-1", "0-x"):
+        with pytest.raises(ValueError):
+            parse_cpus(bad)
+    usable = os.sched_getaffinity(0)
+    with pytest.raises(ValueError, match="no CPU .* for the simulated hosts"):
+        split_cpus(set(usable))
+    with pytest.raises(ValueError, match="not among"):
+        split_cpus({max(usable) + 1})
+    if len(usable) > 1:
+        first = min(usable)
+        assert split_cpus({first}) == ({first}, usable - {first})
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_pin_process_pins_every_thread_and_threads_started_later():
+    """A child with a thread already running and one started after the pinning: all of its
+    threads end up on the one CPU given."""
+    cpu = max(os.sched_getaffinity(0))
+    code = ("import os, sys, threading, time\n"
+            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+            "print('ready', flush=True); sys.stdin.readline()\n"
+            "threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n"
+            "print(sorted({c for t in os.listdir('/proc/self/task') "
+            "for c in os.sched_getaffinity(int(t))}), flush=True)\n")
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "ready"
+        assert pin_process(child.pid, {cpu}) >= 2
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline().strip() == str([cpu])
+    finally:
+        child.kill()
+        child.wait(10)
