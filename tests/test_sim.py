@@ -76,6 +76,31 @@ def test_cost_model_counts_flops_per_device():
                                                                                 rel=0.01)
 
 
+def test_a_hosts_layout_of_an_array_is_its_share_of_the_slice():
+    """Layout.of, laid out once per slice and array, gives each host the distinct shards its
+    devices hold and their bytes (replicas counted), as a host-by-host count does; a host
+    without devices in the slice holds nothing."""
+    from runtime.sim._executable import Layout
+
+    info = pb.SliceInfo(slice_id=3, mesh_shape=[4, 2], axis_names=["x", "y"])
+    for position in range(8):
+        info.devices.add(host=position // 3)  # hosts 0, 1: 3 devices; host 2: 2
+    cases = [(), (("x",),), ((), ("y",)), (("x", "y"),), (("y",), ("x",))]
+    for dims in cases:
+        sharding = pb.Sharding(slice_id=3, dims=[pb.DimSharding(axes=axes) for axes in dims])
+        groups = _wire.slice_shard_groups((8, 4), info, sharding)
+        for host in range(4):
+            local = {p for p, d in enumerate(info.devices) if d.host == host}
+            want = [(index, len(local.intersection(ps))) for index, ps in groups
+                    if local.intersection(ps)]
+            layout = Layout.of([8, 4], "float32", sharding, info, host)
+            assert layout.indices == tuple(index for index, _ in want), (dims, host)
+            assert layout.nbytes == sum(
+                np.prod(_wire.shard_shape(index)) * 4 * here for index, here in want)
+            assert layout.shape == (8, 4) and layout.dtype == np.float32
+    assert Layout.of([8, 4], "float32", pb.Sharding(slice_id=3), info, 3).indices == ()
+
+
 def test_64_hosts_registered_and_a_slice_spans_an_island(sim):
     with runtime.Client(sim.address) as client:
         status = client.status()

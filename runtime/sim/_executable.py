@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 
@@ -27,21 +29,42 @@ class Layout:
     @classmethod
     def of(cls, shape: Sequence[int], dtype_name: str, sharding: pb.Sharding,
            info: pb.SliceInfo, host: int) -> Layout:
+        """The layout on `host`, from the slice-wide one (`_slice_layouts`): every host of a
+        process loads the same executable, and a 256-device slice took 0.35 ms per host and
+        output to lay out, which hundreds of hosts did one after another on the process's loop
+        (its first commands then reached their hosts up to 0.8 s late)."""
         dtype = _wire.dtype_from_name(dtype_name)
         shape = _wire.check_shape(shape)
-        local = {p for p, d in enumerate(info.devices) if d.host == host}
-        indices, nbytes = [], 0
-        for index, positions in _wire.slice_shard_groups(shape, info, sharding):
-            here = len(local.intersection(positions))
-            if here:
-                indices.append(index)
-                nbytes += math.prod(_wire.shard_shape(index)) * dtype.itemsize * here
-        return cls(shape, dtype, tuple(indices), nbytes)
+        indices, nbytes = _slice_layouts(
+            shape, dtype_name, sharding.SerializeToString(deterministic=True),
+            info.SerializeToString(deterministic=True)).get(host, ((), 0))
+        return cls(shape, dtype, indices, nbytes)
 
     def computed(self, ready_at: float) -> SimArray:
         """An output of a simulated computation: shapes only."""
         return SimArray(self.shape, self.dtype, {i: None for i in self.indices}, ready_at,
                         self.nbytes)
+
+
+@functools.lru_cache(maxsize=256)
+def _slice_layouts(shape: tuple[int, ...], dtype_name: str, sharding: bytes, info: bytes
+                   ) -> dict[int, tuple[tuple[_wire.Index, ...], int]]:
+    """Per host of a slice: its distinct shards of an array and their bytes on its devices
+    (replicas counted), in one pass over the array's shard groups (the messages serialized, to
+    key the cache)."""
+    itemsize = _wire.dtype_from_name(dtype_name).itemsize
+    slice_info = pb.SliceInfo.FromString(info)
+    host_of = [d.host for d in slice_info.devices]
+    layouts: dict[int, tuple[list[_wire.Index], list[int]]] = {}
+    for index, positions in _wire.slice_shard_groups(shape, slice_info,
+                                                     pb.Sharding.FromString(sharding)):
+        size = math.prod(_wire.shard_shape(index)) * itemsize
+        counts = collections.Counter(host_of[p] for p in positions)
+        for host, here in counts.items():
+            indices, nbytes = layouts.setdefault(host, ([], [0]))
+            indices.append(index)
+            nbytes[0] += size * here
+    return {host: (tuple(indices), nbytes[0]) for host, (indices, nbytes) in layouts.items()}
 
 
 @dataclasses.dataclass
