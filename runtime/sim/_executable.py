@@ -55,16 +55,15 @@ def _slice_layouts(shape: tuple[int, ...], dtype_name: str, sharding: bytes, inf
     itemsize = _wire.dtype_from_name(dtype_name).itemsize
     slice_info = pb.SliceInfo.FromString(info)
     host_of = [d.host for d in slice_info.devices]
-    layouts: dict[int, tuple[list[_wire.Index], list[int]]] = {}
+    indices: dict[int, list[_wire.Index]] = collections.defaultdict(list)
+    nbytes: collections.Counter[int] = collections.Counter()
     for index, positions in _wire.slice_shard_groups(shape, slice_info,
                                                      pb.Sharding.FromString(sharding)):
         size = math.prod(_wire.shard_shape(index)) * itemsize
-        counts = collections.Counter(host_of[p] for p in positions)
-        for host, here in counts.items():
-            indices, nbytes = layouts.setdefault(host, ([], [0]))
-            indices.append(index)
-            nbytes[0] += size * here
-    return {host: (tuple(indices), nbytes[0]) for host, (indices, nbytes) in layouts.items()}
+        for host, here in collections.Counter(host_of[p] for p in positions).items():
+            indices[host].append(index)
+            nbytes[host] += size * here
+    return {host: (tuple(held), nbytes[host]) for host, held in indices.items()}
 
 
 @dataclasses.dataclass
