@@ -115,6 +115,12 @@ class SchedulerConfig:
     relay_timeout_s: float = 2.0  # not acknowledged through the tree this long: sent directly
     progress_interval_s: float = 0.005  # least time between two progress reports of a host
     progress_idle_s: float = 1.0  # most time between two (idle hosts: one report, no Ping)
+    # The same for the hosts of an island whose order goes through a fan-out tree: the
+    # heartbeat reaches them all with one empty Dispatch to each root, passed down the tree
+    # (scheduler.delivery's keep_alive). An island's hosts report together after each command,
+    # so their idle reports came in bursts, one a second per island, that held up commands
+    # arriving meanwhile: at 1,024 hosts, 16 bursts a second were most of the p99 (RESULTS.md)
+    progress_idle_tree_s: float = 10.0
     # Most reports/s of an island's hosts together: a big island's hosts each report less often
     # than progress_interval_s (64 hosts: every 160 ms; 16: 40 ms). Every report costs the
     # controller about the same, and it needs only the slowest host's place: at 3200, 512

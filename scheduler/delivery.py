@@ -9,7 +9,10 @@ turn (scheduler.coalesce) before the gang scheduler sees them; it uses them to k
 window of work ordered ahead of the hosts, and to charge clients for device time. A link also
 answers the controller's heartbeat (`ping`): from what it heard from the host lately (a Dispatch
 reply, a progress report: an idle host reports every `progress_idle_s`, so it costs no Ping), or
-with a Ping RPC of its own.
+with a Ping RPC of its own. The hosts of an island whose order goes through a fan-out tree
+report only every `progress_idle_tree_s` when idle: the heartbeat reaches them with an empty
+Dispatch to each root instead (`keep_alive`), passed down the tree, each host's place coming
+back with the root's later replies (one call per island rather than a report per host).
 """
 
 from __future__ import annotations
@@ -108,6 +111,11 @@ class HostLink:
         # Least time between two of the host's progress reports (its island's scheduler sets
         # it); a change re-opens the stream at the host's next report.
         self.report_interval_s = self.config.progress_interval_s
+        # Most time between two reports of the host while idle (its island's scheduler sets it:
+        # longer in a fan-out tree), and that of the stream now open (0: none yet).
+        self.idle_interval_s = self.config.progress_idle_s
+        self._stream_idle_s = 0.0
+        self._keepalive = False  # the heartbeat asked for an empty Dispatch (keep_alive)
         self._lock = threading.Lock()
         self._woken = False  # a wake-up of the sender is on its way to the loop
         self._wake: asyncio.Event | None = None
@@ -136,6 +144,28 @@ class HostLink:
                 return
             self._woken = True
         self.loop.call(self._wake_sender)
+
+    def keep_alive(self, delay: float = 0.0) -> None:
+        """The heartbeat's contact with a host that reports rarely when idle: an empty Dispatch,
+        `delay` seconds from now (on the loop; none if a batch goes meanwhile, which counts the
+        same), passed down this link's subtrees, so one call reaches every host of a fan-out
+        tree; each host counts it as the controller's contact, and where the hosts below stand
+        comes back with this link's later replies. For a root of a tree, and for a host whose
+        stream reports only every `progress_idle_tree_s` (until it re-opens with a shorter
+        interval); nothing for a relayed host (its root's call reaches it) or another."""
+        with self._lock:
+            if (self.relayed or self.failed or self.closed or not self.forward
+                    and self._stream_idle_s <= self.config.progress_idle_s):
+                return
+        if delay > 0:
+            self.loop.call_later(delay, self._ask_keepalive)
+        else:
+            self.loop.call(self._ask_keepalive)
+
+    def _ask_keepalive(self) -> None:
+        with self._lock:
+            self._keepalive = True
+        self._wake_sender()
 
     def idle(self) -> bool:
         """Whether nothing handed to this link directly waits for the host's acknowledgement."""
@@ -262,7 +292,9 @@ class HostLink:
             await asyncio.gather(watcher, return_exceptions=True)
             await channel.close()
 
-    def _next_batch(self) -> list[pb.Instruction]:
+    def _next_batch(self) -> tuple[list[pb.Instruction], list[pb.ForwardTarget], bool]:
+        """The next Dispatch's batch, the subtrees it goes to, and whether the heartbeat asked
+        for a Dispatch (`keep_alive`: any batch answers it)."""
         with self._lock:
             batch, size = [], 0
             while self.queue and len(batch) < self.config.max_batch:
@@ -274,12 +306,13 @@ class HostLink:
                 batch.append(self.queue.popleft())
                 size += ins_size
             self._in_flight = batch
-            return batch, self.forward
+            keepalive, self._keepalive = self._keepalive, False
+            return batch, self.forward, keepalive
 
     async def _send_loop(self) -> None:
         while not self.closed and not self.failed:
-            batch, forward = self._next_batch()
-            if not batch:
+            batch, forward, keepalive = self._next_batch()
+            if not batch and not keepalive:
                 self._wake.clear()
                 # Only this link's own queue keeps it going (`idle`: no batch is in flight
                 # here): what the tree is to bring the host (in `pending`) is not the sender's
@@ -318,10 +351,9 @@ class HostLink:
     async def _watch_loop(self) -> None:
         opened = False
         while not self.closed:
-            interval = self.report_interval_s
-            request = pb.WatchProgressRequest(min_interval_s=interval,
-                                              idle_interval_s=self.config.progress_idle_s)
-            reopen = False  # at once, with the island's new report interval
+            interval, idle = self.report_interval_s, self.idle_interval_s
+            request = pb.WatchProgressRequest(min_interval_s=interval, idle_interval_s=idle)
+            reopen = False  # at once, with the island's new report intervals
             try:
                 call = self._stub.WatchProgress(request, metadata=self._metadata)
                 async for reply in call:
@@ -330,7 +362,9 @@ class HostLink:
                     self._report(HostReport(self.host, reply.executed, reply.received,
                                             list(reply.completed), reply.hang,
                                             list(reply.arrived)))
-                    if self.report_interval_s != interval:  # the island grew or shrank
+                    self._stream_idle_s = idle
+                    if (self.report_interval_s, self.idle_interval_s) != (interval, idle):
+                        # The island grew or shrank, or its fan-out tree came or went.
                         call.cancel()
                         reopen = True
                         break

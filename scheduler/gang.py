@@ -155,12 +155,14 @@ class GangScheduler(Progress):
 
     def _route(self) -> None:
         """The island's fan-out tree over its links that are caught up (scheduler.fanout), and
-        how often each host reports progress (`report_interval`)."""
+        how often each host reports progress (`report_interval`; when idle, rarely in a tree)."""
         self._direct = fanout.apply(self._links, self.config.fanout,
                                     self.config.fanout_min_hosts, self.config.fanout_roots)
+        idle = (self.config.progress_idle_tree_s if len(self._direct) < len(self._links)
+                else self.config.progress_idle_s)  # the heartbeat reaches a tree's hosts
         for link in self._links.values():
             if hasattr(link, "report_interval_s"):  # a real link (tests pass fakes)
-                link.report_interval_s = self.report_interval
+                link.report_interval_s, link.idle_interval_s = self.report_interval, idle
 
     # -- ordering ---------------------------------------------------------------------------------
 

@@ -51,6 +51,11 @@ class LinkLoop:
         else:
             self.loop.call_soon_threadsafe(fn, *args)
 
+    def call_later(self, delay: float, fn: Callable[..., Any], *args: Any) -> None:
+        """Runs `fn(*args)` on the loop `delay` seconds from now; returns at once (from any
+        thread)."""
+        self.call(self.loop.call_later, delay, fn, *args)
+
     def submit(self, coroutine: Coroutine) -> concurrent.futures.Future:
         """Runs a coroutine on the loop; its future, to wait on from another thread."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)

@@ -160,6 +160,13 @@ class _IdleLoop:
         return True
 
 
+class _CallingLoop(_IdleLoop):
+    """An idle link loop that runs what is handed to it at once."""
+
+    def call(self, fn, *args):
+        fn(*args)
+
+
 class _Events:
     island, controller_id, epoch, channel_metadata = 0, "controller", 0, ()
     config = ClusterConfig().scheduler
@@ -179,17 +186,17 @@ def test_a_new_tree_sends_a_relayed_host_directly_what_it_has_not_acknowledged()
     link = HostLink(_Events(), 5, "nowhere:1", loop=_IdleLoop())
     link.route(None)
     link.send(_ops(1, 2, 3))
-    assert link._next_batch() == ([], [])  # relayed: nothing of its own to send
+    assert link._next_batch() == ([], [], False)  # relayed: nothing of its own to send
     assert [op.sequence for op in link.unacknowledged()] == [1, 2, 3]
     link.acked = 1
     link.route(None)  # the tree changed; the host is still relayed
-    batch, forward = link._next_batch()
+    batch, forward, _ = link._next_batch()
     assert [op.sequence for op in batch] == [2, 3] and forward == []
     link.send(_ops(4))  # by the tree
-    assert link._next_batch() == ([], [])
+    assert link._next_batch() == ([], [], False)
     target = pb.ForwardTarget(host=6, address="a:6")
     link.route([target])  # now a root: #4 directly, forwarded below it
-    batch, forward = link._next_batch()
+    batch, forward, _ = link._next_batch()
     assert [op.sequence for op in batch] == [4] and list(forward) == [target]
 
 
@@ -204,13 +211,88 @@ def test_what_the_tree_did_not_bring_in_time_goes_directly():
     link.send(_ops(1, 2, 3))
     link.acked = 1
     link.check_relayed()  # #2 and #3 are overdue (a timeout of 0)
-    batch, _ = link._next_batch()
+    batch, _, _ = link._next_batch()
     assert [op.sequence for op in batch] == [2, 3]
     link.send(_ops(4))
     Events.config = ClusterConfig().replace(relay_timeout_s=60.0).scheduler
     link.config = Events.config
     link.check_relayed()  # not overdue: it stays with the tree
-    assert link._next_batch() == ([], [])
+    assert link._next_batch() == ([], [], False)
+
+
+
+def test_the_heartbeat_asks_a_root_for_an_empty_dispatch_down_its_tree():
+    """A root of a fan-out tree sends an empty Dispatch to its subtrees when the heartbeat asks
+    (keep_alive), once, and not when a batch goes anyway; a relayed host gets none (its root's
+    reaches it), nor does a direct host that reports at the usual idle interval, while one whose
+    stream still reports at the tree's rare interval does."""
+    from scheduler.delivery import HostLink
+
+    target = pb.ForwardTarget(host=6, address="a:6")
+    root = HostLink(_Events(), 5, "nowhere:1", loop=_CallingLoop())
+    root.route([target])
+    root.keep_alive()
+    assert root._next_batch() == ([], [target], True)
+    assert root._next_batch() == ([], [target], False)  # once per request
+    root.keep_alive()
+    root.send(_ops(1))
+    batch, _, _ = root._next_batch()  # the batch is the contact
+    assert [op.sequence for op in batch] == [1] and root._next_batch() == ([], [target], False)
+
+    relayed = HostLink(_Events(), 6, "nowhere:2", loop=_CallingLoop())
+    relayed.route(None)
+    relayed._stream_idle_s = _Events.config.progress_idle_tree_s
+    relayed.keep_alive()
+    assert relayed._next_batch() == ([], [], False)
+
+    direct = HostLink(_Events(), 7, "nowhere:3", loop=_CallingLoop())
+    direct.route([])
+    direct._stream_idle_s = _Events.config.progress_idle_s
+    direct.keep_alive()
+    assert direct._next_batch() == ([], [], False)
+    direct._stream_idle_s = _Events.config.progress_idle_tree_s  # opened while in a tree
+    direct.keep_alive()
+    assert direct._next_batch() == ([], [], True)
+
+
+def test_an_idle_tree_hears_the_heartbeat_through_its_root(monkeypatch):
+    """The hosts of an island in a fan-out tree report only every `progress_idle_tree_s` when
+    idle (a report a second from each host came in bursts, one per island, after every
+    command); the heartbeat's empty Dispatch to the root reaches them all through the tree: over
+    seven heartbeats idle it pings none of them, hears from every one, and none registers again
+    (each counts the Dispatch as the controller's contact; the limit is 3 s of silence)."""
+    import time
+
+    from scheduler.delivery import HostLink
+
+    pings = []
+    ping = HostLink._ping
+
+    async def counted(self, timeout):
+        pings.append(self.host)
+        return await ping(self, timeout)
+
+    monkeypatch.setattr(HostLink, "_ping", counted)
+    rare = config().scheduler.progress_idle_tree_s
+    with SimCluster(islands=1, hosts_per_island=HOSTS, devices_per_host=1,
+                    config=config()) as sim:
+        controller = sim.controller
+        scheduler = controller.catalog.scheduler(0)
+        links = scheduler._links
+        deadline = time.monotonic() + 30
+        while (any(link._stream_idle_s != rare for link in links.values())
+               and time.monotonic() < deadline):
+            time.sleep(0.1)  # each stream re-opens at its host's first report
+        assert all(link.idle_interval_s == rare for link in links.values())
+        assert sum(link.relayed for link in links.values()) == HOSTS - 1
+        registered = {h.host: h.registered_at for h in controller.resources.island_hosts(0)}
+        time.sleep(1.0)  # a heartbeat's contact has come down the whole tree
+        pings.clear()
+        time.sleep(3.5)
+        assert pings == []
+        assert scheduler.heard_lately(0.5) == set(range(HOSTS))
+        assert {h.host: h.registered_at
+                for h in controller.resources.island_hosts(0)} == registered
 
 
 # -- relays: a host's forwarding does not wait for the hosts below it (runtime.worker.forward) --

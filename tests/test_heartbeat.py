@@ -62,6 +62,10 @@ class _Island:
     def __init__(self):
         self.progress = []
         self.heard = set()  # hosts the island heard from lately
+        self.kept_alive = 0  # heartbeat rounds that reached its fan-out tree
+
+    def keep_alive(self, delay=0.0):
+        self.kept_alive += 1
 
     def heard_lately(self, fresh_s):
         return set(self.heard)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -51,7 +52,10 @@ class Health:
         self.controller_id, self.policy = controller_id, policy
         self.credentials = credentials
         self.readiness = readiness
-        self.scheduler_config = scheduler_config
+        # Without a heartbeat nothing reaches an idle fan-out tree's hosts but their own
+        # reports: they report as often as the others (scheduler.delivery).
+        self.scheduler_config = scheduler_config if heartbeat else dataclasses.replace(
+            scheduler_config, progress_idle_tree_s=scheduler_config.progress_idle_s)
         self._forget_island = forget_island
         self._epochs: dict[int, int] = {}  # island -> restarts under this controller
         # source island -> (island, spec) of arrays other islands expect from it (report_host_lost)
@@ -171,8 +175,13 @@ class Health:
         now = time.monotonic()
         calls = {}
         positions: dict[int, list[HostReport]] = collections.defaultdict(list)
-        heard = {island: scheduler.heard_lately(HEARTBEAT_INTERVAL_S)
-                 for island, scheduler in list(self._schedulers.items())}
+        heard = {}
+        schedulers = list(self._schedulers.items())
+        for i, (island, scheduler) in enumerate(schedulers):
+            # The hosts of its fan-out tree, through the tree; the islands' calls spread over
+            # the interval (all at once, they held up commands arriving meanwhile).
+            scheduler.keep_alive(i * HEARTBEAT_INTERVAL_S / len(schedulers))
+            heard[island] = scheduler.heard_lately(HEARTBEAT_INTERVAL_S)
         for key, (_, stub) in probes.items():
             last_answer.setdefault(key, now)
             if key[1] in heard.get(key[0], ()):  # it answered a Dispatch or reported lately

@@ -111,7 +111,8 @@ class SimHost:
         for _, ins in fresh:
             self._pending[ins.sequence] = ins
             self._received = max(self._received, ins.sequence)
-        self.arrived.fire()
+        if fresh:  # not for the heartbeat's empty Dispatch (scheduler.delivery's keep_alive)
+            self.arrived.fire()
         return self._received
 
     def take(self, controller_id: str, instructions: Sequence[pb.Instruction], epoch: int
