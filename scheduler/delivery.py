@@ -116,6 +116,7 @@ class HostLink:
         self.idle_interval_s = self.config.progress_idle_s
         self._stream_idle_s = 0.0
         self._keepalive = False  # the heartbeat asked for an empty Dispatch (keep_alive)
+        self._dispatched_at = 0.0  # time.monotonic() of the last Dispatch reply
         self._lock = threading.Lock()
         self._woken = False  # a wake-up of the sender is on its way to the loop
         self._wake: asyncio.Event | None = None
@@ -145,24 +146,27 @@ class HostLink:
             self._woken = True
         self.loop.call(self._wake_sender)
 
-    def keep_alive(self, delay: float = 0.0) -> None:
+    def keep_alive(self, delay: float = 0.0, quiet_s: float = 0.0) -> None:
         """The heartbeat's contact with a host that reports rarely when idle: an empty Dispatch,
-        `delay` seconds from now (on the loop; none if a batch goes meanwhile, which counts the
-        same), passed down this link's subtrees, so one call reaches every host of a fan-out
-        tree; each host counts it as the controller's contact, and where the hosts below stand
-        comes back with this link's later replies. For a root of a tree, and for a host whose
-        stream reports only every `progress_idle_tree_s` (until it re-opens with a shorter
-        interval); nothing for a relayed host (its root's call reaches it) or another."""
+        `delay` seconds from now (on the loop), passed down this link's subtrees, so one call
+        reaches every host of a fan-out tree; each host counts it as the controller's contact,
+        and where the hosts below stand comes back with this link's later replies. None if a
+        Dispatch was answered within the last `quiet_s` by then, or a batch goes meanwhile
+        (either counts the same: a busy island needs none). For a root of a tree, and for a
+        host whose stream reports only every `progress_idle_tree_s` (until it re-opens with a
+        shorter interval); nothing for a relayed host (its root's call reaches it) or another."""
         with self._lock:
             if (self.relayed or self.failed or self.closed or not self.forward
                     and self._stream_idle_s <= self.config.progress_idle_s):
                 return
         if delay > 0:
-            self.loop.call_later(delay, self._ask_keepalive)
+            self.loop.call_later(delay, self._ask_keepalive, quiet_s)
         else:
-            self.loop.call(self._ask_keepalive)
+            self.loop.call(self._ask_keepalive, quiet_s)
 
-    def _ask_keepalive(self) -> None:
+    def _ask_keepalive(self, quiet_s: float) -> None:
+        if time.monotonic() - self._dispatched_at < quiet_s:
+            return
         with self._lock:
             self._keepalive = True
         self._wake_sender()
@@ -333,7 +337,7 @@ class HostLink:
                 return
             with self._lock:
                 self._in_flight = []
-            self.heard_at = time.monotonic()
+            self.heard_at = self._dispatched_at = time.monotonic()
             self._report(HostReport(self.host, reply.executed, reply.received))
             for position in reply.forwarded:
                 self._forwarded(position)

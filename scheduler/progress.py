@@ -62,16 +62,16 @@ class Progress:
             link = self._links.get(host)
         return None if link is None else link.ping(timeout, fresh_s)
 
-    def keep_alive(self, delay: float = 0.0) -> None:
+    def keep_alive(self, delay: float = 0.0, quiet_s: float = 0.0) -> None:
         """The heartbeat's contact with the hosts of the island's fan-out tree, which report
         only every `progress_idle_tree_s` when idle: an empty Dispatch to each root `delay`
-        seconds from now, passed down the tree (HostLink.keep_alive), rather than a report or a
-        Ping per host."""
+        seconds from now unless it dispatched within `quiet_s`, passed down the tree
+        (HostLink.keep_alive), rather than a report or a Ping per host."""
         with self.cond:
             links = list(self._links.values())
         for link in links:
             if hasattr(link, "keep_alive"):  # a real link (tests pass fakes)
-                link.keep_alive(delay)
+                link.keep_alive(delay, quiet_s)
 
     def heard_lately(self, fresh_s: float) -> set[int]:
         """The island's hosts heard from lately (HostLink.heard_lately): the heartbeat makes no

@@ -223,9 +223,11 @@ def test_what_the_tree_did_not_bring_in_time_goes_directly():
 
 def test_the_heartbeat_asks_a_root_for_an_empty_dispatch_down_its_tree():
     """A root of a fan-out tree sends an empty Dispatch to its subtrees when the heartbeat asks
-    (keep_alive), once, and not when a batch goes anyway; a relayed host gets none (its root's
-    reaches it), nor does a direct host that reports at the usual idle interval, while one whose
-    stream still reports at the tree's rare interval does."""
+    (keep_alive), once, and not when a batch goes anyway or went lately; a relayed host gets none
+    (its root's reaches it), nor does a direct host that reports at the usual idle interval,
+    while one whose stream still reports at the tree's rare interval does."""
+    import time
+
     from scheduler.delivery import HostLink
 
     target = pb.ForwardTarget(host=6, address="a:6")
@@ -238,6 +240,9 @@ def test_the_heartbeat_asks_a_root_for_an_empty_dispatch_down_its_tree():
     root.send(_ops(1))
     batch, _, _ = root._next_batch()  # the batch is the contact
     assert [op.sequence for op in batch] == [1] and root._next_batch() == ([], [target], False)
+    root._dispatched_at = time.monotonic()  # a Dispatch was answered just now
+    root.keep_alive(quiet_s=60.0)  # an island at work needs none
+    assert root._next_batch() == ([], [target], False)
 
     relayed = HostLink(_Events(), 6, "nowhere:2", loop=_CallingLoop())
     relayed.route(None)

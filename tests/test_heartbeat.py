@@ -64,7 +64,7 @@ class _Island:
         self.heard = set()  # hosts the island heard from lately
         self.kept_alive = 0  # heartbeat rounds that reached its fan-out tree
 
-    def keep_alive(self, delay=0.0):
+    def keep_alive(self, delay=0.0, quiet_s=0.0):
         self.kept_alive += 1
 
     def heard_lately(self, fresh_s):

@@ -178,9 +178,11 @@ class Health:
         heard = {}
         schedulers = list(self._schedulers.items())
         for i, (island, scheduler) in enumerate(schedulers):
-            # The hosts of its fan-out tree, through the tree; the islands' calls spread over
-            # the interval (all at once, they held up commands arriving meanwhile).
-            scheduler.keep_alive(i * HEARTBEAT_INTERVAL_S / len(schedulers))
+            # The hosts of its fan-out tree, through the tree, unless its work went through it
+            # lately; the islands' calls spread over the interval (all at once, they held up
+            # commands arriving meanwhile).
+            scheduler.keep_alive(i * HEARTBEAT_INTERVAL_S / len(schedulers),
+                                 HEARTBEAT_INTERVAL_S / 2)
             heard[island] = scheduler.heard_lately(HEARTBEAT_INTERVAL_S)
         for key, (_, stub) in probes.items():
             last_answer.setdefault(key, now)
