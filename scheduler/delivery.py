@@ -156,8 +156,9 @@ class HostLink:
         host whose stream reports only every `progress_idle_tree_s` (until it re-opens with a
         shorter interval); nothing for a relayed host (its root's call reaches it) or another."""
         with self._lock:
-            if (self.relayed or self.failed or self.closed or not self.forward
-                    and self._stream_idle_s <= self.config.progress_idle_s):
+            reports_often = self._stream_idle_s <= self.config.progress_idle_s
+            if self.relayed or self.failed or self.closed or (not self.forward
+                                                              and reports_often):
                 return
         if delay > 0:
             self.loop.call_later(delay, self._ask_keepalive, quiet_s)
