@@ -185,7 +185,9 @@ def test_an_idle_host_with_a_progress_stream_is_not_pinged_and_hears_the_control
     monkeypatch.setattr(worker_servicer.WorkerServicer, "Ping", counted)
     with runtime.LocalCluster(islands=1, devices_per_island=2) as cluster:
         worker = cluster.workers[0]
-        time.sleep(1.0)  # the links and their progress streams open
+        # The links and their progress streams open; a stream's first idle report comes after
+        # its interval (1 s), and a heartbeat round until then may ping the host.
+        time.sleep(2.0)
         start = time.monotonic()
         pinged.clear()
         oldest_contact = 0.0
