@@ -1,14 +1,17 @@
-"""A host registers again when its controller restarts (runtime.worker.membership)."""
+"""A host registers again when its controller restarts, and reports when its controller is slow
+(runtime.worker.membership)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import jax
 
 from proto import auth as _auth
 from runtime.server import Controller, create_controller_server
-from runtime.worker.membership import Membership
+from runtime.worker import membership as _membership
+from runtime.worker.membership import Membership, report_due
 from runtime.server import Worker, create_worker_server
 
 
@@ -76,3 +79,75 @@ def test_an_arrival_is_reported_at_once_not_after_the_streams_interval():
         assert time.monotonic() - started >= 0.9
     finally:
         worker.stop()
+
+
+def test_a_host_reports_once_silent_for_half_the_limit_and_registers_again_at_the_limit():
+    assert not report_due(1.4, silence_s=3.0)
+    assert report_due(1.5, silence_s=3.0) and report_due(2.9, silence_s=3.0)
+    assert not report_due(3.0, silence_s=3.0)  # past the limit: it registers again instead
+
+
+def _silent_host(reports: bool):
+    """A host no controller calls; `reports`: its progress stream is open, so a report it is
+    asked for, taken by the controller, counts as contact."""
+    host = type("Host", (), {})()
+    host.last_contact, host.asked = time.monotonic(), 0
+
+    def report() -> None:
+        host.asked += 1
+        if reports:
+            host.last_contact = time.monotonic()
+
+    host.report = report
+    return host
+
+
+def test_a_host_of_a_slow_controller_stays_registered_by_its_own_reports():
+    """The heartbeat's empty Dispatch reaches a fan-out tree's idle hosts (which report only
+    every 10 s); a controller too busy to send it in time gets their reports instead, and they
+    stay registered. A host without an open stream to report on registers again."""
+    worker = Worker(0, 0, jax.devices()[:1])
+    worker_server, _ = create_worker_server(worker)
+    controller = Controller(heartbeat=False)
+    server, port = create_controller_server(controller)
+    try:
+        for reports, registrations in ((True, 1), (False, 2)):
+            host = _silent_host(reports)
+            membership = Membership(f"127.0.0.1:{port}", worker.info, lambda: host.last_contact,
+                                    silence_s=0.6, report=host.report)
+            membership.start(timeout=10)
+            time.sleep(1.5)  # 2.5 silence limits
+            membership.stop(unregister_host=False)
+            assert host.asked >= 1
+            assert (membership.registrations > 1) == (registrations > 1)
+    finally:
+        server.stop(None)
+        controller.close()
+        worker_server.stop(None)
+        worker.stop()
+
+
+def test_a_simulated_process_asks_its_silent_hosts_for_reports(monkeypatch):
+    """The same, for a process of simulated hosts: one loop checks all its hosts."""
+    from runtime.sim._config import SimConfig
+    from runtime.sim._process import SimIslands
+
+    registered = []
+    monkeypatch.setattr(_membership, "SILENCE_S", 0.6)
+    monkeypatch.setattr(_membership, "register", lambda *args: registered.append(args[1]))
+    sim = SimIslands("127.0.0.1:1", [0], 2, SimConfig(devices_per_host=1))
+    reporting, silent = _silent_host(True), _silent_host(False)
+    for i, host in enumerate((reporting, silent)):
+        host.island, host.host, host.report_soon = 0, i, host.report
+        host.info = lambda i=i: i
+        sim._registered_at[(0, i)] = time.monotonic()  # registered at start-up
+    sim.hosts = [reporting, silent]
+
+    async def watch() -> None:
+        task = asyncio.get_running_loop().create_task(sim.keep_registered())
+        await asyncio.sleep(1.5)
+        task.cancel()
+
+    asyncio.run(watch())
+    assert reporting.asked >= 1 and silent.asked >= 1
+    assert set(registered) == {1}  # only the host that could not report

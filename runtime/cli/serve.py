@@ -53,7 +53,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     server, _ = create_worker_server(worker, f"{args.bind}:{args.port}")
     # Registers now, and again whenever the controller restarts (runtime.worker.membership).
     membership = Membership(args.controller, worker.info, lambda: worker.last_contact,
-                            worker.credentials)
+                            worker.credentials, report=worker.report_soon)
     try:
         membership.start(timeout=args.register_timeout)
     except Exception as exc:

@@ -426,6 +426,10 @@ class SimHost:
         """What the executor is doing, as a real host says it (runtime.worker.worker)."""
         return describe_activity(self._activity, self.hang)
 
+    def report_soon(self) -> None:
+        """Sends the next progress report now, not after the stream's idle interval."""
+        self.progress.fire()
+
     async def watch_progress(self, request: pb.WatchProgressRequest
                              ) -> AsyncIterator[pb.WatchProgressReply]:
         """Progress reports: one as the executor moves on, at most one per `min_interval_s`, with

@@ -107,7 +107,8 @@ class SimIslands:
         self.registration_s = time.monotonic() - began
 
     async def keep_registered(self) -> None:
-        """Registers a host again after SILENCE_S without a call from any controller."""
+        """Registers a host again after SILENCE_S without a call from any controller; asks it
+        for a progress report after half of that (runtime.worker.membership's report_due)."""
         loop = asyncio.get_running_loop()
         silence = _membership.SILENCE_S
         busy: set[tuple[int, int]] = set()
@@ -139,11 +140,13 @@ class SimIslands:
                 continue
             for host in self.hosts:
                 key = (host.island, host.host)
-                heard = max(host.last_contact, self._registered_at.get(key, now))
-                if key in busy or now - heard < silence:
+                silent = now - max(host.last_contact, self._registered_at.get(key, now))
+                if _membership.report_due(silent, silence):
+                    host.report_soon()
+                if key in busy or silent < silence:
                     continue
                 log.warning("no controller has contacted sim host %d.%d for %.1f s: registering "
-                            "again with %s", *key, now - heard, self.controller)
+                            "again with %s", *key, silent, self.controller)
                 busy.add(key)
                 loop.create_task(again(host, key))
 
