@@ -47,12 +47,15 @@ class Progress:
         """A link found its host unreachable (scheduler.delivery.LinkEvents). The host's loss
         takes one path, `on_host_failure` (the controller's health: it fails this island's work
         and what other islands expect from it); the island's own failure is only set here when
-        that path did not (a host the registry does not know)."""
+        that path did not (a host the registry does not know, or one the heartbeat declared lost
+        while its island's failure was not yet set)."""
         self.on_host_failure(self.island, host, reason)
         with self.cond:
-            if self._failure is None:
+            if self._failure is None:  # also when the heartbeat declared it lost a moment ago
+                link = self._links.get(host)
+                address = f" ({link.address})" if link is not None else ""
                 self._fail(self._link_failure() or HostLostError(
-                    f"island {self.island}: host {self.island}.{host} was lost: {reason}"))
+                    f"island {self.island}: host {self.island}.{host}{address} was lost: {reason}"))
 
     def ping(self, host: int, timeout: float, fresh_s: float = 0.0
              ) -> concurrent.futures.Future | None:

@@ -113,6 +113,20 @@ def test_a_lost_link_of_a_host_the_health_does_not_know_still_fails_the_island()
         scheduler.close()
 
 
+def test_a_lost_link_whose_host_the_heartbeat_declared_lost_a_moment_ago_names_its_address():
+    # The heartbeat's report_host_lost marked the host lost and has not yet failed the island
+    # when the link's report arrives: the health returns at once (already lost), so the island's
+    # failure is set here, and it still names the host's address (as the health's would).
+    scheduler = GangScheduler(0, "controller", lambda *report: None, link_factory=_FailedLink)
+    try:
+        scheduler.set_host(0, "fake:7")
+        scheduler.on_link_lost(0, "not reached through the fan-out tree")
+        assert isinstance(scheduler.failure, HostLostError)
+        assert "host 0.0 (fake:7) was lost: not reached" in str(scheduler.failure)
+    finally:
+        scheduler.close()
+
+
 class _RecordingLink:
     """A host's link that delivers nothing by itself: what it holds stays unacknowledged until
     the test reports the host's receipt (scheduler.note_progress)."""
