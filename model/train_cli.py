@@ -172,17 +172,20 @@ def _run_cluster(args: argparse.Namespace, settings, progress: _Progress) -> int
             try:
                 return _train(args, settings, address, credentials, progress, cluster=cluster,
                               inject_fault=restarts == 0, must_resume=args.resume)
-            except (runtime.HostLostError, runtime.ExecutionError) as exc:
+            except (runtime.HostLostError, runtime.ExecutionError,
+                    runtime.DeadlineExceededError) as exc:
                 # A lost worker: with a local cluster and checkpoints, restart its island and go
                 # on from the last checkpoint (the same steps again give the same parameters).
                 # The loss may first show as a failed computation on another island (one whose
-                # input came from the lost host): restart only if some island did lose a host.
+                # input came from the lost host), or as a hang there (a cross-pod input that
+                # reached one of its hosts and failed on the other leaves the first in a
+                # collective for good): restart only if some island did lose a host or hang.
                 restartable = cluster is not None and hasattr(cluster, "restart_lost_islands")
                 if not (restartable and args.checkpoint_dir) or restarts >= args.max_restarts:
                     raise
                 restarted = cluster.restart_lost_islands()
-                if isinstance(exc, runtime.ExecutionError) and not restarted:
-                    raise  # a computation that failed by itself
+                if not isinstance(exc, runtime.HostLostError) and not restarted:
+                    raise  # a computation that failed or ran out of time by itself
                 restarts += 1
                 print(f"lost a worker ({exc}); restarting its island and resuming from the last "
                       f"checkpoint (restart {restarts} of at most {args.max_restarts})",

@@ -163,7 +163,8 @@ def test_misordered_steps_hang_and_the_deadline_reports_it():
     scheduler). Each host waits in a collective the other never joins (one sums over all four
     devices, the other over pairs across the hosts): a real hang. The deadline fails it with a
     report naming the computation, the host that reached it and the one that did not; the island
-    refuses new work; closing the cluster leaves no process behind."""
+    refuses new work until `restart_lost_islands` replaces its processes; closing the cluster
+    leaves no process behind."""
     cluster = runtime.ProcessCluster(islands=1, hosts_per_island=2, devices_per_host=2,
                                      execution_deadline_s=2.0)
     pids = [p.pid for p in cluster.procs]
@@ -219,6 +220,15 @@ def test_misordered_steps_hang_and_the_deadline_reports_it():
         assert "hang: " in format_status(cluster.address, status)
         with pytest.raises(DeadlineExceededError):  # the island refuses work until it restarts
             fa(xa).fetch(timeout=10)
+        # Its hosts cannot leave XLA: a restart declares them lost and replaces their processes.
+        assert cluster.restart_lost_islands() == [0]
+        assert not {p.pid for p in cluster.procs} & set(pids)
+        fresh = client.slice({"x": 2, "y": 2})
+        f = client.jit(psum_over(("x", "y")), fresh, in_specs=P(("x", "y")),
+                       out_specs=P(("x", "y")))
+        np.testing.assert_array_equal(
+            f(client.put(np.ones((4, 8), np.int32), fresh, P(("x", "y")))).fetch(timeout=60), 4)
+        assert all(h.state == "alive" for h in client.status().hosts)
         client.close()
     finally:
         cluster.close(grace=3.0)

@@ -1,5 +1,6 @@
 """What every launcher does with the hosts and tokens of the cluster it starts: wait for the
-hosts to register, register or unregister one, publish the clients' token for this machine."""
+hosts to register, register or unregister one, find the islands to restart, publish the
+clients' token for this machine."""
 
 from __future__ import annotations
 
@@ -35,6 +36,20 @@ def wait_for_hosts(controller: Controller, expected: int, timeout: float,
             raise DeadlineExceededError(f"only {len(alive)} of {expected} hosts registered "
                                         f"within {timeout:.0f} s")
         time.sleep(0.05)
+
+
+def islands_to_restart(controller: Controller) -> list[int]:
+    """The islands a launcher's `restart_lost_islands` replaces: each that lost a host, and each
+    with a host hung in a computation it cannot leave (runtime.worker.hang: a collective that the
+    slice's other hosts never join, as when an input from a lost island reached some of them
+    and failed on the others). Only fresh processes serve such an island again, so its hung
+    hosts are declared lost here first, with the hang as the reason. The hang is read from the
+    hosts now (a status with pings) rather than from their progress reports, which may come
+    after the error a client has already seen."""
+    for host in controller.status_report.status().hosts:
+        if host.hang and host.state == "hung":
+            controller.health.report_host_lost(host.island, host.host, f"hung: {host.hang}")
+    return sorted({h.island for h in controller.resources.hosts() if not h.alive})
 
 
 def register_host(controller_address: str, info: pb.HostInfo, timeout: float = 60.0,

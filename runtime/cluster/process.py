@@ -15,7 +15,8 @@ from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import DeadlineExceededError
 from runtime.cluster.clients import OpensClients
-from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
+from runtime.cluster.hosts import (islands_to_restart, publish_token, wait_for_hosts,
+                                   withdraw_token)
 from runtime.server import Controller, controller_options, create_controller_server
 from runtime.worker.defaults import EXECUTION_DEADLINE_S
 from runtime.worker.distributed import free_port
@@ -102,11 +103,12 @@ class ProcessCluster(OpensClients):
 
     def restart_lost_islands(self) -> list[int]:
         """Replaces every worker of each island that lost one (its process died or stopped
-        answering) with fresh ones, and waits until they have registered. The controller starts
-        such an island empty: slices, arrays and executables on it are gone (runtime.controller.controller).
-        Returns the islands restarted."""
+        answering) or has one hung in a computation (runtime.cluster.hosts.islands_to_restart)
+        with fresh ones, and waits until they have registered. The controller starts such an
+        island empty: slices, arrays and executables on it are gone
+        (runtime.controller.controller). Returns the islands restarted."""
         islands, hosts_per_island = self._shape[:2]
-        lost = sorted({h.island for h in self.controller.resources.hosts() if not h.alive}
+        lost = sorted(set(islands_to_restart(self.controller))
                       | {i // hosts_per_island for i, p in enumerate(self.procs)
                          if p.poll() is not None})
         for island in lost:

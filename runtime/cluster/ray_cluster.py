@@ -25,7 +25,8 @@ from proto import auth as _auth
 from proto.config import ClusterConfig
 from proto.errors import DeadlineExceededError, FailedPreconditionError
 from runtime.cluster.clients import OpensClients
-from runtime.cluster.hosts import publish_token, wait_for_hosts, withdraw_token
+from runtime.cluster.hosts import (islands_to_restart, publish_token, wait_for_hosts,
+                                   withdraw_token)
 from runtime.cluster.ray_connect import \
     start_local_ray  # noqa: F401  (imported from here by callers)
 from runtime.cluster.ray_connect import LOOPBACK, connect_ray
@@ -311,12 +312,13 @@ class RayCluster(OpensClients):
             self._lock.notify_all()
 
     def restart_lost_islands(self, timeout: float | None = None) -> list[int]:
-        """Restarts each island that lost a host and is not being restarted yet (within
+        """Restarts each island that lost a host or has one hung in a computation
+        (runtime.cluster.hosts.islands_to_restart) and is not being restarted yet (within
         `max_host_restarts`), and waits for every restart under way (at most `timeout` s, default
         the placement and startup timeouts together). Returns the islands restarted, or being
         restarted when this was called; raises FailedPreconditionError naming the islands that
         could not be, DeadlineExceededError when a restart takes too long."""
-        lost = {h.island for h in self.controller.resources.hosts() if not h.alive}
+        lost = set(islands_to_restart(self.controller))
         deadline = time.monotonic() + (timeout if timeout is not None
                                        else self._placement_timeout + self._startup_timeout)
         with self._lock:
