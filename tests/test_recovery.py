@@ -119,3 +119,48 @@ def test_workers_outlive_a_controller_restart():
                 y = new.jit(lambda v: v * 3, s)(new.put(np.ones(4, np.float32), s))
                 np.testing.assert_array_equal(y.fetch(timeout=60), np.full(4, 3, np.float32))
         old.close()
+
+
+def test_an_input_lost_on_one_host_of_an_island_hangs_it_and_a_restart_mends_it():
+    """Host 1.1 stops while island 0 (two hosts) sums an array copied from island 1: host 1.0
+    sends its half, so host 0.0 has its input and enters the sum's collective; host 0.1's half
+    never comes and fails once the controller finds host 1.1 lost. Host 0.0 waits in the
+    collective for good, and past its deadline reports the hang. `restart_lost_islands` then
+    replaces both islands, the hung one as well as the one that lost a host."""
+    from jax.sharding import PartitionSpec as P
+
+    with runtime.ProcessCluster(islands=2, hosts_per_island=2, devices_per_host=2,
+                                execution_deadline_s=2.0) as cluster:
+        stopped = cluster.procs[3].pid  # host 1.1
+        client = runtime.Client(cluster.address, **_client_kwargs(cluster))
+        try:
+            s0, s1 = client.slice({"d": 4}, island=0), client.slice({"d": 4}, island=1)
+            total = client.jit(lambda v: jax.shard_map(lambda b: jax.lax.psum(b, "d"),
+                                                       mesh=s0.mesh, in_specs=P("d"),
+                                                       out_specs=P("d"))(v),
+                               s0, in_specs=P("d"), out_specs=P("d"))
+            x1 = client.put(np.arange(8, dtype=np.float32), s1, P("d"))
+            np.testing.assert_array_equal(total(x1.to(s0)).fetch(timeout=60),
+                                          np.tile([12, 16], 4))
+            os.kill(stopped, signal.SIGSTOP)
+            with pytest.raises((runtime.DeadlineExceededError, runtime.HostLostError)):
+                total(x1.to(s0)).fetch(timeout=60)
+            deadline = time.monotonic() + 60
+            while not any(h.hang for h in client.status().hosts if h.island == 0):
+                assert time.monotonic() < deadline, "island 0 did not report its hang"
+                time.sleep(0.2)
+            # A host that stopped answering is lost after BUSY_HOST_TIMEOUT_S (~10 s).
+            while all(h.alive for h in cluster.controller.resources.island_hosts(1)):
+                assert time.monotonic() < deadline, "host 1.1 was not found lost"
+                time.sleep(0.2)
+            assert cluster.restart_lost_islands() == [0, 1]
+            for vslice in (client.slice({"d": 4}, island=0), client.slice({"d": 4}, island=1)):
+                np.testing.assert_array_equal(
+                    client.jit(lambda v: v * 2, vslice)(
+                        client.put(np.ones(4, np.float32), vslice)).fetch(timeout=60), 2)
+        finally:
+            client.close()
+            try:
+                os.kill(stopped, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
