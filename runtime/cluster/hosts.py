@@ -47,7 +47,7 @@ def islands_to_restart(controller: Controller) -> list[int]:
     hosts now (a status with pings) rather than from their progress reports, which may come
     after the error a client has already seen."""
     for host in controller.status_report.status().hosts:
-        if host.hang and host.state == "hung":
+        if host.hang:
             controller.health.report_host_lost(host.island, host.host, f"hung: {host.hang}")
     return sorted({h.island for h in controller.resources.hosts() if not h.alive})
 
