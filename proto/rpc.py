@@ -9,12 +9,17 @@ import logging
 from collections.abc import Callable, Sequence
 
 import grpc
+import grpc.experimental
 
 from proto import auth as _auth
 from proto import wire as _wire
 from proto.ports import SERVER_OPTIONS, bind_failed, ensure_port_free
 
 log = logging.getLogger(__name__)
+
+#: A sync channel's option (read by grpc's Python layer, not its core): server-streaming calls
+#: run in the thread that iterates them, without a thread of the channel's.
+_SINGLE_THREADED_UNARY_STREAM = grpc.experimental.ChannelOptions.SingleThreadedUnaryStream
 
 
 def is_loopback(address: str) -> bool:
@@ -78,7 +83,11 @@ def open_channel(address: str, credentials: _auth.Credentials | None = None,
     """A channel to a runtime server presenting `credentials` (TLS, token) and `metadata` (a
     sequence, or a function returning one per call: e.g. a session key learnt later)."""
     credentials = credentials or _auth.Credentials()
-    options = channel_options(credentials)
+    # Server-streaming calls (GetArray reads) run in the calling thread rather than on a thread
+    # the channel starts for them: a read from each of 64 hosts took 1.5 ms of a client's CPU,
+    # most of it starting and switching to those threads; 0.8 ms this way (grpc's option;
+    # benchmarks/RESULTS.md).
+    options = [*channel_options(credentials), (_SINGLE_THREADED_UNARY_STREAM, 1)]
     if credentials.tls is not None:
         channel = grpc.secure_channel(address, credentials.tls.channel_credentials(), options)
     else:
