@@ -84,7 +84,7 @@ def open_channel(address: str, credentials: _auth.Credentials | None = None,
     sequence, or a function returning one per call: e.g. a session key learnt later)."""
     credentials = credentials or _auth.Credentials()
     # Server-streaming calls (GetArray reads) run in the calling thread rather than on a thread
-    # the channel starts for them: a read from each of 64 hosts took 1.5 ms of a client's CPU,
+    # the channel starts for them: a read from each of 64 hosts took 1.7 ms of a client's CPU,
     # most of it starting and switching to those threads; 0.8 ms this way (grpc's option;
     # benchmarks/RESULTS.md).
     options = [*channel_options(credentials), (_SINGLE_THREADED_UNARY_STREAM, 1)]
