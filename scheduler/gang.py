@@ -35,8 +35,7 @@ import grpc
 
 from proto import pathways_pb2 as pb
 from proto.bounded import Latest
-from proto.errors import (DeadlineExceededError, FailedPreconditionError, HostLostError,
-                          PathwaysError)
+from proto.errors import DeadlineExceededError, FailedPreconditionError, PathwaysError
 from proto.instructions import kind_of
 from proto.wire import GRPC_OPTIONS
 from proto.config import SchedulerConfig, from_env
@@ -426,8 +425,7 @@ class GangScheduler(Progress):
     def _link_failure(self) -> PathwaysError | None:
         for host, link in self._links.items():
             if link.failed:
-                return HostLostError(f"island {self.island}: host {self.island}.{host} "
-                                     f"({link.address}) was lost: {link.failed}")
+                return self._host_lost(host, link.failed)
         return None
 
     def _raise_if_failed(self) -> None:

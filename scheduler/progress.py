@@ -52,10 +52,14 @@ class Progress:
         self.on_host_failure(self.island, host, reason)
         with self.cond:
             if self._failure is None:  # also when the heartbeat declared it lost a moment ago
-                link = self._links.get(host)
-                address = f" ({link.address})" if link is not None else ""
-                self._fail(self._link_failure() or HostLostError(
-                    f"island {self.island}: host {self.island}.{host}{address} was lost: {reason}"))
+                self._fail(self._link_failure() or self._host_lost(host, reason))
+
+    def _host_lost(self, host: int, reason: str) -> HostLostError:
+        """The island's failure for a lost host, named with its address (lock held)."""
+        link = self._links.get(host)
+        address = f" ({link.address})" if link is not None else ""
+        return HostLostError(f"island {self.island}: host {self.island}.{host}{address} was "
+                             f"lost: {reason}")
 
     def ping(self, host: int, timeout: float, fresh_s: float = 0.0
              ) -> concurrent.futures.Future | None:
