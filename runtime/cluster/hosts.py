@@ -38,7 +38,7 @@ def wait_for_hosts(controller: Controller, expected: int, timeout: float,
         time.sleep(0.05)
 
 
-def islands_to_restart(controller: Controller) -> list[int]:
+def islands_to_restart(controller: Controller) -> set[int]:
     """The islands a launcher's `restart_lost_islands` replaces: each that lost a host, and each
     with a host hung in a computation it cannot leave (runtime.worker.hang: a collective that the
     slice's other hosts never join, as when an input from a lost island reached some of them
@@ -49,7 +49,7 @@ def islands_to_restart(controller: Controller) -> list[int]:
     for host in controller.status_report.status().hosts:
         if host.hang:
             controller.health.report_host_lost(host.island, host.host, f"hung: {host.hang}")
-    return sorted({h.island for h in controller.resources.hosts() if not h.alive})
+    return {h.island for h in controller.resources.hosts() if not h.alive}
 
 
 def register_host(controller_address: str, info: pb.HostInfo, timeout: float = 60.0,

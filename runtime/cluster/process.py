@@ -108,7 +108,7 @@ class ProcessCluster(OpensClients):
         island empty: slices, arrays and executables on it are gone
         (runtime.controller.controller). Returns the islands restarted."""
         islands, hosts_per_island = self._shape[:2]
-        lost = sorted(set(islands_to_restart(self.controller))
+        lost = sorted(islands_to_restart(self.controller)
                       | {i // hosts_per_island for i, p in enumerate(self.procs)
                          if p.poll() is not None})
         for island in lost:

@@ -318,7 +318,7 @@ class RayCluster(OpensClients):
         the placement and startup timeouts together). Returns the islands restarted, or being
         restarted when this was called; raises FailedPreconditionError naming the islands that
         could not be, DeadlineExceededError when a restart takes too long."""
-        lost = set(islands_to_restart(self.controller))
+        lost = islands_to_restart(self.controller)
         deadline = time.monotonic() + (timeout if timeout is not None
                                        else self._placement_timeout + self._startup_timeout)
         with self._lock:
