@@ -12,7 +12,6 @@ from jax.sharding import PartitionSpec as P
 import runtime
 from proto import shm as _shm
 from proto import same_host as _same_host
-from proto import wire as _wire
 
 
 def rss_bytes() -> int:

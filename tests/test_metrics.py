@@ -1,7 +1,6 @@
 """Prometheus metrics from the cluster itself: scraped over HTTP from an in-process cluster, and
 from `pathways up --metrics-port` (controller and host processes)."""
 
-import os
 import re
 import signal
 import socket
