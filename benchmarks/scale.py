@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from benchmarks.dispatch_baselines import SHAPES
@@ -284,9 +285,7 @@ def break_evens(points: list[dict]) -> list[dict]:
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    import runtime
     from benchmarks.scale_plot import format_table, plot_scale
-    from benchmarks.scale_workload import initial_chains
     from runtime.sim import raise_file_limit
 
     out = pathlib.Path(args.out)
@@ -328,66 +327,8 @@ def run(args: argparse.Namespace) -> int:
                dynamic_ncols=True)
     try:
         for hosts in hosts_list:
-            todo = [(shape, duration) for shape in shapes for duration in durations]
-            attempt = failures = 0
-            while todo:  # a point that leaves its cluster unusable gets the rest a fresh one
-                attempt += 1
-                bar.set_description(f"{hosts} hosts: starting")
-                cluster, record = start_cluster(args, hosts, out, attempt)
-                report["clusters"].append(record)
-                save()
-                if cluster is None:
-                    record["sim_health"] = sim_health(out / "logs" / f"hosts-{hosts}-{attempt}")
-                    bar.write(f"{hosts} hosts: the cluster did not come up: {record['error']}")
-                    bar.update(len(todo))
-                    break
-                bar.write(f"{hosts} hosts: {record['islands']} islands registered in "
-                          f"{record['registration_s']:.1f} s; idle controller "
-                          f"{record['controller_idle']['threads']} threads, "
-                          f"{record['controller_idle']['rss_bytes'] / 2**20:.0f} MiB, "
-                          f"{record['controller_idle']['cpu_fraction']:.0%} of a core")
-                clients = []
-                try:
-                    # A client (session) per island, as independent jobs would be: one client's
-                    # Execute is answered once every island has ordered its commands, which
-                    # would tie the islands' pace together (benchmarks.scale_workload).
-                    for island in range(cluster.islands):
-                        clients.append(runtime.Client(cluster.address,
-                                                      name=f"bench-scale-{island}",
-                                                      credentials=cluster.credentials))
-                    chains = initial_chains(clients,
-                                            cluster.hosts_per_island * cluster.devices_per_host)
-                    while todo:
-                        shape, duration = todo.pop(0)
-                        bar.set_description(f"{hosts} hosts {shape} {duration:g} ms")
-                        point = run_point(args, cluster, chains, shape, duration)
-                        report["points"].append(point)
-                        save()
-                        bar.update(1)
-                        bar.write(_one_line(point))
-                        if point.get("fatal"):
-                            record["ended_by"] = (f"{shape} {duration:g} ms: "
-                                                  f"{point['error'][:200]}")
-                            failures += 1
-                            if failures >= args.give_up_after:
-                                record["gave_up"] = (f"{failures} points in a row left the "
-                                                     f"cluster unusable; skipped the rest")
-                                bar.write(f"{hosts} hosts: {record['gave_up']}")
-                                bar.update(len(todo))
-                                todo = []
-                            break
-                        failures = 0
-                except Exception as exc:  # the cluster is unusable: the rest of its points too
-                    record["error"] = f"{type(exc).__name__}: {exc}"
-                    bar.write(f"{hosts} hosts: {record['error']}")
-                    bar.update(len(todo))
-                    todo = []
-                finally:
-                    for client in clients:
-                        client.close()
-                    cluster.close()
-                    record["sim_health"] = sim_health(out / "logs" / f"hosts-{hosts}-{attempt}")
-                    save()
+            _sweep(args, hosts, [(shape, duration) for shape in shapes for duration in durations],
+                   out, report, save, bar)
     finally:
         bar.close()
         save()
@@ -396,6 +337,73 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'scale.json'}, {out / 'scale_busy.png'} and "
           f"{out / 'scale_throughput.png'}")
     return 0
+
+
+def _sweep(args, hosts: int, todo: list[tuple[str, float]], out: pathlib.Path, report: dict,
+           save: Callable[[], None], bar) -> None:
+    """The points `todo` (shape, duration in ms) on clusters of `hosts` hosts, into `report`
+    (saved after each): a point that leaves its cluster unusable gets the rest a fresh one,
+    until --give-up-after such points in a row."""
+    import runtime
+    from benchmarks.scale_workload import initial_chains
+
+    attempt = failures = 0
+    while todo:
+        attempt += 1
+        bar.set_description(f"{hosts} hosts: starting")
+        cluster, record = start_cluster(args, hosts, out, attempt)
+        report["clusters"].append(record)
+        save()
+        if cluster is None:
+            record["sim_health"] = sim_health(out / "logs" / f"hosts-{hosts}-{attempt}")
+            bar.write(f"{hosts} hosts: the cluster did not come up: {record['error']}")
+            bar.update(len(todo))
+            return
+        bar.write(f"{hosts} hosts: {record['islands']} islands registered in "
+                  f"{record['registration_s']:.1f} s; idle controller "
+                  f"{record['controller_idle']['threads']} threads, "
+                  f"{record['controller_idle']['rss_bytes'] / 2**20:.0f} MiB, "
+                  f"{record['controller_idle']['cpu_fraction']:.0%} of a core")
+        clients = []
+        try:
+            # A client (session) per island, as independent jobs would be: one client's Execute
+            # is answered once every island has ordered its commands, which would tie the
+            # islands' pace together (benchmarks.scale_workload).
+            for island in range(cluster.islands):
+                clients.append(runtime.Client(cluster.address, name=f"bench-scale-{island}",
+                                              credentials=cluster.credentials))
+            chains = initial_chains(clients, cluster.hosts_per_island * cluster.devices_per_host)
+            while todo:
+                shape, duration = todo.pop(0)
+                bar.set_description(f"{hosts} hosts {shape} {duration:g} ms")
+                point = run_point(args, cluster, chains, shape, duration)
+                report["points"].append(point)
+                save()
+                bar.update(1)
+                bar.write(_one_line(point))
+                if not point.get("fatal"):
+                    failures = 0
+                    continue
+                record["ended_by"] = f"{shape} {duration:g} ms: {point['error'][:200]}"
+                failures += 1
+                if failures >= args.give_up_after:
+                    record["gave_up"] = (f"{failures} points in a row left the cluster "
+                                         f"unusable; skipped the rest")
+                    bar.write(f"{hosts} hosts: {record['gave_up']}")
+                    bar.update(len(todo))
+                    todo = []
+                break
+        except Exception as exc:  # the cluster is unusable: the rest of its points too
+            record["error"] = f"{type(exc).__name__}: {exc}"
+            bar.write(f"{hosts} hosts: {record['error']}")
+            bar.update(len(todo))
+            todo = []
+        finally:
+            for client in clients:
+                client.close()
+            cluster.close()
+            record["sim_health"] = sim_health(out / "logs" / f"hosts-{hosts}-{attempt}")
+            save()
 
 
 def _one_line(point: dict) -> str:

@@ -201,7 +201,6 @@ def _train(args: argparse.Namespace, settings, address: str, credentials, progre
     import runtime
     from model.checkpoint import CheckpointMismatchError, CheckpointStore
     from model.flops import peak_flops
-    from model.partitioning import layout
     from model.pods import PodTrainer
     from model.recipe import SpikePolicy
     from model.scalars import Hooks, ProgressBar, TensorBoardScalars
@@ -263,37 +262,43 @@ def _train(args: argparse.Namespace, settings, address: str, credentials, progre
             if progress.stop.requested:
                 print(_interrupted_message(args, progress), file=sys.stderr, flush=True)
                 return EXIT_INTERRUPTED
-            if store is not None:
-                store.wait()
-                if (store.latest_step() or 0) < trainer.step:
-                    trainer.save(store)
-                    store.wait()
-                print(f"checkpoint: {store.folder(store.latest_step())}")
-            agree = trainer.pods_agree() if args.verify_pods else None
-            if agree is False:
-                print(f"error: the {settings.islands} pods hold different parameters",
-                      file=sys.stderr)
-            if args.json:
-                report = {"config": config.name, "islands": settings.islands,
-                          "final_step": trainer.step, **layout(config, settings.mesh).as_json(),
-                          "history": history, "evals": evals}
-                if agree is not None:
-                    report["pods_bitwise_equal"] = agree
-                print(json.dumps(report))
-            else:
-                if history:
-                    print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}")
-                if agree:
-                    print(f"the {settings.islands} pods hold bitwise-identical parameters and "
-                          "optimizer state")
-            if agree is False:
-                return 1
+            return _finish(args, settings, trainer, store, history, evals)
     finally:
         if board is not None:
             board.close()
         if store is not None:
             store.close()  # waits for a checkpoint being written; still answers latest_step
-    return 0
+
+
+def _finish(args: argparse.Namespace, settings, trainer, store, history: list[dict],
+            evals: list[dict]) -> int:
+    """After the last step: the final checkpoint, the pods' agreement (--verify-pods) and the
+    report (--json, or the last loss); 1 if the pods disagree."""
+    from model.partitioning import layout
+
+    if store is not None:
+        store.wait()
+        if (store.latest_step() or 0) < trainer.step:
+            trainer.save(store)
+            store.wait()
+        print(f"checkpoint: {store.folder(store.latest_step())}")
+    agree = trainer.pods_agree() if args.verify_pods else None
+    if agree is False:
+        print(f"error: the {settings.islands} pods hold different parameters", file=sys.stderr)
+    if args.json:
+        report = {"config": settings.config.name, "islands": settings.islands,
+                  "final_step": trainer.step, **layout(settings.config, settings.mesh).as_json(),
+                  "history": history, "evals": evals}
+        if agree is not None:
+            report["pods_bitwise_equal"] = agree
+        print(json.dumps(report))
+    else:
+        if history:
+            print(f"step {history[-1]['step']}: loss {history[-1]['loss']:.4f}")
+        if agree:
+            print(f"the {settings.islands} pods hold bitwise-identical parameters and optimizer "
+                  "state")
+    return 1 if agree is False else 0
 
 
 def _kill_last_worker(cluster) -> None:
