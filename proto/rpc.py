@@ -70,8 +70,15 @@ def start_server(what: str, address: str, credentials: _auth.Credentials | None,
 
 
 def channel_options(credentials: _auth.Credentials) -> list[tuple[str, object]]:
-    """gRPC options of a channel to a runtime server (message limits; TLS name override)."""
-    options = list(_wire.GRPC_OPTIONS)
+    """gRPC options of a channel to a runtime server (message limits; TLS name override).
+
+    Each channel keeps its connections to itself (grpc's local subchannel pool). With the
+    process-wide pool grpc shares by default, a channel still open to a host that went away
+    keeps retrying its address with a growing backoff, and a new channel to that address shares
+    the failing connection: a host started again on the same address (a fixed port, or a port the
+    kernel handed out again) was refused to every new channel, at once, with the old
+    "Connection refused", until the backoff ran out (tests/test_rpc_channels.py)."""
+    options = [*_wire.GRPC_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
     if credentials.tls is not None and credentials.tls.server_name:
         options.append(("grpc.ssl_target_name_override", credentials.tls.server_name))
     return options

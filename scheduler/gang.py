@@ -34,10 +34,10 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from proto import pathways_pb2 as pb
+from proto import rpc as _rpc
 from proto.bounded import Latest
 from proto.errors import DeadlineExceededError, FailedPreconditionError, PathwaysError
 from proto.instructions import kind_of
-from proto.wire import GRPC_OPTIONS
 from proto.config import SchedulerConfig, from_env
 from scheduler.coalesce import ProgressCoalescer
 from scheduler import fanout
@@ -77,8 +77,7 @@ class GangScheduler(Progress):
         window_s = self.config.window_s if window_s is None else window_s
         self.island, self.controller_id = island, controller_id
         self.epoch = epoch
-        self.open_channel = open_channel or (
-            lambda address: grpc.aio.insecure_channel(address, options=GRPC_OPTIONS))
+        self.open_channel = open_channel or _rpc.open_aio_channel
         self.channel_metadata = tuple(channel_metadata)
         self.reports = ProgressCoalescer(self.note_reports)  # the links' reports, per loop turn
         self._link_factory = link_factory
