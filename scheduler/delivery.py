@@ -263,11 +263,12 @@ class HostLink:
             return answered
         return self.loop.submit(self._ping(timeout))
 
-    def heard_lately(self, fresh_s: float) -> bool:
+    def heard_lately(self, fresh_s: float, now: float | None = None) -> bool:
         """Whether the host was heard from (a Dispatch reply, a progress report) within
-        `fresh_s` (0: never) plus its idle report interval: then it needs no Ping."""
-        return bool(fresh_s) and (time.monotonic() - self.heard_at
-                                  < fresh_s + self.config.progress_idle_s)
+        `fresh_s` (0: never) plus its idle report interval before `now` (time.monotonic(),
+        by default the present): then it needs no Ping."""
+        now = time.monotonic() if now is None else now
+        return bool(fresh_s) and now - self.heard_at < fresh_s + self.config.progress_idle_s
 
     async def _ping(self, timeout: float) -> pb.PingReply:
         deadline = time.monotonic() + timeout

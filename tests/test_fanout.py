@@ -3,6 +3,7 @@ hosts and they forward it to the rest (runtime.worker.forward); every host still
 order, and a host the tree cannot reach fails its island with a clear error, never a hang."""
 
 import collections
+import time
 
 import numpy as np
 import pytest
@@ -356,5 +357,48 @@ def test_an_island_hands_its_order_to_the_roots_and_once_to_the_relay_log():
         links[1].failed = "lost"  # its host may register again: what it is owed stays
         scheduler.trim_relay_log()
         assert [op.sequence for op in links[1].unacknowledged()] == ordered[1:]
+    finally:
+        scheduler.close()
+
+
+@pytest.mark.parametrize("timeout_s, direct", [(60.0, False), (0.0, True)])
+def test_the_heartbeats_look_at_an_island_keeps_the_tree_and_sends_only_what_is_overdue(
+        timeout_s, direct):
+    """The heartbeat's round (scheduler.progress: keep_alive, heard_lately) asks only the
+    links the island dispatches to for a keep-alive, names the hosts heard from lately, trims
+    what every relayed host has from the relay log, and sends a relayed host directly what the
+    tree has not brought it only once that waited past relay_timeout_s."""
+    from scheduler.delivery import HostLink
+    from scheduler.gang import GangScheduler
+
+    config = ClusterConfig().replace(relay_timeout_s=timeout_s).scheduler
+    asked = collections.Counter()
+
+    class Link(HostLink):
+        def __init__(self, scheduler, host, address):
+            super().__init__(scheduler, host, address, loop=_IdleLoop())
+
+        def keep_alive(self, delay=0.0, quiet_s=0.0):
+            asked[self.host] += 1
+            super().keep_alive(delay, quiet_s)
+
+    scheduler = GangScheduler(0, "controller", lambda *report: None, link_factory=Link,
+                              config=config)
+    try:
+        hosts = config.fanout_min_hosts + 8
+        for host in range(hosts):
+            scheduler.set_host(host, f"a:{host}")
+        links = scheduler._links
+        ordered = scheduler.submit(_ops(0, 0))
+        for link in links.values():
+            link.acked = ordered[0]
+        links[0].acked = ordered[1]
+        links[0].heard_at = links[3].heard_at = time.monotonic()
+        scheduler.keep_alive()
+        assert dict(asked) == {0: 1}  # the root only: its Dispatch goes down the tree
+        assert scheduler.heard_lately(0.5) == {0, 3}
+        assert [op.sequence for op in scheduler.relay_log.after(0)] == ordered[1:]
+        batch, _, _ = links[hosts - 1]._next_batch()
+        assert [op.sequence for op in batch] == (ordered[1:] if direct else [])
     finally:
         scheduler.close()

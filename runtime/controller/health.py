@@ -184,11 +184,15 @@ class Health:
             scheduler.keep_alive(i * HEARTBEAT_INTERVAL_S / len(schedulers),
                                  HEARTBEAT_INTERVAL_S / 2)
             heard[island] = scheduler.heard_lately(HEARTBEAT_INTERVAL_S)
-        for key, (_, stub) in probes.items():
+        # Those that answered a Dispatch or reported lately count as answered (in bulk: a
+        # look at each of 1,024 hosts here was a fifth of the round).
+        answered = {(island, host) for island, hosts in heard.items()
+                    for host in hosts} & probes.keys()
+        last_answer.update(dict.fromkeys(answered, now))
+        refused.update(dict.fromkeys(answered, 0))
+        for key in probes.keys() - answered:
+            stub = probes[key][1]
             last_answer.setdefault(key, now)
-            if key[1] in heard.get(key[0], ()):  # it answered a Dispatch or reported lately
-                refused[key], last_answer[key] = 0, now
-                continue
             try:
                 calls[key] = self.ping(key, stub)
             except ValueError as err:  # the channel was replaced or closed
