@@ -35,6 +35,15 @@ BREAK_EVEN_BUSY = 0.95
 LONE_COMMANDS = 200
 
 
+def lone_probe_rounds(commands: int | None, islands: int, rounds: int) -> int:
+    """Rounds of the one-command-alone probe (a command per island each): `commands` in all,
+    rounded up to whole rounds; or, by default (None), about LONE_COMMANDS but at most the
+    other probe's `rounds` (which --probe-s and --probe-rounds bound)."""
+    if commands is None:
+        return max(1, min(rounds, math.ceil(LONE_COMMANDS / islands)))
+    return max(1, math.ceil(commands / islands))
+
+
 def layout(hosts: int, most_per_island: int) -> tuple[int, int]:
     """(islands, hosts per island) for `hosts` hosts in islands of at most `most_per_island`."""
     islands = math.ceil(hosts / most_per_island)
@@ -238,7 +247,7 @@ def run_point(args, cluster, chains, shape: str, duration_ms: float) -> dict:
             record["latency_ms"] = probed
             record["probe_rounds"] = rounds
         if error is None and len(chains) > 1:  # and with one unit in the whole cluster at a time
-            lone_rounds = max(1, min(rounds, math.ceil(LONE_COMMANDS / len(chains))))
+            lone_rounds = lone_probe_rounds(args.lone_commands, len(chains), rounds)
             alone, error = probe_latencies(chains, lone_rounds, deadline, cluster.credentials,
                                            alone=True, unit_s=unit_s)
             if alone is not None:
@@ -420,6 +429,8 @@ def _one_line(point: dict) -> str:
 
 
 def add_parser(bench: argparse._SubParsersAction) -> None:
+    from runtime.cli.common import positive_int
+
     p = bench.add_parser("scale", help="dispatch on 4 to 1,024 simulated hosts (runtime.sim)",
                          description=__doc__)
     p.add_argument("--out", required=True, help="directory for scale.json, the plots and logs")
@@ -443,6 +454,11 @@ def add_parser(bench: argparse._SubParsersAction) -> None:
                    help="seconds of device work per point for the latency probe (one unit per "
                         "island at a time)")
     p.add_argument("--probe-rounds", type=int, default=20, help="most rounds of the probe")
+    p.add_argument("--lone-commands", type=positive_int, default=None,
+                   help=f"commands of the probe that sends one command in the whole cluster "
+                        f"at a time, per point (default: about {LONE_COMMANDS}, at most "
+                        f"--probe-rounds per island); its p99 is the largest 1%%: 1000 makes "
+                        f"that ten commands, not two")
     p.add_argument("--execution-deadline", type=float, default=10.0,
                    help="seconds a computation waits for its slice's other hosts before the "
                         "simulated hosts report it hung")

@@ -11,7 +11,7 @@ import unittest.mock
 import jax
 import pytest
 
-from benchmarks.scale import layout
+from benchmarks.scale import LONE_COMMANDS, layout, lone_probe_rounds
 from benchmarks.scale_measure import (crossing, latencies, parse_cpus, pin_process,
                                       point_figures, process_stats, split_cpus)
 from benchmarks.scale_workload import Chain, make_fused, make_step, matrix_size, probe
@@ -101,6 +101,17 @@ def test_layout_of_host_counts():
     assert layout(1024, 64) == (16, 64)
     with pytest.raises(ValueError):
         layout(65, 64)
+
+
+def test_lone_probe_rounds_by_default_and_when_asked():
+    # Default: about LONE_COMMANDS in all, but no more rounds than the other probe's.
+    assert lone_probe_rounds(None, 16, 20) * 16 >= LONE_COMMANDS
+    assert lone_probe_rounds(None, 16, 20) == -(-LONE_COMMANDS // 16)
+    assert lone_probe_rounds(None, 1, 20) == 20
+    assert lone_probe_rounds(None, 1, 0) == 1
+    # Asked for: that many commands, in whole rounds, whatever the other probe does.
+    assert lone_probe_rounds(1000, 16, 20) == 63
+    assert lone_probe_rounds(5, 16, 1) == 1
 
 
 def test_process_stats_of_this_process():

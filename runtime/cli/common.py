@@ -90,6 +90,17 @@ def add_auth_args(p: argparse.ArgumentParser, *, host: bool = False) -> None:
     p.add_argument("--tls-ca", help="PEM CA bundle that verifies the peer")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_lease_arg(p: argparse.ArgumentParser) -> None:
     from proto.config import ControllerConfig, from_env
 
