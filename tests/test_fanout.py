@@ -179,6 +179,30 @@ def _ops(*sequences):
             for q in sequences]
 
 
+def _idle_tree(config, counted, counts):
+    """A gang scheduler of an island big enough for a fan-out tree (fanout_min_hosts + 8
+    hosts), its links on an idle loop, each call of their method `counted` counted by host in
+    `counts`; and its number of hosts."""
+    from scheduler.delivery import HostLink
+    from scheduler.gang import GangScheduler
+
+    def count(self, *args, **kwargs):
+        counts[self.host] += 1
+        return getattr(HostLink, counted)(self, *args, **kwargs)
+
+    class Link(HostLink):
+        def __init__(self, scheduler, host, address):
+            super().__init__(scheduler, host, address, loop=_IdleLoop())
+
+    setattr(Link, counted, count)
+    scheduler = GangScheduler(0, "controller", lambda *report: None, link_factory=Link,
+                              config=config)
+    hosts = config.fanout_min_hosts + 8
+    for host in range(hosts):
+        scheduler.set_host(host, f"a:{host}")
+    return scheduler, hosts
+
+
 def test_a_new_tree_sends_a_relayed_host_directly_what_it_has_not_acknowledged():
     """The old parent may have been taken out of the tree before passing a batch on, and the
     new one may have passed it on before the host was below it: at every change of the tree a
@@ -320,26 +344,10 @@ def test_an_island_hands_its_order_to_the_roots_and_once_to_the_relay_log():
     """With a tree, each batch goes to the root's link and once into the island's relay log,
     not onto every relayed host's link; each relayed link still knows what the tree owes its
     host, and what every relayed host acknowledged leaves the log."""
-    from scheduler.delivery import HostLink
-    from scheduler.gang import GangScheduler
-
     config = ClusterConfig().scheduler
     sent = collections.Counter()
-
-    class Link(HostLink):
-        def __init__(self, scheduler, host, address):
-            super().__init__(scheduler, host, address, loop=_IdleLoop())
-
-        def send(self, ops):
-            sent[self.host] += 1
-            super().send(ops)
-
-    scheduler = GangScheduler(0, "controller", lambda *report: None, link_factory=Link,
-                              config=config)
+    scheduler, hosts = _idle_tree(config, "send", sent)
     try:
-        hosts = config.fanout_min_hosts + 8
-        for host in range(hosts):
-            scheduler.set_host(host, f"a:{host}")
         links = scheduler._links
         assert [h for h in range(hosts) if not links[h].relayed] == [0]
         sent.clear()
@@ -368,26 +376,10 @@ def test_the_heartbeats_look_at_an_island_keeps_the_tree_and_sends_only_what_is_
     links the island dispatches to for a keep-alive, names the hosts heard from lately, trims
     what every relayed host has from the relay log, and sends a relayed host directly what the
     tree has not brought it only once that waited past relay_timeout_s."""
-    from scheduler.delivery import HostLink
-    from scheduler.gang import GangScheduler
-
     config = ClusterConfig().replace(relay_timeout_s=timeout_s).scheduler
     asked = collections.Counter()
-
-    class Link(HostLink):
-        def __init__(self, scheduler, host, address):
-            super().__init__(scheduler, host, address, loop=_IdleLoop())
-
-        def keep_alive(self, delay=0.0, quiet_s=0.0):
-            asked[self.host] += 1
-            super().keep_alive(delay, quiet_s)
-
-    scheduler = GangScheduler(0, "controller", lambda *report: None, link_factory=Link,
-                              config=config)
+    scheduler, hosts = _idle_tree(config, "keep_alive", asked)
     try:
-        hosts = config.fanout_min_hosts + 8
-        for host in range(hosts):
-            scheduler.set_host(host, f"a:{host}")
         links = scheduler._links
         ordered = scheduler.submit(_ops(0, 0))
         for link in links.values():
