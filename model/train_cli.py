@@ -24,6 +24,13 @@ def _mesh(text: str):
         raise argparse.ArgumentTypeError(str(err)) from None
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
 def resolve_config(name: str, overrides: list[str]):
     """The preset `name` with `key=value` overrides; ValueError with a clean message otherwise."""
     import difflib
@@ -345,7 +352,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Adds `train` and `generate` to the `pathways` command."""
     from model.partitioning import PodMesh
     from model.recipe import SpikePolicy
-    from runtime.cli.common import positive_int
 
     spike = SpikePolicy()
     p = subparsers.add_parser(
@@ -359,9 +365,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "optimizer.peak_learning_rate=5e-3 dropout_rate=0.1 batch_ramp=0:4,20:8).")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config field overrides")
     p.add_argument("--config", default="palm-tiny", help="PaLM preset (pathways model --list)")
-    p.add_argument("--islands", type=positive_int, default=2, help="islands (pods)")
+    p.add_argument("--islands", type=_positive, default=2, help="islands (pods)")
     p.add_argument("--steps", type=int, default=20, help="train until this global step")
-    p.add_argument("--global-batch", type=positive_int, default=None,
+    p.add_argument("--global-batch", type=_positive, default=None,
                    help="sequences per step, all pods (default: the config's batch ramp, else 8)")
     p.add_argument("--mesh", type=_mesh, default=PodMesh.parse("fsdp=2,model=1"),
                    help="each pod's mesh: sizes of data, fsdp and model, e.g. fsdp=2,model=2 "
@@ -372,7 +378,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-dir", help="where to write checkpoints; a run resumes from the "
                                             "newest one there")
     p.add_argument("--checkpoint-every", type=int, default=100, help="checkpoint every K steps")
-    p.add_argument("--keep", type=positive_int, default=3, help="checkpoints to keep")
+    p.add_argument("--keep", type=_positive, default=3, help="checkpoints to keep")
     p.add_argument("--resume", action="store_true",
                    help="insist on resuming (fail when --checkpoint-dir holds no checkpoint)")
     p.add_argument("--eval-every", type=int, default=0,
@@ -381,7 +387,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="held-out sequences per evaluation (0: one global batch)")
     p.add_argument("--spike-factor", type=float, default=spike.factor,
                    help="a loss above this multiple of the recent median is a spike (0: off)")
-    p.add_argument("--spike-window", type=positive_int, default=spike.window,
+    p.add_argument("--spike-window", type=_positive, default=spike.window,
                    help="losses in the recent median")
     p.add_argument("--spike-rewind", type=int, default=spike.rewind,
                    help="restart from a checkpoint about this many steps before a spike")
