@@ -108,7 +108,7 @@ class Progress:
         then (RelayLog.full)."""
         self.relay_log.append(ops)
         if self.relay_log.full():
-            self.trim_relay_log()
+            self._trim_relay_log_locked()
 
     def trim_relay_log(self) -> None:
         """Forgets what every relayed host has acknowledged (or got directly) of the relay
